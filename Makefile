@@ -1,0 +1,55 @@
+# One source of truth for every command: CI (.ci/run) and people call these targets.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+# Benchmarks are pinned to one core; the load generators of the macro benches take the other.
+BENCH_CPU ?= 1
+
+.PHONY: help
+help: ## Show this help
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+.PHONY: deps
+deps: ## Install the Python tools the build, tests and benchmarks use
+	$(PIP) install -q --disable-pip-version-check 'maturin>=1.7,<2' 'pytest>=8' 'hypothesis>=6.100' \
+		'pytest-benchmark>=4' 'dnspython>=2.6' 'ruff>=0.6' 'mypy>=1.10'
+
+.PHONY: build-dev
+build-dev: ## Build the extension in release mode and install the package (editable)
+	$(PIP) install -q --disable-pip-version-check --no-build-isolation -e .
+
+.PHONY: build
+build: ## Build a release wheel into dist/
+	maturin build --release --out dist
+
+.PHONY: test
+test: deps build-dev ## Build, then run the Rust and Python tests
+	cargo test --all-targets
+	$(PYTHON) -m pytest tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+.PHONY: lint
+lint: ## clippy, rustfmt, ruff, and stubtest of the compiled module
+	cargo clippy --all-targets -- -D warnings
+	cargo clippy --all-targets --features python -- -D warnings
+	cargo fmt --check
+	ruff check python tests benches
+	ruff format --check python tests benches
+	$(PYTHON) -m mypy.stubtest fqdnguard._core
+
+.PHONY: format
+format: ## Format Rust and Python sources
+	cargo fmt
+	ruff format python tests benches
+	ruff check --fix python tests benches
+
+.PHONY: bench
+bench: build-dev ## Full benchmarks, pinned to one core (criterion, then pytest-benchmark)
+	taskset -c $(BENCH_CPU) cargo bench
+	taskset -c $(BENCH_CPU) $(PYTHON) -m pytest benches -p no:cacheprovider --benchmark-only --benchmark-columns=min,median,max,rounds
+
+.PHONY: bench-quick
+bench-quick: build-dev ## Every benchmark once in a short mode (what CI runs so benches never rot)
+	taskset -c $(BENCH_CPU) cargo bench -- --warm-up-time 0.2 --measurement-time 0.5
+	FQDNGUARD_BENCH_QUICK=1 taskset -c $(BENCH_CPU) $(PYTHON) -m pytest benches -p no:cacheprovider \
+		--benchmark-only --benchmark-max-time=0.1 --benchmark-min-rounds=3 --benchmark-columns=min,median,max,rounds

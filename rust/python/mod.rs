@@ -1,0 +1,15 @@
+//! The PyO3 binding layer: classes, conversions and the one error mapping. No logic lives here;
+//! every method converts its arguments, calls the core and converts the result.
+
+use pyo3::prelude::*;
+
+mod errors;
+mod pattern;
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    errors::register(m)?;
+    pattern::register(m)?;
+    Ok(())
+}
