@@ -1,7 +1,8 @@
 """Prints each benchmark group side by side (medians and ratios) and checks declared targets.
 
 A bench module may declare ``TARGETS``: tuples ``(label, test_a, test_b, op, ratio)`` meaning
-"median(test_a) / median(test_b) op ratio", with op one of "<=" or ">=". Targets are reported,
+"median(test_a) / median(test_b) op ratio", with op one of "<=" or ">="; with test_b None, the
+median of test_a in seconds is compared. Targets are reported,
 not asserted: these machines are shared and noisy, so a miss is a number to look at, not a
 failed build. Set FQDNGUARD_BENCH_QUICK=1 for the short mode CI runs.
 """
@@ -42,7 +43,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: Any) -> None:
         tr.write_line(f"[{group}]")
         for name, median in rows:
             tr.write_line(f"  {name:<58} {_fmt(median)}  {median / best:8.2f}x")
-    targets: list[tuple[str, str, str, str, float]] = []
+    targets: list[tuple[str, str, str | None, str, float]] = []
     for mod in list(getattr(config, "_fqdnguard_target_modules", [])):
         targets.extend(getattr(mod, "TARGETS", []))
     if not targets:
@@ -53,10 +54,10 @@ def pytest_terminal_summary(terminalreporter: Any, config: Any) -> None:
         if (label, a, b) in seen:
             continue
         seen.add((label, a, b))
-        if a not in medians or b not in medians:
+        if a not in medians or (b is not None and b not in medians):
             tr.write_line(f"  SKIP  {label}: {a} or {b} did not run")
             continue
-        got = medians[a] / medians[b]
+        got = medians[a] / medians[b] if b is not None else medians[a]
         ok = got <= ratio if op == "<=" else got >= ratio
         tr.write_line(f"  {'OK  ' if ok else 'MISS'}  {label}: {got:.2f} (target {op} {ratio})")
 

@@ -1,5 +1,16 @@
 """Typed stubs of the compiled module; checked against it with mypy.stubtest."""
 
+from typing import final
+
+__all__ = [
+    "FqdnGuardError",
+    "PatternError",
+    "PatternSet",
+    "__version__",
+    "validate_name",
+    "validate_pattern",
+]
+
 __version__: str
 
 class FqdnGuardError(Exception):
@@ -8,6 +19,7 @@ class FqdnGuardError(Exception):
 class PatternError(FqdnGuardError, ValueError):
     """A matchName, matchPattern or DNS name is malformed; the message says what and where."""
 
+@final
 class PatternSet:
     """matchName / matchPattern entries compiled into a suffix trie, each with a rule id."""
 

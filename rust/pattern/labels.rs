@@ -130,6 +130,29 @@ impl LabelBuf {
         if text == b"." {
             return Ok(buf);
         }
+        if !text.contains(&b'\\') {
+            // The common case: no escapes, so labels are plain slices of the text.
+            let body = text.strip_suffix(b".").unwrap_or(text);
+            let mut start = 0;
+            for part in body.split(|&b| b == b'.') {
+                if part.is_empty() {
+                    return err(PatternErrorKind::EmptyLabel { pos: start });
+                }
+                if part.len() > MAX_LABEL {
+                    return err(PatternErrorKind::LabelTooLong {
+                        pos: start,
+                        len: part.len(),
+                    });
+                }
+                if !buf.push_label(part) {
+                    return err(PatternErrorKind::NameTooLong {
+                        len: buf.wire_len() + 1 + part.len(),
+                    });
+                }
+                start += part.len() + 1;
+            }
+            return Ok(buf);
+        }
         let mut label = [0u8; MAX_LABEL + 1];
         let mut n = 0;
         let mut label_start = 0;

@@ -1,9 +1,12 @@
 //! The suffix trie: patterns stored root-first, one node per label position.
 //!
 //! Literal labels are edges in one global hash table keyed by (parent node, label), so a lookup
-//! step is one hash probe whatever the number of patterns. Labels with `*` hang off their parent
-//! node in a short list and are tried in turn; a leading `**.` marks its node "deep" (matches when
-//! one or more labels remain); patterns made only of stars sit outside the trie and match all.
+//! step is one hash probe whatever the number of patterns. Labels with `*` are edges in a second
+//! table keyed by (parent node, literal prefix before the first `*`, literal suffix after the last
+//! one); each node lists the distinct (prefix length, suffix length) shapes of its wildcard edges,
+//! so a lookup probes once per shape, not once per pattern, and checks the middle of the few
+//! candidates it finds. A leading `**.` marks its node "deep" (matches when one or more labels
+//! remain); patterns made only of stars sit outside the trie and match all.
 
 use std::hash::{Hash, Hasher};
 
@@ -43,8 +46,34 @@ struct Node {
     exact: Vec<u32>,
     /// Rule ids of `**.` patterns whose fixed part ends here: match when labels remain.
     deep: Vec<u32>,
-    /// Wildcard labels under this node and the node each leads to.
-    globs: Vec<(Box<[u8]>, u32)>,
+    /// Distinct (literal prefix length, literal suffix length) of the wildcard labels below.
+    glob_shapes: Vec<(u8, u8)>,
+}
+
+/// Wildcard edges sharing a parent, prefix and suffix: each full glob and the node it leads to.
+type GlobEdges = Vec<(Box<[u8]>, u32)>;
+
+/// Longest glob key: a 63-byte label's prefix and suffix around the `*` separator.
+const MAX_GLOB_KEY: usize = 63 + 1 + 63;
+
+/// The key of a wildcard edge: `prefix * suffix`. Stored keys hold exactly one `*`; a probe built
+/// from a label only ever reaches here when the label holds no `*` (it is all `[-a-z0-9_]`).
+fn glob_key<'a>(buf: &'a mut [u8; MAX_GLOB_KEY], prefix: &[u8], suffix: &[u8]) -> &'a [u8] {
+    let n = prefix.len() + 1 + suffix.len();
+    buf[..prefix.len()].copy_from_slice(prefix);
+    buf[prefix.len()] = b'*';
+    buf[prefix.len() + 1..n].copy_from_slice(suffix);
+    &buf[..n]
+}
+
+/// A glob's shape: the literal bytes before its first and after its last `*`.
+fn glob_shape(glob: &[u8]) -> (&[u8], &[u8]) {
+    let first = glob.iter().position(|&b| b == b'*').unwrap_or(glob.len());
+    let last = glob
+        .iter()
+        .rposition(|&b| b == b'*')
+        .map_or(glob.len(), |i| i + 1);
+    (&glob[..first], &glob[last.max(first)..])
 }
 
 /// A compiled set of matchName / matchPattern entries, each carrying a rule id.
@@ -52,6 +81,7 @@ struct Node {
 pub struct PatternTrie {
     nodes: Vec<Node>,
     edges: HashMap<EdgeKey, u32>,
+    globs: HashMap<EdgeKey, GlobEdges>,
     all: Vec<u32>,
     entries: usize,
 }
@@ -100,6 +130,7 @@ impl PatternTrie {
         PatternTrie {
             nodes: vec![Node::default()],
             edges: HashMap::new(),
+            globs: HashMap::new(),
             all: Vec::new(),
             entries: 0,
         }
@@ -155,17 +186,7 @@ impl PatternTrie {
                         }
                     }
                 }
-                LabelPat::Glob(g) => {
-                    let found = self.nodes[node as usize].globs.iter().find(|(x, _)| x == g);
-                    match found {
-                        Some(&(_, child)) => child,
-                        None => {
-                            let child = self.new_node();
-                            self.nodes[node as usize].globs.push((g.clone(), child));
-                            child
-                        }
-                    }
-                }
+                LabelPat::Glob(g) => self.glob_child(node, g),
             };
         }
         let n = &mut self.nodes[node as usize];
@@ -177,6 +198,34 @@ impl PatternTrie {
             },
             id,
         );
+    }
+
+    fn glob_child(&mut self, node: u32, glob: &[u8]) -> u32 {
+        let (prefix, suffix) = glob_shape(glob);
+        let shape = (prefix.len() as u8, suffix.len() as u8);
+        let shapes = &mut self.nodes[node as usize].glob_shapes;
+        if !shapes.contains(&shape) {
+            shapes.push(shape);
+        }
+        let mut buf = [0u8; MAX_GLOB_KEY];
+        let key = glob_key(&mut buf, prefix, suffix);
+        if let Some(edges) = self.globs.get(&EdgeRef {
+            parent: node,
+            label: key,
+        }) {
+            if let Some(&(_, child)) = edges.iter().find(|(g, _)| **g == *glob) {
+                return child;
+            }
+        }
+        let child = self.new_node();
+        self.globs
+            .entry(EdgeKey {
+                parent: node,
+                label: key.into(),
+            })
+            .or_default()
+            .push((glob.into(), child));
+        child
     }
 
     /// Walks every path the name takes through the trie, handing `visit` the ids of each match;
@@ -205,9 +254,26 @@ impl PatternTrie {
                 return true;
             }
         }
-        for (glob, child) in &n.globs {
-            if glob_match(glob, label) && self.walk(*child, name, remaining - 1, visit) {
-                return true;
+        if n.glob_shapes.is_empty() || !label.iter().all(|&b| is_hostname_byte(b)) {
+            return false;
+        }
+        let mut buf = [0u8; MAX_GLOB_KEY];
+        for &(p, s) in &n.glob_shapes {
+            let (p, s) = (p as usize, s as usize);
+            if p + s > label.len() {
+                continue;
+            }
+            let key = glob_key(&mut buf, &label[..p], &label[label.len() - s..]);
+            let Some(edges) = self.globs.get(&EdgeRef {
+                parent: node,
+                label: key,
+            }) else {
+                continue;
+            };
+            for (glob, child) in edges {
+                if glob_match(glob, label) && self.walk(*child, name, remaining - 1, visit) {
+                    return true;
+                }
             }
         }
         false
@@ -345,6 +411,33 @@ mod tests {
         t.insert(&parse_match_pattern("*").expect("valid"), 0);
         assert_eq!(t.matching(&name("other.org")), vec![0]);
         assert_eq!(t.matching(&name("www.example.com")), vec![0, 3, 7, 9]);
+    }
+
+    #[test]
+    fn many_wildcards_under_one_parent() {
+        let mut t = PatternTrie::new();
+        for i in 0..2000u32 {
+            t.insert(
+                &parse_match_pattern(&format!("api-*-prod{i}.x.io")).expect("valid"),
+                i,
+            );
+            t.insert(
+                &parse_match_pattern(&format!("w{i}*.x.io")).expect("valid"),
+                10_000 + i,
+            );
+        }
+        t.insert(&parse_match_pattern("*.x.io").expect("valid"), 50_000);
+        t.insert(&parse_match_pattern("a*b*c.x.io").expect("valid"), 50_001);
+        assert_eq!(t.matching(&name("api-eu-prod17.x.io")), vec![17, 50_000]);
+        assert_eq!(t.matching(&name("w17.x.io")), vec![10_001, 10_017, 50_000]);
+        assert_eq!(
+            t.matching(&name("w1777zz.x.io")),
+            vec![10_001, 10_017, 10_177, 11_777, 50_000]
+        );
+        assert_eq!(t.matching(&name("axbyc.x.io")), vec![50_000, 50_001]);
+        assert_eq!(t.matching(&name("abc.x.io")), vec![50_000, 50_001]);
+        assert_eq!(t.matching(&name("acb.x.io")), vec![50_000]);
+        assert_eq!(t.matching(&name("a!b.x.io")), Vec::<u32>::new());
     }
 
     #[test]
