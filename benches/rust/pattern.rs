@@ -59,6 +59,14 @@ fn lookups(c: &mut Criterion) {
         });
     }
     g.finish();
+    let mut g = c.benchmark_group("name_parse");
+    g.bench_function("presentation", |b| {
+        b.iter(|| LabelBuf::from_presentation(black_box(b"www12.Example.com.")).map(|n| n.len()))
+    });
+    g.bench_function("escaped", |b| {
+        b.iter(|| LabelBuf::from_presentation(black_box(b"a\\.b.Example.com.")).map(|n| n.len()))
+    });
+    g.finish();
     let mut g = c.benchmark_group("trie_compile");
     g.sample_size(10);
     g.bench_function("100k", |b| b.iter(|| build(100_000)));

@@ -10,9 +10,21 @@ const MAX_LABEL: usize = 63;
 const MAX_NAME: usize = 255;
 
 /// `[-a-z0-9_]`: what Cilium's wildcards may stand for (after lower-casing).
-pub(crate) fn is_hostname_byte(b: u8) -> bool {
+pub(crate) const fn is_hostname_byte(b: u8) -> bool {
     b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
 }
+
+/// Per byte: its ASCII lower case, and 1 when it falls outside `[-a-z0-9_]` after lowering.
+const BYTE_TABLE: [(u8, u8); 256] = {
+    let mut t = [(0u8, 0u8); 256];
+    let mut i = 0;
+    while i < 256 {
+        let lower = (i as u8).to_ascii_lowercase();
+        t[i] = (lower, if is_hostname_byte(lower) { 0 } else { 1 });
+        i += 1;
+    }
+    t
+};
 
 /// A name's labels, lower-cased, leaf first.
 #[derive(Clone)]
@@ -88,12 +100,13 @@ impl LabelBuf {
             return false;
         }
         let dst = &mut self.bytes[self.used..self.used + label.len()];
-        let mut usual = true;
-        for (d, s) in dst.iter_mut().zip(label) {
-            *d = s.to_ascii_lowercase();
-            usual &= is_hostname_byte(*d);
+        let mut unusual = 0u8;
+        for (d, &s) in dst.iter_mut().zip(label) {
+            let (lower, odd) = BYTE_TABLE[s as usize];
+            *d = lower;
+            unusual |= odd;
         }
-        if !usual && self.first_unusual == usize::MAX {
+        if unusual != 0 && self.first_unusual == usize::MAX {
             self.first_unusual = self.count;
         }
         self.used += label.len();

@@ -46,7 +46,10 @@ struct Node {
     exact: Vec<u32>,
     /// Rule ids of `**.` patterns whose fixed part ends here: match when labels remain.
     deep: Vec<u32>,
-    /// Distinct (literal prefix length, literal suffix length) of the wildcard labels below.
+    /// The child for a label that is a lone `*` (the common `*.example.com`), kept out of the
+    /// glob table so the most frequent wildcard costs no probe.
+    star: Option<u32>,
+    /// Distinct (literal prefix length, literal suffix length) of the other wildcard labels below.
     glob_shapes: Vec<(u8, u8)>,
 }
 
@@ -201,6 +204,14 @@ impl PatternTrie {
     }
 
     fn glob_child(&mut self, node: u32, glob: &[u8]) -> u32 {
+        if glob == b"*" {
+            if let Some(child) = self.nodes[node as usize].star {
+                return child;
+            }
+            let child = self.new_node();
+            self.nodes[node as usize].star = Some(child);
+            return child;
+        }
         let (prefix, suffix) = glob_shape(glob);
         let shape = (prefix.len() as u8, suffix.len() as u8);
         let shapes = &mut self.nodes[node as usize].glob_shapes;
@@ -254,8 +265,15 @@ impl PatternTrie {
                 return true;
             }
         }
-        if n.glob_shapes.is_empty() || !label.iter().all(|&b| is_hostname_byte(b)) {
+        if (n.star.is_none() && n.glob_shapes.is_empty())
+            || !label.iter().all(|&b| is_hostname_byte(b))
+        {
             return false;
+        }
+        if let Some(child) = n.star {
+            if self.walk(child, name, remaining - 1, visit) {
+                return true;
+            }
         }
         let mut buf = [0u8; MAX_GLOB_KEY];
         for &(p, s) in &n.glob_shapes {
