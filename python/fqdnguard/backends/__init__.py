@@ -1,0 +1,100 @@
+"""Enforcement backends: where the cache's changes (allowed endpoint→IP pairs with expiries) go.
+
+A backend receives batches of changes and returns once they are in force; the proxy releases a
+DNS answer carrying new IPs only after that, so a pod never learns an IP its firewall does not yet
+allow. ``Callback`` is for embedding fqdnguard in another agent, ``Log`` for observing, and
+``nftables`` (its own module) for enforcing on a Linux node.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TextIO
+
+__all__ = ["Backend", "BackendError", "Callback", "Log", "make_backend"]
+
+log = logging.getLogger("fqdnguard.backend")
+
+
+class BackendError(Exception):
+    """A backend could not start or could not apply a batch."""
+
+
+class Backend:
+    """Base class. ``apply`` is awaited with each batch; it should be idempotent."""
+
+    name = "backend"
+
+    async def start(self) -> None:
+        """Called once before the first batch (set up tables, reconcile state)."""
+
+    async def apply(self, changes: Sequence[Any]) -> None:
+        raise NotImplementedError
+
+    async def reconcile(self, current: Sequence[Any]) -> None:
+        """Brings the enforced state to exactly ``current`` (all live entries, as "added")."""
+        await self.apply(current)
+
+    async def close(self) -> None:
+        """Called once at shutdown."""
+
+
+class Callback(Backend):
+    """Hands each batch to a function (plain or async) of the embedding program."""
+
+    name = "callback"
+
+    def __init__(self, fn: Callable[[Sequence[Any]], Awaitable[None] | None]) -> None:
+        if not callable(fn):
+            raise TypeError("Callback needs a callable taking a list of changes")
+        self.fn = fn
+
+    async def apply(self, changes: Sequence[Any]) -> None:
+        result = self.fn(changes)
+        if inspect.isawaitable(result):
+            await result
+
+
+class Log(Backend):
+    """Writes each change as a JSON line (to stderr by default); enforces nothing."""
+
+    name = "log"
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream
+
+    async def apply(self, changes: Sequence[Any]) -> None:
+        out = self.stream or sys.stderr
+        for c in changes:
+            out.write(
+                json.dumps(
+                    {
+                        "change": c.kind,
+                        "endpoint": c.endpoint,
+                        "ip": c.ip,
+                        "expires_at": round(c.expires_at, 3) if c.expires_at is not None else None,
+                    }
+                )
+                + "\n"
+            )
+        out.flush()
+
+
+def make_backend(name: str, **options: Any) -> Backend:
+    """The backend called ``name`` (callback needs ``fn=``)."""
+    if name == "log":
+        return Log(options.get("stream"))
+    if name == "callback":
+        fn = options.get("fn")
+        if fn is None:
+            raise BackendError("the callback backend is for embedding: pass fn=your_function")
+        return Callback(fn)
+    if name == "nftables":
+        from fqdnguard.backends.nftables import Nftables  # noqa: PLC0415
+
+        return Nftables(**{k: v for k, v in options.items() if k != "fn"})
+    raise BackendError(f"unknown backend {name!r}: choose callback, log or nftables")

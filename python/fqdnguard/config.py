@@ -1,0 +1,182 @@
+"""Proxy configuration: a YAML file, overridden by command-line flags, checked up front.
+
+Every error names the option that is wrong (``ConfigError``), so ``fqdnguard run`` can exit 2 with
+a message a person can act on.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from fqdnguard._core import FqdnGuardError
+
+__all__ = ["ConfigError", "ProxyConfig", "parse_hostport", "resolv_conf_nameservers"]
+
+class ConfigError(FqdnGuardError, ValueError):
+    """A configuration value is invalid; the message names the option."""
+
+def parse_hostport(text: str, option: str, default_port: int | None = None) -> tuple[str, int]:
+    """``ADDR:PORT`` or ``[V6ADDR]:PORT`` (or a bare address when default_port is given)."""
+    text = str(text).strip()
+    host, port_text = text, None
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ConfigError(f"{option}: {text!r}: missing ']' after the IPv6 address")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ConfigError(f"{option}: {text!r}: expected ':PORT' after ']'")
+            port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    elif text.count(":") > 1:
+        raise ConfigError(f"{option}: {text!r}: write an IPv6 address as [ADDR]:PORT")
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"{option}: {text!r}: {host!r} is not an IP address") from None
+    if port_text is None:
+        if default_port is None:
+            raise ConfigError(f"{option}: {text!r}: a port is required (ADDR:PORT)")
+        return str(addr), default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"{option}: {text!r}: port must be a number from 1 to 65535")
+    return str(addr), int(port_text)
+
+def resolv_conf_nameservers(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
+    """The nameservers of a resolv.conf, port 53 (zone ids of link-local IPv6 are dropped)."""
+    out: list[tuple[str, int]] = []
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "nameserver":
+                    try:
+                        out.append((str(ipaddress.ip_address(parts[1].split("%")[0])), 53))
+                    except ValueError:
+                        continue
+    except OSError:
+        return []
+    return out
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """Everything the proxy needs; defaults are what a node would want."""
+
+    listen: list[tuple[str, int]] = field(default_factory=lambda: [("127.0.0.1", 5353)])
+    upstreams: list[tuple[str, int]] = field(default_factory=list)
+    policy: list[str] = field(default_factory=list)
+    endpoints: str | None = None
+    backend: str = "log"
+    reject: str = "refused"
+    search_domains: list[str] = field(default_factory=list)
+    unknown_endpoint: str | None = None
+    state_dir: str | None = None
+    metrics: tuple[str, int] | None = None
+    upstream_timeout: float = 2.0
+    max_inflight: int = 10_000
+    hold_max: float = 0.100
+    tcp_idle_timeout: float = 10.0
+    max_tcp_connections: int = 1_000
+    expire_interval: float = 1.0
+    min_ttl: int = 0
+    log_queries: str = "sampled"
+    log_sample: float = 0.01
+    cache_save_interval: float = 60.0
+
+    OPTIONS = (
+        "listen upstreams policy endpoints backend reject search_domains unknown_endpoint "
+        "state_dir metrics upstream_timeout max_inflight hold_max tcp_idle_timeout "
+        "max_tcp_connections expire_interval min_ttl log_queries log_sample cache_save_interval"
+    ).split()
+
+    def __post_init__(self) -> None:
+        self._check()
+
+    def _check(self) -> None:
+        if not self.listen:
+            raise ConfigError("listen: at least one ADDR:PORT is required")
+        if self.backend not in ("callback", "log", "nftables"):
+            raise ConfigError(f"backend: {self.backend!r}: choose callback, log or nftables")
+        if self.reject not in ("refused", "nxdomain"):
+            raise ConfigError(f"reject: {self.reject!r}: choose refused or nxdomain")
+        if self.log_queries not in ("all", "sampled", "none"):
+            raise ConfigError(f"log_queries: {self.log_queries!r}: choose all, sampled or none")
+        for name in ("upstream_timeout", "hold_max", "tcp_idle_timeout", "expire_interval"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"{name}: {value!r}: must be a positive number of seconds")
+        for name in ("max_inflight", "max_tcp_connections"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name}: {value!r}: must be a positive whole number")
+        if not isinstance(self.min_ttl, int) or self.min_ttl < 0:
+            raise ConfigError(f"min_ttl: {self.min_ttl!r}: must be a whole number >= 0")
+        if not 0 <= self.log_sample <= 1:
+            raise ConfigError(f"log_sample: {self.log_sample!r}: must be between 0 and 1")
+        for suffix in self.search_domains:
+            if not suffix or suffix.startswith(".") or ".." in suffix or " " in suffix:
+                raise ConfigError(f"search_domains: {suffix!r} is not a domain name")
+        if self.state_dir is not None and os.path.exists(self.state_dir):
+            if not os.path.isdir(self.state_dir):
+                raise ConfigError(f"state_dir: {self.state_dir!r} exists and is not a directory")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], source: str = "config") -> ProxyConfig:
+        """Builds from a mapping (a YAML file's contents), with hyphens or underscores in keys."""
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            name = str(key).replace("-", "_")
+            if name == "upstream":
+                name = "upstreams"
+            if name not in cls.OPTIONS:
+                raise ConfigError(f"{source}: unknown option {key!r} (known: {', '.join(cls.OPTIONS)})")
+            kwargs[name] = _convert(name, value, source)
+        return cls(**kwargs)
+
+    def override(self, **changes: Any) -> ProxyConfig:
+        """A copy with the given options replaced (None values are ignored)."""
+        clean = {k: _convert(k, v, "flag") for k, v in changes.items() if v is not None}
+        return replace(self, **clean)
+
+    def resolved_upstreams(self) -> list[tuple[str, int]]:
+        """The configured upstreams, or the nameservers of /etc/resolv.conf."""
+        if self.upstreams:
+            return list(self.upstreams)
+        found = resolv_conf_nameservers()
+        if not found:
+            raise ConfigError("upstreams: none configured and /etc/resolv.conf lists no nameserver")
+        return found
+
+def _convert(name: str, value: Any, source: str) -> Any:
+    option = f"{source}: {name}" if source != "flag" else f"--{name.replace('_', '-')}"
+    if name in ("listen", "upstreams"):
+        items = value if isinstance(value, (list, tuple)) else [value]
+        default_port = 53 if name == "upstreams" else None
+        return [
+            item if isinstance(item, tuple) else parse_hostport(item, option, default_port)
+            for item in items
+        ]
+    if name == "metrics":
+        return value if isinstance(value, tuple) else parse_hostport(value, option)
+    if name in ("policy", "search_domains"):
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return [str(v).rstrip(".") if name == "search_domains" else str(v) for v in items]
+    if name in ("upstream_timeout", "hold_max", "tcp_idle_timeout", "expire_interval", "log_sample",
+                "cache_save_interval"):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{option}: {value!r} is not a number") from None
+    if name in ("max_inflight", "max_tcp_connections", "min_ttl"):
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).isdigit():
+            raise ConfigError(f"{option}: {value!r} is not a whole number")
+        return int(value)
+    return value
+
+_ = fields  # dataclass helpers re-exported for callers that introspect the config

@@ -1,0 +1,547 @@
+"""The DNS proxy: uvloop sockets around the Rust engine.
+
+Per query, one call into Rust (``Engine.query``) decides: forward (bytes with a fresh id for the
+upstream), reply (a finished refusal, FORMERR, or SERVFAIL when full), or drop. Per answer, one call
+(``Engine.response``) matches it to its pending query, updates the cache and returns the bytes for
+the client plus the changes the enforcement backend needs. Answers that carry new IPs are held
+until the backend has applied them (batched, at most ``hold_max``), so a pod never receives an IP
+its firewall does not yet allow. Python keeps the loop, the sockets, timers and batching.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fqdnguard._core import DnsCache, Engine
+from fqdnguard.backends import Backend, Log
+from fqdnguard.config import ProxyConfig, parse_hostport
+
+__all__ = ["Proxy", "ProxyStats"]
+
+log = logging.getLogger("fqdnguard.proxy")
+query_log = logging.getLogger("fqdnguard.query")
+
+FORWARD, REPLY, DROP = 0, 1, 2
+TCP_CHANNEL_BASE = 1 << 20
+MAX_TCP_MESSAGE = 65535
+# Consecutive timeouts after which an upstream is skipped for UPSTREAM_RETRY seconds.
+UPSTREAM_FAILURES = 3
+UPSTREAM_RETRY = 5.0
+
+
+@dataclass
+class ProxyStats:
+    """Counters kept on the Python side (the engine keeps the per-query ones)."""
+
+    held: int = 0
+    hold_timeouts: int = 0
+    backend_errors: int = 0
+    batches: int = 0
+    tcp_connections: int = 0
+    tcp_refused: int = 0
+    client_gone: int = 0
+    upstream_failovers: int = 0
+    hold_seconds: list[float] = field(default_factory=list)
+
+
+class _Client:
+    """Where an answer goes: a UDP peer, or a TCP connection."""
+
+    __slots__ = ("addr", "tcp", "transport")
+
+    def __init__(self, transport: Any, addr: Any, tcp: _TcpClient | None = None) -> None:
+        self.transport = transport
+        self.addr = addr
+        self.tcp = tcp
+
+    def send(self, payload: bytes) -> None:
+        if self.tcp is not None:
+            self.tcp.send(payload)
+        elif not self.transport.is_closing():
+            self.transport.sendto(payload, self.addr)
+
+
+class _UdpServer(asyncio.DatagramProtocol):
+    def __init__(self, proxy: Proxy, local: tuple[str, int]) -> None:
+        self.proxy = proxy
+        self.local = local
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.DatagramTransport)
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.proxy._on_query(data, _Client(self.transport, addr), addr[0], False)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("udp listener %s: %s", self.local, exc)
+
+
+class _UpstreamUdp(asyncio.DatagramProtocol):
+    def __init__(self, proxy: Proxy, channel: int) -> None:
+        self.proxy = proxy
+        self.channel = channel
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.proxy._on_answer(self.channel, data)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable and the like: the query will time out and fail over.
+        log.debug("upstream channel %d: %s", self.channel, exc)
+
+
+class _TcpFramer(asyncio.Protocol):
+    """RFC 7766 framing: a 2-byte length before each message, pipelining allowed."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while len(self.buf) >= 2:
+            size = int.from_bytes(self.buf[:2], "big")
+            if len(self.buf) < 2 + size:
+                break
+            message = bytes(self.buf[2 : 2 + size])
+            del self.buf[: 2 + size]
+            self.message_received(message)
+
+    def message_received(self, message: bytes) -> None:
+        raise NotImplementedError
+
+    def send(self, payload: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(len(payload).to_bytes(2, "big") + payload)
+
+
+class _TcpClient(_TcpFramer):
+    def __init__(self, proxy: Proxy) -> None:
+        super().__init__()
+        self.proxy = proxy
+        self.peer: Any = None
+        self.upstream: _UpstreamTcp | None = None
+        self.channel = 0
+        self.idle: asyncio.TimerHandle | None = None
+        self.tokens: set[int] = set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        assert self.transport is not None
+        self.peer = self.transport.get_extra_info("peername")
+        if not self.proxy._tcp_open(self):
+            self.transport.close()
+            return
+        self._arm_idle()
+
+    def _arm_idle(self) -> None:
+        if self.idle is not None:
+            self.idle.cancel()
+        loop = asyncio.get_running_loop()
+        self.idle = loop.call_later(self.proxy.config.tcp_idle_timeout, self._idle_timeout)
+
+    def _idle_timeout(self) -> None:
+        if self.tokens:  # answers still owed: wait for them
+            self._arm_idle()
+        elif self.transport is not None:
+            self.transport.close()
+
+    def message_received(self, message: bytes) -> None:
+        self._arm_idle()
+        self.proxy._on_query(message, _Client(self.transport, self.peer, self), self.peer[0], True)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.idle is not None:
+            self.idle.cancel()
+        self.proxy._tcp_closed(self)
+
+
+class _UpstreamTcp(_TcpFramer):
+    def __init__(self, proxy: Proxy, channel: int) -> None:
+        super().__init__()
+        self.proxy = proxy
+        self.channel = channel
+        self.ready = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if not self.ready.done():
+            self.ready.set_result(None)
+
+    def message_received(self, message: bytes) -> None:
+        self.proxy._on_answer(self.channel, message)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(exc or ConnectionError("closed"))
+
+
+class Proxy:
+    """A DNS proxy enforcing a compiled policy; see the module docstring.
+
+    ``policy`` is a :class:`fqdnguard.Policy`, ``endpoints`` an :class:`fqdnguard.Endpoints`;
+    ``upstreams`` and ``listen`` are ``"ADDR:PORT"`` strings (``[V6]:PORT`` for IPv6) or tuples.
+    """
+
+    def __init__(
+        self,
+        policy: Any,
+        endpoints: Any,
+        upstreams: Sequence[str | tuple[str, int]] | None = None,
+        listen: Sequence[str | tuple[str, int]] | None = None,
+        backend: Backend | None = None,
+        *,
+        cache: DnsCache | None = None,
+        config: ProxyConfig | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        base = config or ProxyConfig()
+        overrides: dict[str, Any] = {}
+        if upstreams is not None:
+            overrides["upstreams"] = [
+                u if isinstance(u, tuple) else parse_hostport(u, "upstreams", 53) for u in upstreams
+            ]
+        if listen is not None:
+            overrides["listen"] = [
+                item if isinstance(item, tuple) else parse_hostport(item, "listen") for item in listen
+            ]
+        self.config = base.override(**overrides)
+        self.upstreams = self.config.resolved_upstreams()
+        self.backend = backend or Log()
+        self.cache = cache or DnsCache(min_ttl=self.config.min_ttl)
+        self.clock = clock
+        self.policy = policy
+        self.endpoints = endpoints
+        self.engine = Engine(
+            self.cache,
+            reject=self.config.reject,
+            search_domains=list(self.config.search_domains),
+            max_inflight=self.config.max_inflight,
+            timeout=self.config.upstream_timeout,
+            log_queries=self.config.log_queries,
+            log_sample=self.config.log_sample,
+        )
+        self.set_policy(policy, endpoints)
+        self.stats = ProxyStats()
+        self._clients: dict[int, _Client] = {}
+        self._listeners: list[asyncio.BaseTransport] = []
+        self._servers: list[asyncio.base_events.Server] = []
+        self._upstream_udp: list[asyncio.DatagramTransport] = []
+        self._upstream_failures = [0] * len(self.upstreams)
+        self._upstream_down_until = [0.0] * len(self.upstreams)
+        self._tcp_clients: set[_TcpClient] = set()
+        self._tcp_channels = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._held: dict[int, tuple[bytes, _Client]] = {}
+        self._held_seq = 0
+        self._next_changes: list[Any] = []
+        self._next_held: list[int] = []
+        self._applier: asyncio.Task[None] | None = None
+        self._running = False
+
+    # -- policy -------------------------------------------------------------------------------
+
+    def set_policy(self, policy: Any, endpoints: Any) -> None:
+        """Swaps in a new compiled policy and endpoint set, atomically for the data path."""
+        compiled = policy.with_endpoints(endpoints) if hasattr(policy, "with_endpoints") else policy
+        table = compiled.engine_table(unknown=self.config.unknown_endpoint)
+        self.engine.set_policy(*table)
+        self.policy, self.endpoints = policy, endpoints
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        await self.backend.start()
+        for channel, (host, port) in enumerate(self.upstreams):
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda c=channel: _UpstreamUdp(self, c), remote_addr=(host, port)
+            )
+            self._upstream_udp.append(transport)
+        try:
+            for host, port in self.config.listen:
+                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda h=host, p=port: _UdpServer(self, (h, p)),
+                    local_addr=(host, port),
+                    family=family,
+                    reuse_port=True,
+                )
+                self._listeners.append(transport)
+                server = await loop.create_server(
+                    lambda: _TcpClient(self), host, port, family=family, reuse_port=True, backlog=1024
+                )
+                self._servers.append(server)
+        except OSError as e:
+            await self._close_sockets()
+            raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror}") from None
+        self._running = True
+        self._spawn(self._sweeper())
+        self._spawn(self._expirer())
+        log.info(
+            "listening on %s, upstreams %s",
+            ", ".join(f"{h}:{p}" for h, p in self.config.listen),
+            ", ".join(f"{h}:{p}" for h, p in self.upstreams),
+        )
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """The bound listen addresses (with the real port when 0 was asked)."""
+        return [t.get_extra_info("sockname")[:2] for t in self._listeners]
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stops accepting, lets in-flight queries finish (up to ``timeout``), flushes held answers."""
+        if not self._running:
+            return
+        self._running = False
+        for t in self._listeners:
+            t.close()
+        for s in self._servers:
+            s.close()
+        deadline = time.monotonic() + timeout
+        while self._clients and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self._applier is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._applier), max(0.0, deadline - time.monotonic()))
+        self._release(list(self._held))
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._close_sockets()
+        await self.backend.close()
+
+    async def _close_sockets(self) -> None:
+        for t in self._listeners:
+            t.close()
+        for s in self._servers:
+            s.close()
+            with contextlib.suppress(Exception):
+                await s.wait_closed()
+        for c in list(self._tcp_clients):
+            if c.transport is not None:
+                c.transport.close()
+            if c.upstream is not None and c.upstream.transport is not None:
+                c.upstream.transport.close()
+        for u in self._upstream_udp:
+            u.close()
+        self._listeners, self._servers, self._upstream_udp = [], [], []
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- the data path ------------------------------------------------------------------------
+
+    def _pick_upstream(self) -> int:
+        now = time.monotonic()
+        for i in range(len(self.upstreams)):
+            if self._upstream_down_until[i] <= now:
+                return i
+        return min(range(len(self.upstreams)), key=self._upstream_down_until.__getitem__)
+
+    def _on_query(self, data: bytes, client: _Client, src_ip: str, tcp: bool) -> None:
+        channel = self._pick_upstream()
+        server, _ = self.upstreams[channel]
+        if tcp:
+            assert client.tcp is not None
+            channel = self._tcp_channel(client.tcp, channel)
+        action, payload, token, record = self.engine.query(
+            src_ip, server, 53, tcp, data, channel, self.clock()
+        )
+        if record is not None:
+            self._log_query(record)
+        if action == FORWARD:
+            self._clients[token] = client
+            if tcp:
+                assert client.tcp is not None
+                client.tcp.tokens.add(token)
+                self._send_tcp_upstream(client.tcp, payload)
+            else:
+                self._upstream_udp[channel].sendto(payload)
+        elif action == REPLY:
+            client.send(payload)
+
+    def _on_answer(self, channel: int, data: bytes) -> None:
+        result = self.engine.response(channel, data, self.clock())
+        if result is None:
+            return  # unmatched or malformed: dropped and counted by the engine
+        token, payload, changes, has_addresses, record = result
+        if channel < TCP_CHANNEL_BASE:
+            self._upstream_failures[channel] = 0
+        if record is not None:
+            self._log_query(record)
+        client = self._clients.pop(token, None)
+        if client is None:
+            self.stats.client_gone += 1
+            if changes:
+                self._queue_changes(changes)
+            return
+        if client.tcp is not None:
+            client.tcp.tokens.discard(token)
+        if changes or (has_addresses and (self._next_held or self._applier is not None)):
+            self._hold(payload, client, changes)
+        else:
+            client.send(payload)
+
+    # -- TCP ----------------------------------------------------------------------------------
+
+    def _tcp_open(self, conn: _TcpClient) -> bool:
+        if not self._running or len(self._tcp_clients) >= self.config.max_tcp_connections:
+            self.stats.tcp_refused += 1
+            return False
+        self._tcp_clients.add(conn)
+        self.stats.tcp_connections += 1
+        return True
+
+    def _tcp_closed(self, conn: _TcpClient) -> None:
+        self._tcp_clients.discard(conn)
+        for token in conn.tokens:
+            self._clients.pop(token, None)
+            self.engine.cancel(token)
+        conn.tokens.clear()
+        if conn.upstream is not None and conn.upstream.transport is not None:
+            conn.upstream.transport.close()
+
+    def _tcp_channel(self, conn: _TcpClient, upstream: int) -> int:
+        if conn.channel == 0:
+            self._tcp_channels += 1
+            conn.channel = TCP_CHANNEL_BASE + self._tcp_channels
+            conn.upstream_index = upstream  # type: ignore[attr-defined]
+        return conn.channel
+
+    def _send_tcp_upstream(self, conn: _TcpClient, payload: bytes) -> None:
+        if conn.upstream is not None and conn.upstream.transport is not None:
+            if not conn.upstream.transport.is_closing():
+                conn.upstream.send(payload)
+                return
+        self._spawn(self._connect_tcp_upstream(conn, payload))
+
+    async def _connect_tcp_upstream(self, conn: _TcpClient, payload: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        host, port = self.upstreams[getattr(conn, "upstream_index", 0)]
+        upstream = _UpstreamTcp(self, conn.channel)
+        conn.upstream = upstream
+        try:
+            await loop.create_connection(lambda: upstream, host, port)
+            await upstream.ready
+        except OSError as e:
+            log.debug("tcp upstream %s:%d: %s", host, port, e)
+            return  # the pending query times out and gets SERVFAIL
+        upstream.send(payload)
+
+    # -- holding answers until the backend has applied their changes -------------------------
+
+    def _hold(self, payload: bytes, client: _Client, changes: Sequence[Any]) -> None:
+        self._held_seq += 1
+        self._held[self._held_seq] = (payload, client)
+        self._next_held.append(self._held_seq)
+        self.stats.held += 1
+        self._queue_changes(changes)
+
+    def _queue_changes(self, changes: Sequence[Any]) -> None:
+        self._next_changes.extend(changes)
+        if self._applier is None:
+            self._applier = asyncio.ensure_future(self._apply_batches())
+
+    async def _apply_batches(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._next_changes or self._next_held:
+                await asyncio.sleep(0)  # let this loop iteration's answers join the batch
+                changes, held = self._next_changes, self._next_held
+                self._next_changes, self._next_held = [], []
+                started = loop.time()
+                timer = loop.call_later(self.config.hold_max, self._hold_expired, held)
+                try:
+                    if changes:
+                        await self.backend.apply(changes)
+                except Exception:
+                    self.stats.backend_errors += 1
+                    log.exception("backend %s failed to apply %d changes", self.backend.name, len(changes))
+                finally:
+                    timer.cancel()
+                self.stats.batches += 1
+                self.stats.hold_seconds.append(loop.time() - started)
+                if len(self.stats.hold_seconds) > 4096:
+                    del self.stats.hold_seconds[:2048]
+                self._release(held)
+        finally:
+            self._applier = None
+
+    def _hold_expired(self, held: list[int]) -> None:
+        if any(h in self._held for h in held):
+            self.stats.hold_timeouts += 1
+            self._release(held)
+
+    def _release(self, held: list[int]) -> None:
+        for h in held:
+            entry = self._held.pop(h, None)
+            if entry is not None:
+                entry[1].send(entry[0])
+
+    # -- timers -------------------------------------------------------------------------------
+
+    async def _sweeper(self) -> None:
+        interval = min(0.1, self.config.upstream_timeout / 4)
+        while True:
+            await asyncio.sleep(interval)
+            for token, payload, channel in self.engine.sweep(self.clock()):
+                client = self._clients.pop(token, None)
+                if client is not None:
+                    if client.tcp is not None:
+                        client.tcp.tokens.discard(token)
+                    client.send(payload)
+                if channel < TCP_CHANNEL_BASE:
+                    self._upstream_failed(channel)
+
+    def _upstream_failed(self, channel: int) -> None:
+        self._upstream_failures[channel] += 1
+        if self._upstream_failures[channel] >= UPSTREAM_FAILURES and len(self.upstreams) > 1:
+            if self._upstream_down_until[channel] <= time.monotonic():
+                self.stats.upstream_failovers += 1
+                host, port = self.upstreams[channel]
+                log.warning("upstream %s:%d not answering; failing over for %.0fs", host, port, UPSTREAM_RETRY)
+            self._upstream_down_until[channel] = time.monotonic() + UPSTREAM_RETRY
+            self._upstream_failures[channel] = 0
+
+    async def _expirer(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.expire_interval)
+            changes = self.cache.expire(self.clock())
+            if changes:
+                self._queue_changes(changes)
+
+    # -- logs ---------------------------------------------------------------------------------
+
+    def _log_query(self, record: tuple[Any, ...]) -> None:
+        when, endpoint, qname, qtype, verdict, rcode, upstream_ms, answers = record
+        query_log.info(
+            json.dumps(
+                {
+                    "time": round(when, 6),
+                    "endpoint": endpoint,
+                    "qname": qname,
+                    "qtype": qtype,
+                    "verdict": verdict,
+                    "rcode": rcode,
+                    "upstream_ms": upstream_ms,
+                    "answers": answers,
+                },
+                separators=(",", ":"),
+            )
+        )
