@@ -321,7 +321,8 @@ impl PolicySet {
                 }
                 let rule = &spec.egress[x.rule as usize];
                 if let Some(dns) = &rule.ports[x.entry as usize].dns {
-                    id.dns.insert(&dns[x.sel as usize].parsed, (first + g) as u32);
+                    id.dns
+                        .insert(&dns[x.sel as usize].parsed, (first + g) as u32);
                 }
             }
             let first = self.fqdn_sels.partition_point(|x| x.spec < s);
@@ -384,7 +385,8 @@ impl PolicySet {
         for g in id.dns.matching(name) {
             let x = self.dns_sels[g as usize];
             let rule = self.rule(x.spec, x.rule);
-            if rule.ports[x.entry as usize].admits(port, proto) && rule.peers.admits(server).is_some()
+            if rule.ports[x.entry as usize].admits(port, proto)
+                && rule.peers.admits(server).is_some()
             {
                 return verdict(Outcome::DnsName {
                     spec: x.spec,
@@ -488,7 +490,8 @@ impl PolicySet {
 
     /// `namespace/name` of the policy that allowed the verdict.
     pub fn policy_of(&self, v: &Verdict) -> Option<&str> {
-        v.rule().map(|(s, _)| self.specs[s as usize].policy.as_str())
+        v.rule()
+            .map(|(s, _)| self.specs[s as usize].policy.as_str())
     }
 
     /// The `egress[]` index of the rule that allowed the verdict.

@@ -5,6 +5,11 @@ use std::net::IpAddr;
 use super::*;
 use crate::pattern::{parse_match_name, parse_match_pattern, LabelBuf};
 
+/// identity, server, port, protocol, name, expected kind.
+type DnsCase<'a> = (Option<u32>, Option<IpAddr>, u16, Proto, &'a str, &'a str);
+/// destination, port, cached names, expected kind.
+type EgressCase<'a> = (&'a str, u16, &'a [(LabelBuf, String)], &'a str);
+
 fn ip(s: &str) -> IpAddr {
     s.parse().expect("test address")
 }
@@ -96,21 +101,63 @@ fn dns_verdicts() {
     let open = set.identity(&[1]).expect("identity");
     assert_eq!(set.identity(&[0, 0]).expect("same"), web);
     let k = Some(ip("10.96.0.10"));
-    let cases: &[(Option<u32>, Option<IpAddr>, u16, Proto, &str, &str)] = &[
+    let cases: &[DnsCase] = &[
         (Some(web), k, 53, Proto::Udp, "api.github.com", "dns-name"),
         (Some(web), k, 53, Proto::Tcp, "API.GitHub.com.", "dns-name"),
         (Some(web), k, 53, Proto::Udp, "api.example.com", "dns-name"),
-        (Some(web), None, 53, Proto::Udp, "api.example.com", "dns-name"),
-        (Some(web), k, 53, Proto::Udp, "github.com", "name-not-allowed"),
-        (Some(web), k, 53, Proto::Udp, "a.b.github.com", "name-not-allowed"),
+        (
+            Some(web),
+            None,
+            53,
+            Proto::Udp,
+            "api.example.com",
+            "dns-name",
+        ),
+        (
+            Some(web),
+            k,
+            53,
+            Proto::Udp,
+            "github.com",
+            "name-not-allowed",
+        ),
+        (
+            Some(web),
+            k,
+            53,
+            Proto::Udp,
+            "a.b.github.com",
+            "name-not-allowed",
+        ),
         (Some(web), k, 53, Proto::Sctp, "api.github.com", "no-rule"),
         (Some(web), k, 5353, Proto::Udp, "api.github.com", "no-rule"),
         // 8.8.8.8 is outside both the kube-dns set and 10/8.
-        (Some(web), Some(ip("8.8.8.8")), 53, Proto::Udp, "api.github.com", "no-rule"),
+        (
+            Some(web),
+            Some(ip("8.8.8.8")),
+            53,
+            Proto::Udp,
+            "api.github.com",
+            "no-rule",
+        ),
         // 10.1.0.1 is in the toCIDRSet rule, which has no toPorts: every name, every port.
-        (Some(web), Some(ip("10.1.0.1")), 53, Proto::Udp, "evil.com", "dns-open"),
+        (
+            Some(web),
+            Some(ip("10.1.0.1")),
+            53,
+            Proto::Udp,
+            "evil.com",
+            "dns-open",
+        ),
         (Some(open), k, 53, Proto::Udp, "evil.com", "unrestricted"),
-        (None, k, 53, Proto::Udp, "api.github.com", "unknown-endpoint"),
+        (
+            None,
+            k,
+            53,
+            Proto::Udp,
+            "api.github.com",
+            "unknown-endpoint",
+        ),
     ];
     for (id, server, p, proto, qname, want) in cases {
         let v = set
@@ -165,7 +212,7 @@ fn egress_verdicts() {
     let web = set.identity(&[0]).expect("identity");
     let gh = vec![(name("api.github.com."), "api.github.com.".to_owned())];
     let other = vec![(name("evil.com."), "evil.com.".to_owned())];
-    let cases: &[(&str, u16, &[(LabelBuf, String)], &str)] = &[
+    let cases: &[EgressCase] = &[
         ("140.82.112.3", 443, &gh, "fqdn"),
         ("140.82.112.3", 80, &gh, "names-not-allowed"),
         ("140.82.112.3", 443, &other, "names-not-allowed"),
@@ -191,7 +238,10 @@ fn egress_verdicts() {
     let v = set
         .egress_verdict(Some(web), ip("10.2.3.4"), 1, Proto::Udp, &[])
         .expect("ok");
-    assert_eq!(set.selector_of(&v).as_deref(), Some("toCIDRSet[0] 10.0.0.0/8"));
+    assert_eq!(
+        set.selector_of(&v).as_deref(),
+        Some("toCIDRSet[0] 10.0.0.0/8")
+    );
 }
 
 #[test]
@@ -230,7 +280,10 @@ fn rules_or_across_specs() {
         (v.allowed(), set.policy_of(&v).map(str::to_owned))
     };
     assert_eq!(q(both, "x.a.com", Proto::Tcp), (true, Some("ns/a".into())));
-    assert_eq!(q(both, "x.y.b.com", Proto::Udp), (true, Some("ns/b".into())));
+    assert_eq!(
+        q(both, "x.y.b.com", Proto::Udp),
+        (true, Some("ns/b".into()))
+    );
     assert_eq!(q(both, "x.y.b.com", Proto::Tcp), (false, None));
     assert_eq!(q(only_a, "x.y.b.com", Proto::Udp), (false, None));
     assert_eq!(set.identity_count(), 2);
