@@ -12,6 +12,9 @@ from fqdnguard._core import (
     validate_name,
     validate_pattern,
 )
+from fqdnguard._core import CompiledPolicy, Verdict
+from fqdnguard.endpoints import Endpoint, Endpoints, Selector
+from fqdnguard.policy import Policy, PolicyError, PolicyWarning
 
 __all__ = [
     "FqdnGuardError",
@@ -20,4 +23,12 @@ __all__ = [
     "__version__",
     "validate_name",
     "validate_pattern",
+    "CompiledPolicy",
+    "Endpoint",
+    "Endpoints",
+    "Policy",
+    "PolicyError",
+    "PolicyWarning",
+    "Selector",
+    "Verdict",
 ]
