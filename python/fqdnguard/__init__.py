@@ -5,30 +5,31 @@ Cilium-compatible ``toFQDNs`` / ``rules.dns`` semantics with a Rust core. The co
 """
 
 from fqdnguard._core import (
+    CompiledPolicy,
     FqdnGuardError,
     PatternError,
     PatternSet,
+    Verdict,
     __version__,
     validate_name,
     validate_pattern,
 )
-from fqdnguard._core import CompiledPolicy, Verdict
 from fqdnguard.endpoints import Endpoint, Endpoints, Selector
 from fqdnguard.policy import Policy, PolicyError, PolicyWarning
 
 __all__ = [
-    "FqdnGuardError",
-    "PatternError",
-    "PatternSet",
-    "__version__",
-    "validate_name",
-    "validate_pattern",
     "CompiledPolicy",
     "Endpoint",
     "Endpoints",
+    "FqdnGuardError",
+    "PatternError",
+    "PatternSet",
     "Policy",
     "PolicyError",
     "PolicyWarning",
     "Selector",
     "Verdict",
+    "__version__",
+    "validate_name",
+    "validate_pattern",
 ]

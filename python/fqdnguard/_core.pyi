@@ -23,7 +23,6 @@ class PatternSet:
 def validate_pattern(pattern: str) -> str: ...
 def validate_name(name: str) -> str: ...
 
-
 class CompiledPolicy:
     """Egress rules compiled for verdicts; ``fqdnguard.Policy`` is the public face."""
 

@@ -819,4 +819,3 @@ def _lower(spec: _Spec, endpoints: Endpoints | None) -> tuple[str, str, bool, li
             peers = None if rule.has_ports else ([], [])
         rules.append((rule.index, [], peers, ports))
     return spec.policy, spec.label, spec.default_deny, rules
-
