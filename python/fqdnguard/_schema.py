@@ -99,13 +99,18 @@ class Reader:
         self.file = file
         self.errors: list[PolicyError] = []
         self.warnings: list[PolicyWarning] = []
+        # A field's problems are reported at its key's line (a block list starts on the next).
+        self._key_line: dict[int, int] = {}
+
+    def line(self, node: yaml.Node) -> int:
+        return self._key_line.get(id(node)) or line_of(node)
 
     def error(self, node: yaml.Node | int, path: str, reason: str) -> None:
-        line = node if isinstance(node, int) else line_of(node)
+        line = node if isinstance(node, int) else self.line(node)
         self.errors.append(PolicyError(self.file, line, path, reason))
 
     def warn(self, node: yaml.Node, path: str, message: str) -> None:
-        self.warnings.append(PolicyWarning(self.file, line_of(node), path, message))
+        self.warnings.append(PolicyWarning(self.file, self.line(node), path, message))
 
     def documents(self, text: str) -> Iterator[yaml.Node]:
         try:
@@ -141,6 +146,7 @@ class Reader:
                 self.error(key, sub, f"unknown field {name!r} (known fields: {known})")
                 ok = False
             out[name] = value
+            self._key_line[id(value)] = line_of(key)
         return out if ok else None
 
     def sequence(self, node: yaml.Node, path: str) -> list[yaml.Node] | None:
