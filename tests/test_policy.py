@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
+import pathlib
 import textwrap
 
 import pytest
-
 from fqdnguard import Endpoint, Endpoints, Policy, PolicyError
 
 ENDPOINTS = Endpoints.from_yaml(
@@ -370,8 +370,6 @@ def test_specs_list_and_kind_list(tmp_path) -> None:
 
 
 def test_examples_directory() -> None:
-    import pathlib
-
     root = pathlib.Path(__file__).resolve().parent.parent / "examples"
     eps = Endpoints.load(root / "endpoints.yaml")
     p = Policy.load(root / "policies", endpoints=eps)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-
 from fqdnguard import Endpoints, FqdnGuardError, Policy, PolicyError
 from fqdnguard.policy import lint
 
@@ -61,7 +60,7 @@ CASES = [
         "unknown field 'matchNames'",
     ),
     (
-        '  - toPorts:\n    - ports:\n      - port: 53\n        protocol: UDP\n',
+        "  - toPorts:\n    - ports:\n      - port: 53\n        protocol: UDP\n",
         12,
         "spec.egress[0].toPorts[0].ports[0].port",
         "must be a string, not an integer (quote it)",
@@ -203,7 +202,9 @@ def test_bad_documents(text: str, line: int, path: str, reason: str) -> None:
 
 
 def test_all_problems_are_listed_and_the_set_is_atomic(tmp_path) -> None:
-    (tmp_path / "good.yaml").write_text(HEAD.replace("name: p", "name: q") + "  - toFQDNs: [{matchName: a.com}]\n")
+    (tmp_path / "good.yaml").write_text(
+        HEAD.replace("name: p", "name: q") + "  - toFQDNs: [{matchName: a.com}]\n"
+    )
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "bad.yml").write_text(
         HEAD + "  - toFQDNs: [{matchName: 'a..com'}]\n  - toPorts: [{ports: [{port: x_y}]}]\n"

@@ -206,7 +206,8 @@ class Policy:
         put(self, "_identities", {})
         put(self, "policies", tuple(infos))
         put(self, "warnings", tuple(warnings))
-        put(self, "_compiled", CompiledPolicy([_lower(s, endpoints) for s in specs]))
+        resolved: dict[Selector, list[str]] = {}
+        put(self, "_compiled", CompiledPolicy([_lower(s, endpoints, resolved) for s in specs]))
         for w in dict.fromkeys(warnings):
             log.warning("%s", w)
         return self
@@ -796,8 +797,11 @@ def _read_port(r: Reader, node: yaml.Node, path: str) -> tuple[int, int, str] | 
 # -- compile -----------------------------------------------------------------------------------
 
 
-def _lower(spec: _Spec, endpoints: Endpoints | None) -> tuple[str, str, bool, list[object]]:
-    """A spec in the shape ``CompiledPolicy`` takes."""
+def _lower(
+    spec: _Spec, endpoints: Endpoints | None, resolved: dict[Selector, list[str]]
+) -> tuple[str, str, bool, list[object]]:
+    """A spec in the shape ``CompiledPolicy`` takes; ``resolved`` caches the addresses each
+    distinct ``toEndpoints`` selector selects."""
     rules: list[object] = []
     for rule in spec.egress:
         entries = [e for e in rule.ports if not e.inert]
@@ -811,8 +815,10 @@ def _lower(spec: _Spec, endpoints: Endpoints | None) -> tuple[str, str, bool, li
         if rule.has_l3:
             ips: dict[str, None] = {}
             for sel in rule.to_endpoints:
-                for ep in endpoints.select(sel) if endpoints is not None else []:
-                    ips.update(dict.fromkeys(ep.ips))
+                if sel not in resolved:
+                    found = endpoints.select(sel) if endpoints is not None else []
+                    resolved[sel] = [ip for ep in found for ip in ep.ips]
+                ips.update(dict.fromkeys(resolved[sel]))
             peers: object = (list(ips), rule.cidrs)
         else:
             # No L3 selector: any destination when toPorts says which ports; nothing for `{}`.
