@@ -1,6 +1,6 @@
 """Typed stubs of the compiled module; checked against it with mypy.stubtest."""
 
-from typing import Any
+from typing import Any, final
 
 __version__: str
 
@@ -23,6 +23,7 @@ class PatternSet:
 def validate_pattern(pattern: str) -> str: ...
 def validate_name(name: str) -> str: ...
 
+@final
 class CompiledPolicy:
     """Egress rules compiled for verdicts; ``fqdnguard.Policy`` is the public face."""
 
@@ -48,6 +49,7 @@ class CompiledPolicy:
     ) -> Verdict: ...
     def __len__(self) -> int: ...
 
+@final
 class Verdict:
     """A DNS or egress decision that can explain itself."""
 

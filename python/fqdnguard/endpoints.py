@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-import yaml
+import yaml  # type: ignore[import-untyped,unused-ignore]
 
 from fqdnguard._schema import PolicyError, Reader
 

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import yaml
+import yaml  # type: ignore[import-untyped,unused-ignore]
 
 from fqdnguard._core import CompiledPolicy, PatternError, Verdict, validate_name, validate_pattern
 from fqdnguard._schema import PolicyError, PolicyWarning, Reader, is_null, line_of
@@ -605,9 +605,9 @@ def _read_egress(
     for i, n in enumerate(present.get("toCIDRSet") or []):
         _read_cidr_rule(r, n, f"{path}.toCIDRSet[{i}]", rule, i)
     for i, n in enumerate(present.get("toFQDNs") or []):
-        sel = _read_name_selector(r, n, f"{path}.toFQDNs[{i}]")
-        if sel is not None:
-            rule.fqdns.append(sel)
+        fq = _read_name_selector(r, n, f"{path}.toFQDNs[{i}]")
+        if fq is not None:
+            rule.fqdns.append(fq)
     for k in ("toEntities", "toServices", "toGroups", "toNodes"):
         if present.get(k):
             r.warn(f[k], f"{path}.{k}", f"{k} selectors (this rule allows nothing)")
