@@ -4,18 +4,22 @@
 use std::fmt;
 
 pub use crate::pattern::PatternError;
+pub use crate::policy::PolicyBuildError;
 
 /// Any error the core reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Error {
     /// A matchName / matchPattern, or a DNS name in presentation form, is malformed.
     Pattern(PatternError),
+    /// Input a compiled policy cannot accept (a bad prefix, port range, protocol or index).
+    PolicyBuild(PolicyBuildError),
 }
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Pattern(e) => e.fmt(f),
+            Error::PolicyBuild(e) => e.fmt(f),
         }
     }
 }
@@ -25,5 +29,11 @@ impl std::error::Error for Error {}
 impl From<PatternError> for Error {
     fn from(e: PatternError) -> Self {
         Error::Pattern(e)
+    }
+}
+
+impl From<PolicyBuildError> for Error {
+    fn from(e: PolicyBuildError) -> Self {
+        Error::PolicyBuild(e)
     }
 }

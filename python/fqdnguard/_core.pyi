@@ -1,11 +1,13 @@
 """Typed stubs of the compiled module; checked against it with mypy.stubtest."""
 
-from typing import final
+from typing import Any, final
 
 __all__ = [
+    "CompiledPolicy",
     "FqdnGuardError",
     "PatternError",
     "PatternSet",
+    "Verdict",
     "__version__",
     "validate_name",
     "validate_pattern",
@@ -32,3 +34,47 @@ class PatternSet:
 
 def validate_pattern(pattern: str) -> str: ...
 def validate_name(name: str) -> str: ...
+
+@final
+class CompiledPolicy:
+    """Egress rules compiled for verdicts; ``fqdnguard.Policy`` is the public face."""
+
+    def __new__(cls, specs: list[Any]) -> CompiledPolicy: ...
+    def identity(self, specs: list[int]) -> int: ...
+    @property
+    def identity_count(self) -> int: ...
+    def dns_verdict(
+        self,
+        identity: int | None,
+        server: str | None,
+        port: int,
+        protocol: str,
+        qname: str | bytes,
+    ) -> Verdict: ...
+    def egress_verdict(
+        self,
+        identity: int | None,
+        ip: str,
+        port: int,
+        protocol: str,
+        names: list[str] | list[bytes] | list[str | bytes],
+    ) -> Verdict: ...
+    def __len__(self) -> int: ...
+
+@final
+class Verdict:
+    """A DNS or egress decision that can explain itself."""
+
+    @property
+    def allowed(self) -> bool: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def policy(self) -> str | None: ...
+    @property
+    def rule_index(self) -> int | None: ...
+    @property
+    def selector(self) -> str | None: ...
+    @property
+    def kind(self) -> str: ...
+    def __bool__(self) -> bool: ...

@@ -58,6 +58,9 @@ fn to_pyerr(err: Error) -> PyErr {
     Python::attach(|py| {
         let cell = match &err {
             Error::Pattern(_) => &PATTERN_ERROR,
+            // Bad arguments to a compiled policy (policy files are validated, with their line
+            // numbers, before they are compiled): a plain ValueError.
+            Error::PolicyBuild(_) => return PyValueError::new_err(err.to_string()),
         };
         match cell.get(py) {
             Some(cls) => PyErr::from_type(cls.bind(py).clone(), err.to_string()),

@@ -1,0 +1,260 @@
+"""Endpoints: IPs, labels and namespace; label selectors as Cilium evaluates them.
+
+For hosts without Kubernetes the registry comes from a YAML file::
+
+    endpoints:
+      - name: web-0
+        namespace: default
+        ips: [10.0.1.5, fd00::105]
+        labels: {app: web}
+        serviceAccount: web        # optional: io.cilium.k8s.policy.serviceaccount
+        id: 7                      # optional: defaults to the position in the list (1-based)
+
+Labels are Kubernetes labels (a ``k8s:`` prefix is accepted and dropped). Every endpoint also
+carries ``io.kubernetes.pod.namespace`` (and the service account label when given), as Cilium's
+endpoints do, so selectors may use them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import yaml  # type: ignore[import-untyped,unused-ignore]
+
+from fqdnguard._schema import PolicyError, Reader
+
+NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
+SERVICEACCOUNT_LABEL = "io.cilium.k8s.policy.serviceaccount"
+OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
+
+
+def label_name(key: str) -> str | None:
+    """The label name a selector key refers to: ``k8s:app`` and ``any:app`` (and ``app``) refer
+    to ``app``. A key of another source (``reserved:host``, ``cidr:...``) can match no endpoint
+    fqdnguard knows: None."""
+    source, sep, name = key.partition(":")
+    if not sep:
+        return key
+    return name if source in ("k8s", "any") else None
+
+
+@dataclass(frozen=True)
+class Selector:
+    """An ``endpointSelector`` / ``toEndpoints`` entry: requirements that must all hold.
+
+    Each requirement is ``(label name or None, operator, values)``; ``matchLabels`` entries are
+    ``In`` with one value. The empty selector matches every endpoint.
+    """
+
+    requirements: tuple[tuple[str | None, str, frozenset[str]], ...] = ()
+
+    @classmethod
+    def build(
+        cls,
+        match_labels: Mapping[str, str] | None = None,
+        match_expressions: Iterable[tuple[str, str, Iterable[str]]] = (),
+    ) -> Selector:
+        reqs: list[tuple[str | None, str, frozenset[str]]] = []
+        for key, value in (match_labels or {}).items():
+            reqs.append((label_name(key), "In", frozenset((value,))))
+        for key, op, values in match_expressions:
+            if op not in OPERATORS:
+                raise ValueError(f"unknown operator {op!r}")
+            reqs.append((label_name(key), op, frozenset(values)))
+        return cls(tuple(reqs))
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        for name, op, values in self.requirements:
+            value = labels.get(name) if name is not None else None
+            if op == "In":
+                ok = value is not None and value in values
+            elif op == "NotIn":
+                ok = value is None or value not in values
+            elif op == "Exists":
+                ok = value is not None
+            else:
+                ok = value is None
+            if not ok:
+                return False
+        return True
+
+    def mentions(self, name: str) -> bool:
+        return any(n == name for n, _, _ in self.requirements)
+
+    def in_namespace(self, namespace: str) -> Selector:
+        """This selector restricted to one namespace (what a namespaced policy implies)."""
+        return Selector((*self.requirements, (NAMESPACE_LABEL, "In", frozenset((namespace,)))))
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A workload: an id, its addresses, its labels (namespace label included)."""
+
+    id: int
+    name: str
+    namespace: str
+    ipv4: tuple[str, ...] = ()
+    ipv6: tuple[str, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    #: Hashable form of (namespace, labels): endpoints with equal keys are selected alike.
+    key: tuple[str, frozenset[tuple[str, str]]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        labels = dict(self.labels)
+        labels[NAMESPACE_LABEL] = self.namespace
+        object.__setattr__(self, "labels", MappingProxyType(labels))
+        object.__setattr__(self, "key", (self.namespace, frozenset(labels.items())))
+
+    @property
+    def ips(self) -> tuple[str, ...]:
+        return self.ipv4 + self.ipv6
+
+    @property
+    def display(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        id: int = 0,
+        name: str = "",
+        namespace: str | None = None,
+        ips: Iterable[str] = (),
+        labels: Mapping[str, str] | None = None,
+        service_account: str | None = None,
+    ) -> Endpoint:
+        """Builds an endpoint, normalising addresses and label keys. The namespace defaults to
+        the ``io.kubernetes.pod.namespace`` label, then to ``default``."""
+        norm: dict[str, str] = {}
+        for key, value in (labels or {}).items():
+            n = key.removeprefix("k8s:")
+            if ":" in n:
+                raise ValueError(f"label {key!r}: only Kubernetes labels (k8s:) are supported")
+            norm[n] = value
+        ns = namespace or norm.get(NAMESPACE_LABEL) or "default"
+        if service_account:
+            norm[SERVICEACCOUNT_LABEL] = service_account
+        v4: list[str] = []
+        v6: list[str] = []
+        for ip in ips:
+            addr = ipaddress.ip_address(ip)
+            (v4 if addr.version == 4 else v6).append(str(addr))
+        return cls(id, name, ns, tuple(v4), tuple(v6), norm)
+
+
+_ENTRY_FIELDS = frozenset({"id", "name", "namespace", "ips", "labels", "serviceAccount"})
+
+
+class Endpoints:
+    """The endpoint registry: which endpoint is this source IP (one dict lookup)."""
+
+    def __init__(self, endpoints: Iterable[Endpoint] = ()) -> None:
+        self._list = tuple(endpoints)
+        self._by_ip: dict[str, Endpoint] = {}
+        self._by_name: dict[tuple[str, str], Endpoint] = {}
+        ids: set[int] = set()
+        for ep in self._list:
+            if ep.id in ids:
+                raise ValueError(f"endpoint {ep.display}: id {ep.id} is used twice")
+            ids.add(ep.id)
+            for ip in ep.ips:
+                other = self._by_ip.setdefault(ip, ep)
+                if other is not ep:
+                    raise ValueError(f"address {ip} belongs to {other.display} and {ep.display}")
+            self._by_name[(ep.namespace, ep.name)] = ep
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Endpoints:
+        with open(path, encoding="utf-8") as f:
+            return cls.from_yaml(f.read(), filename=os.fspath(path))
+
+    @classmethod
+    def from_yaml(cls, text: str, filename: str = "<string>") -> Endpoints:
+        r = Reader(filename)
+        eps: list[Endpoint] = []
+        ip_owner: dict[str, str] = {}
+        docs = [d for d in r.documents(text) if d is not None]
+        if not r.errors and len(docs) != 1:
+            r.error(1, "", f"expected one YAML document, found {len(docs)}")
+        for doc in docs[:1]:
+            top = r.mapping(doc, "", frozenset({"endpoints"}))
+            if top is None:
+                break
+            if "endpoints" not in top:
+                r.error(doc, "endpoints", "required field is missing")
+                break
+            items = r.sequence(top["endpoints"], "endpoints")
+            for i, node in enumerate(items or []):
+                ep = _read_endpoint(r, node, f"endpoints[{i}]", i + 1)
+                if ep is None:
+                    continue
+                for ip in ep.ips:
+                    if ip in ip_owner:
+                        r.error(node, f"endpoints[{i}].ips", f"{ip} also belongs to {ip_owner[ip]}")
+                    ip_owner[ip] = ep.display
+                if any(e.id == ep.id for e in eps):
+                    r.error(node, f"endpoints[{i}].id", f"id {ep.id} is used twice")
+                eps.append(ep)
+        if r.errors:
+            raise PolicyError.of(r.errors)
+        return cls(eps)
+
+    def by_ip(self, ip: str) -> Endpoint | None:
+        ep = self._by_ip.get(ip)
+        if ep is None:
+            try:
+                ep = self._by_ip.get(str(ipaddress.ip_address(ip)))
+            except ValueError:
+                return None
+        return ep
+
+    def by_name(self, namespace: str, name: str) -> Endpoint | None:
+        return self._by_name.get((namespace, name))
+
+    def select(self, selector: Selector) -> list[Endpoint]:
+        return [ep for ep in self._list if selector.matches(ep.labels)]
+
+    def __iter__(self) -> Iterator[Endpoint]:
+        return iter(self._list)
+
+    def __len__(self) -> int:
+        return len(self._list)
+
+    def __repr__(self) -> str:
+        return f"Endpoints(<{len(self._list)} endpoints>)"
+
+
+def _read_endpoint(r: Reader, node: yaml.Node, path: str, default_id: int) -> Endpoint | None:
+    f = r.mapping(node, path, _ENTRY_FIELDS)
+    if f is None:
+        return None
+    errors = len(r.errors)
+    name = r.string(f["name"], f"{path}.name") if "name" in f else None
+    if "name" not in f:
+        r.error(node, f"{path}.name", "required field is missing")
+    namespace = r.string(f["namespace"], f"{path}.namespace") if "namespace" in f else "default"
+    ident = r.integer(f["id"], f"{path}.id") if "id" in f else default_id
+    if ident is not None and not 0 <= ident < 2**32:
+        r.error(f["id"], f"{path}.id", f"{ident} is not between 0 and 2^32-1")
+    ips = r.strings(f["ips"], f"{path}.ips") if "ips" in f else []
+    for i, ip in enumerate(ips or []):
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            r.error(f["ips"].value[i], f"{path}.ips[{i}]", f"{ip!r} is not an IP address")
+    labels = r.string_map(f["labels"], f"{path}.labels") if "labels" in f else {}
+    for key in labels or {}:
+        if ":" in key.removeprefix("k8s:"):
+            r.error(f["labels"], f"{path}.labels.{key}", "only Kubernetes labels (k8s:) allowed")
+    sa = r.string(f["serviceAccount"], f"{path}.serviceAccount") if "serviceAccount" in f else None
+    if len(r.errors) > errors:
+        return None
+    assert name is not None and namespace is not None and ident is not None
+    return Endpoint.create(
+        id=ident, name=name, namespace=namespace, ips=ips or (), labels=labels, service_account=sa
+    )

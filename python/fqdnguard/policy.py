@@ -1,0 +1,827 @@
+"""CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy YAML -> compiled policy.
+
+Reading follows Cilium's CRD schema and its rule validation for the fields in scope
+(``endpointSelector``, ``egress[].toFQDNs``, ``toPorts`` with ``rules.dns``, ``toEndpoints``,
+``toCIDR``, ``toCIDRSet``); anything else Cilium accepts loads with a "not enforced by fqdnguard"
+warning; anything Cilium rejects raises :class:`PolicyError` with file, line and field path.
+A set of files compiles whole: :meth:`Policy.load` returns a new :class:`Policy` or raises, and a
+``Policy`` never changes, so the one in force stays in force when a new set is bad.
+
+Label selection runs here, once per distinct label set; the verdicts run in Rust
+(``fqdnguard._core.CompiledPolicy``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import yaml  # type: ignore[import-untyped,unused-ignore]
+
+from fqdnguard._core import CompiledPolicy, PatternError, Verdict, validate_name, validate_pattern
+from fqdnguard._schema import PolicyError, PolicyWarning, Reader, is_null, line_of
+from fqdnguard.endpoints import NAMESPACE_LABEL, OPERATORS, Endpoint, Endpoints, Selector
+
+__all__ = ["Policy", "PolicyError", "PolicyWarning", "lint"]
+
+log = logging.getLogger("fqdnguard.policy")
+
+API_VERSION = "cilium.io/v2"
+CNP = "CiliumNetworkPolicy"
+CCNP = "CiliumClusterwideNetworkPolicy"
+_LIST_KINDS = frozenset({"List", f"{CNP}List", f"{CCNP}List"})
+_SUFFIXES = (".yaml", ".yml", ".json")
+
+_TOP = frozenset({"apiVersion", "kind", "metadata", "spec", "specs", "status"})
+_LIST = frozenset({"apiVersion", "kind", "items", "metadata"})
+_META = frozenset(
+    {
+        "name",
+        "namespace",
+        "labels",
+        "annotations",
+        "uid",
+        "resourceVersion",
+        "generation",
+        "creationTimestamp",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+        "managedFields",
+        "ownerReferences",
+        "finalizers",
+        "generateName",
+        "selfLink",
+    }
+)
+_RULE = frozenset(
+    {
+        "endpointSelector",
+        "nodeSelector",
+        "ingress",
+        "ingressDeny",
+        "egress",
+        "egressDeny",
+        "labels",
+        "description",
+        "enableDefaultDeny",
+        "log",
+    }
+)
+_L3 = (
+    "toEndpoints",
+    "toCIDR",
+    "toCIDRSet",
+    "toFQDNs",
+    "toEntities",
+    "toServices",
+    "toGroups",
+    "toNodes",
+)
+_EGRESS = frozenset({*_L3, "toPorts", "toRequires", "icmps", "authentication"})
+_PORT_RULE = frozenset(
+    {"ports", "rules", "terminatingTLS", "originatingTLS", "serverNames", "listener"}
+)
+_PORT = frozenset({"port", "endPort", "protocol"})
+_L7 = frozenset({"http", "kafka", "dns", "l7proto", "l7"})
+_FQDN = frozenset({"matchName", "matchPattern"})
+_SELECTOR = frozenset({"matchLabels", "matchExpressions"})
+_EXPR = frozenset({"key", "operator", "values"})
+_CIDR_RULE = frozenset({"cidr", "cidrGroupRef", "cidrGroupSelector", "except"})
+_DEFAULT_DENY = frozenset({"ingress", "egress"})
+_PROTOCOLS = ("TCP", "UDP", "SCTP", "ANY")
+_OTHER_PROTOCOLS = ("ICMP", "ICMPv6", "VRRP", "IGMP")
+_ENTITIES = frozenset(
+    {
+        "all",
+        "world",
+        "world-ipv4",
+        "world-ipv6",
+        "cluster",
+        "host",
+        "remote-node",
+        "kube-apiserver",
+        "ingress",
+        "init",
+        "health",
+        "unmanaged",
+        "none",
+    }
+)
+_MAX_PORTS = 40
+_SVC_NAME = re.compile(r"(?=.{1,15}$)(?=.*[a-zA-Z])[a-zA-Z0-9](?:-?[a-zA-Z0-9])*")
+
+
+class NamesFor(Protocol):
+    """What the egress verdict needs from a DNS cache (``fqdnguard.DnsCache`` has it)."""
+
+    def names_for(self, ip: str, endpoint: int | None = None) -> list[str]: ...
+
+
+@dataclass
+class _PortEntry:
+    ranges: list[tuple[int, int, str]]
+    dns: list[tuple[bool, str]] | None
+    #: It listed ports, none of which fqdnguard can enforce: it admits nothing.
+    inert: bool = False
+
+
+@dataclass
+class _Rule:
+    index: int
+    fqdns: list[tuple[bool, str]] = field(default_factory=list)
+    to_endpoints: list[Selector] = field(default_factory=list)
+    cidrs: list[tuple[str, int, list[tuple[str, int]], str]] = field(default_factory=list)
+    has_l3: bool = False
+    has_ports: bool = False
+    ports: list[_PortEntry] = field(default_factory=list)
+
+
+@dataclass
+class _Spec:
+    kind: str
+    namespace: str | None
+    name: str
+    policy: str
+    label: str
+    #: None for a host policy (nodeSelector): it selects no endpoint.
+    selector: Selector | None
+    default_deny: bool
+    egress: list[_Rule]
+    file: str
+    line: int
+
+
+@dataclass(frozen=True)
+class PolicyInfo:
+    """One loaded policy document."""
+
+    kind: str
+    namespace: str | None
+    name: str
+    file: str
+    line: int
+
+    @property
+    def display(self) -> str:
+        return f"{self.namespace}/{self.name}" if self.namespace else self.name
+
+
+class Policy:
+    """A compiled, immutable policy set. Build with :meth:`load` or :meth:`from_yaml`."""
+
+    __slots__ = ("_compiled", "_endpoints", "_identities", "_specs", "policies", "warnings")
+
+    _compiled: CompiledPolicy
+    _endpoints: Endpoints | None
+    _identities: dict[tuple[str, frozenset[tuple[str, str]]], int]
+    _specs: tuple[_Spec, ...]
+    #: Every policy document loaded, in load order.
+    policies: tuple[PolicyInfo, ...]
+    #: Valid features that fqdnguard does not enforce, one per occurrence.
+    warnings: tuple[PolicyWarning, ...]
+
+    def __init__(self) -> None:
+        raise TypeError("use Policy.load(paths) or Policy.from_yaml(text)")
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("Policy objects are immutable; load a new one")
+
+    @classmethod
+    def _make(
+        cls,
+        specs: list[_Spec],
+        infos: list[PolicyInfo],
+        warnings: list[PolicyWarning],
+        endpoints: Endpoints | None,
+    ) -> Policy:
+        self = object.__new__(cls)
+        put = object.__setattr__
+        put(self, "_specs", tuple(specs))
+        put(self, "_endpoints", endpoints)
+        put(self, "_identities", {})
+        put(self, "policies", tuple(infos))
+        put(self, "warnings", tuple(warnings))
+        resolved: dict[Selector, list[str]] = {}
+        put(self, "_compiled", CompiledPolicy([_lower(s, endpoints, resolved) for s in specs]))
+        for w in dict.fromkeys(warnings):
+            log.warning("%s", w)
+        return self
+
+    @classmethod
+    def load(
+        cls,
+        paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+        endpoints: Endpoints | None = None,
+    ) -> Policy:
+        """Loads every policy file under ``paths`` (files or directories, ``*.yaml``, ``*.yml``,
+        ``*.json``). ``endpoints`` resolves ``toEndpoints`` (e.g. kube-dns) to addresses.
+        Raises :class:`PolicyError` listing every problem; nothing is half-loaded."""
+        sources = [(f, _read_text(f)) for f in _files(paths)]
+        return cls._from_sources(sources, endpoints)
+
+    @classmethod
+    def from_yaml(
+        cls, text: str, endpoints: Endpoints | None = None, filename: str = "<string>"
+    ) -> Policy:
+        """Compiles the policies in one YAML text (one or more documents)."""
+        return cls._from_sources([(filename, text)], endpoints)
+
+    @classmethod
+    def _from_sources(
+        cls, sources: list[tuple[str, str | PolicyError]], endpoints: Endpoints | None
+    ) -> Policy:
+        specs, infos, errors, warnings = _read_sources(sources)
+        if errors:
+            raise PolicyError.of(errors)
+        return cls._make(specs, infos, warnings, endpoints)
+
+    def with_endpoints(self, endpoints: Endpoints | None) -> Policy:
+        """The same policies resolved against another endpoint registry."""
+        return Policy._make(list(self._specs), list(self.policies), [], endpoints)
+
+    def _identity(self, endpoint: Endpoint) -> int:
+        ident = self._identities.get(endpoint.key)
+        if ident is None:
+            selected = [
+                i
+                for i, s in enumerate(self._specs)
+                if s.selector is not None and s.selector.matches(endpoint.labels)
+            ]
+            ident = self._compiled.identity(selected)
+            self._identities[endpoint.key] = ident
+        return ident
+
+    def dns_verdict(
+        self,
+        endpoint: Endpoint | None,
+        server: str | None,
+        port: int,
+        protocol: str,
+        qname: str | bytes,
+    ) -> Verdict:
+        """May ``endpoint`` ask ``server`` (None: any server a rule admits) on ``port`` /
+        ``protocol`` ("UDP", "TCP", "SCTP") for ``qname``? ``endpoint`` None (an unknown source)
+        is denied."""
+        ident = None if endpoint is None else self._identity(endpoint)
+        return self._compiled.dns_verdict(ident, server, port, protocol, qname)
+
+    def egress_verdict(
+        self, endpoint: Endpoint | None, ip: str, port: int, protocol: str, cache: NamesFor
+    ) -> Verdict:
+        """May ``endpoint`` reach ``ip`` on ``port`` / ``protocol``, given the names ``cache``
+        holds that address under for it?"""
+        if endpoint is None:
+            return self._compiled.egress_verdict(None, ip, port, protocol, [])
+        names = cache.names_for(ip, endpoint=endpoint.id)
+        return self._compiled.egress_verdict(self._identity(endpoint), ip, port, protocol, names)
+
+    def selecting(self, endpoint: Endpoint) -> list[str]:
+        """Labels of the policy specs selecting ``endpoint``."""
+        return [
+            s.label
+            for s in self._specs
+            if s.selector is not None and s.selector.matches(endpoint.labels)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.policies)
+
+    def __repr__(self) -> str:
+        return f"Policy(<{len(self.policies)} policies, {len(self.warnings)} warnings>)"
+
+
+def lint(
+    paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+) -> tuple[list[PolicyError], list[PolicyWarning]]:
+    """Every problem and every not-enforced feature under ``paths``, as Cilium would see them."""
+    try:
+        files = _files(paths)
+    except PolicyError as e:
+        return list(e.errors), []
+    _, _, errors, warnings = _read_sources([(f, _read_text(f)) for f in files])
+    return errors, warnings
+
+
+# -- files -------------------------------------------------------------------------------------
+
+
+def _files(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[str]:
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    out: list[str] = []
+    for given in paths:
+        p = os.fspath(given)
+        if os.path.isdir(p):
+            found = []
+            for root, dirs, names in os.walk(p):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                found += [
+                    os.path.join(root, n)
+                    for n in names
+                    if n.endswith(_SUFFIXES) and not n.startswith(".")
+                ]
+            out += sorted(found)
+        elif os.path.exists(p):
+            out.append(p)
+        else:
+            raise PolicyError(p, 0, "", "no such file or directory")
+    return out
+
+
+def _read_text(path: str) -> str | PolicyError:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        return PolicyError(path, 0, "", f"cannot read: {e}")
+
+
+def _read_sources(
+    sources: list[tuple[str, str | PolicyError]],
+) -> tuple[list[_Spec], list[PolicyInfo], list[PolicyError], list[PolicyWarning]]:
+    specs: list[_Spec] = []
+    infos: list[PolicyInfo] = []
+    errors: list[PolicyError] = []
+    warnings: list[PolicyWarning] = []
+    seen: dict[tuple[str, str | None, str], PolicyInfo] = {}
+    for filename, text in sources:
+        if isinstance(text, PolicyError):
+            errors.append(text)
+            continue
+        r = Reader(filename)
+        for doc in r.documents(text):
+            if doc is not None and not is_null(doc):
+                _read_document(r, doc, "", specs, infos, seen)
+        errors += r.errors
+        warnings += r.warnings
+    return specs, infos, errors, warnings
+
+
+# -- documents ---------------------------------------------------------------------------------
+
+
+def _read_document(  # noqa: PLR0911, PLR0917
+    r: Reader,
+    doc: yaml.Node,
+    path: str,
+    specs: list[_Spec],
+    infos: list[PolicyInfo],
+    seen: dict[tuple[str, str | None, str], PolicyInfo],
+) -> None:
+    top = r.mapping(doc, path, None)
+    if top is None:
+        return
+    p = f"{path}." if path else ""
+    kind = r.string(top["kind"], f"{p}kind") if "kind" in top else None
+    if "kind" not in top:
+        r.error(doc, f"{p}kind", "required field is missing")
+    if kind is None:
+        return
+    if kind in _LIST_KINDS:
+        fields = r.mapping(doc, path, _LIST)
+        if fields is None:
+            return
+        for i, item in enumerate(r.sequence(fields.get("items", doc), f"{p}items") or []):
+            _read_document(r, item, f"{p}items[{i}]", specs, infos, seen)
+        return
+    if kind not in (CNP, CCNP):
+        r.warn(doc, f"{p}kind", f"kind {kind!r} is not a Cilium network policy; skipped")
+        return
+    fields = r.mapping(doc, path, _TOP)
+    if fields is None:
+        return
+    api = r.string(fields["apiVersion"], f"{p}apiVersion") if "apiVersion" in fields else None
+    if "apiVersion" not in fields:
+        r.error(doc, f"{p}apiVersion", "required field is missing")
+    elif api is not None and api != API_VERSION:
+        r.error(fields["apiVersion"], f"{p}apiVersion", f"must be {API_VERSION!r}, not {api!r}")
+    name, namespace = _read_metadata(r, doc, fields, p, kind)
+    if "spec" not in fields and "specs" not in fields:
+        r.error(doc, f"{p}spec", "a policy needs spec or specs")
+    if name is None:
+        return
+    key = (kind, namespace, name)
+    info = PolicyInfo(kind, namespace, name, r.file, line_of(doc))
+    if key in seen:
+        first = seen[key]
+        r.error(
+            doc,
+            f"{p}metadata.name",
+            f"{kind} {info.display} is also defined at {first.file}:{first.line}",
+        )
+        return
+    seen[key] = info
+    infos.append(info)
+    policy = info.display
+    nodes: list[tuple[yaml.Node, str, str]] = []
+    if "spec" in fields and not is_null(fields["spec"]):
+        nodes.append((fields["spec"], f"{p}spec", f"{kind} {policy}"))
+    if "specs" in fields:
+        for i, n in enumerate(r.sequence(fields["specs"], f"{p}specs") or []):
+            nodes.append((n, f"{p}specs[{i}]", f"{kind} {policy} specs[{i}]"))
+    for node, spath, label in nodes:
+        spec = _read_spec(r, node, spath, kind, namespace, name, policy, label)
+        if spec is not None:
+            specs.append(spec)
+
+
+def _read_metadata(
+    r: Reader, doc: yaml.Node, fields: dict[str, yaml.Node], p: str, kind: str
+) -> tuple[str | None, str | None]:
+    if "metadata" not in fields:
+        r.error(doc, f"{p}metadata", "required field is missing")
+        return None, None
+    meta = r.mapping(fields["metadata"], f"{p}metadata", _META)
+    if meta is None:
+        return None, None
+    name = r.string(meta["name"], f"{p}metadata.name") if "name" in meta else None
+    if "name" not in meta:
+        r.error(fields["metadata"], f"{p}metadata.name", "required field is missing")
+    elif name == "":
+        r.error(meta["name"], f"{p}metadata.name", "must not be empty")
+        name = None
+    namespace: str | None = None
+    if "namespace" in meta:
+        namespace = r.string(meta["namespace"], f"{p}metadata.namespace")
+        if kind == CCNP:
+            r.warn(
+                meta["namespace"],
+                f"{p}metadata.namespace",
+                "a clusterwide policy has no namespace; ignored",
+            )
+            namespace = None
+    elif kind == CNP:
+        namespace = "default"
+    return name, namespace
+
+
+def _read_spec(  # noqa: PLR0917
+    r: Reader,
+    node: yaml.Node,
+    path: str,
+    kind: str,
+    namespace: str | None,
+    name: str,
+    policy: str,
+    label: str,
+) -> _Spec | None:
+    f = r.mapping(node, path, _RULE)
+    if f is None:
+        return None
+    errors = len(r.errors)
+    has_es, has_ns = "endpointSelector" in f, "nodeSelector" in f
+    if has_es == has_ns:
+        r.error(node, path, "must have exactly one of endpointSelector and nodeSelector")
+    selector = None
+    if has_es:
+        selector = _read_selector(r, f["endpointSelector"], f"{path}.endpointSelector")
+        if selector is not None and namespace is not None:
+            selector = selector.in_namespace(namespace)
+    if has_ns:
+        _read_selector(r, f["nodeSelector"], f"{path}.nodeSelector")
+        r.warn(f["nodeSelector"], f"{path}.nodeSelector", "host policies (nodeSelector)")
+    for key in ("ingress", "ingressDeny"):
+        if key in f and r.sequence(f[key], f"{path}.{key}"):
+            r.warn(f[key], f"{path}.{key}", f"{key} rules")
+    deny = r.sequence(f["egressDeny"], f"{path}.egressDeny") if "egressDeny" in f else []
+    if deny:
+        r.warn(
+            f["egressDeny"],
+            f"{path}.egressDeny",
+            "egressDeny rules (they still make egress default-deny, as in Cilium)",
+        )
+    if "log" in f:
+        r.warn(f["log"], f"{path}.log", "policy logging")
+    if "description" in f:
+        r.string(f["description"], f"{path}.description")
+    if "labels" in f:
+        r.sequence(f["labels"], f"{path}.labels")
+    egress_nodes = r.sequence(f["egress"], f"{path}.egress") if "egress" in f else []
+    default_deny = bool(egress_nodes) or bool(deny)
+    if "enableDefaultDeny" in f:
+        dd = r.mapping(f["enableDefaultDeny"], f"{path}.enableDefaultDeny", _DEFAULT_DENY)
+        for k, v in (dd or {}).items():
+            b = r.boolean(v, f"{path}.enableDefaultDeny.{k}")
+            if k == "egress" and b is not None:
+                default_deny = b
+    egress = [
+        _read_egress(r, n, f"{path}.egress[{i}]", i, namespace)
+        for i, n in enumerate(egress_nodes or [])
+    ]
+    if len(r.errors) > errors:
+        return None
+    return _Spec(
+        kind,
+        namespace,
+        name,
+        policy,
+        label,
+        selector if has_es else None,
+        default_deny,
+        [e for e in egress if e is not None],
+        r.file,
+        line_of(node),
+    )
+
+
+def _read_selector(r: Reader, node: yaml.Node, path: str) -> Selector | None:
+    f = r.mapping(node, path, _SELECTOR)
+    if f is None:
+        return None
+    errors = len(r.errors)
+    labels = r.string_map(f["matchLabels"], f"{path}.matchLabels") if "matchLabels" in f else {}
+    exprs: list[tuple[str, str, list[str]]] = []
+    items = r.sequence(f["matchExpressions"], f"{path}.matchExpressions") if (
+        "matchExpressions" in f) else []  # fmt: skip
+    for i, e in enumerate(items or []):
+        ep = f"{path}.matchExpressions[{i}]"
+        ef = r.mapping(e, ep, _EXPR)
+        if ef is None:
+            continue
+        for req in ("key", "operator"):
+            if req not in ef:
+                r.error(e, f"{ep}.{req}", "required field is missing")
+        key = r.string(ef["key"], f"{ep}.key") if "key" in ef else None
+        op = r.string(ef["operator"], f"{ep}.operator") if "operator" in ef else None
+        values = r.strings(ef["values"], f"{ep}.values") if "values" in ef else []
+        if op is not None and op not in OPERATORS:
+            r.error(
+                ef["operator"],
+                f"{ep}.operator",
+                f"unknown operator {op!r} (expected one of: {', '.join(OPERATORS)})",
+            )
+        elif op in ("In", "NotIn") and values is not None and not values:
+            r.error(e, f"{ep}.values", f"must not be empty when the operator is {op}")
+        elif op in ("Exists", "DoesNotExist") and values:
+            r.error(ef["values"], f"{ep}.values", f"must be empty when the operator is {op}")
+        if key is not None and op is not None and values is not None:
+            exprs.append((key, op, values))
+    if len(r.errors) > errors:
+        return None
+    for key in [*(labels or {}), *(k for k, _, _ in exprs)]:
+        source = key.partition(":")[0] if ":" in key else None
+        if source not in (None, "k8s", "any"):
+            r.warn(
+                node,
+                path,
+                f"label source {source!r} in {key!r}: it selects no endpoint fqdnguard knows",
+            )
+    return Selector.build(labels, exprs)
+
+
+def _read_egress(
+    r: Reader, node: yaml.Node, path: str, index: int, namespace: str | None
+) -> _Rule | None:
+    f = r.mapping(node, path, _EGRESS)
+    if f is None:
+        return None
+    errors = len(r.errors)
+    rule = _Rule(index)
+    present = {k: r.sequence(f[k], f"{path}.{k}") for k in _L3 if k in f}
+    used = [k for k in _L3 if present.get(k)]
+    if len(used) > 1:
+        r.error(
+            node,
+            path,
+            f"combining {used[0]} and {used[1]} in one rule is not supported "
+            "(Cilium rejects it); use two rules",
+        )
+    rule.has_l3 = bool(used)
+    for i, n in enumerate(present.get("toEndpoints") or []):
+        sel = _read_selector(r, n, f"{path}.toEndpoints[{i}]")
+        if sel is not None:
+            if namespace is not None and not sel.mentions(NAMESPACE_LABEL):
+                sel = sel.in_namespace(namespace)
+            rule.to_endpoints.append(sel)
+    for i, n in enumerate(present.get("toCIDR") or []):
+        c = _read_cidr(r, n, f"{path}.toCIDR[{i}]", allow_address=True)
+        if c is not None:
+            rule.cidrs.append((c[0], c[1], [], f"toCIDR[{i}] {c[2]}"))
+    for i, n in enumerate(present.get("toCIDRSet") or []):
+        _read_cidr_rule(r, n, f"{path}.toCIDRSet[{i}]", rule, i)
+    for i, n in enumerate(present.get("toFQDNs") or []):
+        fq = _read_name_selector(r, n, f"{path}.toFQDNs[{i}]")
+        if fq is not None:
+            rule.fqdns.append(fq)
+    for k in ("toEntities", "toServices", "toGroups", "toNodes"):
+        if present.get(k):
+            r.warn(f[k], f"{path}.{k}", f"{k} selectors (this rule allows nothing)")
+    for i, n in enumerate(present.get("toEntities") or []):
+        ent = r.string(n, f"{path}.toEntities[{i}]")
+        if ent is not None and ent not in _ENTITIES:
+            r.error(n, f"{path}.toEntities[{i}]", f"unsupported entity {ent!r}")
+    for k in ("toRequires", "icmps", "authentication"):
+        if k in f:
+            r.warn(f[k], f"{path}.{k}", k)
+    ports = r.sequence(f["toPorts"], f"{path}.toPorts") if "toPorts" in f else []
+    if ports and present.get("toServices"):
+        r.error(
+            f["toPorts"], f"{path}.toPorts", "combining toServices and toPorts is not supported"
+        )
+    if ports and "icmps" in f and r.sequence(f["icmps"], f"{path}.icmps"):
+        r.error(f["icmps"], f"{path}.icmps", "icmps may only be present without toPorts")
+    rule.has_ports = bool(ports)
+    for i, n in enumerate(ports or []):
+        entry = _read_port_rule(r, n, f"{path}.toPorts[{i}]")
+        if entry is not None:
+            rule.ports.append(entry)
+    return rule if len(r.errors) == errors else None
+
+
+def _read_name_selector(r: Reader, node: yaml.Node, path: str) -> tuple[bool, str] | None:
+    f = r.mapping(node, path, _FQDN)
+    if f is None:
+        return None
+    if len(f) != 1:
+        r.error(node, path, "must have exactly one of matchName and matchPattern")
+        return None
+    ((key, value),) = f.items()
+    text = r.string(value, f"{path}.{key}")
+    if text is None:
+        return None
+    try:
+        (validate_pattern if key == "matchPattern" else validate_name)(text)
+    except PatternError as e:
+        r.error(value, f"{path}.{key}", str(e))
+        return None
+    return key == "matchPattern", text
+
+
+def _read_cidr(
+    r: Reader, node: yaml.Node, path: str, allow_address: bool
+) -> tuple[str, int, str] | None:
+    text = r.string(node, path)
+    if text is None:
+        return None
+    try:
+        if "/" not in text and allow_address:
+            addr = ipaddress.ip_address(text)
+            return str(addr), addr.max_prefixlen, text
+        net = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        what = "an IP address or prefix" if allow_address else "a prefix (address/length)"
+        r.error(node, path, f"{text!r} is not {what}")
+        return None
+    return str(net.network_address), net.prefixlen, text
+
+
+def _read_cidr_rule(r: Reader, node: yaml.Node, path: str, rule: _Rule, i: int) -> None:
+    f = r.mapping(node, path, _CIDR_RULE)
+    if f is None:
+        return
+    given = [k for k in ("cidr", "cidrGroupRef", "cidrGroupSelector") if k in f]
+    if len(given) != 1:
+        r.error(node, path, "must have exactly one of cidr, cidrGroupRef and cidrGroupSelector")
+        return
+    if given[0] != "cidr":
+        r.warn(f[given[0]], f"{path}.{given[0]}", "CiliumCIDRGroup references (allows nothing)")
+        return
+    c = _read_cidr(r, f["cidr"], f"{path}.cidr", allow_address=False)
+    excepts: list[tuple[str, int]] = []
+    texts: list[str] = []
+    for j, n in enumerate((r.sequence(f["except"], f"{path}.except") or []) if "except" in f
+                          else []):  # fmt: skip
+        e = _read_cidr(r, n, f"{path}.except[{j}]", allow_address=False)
+        if e is None or c is None:
+            continue
+        net = ipaddress.ip_network(f"{c[0]}/{c[1]}")
+        sub = ipaddress.ip_address(e[0])
+        if sub.version != net.version or sub not in net:
+            r.error(n, f"{path}.except[{j}]", f"{e[2]} is not inside {c[2]}")
+        excepts.append((e[0], e[1]))
+        texts.append(e[2])
+    if c is not None:
+        label = f"toCIDRSet[{i}] {c[2]}" + (f" except {', '.join(texts)}" if texts else "")
+        rule.cidrs.append((c[0], c[1], excepts, label))
+
+
+def _read_port_rule(r: Reader, node: yaml.Node, path: str) -> _PortEntry | None:
+    f = r.mapping(node, path, _PORT_RULE)
+    if f is None:
+        return None
+    errors = len(r.errors)
+    for k in ("terminatingTLS", "originatingTLS", "serverNames", "listener"):
+        if k in f:
+            r.warn(f[k], f"{path}.{k}", k)
+    items = r.sequence(f["ports"], f"{path}.ports") if "ports" in f else []
+    if items is not None and len(items) > _MAX_PORTS:
+        r.error(f["ports"], f"{path}.ports", f"too many ports, the max is {_MAX_PORTS}")
+    ports = [_read_port(r, n, f"{path}.ports[{i}]") for i, n in enumerate(items or [])]
+    rules = r.mapping(f["rules"], f"{path}.rules", _L7) if "rules" in f else {}
+    dns: list[tuple[bool, str]] | None = None
+    if rules:
+        kinds = [k for k in ("http", "kafka", "dns", "l7proto") if k in rules]
+        if "l7" in rules and "l7proto" not in rules:
+            r.error(rules["l7"], f"{path}.rules.l7", "'l7' needs 'l7proto'")
+        if len(kinds) > 1:
+            r.error(node, f"{path}.rules", "multiple L7 protocol rule types in one port rule")
+        if any(p is not None and p[0] == 0 for p in ports):
+            r.error(node, f"{path}.rules", "L7 rules can not be used when a port is 0")
+        if "dns" in rules:
+            dpath = f"{path}.rules.dns"
+            if not items:
+                r.error(rules["dns"], dpath, "Port 53 must be specified for DNS rules (add ports)")
+            for p, n in zip(ports, items or [], strict=True):
+                if p is not None and p[1] > p[0]:
+                    r.error(n, f"{path}.ports", "DNS rules do not support port ranges (endPort)")
+            dns = []
+            for i, n in enumerate(r.sequence(rules["dns"], dpath) or []):
+                sel = _read_name_selector(r, n, f"{dpath}[{i}]")
+                if sel is not None:
+                    dns.append(sel)
+        else:
+            for k in kinds:
+                r.warn(
+                    rules[k],
+                    f"{path}.rules.{k}",
+                    f"L7 {k} rules (the port is allowed without them)",
+                )
+            for p, n in zip(ports, items or [], strict=True):
+                if p is not None and p[2] != "TCP":
+                    r.error(
+                        n,
+                        f"{path}.ports",
+                        f"L7 rules can only apply to TCP (not {p[2]}) except for DNS rules",
+                    )
+    if len(r.errors) > errors:
+        return None
+    ranges = [(lo, hi, proto) for p in ports if p is not None for lo, hi, proto in [p]
+              if proto in _PROTOCOLS and lo >= 0]  # fmt: skip
+    return _PortEntry(ranges, dns, inert=bool(items) and not ranges)
+
+
+def _read_port(r: Reader, node: yaml.Node, path: str) -> tuple[int, int, str] | None:  # noqa: PLR0911
+    """(port, endPort, protocol); port -1 for a named port (not enforced)."""
+    f = r.mapping(node, path, _PORT)
+    if f is None:
+        return None
+    if "port" not in f:
+        r.error(node, f"{path}.port", "required field is missing")
+        return None
+    text = r.string(f["port"], f"{path}.port")
+    end = r.integer(f["endPort"], f"{path}.endPort") if "endPort" in f else 0
+    proto = r.string(f["protocol"], f"{path}.protocol") if "protocol" in f else "ANY"
+    if text is None or end is None or proto is None:
+        return None
+    if proto not in _PROTOCOLS + _OTHER_PROTOCOLS:
+        r.error(
+            f["protocol"],
+            f"{path}.protocol",
+            f"unsupported protocol {proto!r} (expected "
+            f"one of: {', '.join(_PROTOCOLS + _OTHER_PROTOCOLS)})",
+        )
+        return None
+    if proto in _OTHER_PROTOCOLS:
+        r.warn(f["protocol"], f"{path}.protocol", f"protocol {proto} (this port allows nothing)")
+    if not 0 <= end <= 65535:
+        r.error(f["endPort"], f"{path}.endPort", f"{end} is not between 0 and 65535")
+        return None
+    if text.isdigit() and len(text) <= 5:
+        port = int(text)
+        if port > 65535:
+            r.error(f["port"], f"{path}.port", f"{text} is not between 0 and 65535")
+            return None
+        return port, end, proto
+    if _SVC_NAME.fullmatch(text):
+        r.warn(f["port"], f"{path}.port", f"named port {text!r} (this port allows nothing)")
+        return -1, 0, proto
+    r.error(f["port"], f"{path}.port", f"{text!r} is neither a port number nor a port name")
+    return None
+
+
+# -- compile -----------------------------------------------------------------------------------
+
+
+def _lower(
+    spec: _Spec, endpoints: Endpoints | None, resolved: dict[Selector, list[str]]
+) -> tuple[str, str, bool, list[object]]:
+    """A spec in the shape ``CompiledPolicy`` takes; ``resolved`` caches the addresses each
+    distinct ``toEndpoints`` selector selects."""
+    rules: list[object] = []
+    for rule in spec.egress:
+        entries = [e for e in rule.ports if not e.inert]
+        if rule.has_ports and not entries:
+            rules.append((rule.index, [], ([], []), []))  # every port entry unenforceable
+            continue
+        ports = [(list(e.ranges), e.dns) for e in entries]
+        if rule.fqdns:
+            rules.append((rule.index, rule.fqdns, ([], []), ports))
+            continue
+        if rule.has_l3:
+            ips: dict[str, None] = {}
+            for sel in rule.to_endpoints:
+                if sel not in resolved:
+                    found = endpoints.select(sel) if endpoints is not None else []
+                    resolved[sel] = [ip for ep in found for ip in ep.ips]
+                ips.update(dict.fromkeys(resolved[sel]))
+            peers: object = (list(ips), rule.cidrs)
+        else:
+            # No L3 selector: any destination when toPorts says which ports; nothing for `{}`.
+            peers = None if rule.has_ports else ([], [])
+        rules.append((rule.index, [], peers, ports))
+    return spec.policy, spec.label, spec.default_deny, rules

@@ -1,0 +1,300 @@
+//! Table-driven tests of the verdicts over hand-built specs.
+
+use std::net::IpAddr;
+
+use super::*;
+use crate::pattern::{parse_match_name, parse_match_pattern, LabelBuf};
+
+/// identity, server, port, protocol, name, expected kind.
+type DnsCase<'a> = (Option<u32>, Option<IpAddr>, u16, Proto, &'a str, &'a str);
+/// destination, port, cached names, expected kind.
+type EgressCase<'a> = (&'a str, u16, &'a [(LabelBuf, String)], &'a str);
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("test address")
+}
+
+fn pat(text: &str) -> NameSel {
+    NameSel {
+        parsed: parse_match_pattern(text).expect("valid pattern"),
+        is_pattern: true,
+        text: text.into(),
+    }
+}
+
+fn exact(text: &str) -> NameSel {
+    NameSel {
+        parsed: parse_match_name(text).expect("valid name"),
+        is_pattern: false,
+        text: text.into(),
+    }
+}
+
+fn name(s: &str) -> LabelBuf {
+    LabelBuf::from_presentation(s.as_bytes()).expect("valid name")
+}
+
+fn port(lo: u16, proto: Proto) -> PortRange {
+    PortRange::new(lo, 0, proto)
+}
+
+fn listed(ips: &[&str]) -> Peers {
+    Peers::Listed {
+        ips: ips.iter().map(|s| ip(s)).collect(),
+        cidrs: vec![],
+    }
+}
+
+fn spec(policy: &str, egress: Vec<EgressRule>) -> Spec {
+    Spec {
+        policy: policy.into(),
+        label: format!("CiliumNetworkPolicy {policy}"),
+        default_deny: true,
+        egress,
+    }
+}
+
+/// kube-dns at 10.96.0.10: `*.github.com` and `api.example.com` over UDP and TCP 53; HTTPS to
+/// `*.github.com`; 10.0.0.0/8 except 10.96.0.0/12 on any port.
+fn sample() -> PolicySet {
+    let dns = EgressRule {
+        index: 0,
+        fqdns: vec![],
+        peers: listed(&["10.96.0.10"]),
+        ports: vec![PortEntry {
+            ranges: vec![port(53, Proto::Udp), port(53, Proto::Tcp)],
+            dns: Some(vec![pat("*.github.com"), exact("api.example.com")]),
+        }],
+    };
+    let https = EgressRule {
+        index: 1,
+        fqdns: vec![pat("*.github.com")],
+        peers: listed(&[]),
+        ports: vec![PortEntry {
+            ranges: vec![port(443, Proto::Tcp)],
+            dns: None,
+        }],
+    };
+    let cidr = EgressRule {
+        index: 2,
+        fqdns: vec![],
+        peers: Peers::Listed {
+            ips: Default::default(),
+            cidrs: vec![CidrRule {
+                cidr: Cidr::new(ip("10.0.0.0"), 8).expect("valid"),
+                except: vec![Cidr::new(ip("10.96.0.0"), 12).expect("valid")],
+                label: "toCIDRSet[0] 10.0.0.0/8".into(),
+            }],
+        },
+        ports: vec![],
+    };
+    let open = spec("other/open", vec![]);
+    let mut open = open;
+    open.default_deny = false;
+    PolicySet::new(vec![spec("default/web", vec![dns, https, cidr]), open]).expect("valid")
+}
+
+#[test]
+fn dns_verdicts() {
+    let set = sample();
+    let web = set.identity(&[0]).expect("identity");
+    let open = set.identity(&[1]).expect("identity");
+    assert_eq!(set.identity(&[0, 0]).expect("same"), web);
+    let k = Some(ip("10.96.0.10"));
+    let cases: &[DnsCase] = &[
+        (Some(web), k, 53, Proto::Udp, "api.github.com", "dns-name"),
+        (Some(web), k, 53, Proto::Tcp, "API.GitHub.com.", "dns-name"),
+        (Some(web), k, 53, Proto::Udp, "api.example.com", "dns-name"),
+        (
+            Some(web),
+            None,
+            53,
+            Proto::Udp,
+            "api.example.com",
+            "dns-name",
+        ),
+        (
+            Some(web),
+            k,
+            53,
+            Proto::Udp,
+            "github.com",
+            "name-not-allowed",
+        ),
+        (
+            Some(web),
+            k,
+            53,
+            Proto::Udp,
+            "a.b.github.com",
+            "name-not-allowed",
+        ),
+        (Some(web), k, 53, Proto::Sctp, "api.github.com", "no-rule"),
+        (Some(web), k, 5353, Proto::Udp, "api.github.com", "no-rule"),
+        // 8.8.8.8 is outside both the kube-dns set and 10/8.
+        (
+            Some(web),
+            Some(ip("8.8.8.8")),
+            53,
+            Proto::Udp,
+            "api.github.com",
+            "no-rule",
+        ),
+        // 10.1.0.1 is in the toCIDRSet rule, which has no toPorts: every name, every port.
+        (
+            Some(web),
+            Some(ip("10.1.0.1")),
+            53,
+            Proto::Udp,
+            "evil.com",
+            "dns-open",
+        ),
+        (Some(open), k, 53, Proto::Udp, "evil.com", "unrestricted"),
+        (
+            None,
+            k,
+            53,
+            Proto::Udp,
+            "api.github.com",
+            "unknown-endpoint",
+        ),
+    ];
+    for (id, server, p, proto, qname, want) in cases {
+        let v = set
+            .dns_verdict(*id, *server, *p, *proto, &name(qname))
+            .expect("known identity");
+        assert_eq!(PolicySet::kind(&v), *want, "{qname} {server:?} {p}");
+        assert_eq!(
+            v.allowed(),
+            ["dns-name", "dns-open", "unrestricted"].contains(want)
+        );
+    }
+    assert!(set
+        .dns_verdict(Some(99), k, 53, Proto::Udp, &name("a.com"))
+        .is_err());
+}
+
+#[test]
+fn dns_explanations() {
+    let set = sample();
+    let web = set.identity(&[0]).expect("identity");
+    let k = Some(ip("10.96.0.10"));
+    let v = set
+        .dns_verdict(Some(web), k, 53, Proto::Udp, &name("api.github.com"))
+        .expect("ok");
+    assert_eq!(set.policy_of(&v), Some("default/web"));
+    assert_eq!(set.rule_index_of(&v), Some(0));
+    assert_eq!(
+        set.selector_of(&v).as_deref(),
+        Some("toPorts[0].rules.dns[0].matchPattern: \"*.github.com\"")
+    );
+    assert_eq!(
+        set.reason(&v),
+        "allowed by CiliumNetworkPolicy default/web egress rule 0: \
+         toPorts[0].rules.dns[0].matchPattern: \"*.github.com\" matches the name, and the rule \
+         allows DNS to 10.96.0.10 port 53/UDP"
+    );
+    let v = set
+        .dns_verdict(Some(web), k, 53, Proto::Udp, &name("evil.com"))
+        .expect("ok");
+    assert_eq!(set.policy_of(&v), None);
+    assert_eq!(
+        set.reason(&v),
+        "denied: the endpoint is selected by egress policy (CiliumNetworkPolicy default/web), so \
+         egress is default-deny; rules allow DNS to 10.96.0.10 port 53/UDP but no rules.dns \
+         selector of theirs matches the name"
+    );
+}
+
+#[test]
+fn egress_verdicts() {
+    let set = sample();
+    let web = set.identity(&[0]).expect("identity");
+    let gh = vec![(name("api.github.com."), "api.github.com.".to_owned())];
+    let other = vec![(name("evil.com."), "evil.com.".to_owned())];
+    let cases: &[EgressCase] = &[
+        ("140.82.112.3", 443, &gh, "fqdn"),
+        ("140.82.112.3", 80, &gh, "names-not-allowed"),
+        ("140.82.112.3", 443, &other, "names-not-allowed"),
+        ("140.82.112.3", 443, &[], "no-names"),
+        ("10.2.3.4", 8080, &[], "peer"),
+        ("10.96.0.20", 8080, &[], "no-names"),
+    ];
+    for (dst, p, names, want) in cases {
+        let v = set
+            .egress_verdict(Some(web), ip(dst), *p, Proto::Tcp, names)
+            .expect("ok");
+        assert_eq!(PolicySet::kind(&v), *want, "{dst}:{p}");
+    }
+    let v = set
+        .egress_verdict(Some(web), ip("140.82.112.3"), 443, Proto::Tcp, &gh)
+        .expect("ok");
+    assert_eq!(set.rule_index_of(&v), Some(1));
+    assert_eq!(
+        set.selector_of(&v).as_deref(),
+        Some("toFQDNs[0].matchPattern: \"*.github.com\"")
+    );
+    assert!(set.reason(&v).contains("matches api.github.com."));
+    let v = set
+        .egress_verdict(Some(web), ip("10.2.3.4"), 1, Proto::Udp, &[])
+        .expect("ok");
+    assert_eq!(
+        set.selector_of(&v).as_deref(),
+        Some("toCIDRSet[0] 10.0.0.0/8")
+    );
+}
+
+#[test]
+fn rules_or_across_specs() {
+    let a = spec(
+        "ns/a",
+        vec![EgressRule {
+            index: 0,
+            fqdns: vec![],
+            peers: Peers::Any,
+            ports: vec![PortEntry {
+                ranges: vec![port(53, Proto::Any)],
+                dns: Some(vec![pat("*.a.com")]),
+            }],
+        }],
+    );
+    let b = spec(
+        "ns/b",
+        vec![EgressRule {
+            index: 0,
+            fqdns: vec![],
+            peers: Peers::Any,
+            ports: vec![PortEntry {
+                ranges: vec![port(53, Proto::Udp)],
+                dns: Some(vec![pat("**.b.com")]),
+            }],
+        }],
+    );
+    let set = PolicySet::new(vec![a, b]).expect("valid");
+    let both = set.identity(&[1, 0]).expect("identity");
+    let only_a = set.identity(&[0]).expect("identity");
+    let q = |id, n: &str, p| {
+        let v = set
+            .dns_verdict(Some(id), Some(ip("1.1.1.1")), 53, p, &name(n))
+            .expect("ok");
+        (v.allowed(), set.policy_of(&v).map(str::to_owned))
+    };
+    assert_eq!(q(both, "x.a.com", Proto::Tcp), (true, Some("ns/a".into())));
+    assert_eq!(
+        q(both, "x.y.b.com", Proto::Udp),
+        (true, Some("ns/b".into()))
+    );
+    assert_eq!(q(both, "x.y.b.com", Proto::Tcp), (false, None));
+    assert_eq!(q(only_a, "x.y.b.com", Proto::Udp), (false, None));
+    assert_eq!(set.identity_count(), 2);
+}
+
+#[test]
+fn bad_input() {
+    assert!(set_with_unknown_spec().is_err());
+    assert!(Cidr::new(ip("10.0.0.0"), 40).is_err());
+}
+
+fn set_with_unknown_spec() -> Result<u32, PolicyBuildError> {
+    PolicySet::new(vec![])?.identity(&[3])
+}
