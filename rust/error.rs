@@ -4,18 +4,22 @@
 use std::fmt;
 
 pub use crate::pattern::PatternError;
+pub use crate::wire::WireError;
 
 /// Any error the core reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Error {
     /// A matchName / matchPattern, or a DNS name in presentation form, is malformed.
     Pattern(PatternError),
+    /// A DNS message is malformed, or cannot be answered as asked.
+    Wire(WireError),
 }
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Pattern(e) => e.fmt(f),
+            Error::Wire(e) => e.fmt(f),
         }
     }
 }
@@ -25,5 +29,11 @@ impl std::error::Error for Error {}
 impl From<PatternError> for Error {
     fn from(e: PatternError) -> Self {
         Error::Pattern(e)
+    }
+}
+
+impl From<WireError> for Error {
+    fn from(e: WireError) -> Self {
+        Error::Wire(e)
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod error;
 pub mod pattern;
+pub mod wire;
 
 #[cfg(feature = "python")]
 #[allow(unsafe_code)]
