@@ -12,6 +12,16 @@ from fqdnguard._core import (
     validate_name,
     validate_pattern,
 )
+from fqdnguard._core import (
+    Edns,
+    Message,
+    Question,
+    Record,
+    WireError,
+    make_error_response,
+    parse_message,
+    resolve_answer,
+)
 
 __all__ = [
     "FqdnGuardError",
@@ -20,4 +30,12 @@ __all__ = [
     "__version__",
     "validate_name",
     "validate_pattern",
+    "Edns",
+    "Message",
+    "Question",
+    "Record",
+    "WireError",
+    "make_error_response",
+    "parse_message",
+    "resolve_answer",
 ]

@@ -5,11 +5,13 @@ use pyo3::prelude::*;
 
 mod errors;
 mod pattern;
+mod wire;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     errors::register(m)?;
     pattern::register(m)?;
+    wire::register(m)?;
     Ok(())
 }

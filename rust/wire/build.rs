@@ -26,7 +26,7 @@ pub fn set_id(packet: &mut [u8], id: u16) -> Result<(), WireError> {
 /// one. The query must be well formed, have QR clear and at most one question.
 pub fn error_response(query: &[u8], rcode: u16, out: &mut Vec<u8>) -> Result<(), WireError> {
     if rcode > 0xfff {
-        return Err(WireError::new(WireErrorKind::BadRcode { rcode }, 0));
+        return Err(bad_rcode(rcode.into()));
     }
     let header = Header::parse(query)?;
     if header.qr() {
@@ -43,7 +43,7 @@ pub fn error_response(query: &[u8], rcode: u16, out: &mut Vec<u8>) -> Result<(),
     let mut question: Option<Question<'_>> = None;
     let walked = walk(query, |q| question = Some(q), |_, _| {})?;
     if rcode > 0xf && walked.edns.is_none() {
-        return Err(WireError::new(WireErrorKind::BadRcode { rcode }, 0));
+        return Err(bad_rcode(rcode.into()));
     }
     // QR, opcode, RD copied, rcode; AA, TC, RA, AD, CD clear.
     let flags = 0x8000 | (header.flags & 0x7900) | (rcode & 0xf);
@@ -67,4 +67,9 @@ pub fn error_response(query: &[u8], rcode: u16, out: &mut Vec<u8>) -> Result<(),
         out.extend_from_slice(&0u16.to_be_bytes());
     }
     Ok(())
+}
+
+/// The error for an rcode that cannot be sent (outside 0..=4095, or above 15 without OPT).
+pub fn bad_rcode(rcode: i64) -> WireError {
+    WireError::new(WireErrorKind::BadRcode { rcode }, 0)
 }

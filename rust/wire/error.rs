@@ -63,7 +63,7 @@ pub enum WireErrorKind {
     /// Exactly one question was expected.
     QuestionCount { count: u16 },
     /// An rcode outside 0..=4095, or above 15 for a query without OPT to carry the upper bits.
-    BadRcode { rcode: u16 },
+    BadRcode { rcode: i64 },
 }
 
 /// A malformed DNS message: what is wrong and at which byte offset it was found.

@@ -31,7 +31,7 @@ mod resolve;
 mod tests;
 pub mod types;
 
-pub use build::{error_response, set_id, EDNS_UDP_SIZE};
+pub use build::{bad_rcode, error_response, set_id, EDNS_UDP_SIZE};
 pub use error::{Section, WireError, WireErrorKind};
 pub use message::{Edns, EdnsOptions, Header, Message, Question, RData, Record, TxtStrings};
 pub use name::{escape_label, Labels, Name, MAX_POINTER_HOPS};
