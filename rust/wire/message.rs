@@ -464,43 +464,6 @@ fn read_record(buf: &[u8], p: usize) -> Result<RawRecord<'_>, WireError> {
     })
 }
 
-/// Re-reads `count` records from `pos` of a packet [`walk`] already accepted (the answer
-/// section, for [`super::resolve`]); RDATA decoded as in the walk.
-#[derive(Debug, Clone)]
-pub(crate) struct RecordIter<'a> {
-    pub buf: &'a [u8],
-    pub pos: usize,
-    pub left: u16,
-}
-
-impl<'a> Iterator for RecordIter<'a> {
-    type Item = Result<Record<'a>, WireError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.left == 0 {
-            return None;
-        }
-        self.left -= 1;
-        let r = match read_record(self.buf, self.pos) {
-            Ok(r) => r,
-            Err(e) => {
-                self.left = 0;
-                return Some(Err(e));
-            }
-        };
-        self.pos = r.end;
-        Some(
-            read_rdata(self.buf, r.rtype, r.rclass, r.start, r.end).map(|rdata| Record {
-                name: r.name,
-                rtype: r.rtype,
-                rclass: r.rclass,
-                ttl: clamp_ttl(r.ttl),
-                rdata,
-            }),
-        )
-    }
-}
-
 fn count_error(section: Section, claimed: u16, found: u16, at: usize) -> WireError {
     WireError::new(
         WireErrorKind::CountTooLarge {

@@ -47,11 +47,17 @@ pub(crate) fn read_name(
     let mut hops = 0;
     let mut wire_len = 1usize; // the root byte
     let mut labels = 0usize;
+    // Where the first label (or the root byte) really is, after any leading pointers: iterating
+    // from there is the same walk, and names compressed to the same place get the same start.
+    let mut first = None;
     loop {
         let len = match buf.get(p) {
             Some(b) if p < end => *b,
             _ => return Err(WireError::new(WireErrorKind::Truncated { what: "name" }, p)),
         };
+        if len < 0xc0 && first.is_none() {
+            first = Some(p);
+        }
         match len >> 6 {
             0 if len == 0 => {
                 p += 1;
@@ -109,7 +115,7 @@ pub(crate) fn read_name(
     // The u8 lengths always fit: a name is at most 255 bytes, so at most 127 labels.
     let name = Name {
         buf,
-        start: u32::try_from(pos).unwrap_or(u32::MAX),
+        start: u32::try_from(first.unwrap_or(pos)).unwrap_or(u32::MAX),
         wire_len: u8::try_from(wire_len).unwrap_or(u8::MAX),
         labels: u8::try_from(labels).unwrap_or(u8::MAX),
     };
@@ -180,7 +186,8 @@ impl<'a> Name<'a> {
         usize::from(self.wire_len)
     }
 
-    /// Offset of the name's first byte in the packet.
+    /// Offset in the packet of the name's first label (or root byte), after any leading
+    /// compression pointers.
     pub fn offset(&self) -> usize {
         self.start as usize
     }
@@ -199,12 +206,16 @@ impl<'a> Name<'a> {
 
     /// Case-insensitive (ASCII only, RFC 4343) equality of two names, label by label.
     pub fn eq_ignore_case(&self, other: &Name<'_>) -> bool {
-        self.labels == other.labels
-            && self.wire_len == other.wire_len
-            && self
-                .labels()
-                .zip(other.labels())
-                .all(|(a, b)| a.eq_ignore_ascii_case(b))
+        if self.labels != other.labels || self.wire_len != other.wire_len {
+            return false;
+        }
+        // The same bytes of the same packet (common: compressed to the same place).
+        if self.start == other.start && std::ptr::eq(self.buf, other.buf) {
+            return true;
+        }
+        self.labels()
+            .zip(other.labels())
+            .all(|(a, b)| a.eq_ignore_ascii_case(b))
     }
 
     /// Appends the name uncompressed in wire form.

@@ -3,8 +3,8 @@
 
 use std::net::IpAddr;
 
-use super::error::{WireError, WireErrorKind};
-use super::message::{walk, Header, RData, RecordIter};
+use super::error::{Section, WireError, WireErrorKind};
+use super::message::{walk, Header, RData, Record};
 use super::name::Name;
 use super::types;
 
@@ -34,6 +34,10 @@ pub struct Resolution<'a> {
 /// another name.
 pub fn resolve(buf: &[u8]) -> Result<Resolution<'_>, WireError> {
     let mut question = None;
+    // The class IN CNAME and address records of the answer section: one pass, then the chain
+    // is followed in memory.
+    let ancount = Header::parse(buf)?.ancount;
+    let mut relevant: Vec<Record<'_>> = Vec::with_capacity(usize::from(ancount.min(32)));
     let walked = walk(
         buf,
         |q| {
@@ -41,7 +45,14 @@ pub fn resolve(buf: &[u8]) -> Result<Resolution<'_>, WireError> {
                 question = Some(q);
             }
         },
-        |_, _| {},
+        |section, r| {
+            if section == Section::Answer
+                && r.rclass == types::CLASS_IN
+                && matches!(r.rdata, RData::Cname(_) | RData::A(_) | RData::Aaaa(_))
+            {
+                relevant.push(r);
+            }
+        },
     )?;
     let header = walked.header;
     let q = match question {
@@ -55,39 +66,30 @@ pub fn resolve(buf: &[u8]) -> Result<Resolution<'_>, WireError> {
             ))
         }
     };
-    let answers = RecordIter {
-        buf,
-        pos: walked.questions_end,
-        left: header.ancount,
-    };
-    let mut chain = vec![q.name];
+    let mut chain = Vec::with_capacity(4);
+    chain.push(q.name);
     // ttls[k]: the smallest CNAME TTL on the way from the question name to chain[k].
-    let mut ttls = vec![u32::MAX];
+    let mut ttls = [u32::MAX; MAX_CHAIN + 1];
     while chain.len() <= MAX_CHAIN {
         let Some(last) = chain.last().copied() else {
             break;
         };
-        let mut next = None;
-        for r in answers.clone() {
-            let r = r?;
-            if let RData::Cname(target) = r.rdata {
-                if r.rclass == types::CLASS_IN && r.name.eq_ignore_case(&last) {
-                    next = Some((target, r.ttl));
-                    break;
-                }
-            }
-        }
+        let next = relevant.iter().find_map(|r| match r.rdata {
+            RData::Cname(target) if r.name.eq_ignore_case(&last) => Some((target, r.ttl)),
+            _ => None,
+        });
         let Some((target, ttl)) = next else { break };
         if chain.iter().any(|n| n.eq_ignore_case(&target)) {
             break; // a loop
         }
-        let before = ttls.last().copied().unwrap_or(u32::MAX);
+        let before = ttls.get(chain.len() - 1).copied().unwrap_or(u32::MAX);
+        if let Some(slot) = ttls.get_mut(chain.len()) {
+            *slot = before.min(ttl);
+        }
         chain.push(target);
-        ttls.push(before.min(ttl));
     }
-    let mut addresses = Vec::new();
-    for r in answers {
-        let r = r?;
+    let mut addresses = Vec::with_capacity(relevant.len());
+    for r in &relevant {
         let ip = match r.rdata {
             RData::A(a) => IpAddr::V4(a),
             RData::Aaaa(a) => IpAddr::V6(a),
