@@ -5,37 +5,35 @@ Cilium-compatible ``toFQDNs`` / ``rules.dns`` semantics with a Rust core. The co
 """
 
 from fqdnguard._core import (
+    Edns,
     FqdnGuardError,
+    Message,
     PatternError,
     PatternSet,
-    __version__,
-    validate_name,
-    validate_pattern,
-)
-from fqdnguard._core import (
-    Edns,
-    Message,
     Question,
     Record,
     WireError,
+    __version__,
     make_error_response,
     parse_message,
     resolve_answer,
+    validate_name,
+    validate_pattern,
 )
 
 __all__ = [
+    "Edns",
     "FqdnGuardError",
+    "Message",
     "PatternError",
     "PatternSet",
-    "__version__",
-    "validate_name",
-    "validate_pattern",
-    "Edns",
-    "Message",
     "Question",
     "Record",
     "WireError",
+    "__version__",
     "make_error_response",
     "parse_message",
     "resolve_answer",
+    "validate_name",
+    "validate_pattern",
 ]

@@ -11,7 +11,7 @@ class PatternError(FqdnGuardError, ValueError):
     """A matchName, matchPattern or DNS name is malformed; the message says what and where."""
 
 class WireError(FqdnGuardError, ValueError):
-    """A DNS message is malformed (or cannot be answered as asked); the message says what and at which byte."""
+    """A DNS message is malformed or cannot be answered as asked; the message says what, where."""
 
 class PatternSet:
     """matchName / matchPattern entries compiled into a suffix trie, each with a rule id."""

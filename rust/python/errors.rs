@@ -53,7 +53,7 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m,
         "WireError",
         &PyTuple::new(py, [root.clone(), value_error.clone()])?,
-        "A DNS message is malformed (or cannot be answered as asked); the message says what and at which byte.",
+        "A DNS message is malformed or cannot be answered as asked; the message says what, where.",
     )?;
     let _ = FQDNGUARD_ERROR.set(py, root.unbind());
     let _ = PATTERN_ERROR.set(py, pattern.unbind());
