@@ -5,6 +5,8 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 # Benchmarks are pinned to one core; the load generators of the macro benches take the other.
 BENCH_CPU ?= 1
+# Seconds per fuzz target in fuzz-quick.
+FUZZ_SECONDS ?= 30
 
 .PHONY: help
 help: ## Show this help
@@ -53,3 +55,10 @@ bench-quick: build-dev ## Every benchmark once in a short mode (what CI runs so 
 	taskset -c $(BENCH_CPU) cargo bench -- --warm-up-time 0.2 --measurement-time 0.5
 	FQDNGUARD_BENCH_QUICK=1 taskset -c $(BENCH_CPU) $(PYTHON) -m pytest benches -p no:cacheprovider \
 		--benchmark-only --benchmark-max-time=0.1 --benchmark-min-rounds=3 --benchmark-columns=min,median,max,rounds
+
+.PHONY: fuzz-quick
+fuzz-quick: ## Short coverage-guided fuzz run of the wire parser and builders (FUZZ_SECONDS per target)
+	command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	for t in parse roundtrip; do \
+		RUSTC_BOOTSTRAP=1 cargo fuzz run -O $$t -- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 || exit 1; \
+	done

@@ -5,6 +5,7 @@ use std::fmt;
 
 pub use crate::pattern::PatternError;
 pub use crate::policy::PolicyBuildError;
+pub use crate::wire::WireError;
 
 /// Any error the core reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,6 +14,8 @@ pub enum Error {
     Pattern(PatternError),
     /// Input a compiled policy cannot accept (a bad prefix, port range, protocol or index).
     PolicyBuild(PolicyBuildError),
+    /// A DNS message is malformed, or cannot be answered as asked.
+    Wire(WireError),
 }
 
 impl fmt::Display for Error {
@@ -20,6 +23,7 @@ impl fmt::Display for Error {
         match self {
             Error::Pattern(e) => e.fmt(f),
             Error::PolicyBuild(e) => e.fmt(f),
+            Error::Wire(e) => e.fmt(f),
         }
     }
 }
@@ -35,5 +39,11 @@ impl From<PatternError> for Error {
 impl From<PolicyBuildError> for Error {
     fn from(e: PolicyBuildError) -> Self {
         Error::PolicyBuild(e)
+    }
+}
+
+impl From<WireError> for Error {
+    fn from(e: WireError) -> Self {
+        Error::Wire(e)
     }
 }

@@ -1,6 +1,6 @@
 """Typed stubs of the compiled module; checked against it with mypy.stubtest."""
 
-from typing import Any, final
+from typing import Any, TypeAlias, final
 
 __all__ = [
     "CompiledPolicy",
@@ -20,6 +20,9 @@ class FqdnGuardError(Exception):
 
 class PatternError(FqdnGuardError, ValueError):
     """A matchName, matchPattern or DNS name is malformed; the message says what and where."""
+
+class WireError(FqdnGuardError, ValueError):
+    """A DNS message is malformed or cannot be answered as asked; the message says what, where."""
 
 @final
 class PatternSet:
@@ -78,3 +81,92 @@ class Verdict:
     @property
     def kind(self) -> str: ...
     def __bool__(self) -> bool: ...
+
+@final
+class Question:
+    """One question of a message."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def qtype(self) -> int: ...
+    @property
+    def qclass(self) -> int: ...
+
+_RData: TypeAlias = (
+    str
+    | tuple[int, str]
+    | tuple[int, int, int, str]
+    | tuple[str, str, int, int, int, int, int]
+    | list[bytes]
+    | bytes
+)
+
+@final
+class Record:
+    """One resource record; `rdata` is decoded for the common types (see `parse_message`)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def rtype(self) -> int: ...
+    @property
+    def rclass(self) -> int: ...
+    @property
+    def ttl(self) -> int: ...
+    @property
+    def rdata(self) -> _RData: ...
+
+@final
+class Edns:
+    """The EDNS0 OPT pseudo-record of a message."""
+
+    @property
+    def udp_size(self) -> int: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def dnssec_ok(self) -> bool: ...
+    @property
+    def ext_rcode(self) -> int: ...
+    @property
+    def options(self) -> list[tuple[int, bytes]]: ...
+
+@final
+class Message:
+    """A parsed DNS message. Immutable; the section lists are fresh copies on each access."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def opcode(self) -> int: ...
+    @property
+    def rcode(self) -> int: ...
+    @property
+    def qr(self) -> bool: ...
+    @property
+    def aa(self) -> bool: ...
+    @property
+    def tc(self) -> bool: ...
+    @property
+    def rd(self) -> bool: ...
+    @property
+    def ra(self) -> bool: ...
+    @property
+    def ad(self) -> bool: ...
+    @property
+    def cd(self) -> bool: ...
+    @property
+    def questions(self) -> list[Question]: ...
+    @property
+    def answers(self) -> list[Record]: ...
+    @property
+    def authority(self) -> list[Record]: ...
+    @property
+    def additional(self) -> list[Record]: ...
+    @property
+    def edns(self) -> Edns | None: ...
+
+def parse_message(data: bytes) -> Message: ...
+def make_error_response(query: bytes, rcode: int) -> bytes: ...
+def resolve_answer(data: bytes) -> tuple[str, list[tuple[str, int]], list[str]]: ...

@@ -1,7 +1,7 @@
 //! The exception hierarchy and the single conversion from the core's [`Error`] to a Python
 //! exception.
 //!
-//! `FqdnGuardError(Exception)` is the root. `PatternError` (and later `WireError`) also derive from
+//! `FqdnGuardError(Exception)` is the root. `PatternError` and `WireError` also derive from
 //! `ValueError`, which `create_exception!` cannot express (one base only), so the classes are made
 //! with `type(name, bases, ns)` when the module loads and kept for the conversion.
 
@@ -14,6 +14,7 @@ use crate::error::Error;
 
 static FQDNGUARD_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static PATTERN_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static WIRE_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 
 fn make_class<'py>(
     m: &Bound<'py, PyModule>,
@@ -48,8 +49,15 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
         &PyTuple::new(py, [root.clone(), value_error.clone()])?,
         "A matchName, matchPattern or DNS name is malformed; the message says what and where.",
     )?;
+    let wire = make_class(
+        m,
+        "WireError",
+        &PyTuple::new(py, [root.clone(), value_error.clone()])?,
+        "A DNS message is malformed or cannot be answered as asked; the message says what, where.",
+    )?;
     let _ = FQDNGUARD_ERROR.set(py, root.unbind());
     let _ = PATTERN_ERROR.set(py, pattern.unbind());
+    let _ = WIRE_ERROR.set(py, wire.unbind());
     Ok(())
 }
 
@@ -61,6 +69,7 @@ fn to_pyerr(err: Error) -> PyErr {
             // Bad arguments to a compiled policy (policy files are validated, with their line
             // numbers, before they are compiled): a plain ValueError.
             Error::PolicyBuild(_) => return PyValueError::new_err(err.to_string()),
+            Error::Wire(_) => &WIRE_ERROR,
         };
         match cell.get(py) {
             Some(cls) => PyErr::from_type(cls.bind(py).clone(), err.to_string()),
