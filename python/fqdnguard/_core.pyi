@@ -4,11 +4,19 @@ from typing import Any, TypeAlias, final
 
 __all__ = [
     "CompiledPolicy",
+    "Edns",
     "FqdnGuardError",
+    "Message",
     "PatternError",
     "PatternSet",
+    "Question",
+    "Record",
     "Verdict",
+    "WireError",
     "__version__",
+    "make_error_response",
+    "parse_message",
+    "resolve_answer",
     "validate_name",
     "validate_pattern",
 ]
