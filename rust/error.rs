@@ -3,6 +3,7 @@
 
 use std::fmt;
 
+pub use crate::cache::CacheError;
 pub use crate::pattern::PatternError;
 
 /// Any error the core reports.
@@ -10,12 +11,15 @@ pub use crate::pattern::PatternError;
 pub enum Error {
     /// A matchName / matchPattern, or a DNS name in presentation form, is malformed.
     Pattern(PatternError),
+    /// A cache operation was refused: bad input, or a snapshot that cannot be read or written.
+    Cache(CacheError),
 }
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Pattern(e) => e.fmt(f),
+            Error::Cache(e) => e.fmt(f),
         }
     }
 }
@@ -25,5 +29,11 @@ impl std::error::Error for Error {}
 impl From<PatternError> for Error {
     fn from(e: PatternError) -> Self {
         Error::Pattern(e)
+    }
+}
+
+impl From<CacheError> for Error {
+    fn from(e: CacheError) -> Self {
+        Error::Cache(e)
     }
 }
