@@ -5,6 +5,9 @@ Cilium-compatible ``toFQDNs`` / ``rules.dns`` semantics with a Rust core. The co
 """
 
 from fqdnguard._core import (
+    CacheError,
+    Change,
+    DnsCache,
     FqdnGuardError,
     PatternError,
     PatternSet,
@@ -20,4 +23,7 @@ __all__ = [
     "__version__",
     "validate_name",
     "validate_pattern",
+    "CacheError",
+    "Change",
+    "DnsCache",
 ]

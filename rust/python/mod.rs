@@ -3,6 +3,7 @@
 
 use pyo3::prelude::*;
 
+mod cache;
 mod errors;
 mod pattern;
 
@@ -11,5 +12,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     errors::register(m)?;
     pattern::register(m)?;
+    cache::register(m)?;
     Ok(())
 }

@@ -10,7 +10,7 @@ use crate::error::Error;
 use crate::pattern::{self, LabelBuf, PatternTrie};
 
 /// A name argument: `str` or `bytes` in presentation form, read without copying.
-fn name_arg(obj: &Bound<'_, PyAny>) -> PyResult<LabelBuf> {
+pub(super) fn name_arg(obj: &Bound<'_, PyAny>) -> PyResult<LabelBuf> {
     let text: &[u8] = if let Ok(s) = obj.cast::<PyString>() {
         s.to_str()?.as_bytes()
     } else if let Ok(b) = obj.cast::<PyBytes>() {
