@@ -17,13 +17,13 @@ from fqdnguard._core import (
 )
 
 __all__ = [
+    "CacheError",
+    "Change",
+    "DnsCache",
     "FqdnGuardError",
     "PatternError",
     "PatternSet",
     "__version__",
     "validate_name",
     "validate_pattern",
-    "CacheError",
-    "Change",
-    "DnsCache",
 ]

@@ -2,7 +2,7 @@
 
 import os
 from collections.abc import Iterable
-from typing import Literal
+from typing import Literal, final
 
 __version__: str
 
@@ -26,8 +26,9 @@ def validate_pattern(pattern: str) -> str: ...
 def validate_name(name: str) -> str: ...
 
 class CacheError(FqdnGuardError, ValueError):
-    """A cache operation was refused: a bad argument, or a snapshot that cannot be read or written."""
+    """A cache operation was refused: a bad argument, or a snapshot that cannot be read/written."""
 
+@final
 class Change:
     """A change for the enforcement backend: `kind` is "added", "extended" or "removed"."""
 
@@ -46,9 +47,10 @@ class Change:
     def ip(self) -> str: ...
     @property
     def expires_at(self) -> float: ...
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, other: object, /) -> bool: ...
     def __hash__(self) -> int: ...
 
+@final
 class DnsCache:
     """The FQDN -> IP TTL cache, safe to share between threads."""
 

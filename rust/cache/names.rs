@@ -105,6 +105,10 @@ impl Names {
         self.map.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
     pub fn bytes(&self, id: u32) -> &[u8] {
         let r = self.recs[id as usize];
         &self.arena[r.off as usize..(r.off + r.len) as usize]

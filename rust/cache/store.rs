@@ -365,6 +365,8 @@ pub struct Cache {
     next_stamp: u32,
     evictions: u64,
     name_evictions: u64,
+    /// Kept between calls so its allocations are reused.
+    spare_touches: Touches,
 }
 
 /// Seconds since the Unix epoch, as `time.time()` gives them.
@@ -420,7 +422,12 @@ impl Cache {
             next_stamp: 0,
             evictions: 0,
             name_evictions: 0,
+            spare_touches: Touches::default(),
         }
+    }
+
+    fn touches(&mut self) -> Touches {
+        std::mem::take(&mut self.spare_touches)
     }
 
     pub fn config(&self) -> Config {
@@ -932,9 +939,9 @@ impl Cache {
         Ok(())
     }
 
-    fn finish(&self, t: Touches) -> Vec<Change> {
-        let mut out = Vec::new();
-        for (ep, ip, before) in t.list {
+    fn finish(&mut self, mut t: Touches) -> Vec<Change> {
+        let mut out = Vec::with_capacity(t.list.len());
+        for &(ep, ip, before) in &t.list {
             let after = self.find_pair(ep, ip).map(|p| self.hdr(p).expires);
             let change = match (before, after) {
                 (None, Some(a)) => Some((ChangeKind::Added, a)),
@@ -950,6 +957,11 @@ impl Cache {
                     expires_at,
                 });
             }
+        }
+        t.list.clear();
+        t.index.clear();
+        if t.list.capacity() <= 1 << 16 {
+            self.spare_touches = t;
         }
         out
     }
@@ -968,7 +980,7 @@ impl Cache {
         }
         let mut wire = Vec::with_capacity(name.wire_len());
         names::wire_of(name, &mut wire);
-        let mut t = Touches::default();
+        let mut t = self.touches();
         self.record_wire(endpoint, &wire, addrs, now, &mut t)?;
         Ok(self.finish(t))
     }
@@ -984,7 +996,7 @@ impl Cache {
         for &(_, ttl) in &batch.addrs {
             self.expiry(now, ttl)?;
         }
-        let mut t = Touches::default();
+        let mut t = self.touches();
         for (wire, addrs) in batch.iter() {
             self.record_wire(endpoint, wire, addrs, now, &mut t)?;
         }
@@ -994,7 +1006,7 @@ impl Cache {
     /// Removes every entry with expiry <= `now`; cost proportional to what is removed.
     pub fn expire(&mut self, now: f64) -> Result<Vec<Change>, CacheError> {
         let now = check_now(now)?;
-        let mut t = Touches::default();
+        let mut t = self.touches();
         while let Some(top) = self.peek_min() {
             if top.expires > now {
                 break;
