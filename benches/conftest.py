@@ -46,6 +46,15 @@ def pytest_terminal_summary(terminalreporter: Any, config: Any) -> None:
     targets: list[tuple[str, str, str | None, str, float]] = []
     for mod in list(getattr(config, "_fqdnguard_target_modules", [])):
         targets.extend(getattr(mod, "TARGETS", []))
+    extra = [
+        line
+        for m in getattr(config, "_fqdnguard_target_modules", [])
+        for line in getattr(m, "EXTRA_SUMMARY", [])
+    ]
+    if extra:
+        tr.section("fqdnguard figures that are not timings")
+        for line in extra:
+            tr.write_line(line)
     if not targets:
         return
     tr.section("fqdnguard targets")
@@ -64,4 +73,6 @@ def pytest_terminal_summary(terminalreporter: Any, config: Any) -> None:
 
 def pytest_collection_modifyitems(session: Any, config: Any, items: list[Any]) -> None:
     mods = {item.module for item in items if hasattr(item, "module")}
-    config._fqdnguard_target_modules = [m for m in mods if hasattr(m, "TARGETS")]
+    config._fqdnguard_target_modules = [
+        m for m in mods if hasattr(m, "TARGETS") or hasattr(m, "EXTRA_SUMMARY")
+    ]

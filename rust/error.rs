@@ -3,6 +3,7 @@
 
 use std::fmt;
 
+pub use crate::cache::CacheError;
 pub use crate::pattern::PatternError;
 pub use crate::policy::PolicyBuildError;
 pub use crate::wire::WireError;
@@ -16,6 +17,8 @@ pub enum Error {
     PolicyBuild(PolicyBuildError),
     /// A DNS message is malformed, or cannot be answered as asked.
     Wire(WireError),
+    /// A cache operation was refused: bad input, or a snapshot that cannot be read or written.
+    Cache(CacheError),
 }
 
 impl fmt::Display for Error {
@@ -24,6 +27,7 @@ impl fmt::Display for Error {
             Error::Pattern(e) => e.fmt(f),
             Error::PolicyBuild(e) => e.fmt(f),
             Error::Wire(e) => e.fmt(f),
+            Error::Cache(e) => e.fmt(f),
         }
     }
 }
@@ -45,5 +49,11 @@ impl From<PolicyBuildError> for Error {
 impl From<WireError> for Error {
     fn from(e: WireError) -> Self {
         Error::Wire(e)
+    }
+}
+
+impl From<CacheError> for Error {
+    fn from(e: CacheError) -> Self {
+        Error::Cache(e)
     }
 }

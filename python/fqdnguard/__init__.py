@@ -5,7 +5,10 @@ Cilium-compatible ``toFQDNs`` / ``rules.dns`` semantics with a Rust core. The co
 """
 
 from fqdnguard._core import (
+    CacheError,
+    Change,
     CompiledPolicy,
+    DnsCache,
     Edns,
     FqdnGuardError,
     Message,
@@ -26,7 +29,10 @@ from fqdnguard.endpoints import Endpoint, Endpoints, Selector
 from fqdnguard.policy import Policy, PolicyError, PolicyWarning
 
 __all__ = [
+    "CacheError",
+    "Change",
     "CompiledPolicy",
+    "DnsCache",
     "Edns",
     "Endpoint",
     "Endpoints",

@@ -1,9 +1,9 @@
 //! The exception hierarchy and the single conversion from the core's [`Error`] to a Python
 //! exception.
 //!
-//! `FqdnGuardError(Exception)` is the root. `PatternError` and `WireError` also derive from
-//! `ValueError`, which `create_exception!` cannot express (one base only), so the classes are made
-//! with `type(name, bases, ns)` when the module loads and kept for the conversion.
+//! `FqdnGuardError(Exception)` is the root. `PatternError`, `WireError` and `CacheError` also
+//! derive from `ValueError`, which `create_exception!` cannot express (one base only), so the
+//! classes are made with `type(name, bases, ns)` when the module loads and kept for the conversion.
 
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
@@ -15,6 +15,7 @@ use crate::error::Error;
 static FQDNGUARD_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static PATTERN_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static WIRE_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static CACHE_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 
 fn make_class<'py>(
     m: &Bound<'py, PyModule>,
@@ -55,6 +56,13 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
         &PyTuple::new(py, [root.clone(), value_error.clone()])?,
         "A DNS message is malformed or cannot be answered as asked; the message says what, where.",
     )?;
+    let cache = make_class(
+        m,
+        "CacheError",
+        &PyTuple::new(py, [root.clone(), value_error.clone()])?,
+        "A cache operation was refused: a bad argument, or a snapshot that cannot be read or written.",
+    )?;
+    let _ = CACHE_ERROR.set(py, cache.unbind());
     let _ = FQDNGUARD_ERROR.set(py, root.unbind());
     let _ = PATTERN_ERROR.set(py, pattern.unbind());
     let _ = WIRE_ERROR.set(py, wire.unbind());
@@ -70,6 +78,7 @@ fn to_pyerr(err: Error) -> PyErr {
             // numbers, before they are compiled): a plain ValueError.
             Error::PolicyBuild(_) => return PyValueError::new_err(err.to_string()),
             Error::Wire(_) => &WIRE_ERROR,
+            Error::Cache(_) => &CACHE_ERROR,
         };
         match cell.get(py) {
             Some(cls) => PyErr::from_type(cls.bind(py).clone(), err.to_string()),

@@ -3,6 +3,7 @@
 
 use pyo3::prelude::*;
 
+mod cache;
 mod errors;
 mod pattern;
 mod policy;
@@ -15,5 +16,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     pattern::register(m)?;
     policy::register(m)?;
     wire::register(m)?;
+    cache::register(m)?;
     Ok(())
 }

@@ -1,0 +1,284 @@
+//! Names as the cache stores them, and the interning table that gives each a `u32` id.
+//!
+//! A name is kept in **wire form without the root byte**: each label preceded by its length,
+//! leaf first, lower-cased (ASCII only, RFC 4343) by [`LabelBuf`]. That form is exact for every
+//! name DNS can carry: a `.` inside a label, a zero byte or a non-ASCII byte stays one byte of one
+//! label and never changes the label boundaries, and two spellings of one name (`A.b` and `a.B.`,
+//! `a\.b` and `a\046b`) give the same bytes. Names leave the cache in presentation form, absolute
+//! (trailing dot), with RFC 1035 section 5.1 escapes for `.`, `\` and bytes outside `!`..`~`, so
+//! [`LabelBuf::from_presentation`] reads back exactly the stored bytes.
+//!
+//! The bytes live in one arena (`Vec<u8>`); each id holds offset, length and a reference count.
+//! Freed space is reclaimed by compacting the arena in place when it is more than half garbage,
+//! so the arena never holds more than about twice the live bytes and its allocation never moves
+//! under a stream of new names.
+
+use std::hash::BuildHasher;
+
+use hashbrown::{DefaultHashBuilder, HashTable};
+
+use crate::pattern::LabelBuf;
+
+use super::error::CacheError;
+
+/// Appends `name` in wire form, without the root byte.
+pub fn wire_of(name: &LabelBuf, out: &mut Vec<u8>) {
+    for i in 0..name.len() {
+        let l = name.label(i);
+        // LabelBuf guarantees 1..=63 bytes per label.
+        out.push(l.len() as u8);
+        out.extend_from_slice(l);
+    }
+}
+
+/// True when `bytes` is a well-formed wire name without its root byte (labels of 1..=63 bytes,
+/// at most 254 bytes in all) and already lower-cased.
+pub fn is_valid_wire(bytes: &[u8]) -> bool {
+    if bytes.len() > 254 {
+        return false;
+    }
+    let mut i = 0;
+    while i < bytes.len() {
+        let n = bytes[i] as usize;
+        if n == 0 || n > 63 || i + 1 + n > bytes.len() {
+            return false;
+        }
+        if bytes[i + 1..i + 1 + n].iter().any(u8::is_ascii_uppercase) {
+            return false;
+        }
+        i += 1 + n;
+    }
+    true
+}
+
+/// Presentation form of a stored name: absolute, escaped so it reads back to the same bytes.
+pub fn display(bytes: &[u8]) -> String {
+    if bytes.is_empty() {
+        return ".".to_owned();
+    }
+    let mut s = String::with_capacity(bytes.len() + 1);
+    let mut i = 0;
+    while i < bytes.len() {
+        let n = bytes[i] as usize;
+        let end = (i + 1 + n).min(bytes.len());
+        for &b in &bytes[i + 1..end] {
+            match b {
+                b'.' | b'\\' => {
+                    s.push('\\');
+                    s.push(b as char);
+                }
+                0x21..=0x7e => s.push(b as char),
+                _ => {
+                    s.push('\\');
+                    s.push_str(&format!("{b:03}"));
+                }
+            }
+        }
+        s.push('.');
+        i = end;
+    }
+    s
+}
+
+const FREE: u32 = 0;
+
+#[derive(Debug, Clone, Copy)]
+struct NameRec {
+    off: u32,
+    len: u32,
+    /// Number of (endpoint, name) groups using the name; 0 marks a free id.
+    refs: u32,
+}
+
+/// Interned names: arena, records, free ids and a hash index keyed by the bytes.
+#[derive(Debug, Default)]
+pub struct Names {
+    arena: Vec<u8>,
+    recs: Vec<NameRec>,
+    free: Vec<u32>,
+    map: HashTable<u32>,
+    garbage: usize,
+}
+
+impl Names {
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub fn bytes(&self, id: u32) -> &[u8] {
+        let r = self.recs[id as usize];
+        &self.arena[r.off as usize..(r.off + r.len) as usize]
+    }
+
+    pub fn find(&self, hasher: &DefaultHashBuilder, bytes: &[u8]) -> Option<u32> {
+        let h = hasher.hash_one(bytes);
+        let (arena, recs) = (&self.arena, &self.recs);
+        self.map
+            .find(h, |&id| {
+                let r = recs[id as usize];
+                &arena[r.off as usize..(r.off + r.len) as usize] == bytes
+            })
+            .copied()
+    }
+
+    /// The id of `bytes`, added with no references when new.
+    pub fn intern(&mut self, hasher: &DefaultHashBuilder, bytes: &[u8]) -> Result<u32, CacheError> {
+        if let Some(id) = self.find(hasher, bytes) {
+            return Ok(id);
+        }
+        if self.arena.len() + bytes.len() > u32::MAX as usize {
+            self.compact();
+            if self.arena.len() + bytes.len() > u32::MAX as usize {
+                return Err(CacheError::NamesFull);
+            }
+        }
+        let rec = NameRec {
+            off: self.arena.len() as u32,
+            len: bytes.len() as u32,
+            refs: FREE,
+        };
+        self.arena.extend_from_slice(bytes);
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.recs[id as usize] = rec;
+                id
+            }
+            None => {
+                self.recs.push(rec);
+                (self.recs.len() - 1) as u32
+            }
+        };
+        let (arena, recs) = (&self.arena, &self.recs);
+        self.map.insert_unique(hasher.hash_one(bytes), id, |&i| {
+            let r = recs[i as usize];
+            hasher.hash_one(&arena[r.off as usize..(r.off + r.len) as usize])
+        });
+        Ok(id)
+    }
+
+    pub fn retain(&mut self, id: u32) {
+        self.recs[id as usize].refs += 1;
+    }
+
+    /// Drops one reference; the last one frees the id and its bytes.
+    pub fn release(&mut self, hasher: &DefaultHashBuilder, id: u32) {
+        let r = &mut self.recs[id as usize];
+        r.refs -= 1;
+        if r.refs != FREE {
+            return;
+        }
+        let h = hasher.hash_one(self.bytes(id));
+        if let Ok(slot) = self.map.find_entry(h, |&i| i == id) {
+            slot.remove();
+        }
+        self.garbage += self.recs[id as usize].len as usize;
+        self.free.push(id);
+        if self.garbage > 64 * 1024 && self.garbage * 2 >= self.arena.len() {
+            self.compact();
+        }
+    }
+
+    /// Moves the live names to the front of the arena, in place.
+    fn compact(&mut self) {
+        let mut live: Vec<(u32, u32)> = self
+            .recs
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.refs != FREE)
+            .map(|(i, r)| (r.off, i as u32))
+            .collect();
+        live.sort_unstable();
+        let mut to = 0u32;
+        for (off, id) in live {
+            let len = self.recs[id as usize].len;
+            self.arena
+                .copy_within(off as usize..(off + len) as usize, to as usize);
+            self.recs[id as usize].off = to;
+            to += len;
+        }
+        self.arena.truncate(to as usize);
+        self.garbage = 0;
+    }
+
+    pub fn memory(&self) -> usize {
+        self.arena.capacity()
+            + self.recs.capacity() * std::mem::size_of::<NameRec>()
+            + self.free.capacity() * 4
+            + self.map.capacity() * 5
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire(text: &str) -> Vec<u8> {
+        let mut v = Vec::new();
+        wire_of(
+            &LabelBuf::from_presentation(text.as_bytes()).expect("valid"),
+            &mut v,
+        );
+        v
+    }
+
+    #[test]
+    fn wire_and_display_round_trip() {
+        let cases = [
+            ("WWW.Example.COM", "www.example.com."),
+            ("www.example.com.", "www.example.com."),
+            (".", "."),
+            ("a\\.b.Example.com", "a\\.b.example.com."),
+            ("a\\046b.c", "a\\.b.c."),
+            ("a\\000b.c", "a\\000b.c."),
+            ("\\200\\\\x.", "\\200\\\\x."),
+            ("sp\\ ace.x", "sp\\032ace.x."),
+        ];
+        for (text, want) in cases {
+            let w = wire(text);
+            assert!(is_valid_wire(&w), "{text}");
+            assert_eq!(display(&w), want, "{text}");
+            assert_eq!(wire(want), w, "{want} reads back to the same bytes");
+        }
+        assert_eq!(wire("a.b"), vec![1, b'a', 1, b'b']);
+    }
+
+    #[test]
+    fn invalid_wire() {
+        for bad in [&[0u8, 1][..], &[2, b'a'], &[64], &[1, b'A']] {
+            assert!(!is_valid_wire(bad), "{bad:?}");
+        }
+        assert!(!is_valid_wire(&[1u8; 255]));
+    }
+
+    #[test]
+    fn intern_release_compact() {
+        let h = DefaultHashBuilder::default();
+        let mut n = Names::default();
+        let mut ids = Vec::new();
+        for i in 0..20_000 {
+            let w = wire(&format!("host{i}.example.com"));
+            let id = n.intern(&h, &w).expect("room");
+            n.retain(id);
+            assert_eq!(n.intern(&h, &w).expect("room"), id, "same bytes, same id");
+            ids.push((id, w));
+        }
+        assert_eq!(n.len(), 20_000);
+        // Free every other name: enough garbage to compact, and the rest must survive it.
+        for (id, _) in ids.iter().step_by(2) {
+            n.release(&h, *id);
+        }
+        assert_eq!(n.len(), 10_000);
+        assert!(n.arena.len() < 20_000 * 17, "compacted: {}", n.arena.len());
+        for (id, w) in ids.iter().skip(1).step_by(2) {
+            assert_eq!(n.bytes(*id), &w[..]);
+            assert_eq!(n.find(&h, w), Some(*id));
+        }
+        for (_, w) in ids.iter().step_by(2) {
+            assert_eq!(n.find(&h, w), None);
+        }
+    }
+}

@@ -1,0 +1,1204 @@
+//! The cache proper: entries (endpoint, name, ip) -> expiry, the per-(endpoint, ip) pairs a
+//! firewall set holds, caps, expiry order and change reporting.
+//!
+//! Layout (all indices are `u32`, no per-name collection):
+//! * `entries`: one [`Entry`] per (endpoint, name, ip), 36 bytes, in a slab with a free list.
+//!   Each entry sits on two intrusive doubly linked lists: its group's and its pair's.
+//! * `groups`: one per (endpoint, name): endpoint, name id, count, list head; hash-indexed.
+//! * pairs: one per (endpoint, ip), with the latest expiry of its entries (what the firewall
+//!   element carries); IPv4 pairs take 24 bytes, IPv6 pairs 36; hash-indexed.
+//! * `heap`: a binary min-heap of (expiry, stamp, entry), 16 bytes each, with lazy deletion: an
+//!   item whose stamp no longer matches its entry is skipped, and the heap is rebuilt from the
+//!   live entries when stale items outnumber live ones, so it stays within twice the entries.
+//!
+//! Order: entries are ordered by (expiry, stamp), where the stamp is a counter taken each time an
+//! entry's expiry is set. Soonest expiry goes first; among equal expiries, the one set earliest.
+//! Both caps evict in that order and `expire` removes in it.
+
+use std::hash::BuildHasher;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
+
+use super::error::CacheError;
+use super::names::{self, Names};
+use crate::pattern::LabelBuf;
+
+const NIL: u32 = u32::MAX;
+/// Top bit of a pair id: set for IPv6 pairs.
+const V6: u32 = 1 << 31;
+
+/// Endpoint identifier (Cilium's endpoint ID, or any small integer the caller assigns).
+pub type Endpoint = u32;
+
+/// What happened to one (endpoint, ip) firewall element.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChangeKind {
+    /// Not allowed before; allowed until `expires_at` now.
+    Added,
+    /// Already allowed; now allowed until the later `expires_at`.
+    Extended,
+    /// No name holds the ip for the endpoint any more; `expires_at` is the expiry it had.
+    Removed,
+}
+
+impl ChangeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeKind::Added => "added",
+            ChangeKind::Extended => "extended",
+            ChangeKind::Removed => "removed",
+        }
+    }
+}
+
+/// One change for the enforcement backend. A mutation reports at most one change per
+/// (endpoint, ip): the net effect of the whole call, in the order the pairs were first touched.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Change {
+    pub kind: ChangeKind,
+    pub endpoint: Endpoint,
+    pub ip: IpAddr,
+    pub expires_at: f64,
+}
+
+/// The limits a cache is built with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Config {
+    /// Every entry lives at least this many seconds (Cilium's `--tofqdns-min-ttl`).
+    pub min_ttl: u32,
+    /// At most this many IPs per (endpoint, name); the soonest-expiring go first.
+    pub max_ips_per_name: u32,
+    /// At most this many entries in all; the soonest-expiring go first.
+    pub max_entries: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            min_ttl: 0,
+            max_ips_per_name: 1000,
+            max_entries: 1_000_000,
+        }
+    }
+}
+
+impl Config {
+    /// Checks the limits: both caps at least 1, `max_entries` below 2^31.
+    pub fn new(min_ttl: u64, max_ips_per_name: u64, max_entries: u64) -> Result<Self, CacheError> {
+        let check = |what, value: u64, min: u64, max: u64| {
+            if value < min || value > max {
+                Err(CacheError::BadLimit {
+                    what,
+                    value,
+                    min,
+                    max,
+                })
+            } else {
+                Ok(value as u32)
+            }
+        };
+        Ok(Config {
+            min_ttl: check("min_ttl", min_ttl, 0, u64::from(u32::MAX))?,
+            max_ips_per_name: check("max_ips_per_name", max_ips_per_name, 1, u64::from(u32::MAX))?,
+            max_entries: check("max_entries", max_entries, 1, u64::from(V6 - 2))?,
+        })
+    }
+}
+
+/// Counters and sizes, for `stats()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stats {
+    pub entries: usize,
+    pub names: usize,
+    pub groups: usize,
+    pub pairs: usize,
+    pub endpoints: usize,
+    pub evictions: u64,
+    pub name_evictions: u64,
+    pub memory_bytes: usize,
+}
+
+/// A batch of answers for one endpoint: names in wire form and their (ip, ttl) lists, flat.
+#[derive(Debug, Default, Clone)]
+pub struct Batch {
+    names: Vec<u8>,
+    /// Per answer: end of its name in `names`, end of its addresses in `addrs`.
+    ends: Vec<(u32, u32)>,
+    addrs: Vec<(IpAddr, u32)>,
+}
+
+impl Batch {
+    pub fn with_capacity(answers: usize) -> Self {
+        Batch {
+            names: Vec::with_capacity(answers * 24),
+            ends: Vec::with_capacity(answers),
+            addrs: Vec::with_capacity(answers),
+        }
+    }
+
+    /// Adds one answer.
+    pub fn push(&mut self, name: &LabelBuf, addrs: &[(IpAddr, u32)]) {
+        names::wire_of(name, &mut self.names);
+        self.addrs.extend_from_slice(addrs);
+        self.ends
+            .push((self.names.len() as u32, self.addrs.len() as u32));
+    }
+
+    /// Adds the name of one answer; its addresses follow with [`Batch::push_addr`].
+    pub fn push_name(&mut self, name: &LabelBuf) {
+        names::wire_of(name, &mut self.names);
+        self.ends
+            .push((self.names.len() as u32, self.addrs.len() as u32));
+    }
+
+    /// Adds an address to the answer last started with [`Batch::push_name`].
+    pub fn push_addr(&mut self, ip: IpAddr, ttl: u32) {
+        self.addrs.push((ip, ttl));
+        if let Some(last) = self.ends.last_mut() {
+            last.1 = self.addrs.len() as u32;
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&[u8], &[(IpAddr, u32)])> {
+        let mut start = (0usize, 0usize);
+        self.ends.iter().map(move |&(n, a)| {
+            let item = (
+                &self.names[start.0..n as usize],
+                &self.addrs[start.1..a as usize],
+            );
+            start = (n as usize, a as usize);
+            item
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+#[repr(C, packed(4))]
+struct Entry {
+    expires: f64,
+    stamp: u32,
+    /// `NIL` marks a free slot (then `g_next` links the free list).
+    group: u32,
+    pair: u32,
+    g_next: u32,
+    g_prev: u32,
+    p_next: u32,
+    p_prev: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Group {
+    ep: Endpoint,
+    /// `NIL` marks a free slot.
+    name: u32,
+    count: u32,
+    head: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+#[repr(C, packed(4))]
+struct PairHdr {
+    expires: f64,
+    ep: Endpoint,
+    /// Entries holding the pair; 0 marks a free slot.
+    count: u32,
+    head: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PairRec<A> {
+    hdr: PairHdr,
+    addr: A,
+}
+
+#[derive(Debug)]
+struct PairTable<A> {
+    recs: Vec<PairRec<A>>,
+    free: Vec<u32>,
+    map: HashTable<u32>,
+}
+
+impl<A> Default for PairTable<A> {
+    fn default() -> Self {
+        PairTable {
+            recs: Vec::new(),
+            free: Vec::new(),
+            map: HashTable::new(),
+        }
+    }
+}
+
+impl<A: Copy + Eq + std::hash::Hash> PairTable<A> {
+    fn find(&self, h: &DefaultHashBuilder, ep: Endpoint, addr: A) -> Option<u32> {
+        let recs = &self.recs;
+        self.map
+            .find(h.hash_one((ep, addr)), |&i| {
+                let r = &recs[i as usize];
+                r.hdr.ep == ep && r.addr == addr
+            })
+            .copied()
+    }
+
+    /// Finds or creates the pair; true when created (with no entries and expiry -inf).
+    fn get_or_insert(&mut self, h: &DefaultHashBuilder, ep: Endpoint, addr: A) -> (u32, bool) {
+        if let Some(i) = self.find(h, ep, addr) {
+            return (i, false);
+        }
+        let rec = PairRec {
+            hdr: PairHdr {
+                expires: f64::NEG_INFINITY,
+                ep,
+                count: 0,
+                head: NIL,
+            },
+            addr,
+        };
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.recs[i as usize] = rec;
+                i
+            }
+            None => {
+                self.recs.push(rec);
+                (self.recs.len() - 1) as u32
+            }
+        };
+        let recs = &self.recs;
+        self.map.insert_unique(h.hash_one((ep, addr)), i, |&j| {
+            let r = &recs[j as usize];
+            h.hash_one((r.hdr.ep, r.addr))
+        });
+        (i, true)
+    }
+
+    fn remove(&mut self, h: &DefaultHashBuilder, i: u32) {
+        let r = self.recs[i as usize];
+        if let Ok(slot) = self
+            .map
+            .find_entry(h.hash_one((r.hdr.ep, r.addr)), |&j| j == i)
+        {
+            slot.remove();
+        }
+        self.recs[i as usize].hdr.count = 0;
+        self.free.push(i);
+    }
+
+    fn memory(&self) -> usize {
+        self.recs.capacity() * std::mem::size_of::<PairRec<A>>()
+            + self.free.capacity() * 4
+            + self.map.capacity() * 5
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct HeapItem {
+    expires: f64,
+    stamp: u32,
+    entry: u32,
+}
+
+impl HeapItem {
+    fn before(&self, other: &HeapItem) -> bool {
+        match self.expires.total_cmp(&other.expires) {
+            std::cmp::Ordering::Less => true,
+            std::cmp::Ordering::Greater => false,
+            std::cmp::Ordering::Equal => self.stamp < other.stamp,
+        }
+    }
+}
+
+/// Pairs touched by one mutation, each with its state before the first touch.
+#[derive(Debug, Default)]
+struct Touches {
+    list: Vec<(Endpoint, IpAddr, Option<f64>)>,
+    index: HashMap<(Endpoint, IpAddr), ()>,
+}
+
+impl Touches {
+    const LINEAR: usize = 16;
+
+    fn touch(&mut self, ep: Endpoint, ip: IpAddr, before: Option<f64>) {
+        if self.list.len() < Self::LINEAR {
+            if self.list.iter().any(|t| t.0 == ep && t.1 == ip) {
+                return;
+            }
+        } else {
+            if self.index.is_empty() {
+                for t in &self.list {
+                    self.index.insert((t.0, t.1), ());
+                }
+            }
+            if self.index.insert((ep, ip), ()).is_some() {
+                return;
+            }
+        }
+        self.list.push((ep, ip, before));
+    }
+}
+
+/// The FQDN -> IP TTL cache. Not synchronised: the binding layer wraps it in a lock.
+#[derive(Debug)]
+pub struct Cache {
+    cfg: Config,
+    hasher: DefaultHashBuilder,
+    names: Names,
+    groups: Vec<Group>,
+    group_free: Vec<u32>,
+    group_map: HashTable<u32>,
+    v4: PairTable<Ipv4Addr>,
+    v6: PairTable<Ipv6Addr>,
+    entries: Vec<Entry>,
+    entry_free: u32,
+    heap: Vec<HeapItem>,
+    /// Endpoint -> number of its groups.
+    endpoints: HashMap<Endpoint, u32>,
+    len: usize,
+    next_stamp: u32,
+    evictions: u64,
+    name_evictions: u64,
+    /// Kept between calls so its allocations are reused.
+    spare_touches: Touches,
+}
+
+/// Seconds since the Unix epoch, as `time.time()` gives them.
+pub fn now_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+fn check_now(now: f64) -> Result<f64, CacheError> {
+    if now.is_finite() {
+        Ok(now)
+    } else {
+        Err(CacheError::BadTime {
+            what: "now",
+            value: now.to_string(),
+        })
+    }
+}
+
+/// Parses an address in text form.
+pub fn parse_ip(text: &str) -> Result<IpAddr, CacheError> {
+    text.parse().map_err(|_| CacheError::BadAddress {
+        text: text.to_owned(),
+    })
+}
+
+/// Checks a TTL given as a signed integer (as Python passes it).
+pub fn check_ttl(ip: IpAddr, ttl: i64) -> Result<u32, CacheError> {
+    u32::try_from(ttl).map_err(|_| CacheError::BadTtl {
+        ip: ip.to_string(),
+        ttl,
+    })
+}
+
+impl Cache {
+    pub fn new(cfg: Config) -> Self {
+        Cache {
+            cfg,
+            hasher: DefaultHashBuilder::default(),
+            names: Names::default(),
+            groups: Vec::new(),
+            group_free: Vec::new(),
+            group_map: HashTable::new(),
+            v4: PairTable::default(),
+            v6: PairTable::default(),
+            entries: Vec::new(),
+            entry_free: NIL,
+            heap: Vec::new(),
+            endpoints: HashMap::new(),
+            len: 0,
+            next_stamp: 0,
+            evictions: 0,
+            name_evictions: 0,
+            spare_touches: Touches::default(),
+        }
+    }
+
+    fn touches(&mut self) -> Touches {
+        std::mem::take(&mut self.spare_touches)
+    }
+
+    pub fn config(&self) -> Config {
+        self.cfg
+    }
+
+    /// Number of (endpoint, name, ip) entries.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn stats(&self) -> Stats {
+        Stats {
+            entries: self.len,
+            names: self.names.len(),
+            groups: self.group_map.len(),
+            pairs: self.v4.map.len() + self.v6.map.len(),
+            endpoints: self.endpoints.len(),
+            evictions: self.evictions,
+            name_evictions: self.name_evictions,
+            memory_bytes: self.memory(),
+        }
+    }
+
+    /// Bytes held by the cache's own allocations (capacities, not just what is in use).
+    pub fn memory(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.names.memory()
+            + self.groups.capacity() * std::mem::size_of::<Group>()
+            + self.group_free.capacity() * 4
+            + self.group_map.capacity() * 5
+            + self.v4.memory()
+            + self.v6.memory()
+            + self.entries.capacity() * std::mem::size_of::<Entry>()
+            + self.heap.capacity() * std::mem::size_of::<HeapItem>()
+            + self.endpoints.capacity() * 9
+    }
+
+    // ---- pairs ----------------------------------------------------------------------------
+
+    fn hdr(&self, p: u32) -> PairHdr {
+        if p & V6 == 0 {
+            self.v4.recs[p as usize].hdr
+        } else {
+            self.v6.recs[(p & !V6) as usize].hdr
+        }
+    }
+
+    fn hdr_mut(&mut self, p: u32) -> &mut PairHdr {
+        if p & V6 == 0 {
+            &mut self.v4.recs[p as usize].hdr
+        } else {
+            &mut self.v6.recs[(p & !V6) as usize].hdr
+        }
+    }
+
+    fn pair_ip(&self, p: u32) -> IpAddr {
+        if p & V6 == 0 {
+            IpAddr::V4(self.v4.recs[p as usize].addr)
+        } else {
+            IpAddr::V6(self.v6.recs[(p & !V6) as usize].addr)
+        }
+    }
+
+    fn find_pair(&self, ep: Endpoint, ip: IpAddr) -> Option<u32> {
+        match ip {
+            IpAddr::V4(a) => self.v4.find(&self.hasher, ep, a),
+            IpAddr::V6(a) => self.v6.find(&self.hasher, ep, a).map(|i| i | V6),
+        }
+    }
+
+    fn pair_or_insert(&mut self, ep: Endpoint, ip: IpAddr) -> (u32, bool) {
+        match ip {
+            IpAddr::V4(a) => self.v4.get_or_insert(&self.hasher, ep, a),
+            IpAddr::V6(a) => {
+                let (i, new) = self.v6.get_or_insert(&self.hasher, ep, a);
+                (i | V6, new)
+            }
+        }
+    }
+
+    fn free_pair(&mut self, p: u32) {
+        if p & V6 == 0 {
+            self.v4.remove(&self.hasher, p);
+        } else {
+            self.v6.remove(&self.hasher, p & !V6);
+        }
+    }
+
+    // ---- groups -----------------------------------------------------------------------------
+
+    fn find_group(&self, ep: Endpoint, name: u32) -> Option<u32> {
+        let groups = &self.groups;
+        self.group_map
+            .find(self.hasher.hash_one((ep, name)), |&g| {
+                let r = groups[g as usize];
+                r.ep == ep && r.name == name
+            })
+            .copied()
+    }
+
+    fn group_or_insert(&mut self, ep: Endpoint, wire: &[u8]) -> Result<u32, CacheError> {
+        let name = self.names.intern(&self.hasher, wire)?;
+        if let Some(g) = self.find_group(ep, name) {
+            return Ok(g);
+        }
+        self.names.retain(name);
+        *self.endpoints.entry(ep).or_insert(0) += 1;
+        let rec = Group {
+            ep,
+            name,
+            count: 0,
+            head: NIL,
+        };
+        let g = match self.group_free.pop() {
+            Some(g) => {
+                self.groups[g as usize] = rec;
+                g
+            }
+            None => {
+                self.groups.push(rec);
+                (self.groups.len() - 1) as u32
+            }
+        };
+        let (groups, hasher) = (&self.groups, &self.hasher);
+        self.group_map
+            .insert_unique(hasher.hash_one((ep, name)), g, |&i| {
+                let r = groups[i as usize];
+                hasher.hash_one((r.ep, r.name))
+            });
+        Ok(g)
+    }
+
+    fn free_group(&mut self, g: u32) {
+        let r = self.groups[g as usize];
+        if let Ok(slot) = self
+            .group_map
+            .find_entry(self.hasher.hash_one((r.ep, r.name)), |&i| i == g)
+        {
+            slot.remove();
+        }
+        self.names.release(&self.hasher, r.name);
+        if let Some(n) = self.endpoints.get_mut(&r.ep) {
+            *n -= 1;
+            if *n == 0 {
+                self.endpoints.remove(&r.ep);
+            }
+        }
+        self.groups[g as usize].name = NIL;
+        self.group_free.push(g);
+    }
+
+    /// Still the live group of (ep, wire)? Evictions inside a call can free it.
+    fn group_is(&self, g: u32, ep: Endpoint, wire: &[u8]) -> bool {
+        let r = self.groups[g as usize];
+        r.name != NIL && r.ep == ep && self.names.bytes(r.name) == wire
+    }
+
+    // ---- entries and the heap -----------------------------------------------------------------
+
+    fn take_stamp(&mut self) -> u32 {
+        if self.next_stamp == u32::MAX {
+            self.renumber();
+        }
+        let s = self.next_stamp;
+        self.next_stamp += 1;
+        s
+    }
+
+    /// Gives live entries stamps 0..n in their current order and rebuilds the heap sorted
+    /// (a sorted array is a heap). Runs once per 2^32 expiry settings.
+    fn renumber(&mut self) {
+        let mut live: Vec<HeapItem> = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.group != NIL)
+            .map(|(i, e)| HeapItem {
+                expires: e.expires,
+                stamp: e.stamp,
+                entry: i as u32,
+            })
+            .collect();
+        live.sort_unstable_by(|a, b| a.expires.total_cmp(&b.expires).then(a.stamp.cmp(&b.stamp)));
+        for (s, item) in live.iter_mut().enumerate() {
+            item.stamp = s as u32;
+            self.entries[item.entry as usize].stamp = s as u32;
+        }
+        self.next_stamp = live.len() as u32;
+        self.heap = live;
+    }
+
+    #[cfg(test)]
+    pub(crate) fn set_next_stamp(&mut self, s: u32) {
+        if s > self.next_stamp {
+            self.next_stamp = s;
+        }
+    }
+
+    fn is_live(&self, item: &HeapItem) -> bool {
+        let e = self.entries[item.entry as usize];
+        e.group != NIL && e.stamp == item.stamp
+    }
+
+    fn heap_push(&mut self, item: HeapItem) {
+        self.heap.push(item);
+        let mut i = self.heap.len() - 1;
+        while i > 0 {
+            let parent = (i - 1) / 2;
+            if self.heap[i].before(&self.heap[parent]) {
+                self.heap.swap(i, parent);
+                i = parent;
+            } else {
+                break;
+            }
+        }
+        if self.heap.len() > 2 * self.len + 1024 {
+            self.heap_rebuild();
+        }
+    }
+
+    fn sift_down(&mut self, mut i: usize) {
+        let n = self.heap.len();
+        loop {
+            let l = 2 * i + 1;
+            if l >= n {
+                break;
+            }
+            let r = l + 1;
+            let c = if r < n && self.heap[r].before(&self.heap[l]) {
+                r
+            } else {
+                l
+            };
+            if self.heap[c].before(&self.heap[i]) {
+                self.heap.swap(c, i);
+                i = c;
+            } else {
+                break;
+            }
+        }
+    }
+
+    fn heap_pop(&mut self) {
+        let last = self.heap.len() - 1;
+        self.heap.swap(0, last);
+        self.heap.pop();
+        self.sift_down(0);
+    }
+
+    /// Drops stale items and restores the heap order, in O(n).
+    fn heap_rebuild(&mut self) {
+        let mut heap = std::mem::take(&mut self.heap);
+        heap.retain(|it| self.is_live(it));
+        self.heap = heap;
+        for i in (0..self.heap.len() / 2).rev() {
+            self.sift_down(i);
+        }
+    }
+
+    /// The live entry first in (expiry, stamp) order, dropping stale items on the way.
+    fn peek_min(&mut self) -> Option<HeapItem> {
+        while let Some(&top) = self.heap.first() {
+            if self.is_live(&top) {
+                return Some(top);
+            }
+            self.heap_pop();
+        }
+        None
+    }
+
+    fn alloc_entry(&mut self, e: Entry) -> u32 {
+        if self.entry_free != NIL {
+            let i = self.entry_free;
+            self.entry_free = self.entries[i as usize].g_next;
+            self.entries[i as usize] = e;
+            i
+        } else {
+            self.entries.push(e);
+            (self.entries.len() - 1) as u32
+        }
+    }
+
+    /// The entry of group `g` for pair `p`, walking the shorter of the two lists.
+    fn find_entry(&self, g: u32, p: u32) -> Option<u32> {
+        let gc = self.groups[g as usize].count;
+        let ph = self.hdr(p);
+        if gc <= ph.count {
+            let mut e = self.groups[g as usize].head;
+            while e != NIL {
+                let r = self.entries[e as usize];
+                if r.pair == p {
+                    return Some(e);
+                }
+                e = r.g_next;
+            }
+        } else {
+            let mut e = ph.head;
+            while e != NIL {
+                let r = self.entries[e as usize];
+                if r.group == g {
+                    return Some(e);
+                }
+                e = r.p_next;
+            }
+        }
+        None
+    }
+
+    /// Unlinks and frees entry `e`, freeing its group, name and pair when they empty, and
+    /// lowering the pair's expiry when `e` held it.
+    fn remove_entry(&mut self, e: u32) {
+        let r = self.entries[e as usize];
+        // group list
+        if r.g_prev != NIL {
+            self.entries[r.g_prev as usize].g_next = r.g_next;
+        } else {
+            self.groups[r.group as usize].head = r.g_next;
+        }
+        if r.g_next != NIL {
+            self.entries[r.g_next as usize].g_prev = r.g_prev;
+        }
+        let g = &mut self.groups[r.group as usize];
+        g.count -= 1;
+        if g.count == 0 {
+            self.free_group(r.group);
+        }
+        // pair list
+        if r.p_prev != NIL {
+            self.entries[r.p_prev as usize].p_next = r.p_next;
+        } else {
+            self.hdr_mut(r.pair).head = r.p_next;
+        }
+        if r.p_next != NIL {
+            self.entries[r.p_next as usize].p_prev = r.p_prev;
+        }
+        let mut h = self.hdr(r.pair);
+        h.count -= 1;
+        if h.count == 0 {
+            self.free_pair(r.pair);
+        } else {
+            let expires = r.expires;
+            if expires >= h.expires {
+                let mut max = f64::NEG_INFINITY;
+                let mut i = h.head;
+                while i != NIL {
+                    let x = self.entries[i as usize];
+                    max = max.max(x.expires);
+                    if max >= expires {
+                        break; // another entry holds the same expiry
+                    }
+                    i = x.p_next;
+                }
+                h.expires = max;
+            }
+            *self.hdr_mut(r.pair) = h;
+        }
+        self.entries[e as usize] = Entry {
+            expires: 0.0,
+            stamp: 0,
+            group: NIL,
+            pair: NIL,
+            g_next: self.entry_free,
+            g_prev: NIL,
+            p_next: NIL,
+            p_prev: NIL,
+        };
+        self.entry_free = e;
+        self.len -= 1;
+    }
+
+    fn touch_entry(&self, e: u32, t: &mut Touches) {
+        let p = self.entries[e as usize].pair;
+        let h = self.hdr(p);
+        t.touch(h.ep, self.pair_ip(p), Some(h.expires));
+    }
+
+    /// Evicts the soonest-expiring entry of group `g`.
+    fn evict_from_group(&mut self, g: u32, t: &mut Touches) {
+        let mut best = NIL;
+        let mut key = (f64::INFINITY, u32::MAX);
+        let mut e = self.groups[g as usize].head;
+        while e != NIL {
+            let r = self.entries[e as usize];
+            let k = (r.expires, r.stamp);
+            if best == NIL
+                || k.0.total_cmp(&key.0).then(k.1.cmp(&key.1)) == std::cmp::Ordering::Less
+            {
+                best = e;
+                key = k;
+            }
+            e = r.g_next;
+        }
+        if best != NIL {
+            self.touch_entry(best, t);
+            self.remove_entry(best);
+            self.name_evictions += 1;
+        }
+    }
+
+    /// Records one (ip, expiry) for group `g`, then applies both caps.
+    fn insert(&mut self, g: u32, ip: IpAddr, expires: f64, t: &mut Touches) {
+        let ep = self.groups[g as usize].ep;
+        let (p, new_pair) = self.pair_or_insert(ep, ip);
+        let before = if new_pair {
+            None
+        } else {
+            Some(self.hdr(p).expires)
+        };
+        t.touch(ep, ip, before);
+        if !new_pair {
+            if let Some(e) = self.find_entry(g, p) {
+                if expires > self.entries[e as usize].expires {
+                    let stamp = self.take_stamp();
+                    let r = &mut self.entries[e as usize];
+                    r.expires = expires;
+                    r.stamp = stamp;
+                    let h = self.hdr_mut(p);
+                    if expires > h.expires {
+                        h.expires = expires;
+                    }
+                    self.heap_push(HeapItem {
+                        expires,
+                        stamp,
+                        entry: e,
+                    });
+                }
+                return;
+            }
+        }
+        let stamp = self.take_stamp();
+        let gr = self.groups[g as usize];
+        let h = self.hdr(p);
+        let e = self.alloc_entry(Entry {
+            expires,
+            stamp,
+            group: g,
+            pair: p,
+            g_next: gr.head,
+            g_prev: NIL,
+            p_next: h.head,
+            p_prev: NIL,
+        });
+        if gr.head != NIL {
+            self.entries[gr.head as usize].g_prev = e;
+        }
+        if h.head != NIL {
+            self.entries[h.head as usize].p_prev = e;
+        }
+        let gm = &mut self.groups[g as usize];
+        gm.head = e;
+        gm.count += 1;
+        let group_count = gm.count;
+        let hm = self.hdr_mut(p);
+        hm.head = e;
+        hm.count += 1;
+        if expires > hm.expires {
+            hm.expires = expires;
+        }
+        self.len += 1;
+        self.heap_push(HeapItem {
+            expires,
+            stamp,
+            entry: e,
+        });
+        if group_count > self.cfg.max_ips_per_name {
+            self.evict_from_group(g, t);
+        }
+        while self.len > self.cfg.max_entries as usize {
+            let Some(top) = self.peek_min() else { break };
+            self.touch_entry(top.entry, t);
+            self.remove_entry(top.entry);
+            self.evictions += 1;
+        }
+    }
+
+    fn expiry(&self, now: f64, ttl: u32) -> Result<f64, CacheError> {
+        let x = now + f64::from(ttl.max(self.cfg.min_ttl));
+        if x.is_finite() {
+            Ok(x)
+        } else {
+            Err(CacheError::BadTime {
+                what: "now + ttl",
+                value: x.to_string(),
+            })
+        }
+    }
+
+    fn record_wire(
+        &mut self,
+        ep: Endpoint,
+        wire: &[u8],
+        addrs: &[(IpAddr, u32)],
+        now: f64,
+        t: &mut Touches,
+    ) -> Result<(), CacheError> {
+        let mut g = NIL;
+        for &(ip, ttl) in addrs {
+            let expires = self.expiry(now, ttl)?;
+            if g == NIL || !self.group_is(g, ep, wire) {
+                g = self.group_or_insert(ep, wire)?;
+            }
+            self.insert(g, ip, expires, t);
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, mut t: Touches) -> Vec<Change> {
+        let mut out = Vec::with_capacity(t.list.len());
+        for &(ep, ip, before) in &t.list {
+            let after = self.find_pair(ep, ip).map(|p| self.hdr(p).expires);
+            let change = match (before, after) {
+                (None, Some(a)) => Some((ChangeKind::Added, a)),
+                (Some(b), Some(a)) if a > b => Some((ChangeKind::Extended, a)),
+                (Some(b), None) => Some((ChangeKind::Removed, b)),
+                _ => None,
+            };
+            if let Some((kind, expires_at)) = change {
+                out.push(Change {
+                    kind,
+                    endpoint: ep,
+                    ip,
+                    expires_at,
+                });
+            }
+        }
+        t.list.clear();
+        t.index.clear();
+        if t.list.capacity() <= 1 << 16 {
+            self.spare_touches = t;
+        }
+        out
+    }
+
+    /// Records the answer `addrs` for `name` as seen by `endpoint` at `now`.
+    pub fn record(
+        &mut self,
+        endpoint: Endpoint,
+        name: &LabelBuf,
+        addrs: &[(IpAddr, u32)],
+        now: f64,
+    ) -> Result<Vec<Change>, CacheError> {
+        let now = check_now(now)?;
+        for &(_, ttl) in addrs {
+            self.expiry(now, ttl)?;
+        }
+        let mut wire = Vec::with_capacity(name.wire_len());
+        names::wire_of(name, &mut wire);
+        let mut t = self.touches();
+        self.record_wire(endpoint, &wire, addrs, now, &mut t)?;
+        Ok(self.finish(t))
+    }
+
+    /// Records every answer of `batch` for `endpoint`; the changes are the net effect.
+    pub fn record_batch(
+        &mut self,
+        endpoint: Endpoint,
+        batch: &Batch,
+        now: f64,
+    ) -> Result<Vec<Change>, CacheError> {
+        let now = check_now(now)?;
+        for &(_, ttl) in &batch.addrs {
+            self.expiry(now, ttl)?;
+        }
+        let mut t = self.touches();
+        for (wire, addrs) in batch.iter() {
+            self.record_wire(endpoint, wire, addrs, now, &mut t)?;
+        }
+        Ok(self.finish(t))
+    }
+
+    /// Removes every entry with expiry <= `now`; cost proportional to what is removed.
+    pub fn expire(&mut self, now: f64) -> Result<Vec<Change>, CacheError> {
+        let now = check_now(now)?;
+        let mut t = self.touches();
+        while let Some(top) = self.peek_min() {
+            if top.expires > now {
+                break;
+            }
+            self.touch_entry(top.entry, &mut t);
+            self.remove_entry(top.entry);
+        }
+        if self.heap.len() > 2 * self.len + 1024 {
+            self.heap_rebuild();
+        }
+        Ok(self.finish(t))
+    }
+
+    /// True when `endpoint` may reach `ip` at `now`: some name holds it and it has not expired.
+    pub fn allowed(&self, endpoint: Endpoint, ip: IpAddr, now: f64) -> bool {
+        self.find_pair(endpoint, ip)
+            .is_some_and(|p| self.hdr(p).expires > now)
+    }
+
+    /// The latest expiry of (endpoint, ip), when some name holds it.
+    pub fn pair_expiry(&self, endpoint: Endpoint, ip: IpAddr) -> Option<f64> {
+        self.find_pair(endpoint, ip).map(|p| self.hdr(p).expires)
+    }
+
+    fn endpoints_sorted(&self, endpoint: Option<Endpoint>) -> Vec<Endpoint> {
+        match endpoint {
+            Some(ep) => vec![ep],
+            None => {
+                let mut v: Vec<Endpoint> = self.endpoints.keys().copied().collect();
+                v.sort_unstable();
+                v
+            }
+        }
+    }
+
+    /// IPs held for `name` (by `endpoint`, or by any when None) with their latest expiry,
+    /// sorted by address (IPv4 first).
+    pub fn lookup(&self, name: &LabelBuf, endpoint: Option<Endpoint>) -> Vec<(IpAddr, f64)> {
+        let mut wire = Vec::with_capacity(name.wire_len());
+        names::wire_of(name, &mut wire);
+        let Some(id) = self.names.find(&self.hasher, &wire) else {
+            return Vec::new();
+        };
+        let mut out: Vec<(IpAddr, f64)> = Vec::new();
+        for ep in self.endpoints_sorted(endpoint) {
+            let Some(g) = self.find_group(ep, id) else {
+                continue;
+            };
+            let mut e = self.groups[g as usize].head;
+            while e != NIL {
+                let r = self.entries[e as usize];
+                out.push((self.pair_ip(r.pair), r.expires));
+                e = r.g_next;
+            }
+        }
+        out.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.total_cmp(&a.1)));
+        out.dedup_by(|later, first| later.0 == first.0);
+        out
+    }
+
+    /// Names (presentation form, sorted, unique) under which `ip` was learned by `endpoint`,
+    /// or by any endpoint when None.
+    pub fn names_for(&self, ip: IpAddr, endpoint: Option<Endpoint>) -> Vec<String> {
+        let mut ids: Vec<u32> = Vec::new();
+        for ep in self.endpoints_sorted(endpoint) {
+            let Some(p) = self.find_pair(ep, ip) else {
+                continue;
+            };
+            let mut e = self.hdr(p).head;
+            while e != NIL {
+                let r = self.entries[e as usize];
+                ids.push(self.groups[r.group as usize].name);
+                e = r.p_next;
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        let mut out: Vec<String> = ids
+            .into_iter()
+            .map(|id| names::display(self.names.bytes(id)))
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Every live entry as (endpoint, wire name, ip, expiry), in (expiry, stamp) order.
+    pub(crate) fn entries_ordered(&self) -> Vec<(Endpoint, &[u8], IpAddr, f64)> {
+        let mut live: Vec<(f64, u32, u32)> = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.group != NIL)
+            .map(|(i, e)| (e.expires, e.stamp, i as u32))
+            .collect();
+        live.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        live.into_iter()
+            .map(|(expires, _, i)| {
+                let e = self.entries[i as usize];
+                let g = self.groups[e.group as usize];
+                (
+                    g.ep,
+                    self.names.bytes(g.name),
+                    self.pair_ip(e.pair),
+                    expires,
+                )
+            })
+            .collect()
+    }
+
+    /// Adds an entry read back from a snapshot (no changes are reported).
+    pub(crate) fn restore(
+        &mut self,
+        ep: Endpoint,
+        wire: &[u8],
+        ip: IpAddr,
+        expires: f64,
+    ) -> Result<(), CacheError> {
+        let g = self.group_or_insert(ep, wire)?;
+        let mut t = Touches::default();
+        self.insert(g, ip, expires, &mut t);
+        Ok(())
+    }
+
+    pub(crate) fn set_counters(&mut self, evictions: u64, name_evictions: u64) {
+        self.evictions = evictions;
+        self.name_evictions = name_evictions;
+    }
+
+    /// Checks every internal invariant; for tests.
+    #[cfg(test)]
+    pub(crate) fn check(&self) {
+        let mut live = 0;
+        for (i, e) in self.entries.iter().enumerate() {
+            if e.group == NIL {
+                continue;
+            }
+            live += 1;
+            let g = self.groups[e.group as usize];
+            assert_ne!(g.name, NIL, "entry {i} in a free group");
+            let h = self.hdr(e.pair);
+            assert!(h.count > 0, "entry {i} in a free pair");
+            assert_eq!(h.ep, g.ep);
+            assert!(e.expires <= h.expires);
+            assert!(self
+                .heap
+                .iter()
+                .any(|it| it.entry == i as u32 && it.stamp == e.stamp));
+        }
+        assert_eq!(live, self.len);
+        for (gi, g) in self.groups.iter().enumerate() {
+            if g.name == NIL {
+                continue;
+            }
+            let mut n = 0;
+            let mut e = g.head;
+            let mut prev = NIL;
+            while e != NIL {
+                let r = self.entries[e as usize];
+                assert_eq!(r.group, gi as u32);
+                assert_eq!(r.g_prev, prev);
+                prev = e;
+                n += 1;
+                e = r.g_next;
+            }
+            assert_eq!(n, g.count);
+            assert!(g.count >= 1 && g.count <= self.cfg.max_ips_per_name);
+        }
+        for p in
+            (0..self.v4.recs.len() as u32).chain((0..self.v6.recs.len() as u32).map(|i| i | V6))
+        {
+            let h = self.hdr(p);
+            if h.count == 0 {
+                continue;
+            }
+            let mut n = 0;
+            let mut max = f64::NEG_INFINITY;
+            let mut e = h.head;
+            while e != NIL {
+                let r = self.entries[e as usize];
+                assert_eq!(r.pair, p);
+                max = max.max(r.expires);
+                n += 1;
+                e = r.p_next;
+            }
+            assert_eq!(n, h.count);
+            let latest = h.expires;
+            assert_eq!(max, latest, "pair expiry is the latest of its entries");
+        }
+        assert!(self.len <= self.cfg.max_entries as usize);
+        assert!(self.heap.len() <= 2 * self.len + 1024);
+        for i in 1..self.heap.len() {
+            assert!(!self.heap[i].before(&self.heap[(i - 1) / 2]), "heap order");
+        }
+    }
+}

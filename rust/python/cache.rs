@@ -1,0 +1,366 @@
+//! `DnsCache` and `Change`: conversions around [`crate::cache::Cache`], which sits behind a lock.
+
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyString, PyTuple};
+
+use super::pattern::name_arg;
+use crate::cache::{
+    check_ttl, now_seconds, parse_ip, snapshot, Batch, Cache, Change, ChangeKind, Config,
+};
+use crate::error::Error;
+
+fn poisoned() -> PyErr {
+    PyRuntimeError::new_err("DnsCache lock poisoned by an earlier panic")
+}
+
+fn now_arg(now: Option<f64>) -> f64 {
+    now.unwrap_or_else(now_seconds)
+}
+
+fn ip_arg(obj: &Bound<'_, PyAny>) -> PyResult<IpAddr> {
+    let Ok(s) = obj.cast::<PyString>() else {
+        return Err(PyTypeError::new_err(format!(
+            "an IP address must be str, not {}",
+            obj.get_type().name()?
+        )));
+    };
+    Ok(parse_ip(s.to_str()?).map_err(Error::from)?)
+}
+
+/// One `(ip, ttl)` pair of an answer.
+fn addr_arg(item: &Bound<'_, PyAny>) -> PyResult<(IpAddr, u32)> {
+    let t = item
+        .cast::<PyTuple>()
+        .map_err(|_| PyTypeError::new_err("each address must be an (ip, ttl) tuple"))?;
+    if t.len() != 2 {
+        return Err(PyValueError::new_err(format!(
+            "each address must be an (ip, ttl) tuple, got {} items",
+            t.len()
+        )));
+    }
+    let ip = t.get_borrowed_item(0)?;
+    let ip = ip_arg(&ip)?;
+    let ttl: i64 = t.get_borrowed_item(1)?.extract()?;
+    Ok((ip, check_ttl(ip, ttl).map_err(Error::from)?))
+}
+
+fn addrs_arg(addrs: &Bound<'_, PyAny>, out: &mut Vec<(IpAddr, u32)>) -> PyResult<()> {
+    if let Ok(list) = addrs.cast::<PyList>() {
+        for item in list.iter() {
+            out.push(addr_arg(&item)?);
+        }
+    } else {
+        for item in addrs.try_iter()? {
+            out.push(addr_arg(&item?)?);
+        }
+    }
+    Ok(())
+}
+
+/// A change for the enforcement backend: `kind` is "added", "extended" or "removed".
+#[derive(Debug, Clone, PartialEq)]
+#[pyclass(name = "Change", module = "fqdnguard._core", frozen, eq)]
+pub struct PyChange {
+    inner: Change,
+}
+
+#[pymethods]
+impl PyChange {
+    #[new]
+    fn new(kind: &str, endpoint: u32, ip: &Bound<'_, PyAny>, expires_at: f64) -> PyResult<Self> {
+        let kind = match kind {
+            "added" => ChangeKind::Added,
+            "extended" => ChangeKind::Extended,
+            "removed" => ChangeKind::Removed,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "kind must be 'added', 'extended' or 'removed', not {other:?}"
+                )))
+            }
+        };
+        Ok(PyChange {
+            inner: Change {
+                kind,
+                endpoint,
+                ip: ip_arg(ip)?,
+                expires_at,
+            },
+        })
+    }
+
+    #[getter]
+    fn kind<'py>(&self, py: Python<'py>) -> &Bound<'py, PyString> {
+        match self.inner.kind {
+            ChangeKind::Added => intern!(py, "added"),
+            ChangeKind::Extended => intern!(py, "extended"),
+            ChangeKind::Removed => intern!(py, "removed"),
+        }
+    }
+
+    #[getter]
+    fn endpoint(&self) -> u32 {
+        self.inner.endpoint
+    }
+
+    #[getter]
+    fn ip(&self) -> String {
+        self.inner.ip.to_string()
+    }
+
+    #[getter]
+    fn expires_at(&self) -> f64 {
+        self.inner.expires_at
+    }
+
+    fn __hash__(&self) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.inner.kind.hash(&mut h);
+        self.inner.endpoint.hash(&mut h);
+        self.inner.ip.hash(&mut h);
+        self.inner.expires_at.to_bits().hash(&mut h);
+        h.finish()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Change(kind='{}', endpoint={}, ip='{}', expires_at={:?})",
+            self.inner.kind.as_str(),
+            self.inner.endpoint,
+            self.inner.ip,
+            self.inner.expires_at
+        )
+    }
+}
+
+fn changes_out(py: Python<'_>, changes: Vec<Change>) -> PyResult<Bound<'_, PyList>> {
+    PyList::new(py, changes.into_iter().map(|inner| PyChange { inner }))
+}
+
+/// The FQDN -> IP TTL cache, safe to share between threads.
+#[derive(Debug)]
+#[pyclass(name = "DnsCache", module = "fqdnguard._core", frozen)]
+pub struct PyDnsCache {
+    inner: RwLock<Cache>,
+}
+
+impl PyDnsCache {
+    fn read(&self) -> PyResult<RwLockReadGuard<'_, Cache>> {
+        self.inner.read().map_err(|_| poisoned())
+    }
+
+    fn write(&self) -> PyResult<RwLockWriteGuard<'_, Cache>> {
+        self.inner.write().map_err(|_| poisoned())
+    }
+}
+
+#[pymethods]
+impl PyDnsCache {
+    #[new]
+    #[pyo3(signature = (min_ttl = 0, max_ips_per_name = 1000, max_entries = 1_000_000))]
+    fn new(min_ttl: u64, max_ips_per_name: u64, max_entries: u64) -> PyResult<Self> {
+        let cfg = Config::new(min_ttl, max_ips_per_name, max_entries).map_err(Error::from)?;
+        Ok(PyDnsCache {
+            inner: RwLock::new(Cache::new(cfg)),
+        })
+    }
+
+    #[getter]
+    fn min_ttl(&self) -> PyResult<u32> {
+        Ok(self.read()?.config().min_ttl)
+    }
+
+    #[getter]
+    fn max_ips_per_name(&self) -> PyResult<u32> {
+        Ok(self.read()?.config().max_ips_per_name)
+    }
+
+    #[getter]
+    fn max_entries(&self) -> PyResult<u32> {
+        Ok(self.read()?.config().max_entries)
+    }
+
+    /// Records one answer; returns the changes for the firewall.
+    #[pyo3(signature = (endpoint, name, addrs, now = None))]
+    fn record<'py>(
+        &self,
+        py: Python<'py>,
+        endpoint: u32,
+        name: &Bound<'py, PyAny>,
+        addrs: &Bound<'py, PyAny>,
+        now: Option<f64>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let name = name_arg(name)?;
+        let mut parsed = Vec::with_capacity(4);
+        addrs_arg(addrs, &mut parsed)?;
+        let changes = self
+            .write()?
+            .record(endpoint, &name, &parsed, now_arg(now))
+            .map_err(Error::from)?;
+        changes_out(py, changes)
+    }
+
+    /// Records a batch of `(name, [(ip, ttl), ...])` answers; returns the net changes.
+    #[pyo3(signature = (endpoint, answers, now = None))]
+    fn record_many<'py>(
+        &self,
+        py: Python<'py>,
+        endpoint: u32,
+        answers: &Bound<'py, PyAny>,
+        now: Option<f64>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let mut batch = Batch::with_capacity(answers.len().unwrap_or(0));
+        let mut one = |item: &Bound<'py, PyAny>| -> PyResult<()> {
+            let t = item.cast::<PyTuple>().map_err(|_| {
+                PyTypeError::new_err("each answer must be a (name, [(ip, ttl), ...]) tuple")
+            })?;
+            if t.len() != 2 {
+                return Err(PyValueError::new_err(format!(
+                    "each answer must be a (name, addrs) tuple, got {} items",
+                    t.len()
+                )));
+            }
+            let name = t.get_borrowed_item(0)?;
+            batch.push_name(&name_arg(&name)?);
+            let addrs = t.get_borrowed_item(1)?;
+            if let Ok(list) = addrs.cast::<PyList>() {
+                for a in list.iter() {
+                    let (ip, ttl) = addr_arg(&a)?;
+                    batch.push_addr(ip, ttl);
+                }
+            } else {
+                for a in addrs.try_iter()? {
+                    let (ip, ttl) = addr_arg(&a?)?;
+                    batch.push_addr(ip, ttl);
+                }
+            }
+            Ok(())
+        };
+        if let Ok(list) = answers.cast::<PyList>() {
+            for item in list.iter() {
+                one(&item)?;
+            }
+        } else {
+            for item in answers.try_iter()? {
+                one(&item?)?;
+            }
+        }
+        let now = now_arg(now);
+        let changes = py
+            .detach(|| match self.inner.write() {
+                Ok(mut c) => Ok(c.record_batch(endpoint, &batch, now)),
+                Err(_) => Err(()),
+            })
+            .map_err(|_| poisoned())?
+            .map_err(Error::from)?;
+        changes_out(py, changes)
+    }
+
+    /// `[(ip, expires_at)]` held for the name, by one endpoint or (None) by any.
+    #[pyo3(signature = (name, endpoint = None))]
+    fn lookup(
+        &self,
+        name: &Bound<'_, PyAny>,
+        endpoint: Option<u32>,
+    ) -> PyResult<Vec<(String, f64)>> {
+        let name = name_arg(name)?;
+        Ok(self
+            .read()?
+            .lookup(&name, endpoint)
+            .into_iter()
+            .map(|(ip, e)| (ip.to_string(), e))
+            .collect())
+    }
+
+    /// Names the IP was learned under, by one endpoint or (None) by any; sorted.
+    #[pyo3(signature = (ip, endpoint = None))]
+    fn names_for(&self, ip: &Bound<'_, PyAny>, endpoint: Option<u32>) -> PyResult<Vec<String>> {
+        let ip = ip_arg(ip)?;
+        Ok(self.read()?.names_for(ip, endpoint))
+    }
+
+    /// True when the endpoint may reach the IP at `now`.
+    #[pyo3(signature = (endpoint, ip, now = None))]
+    fn allowed(&self, endpoint: u32, ip: &str, now: Option<f64>) -> PyResult<bool> {
+        let ip = parse_ip(ip).map_err(Error::from)?;
+        Ok(self.read()?.allowed(endpoint, ip, now_arg(now)))
+    }
+
+    /// Removes every entry expired at `now`; returns the removals.
+    #[pyo3(signature = (now = None))]
+    fn expire<'py>(&self, py: Python<'py>, now: Option<f64>) -> PyResult<Bound<'py, PyList>> {
+        let now = now_arg(now);
+        let changes = py
+            .detach(|| match self.inner.write() {
+                Ok(mut c) => Ok(c.expire(now)),
+                Err(_) => Err(()),
+            })
+            .map_err(|_| poisoned())?
+            .map_err(Error::from)?;
+        changes_out(py, changes)
+    }
+
+    /// Writes a snapshot atomically.
+    fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        py.detach(|| {
+            let bytes = snapshot::encode(&*self.inner.read().map_err(|_| poisoned())?);
+            snapshot::write_atomic(&path, &bytes).map_err(|e| Error::from(e).into())
+        })
+    }
+
+    /// Reads a snapshot, dropping entries expired at `now`.
+    #[staticmethod]
+    #[pyo3(signature = (path, now = None))]
+    fn load(py: Python<'_>, path: PathBuf, now: Option<f64>) -> PyResult<Self> {
+        let now = now_arg(now);
+        let cache = py
+            .detach(|| snapshot::load(&path, now))
+            .map_err(Error::from)?;
+        Ok(PyDnsCache {
+            inner: RwLock::new(cache),
+        })
+    }
+
+    fn __len__(&self) -> PyResult<usize> {
+        Ok(self.read()?.len())
+    }
+
+    /// entries, names, groups, pairs, endpoints, evictions, name_evictions, memory_bytes.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.read()?.stats();
+        let d = PyDict::new(py);
+        d.set_item("entries", s.entries)?;
+        d.set_item("names", s.names)?;
+        d.set_item("groups", s.groups)?;
+        d.set_item("pairs", s.pairs)?;
+        d.set_item("endpoints", s.endpoints)?;
+        d.set_item("evictions", s.evictions)?;
+        d.set_item("name_evictions", s.name_evictions)?;
+        d.set_item("memory_bytes", s.memory_bytes)?;
+        Ok(d)
+    }
+
+    fn __repr__(&self) -> PyResult<String> {
+        let c = self.read()?;
+        let cfg = c.config();
+        Ok(format!(
+            "DnsCache(<{} entries>, min_ttl={}, max_ips_per_name={}, max_entries={})",
+            c.len(),
+            cfg.min_ttl,
+            cfg.max_ips_per_name,
+            cfg.max_entries
+        ))
+    }
+}
+
+pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyDnsCache>()?;
+    m.add_class::<PyChange>()?;
+    Ok(())
+}
