@@ -5,6 +5,7 @@
 pub mod error;
 pub mod pattern;
 pub mod policy;
+pub mod yaml;
 
 #[cfg(feature = "python")]
 #[allow(unsafe_code)]

@@ -6,6 +6,7 @@ use pyo3::prelude::*;
 mod errors;
 mod pattern;
 mod policy;
+mod yaml;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -13,5 +14,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     pattern::register(m)?;
     policy::register(m)?;
+    yaml::register(m)?;
     Ok(())
 }
