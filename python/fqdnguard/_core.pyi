@@ -11,6 +11,8 @@ __all__ = [
     "__version__",
     "validate_name",
     "validate_pattern",
+    "YamlNode",
+    "compose_yaml",
 ]
 
 __version__: str
@@ -78,3 +80,26 @@ class Verdict:
     @property
     def kind(self) -> str: ...
     def __bool__(self) -> bool: ...
+
+@final
+class YamlNode:
+    """One YAML node: ``kind`` 0 scalar, 1 sequence, 2 mapping; ``tag`` as PyYAML resolves it;
+    ``value`` the scalar's text, the sequence's items (a list) or the mapping's string-keyed
+    fields (a dict); ``line`` (1-based) where it starts; ``key_line`` the line of its key when it
+    is a mapping value (else 0); ``pairs`` the mapping's (key, value) nodes in order when a key is
+    not a string or is repeated (``value`` then holds the first of each string key), else None."""
+
+    @property
+    def kind(self) -> int: ...
+    @property
+    def tag(self) -> str: ...
+    @property
+    def value(self) -> Any: ...
+    @property
+    def line(self) -> int: ...
+    @property
+    def key_line(self) -> int: ...
+    @property
+    def pairs(self) -> list[tuple[YamlNode, YamlNode]] | None: ...
+
+def compose_yaml(text: str) -> tuple[list[YamlNode], tuple[int, str] | None]: ...
