@@ -8,10 +8,9 @@ from typing import Any
 
 import pytest
 import yaml  # type: ignore[import-untyped,unused-ignore]
+from fqdnguard._core import YamlNode, compose_yaml
 from hypothesis import given
 from hypothesis import strategies as st
-
-from fqdnguard._core import YamlNode, compose_yaml
 
 _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 STR = "tag:yaml.org,2002:str"
@@ -59,16 +58,96 @@ def same(text: str) -> None:
 
 
 TRICKY = [
-    "", "~", "null", "Null", "NULL", "nULL", "yes", "Yes", "YES", "yEs", "no", "No", "NO",
-    "true", "True", "TRUE", "false", "on", "On", "ON", "off", "Off", "OFF", "y", "n", "Y",
-    "0", "-0", "+0", "00", "017", "0_17", "08", "0b1010", "0b", "-0b1_0", "0x1F", "0xg", "0X1F",
-    "0o17", "1_000", "1__0", "1:30", "-1:30", "190:20:30", "0:30", "1:60", "1:5", "1:05:",
-    "1.5", "1.", ".5", "-.5", "1e5", "1.0e+5", "1.0E-5", "1.0e5", "1_0.0_1", "190:20:30.15",
-    ".inf", "-.Inf", "+.INF", ".nan", ".NaN", "+.nan", "inf", "nan", "2001-12-14",
-    "2001-12-14t21:59:43.10-05:00", "2001-12-14 21:59:43.10 -5", "2001-1-4 1:59:43",
-    "2001-12-14 21:59:43 ", "2001-12-14 21:59", "2001-12-14T21:59:43Z", "2001-12-14 21:59:43 +1:00",
-    "<<", "=", "53", "443", "53/udp", "api.github.com", "*.example.com", "**.cdn.net",
-    "k8s:io.kubernetes.pod.namespace", "10.96.0.10", "fd00::1", "10.0.0.0/8", "-", "a b", "é",
+    "",
+    "~",
+    "null",
+    "Null",
+    "NULL",
+    "nULL",
+    "yes",
+    "Yes",
+    "YES",
+    "yEs",
+    "no",
+    "No",
+    "NO",
+    "true",
+    "True",
+    "TRUE",
+    "false",
+    "on",
+    "On",
+    "ON",
+    "off",
+    "Off",
+    "OFF",
+    "y",
+    "n",
+    "Y",
+    "0",
+    "-0",
+    "+0",
+    "00",
+    "017",
+    "0_17",
+    "08",
+    "0b1010",
+    "0b",
+    "-0b1_0",
+    "0x1F",
+    "0xg",
+    "0X1F",
+    "0o17",
+    "1_000",
+    "1__0",
+    "1:30",
+    "-1:30",
+    "190:20:30",
+    "0:30",
+    "1:60",
+    "1:5",
+    "1:05:",
+    "1.5",
+    "1.",
+    ".5",
+    "-.5",
+    "1e5",
+    "1.0e+5",
+    "1.0E-5",
+    "1.0e5",
+    "1_0.0_1",
+    "190:20:30.15",
+    ".inf",
+    "-.Inf",
+    "+.INF",
+    ".nan",
+    ".NaN",
+    "+.nan",
+    "inf",
+    "nan",
+    "2001-12-14",
+    "2001-12-14t21:59:43.10-05:00",
+    "2001-12-14 21:59:43.10 -5",
+    "2001-1-4 1:59:43",
+    "2001-12-14 21:59:43 ",
+    "2001-12-14 21:59",
+    "2001-12-14T21:59:43Z",
+    "2001-12-14 21:59:43 +1:00",
+    "<<",
+    "=",
+    "53",
+    "443",
+    "53/udp",
+    "api.github.com",
+    "*.example.com",
+    "**.cdn.net",
+    "k8s:io.kubernetes.pod.namespace",
+    "10.96.0.10",
+    "fd00::1",
+    "10.0.0.0/8",
+    "-",
+    "a b",
+    "é",
 ]
 
 
@@ -76,8 +155,14 @@ TRICKY = [
 def test_tricky_scalar(scalar: str) -> None:
     quoted = json.dumps(scalar)
     single = "'" + scalar.replace("'", "''") + "'"
-    texts = [f"k: {scalar}\n", f"- {scalar}\n", f"k: {quoted}\n", f"k: {single}\n",
-             f"k: ! {quoted}\n", f"k: !!str {scalar}\n"]  # fmt: skip
+    texts = [
+        f"k: {scalar}\n",
+        f"- {scalar}\n",
+        f"k: {quoted}\n",
+        f"k: {single}\n",
+        f"k: ! {quoted}\n",
+        f"k: !!str {scalar}\n",
+    ]
     if scalar != "-":  # YAML 1.2 (saphyr) refuses `[-]`, which PyYAML reads as "-"
         texts.append(f"[{scalar}]\n")
     for text in texts:
@@ -85,15 +170,49 @@ def test_tricky_scalar(scalar: str) -> None:
 
 
 DOCS = [
-    "a:\n", "a: ~\n", "- \n- x\n", "a: &x\n  b: 1\n", "a: |\n  x\n  y\n", "a: >-\n  x\n\n  y\n",
-    "a: !!null\n", "- !!str\n- !!map {}\n", "--- !!set\n? a\n", "{a: 1, b}\n", "[~, ]\n",
-    "a: # c\n  &x # d\n  # e\n  b: 1\n", "é: # ü\n  !!str x\n", "- [a, &x b, !!str c, ~]\n",
-    "- {? &k a : ~, b: }\n", "a: |  # comment\n  x\n", "- ? a\n  : b\n", "a:\n  - &x\n    - 1\n",
-    "? [1]\n: 2\n", "a: 1\na: 2\n", "a: !foo x\n", "a: !<tag:x> y\n", "a: ! 12\n",
-    "%TAG !e! tag:e.com,2000:\n---\na: !e!x y\n", "a: 'it''s'\n", 'a: "\\x41\\u263a"\n', "---\n",
-    "", "--- 1\n--- 2\n", "a: [1, {b: c}]\n", "a: b\n  c\n", "<<: {a: 1}\n", "a: [1\n", "a: 'x\n",
-    "a: *y\n", "a: b: c\n", "- - - a\n", "a: @x\n", "a:\n- 1\n- 2\n", "key: value # c\n",
-    'a: "x\n  y"\n', "a: \x07\n", "x: 1\n--- {y: [2\n",
+    "a:\n",
+    "a: ~\n",
+    "- \n- x\n",
+    "a: &x\n  b: 1\n",
+    "a: |\n  x\n  y\n",
+    "a: >-\n  x\n\n  y\n",
+    "a: !!null\n",
+    "- !!str\n- !!map {}\n",
+    "--- !!set\n? a\n",
+    "{a: 1, b}\n",
+    "[~, ]\n",
+    "a: # c\n  &x # d\n  # e\n  b: 1\n",
+    "é: # ü\n  !!str x\n",
+    "- [a, &x b, !!str c, ~]\n",
+    "- {? &k a : ~, b: }\n",
+    "a: |  # comment\n  x\n",
+    "- ? a\n  : b\n",
+    "a:\n  - &x\n    - 1\n",
+    "? [1]\n: 2\n",
+    "a: 1\na: 2\n",
+    "a: !foo x\n",
+    "a: !<tag:x> y\n",
+    "a: ! 12\n",
+    "%TAG !e! tag:e.com,2000:\n---\na: !e!x y\n",
+    "a: 'it''s'\n",
+    'a: "\\x41\\u263a"\n',
+    "---\n",
+    "",
+    "--- 1\n--- 2\n",
+    "a: [1, {b: c}]\n",
+    "a: b\n  c\n",
+    "<<: {a: 1}\n",
+    "a: [1\n",
+    "a: 'x\n",
+    "a: *y\n",
+    "a: b: c\n",
+    "- - - a\n",
+    "a: @x\n",
+    "a:\n- 1\n- 2\n",
+    "key: value # c\n",
+    'a: "x\n  y"\n',
+    "a: \x07\n",
+    "x: 1\n--- {y: [2\n",
 ]
 
 
@@ -118,8 +237,15 @@ def test_recursive_alias_and_deep_nesting_are_errors_not_crashes() -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "line"), [("a: [1\n", 2), ("a: 'x\n", 1), ("a: *y\n", 1), ("a: b: c\n", 1),
-                       ("a: \x07\n", 1), ("x: 1\ny: @\n", 2)]  # fmt: skip
+    ("text", "line"),
+    [
+        ("a: [1\n", 2),
+        ("a: 'x\n", 1),
+        ("a: *y\n", 1),
+        ("a: b: c\n", 1),
+        ("a: \x07\n", 1),
+        ("x: 1\ny: @\n", 2),
+    ],
 )
 def test_syntax_errors_name_a_line(text: str, line: int) -> None:
     docs, err = compose_yaml(text)
@@ -146,8 +272,7 @@ scalars = st.one_of(
 )
 values = st.recursive(
     scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(texts | scalars,
-                                                                inner, max_size=4),  # fmt: skip
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(texts | scalars, inner, max_size=4),
     max_leaves=12,
 )
 
@@ -163,8 +288,14 @@ def test_generated_documents(
     value: Any, flow: bool | None, start: bool, indent: int, style: str | None
 ) -> None:
     try:
-        text = yaml.safe_dump(value, default_flow_style=flow, explicit_start=start, indent=indent,
-                              default_style=style, allow_unicode=True)  # fmt: skip
+        text = yaml.safe_dump(
+            value,
+            default_flow_style=flow,
+            explicit_start=start,
+            indent=indent,
+            default_style=style,
+            allow_unicode=True,
+        )
     except yaml.YAMLError:
         return
     same(text)

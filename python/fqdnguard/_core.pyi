@@ -8,11 +8,11 @@ __all__ = [
     "PatternError",
     "PatternSet",
     "Verdict",
+    "YamlNode",
     "__version__",
+    "compose_yaml",
     "validate_name",
     "validate_pattern",
-    "YamlNode",
-    "compose_yaml",
 ]
 
 __version__: str

@@ -13,6 +13,7 @@ import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+
 from fqdnguard._core import FqdnGuardError, YamlNode, compose_yaml
 
 SCALAR, SEQUENCE, MAPPING = 0, 1, 2
@@ -156,7 +157,9 @@ class Reader:
             for name, value in out.items():
                 if name not in fields:
                     sub = f"{path}.{name}" if path else name
-                    self.error(value.key_line, sub, f"unknown field {name!r} (known fields: {known})")
+                    self.error(
+                        value.key_line, sub, f"unknown field {name!r} (known fields: {known})"
+                    )
             return None
         seen: set[str] = set()
         for key, _ in pairs:

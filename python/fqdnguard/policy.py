@@ -648,9 +648,7 @@ def _read_egress(
     return rule if len(r.errors) == errors else None
 
 
-def _read_name_selectors(
-    r: Reader, items: list[YamlNode], path: str
-) -> list[tuple[bool, str]]:
+def _read_name_selectors(r: Reader, items: list[YamlNode], path: str) -> list[tuple[bool, str]]:
     """The valid entries of a ``toFQDNs`` / ``rules.dns`` list. The common case (one string field
     whose text is valid) builds no path string and checks each text once per file; anything else
     goes through :func:`_read_name_selector`, which reports problems."""
@@ -661,15 +659,15 @@ def _read_name_selectors(
         if f is not None and len(f) == 1:
             ((key, value),) = f.items()
             if value.tag == STR and value.kind == SCALAR and key in _FQDN:
-                sel: tuple[bool, str] | None = (key == "matchPattern", value.value)
+                sel = (key == "matchPattern", value.value)
                 if sel not in valid:
                     try:
                         (validate_pattern if sel[0] else validate_name)(sel[1])
                     except PatternError:
-                        sel = None  # reported below, with its path
+                        pass  # reported below, with its path
                     else:
                         valid.add(sel)
-                if sel is not None:
+                if sel in valid:
                     out.append(sel)
                     continue
         checked = _read_name_selector(r, n, f"{path}[{i}]")

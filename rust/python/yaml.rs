@@ -145,13 +145,13 @@ impl Builder<'_, '_> {
     }
 }
 
+/// The document roots and the first syntax error as `(line, message)`.
+type Composed = (Vec<Py<PyYamlNode>>, Option<(u32, String)>);
+
 /// The documents of a YAML stream as node trees, and the first syntax error as
 /// ``(line, message)`` (None when there is none; the documents before it are returned).
 #[pyfunction]
-fn compose_yaml(
-    py: Python<'_>,
-    text: &str,
-) -> PyResult<(Vec<Py<PyYamlNode>>, Option<(u32, String)>)> {
+fn compose_yaml(py: Python<'_>, text: &str) -> PyResult<Composed> {
     let (tree, err) = yaml::compose(text);
     let mut b = Builder {
         py,

@@ -124,10 +124,10 @@ fn digit_(c: u8) -> bool {
 
 /// `(?:[eE][-+][0-9]+)?` then the end.
 fn exponent_end(c: &mut Cur<'_>) -> bool {
-    if c.eat(|x| x == b'e' || x == b'E') {
-        if !c.eat(|x| x == b'-' || x == b'+') || c.many(digit) == 0 {
-            return false;
-        }
+    if c.eat(|x| x == b'e' || x == b'E')
+        && (!c.eat(|x| x == b'-' || x == b'+') || c.many(digit) == 0)
+    {
+        return false;
     }
     c.done()
 }
