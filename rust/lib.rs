@@ -7,6 +7,7 @@ pub mod error;
 pub mod pattern;
 pub mod policy;
 pub mod wire;
+pub mod yaml;
 
 #[cfg(feature = "python")]
 #[allow(unsafe_code)]

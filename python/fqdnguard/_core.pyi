@@ -19,6 +19,9 @@ __all__ = [
     "make_error_response",
     "parse_message",
     "resolve_answer",
+    "YamlNode",
+    "__version__",
+    "compose_yaml",
     "validate_name",
     "validate_pattern",
 ]
@@ -240,3 +243,26 @@ class DnsCache:
     def load(path: str | os.PathLike[str], now: float | None = None) -> DnsCache: ...
     def __len__(self) -> int: ...
     def stats(self) -> dict[str, int]: ...
+
+@final
+class YamlNode:
+    """One YAML node: ``kind`` 0 scalar, 1 sequence, 2 mapping; ``tag`` as PyYAML resolves it;
+    ``value`` the scalar's text, the sequence's items (a list) or the mapping's string-keyed
+    fields (a dict); ``line`` (1-based) where it starts; ``key_line`` the line of its key when it
+    is a mapping value (else 0); ``pairs`` the mapping's (key, value) nodes in order when a key is
+    not a string or is repeated (``value`` then holds the first of each string key), else None."""
+
+    @property
+    def kind(self) -> int: ...
+    @property
+    def tag(self) -> str: ...
+    @property
+    def value(self) -> Any: ...
+    @property
+    def line(self) -> int: ...
+    @property
+    def key_line(self) -> int: ...
+    @property
+    def pairs(self) -> list[tuple[YamlNode, YamlNode]] | None: ...
+
+def compose_yaml(text: str) -> tuple[list[YamlNode], tuple[int, str] | None]: ...

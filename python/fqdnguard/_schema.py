@@ -1,4 +1,5 @@
-"""Reading YAML as Kubernetes does, keeping line numbers: typed field access over PyYAML nodes.
+"""Reading YAML as Kubernetes does, keeping line numbers: typed field access over the nodes of
+``fqdnguard._core.compose_yaml`` (a Rust composer resolving tags as PyYAML does, YAML 1.1).
 
 Every problem becomes a :class:`PolicyError` naming the file, the line, the field path
 (``spec.egress[0].toFQDNs[1].matchPattern``) and the reason; every valid feature fqdnguard does
@@ -8,15 +9,16 @@ lists every problem at once.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
-import yaml  # type: ignore[import-untyped,unused-ignore]
+from fqdnguard._core import FqdnGuardError, YamlNode, compose_yaml
 
-from fqdnguard._core import FqdnGuardError
-
-_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+SCALAR, SEQUENCE, MAPPING = 0, 1, 2
+STR = "tag:yaml.org,2002:str"
+NULL = "tag:yaml.org,2002:null"
 
 _TAGS = {
     "tag:yaml.org,2002:str": "a string",
@@ -74,22 +76,38 @@ class PolicyWarning:
         return f"{self.file}:{self.line}: {self.path}: not enforced by fqdnguard: {self.message}"
 
 
-def kind_of(node: yaml.Node) -> str:
-    if isinstance(node, yaml.MappingNode):
+def kind_of(node: YamlNode) -> str:
+    if node.kind == MAPPING:
         return "an object"
-    if isinstance(node, yaml.SequenceNode):
+    if node.kind == SEQUENCE:
         return "a list"
     return _TAGS.get(node.tag, f"a value tagged {node.tag}")
 
 
-def line_of(node: yaml.Node) -> int:
-    return int(node.start_mark.line) + 1
+def line_of(node: YamlNode) -> int:
+    return node.line
 
 
-def is_null(node: yaml.Node | None) -> bool:
-    return node is None or (
-        isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
-    )
+def is_null(node: YamlNode | None) -> bool:
+    return node is None or (node.kind == SCALAR and node.tag == NULL)
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Loading allocates hundreds of thousands of containers and frees none, which makes the
+    cyclic GC rescan the growing heap over and over (more than half the load time); loading
+    creates no reference cycles, so the collector is paused around it."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+_TRUE = frozenset({"yes", "true", "on"})
+_FALSE = frozenset({"no", "false", "off"})
 
 
 class Reader:
@@ -99,74 +117,86 @@ class Reader:
         self.file = file
         self.errors: list[PolicyError] = []
         self.warnings: list[PolicyWarning] = []
+        #: (is_pattern, text) selectors already validated: each text is checked once.
+        self.valid_names: set[tuple[bool, str]] = set()
+
+    @staticmethod
+    def line(node: YamlNode) -> int:
         # A field's problems are reported at its key's line (a block list starts on the next).
-        self._key_line: dict[int, int] = {}
+        return node.key_line or node.line
 
-    def line(self, node: yaml.Node) -> int:
-        return self._key_line.get(id(node)) or line_of(node)
-
-    def error(self, node: yaml.Node | int, path: str, reason: str) -> None:
-        line = node if isinstance(node, int) else self.line(node)
+    def error(self, node: YamlNode | int, path: str, reason: str) -> None:
+        line = node if isinstance(node, int) else node.key_line or node.line
         self.errors.append(PolicyError(self.file, line, path, reason))
 
-    def warn(self, node: yaml.Node, path: str, message: str) -> None:
+    def warn(self, node: YamlNode, path: str, message: str) -> None:
         self.warnings.append(PolicyWarning(self.file, self.line(node), path, message))
 
-    def documents(self, text: str) -> Iterator[yaml.Node]:
-        try:
-            yield from yaml.compose_all(text, Loader=_Loader)
-        except yaml.MarkedYAMLError as e:
-            mark = e.problem_mark or e.context_mark
-            line = int(mark.line) + 1 if mark is not None else 1
-            self.error(line, "", f"invalid YAML: {e.problem or e.context}")
-        except yaml.YAMLError as e:
-            self.error(1, "", f"invalid YAML: {e}")
+    def documents(self, text: str) -> Iterator[YamlNode]:
+        """The documents, then a syntax error (if any) reported after the ones before it."""
+        docs, err = compose_yaml(text)
+        yield from docs
+        if err is not None:
+            self.error(err[0], "", f"invalid YAML: {err[1]}")
 
     def mapping(
-        self, node: yaml.Node, path: str, fields: frozenset[str] | None
-    ) -> dict[str, yaml.Node] | None:
-        """The fields of an object (None fields: any key), or None after reporting why not."""
-        if not isinstance(node, yaml.MappingNode):
+        self, node: YamlNode, path: str, fields: frozenset[str] | None
+    ) -> dict[str, YamlNode] | None:
+        """The fields of an object (None fields: any key), or None after reporting why not.
+        The dict is the node's own: callers read it, never change it."""
+        if node.kind != MAPPING:
             self.error(node, path, f"must be an object, not {kind_of(node)}")
             return None
-        out: dict[str, yaml.Node] = {}
-        ok = True
-        for key, value in node.value:
-            if not (isinstance(key, yaml.ScalarNode) and key.tag == "tag:yaml.org,2002:str"):
+        out: dict[str, YamlNode] = node.value
+        pairs = node.pairs
+        if pairs is None:
+            if fields is None or out.keys() <= fields:
+                return out
+            # Some field is unknown: report each, in order, at its key's line.
+            known = ", ".join(sorted(fields))
+            for name, value in out.items():
+                if name not in fields:
+                    sub = f"{path}.{name}" if path else name
+                    self.error(
+                        value.key_line, sub, f"unknown field {name!r} (known fields: {known})"
+                    )
+            return None
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if not (key.kind == SCALAR and key.tag == STR):
                 self.error(key, path, f"field names must be strings, not {kind_of(key)}")
-                ok = False
                 continue
             name = key.value
             sub = f"{path}.{name}" if path else name
-            if name in out:
+            if name in seen:
                 self.error(key, sub, "duplicate field")
-                ok = False
             elif fields is not None and name not in fields:
                 known = ", ".join(sorted(fields))
                 self.error(key, sub, f"unknown field {name!r} (known fields: {known})")
-                ok = False
-            out[name] = value
-            self._key_line[id(value)] = line_of(key)
-        return out if ok else None
+            seen.add(name)
+        return None
 
-    def sequence(self, node: yaml.Node, path: str) -> list[yaml.Node] | None:
-        """The items of a list (null reads as empty), or None after reporting."""
-        if is_null(node):
+    def sequence(self, node: YamlNode, path: str) -> list[YamlNode] | None:
+        """The items of a list (null reads as empty), or None after reporting. The list is the
+        node's own: callers read it, never change it."""
+        if node.kind == SEQUENCE:
+            items: list[YamlNode] = node.value
+            return items
+        if node.kind == SCALAR and node.tag == NULL:
             return []
-        if not isinstance(node, yaml.SequenceNode):
-            self.error(node, path, f"must be a list, not {kind_of(node)}")
-            return None
-        return list(node.value)
+        self.error(node, path, f"must be a list, not {kind_of(node)}")
+        return None
 
-    def string(self, node: yaml.Node, path: str) -> str | None:
-        if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:str":
-            return str(node.value)
-        hint = " (quote it)" if isinstance(node, yaml.ScalarNode) else ""
+    def string(self, node: YamlNode, path: str) -> str | None:
+        if node.tag == STR and node.kind == SCALAR:
+            value: str = node.value
+            return value
+        hint = " (quote it)" if node.kind == SCALAR else ""
         self.error(node, path, f"must be a string, not {kind_of(node)}{hint}")
         return None
 
-    def integer(self, node: yaml.Node, path: str) -> int | None:
-        if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:int":
+    def integer(self, node: YamlNode, path: str) -> int | None:
+        if node.kind == SCALAR and node.tag == "tag:yaml.org,2002:int":
             try:
                 return int(node.value.replace("_", ""), 0)
             except ValueError:
@@ -174,20 +204,22 @@ class Reader:
         self.error(node, path, f"must be an integer, not {kind_of(node)}")
         return None
 
-    def boolean(self, node: yaml.Node, path: str) -> bool | None:
-        if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:bool":
-            return bool(yaml.safe_load(node.value))
+    def boolean(self, node: YamlNode, path: str) -> bool | None:
+        if node.kind == SCALAR and node.tag == "tag:yaml.org,2002:bool":
+            text = node.value.lower()
+            if text in _TRUE or text in _FALSE:
+                return text in _TRUE
         self.error(node, path, f"must be a boolean, not {kind_of(node)}")
         return None
 
-    def strings(self, node: yaml.Node, path: str) -> list[str] | None:
+    def strings(self, node: YamlNode, path: str) -> list[str] | None:
         items = self.sequence(node, path)
         if items is None:
             return None
         out = [self.string(n, f"{path}[{i}]") for i, n in enumerate(items)]
         return None if any(s is None for s in out) else [s for s in out if s is not None]
 
-    def string_map(self, node: yaml.Node, path: str) -> dict[str, str] | None:
+    def string_map(self, node: YamlNode, path: str) -> dict[str, str] | None:
         fields = self.mapping(node, path, None)
         if fields is None:
             return None

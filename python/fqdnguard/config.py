@@ -16,8 +16,10 @@ from fqdnguard._core import FqdnGuardError
 
 __all__ = ["ConfigError", "ProxyConfig", "parse_hostport", "resolv_conf_nameservers"]
 
+
 class ConfigError(FqdnGuardError, ValueError):
     """A configuration value is invalid; the message names the option."""
+
 
 def parse_hostport(text: str, option: str, default_port: int | None = None) -> tuple[str, int]:
     """``ADDR:PORT`` or ``[V6ADDR]:PORT`` (or a bare address when default_port is given)."""
@@ -48,6 +50,7 @@ def parse_hostport(text: str, option: str, default_port: int | None = None) -> t
         raise ConfigError(f"{option}: {text!r}: port must be a number from 1 to 65535")
     return str(addr), int(port_text)
 
+
 def resolv_conf_nameservers(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
     """The nameservers of a resolv.conf, port 53 (zone ids of link-local IPv6 are dropped)."""
     out: list[tuple[str, int]] = []
@@ -63,6 +66,7 @@ def resolv_conf_nameservers(path: str = "/etc/resolv.conf") -> list[tuple[str, i
     except OSError:
         return []
     return out
+
 
 @dataclass(frozen=True)
 class ProxyConfig:
@@ -135,7 +139,9 @@ class ProxyConfig:
             if name == "upstream":
                 name = "upstreams"
             if name not in cls.OPTIONS:
-                raise ConfigError(f"{source}: unknown option {key!r} (known: {', '.join(cls.OPTIONS)})")
+                raise ConfigError(
+                    f"{source}: unknown option {key!r} (known: {', '.join(cls.OPTIONS)})"
+                )
             kwargs[name] = _convert(name, value, source)
         return cls(**kwargs)
 
@@ -153,6 +159,7 @@ class ProxyConfig:
             raise ConfigError("upstreams: none configured and /etc/resolv.conf lists no nameserver")
         return found
 
+
 def _convert(name: str, value: Any, source: str) -> Any:
     option = f"{source}: {name}" if source != "flag" else f"--{name.replace('_', '-')}"
     if name in ("listen", "upstreams"):
@@ -167,8 +174,14 @@ def _convert(name: str, value: Any, source: str) -> Any:
     if name in ("policy", "search_domains"):
         items = value if isinstance(value, (list, tuple)) else [value]
         return [str(v).rstrip(".") if name == "search_domains" else str(v) for v in items]
-    if name in ("upstream_timeout", "hold_max", "tcp_idle_timeout", "expire_interval", "log_sample",
-                "cache_save_interval"):
+    if name in (
+        "upstream_timeout",
+        "hold_max",
+        "tcp_idle_timeout",
+        "expire_interval",
+        "log_sample",
+        "cache_save_interval",
+    ):
         try:
             return float(value)
         except (TypeError, ValueError):
@@ -178,5 +191,6 @@ def _convert(name: str, value: Any, source: str) -> Any:
             raise ConfigError(f"{option}: {value!r} is not a whole number")
         return int(value)
     return value
+
 
 _ = fields  # dataclass helpers re-exported for callers that introspect the config

@@ -23,8 +23,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-import yaml  # type: ignore[import-untyped,unused-ignore]
-
+from fqdnguard._core import YamlNode
 from fqdnguard._schema import PolicyError, Reader
 
 NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
@@ -229,7 +228,7 @@ class Endpoints:
         return f"Endpoints(<{len(self._list)} endpoints>)"
 
 
-def _read_endpoint(r: Reader, node: yaml.Node, path: str, default_id: int) -> Endpoint | None:
+def _read_endpoint(r: Reader, node: YamlNode, path: str, default_id: int) -> Endpoint | None:
     f = r.mapping(node, path, _ENTRY_FIELDS)
     if f is None:
         return None

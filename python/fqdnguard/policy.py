@@ -21,10 +21,25 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import yaml  # type: ignore[import-untyped,unused-ignore]
-
-from fqdnguard._core import CompiledPolicy, PatternError, Verdict, validate_name, validate_pattern
-from fqdnguard._schema import PolicyError, PolicyWarning, Reader, is_null, line_of
+from fqdnguard._core import (
+    CompiledPolicy,
+    PatternError,
+    Verdict,
+    YamlNode,
+    validate_name,
+    validate_pattern,
+)
+from fqdnguard._schema import (
+    MAPPING,
+    SCALAR,
+    STR,
+    PolicyError,
+    PolicyWarning,
+    Reader,
+    gc_paused,
+    is_null,
+    line_of,
+)
 from fqdnguard.endpoints import NAMESPACE_LABEL, OPERATORS, Endpoint, Endpoints, Selector
 
 __all__ = ["Policy", "PolicyError", "PolicyWarning", "lint"]
@@ -235,10 +250,11 @@ class Policy:
     def _from_sources(
         cls, sources: list[tuple[str, str | PolicyError]], endpoints: Endpoints | None
     ) -> Policy:
-        specs, infos, errors, warnings = _read_sources(sources)
-        if errors:
-            raise PolicyError.of(errors)
-        return cls._make(specs, infos, warnings, endpoints)
+        with gc_paused():
+            specs, infos, errors, warnings = _read_sources(sources)
+            if errors:
+                raise PolicyError.of(errors)
+            return cls._make(specs, infos, warnings, endpoints)
 
     def with_endpoints(self, endpoints: Endpoints | None) -> Policy:
         """The same policies resolved against another endpoint registry."""
@@ -303,7 +319,8 @@ def lint(
         files = _files(paths)
     except PolicyError as e:
         return list(e.errors), []
-    _, _, errors, warnings = _read_sources([(f, _read_text(f)) for f in files])
+    with gc_paused():
+        _, _, errors, warnings = _read_sources([(f, _read_text(f)) for f in files])
     return errors, warnings
 
 
@@ -367,7 +384,7 @@ def _read_sources(
 
 def _read_document(  # noqa: PLR0911, PLR0917
     r: Reader,
-    doc: yaml.Node,
+    doc: YamlNode,
     path: str,
     specs: list[_Spec],
     infos: list[PolicyInfo],
@@ -418,7 +435,7 @@ def _read_document(  # noqa: PLR0911, PLR0917
     seen[key] = info
     infos.append(info)
     policy = info.display
-    nodes: list[tuple[yaml.Node, str, str]] = []
+    nodes: list[tuple[YamlNode, str, str]] = []
     if "spec" in fields and not is_null(fields["spec"]):
         nodes.append((fields["spec"], f"{p}spec", f"{kind} {policy}"))
     if "specs" in fields:
@@ -431,7 +448,7 @@ def _read_document(  # noqa: PLR0911, PLR0917
 
 
 def _read_metadata(
-    r: Reader, doc: yaml.Node, fields: dict[str, yaml.Node], p: str, kind: str
+    r: Reader, doc: YamlNode, fields: dict[str, YamlNode], p: str, kind: str
 ) -> tuple[str | None, str | None]:
     if "metadata" not in fields:
         r.error(doc, f"{p}metadata", "required field is missing")
@@ -462,7 +479,7 @@ def _read_metadata(
 
 def _read_spec(  # noqa: PLR0917
     r: Reader,
-    node: yaml.Node,
+    node: YamlNode,
     path: str,
     kind: str,
     namespace: str | None,
@@ -529,7 +546,7 @@ def _read_spec(  # noqa: PLR0917
     )
 
 
-def _read_selector(r: Reader, node: yaml.Node, path: str) -> Selector | None:
+def _read_selector(r: Reader, node: YamlNode, path: str) -> Selector | None:
     f = r.mapping(node, path, _SELECTOR)
     if f is None:
         return None
@@ -575,7 +592,7 @@ def _read_selector(r: Reader, node: yaml.Node, path: str) -> Selector | None:
 
 
 def _read_egress(
-    r: Reader, node: yaml.Node, path: str, index: int, namespace: str | None
+    r: Reader, node: YamlNode, path: str, index: int, namespace: str | None
 ) -> _Rule | None:
     f = r.mapping(node, path, _EGRESS)
     if f is None:
@@ -604,10 +621,8 @@ def _read_egress(
             rule.cidrs.append((c[0], c[1], [], f"toCIDR[{i}] {c[2]}"))
     for i, n in enumerate(present.get("toCIDRSet") or []):
         _read_cidr_rule(r, n, f"{path}.toCIDRSet[{i}]", rule, i)
-    for i, n in enumerate(present.get("toFQDNs") or []):
-        fq = _read_name_selector(r, n, f"{path}.toFQDNs[{i}]")
-        if fq is not None:
-            rule.fqdns.append(fq)
+    if present.get("toFQDNs"):
+        rule.fqdns = _read_name_selectors(r, present["toFQDNs"] or [], f"{path}.toFQDNs")
     for k in ("toEntities", "toServices", "toGroups", "toNodes"):
         if present.get(k):
             r.warn(f[k], f"{path}.{k}", f"{k} selectors (this rule allows nothing)")
@@ -633,7 +648,36 @@ def _read_egress(
     return rule if len(r.errors) == errors else None
 
 
-def _read_name_selector(r: Reader, node: yaml.Node, path: str) -> tuple[bool, str] | None:
+def _read_name_selectors(r: Reader, items: list[YamlNode], path: str) -> list[tuple[bool, str]]:
+    """The valid entries of a ``toFQDNs`` / ``rules.dns`` list. The common case (one string field
+    whose text is valid) builds no path string and checks each text once per file; anything else
+    goes through :func:`_read_name_selector`, which reports problems."""
+    out: list[tuple[bool, str]] = []
+    valid = r.valid_names
+    for i, n in enumerate(items):
+        f = n.value if n.kind == MAPPING and n.pairs is None else None
+        if f is not None and len(f) == 1:
+            ((key, value),) = f.items()
+            if value.tag == STR and value.kind == SCALAR and key in _FQDN:
+                sel = (key == "matchPattern", value.value)
+                if sel not in valid:
+                    try:
+                        (validate_pattern if sel[0] else validate_name)(sel[1])
+                    except PatternError:
+                        pass  # reported below, with its path
+                    else:
+                        valid.add(sel)
+                if sel in valid:
+                    out.append(sel)
+                    continue
+        checked = _read_name_selector(r, n, f"{path}[{i}]")
+        if checked is not None:
+            valid.add(checked)
+            out.append(checked)
+    return out
+
+
+def _read_name_selector(r: Reader, node: YamlNode, path: str) -> tuple[bool, str] | None:
     f = r.mapping(node, path, _FQDN)
     if f is None:
         return None
@@ -653,7 +697,7 @@ def _read_name_selector(r: Reader, node: yaml.Node, path: str) -> tuple[bool, st
 
 
 def _read_cidr(
-    r: Reader, node: yaml.Node, path: str, allow_address: bool
+    r: Reader, node: YamlNode, path: str, allow_address: bool
 ) -> tuple[str, int, str] | None:
     text = r.string(node, path)
     if text is None:
@@ -670,7 +714,7 @@ def _read_cidr(
     return str(net.network_address), net.prefixlen, text
 
 
-def _read_cidr_rule(r: Reader, node: yaml.Node, path: str, rule: _Rule, i: int) -> None:
+def _read_cidr_rule(r: Reader, node: YamlNode, path: str, rule: _Rule, i: int) -> None:
     f = r.mapping(node, path, _CIDR_RULE)
     if f is None:
         return
@@ -700,7 +744,7 @@ def _read_cidr_rule(r: Reader, node: yaml.Node, path: str, rule: _Rule, i: int) 
         rule.cidrs.append((c[0], c[1], excepts, label))
 
 
-def _read_port_rule(r: Reader, node: yaml.Node, path: str) -> _PortEntry | None:
+def _read_port_rule(r: Reader, node: YamlNode, path: str) -> _PortEntry | None:
     f = r.mapping(node, path, _PORT_RULE)
     if f is None:
         return None
@@ -729,11 +773,7 @@ def _read_port_rule(r: Reader, node: yaml.Node, path: str) -> _PortEntry | None:
             for p, n in zip(ports, items or [], strict=True):
                 if p is not None and p[1] > p[0]:
                     r.error(n, f"{path}.ports", "DNS rules do not support port ranges (endPort)")
-            dns = []
-            for i, n in enumerate(r.sequence(rules["dns"], dpath) or []):
-                sel = _read_name_selector(r, n, f"{dpath}[{i}]")
-                if sel is not None:
-                    dns.append(sel)
+            dns = _read_name_selectors(r, r.sequence(rules["dns"], dpath) or [], dpath)
         else:
             for k in kinds:
                 r.warn(
@@ -755,7 +795,7 @@ def _read_port_rule(r: Reader, node: yaml.Node, path: str) -> _PortEntry | None:
     return _PortEntry(ranges, dns, inert=bool(items) and not ranges)
 
 
-def _read_port(r: Reader, node: yaml.Node, path: str) -> tuple[int, int, str] | None:  # noqa: PLR0911
+def _read_port(r: Reader, node: YamlNode, path: str) -> tuple[int, int, str] | None:  # noqa: PLR0911
     """(port, endPort, protocol); port -1 for a named port (not enforced)."""
     f = r.mapping(node, path, _PORT)
     if f is None:

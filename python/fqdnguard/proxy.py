@@ -216,7 +216,8 @@ class Proxy:
             ]
         if listen is not None:
             overrides["listen"] = [
-                item if isinstance(item, tuple) else parse_hostport(item, "listen") for item in listen
+                item if isinstance(item, tuple) else parse_hostport(item, "listen")
+                for item in listen
             ]
         self.config = base.override(**overrides)
         self.upstreams = self.config.resolved_upstreams()
@@ -282,7 +283,12 @@ class Proxy:
                 )
                 self._listeners.append(transport)
                 server = await loop.create_server(
-                    lambda: _TcpClient(self), host, port, family=family, reuse_port=True, backlog=1024
+                    lambda: _TcpClient(self),
+                    host,
+                    port,
+                    family=family,
+                    reuse_port=True,
+                    backlog=1024,
                 )
                 self._servers.append(server)
         except OSError as e:
@@ -316,7 +322,9 @@ class Proxy:
             await asyncio.sleep(0.01)
         if self._applier is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self._applier), max(0.0, deadline - time.monotonic()))
+                await asyncio.wait_for(
+                    asyncio.shield(self._applier), max(0.0, deadline - time.monotonic())
+                )
         self._release(list(self._held))
         for task in list(self._tasks):
             task.cancel()
@@ -472,7 +480,9 @@ class Proxy:
                         await self.backend.apply(changes)
                 except Exception:
                     self.stats.backend_errors += 1
-                    log.exception("backend %s failed to apply %d changes", self.backend.name, len(changes))
+                    log.exception(
+                        "backend %s failed to apply %d changes", self.backend.name, len(changes)
+                    )
                 finally:
                     timer.cancel()
                 self.stats.batches += 1
@@ -515,7 +525,12 @@ class Proxy:
             if self._upstream_down_until[channel] <= time.monotonic():
                 self.stats.upstream_failovers += 1
                 host, port = self.upstreams[channel]
-                log.warning("upstream %s:%d not answering; failing over for %.0fs", host, port, UPSTREAM_RETRY)
+                log.warning(
+                    "upstream %s:%d not answering; failing over for %.0fs",
+                    host,
+                    port,
+                    UPSTREAM_RETRY,
+                )
             self._upstream_down_until[channel] = time.monotonic() + UPSTREAM_RETRY
             self._upstream_failures[channel] = 0
 

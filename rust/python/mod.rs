@@ -8,6 +8,7 @@ mod errors;
 mod pattern;
 mod policy;
 mod wire;
+mod yaml;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -17,5 +18,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     policy::register(m)?;
     wire::register(m)?;
     cache::register(m)?;
+    yaml::register(m)?;
     Ok(())
 }
