@@ -5,7 +5,10 @@ from collections.abc import Iterable
 from typing import Any, Literal, TypeAlias, final
 
 __all__ = [
+    "CacheError",
+    "Change",
     "CompiledPolicy",
+    "DnsCache",
     "Edns",
     "FqdnGuardError",
     "Message",
@@ -15,13 +18,12 @@ __all__ = [
     "Record",
     "Verdict",
     "WireError",
-    "__version__",
-    "make_error_response",
-    "parse_message",
-    "resolve_answer",
     "YamlNode",
     "__version__",
     "compose_yaml",
+    "make_error_response",
+    "parse_message",
+    "resolve_answer",
     "validate_name",
     "validate_pattern",
 ]
