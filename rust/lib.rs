@@ -3,6 +3,7 @@
 //! Everything except `python` is plain Rust: no PyO3, testable with `cargo test`.
 
 pub mod cache;
+pub mod engine;
 pub mod error;
 pub mod pattern;
 pub mod policy;

@@ -1,8 +1,15 @@
-"""Shared test configuration: hypothesis profiles chosen by HYPOTHESIS_PROFILE (dev, ci)."""
+"""Shared test configuration: hypothesis profiles chosen by HYPOTHESIS_PROFILE (dev, ci), and the
+fixtures of the proxy integration tests (a real Knot upstream, a policy and its endpoints)."""
 
 import os
+from collections.abc import Iterator
 
+import pytest
+from fqdnguard import Endpoints, Policy
+from fqdnguard.testing import KnotServer
 from hypothesis import HealthCheck, settings
+
+from tests.proxy_fixtures import ENDPOINTS, POLICY, UPSTREAM_IP, ZONE, require_knot
 
 settings.register_profile("dev", max_examples=100, deadline=None)
 settings.register_profile(
@@ -13,3 +20,20 @@ settings.register_profile(
     print_blob=True,
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+@pytest.fixture(scope="module")
+def knot() -> Iterator[KnotServer]:
+    require_knot()
+    with KnotServer({"example.com": ZONE}, host=UPSTREAM_IP) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def proxy_endpoints() -> Endpoints:
+    return Endpoints.from_yaml(ENDPOINTS)
+
+
+@pytest.fixture(scope="module")
+def proxy_policy(proxy_endpoints: Endpoints) -> Policy:
+    return Policy.from_yaml(POLICY, endpoints=proxy_endpoints)

@@ -65,8 +65,7 @@ class PyProxy(asyncio.DatagramProtocol):
         self.upstream: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.client = transport
+        self.client = transport  # type: ignore[assignment]  # uvloop's UDP transport class
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         assert self.client is not None and self.upstream is not None

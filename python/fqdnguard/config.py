@@ -93,11 +93,28 @@ class ProxyConfig:
     log_sample: float = 0.01
     cache_save_interval: float = 60.0
 
-    OPTIONS = (
-        "listen upstreams policy endpoints backend reject search_domains unknown_endpoint "
-        "state_dir metrics upstream_timeout max_inflight hold_max tcp_idle_timeout "
-        "max_tcp_connections expire_interval min_ttl log_queries log_sample cache_save_interval"
-    ).split()
+    OPTIONS = [
+        "listen",
+        "upstreams",
+        "policy",
+        "endpoints",
+        "backend",
+        "reject",
+        "search_domains",
+        "unknown_endpoint",
+        "state_dir",
+        "metrics",
+        "upstream_timeout",
+        "max_inflight",
+        "hold_max",
+        "tcp_idle_timeout",
+        "max_tcp_connections",
+        "expire_interval",
+        "min_ttl",
+        "log_queries",
+        "log_sample",
+        "cache_save_interval",
+    ]
 
     def __post_init__(self) -> None:
         self._check()
@@ -191,6 +208,3 @@ def _convert(name: str, value: Any, source: str) -> Any:
             raise ConfigError(f"{option}: {value!r} is not a whole number")
         return int(value)
     return value
-
-
-_ = fields  # dataclass helpers re-exported for callers that introspect the config

@@ -22,7 +22,7 @@ from typing import Any
 
 from fqdnguard._core import DnsCache, Engine
 from fqdnguard.backends import Backend, Log
-from fqdnguard.config import ProxyConfig, parse_hostport
+from fqdnguard.config import ConfigError, ProxyConfig, parse_hostport
 
 __all__ = ["Proxy", "ProxyStats"]
 
@@ -76,8 +76,7 @@ class _UdpServer(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's UDP transport class
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self.proxy._on_query(data, _Client(self.transport, addr), addr[0], False)
@@ -107,8 +106,7 @@ class _TcpFramer(asyncio.Protocol):
         self.buf = bytearray()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -170,23 +168,66 @@ class _TcpClient(_TcpFramer):
 
 
 class _UpstreamTcp(_TcpFramer):
+    """One TCP connection to an upstream for one client connection; queries sent before it is
+    up wait in ``queued``."""
+
     def __init__(self, proxy: Proxy, channel: int) -> None:
         super().__init__()
         self.proxy = proxy
         self.channel = channel
-        self.ready = asyncio.get_running_loop().create_future()
+        self.queued: list[bytes] = []
+        self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        if not self.ready.done():
-            self.ready.set_result(None)
+        if self.closed:
+            transport.close()
+            return
+        for payload in self.queued:
+            super().send(payload)
+        self.queued.clear()
+
+    def send(self, payload: bytes) -> None:
+        if self.transport is None:
+            self.queued.append(payload)
+        else:
+            super().send(payload)
 
     def message_received(self, message: bytes) -> None:
         self.proxy._on_answer(self.channel, message)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self.ready.done():
-            self.ready.set_exception(exc or ConnectionError("closed"))
+        self.closed = True
+        self.proxy._upstream_tcp.discard(self)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+def engine_table(
+    policy: Any, endpoints: Any, unknown: str | None
+) -> tuple[Any, dict[str, tuple[int, int | None]], tuple[int, int | None] | None]:
+    """What the engine needs: the compiled policy, every endpoint address -> (endpoint id,
+    identity or None when no policy selects it), and the pair for unknown sources (an endpoint
+    named ``namespace/name`` or ``name``, or None to refuse them)."""
+    pol = policy.with_endpoints(endpoints)
+    table: dict[str, tuple[int, int | None]] = {}
+    pairs: dict[str, tuple[int, int | None]] = {}
+    for ep in endpoints:
+        identity = pol._identity(ep) if pol.selecting(ep) else None
+        pair = (ep.id, identity)
+        pairs[f"{ep.namespace}/{ep.name}"] = pair
+        pairs.setdefault(ep.name, pair)
+        for ip in ep.ips:
+            table[ip] = pair
+    unknown_pair = None
+    if unknown is not None:
+        if unknown not in pairs:
+            raise ConfigError(f"unknown_endpoint: {unknown!r} is not an endpoint of the registry")
+        unknown_pair = pairs[unknown]
+    return pol._compiled, table, unknown_pair
 
 
 class Proxy:
@@ -244,6 +285,7 @@ class Proxy:
         self._upstream_failures = [0] * len(self.upstreams)
         self._upstream_down_until = [0.0] * len(self.upstreams)
         self._tcp_clients: set[_TcpClient] = set()
+        self._upstream_tcp: set[_UpstreamTcp] = set()
         self._tcp_channels = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._held: dict[int, tuple[bytes, _Client]] = {}
@@ -257,9 +299,7 @@ class Proxy:
 
     def set_policy(self, policy: Any, endpoints: Any) -> None:
         """Swaps in a new compiled policy and endpoint set, atomically for the data path."""
-        compiled = policy.with_endpoints(endpoints) if hasattr(policy, "with_endpoints") else policy
-        table = compiled.engine_table(unknown=self.config.unknown_endpoint)
-        self.engine.set_policy(*table)
+        self.engine.set_policy(*engine_table(policy, endpoints, self.config.unknown_endpoint))
         self.policy, self.endpoints = policy, endpoints
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -309,7 +349,7 @@ class Proxy:
         return [t.get_extra_info("sockname")[:2] for t in self._listeners]
 
     async def stop(self, timeout: float = 5.0) -> None:
-        """Stops accepting, lets in-flight queries finish (up to ``timeout``), flushes held answers."""
+        """Stops accepting, lets in-flight queries finish (up to ``timeout``), flushes holds."""
         if not self._running:
             return
         self._running = False
@@ -342,10 +382,11 @@ class Proxy:
         for c in list(self._tcp_clients):
             if c.transport is not None:
                 c.transport.close()
-            if c.upstream is not None and c.upstream.transport is not None:
-                c.upstream.transport.close()
+        for up in list(self._upstream_tcp):
+            up.close()
         for u in self._upstream_udp:
             u.close()
+        await asyncio.sleep(0)  # let the transports deliver connection_lost
         self._listeners, self._servers, self._upstream_udp = [], [], []
 
     def _spawn(self, coro: Any) -> None:
@@ -422,8 +463,8 @@ class Proxy:
             self._clients.pop(token, None)
             self.engine.cancel(token)
         conn.tokens.clear()
-        if conn.upstream is not None and conn.upstream.transport is not None:
-            conn.upstream.transport.close()
+        if conn.upstream is not None:
+            conn.upstream.close()
 
     def _tcp_channel(self, conn: _TcpClient, upstream: int) -> int:
         if conn.channel == 0:
@@ -433,24 +474,24 @@ class Proxy:
         return conn.channel
 
     def _send_tcp_upstream(self, conn: _TcpClient, payload: bytes) -> None:
-        if conn.upstream is not None and conn.upstream.transport is not None:
-            if not conn.upstream.transport.is_closing():
-                conn.upstream.send(payload)
-                return
-        self._spawn(self._connect_tcp_upstream(conn, payload))
+        upstream = conn.upstream
+        if upstream is None or upstream.closed:
+            upstream = _UpstreamTcp(self, conn.channel)
+            conn.upstream = upstream
+            self._upstream_tcp.add(upstream)
+            self._spawn(self._connect_tcp_upstream(conn, upstream))
+        upstream.send(payload)
 
-    async def _connect_tcp_upstream(self, conn: _TcpClient, payload: bytes) -> None:
+    async def _connect_tcp_upstream(self, conn: _TcpClient, upstream: _UpstreamTcp) -> None:
         loop = asyncio.get_running_loop()
         host, port = self.upstreams[getattr(conn, "upstream_index", 0)]
-        upstream = _UpstreamTcp(self, conn.channel)
-        conn.upstream = upstream
         try:
             await loop.create_connection(lambda: upstream, host, port)
-            await upstream.ready
         except OSError as e:
+            # The queries it carried time out and their clients get SERVFAIL.
             log.debug("tcp upstream %s:%d: %s", host, port, e)
-            return  # the pending query times out and gets SERVFAIL
-        upstream.send(payload)
+            upstream.closed = True
+            self._upstream_tcp.discard(upstream)
 
     # -- holding answers until the backend has applied their changes -------------------------
 
@@ -510,7 +551,9 @@ class Proxy:
         interval = min(0.1, self.config.upstream_timeout / 4)
         while True:
             await asyncio.sleep(interval)
-            for token, payload, channel in self.engine.sweep(self.clock()):
+            for token, payload, channel, record in self.engine.sweep(self.clock()):
+                if record is not None:
+                    self._log_query(record)
                 client = self._clients.pop(token, None)
                 if client is not None:
                     if client.tcp is not None:

@@ -3,7 +3,7 @@
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::intern;
@@ -139,7 +139,7 @@ impl PyChange {
     }
 }
 
-fn changes_out(py: Python<'_>, changes: Vec<Change>) -> PyResult<Bound<'_, PyList>> {
+pub(super) fn changes_out(py: Python<'_>, changes: Vec<Change>) -> PyResult<Bound<'_, PyList>> {
     PyList::new(py, changes.into_iter().map(|inner| PyChange { inner }))
 }
 
@@ -147,10 +147,15 @@ fn changes_out(py: Python<'_>, changes: Vec<Change>) -> PyResult<Bound<'_, PyLis
 #[derive(Debug)]
 #[pyclass(name = "DnsCache", module = "fqdnguard._core", frozen)]
 pub struct PyDnsCache {
-    inner: RwLock<Cache>,
+    inner: Arc<RwLock<Cache>>,
 }
 
 impl PyDnsCache {
+    /// The cache itself, shared with the proxy engine.
+    pub(crate) fn shared(&self) -> Arc<RwLock<Cache>> {
+        Arc::clone(&self.inner)
+    }
+
     fn read(&self) -> PyResult<RwLockReadGuard<'_, Cache>> {
         self.inner.read().map_err(|_| poisoned())
     }
@@ -167,7 +172,7 @@ impl PyDnsCache {
     fn new(min_ttl: u64, max_ips_per_name: u64, max_entries: u64) -> PyResult<Self> {
         let cfg = Config::new(min_ttl, max_ips_per_name, max_entries).map_err(Error::from)?;
         Ok(PyDnsCache {
-            inner: RwLock::new(Cache::new(cfg)),
+            inner: Arc::new(RwLock::new(Cache::new(cfg))),
         })
     }
 
@@ -323,7 +328,7 @@ impl PyDnsCache {
             .detach(|| snapshot::load(&path, now))
             .map_err(Error::from)?;
         Ok(PyDnsCache {
-            inner: RwLock::new(cache),
+            inner: Arc::new(RwLock::new(cache)),
         })
     }
 

@@ -4,6 +4,7 @@
 use pyo3::prelude::*;
 
 mod cache;
+mod engine;
 mod errors;
 mod pattern;
 mod policy;
@@ -18,6 +19,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     policy::register(m)?;
     wire::register(m)?;
     cache::register(m)?;
+    engine::register(m)?;
     yaml::register(m)?;
     Ok(())
 }

@@ -121,6 +121,13 @@ pub struct PyCompiledPolicy {
     set: Arc<PolicySet>,
 }
 
+impl PyCompiledPolicy {
+    /// The compiled set itself, shared with the proxy engine.
+    pub(crate) fn shared(&self) -> Arc<PolicySet> {
+        Arc::clone(&self.set)
+    }
+}
+
 #[pymethods]
 impl PyCompiledPolicy {
     #[new]

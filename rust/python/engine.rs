@@ -1,0 +1,276 @@
+//! `Engine`: the proxy's per-packet calls. Converts only; the logic is in `crate::engine`.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use hashbrown::HashMap;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+
+use super::cache::{changes_out, PyDnsCache};
+use super::policy::PyCompiledPolicy;
+use crate::engine::{
+    self, EndpointRef, EngineConfig, LogMode, LogRecord, PolicyTable, QueryAction, Reject,
+    LATENCY_BUCKETS,
+};
+use crate::pattern::LabelBuf;
+use crate::policy::{PolicySet, Proto};
+
+fn engine_err(e: engine::EngineError) -> PyErr {
+    PyRuntimeError::new_err(e.to_string())
+}
+
+fn ip_arg(text: &str, what: &str) -> PyResult<IpAddr> {
+    text.split('%')
+        .next()
+        .unwrap_or(text)
+        .parse::<IpAddr>()
+        .map(|ip| ip.to_canonical())
+        .map_err(|_| PyValueError::new_err(format!("{what}: {text:?} is not an IP address")))
+}
+
+fn log_out<'py>(py: Python<'py>, rec: Option<LogRecord>) -> PyResult<Bound<'py, PyAny>> {
+    let Some(r) = rec else {
+        return Ok(py.None().into_bound(py));
+    };
+    let answers: Vec<String> = r.answers.iter().map(ToString::to_string).collect();
+    Ok(PyTuple::new(
+        py,
+        [
+            r.time.into_pyobject(py)?.into_any(),
+            r.endpoint.into_pyobject(py)?.into_any(),
+            r.qname.into_pyobject(py)?.into_any(),
+            r.qtype.into_pyobject(py)?.into_any(),
+            r.verdict.as_str().into_pyobject(py)?.into_any(),
+            r.rcode.into_pyobject(py)?.into_any(),
+            r.upstream_ms.into_pyobject(py)?.into_any(),
+            answers.into_pyobject(py)?.into_any(),
+        ],
+    )?
+    .into_any())
+}
+
+type EndpointIn = (u32, Option<u32>);
+
+fn table(
+    policy: Arc<PolicySet>,
+    endpoints: std::collections::HashMap<String, EndpointIn>,
+    unknown: Option<EndpointIn>,
+) -> PyResult<PolicyTable> {
+    let mut by_ip = HashMap::with_capacity(endpoints.len());
+    for (ip, (id, identity)) in endpoints {
+        by_ip.insert(
+            ip_arg(&ip, "endpoint address")?,
+            EndpointRef { id, identity },
+        );
+    }
+    let unknown = unknown.map(|(id, identity)| EndpointRef { id, identity });
+    Ok(PolicyTable {
+        policy,
+        by_ip,
+        unknown,
+    })
+}
+
+/// The proxy's data path: one call per query, one per answer.
+#[derive(Debug)]
+#[pyclass(name = "Engine", module = "fqdnguard._core", frozen)]
+pub struct PyEngine {
+    inner: engine::Engine,
+}
+
+#[pymethods]
+impl PyEngine {
+    #[new]
+    #[pyo3(signature = (cache, *, reject = "refused", search_domains = Vec::new(), max_inflight = 10_000,
+                        timeout = 2.0, log_queries = "sampled", log_sample = 0.01))]
+    fn new(
+        cache: &Bound<'_, PyDnsCache>,
+        reject: &str,
+        search_domains: Vec<String>,
+        max_inflight: usize,
+        timeout: f64,
+        log_queries: &str,
+        log_sample: f64,
+    ) -> PyResult<Self> {
+        let reject = match reject {
+            "refused" => Reject::Refused,
+            "nxdomain" => Reject::NxDomain,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "reject: {other:?}: choose refused or nxdomain"
+                )))
+            }
+        };
+        let log = match log_queries {
+            "none" => LogMode::None,
+            "all" => LogMode::All,
+            "sampled" if (0.0..=1.0).contains(&log_sample) => {
+                if log_sample == 0.0 {
+                    LogMode::None
+                } else {
+                    LogMode::Every((1.0 / log_sample).round().max(1.0) as u64)
+                }
+            }
+            "sampled" => return Err(PyValueError::new_err("log_sample: must be between 0 and 1")),
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "log_queries: {other:?}: choose all, sampled or none"
+                )))
+            }
+        };
+        if !(timeout.is_finite() && timeout > 0.0) {
+            return Err(PyValueError::new_err(
+                "timeout: must be a positive number of seconds",
+            ));
+        }
+        let search_domains = search_domains
+            .iter()
+            .map(|s| {
+                LabelBuf::from_presentation(s.as_bytes())
+                    .map_err(|e| crate::error::Error::from(e).into())
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        let config = EngineConfig {
+            reject,
+            search_domains,
+            max_inflight,
+            timeout,
+            log,
+        };
+        let empty = Arc::new(PolicySet::new(Vec::new()).map_err(crate::error::Error::from)?);
+        let inner = engine::Engine::new(
+            config,
+            cache.get().shared(),
+            table(empty, std::collections::HashMap::new(), None)?,
+        )
+        .map_err(engine_err)?;
+        Ok(PyEngine { inner })
+    }
+
+    /// Swaps in a compiled policy and the endpoint table: `{ip: (endpoint_id, identity|None)}`,
+    /// and where unknown sources go (None: refused).
+    #[pyo3(signature = (policy, endpoints, unknown = None))]
+    fn set_policy(
+        &self,
+        policy: &Bound<'_, PyCompiledPolicy>,
+        endpoints: std::collections::HashMap<String, EndpointIn>,
+        unknown: Option<EndpointIn>,
+    ) -> PyResult<()> {
+        let t = table(policy.get().shared(), endpoints, unknown)?;
+        self.inner.set_table(t).map_err(engine_err)
+    }
+
+    /// A query: returns `(action, payload, token, log)`; action 0 forward, 1 reply, 2 drop.
+    #[allow(clippy::too_many_arguments)]
+    fn query<'py>(
+        &self,
+        py: Python<'py>,
+        src: &str,
+        server: &str,
+        port: u16,
+        tcp: bool,
+        data: &[u8],
+        channel: u32,
+        now: f64,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let src = ip_arg(src, "source")?;
+        let server = ip_arg(server, "server")?;
+        let proto = if tcp { Proto::Tcp } else { Proto::Udp };
+        let (action, log) = self
+            .inner
+            .query(src, server, port, proto, data, channel, now)
+            .map_err(engine_err)?;
+        let log = log_out(py, log)?;
+        let (kind, bytes, token): (u8, &[u8], u64) = match &action {
+            QueryAction::Forward { bytes, token } => (0, bytes, *token),
+            QueryAction::Reply { bytes } => (1, bytes, 0),
+            QueryAction::Drop => (2, &[], 0),
+        };
+        PyTuple::new(
+            py,
+            [
+                kind.into_pyobject(py)?.into_any(),
+                PyBytes::new(py, bytes).into_any(),
+                token.into_pyobject(py)?.into_any(),
+                log,
+            ],
+        )
+    }
+
+    /// An answer from upstream `channel`: `(token, payload, changes, has_addresses, log)`, or
+    /// None when it was dropped (counted in `stats()`).
+    fn response<'py>(
+        &self,
+        py: Python<'py>,
+        channel: u32,
+        data: &[u8],
+        now: f64,
+    ) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let Some(a) = self
+            .inner
+            .response(channel, data, now)
+            .map_err(engine_err)?
+        else {
+            return Ok(None);
+        };
+        let log = log_out(py, a.log)?;
+        Ok(Some(PyTuple::new(
+            py,
+            [
+                a.token.into_pyobject(py)?.into_any(),
+                PyBytes::new(py, &a.bytes).into_any(),
+                changes_out(py, a.changes)?.into_any(),
+                pyo3::types::PyBool::new(py, a.has_addresses)
+                    .to_owned()
+                    .into_any(),
+                log,
+            ],
+        )?))
+    }
+
+    /// Queries whose upstream did not answer in time: `[(token, servfail, channel, log)]`.
+    fn sweep<'py>(&self, py: Python<'py>, now: f64) -> PyResult<Bound<'py, PyList>> {
+        let expired = self.inner.sweep(now).map_err(engine_err)?;
+        let out = PyList::empty(py);
+        for x in expired {
+            let log = log_out(py, x.log)?;
+            out.append((x.token, PyBytes::new(py, &x.bytes), x.channel, log))?;
+        }
+        Ok(out)
+    }
+
+    /// Forgets a pending query whose client went away.
+    fn cancel(&self, token: u64) -> PyResult<bool> {
+        self.inner.cancel(token).map_err(engine_err)
+    }
+
+    /// Counters since start, and the upstream latency histogram.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.stats().map_err(engine_err)?;
+        let d = PyDict::new(py);
+        d.set_item("queries", s.queries)?;
+        d.set_item("allowed", s.allowed)?;
+        d.set_item("denied", s.denied)?;
+        d.set_item("unknown_source", s.unknown_source)?;
+        d.set_item("malformed", s.malformed)?;
+        d.set_item("overloaded", s.overloaded)?;
+        d.set_item("timeouts", s.timeouts)?;
+        d.set_item("cancelled", s.cancelled)?;
+        d.set_item("dropped_unmatched", s.dropped_unmatched)?;
+        d.set_item("dropped_mismatch", s.dropped_mismatch)?;
+        d.set_item("dropped_malformed", s.dropped_malformed)?;
+        d.set_item("cache_errors", s.cache_errors)?;
+        d.set_item("inflight", s.inflight)?;
+        d.set_item("rcodes", s.rcodes.to_vec())?;
+        d.set_item("latency_buckets", LATENCY_BUCKETS.to_vec())?;
+        d.set_item("latency_counts", s.latency_counts.to_vec())?;
+        d.set_item("latency_sum", s.latency_sum)?;
+        Ok(d)
+    }
+}
+
+pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyEngine>()
+}

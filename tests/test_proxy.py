@@ -1,0 +1,455 @@
+"""The proxy against a real upstream (Knot DNS on loopback): UDP, TCP, verdicts, cache, holds."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import dns.edns
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
+import pytest
+from fqdnguard import DnsCache, Endpoints, Policy
+from fqdnguard.backends import Backend, Callback
+from fqdnguard.config import ProxyConfig
+from fqdnguard.proxy import Proxy
+from fqdnguard.testing import KnotServer, free_port
+
+from tests.proxy_fixtures import (
+    FREE_IP,
+    POD_IP,
+    SECOND_UPSTREAM_IP,
+    STRANGER_IP,
+    UPSTREAM_IP,
+    run,
+    tcp_ask,
+    udp_ask,
+)
+
+
+class Recorder(Backend):
+    """A backend that records when each batch finished applying."""
+
+    name = "recorder"
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.batches: list[tuple[float, list[Any]]] = []
+
+    async def apply(self, changes: Sequence[Any]) -> None:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        self.batches.append((time.monotonic(), list(changes)))
+
+    def ips(self) -> set[str]:
+        return {c.ip for _, batch in self.batches for c in batch if c.kind != "removed"}
+
+
+def make_proxy(
+    knot: KnotServer,
+    policy: Policy,
+    endpoints: Endpoints,
+    backend: Backend | None = None,
+    **cfg: Any,
+) -> Proxy:
+    port = free_port("127.0.0.1")
+    listen = [f"127.0.0.1:{port}", f"[::1]:{port}"]
+    upstreams = cfg.pop("upstreams", [f"{UPSTREAM_IP}:{knot.port}"])
+    config = ProxyConfig(listen=[("127.0.0.1", port)], log_queries="none", **cfg)
+    return Proxy(
+        policy,
+        endpoints,
+        upstreams=upstreams,
+        listen=listen,
+        backend=backend or Recorder(),
+        config=config,
+    )
+
+
+def q(name: str, rdtype: str = "A", **kw: Any) -> dns.message.Message:
+    return dns.message.make_query(name, rdtype, **kw)
+
+
+def ask(proxy: Proxy, msg: dns.message.Message, source: str = POD_IP, family: int = 4) -> Any:
+    host = "127.0.0.1" if family == 4 else "::1"
+    return udp_ask((host, proxy.config.listen[0][1]), msg.to_wire(), source=source)
+
+
+def test_allowed_query_is_answered_and_its_ips_applied_first(
+    knot: KnotServer, proxy_policy: Policy, proxy_endpoints: Endpoints
+) -> None:
+    policy, endpoints = proxy_policy, proxy_endpoints
+
+    async def scenario() -> None:
+        backend = Recorder()
+        proxy = make_proxy(knot, policy, endpoints, backend)
+        await proxy.start()
+        try:
+            query = q("www.Example.com")
+            wire = await ask(proxy, query)
+            received = time.monotonic()
+            answer = dns.message.from_wire(wire)
+            assert answer.id == query.id
+            assert answer.rcode() == dns.rcode.NOERROR
+            assert sorted(rd.address for rd in answer.answer[0]) == ["192.0.2.10", "192.0.2.11"]
+            assert backend.ips() == {"192.0.2.10", "192.0.2.11"}
+            assert backend.batches[0][0] <= received, (
+                "the answer left before the firewall had the IPs"
+            )
+            assert {c.endpoint for _, b in backend.batches for c in b} == {
+                endpoints.by_ip(POD_IP).id
+            }
+            assert [ip for ip, _ in proxy.cache.lookup("www.example.com")] != []
+            stats = proxy.engine.stats()
+            assert (stats["allowed"], stats["denied"], stats["inflight"]) == (1, 0, 0)
+        finally:
+            await proxy.stop()
+
+    run(scenario)
+
+
+def test_denied_refused_nxdomain_and_search_domains(
+    knot: KnotServer, proxy_policy: Policy, proxy_endpoints: Endpoints
+) -> None:
+    policy, endpoints = proxy_policy, proxy_endpoints
+
+    async def scenario() -> None:
+        for cfg, name, want in [
+            ({}, "evil.org", dns.rcode.REFUSED),
+            ({"reject": "nxdomain"}, "evil.org", dns.rcode.NXDOMAIN),
+            (
+                {"search_domains": ["svc.cluster.local"]},
+                "www.example.com.svc.cluster.local",
+                dns.rcode.NXDOMAIN,
+            ),
+            ({"search_domains": ["svc.cluster.local"]}, "evil.org", dns.rcode.REFUSED),
+        ]:
+            backend = Recorder()
+            proxy = make_proxy(knot, policy, endpoints, backend, **cfg)
+            await proxy.start()
+            try:
+                query = q(name)
+                answer = dns.message.from_wire(await ask(proxy, query))
+                assert (answer.id, answer.rcode()) == (query.id, want), (cfg, name)
+                assert answer.question == query.question
+                assert backend.batches == []
+                assert proxy.engine.stats()["denied"] == 1
+            finally:
+                await proxy.stop()
+
+    run(scenario)
+
+
+def test_upstream_nxdomain_relayed_and_cname_chain_cached(
+    knot: KnotServer, proxy_policy: Policy, proxy_endpoints: Endpoints
+) -> None:
+    policy, endpoints = proxy_policy, proxy_endpoints
+
+    async def scenario() -> None:
+        backend = Recorder()
+        proxy = make_proxy(knot, policy, endpoints, backend)
+        await proxy.start()
+        try:
+            missing = dns.message.from_wire(await ask(proxy, q("missing.example.com")))
+            assert missing.rcode() == dns.rcode.NXDOMAIN
+            chained = dns.message.from_wire(await ask(proxy, q("chain1.example.com")))
+            assert chained.rcode() == dns.rcode.NOERROR
+            names = proxy.cache.names_for("192.0.2.10")
+            assert "chain1.example.com." in names
+            # A CNAME leaving the zone carries no address: nothing is learned for it.
+            outside = dns.message.from_wire(await ask(proxy, q("outside.example.com")))
+            assert outside.rcode() == dns.rcode.NOERROR
+            assert proxy.cache.lookup("outside.example.com") == []
+            assert backend.ips() == {"192.0.2.10", "192.0.2.11"}
+        finally:
+            await proxy.stop()
+
+    run(scenario)
+
+
+def test_tcp_pipelined_and_truncation_fallback(
+    knot: KnotServer, proxy_policy: Policy, proxy_endpoints: Endpoints
+) -> None:
+    policy, endpoints = proxy_policy, proxy_endpoints
+
+    async def scenario() -> None:
+        proxy = make_proxy(knot, policy, endpoints)
+        await proxy.start()
+        try:
+            port = proxy.config.listen[0][1]
+            queries = [q("www.example.com"), q("evil.org"), q("alias.example.com", "AAAA")]
+            wires = await tcp_ask(("127.0.0.1", port), [m.to_wire() for m in queries])
+            answers = {dns.message.from_wire(w).id: dns.message.from_wire(w) for w in wires}
+            assert answers[queries[0].id].rcode() == dns.rcode.NOERROR
+            assert answers[queries[1].id].rcode() == dns.rcode.REFUSED
+            assert answers[queries[2].id].answer[-1][0].address == "2001:db8::10"
+            # UDP without EDNS: the big TXT answer is truncated and relayed so; TCP gets it whole.
+            udp = dns.message.from_wire(await ask(proxy, q("big.example.com", "TXT")))
+            assert udp.flags & dns.flags.TC
+            (whole,) = await tcp_ask(("127.0.0.1", port), [q("big.example.com", "TXT").to_wire()])
+            full = dns.message.from_wire(whole)
+            assert not full.flags & dns.flags.TC
+            assert len(full.answer[0][0].strings) == 4
+        finally:
+            await proxy.stop()
+
+    run(scenario)
+
+
+def test_edns_passes_through(
+    knot: KnotServer, proxy_policy: Policy, proxy_endpoints: Endpoints
+) -> None:
+    policy, endpoints = proxy_policy, proxy_endpoints
+
+    async def scenario() -> None:
+        proxy = make_proxy(knot, policy, endpoints)
+        await proxy.start()
+        try:
+            query = q("www.example.com", use_edns=0, payload=1232, want_dnssec=True)
+            answer = dns.message.from_wire(await ask(proxy, query))
+            assert answer.edns == 0 and answer.payload >= 512
+            assert answer.ednsflags & dns.flags.DO
+            refused = dns.message.from_wire(await ask(proxy, q("evil.org", use_edns=0)))
+            assert refused.rcode() == dns.rcode.REFUSED and refused.edns == 0
+        finally:
+            await proxy.stop()
+
+    run(scenario)
+
+
+def test_ipv6_listener(knot: KnotServer, proxy_policy: Policy, proxy_endpoints: Endpoints) -> None:
+    policy, endpoints = proxy_policy, proxy_endpoints
+
+    async def scenario() -> None:
+        proxy = make_proxy(knot, policy, endpoints)
+        await proxy.start()
+        try:
+            answer = dns.message.from_wire(
+                await ask(proxy, q("www.example.com"), source="::1", family=6)
+            )
+            assert answer.rcode() == dns.rcode.NOERROR
+            denied = dns.message.from_wire(await ask(proxy, q("evil.org"), source="::1", family=6))
+            assert denied.rcode() == dns.rcode.REFUSED
+        finally:
+            await proxy.stop()
+
+    run(scenario)
+
+
+def test_unknown_and_unrestricted_sources(
+    knot: KnotServer, proxy_policy: Policy, proxy_endpoints: Endpoints
+) -> None:
+    policy, endpoints = proxy_policy, proxy_endpoints
+
+    async def scenario() -> None:
+        proxy = make_proxy(knot, policy, endpoints)
+        await proxy.start()
+        try:
+            stranger = dns.message.from_wire(
+                await ask(proxy, q("www.example.com"), source=STRANGER_IP)
+            )
+            assert stranger.rcode() == dns.rcode.REFUSED
+            free = dns.message.from_wire(await ask(proxy, q("example.com", "SOA"), source=FREE_IP))
+            assert free.rcode() == dns.rcode.NOERROR
+            assert proxy.engine.stats()["unknown_source"] == 1
+        finally:
+            await proxy.stop()
+        proxy = make_proxy(knot, policy, endpoints, unknown_endpoint="default/pod")
+        await proxy.start()
+        try:
+            stranger = dns.message.from_wire(
+                await ask(proxy, q("www.example.com"), source=STRANGER_IP)
+            )
+            assert stranger.rcode() == dns.rcode.NOERROR
+            denied = dns.message.from_wire(await ask(proxy, q("evil.org"), source=STRANGER_IP))
+            assert denied.rcode() == dns.rcode.REFUSED
+        finally:
+            await proxy.stop()
+
+    run(scenario)
+
+
+def _raw_query(labels: list[bytes], qdcount: int = 1) -> bytes:
+    name = b"".join(bytes([len(label)]) + label for label in labels) + b"\x00"
+    header = (0x7777).to_bytes(2, "big") + b"\x01\x00" + qdcount.to_bytes(2, "big") + b"\x00" * 6
+    return header + name + b"\x00\x01\x00\x01"
+
+
+def test_malformed_and_odd_names_are_never_forwarded(
+    knot: KnotServer, proxy_policy: Policy, proxy_endpoints: Endpoints
+) -> None:
+    policy, endpoints = proxy_policy, proxy_endpoints
+
+    async def scenario() -> None:
+        backend = Recorder()
+        proxy = make_proxy(knot, policy, endpoints, backend)
+        await proxy.start()
+        port = proxy.config.listen[0][1]
+        try:
+            formerr = await udp_ask(
+                ("127.0.0.1", port), _raw_query([b"www", b"example", b"com"], qdcount=2)
+            )
+            assert (formerr[:2], formerr[3] & 0x0F) == (b"\x77\x77", dns.rcode.FORMERR)
+            odd = [
+                [b"www.evil", b"example", b"com"],  # a dot inside a label is no boundary
+                [b"a\x00", b"example", b"com"],
+                [b"a", b"b", b"example", b"com"],  # two labels under *.example.com
+            ]
+            for labels in odd:
+                reply = await udp_ask(("127.0.0.1", port), _raw_query(labels))
+                assert reply[3] & 0x0F == dns.rcode.REFUSED, labels
+            stats = proxy.engine.stats()
+            assert (stats["allowed"], stats["denied"], stats["malformed"]) == (0, 3, 1)
+            # A response sent to the listener gets nothing back.
+            response = bytearray(_raw_query([b"www", b"example", b"com"]))
+            response[2] |= 0x80
+            with pytest.raises(TimeoutError):
+                await udp_ask(("127.0.0.1", port), bytes(response), timeout=0.3)
+        finally:
+            await proxy.stop()
+
+    run(scenario)
+
+
+def test_timeout_servfail_and_failover(
+    knot: KnotServer, proxy_policy: Policy, proxy_endpoints: Endpoints
+) -> None:
+    policy, endpoints = proxy_policy, proxy_endpoints
+
+    async def scenario() -> None:
+        dead = f"{SECOND_UPSTREAM_IP}:{free_port(SECOND_UPSTREAM_IP)}"
+        proxy = make_proxy(
+            knot,
+            policy,
+            endpoints,
+            upstreams=[dead, f"{UPSTREAM_IP}:{knot.port}"],
+            upstream_timeout=0.3,
+        )
+        await proxy.start()
+        try:
+            rcodes = []
+            for _ in range(4):
+                rcodes.append(dns.message.from_wire(await ask(proxy, q("www.example.com"))).rcode())
+            assert rcodes == [dns.rcode.SERVFAIL] * 3 + [dns.rcode.NOERROR]
+            assert proxy.stats.upstream_failovers == 1
+            assert proxy.engine.stats()["timeouts"] == 3
+        finally:
+            await proxy.stop()
+
+    run(scenario)
+
+
+def test_hold_waits_for_backend_up_to_hold_max(
+    knot: KnotServer, proxy_policy: Policy, proxy_endpoints: Endpoints
+) -> None:
+    policy, endpoints = proxy_policy, proxy_endpoints
+
+    async def scenario() -> None:
+        slow = Recorder(delay=0.05)
+        proxy = make_proxy(knot, policy, endpoints, slow)
+        await proxy.start()
+        try:
+            wire = await ask(proxy, q("www.example.com"))
+            assert slow.batches and slow.batches[0][0] <= time.monotonic()
+            assert dns.message.from_wire(wire).rcode() == dns.rcode.NOERROR
+            assert proxy.stats.held == 1 and proxy.stats.hold_timeouts == 0
+        finally:
+            await proxy.stop()
+        stuck = Recorder(delay=2.0)
+        proxy = make_proxy(knot, policy, endpoints, stuck, hold_max=0.1)
+        await proxy.start()
+        try:
+            started = time.monotonic()
+            wire = await ask(proxy, q("www.example.com"))
+            waited = time.monotonic() - started
+            assert 0.08 <= waited < 1.5, waited
+            assert proxy.stats.hold_timeouts == 1
+        finally:
+            await proxy.stop(timeout=0.1)
+
+    run(scenario)
+
+
+class ScriptedUpstream(asyncio.DatagramProtocol):
+    """An upstream that first answers with a wrong id, then the wrong question, then right."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        query = dns.message.from_wire(data)
+        good = dns.message.make_response(query)
+        good.answer.append(dns.rrset.from_text(query.question[0].name, 60, "IN", "A", "192.0.2.99"))
+        wrong_id = dns.message.make_response(query)
+        wrong_id.id = (query.id + 1) & 0xFFFF
+        wrong_id.answer.append(
+            dns.rrset.from_text(query.question[0].name, 60, "IN", "A", "6.6.6.6")
+        )
+        other = dns.message.make_query("evil.example.com", "A")
+        other.id = query.id
+        wrong_q = dns.message.make_response(other)
+        wrong_q.answer.append(dns.rrset.from_text("evil.example.com.", 60, "IN", "A", "6.6.6.7"))
+        for msg in (wrong_id, wrong_q, good):
+            self.transport.sendto(msg.to_wire(), addr)  # type: ignore[attr-defined]
+
+
+def test_spoofed_and_mismatched_answers_are_dropped(
+    knot: KnotServer, proxy_policy: Policy, proxy_endpoints: Endpoints
+) -> None:
+    policy, endpoints = proxy_policy, proxy_endpoints
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        port = free_port(SECOND_UPSTREAM_IP)
+        transport, _ = await loop.create_datagram_endpoint(
+            ScriptedUpstream, local_addr=(SECOND_UPSTREAM_IP, port)
+        )
+        backend = Recorder()
+        proxy = make_proxy(
+            knot, policy, endpoints, backend, upstreams=[f"{SECOND_UPSTREAM_IP}:{port}"]
+        )
+        await proxy.start()
+        try:
+            answer = dns.message.from_wire(await ask(proxy, q("www.example.com")))
+            assert [rd.address for rd in answer.answer[0]] == ["192.0.2.99"]
+            await asyncio.sleep(0.05)
+            stats = proxy.engine.stats()
+            assert (stats["dropped_unmatched"], stats["dropped_mismatch"]) == (1, 1)
+            assert backend.ips() == {"192.0.2.99"}
+            assert DnsCache  # the cache never heard of 6.6.6.6
+            assert proxy.cache.names_for("6.6.6.6") == [] and proxy.cache.names_for("6.6.6.7") == []
+        finally:
+            await proxy.stop()
+            transport.close()
+
+    run(scenario)
+
+
+def test_callback_backend_for_embedding(
+    knot: KnotServer, proxy_policy: Policy, proxy_endpoints: Endpoints
+) -> None:
+    policy, endpoints = proxy_policy, proxy_endpoints
+    seen: list[Any] = []
+
+    async def scenario() -> None:
+        proxy = Proxy(
+            policy,
+            endpoints,
+            upstreams=[f"{UPSTREAM_IP}:{knot.port}"],
+            listen=[f"127.0.0.1:{free_port()}"],
+            backend=Callback(seen.extend),
+        )
+        await proxy.start()
+        try:
+            await ask(proxy, q("short.example.com"))
+        finally:
+            await proxy.stop()
+
+    run(scenario)
+    assert [(c.kind, c.ip) for c in seen] == [("added", "192.0.2.30")]
+    assert 29 <= seen[0].expires_at - time.time() <= 31
