@@ -1,4 +1,4 @@
-"""The ``fqdnguard`` command: ``check`` and ``policy lint`` (``run`` and ``cache`` come later).
+"""The ``fqdnguard`` command: ``run``, ``check``, ``policy lint`` and ``cache list``.
 
 Each subcommand is a function taking the parsed arguments and returning the exit status; adding
 one is a parser in :func:`build_parser` and a function here.
@@ -7,6 +7,7 @@ one is a parser in :func:`build_parser` and a function here.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -79,11 +80,140 @@ def cmd_policy_lint(args: argparse.Namespace) -> int:
     return EXIT_ERROR if errors else (EXIT_DENIED if args.strict and warnings else 0)
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    import logging  # noqa: PLC0415
+
+    from fqdnguard.agent import run  # noqa: PLC0415
+    from fqdnguard.config import ProxyConfig, read_config_file  # noqa: PLC0415
+
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    config = read_config_file(args.config) if args.config else ProxyConfig()
+    config = config.override(
+        listen=args.listen,
+        upstreams=args.upstream,
+        policy=args.policy,
+        endpoints=args.endpoints,
+        backend=args.backend,
+        reject=args.reject,
+        search_domains=args.search_domain,
+        state_dir=args.state_dir,
+        metrics=args.metrics,
+        unknown_endpoint=args.unknown_endpoint,
+        upstream_timeout=args.upstream_timeout,
+        log_queries=args.log_queries,
+    )
+    run(config)
+    return 0
+
+
+def _control_get(state_dir: str, path: str) -> dict[str, object]:
+    import json  # noqa: PLC0415
+    import socket  # noqa: PLC0415
+
+    from fqdnguard.agent import CONTROL_SOCKET  # noqa: PLC0415
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(os.path.join(state_dir, CONTROL_SOCKET))
+        s.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.0 200"):
+        status = head.split(b"\r\n")[0].decode(errors="replace")
+        raise _UsageError(f"control socket answered {status!r}")
+    data: dict[str, object] = json.loads(body)
+    return data
+
+
+def cmd_cache_list(args: argparse.Namespace) -> int:
+    import json  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    from fqdnguard._core import DnsCache  # noqa: PLC0415
+    from fqdnguard.agent import CACHE_FILE, cache_entries  # noqa: PLC0415
+
+    source = "live"
+    try:
+        data = _control_get(args.state_dir, "/v1/cache")
+        entries = list(data["entries"])  # type: ignore[call-overload]
+        now = float(data["now"])  # type: ignore[arg-type]
+    except (FileNotFoundError, ConnectionRefusedError):
+        snapshot = os.path.join(args.state_dir, CACHE_FILE)
+        if not os.path.exists(snapshot):
+            raise _UsageError(
+                f"no running fqdnguard (no control socket) and no snapshot in {args.state_dir}"
+            ) from None
+        entries, now, source = cache_entries(DnsCache.load(snapshot)), time.time(), "snapshot"
+    if args.endpoint is not None:
+        entries = [e for e in entries if e["endpoint"] == args.endpoint]
+    if args.name:
+        want = args.name.lower().rstrip(".") + "."
+        entries = [e for e in entries if e["name"] == want]
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    print(f"{'Endpoint':<10}{'FQDN':<40}{'TTL':>7}  {'ExpirationTime':<22}IP")
+    for e in sorted(entries, key=lambda e: (e["endpoint"], e["name"], e["ip"])):
+        ttl = max(0, int(e["expires_at"] - now))
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(e["expires_at"]))
+        print(f"{e['endpoint']:<10}{e['name']:<40}{ttl:>7}  {when:<22}{e['ip']}")
+    print(f"{len(entries)} entries ({source})", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fqdnguard", description="DNS-name egress firewall for containers."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run the DNS proxy (data plane and control plane in one process)",
+        description="Runs the proxy until SIGTERM/SIGINT; SIGHUP reloads the policy. Flags "
+        "override the --config file. A bad option exits 2 with a message naming it.",
+    )
+    run.add_argument("--config", metavar="FILE", help="YAML file of options (see README)")
+    run.add_argument("--listen", action="append", metavar="ADDR:PORT", help="repeatable; [V6]:PORT")
+    run.add_argument(
+        "--upstream", action="append", metavar="ADDR:PORT", help="repeatable; default resolv.conf"
+    )
+    run.add_argument("--policy", action="append", metavar="PATH", help="policy file or directory")
+    run.add_argument("--endpoints", metavar="FILE", help="endpoints YAML file")
+    run.add_argument("--backend", choices=["callback", "log", "nftables"])
+    run.add_argument("--reject", choices=["refused", "nxdomain"])
+    run.add_argument(
+        "--search-domain",
+        action="append",
+        metavar="SUFFIX",
+        help="denied names under SUFFIX get NXDOMAIN (musl search lists); repeatable",
+    )
+    run.add_argument("--state-dir", metavar="DIR", help="cache snapshots and the control socket")
+    run.add_argument("--metrics", metavar="ADDR:PORT", help="serve Prometheus metrics")
+    run.add_argument("--unknown-endpoint", metavar="NS/NAME", help="treat unknown sources as it")
+    run.add_argument("--upstream-timeout", type=float, metavar="SECONDS")
+    run.add_argument("--log-queries", choices=["all", "sampled", "none"])
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.set_defaults(func=cmd_run)
+
+    cache = sub.add_parser("cache", help="the FQDN cache of a running proxy")
+    csub = cache.add_subparsers(dest="cache_command", required=True, metavar="COMMAND")
+    clist = csub.add_parser(
+        "list",
+        help="print the names and IPs learned (like 'cilium fqdn cache list')",
+        description="Asks the running proxy over its control socket; without one, reads the "
+        "last snapshot in the state directory.",
+    )
+    clist.add_argument("--state-dir", default="/var/lib/fqdnguard", metavar="DIR")
+    clist.add_argument("--endpoint", type=int, help="only this endpoint id")
+    clist.add_argument("--name", help="only this name")
+    clist.add_argument("--json", action="store_true", help="JSON output")
+    clist.set_defaults(func=cmd_cache_list)
 
     check = sub.add_parser(
         "check",

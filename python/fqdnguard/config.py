@@ -10,11 +10,17 @@ import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from fqdnguard._core import FqdnGuardError
 
-__all__ = ["ConfigError", "ProxyConfig", "parse_hostport", "resolv_conf_nameservers"]
+__all__ = [
+    "ConfigError",
+    "ProxyConfig",
+    "parse_hostport",
+    "read_config_file",
+    "resolv_conf_nameservers",
+]
 
 
 class ConfigError(FqdnGuardError, ValueError):
@@ -93,7 +99,7 @@ class ProxyConfig:
     log_sample: float = 0.01
     cache_save_interval: float = 60.0
 
-    OPTIONS = [
+    OPTIONS: ClassVar[tuple[str, ...]] = (
         "listen",
         "upstreams",
         "policy",
@@ -114,7 +120,7 @@ class ProxyConfig:
         "log_queries",
         "log_sample",
         "cache_save_interval",
-    ]
+    )
 
     def __post_init__(self) -> None:
         self._check()
@@ -143,9 +149,12 @@ class ProxyConfig:
         for suffix in self.search_domains:
             if not suffix or suffix.startswith(".") or ".." in suffix or " " in suffix:
                 raise ConfigError(f"search_domains: {suffix!r} is not a domain name")
-        if self.state_dir is not None and os.path.exists(self.state_dir):
-            if not os.path.isdir(self.state_dir):
-                raise ConfigError(f"state_dir: {self.state_dir!r} exists and is not a directory")
+        if (
+            self.state_dir is not None
+            and os.path.exists(self.state_dir)
+            and not os.path.isdir(self.state_dir)
+        ):
+            raise ConfigError(f"state_dir: {self.state_dir!r} exists and is not a directory")
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str = "config") -> ProxyConfig:
@@ -208,3 +217,44 @@ def _convert(name: str, value: Any, source: str) -> Any:
             raise ConfigError(f"{option}: {value!r} is not a whole number")
         return int(value)
     return value
+
+
+def _plain(node: Any, source: str) -> Any:  # noqa: PLR0911
+    """A YAML node (from the Rust composer) as plain Python values."""
+    if node.kind == 2:
+        return {k: _plain(v, source) for k, v in node.value.items()}
+    if node.kind == 1:
+        return [_plain(v, source) for v in node.value]
+    tag = node.tag.rsplit(":", 1)[-1]
+    text = node.value
+    if tag == "null":
+        return None
+    if tag == "bool":
+        return text.lower() in ("true", "yes", "on", "y")
+    if tag == "int":
+        try:
+            return int(text.replace("_", ""), 0)
+        except ValueError:
+            raise ConfigError(f"{source}:{node.line}: {text!r} is not an integer") from None
+    if tag == "float":
+        return float(text.replace("_", ""))
+    return text
+
+
+def read_config_file(path: str) -> ProxyConfig:
+    """Reads a YAML file of options (the same names as the flags, with - or _)."""
+    from fqdnguard._core import compose_yaml  # noqa: PLC0415
+
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"--config {path}: {e.strerror}") from None
+    docs, error = compose_yaml(text)
+    if error is not None:
+        raise ConfigError(f"{path}:{error[0]}: invalid YAML: {error[1]}")
+    if not docs:
+        return ProxyConfig()
+    if len(docs) > 1 or docs[0].kind != 2:
+        raise ConfigError(f"{path}: must be one mapping of options")
+    return ProxyConfig.from_mapping(_plain(docs[0], path), source=path)

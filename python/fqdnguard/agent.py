@@ -1,0 +1,188 @@
+"""``fqdnguard run``: the proxy, its policy, state and observability in one process.
+
+One owner of the lifecycle: load policy and endpoints, restore the cache from the state
+directory, start the backend and the proxy, serve metrics and the local control socket, then
+wait for SIGTERM/SIGINT (stop accepting, finish in-flight queries, save the cache) or SIGHUP
+(reload the policy; a bad set keeps the one in force).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from fqdnguard._core import CacheError, DnsCache
+from fqdnguard.backends import Backend, make_backend
+from fqdnguard.config import ConfigError, ProxyConfig
+from fqdnguard.endpoints import Endpoints
+from fqdnguard.policy import Policy, PolicyError
+from fqdnguard.proxy import Proxy
+
+__all__ = ["CACHE_FILE", "CONTROL_SOCKET", "Runner", "cache_entries", "run"]
+
+log = logging.getLogger("fqdnguard.agent")
+
+CACHE_FILE = "cache.snapshot"
+CONTROL_SOCKET = "control.sock"
+
+
+def load_policy(config: ProxyConfig) -> tuple[Policy, Endpoints]:
+    if not config.policy:
+        raise ConfigError("policy: at least one policy file or directory is required")
+    endpoints = Endpoints.load(config.endpoints) if config.endpoints else Endpoints()
+    return Policy.load(config.policy, endpoints=endpoints), endpoints
+
+
+def cache_entries(cache: DnsCache) -> list[dict[str, Any]]:
+    """Every live cache entry as a JSON-able dict (endpoint, name, ip, expires_at)."""
+    return [
+        {"endpoint": ep, "name": name, "ip": ip, "expires_at": round(expires, 3)}
+        for ep, name, ip, expires in cache.entries()
+    ]
+
+
+class Runner:
+    """Runs one proxy with everything around it; ``await runner.run()`` until a signal."""
+
+    def __init__(self, config: ProxyConfig, backend: Backend | None = None) -> None:
+        self.config = config
+        self.policy, self.endpoints = load_policy(config)
+        self.state_dir = Path(config.state_dir) if config.state_dir else None
+        self.cache = self._restore_cache()
+        self.backend = backend or make_backend(config.backend)
+        self.proxy = Proxy(
+            self.policy, self.endpoints, backend=self.backend, cache=self.cache, config=config
+        )
+        self._stop = asyncio.Event()
+        self._control: asyncio.base_events.Server | None = None
+        self._metrics: Any = None
+
+    def _restore_cache(self) -> DnsCache:
+        if self.state_dir is None:
+            return DnsCache(min_ttl=self.config.min_ttl)
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self.state_dir / CACHE_FILE
+        if path.exists():
+            try:
+                cache = DnsCache.load(path)
+                log.info("restored %d cache entries from %s", len(cache), path)
+                return cache
+            except CacheError as e:
+                log.error("cannot restore the cache (%s); starting empty", e)
+        return DnsCache(min_ttl=self.config.min_ttl)
+
+    def save_cache(self) -> None:
+        if self.state_dir is not None:
+            self.cache.save(self.state_dir / CACHE_FILE)
+
+    def reload(self) -> bool:
+        """Reloads policy and endpoints; the old set stays in force when the new one is bad."""
+        try:
+            policy, endpoints = load_policy(self.config)
+            self.proxy.set_policy(policy, endpoints)
+        except (PolicyError, ConfigError, OSError) as e:
+            log.error("policy reload failed, keeping the policy in force: %s", e)
+            return False
+        self.policy, self.endpoints = policy, endpoints
+        log.info("policy reloaded: %d policies", len(policy))
+        return True
+
+    async def start(self) -> None:
+        await self.proxy.start()
+        if self.config.metrics is not None:
+            from fqdnguard.metrics import serve_metrics  # noqa: PLC0415
+
+            host, port = self.config.metrics
+            self._metrics = serve_metrics(self.proxy, host, port)
+            log.info("metrics on http://%s:%d/metrics", host, port)
+        if self.state_dir is not None:
+            sock = self.state_dir / CONTROL_SOCKET
+            with contextlib.suppress(FileNotFoundError):
+                sock.unlink()
+            old = os.umask(0o177)
+            try:
+                self._control = await asyncio.start_unix_server(self._serve_control, str(sock))
+            finally:
+                os.umask(old)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+
+    async def run(self) -> None:
+        await self.start()
+        saver = asyncio.ensure_future(self._save_periodically())
+        try:
+            await self._stop.wait()
+        finally:
+            saver.cancel()
+            await self.stop()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def stop(self) -> None:
+        if self._control is not None:
+            self._control.close()
+        await self.proxy.stop()
+        if self._metrics is not None:
+            self._metrics.shutdown()
+        self.save_cache()
+        if self.state_dir is not None:
+            with contextlib.suppress(FileNotFoundError):
+                (self.state_dir / CONTROL_SOCKET).unlink()
+        log.info("stopped")
+
+    async def _save_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.cache_save_interval)
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self.save_cache)
+            except CacheError as e:
+                log.error("saving the cache failed: %s", e)
+
+    async def _serve_control(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """A minimal HTTP/1.0 JSON API on the owner-only Unix socket: GET /v1/cache, /v1/stats."""
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            method, path, *_ = request.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
+            if method == "GET" and path == "/v1/cache":
+                status, body = 200, {"entries": cache_entries(self.cache), "now": time.time()}
+            elif method == "GET" and path == "/v1/stats":
+                status, body = (
+                    200,
+                    {"engine": self.proxy.engine.stats(), "cache": self.cache.stats()},
+                )
+            else:
+                status, body = 404, {"error": f"no route {method} {path}"}
+            payload = json.dumps(body).encode()
+            writer.write(
+                f"HTTP/1.0 {status} {'OK' if status == 200 else 'Not Found'}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+                + payload
+            )
+            await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+
+def run(config: ProxyConfig) -> None:
+    """Runs until SIGTERM/SIGINT on uvloop."""
+    import uvloop  # noqa: PLC0415
+
+    async def main() -> None:
+        runner = Runner(config)
+        await runner.run()
+
+    uvloop.run(main())

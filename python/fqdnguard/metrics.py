@@ -1,0 +1,122 @@
+"""Prometheus metrics, read from the engine and the proxy at scrape time.
+
+The per-query counters live in the Rust engine (no Python work per query); a custom collector
+turns them into metric families when Prometheus scrapes, so observability costs nothing on the
+data path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+if TYPE_CHECKING:
+    from fqdnguard.proxy import Proxy
+
+__all__ = ["ProxyCollector", "registry_for", "serve_metrics"]
+
+RCODES = [
+    "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "YXDOMAIN", "YXRRSET",
+    "NXRRSET", "NOTAUTH", "NOTZONE", "DSOTYPENI", "RCODE12", "RCODE13", "RCODE14", "RCODE15",
+    "OTHER",
+]  # fmt: skip
+VERDICTS = ["allowed", "denied", "unknown_source", "malformed", "overloaded"]
+DROPS = ["dropped_unmatched", "dropped_mismatch", "dropped_malformed"]
+HOLD_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
+
+
+class ProxyCollector(Collector):
+    """Everything a proxy counts, as Prometheus metric families."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    def collect(self) -> Iterator[Any]:
+        s = self.proxy.engine.stats()
+        queries = CounterMetricFamily(
+            "fqdnguard_queries", "DNS queries by verdict", labels=["verdict"]
+        )
+        for v in VERDICTS:
+            queries.add_metric([v], s[v])
+        yield queries
+        rcodes = CounterMetricFamily(
+            "fqdnguard_upstream_answers",
+            "Answers relayed from upstreams (and SERVFAIL for timeouts) by rcode",
+            labels=["rcode"],
+        )
+        for name, count in zip(RCODES, s["rcodes"], strict=True):
+            if count:
+                rcodes.add_metric([name], count)
+        yield rcodes
+        drops = CounterMetricFamily(
+            "fqdnguard_answers_dropped", "Upstream answers dropped, by reason", labels=["reason"]
+        )
+        for d in DROPS:
+            drops.add_metric([d.removeprefix("dropped_")], s[d])
+        yield drops
+        yield CounterMetricFamily(
+            "fqdnguard_upstream_timeouts", "Queries answered SERVFAIL after the upstream timeout",
+            value=s["timeouts"],
+        )  # fmt: skip
+        yield GaugeMetricFamily("fqdnguard_inflight", "Queries waiting for upstream", s["inflight"])
+        buckets, running = [], 0
+        for bound, count in zip(
+            [*s["latency_buckets"], float("inf")], s["latency_counts"], strict=True
+        ):
+            running += count
+            buckets.append((str(bound) if bound != float("inf") else "+Inf", running))
+        yield HistogramMetricFamily(
+            "fqdnguard_upstream_latency_seconds",
+            "Time from forwarding a query to its answer",
+            buckets=buckets,
+            sum_value=s["latency_sum"],
+        )
+        st = self.proxy.stats
+        holds = sorted(st.hold_seconds)
+        hold_buckets, i = [], 0
+        for bound in HOLD_BUCKETS:
+            while i < len(holds) and holds[i] <= bound:
+                i += 1
+            hold_buckets.append((str(bound), i))
+        hold_buckets.append(("+Inf", len(holds)))
+        yield HistogramMetricFamily(
+            "fqdnguard_hold_seconds",
+            "Time answers with new IPs were held for the backend (recent batches)",
+            buckets=hold_buckets,
+            sum_value=sum(holds),
+        )
+        yield CounterMetricFamily(
+            "fqdnguard_hold_timeouts", "Batches released at hold_max before the backend finished",
+            value=st.hold_timeouts,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "fqdnguard_backend_errors", "Backend batches that failed", value=st.backend_errors
+        )
+        cache = self.proxy.cache.stats()
+        yield GaugeMetricFamily("fqdnguard_cache_entries", "Cache entries", cache["entries"])
+        yield GaugeMetricFamily("fqdnguard_cache_names", "Names in the cache", cache["names"])
+        yield CounterMetricFamily(
+            "fqdnguard_cache_evictions", "Cache entries evicted by the caps",
+            value=cache["evictions"],
+        )  # fmt: skip
+
+
+def registry_for(proxy: Proxy) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ProxyCollector(proxy))
+    return registry
+
+
+def serve_metrics(proxy: Proxy, host: str, port: int) -> Any:
+    """Serves /metrics on host:port in a background thread; returns the server."""
+    from prometheus_client import start_http_server  # noqa: PLC0415
+
+    server, _thread = start_http_server(port, addr=host, registry=registry_for(proxy))
+    return server
