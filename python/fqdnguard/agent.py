@@ -173,6 +173,14 @@ class Runner:
             await writer.drain()
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError):
             pass
+        except Exception as e:
+            log.exception("control request failed")
+            payload = json.dumps({"error": str(e)}).encode()
+            writer.write(
+                b"HTTP/1.0 500 Internal Server Error\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+                + payload
+            )
         finally:
             writer.close()
 

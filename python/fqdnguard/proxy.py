@@ -292,6 +292,8 @@ class Proxy:
         self._held_seq = 0
         self._next_changes: list[Any] = []
         self._next_held: list[int] = []
+        self._next_adds = False
+        self._adds_inflight = False
         self._applier: asyncio.Task[None] | None = None
         self._running = False
 
@@ -429,7 +431,7 @@ class Proxy:
         result = self.engine.response(channel, data, self.clock())
         if result is None:
             return  # unmatched or malformed: dropped and counted by the engine
-        token, payload, changes, has_addresses, record = result
+        token, payload, changes, hold, has_addresses, record = result
         if channel < TCP_CHANNEL_BASE:
             self._upstream_failures[channel] = 0
         if record is not None:
@@ -442,9 +444,13 @@ class Proxy:
             return
         if client.tcp is not None:
             client.tcp.tokens.discard(token)
-        if changes or (has_addresses and (self._next_held or self._applier is not None)):
-            self._hold(payload, client, changes)
+        # New addresses wait for the firewall; so does any answer with addresses while a batch
+        # of additions is still on its way (it may be adding this answer's addresses).
+        if hold or (has_addresses and self._adds_pending):
+            self._hold(payload, client, changes, hold)
         else:
+            if changes:
+                self._queue_changes(changes)
             client.send(payload)
 
     # -- TCP ----------------------------------------------------------------------------------
@@ -495,11 +501,13 @@ class Proxy:
 
     # -- holding answers until the backend has applied their changes -------------------------
 
-    def _hold(self, payload: bytes, client: _Client, changes: Sequence[Any]) -> None:
+    def _hold(self, payload: bytes, client: _Client, changes: Sequence[Any], adds: bool) -> None:
         self._held_seq += 1
         self._held[self._held_seq] = (payload, client)
         self._next_held.append(self._held_seq)
         self.stats.held += 1
+        if adds:
+            self._next_adds = True
         self._queue_changes(changes)
 
     def _queue_changes(self, changes: Sequence[Any]) -> None:
@@ -512,8 +520,9 @@ class Proxy:
         try:
             while self._next_changes or self._next_held:
                 await asyncio.sleep(0)  # let this loop iteration's answers join the batch
-                changes, held = self._next_changes, self._next_held
-                self._next_changes, self._next_held = [], []
+                changes, held, adds = self._next_changes, self._next_held, self._next_adds
+                self._next_changes, self._next_held, self._next_adds = [], [], False
+                self._adds_inflight = adds
                 started = loop.time()
                 timer = loop.call_later(self.config.hold_max, self._hold_expired, held)
                 try:
@@ -530,9 +539,15 @@ class Proxy:
                 self.stats.hold_seconds.append(loop.time() - started)
                 if len(self.stats.hold_seconds) > 4096:
                     del self.stats.hold_seconds[:2048]
+                self._adds_inflight = False
                 self._release(held)
         finally:
             self._applier = None
+            self._adds_inflight = False
+
+    @property
+    def _adds_pending(self) -> bool:
+        return self._next_adds or self._adds_inflight
 
     def _hold_expired(self, held: list[int]) -> None:
         if any(h in self._held for h in held):
@@ -580,7 +595,7 @@ class Proxy:
     async def _expirer(self) -> None:
         while True:
             await asyncio.sleep(self.config.expire_interval)
-            changes = self.cache.expire(self.clock())
+            changes = self.engine.expire(self.clock())
             if changes:
                 self._queue_changes(changes)
 

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use hashbrown::HashMap;
 
-use crate::cache::{Cache, Change};
+use crate::cache::{Cache, Change, ChangeKind};
 use crate::pattern::LabelBuf;
 use crate::policy::{PolicySet, Proto};
 use crate::wire::{self, types, Header, QueryView};
@@ -123,6 +123,9 @@ pub struct Answer {
     pub bytes: Vec<u8>,
     /// What the enforcement backend must apply before the client may see `bytes`.
     pub changes: Vec<Change>,
+    /// Some change adds an address the firewall does not allow yet: the answer must wait until
+    /// the backend has applied `changes`.
+    pub hold: bool,
     /// The answer carries addresses for the question (already allowed or not).
     pub has_addresses: bool,
     pub log: Option<LogRecord>,
@@ -157,6 +160,8 @@ struct State {
     next_token: u64,
     log_counter: u64,
     stats: EngineStats,
+    /// The lapse time each (endpoint, ip) firewall element was last programmed with.
+    programmed: HashMap<(u32, IpAddr), f64>,
 }
 
 /// The engine. All methods take `&self`: state sits behind locks inside.
@@ -200,6 +205,35 @@ fn header_only_reply(query: &[u8], rcode: u16) -> Option<Vec<u8>> {
         out.extend_from_slice(&w.to_be_bytes());
     }
     Some(out)
+}
+
+/// Turns the cache's changes into what the firewall must be told, tracking what it was told.
+///
+/// A firewall element is programmed to lapse at `expiry + (expiry - now)`: twice the time the
+/// answer granted. The cache removes the entry at its own expiry (a `removed` change), so the
+/// slack only matters if fqdnguard is gone; what it buys is that an answer extending the cache
+/// expiry needs no firewall update until the new expiry passes the programmed one, i.e. about
+/// once per TTL instead of once per answer. Additions and removals always go through.
+fn program(st: &mut State, changes: Vec<Change>, now: f64) -> Vec<Change> {
+    let mut out = Vec::with_capacity(changes.len());
+    for mut c in changes {
+        let key = (c.endpoint, c.ip);
+        match c.kind {
+            ChangeKind::Removed => {
+                st.programmed.remove(&key);
+                out.push(c);
+            }
+            ChangeKind::Extended if st.programmed.get(&key).is_some_and(|&p| c.expires_at <= p) => {
+                st.stats.refreshes_skipped += 1;
+            }
+            ChangeKind::Added | ChangeKind::Extended => {
+                c.expires_at += (c.expires_at - now).max(0.0);
+                st.programmed.insert(key, c.expires_at);
+                out.push(c);
+            }
+        }
+    }
+    out
 }
 
 fn ends_with(name: &LabelBuf, suffix: &LabelBuf) -> bool {
@@ -446,19 +480,27 @@ impl Engine {
         let mut changes = Vec::new();
         if has_addresses && rcode == types::NOERROR {
             let name = resolution.qname.to_label_buf();
-            let mut cache = self.cache.write().map_err(|_| POISONED)?;
-            match cache.record(p.endpoint, &name, &resolution.addresses, now) {
-                Ok(c) => changes = c,
+            let recorded = self.cache.write().map_err(|_| POISONED)?.record(
+                p.endpoint,
+                &name,
+                &resolution.addresses,
+                now,
+            );
+            match recorded {
+                Ok(c) => changes = program(&mut st, c, now),
                 Err(_) => st.stats.cache_errors += 1,
             }
         }
+        let hold = changes.iter().any(|c| c.kind == ChangeKind::Added);
         let mut bytes = data.to_vec();
         let client_id = u16::from_be_bytes([p.query[0], p.query[1]]);
         let _ = wire::set_id(&mut bytes, client_id);
         let log = p.log.then(|| LogRecord {
             time: now,
             endpoint: Some(p.endpoint),
-            qname: QueryView::parse(&p.query).map(|q| q.qname.to_text()).unwrap_or_default(),
+            qname: QueryView::parse(&p.query)
+                .map(|q| q.qname.to_text())
+                .unwrap_or_default(),
             qtype: resolution.qtype,
             verdict: Verdict::Allowed,
             rcode,
@@ -469,6 +511,7 @@ impl Engine {
             token: p.token,
             bytes,
             changes,
+            hold,
             has_addresses,
             log,
         }))
@@ -512,6 +555,19 @@ impl Engine {
             });
         }
         Ok(out)
+    }
+
+    /// Expires the cache: the removals for the firewall (their programmed state is forgotten).
+    pub fn expire(&self, now: f64) -> Result<Vec<Change>, EngineError> {
+        let removed = self.cache.write().map_err(|_| POISONED)?.expire(now);
+        let mut st = self.state.lock().map_err(|_| POISONED)?;
+        match removed {
+            Ok(changes) => Ok(program(&mut st, changes, now)),
+            Err(_) => {
+                st.stats.cache_errors += 1;
+                Ok(Vec::new())
+            }
+        }
     }
 
     /// Forgets a pending query whose client went away (a closed TCP connection).

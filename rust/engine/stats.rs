@@ -20,6 +20,8 @@ pub struct EngineStats {
     pub dropped_mismatch: u64,
     pub dropped_malformed: u64,
     pub cache_errors: u64,
+    /// Expiry extensions not sent to the backend (the element had over half the new TTL left).
+    pub refreshes_skipped: u64,
     pub inflight: u64,
     /// Answers relayed (and SERVFAILs for timeouts) by rcode 0..=15; higher rcodes in the last.
     pub rcodes: [u64; 17],

@@ -195,6 +195,7 @@ fn allowed_query_is_forwarded_with_a_fresh_id_and_the_answer_restored() {
     assert_eq!(&got.bytes[..2], &[0x12, 0x34]);
     assert_eq!(&got.bytes[2..], &a[2..]);
     assert!(got.has_addresses);
+    // Programmed to lapse at twice the granted time (see `program`).
     let added: Vec<_> = got
         .changes
         .iter()
@@ -203,8 +204,8 @@ fn allowed_query_is_forwarded_with_a_fresh_id_and_the_answer_restored() {
     assert_eq!(
         added,
         vec![
-            (ChangeKind::Added, 5, ip("192.0.2.1"), 160.5),
-            (ChangeKind::Added, 5, ip("192.0.2.2"), 160.5)
+            (ChangeKind::Added, 5, ip("192.0.2.1"), 220.5),
+            (ChangeKind::Added, 5, ip("192.0.2.2"), 220.5)
         ]
     );
     assert!(cache
@@ -424,4 +425,40 @@ fn upstream_ids_do_not_repeat_while_pending() {
             "id reused while pending"
         );
     }
+}
+
+#[test]
+fn firewall_elements_are_refreshed_about_once_per_ttl() {
+    let (e, _) = engine_with(config());
+    let round = |now: f64, ttl: u32| {
+        let (up, _) = forwarded(ask(&e, POD, &query(1, "www.example.com", 1), now).0);
+        let id = u16::from_be_bytes([up[0], up[1]]);
+        let a = answer(id, "www.example.com", None, &[[192, 0, 2, 1]], ttl);
+        let got = e.response(0, &a, now).expect("engine").expect("matched");
+        (
+            got.hold,
+            got.changes
+                .iter()
+                .map(|c| (c.kind, c.expires_at))
+                .collect::<Vec<_>>(),
+        )
+    };
+    // Programmed to lapse at twice the granted time: 100 + 100.
+    assert_eq!(round(0.0, 100), (true, vec![(ChangeKind::Added, 200.0)]));
+    // The cache now expires at 110 and 190: both within what the firewall already allows.
+    assert_eq!(round(10.0, 100), (false, vec![]));
+    assert_eq!(round(90.0, 100), (false, vec![]));
+    // 250 is past 200: the element is refreshed (to 250 + 100), and the answer need not wait.
+    assert_eq!(
+        round(150.0, 100),
+        (false, vec![(ChangeKind::Extended, 350.0)])
+    );
+    assert_eq!(e.stats().expect("stats").refreshes_skipped, 2);
+    // The cache removes the entry at its own expiry (250), and says so.
+    let removed = e.expire(251.0).expect("expire");
+    assert_eq!(
+        removed.iter().map(|c| c.kind).collect::<Vec<_>>(),
+        vec![ChangeKind::Removed]
+    );
+    assert_eq!(round(300.0, 10), (true, vec![(ChangeKind::Added, 320.0)]));
 }

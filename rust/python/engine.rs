@@ -199,7 +199,8 @@ impl PyEngine {
         )
     }
 
-    /// An answer from upstream `channel`: `(token, payload, changes, has_addresses, log)`, or
+    /// An answer from upstream `channel`: `(token, payload, changes, hold, has_addresses, log)`
+    /// (`hold`: an address is new to the firewall, so the answer waits for the backend), or
     /// None when it was dropped (counted in `stats()`).
     fn response<'py>(
         &self,
@@ -222,6 +223,7 @@ impl PyEngine {
                 a.token.into_pyobject(py)?.into_any(),
                 PyBytes::new(py, &a.bytes).into_any(),
                 changes_out(py, a.changes)?.into_any(),
+                pyo3::types::PyBool::new(py, a.hold).to_owned().into_any(),
                 pyo3::types::PyBool::new(py, a.has_addresses)
                     .to_owned()
                     .into_any(),
@@ -239,6 +241,12 @@ impl PyEngine {
             out.append((x.token, PyBytes::new(py, &x.bytes), x.channel, log))?;
         }
         Ok(out)
+    }
+
+    /// Expires the shared cache: the removals for the firewall.
+    fn expire<'py>(&self, py: Python<'py>, now: f64) -> PyResult<Bound<'py, PyList>> {
+        let changes = self.inner.expire(now).map_err(engine_err)?;
+        changes_out(py, changes)
     }
 
     /// Forgets a pending query whose client went away.
@@ -262,6 +270,7 @@ impl PyEngine {
         d.set_item("dropped_mismatch", s.dropped_mismatch)?;
         d.set_item("dropped_malformed", s.dropped_malformed)?;
         d.set_item("cache_errors", s.cache_errors)?;
+        d.set_item("refreshes_skipped", s.refreshes_skipped)?;
         d.set_item("inflight", s.inflight)?;
         d.set_item("rcodes", s.rcodes.to_vec())?;
         d.set_item("latency_buckets", LATENCY_BUCKETS.to_vec())?;
