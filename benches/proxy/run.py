@@ -1,0 +1,338 @@
+"""The proxy benchmark: dnsperf against five DNS paths in one run, side by side.
+
+  (a) upstream   Knot DNS directly (the floor for latency, the ceiling for everything)
+  (b) relay      a bare uvloop UDP relay that parses nothing (the ceiling for a Python proxy)
+  (c) fqdnguard  `fqdnguard run` with a 1,000-pattern policy over 250 endpoints
+  (d) dnsdist    dnsdist forwarding, no cache (the C++ peer)
+  (e) pyproxy    the same job in plain Python with dnspython and `re` (the Python peer)
+
+Each server under test is pinned to CPU 1, dnsperf and Knot to CPU 0. Every target runs
+`--repeat` times for `--seconds` and the medians are reported; then (a) and (c) are measured
+again at half of (c)'s best rate with per-query latencies for the p50/p99 added by fqdnguard.
+Prints the table and the ratios, writes results.json and results.png into --out.
+
+Usage: python benches/proxy/run.py [--quick] [--seconds S] [--repeat N] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+sys.path.insert(0, str(ROOT / "python"))
+
+from fqdnguard.testing import KnotServer, free_port  # noqa: E402
+
+UPSTREAM = "127.0.0.53"
+CLIENT = "127.0.1.1"  # endpoint pod-0, group 0
+GROUPS, ENDPOINTS, PATTERNS_PER_GROUP = 10, 250, 100
+
+
+def pattern(g: int, k: int) -> tuple[str, str]:
+    """(kind, text) of pattern k of group g: exact names, `*.`, `**.` and mid-label wildcards."""
+    return [
+        ("matchName", f"svc{g}-{k}.bench.example.com"),
+        ("matchPattern", f"*.cdn{g}-{k}.example.com"),
+        ("matchPattern", f"**.t{g}-{k}.example.com"),
+        ("matchPattern", f"api-*-{g}-{k}.example.com"),
+    ][k % 4]
+
+
+def allowed_name(g: int, k: int) -> str:
+    return [
+        f"svc{g}-{k}.bench.example.com",
+        f"www.cdn{g}-{k}.example.com",
+        f"a.b.t{g}-{k}.example.com",
+        f"api-eu-{g}-{k}.example.com",
+    ][k % 4]
+
+
+def write_inputs(d: Path) -> dict[str, Path]:
+    pol = d / "policies"
+    pol.mkdir()
+    for g in range(GROUPS):
+        rules = "\n".join(
+            f'              - {kind}: "{text}"'
+            for kind, text in map(lambda k: pattern(g, k), range(PATTERNS_PER_GROUP))
+        )
+        (pol / f"group{g}.yaml").write_text(
+            f"""apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: group{g}, namespace: bench}}
+spec:
+  endpointSelector: {{matchLabels: {{group: g{g}}}}}
+  egress:
+    - toEndpoints:
+        - matchLabels: {{k8s:io.kubernetes.pod.namespace: kube-system, k8s-app: kube-dns}}
+      toPorts:
+        - ports: [{{port: "53", protocol: ANY}}]
+          rules:
+            dns:
+{rules}
+"""
+        )
+    eps = [
+        "endpoints:",
+        f"  - {{name: kube-dns, namespace: kube-system, ips: [{UPSTREAM}], labels: {{k8s-app: kube-dns}}}}",
+    ]
+    for i in range(ENDPOINTS):
+        eps.append(
+            f"  - {{name: pod-{i}, namespace: bench, ips: [127.0.1.{i + 1}], labels: {{group: g{i % GROUPS}}}}}"
+        )
+    (d / "endpoints.yaml").write_text("\n".join(eps) + "\n")
+    (d / "policy.json").write_text(
+        json.dumps(
+            {
+                "endpoints": {f"127.0.1.{i + 1}": i for i in range(ENDPOINTS)},
+                "patterns": {
+                    str(i): [pattern(i % GROUPS, k)[1] for k in range(PATTERNS_PER_GROUP)]
+                    for i in range(ENDPOINTS)
+                },
+            }
+        )
+    )
+    zone = [
+        "$ORIGIN example.com.",
+        "$TTL 300",
+        "@ SOA ns admin 1 3600 600 86400 60",
+        "@ NS ns",
+        f"ns A {UPSTREAM}",
+    ]
+    queries = []
+    for k in range(PATTERNS_PER_GROUP):
+        name = allowed_name(0, k)
+        zone.append(f"{name}. A 192.0.2.{k % 250 + 1}")
+        queries.append(f"{name} A")
+    queries += [f"evil{k}.example.org A" for k in range(PATTERNS_PER_GROUP // 9)]  # ~10% denied
+    (d / "example.com.zone").write_text("\n".join(zone) + "\n")
+    (d / "queries.txt").write_text("\n".join(queries) + "\n")
+    return {"policies": pol, "endpoints": d / "endpoints.yaml", "policy_json": d / "policy.json",
+            "zone": d / "example.com.zone", "queries": d / "queries.txt"}  # fmt: skip
+
+
+def wait_ready(port: int, timeout: float = 20.0) -> None:
+    query = bytes.fromhex("abcd01000001000000000000") + b"\x03svc\x00\x00\x01\x00\x01"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((CLIENT, 0))
+            s.settimeout(0.2)
+            try:
+                s.sendto(query, ("127.0.0.1", port))
+                s.recv(512)
+                return
+            except OSError:
+                time.sleep(0.1)
+    raise RuntimeError(f"nothing answers on 127.0.0.1:{port}")
+
+
+def dnsperf(
+    port: int, queries: Path, seconds: float, host: str = "127.0.0.1", rate: float | None = None
+) -> dict[str, float]:
+    cmd = ["taskset", "-c", "0", "dnsperf", "-s", host, "-p", str(port), "-a", CLIENT, "-d", str(queries),
+           "-l", str(seconds), "-c", "8", "-q", "256", "-t", "2"]  # fmt: skip
+    if rate is not None:
+        cmd += ["-Q", str(int(rate)), "-v"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    result: dict[str, float] = {}
+    latencies = []
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("Queries per second:"):
+            result["qps"] = float(line.split(":")[1])
+        elif line.startswith("Average Latency (s):"):
+            result["avg_ms"] = float(line.split(":")[1].split()[0]) * 1000
+        elif line.startswith("Queries lost:"):
+            result["lost"] = float(line.split(":")[1].split()[0])
+        elif line.startswith(">") and rate is not None:
+            latencies.append(float(line.split()[-1]) * 1000)
+    if latencies:
+        latencies.sort()
+        result["p50_ms"] = latencies[len(latencies) // 2]
+        result["p99_ms"] = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+    return result
+
+
+class Target:
+    def __init__(self, name: str, cmd: list[str] | None, port: int) -> None:
+        self.name, self.cmd, self.port = name, cmd, port
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Target:
+        if self.cmd is not None:
+            self.proc = subprocess.Popen(["taskset", "-c", "1", *self.cmd], stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL, cwd=ROOT)  # fmt: skip
+            wait_ready(self.port)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def targets(
+    files: dict[str, Path], upstream_port: int, tmp: Path
+) -> list[tuple[str, list[str] | None, int]]:
+    py = sys.executable
+    up = f"{UPSTREAM}:{upstream_port}"
+    out: list[tuple[str, list[str] | None, int]] = [("a upstream", None, upstream_port)]
+    p = free_port()
+    out.append(
+        (
+            "b relay",
+            [py, str(HERE / "relay.py"), "127.0.0.1", str(p), UPSTREAM, str(upstream_port)],
+            p,
+        )
+    )
+    p = free_port()
+    out.append(("c fqdnguard", [py, "-m", "fqdnguard.cli", "run", "--policy", str(files["policies"]),
+                                "--endpoints", str(files["endpoints"]), "--upstream", up,
+                                "--listen", f"127.0.0.1:{p}", "--backend", "log", "--log-queries", "none",
+                                "--log-level", "warning"], p))  # fmt: skip
+    if shutil.which("dnsdist"):
+        p = free_port()
+        conf = tmp / "dnsdist.conf"
+        conf.write_text(
+            f'setLocal("127.0.0.1:{p}")\nnewServer({{address="{up}"}})\nsetSecurityPollSuffix("")\n'
+            "setMaxUDPOutstanding(65535)\n"
+        )
+        out.append(
+            ("d dnsdist", ["dnsdist", "--supervised", "--disable-syslog", "-C", str(conf)], p)
+        )
+    p = free_port()
+    out.append(("e pyproxy", [py, str(HERE / "pyproxy.py"), "127.0.0.1", str(p), UPSTREAM,
+                              str(upstream_port), str(files["policy_json"])], p))  # fmt: skip
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="2 s per run, 1 repeat (what CI runs)")
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    args = ap.parse_args()
+    if args.quick:
+        args.seconds, args.repeat = 2.0, 1
+    if shutil.which("dnsperf") is None:
+        print("dnsperf is not installed (apt-get install dnsperf)", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="fqdnguard-bench-"))
+    files = write_inputs(tmp)
+    upstream_port = free_port(UPSTREAM)
+    results: dict[str, dict[str, float]] = {}
+    knot_cmd = None
+    with KnotServer(
+        {"example.com": files["zone"].read_text()}, host=UPSTREAM, port=upstream_port, workers=2
+    ) as knot:
+        if (
+            knot._proc is not None
+        ):  # pin the upstream beside dnsperf, away from the server under test
+            subprocess.run(
+                ["taskset", "-a", "-p", "-c", "0", str(knot._proc.pid)],
+                capture_output=True,
+                check=False,
+            )
+        _ = knot_cmd
+        for name, cmd, port in targets(files, upstream_port, tmp):
+            host = UPSTREAM if cmd is None else "127.0.0.1"
+            runs = []
+            with Target(name, cmd, port):
+                dnsperf(port, files["queries"], 1.0, host)  # warm up (fills caches, JITs nothing)
+                for _ in range(args.repeat):
+                    runs.append(dnsperf(port, files["queries"], args.seconds, host))
+            results[name] = {
+                "qps": statistics.median(r["qps"] for r in runs),
+                "avg_ms": statistics.median(r["avg_ms"] for r in runs),
+                "lost": statistics.median(r.get("lost", 0) for r in runs),
+                "runs": len(runs),
+            }
+            print(
+                f"  {name:<12} {results[name]['qps']:>10.0f} qps  avg {results[name]['avg_ms']:.3f} ms",
+                flush=True,
+            )
+        rate = results["c fqdnguard"]["qps"] / 2
+        for name, cmd, port in targets(files, upstream_port, tmp):
+            if name not in ("a upstream", "c fqdnguard"):
+                continue
+            host = UPSTREAM if cmd is None else "127.0.0.1"
+            with Target(name, cmd, port):
+                dnsperf(port, files["queries"], 1.0, host)
+                r = dnsperf(port, files["queries"], max(2.0, args.seconds / 2), host, rate=rate)
+            results[name]["p50_ms_at_half"] = r.get("p50_ms", float("nan"))
+            results[name]["p99_ms_at_half"] = r.get("p99_ms", float("nan"))
+    report(results, rate, args.out)
+    return 0
+
+
+def report(results: dict[str, dict[str, float]], rate: float, out: Path) -> None:
+    c = results["c fqdnguard"]
+    print(f"\n{'target':<14}{'qps':>10}{'avg ms':>9}   ratio of (c) to it")
+    for name, r in results.items():
+        print(f"{name:<14}{r['qps']:>10.0f}{r['avg_ms']:>9.3f}   {c['qps'] / r['qps']:.2f}")
+    a = results["a upstream"]
+    added = c.get("p99_ms_at_half", float("nan")) - a.get("p99_ms_at_half", float("nan"))
+    print(f"\nat {rate:.0f} qps (half of (c)): p50 {a.get('p50_ms_at_half', 0):.3f} / {c.get('p50_ms_at_half', 0):.3f} ms,"
+          f" p99 {a.get('p99_ms_at_half', 0):.3f} / {c.get('p99_ms_at_half', 0):.3f} ms (upstream / fqdnguard)")  # fmt: skip
+    checks = [
+        ("(c) >= 0.8 x (b) relay", c["qps"] / results["b relay"]["qps"], ">=", 0.8),
+        ("(c) >= 10 x (e) pyproxy", c["qps"] / results["e pyproxy"]["qps"], ">=", 10),
+        ("p99 added over (a) at half rate, ms (< 1)", added, "<", 1.0),
+    ]
+    if "d dnsdist" in results:
+        checks.append(
+            ("(c) / (d) dnsdist (no target)", c["qps"] / results["d dnsdist"]["qps"], "", 0)
+        )
+    print()
+    for label, got, op, want in checks:
+        ok = (got >= want) if op == ">=" else (got < want) if op == "<" else True
+        print(f"  {'OK  ' if ok else 'MISS'}  {label}: {got:.2f}")
+    (out / "results.json").write_text(
+        json.dumps({"rate_at_half": rate, "results": results, "p99_added_ms": added}, indent=2)
+    )
+    try:
+        import matplotlib  # noqa: PLC0415
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+
+        names = list(results)
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.bar(
+            names,
+            [results[n]["qps"] for n in names],
+            color=["#888", "#aaa", "#2a7", "#57a", "#c55"][: len(names)],
+        )
+        ax.set_ylabel("queries per second (median)")
+        ax.set_title("dnsperf, UDP, one core per server")
+        for i, n in enumerate(names):
+            ax.text(i, results[n]["qps"], f"{results[n]['qps']:.0f}", ha="center", va="bottom")
+        fig.tight_layout()
+        fig.savefig(out / "results.png", dpi=100)
+        print(f"\nwrote {out / 'results.json'} and {out / 'results.png'}")
+    except ImportError:
+        print(f"\nwrote {out / 'results.json'} (install matplotlib for the plot)")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
