@@ -12,10 +12,22 @@ FUZZ_SECONDS ?= 30
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 
+.PHONY: system-deps
+system-deps: ## Install the Debian packages the tests, demo and benchmarks use (needs root)
+	@missing=""; for b in knotd:knot dnsperf:dnsperf dnsdist:dnsdist nft:nftables ip:iproute2; do \
+		command -v $${b%%:*} >/dev/null || [ -x /usr/sbin/$${b%%:*} ] || missing="$$missing $${b#*:}"; done; \
+	[ -e /usr/lib/x86_64-linux-gnu/libnftables.so.1 ] || [ -e /usr/lib/aarch64-linux-gnu/libnftables.so.1 ] || missing="$$missing libnftables1"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
 .PHONY: deps
 deps: ## Install the Python tools the build, tests and benchmarks use
 	$(PIP) install -q --disable-pip-version-check 'maturin>=1.7,<2' 'pytest>=8' 'hypothesis>=6.100' \
-		'pytest-benchmark>=4' 'dnspython>=2.6' 'ruff>=0.6' 'mypy>=1.10'
+		'pytest-benchmark>=4' 'dnspython>=2.6' 'ruff>=0.6' 'mypy>=1.10' 'pyyaml>=6' 'uvloop>=0.19' \
+		'prometheus_client>=0.20' 'matplotlib>=3.7'
 
 .PHONY: build-dev
 build-dev: ## Build the extension in release mode and install the package (editable)
@@ -25,8 +37,13 @@ build-dev: ## Build the extension in release mode and install the package (edita
 build: ## Build a release wheel into dist/
 	maturin build --release --out dist
 
+
+.PHONY: demo
+demo: system-deps deps build-dev ## The main job on this machine: Knot upstream, fqdnguard run, allowed and denied queries
+	$(PYTHON) examples/demo.py
+
 .PHONY: test
-test: deps build-dev ## Build, then run the Rust and Python tests
+test: system-deps deps build-dev ## Build, then run the Rust and Python tests
 	cargo test --all-targets
 	$(PYTHON) -m pytest tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
@@ -55,6 +72,11 @@ bench-quick: build-dev ## Every benchmark once in a short mode (what CI runs so 
 	taskset -c $(BENCH_CPU) cargo bench -- --warm-up-time 0.2 --measurement-time 0.5
 	FQDNGUARD_BENCH_QUICK=1 taskset -c $(BENCH_CPU) $(PYTHON) -m pytest benches -p no:cacheprovider \
 		--benchmark-only --benchmark-max-time=0.1 --benchmark-min-rounds=3 --benchmark-columns=min,median,max,rounds
+	$(PYTHON) benches/proxy/run.py --quick
+
+.PHONY: bench-proxy
+bench-proxy: system-deps build-dev ## dnsperf: upstream, bare relay, fqdnguard, dnsdist, dnspython proxy side by side
+	$(PYTHON) benches/proxy/run.py
 
 .PHONY: fuzz-quick
 fuzz-quick: ## Short coverage-guided fuzz run of the wire parser and builders (FUZZ_SECONDS per target)
