@@ -4,6 +4,7 @@ Cilium-compatible ``toFQDNs`` / ``rules.dns`` semantics with a Rust core. The co
 ``fqdnguard._core`` is private; this package is the public face.
 """
 
+from fqdnguard import backends as backends
 from fqdnguard._core import (
     CacheError,
     Change,
@@ -27,6 +28,7 @@ from fqdnguard._core import (
 )
 from fqdnguard.endpoints import Endpoint, Endpoints, Selector
 from fqdnguard.policy import Policy, PolicyError, PolicyWarning
+from fqdnguard.proxy import Proxy
 
 __all__ = [
     "CacheError",
@@ -43,6 +45,7 @@ __all__ = [
     "Policy",
     "PolicyError",
     "PolicyWarning",
+    "Proxy",
     "Question",
     "Record",
     "Selector",
