@@ -283,6 +283,12 @@ class Proxy:
         self._servers: list[asyncio.base_events.Server] = []
         self._upstream_udp: list[asyncio.DatagramTransport] = []
         self._upstream_failures = [0] * len(self.upstreams)
+        self._upstream_hosts = [host for host, _ in self.upstreams]
+        # The upstream in use, and when to look again (0: none is failed over).
+        self._upstream = 0
+        self._upstream_recheck = 0.0
+        # With the default clock the engine reads the time itself (no Python call per packet).
+        self._now: Callable[[], float | None] = (lambda: None) if clock is time.time else clock
         self._upstream_down_until = [0.0] * len(self.upstreams)
         self._tcp_clients: set[_TcpClient] = set()
         self._upstream_tcp: set[_UpstreamTcp] = set()
@@ -399,20 +405,29 @@ class Proxy:
     # -- the data path ------------------------------------------------------------------------
 
     def _pick_upstream(self) -> int:
+        """The first upstream not failed over (recomputed when one fails or comes back)."""
         now = time.monotonic()
         for i in range(len(self.upstreams)):
             if self._upstream_down_until[i] <= now:
                 return i
         return min(range(len(self.upstreams)), key=self._upstream_down_until.__getitem__)
 
+    def _choose_upstream(self) -> None:
+        self._upstream = self._pick_upstream()
+        now = time.monotonic()
+        pending = [t for t in self._upstream_down_until if t > now]
+        self._upstream_recheck = min(pending) if pending else 0.0
+
     def _on_query(self, data: bytes, client: _Client, src_ip: str, tcp: bool) -> None:
-        channel = self._pick_upstream()
-        server, _ = self.upstreams[channel]
+        if self._upstream_recheck and time.monotonic() >= self._upstream_recheck:
+            self._choose_upstream()
+        channel = self._upstream
+        server = self._upstream_hosts[channel]
         if tcp:
             assert client.tcp is not None
             channel = self._tcp_channel(client.tcp, channel)
         action, payload, token, record = self.engine.query(
-            src_ip, server, 53, tcp, data, channel, self.clock()
+            src_ip, server, 53, tcp, data, channel, self._now()
         )
         if record is not None:
             self._log_query(record)
@@ -428,7 +443,7 @@ class Proxy:
             client.send(payload)
 
     def _on_answer(self, channel: int, data: bytes) -> None:
-        result = self.engine.response(channel, data, self.clock())
+        result = self.engine.response(channel, data, self._now())
         if result is None:
             return  # unmatched or malformed: dropped and counted by the engine
         token, payload, changes, hold, has_addresses, record = result
@@ -591,6 +606,7 @@ class Proxy:
                 )
             self._upstream_down_until[channel] = time.monotonic() + UPSTREAM_RETRY
             self._upstream_failures[channel] = 0
+            self._choose_upstream()
 
     async def _expirer(self) -> None:
         while True:

@@ -173,8 +173,9 @@ impl PyEngine {
         tcp: bool,
         data: &[u8],
         channel: u32,
-        now: f64,
+        now: Option<f64>,
     ) -> PyResult<Bound<'py, PyTuple>> {
+        let now = now.unwrap_or_else(crate::cache::now_seconds);
         let src = ip_arg(src, "source")?;
         let server = ip_arg(server, "server")?;
         let proto = if tcp { Proto::Tcp } else { Proto::Udp };
@@ -207,8 +208,9 @@ impl PyEngine {
         py: Python<'py>,
         channel: u32,
         data: &[u8],
-        now: f64,
+        now: Option<f64>,
     ) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let now = now.unwrap_or_else(crate::cache::now_seconds);
         let Some(a) = self
             .inner
             .response(channel, data, now)
