@@ -4,9 +4,10 @@
 
 The node forwards between the two links (so pod traffic crosses its forward hook); the world holds
 the upstream resolver and TCP servers on several addresses. Sockets are opened *inside* a
-namespace from this process (``Topology.socket``: the creating thread enters the namespace for the
-``socket()`` call only; a socket stays in the namespace it was made in), so the tests drive pods
-without a process per action. Everything lives in namespaces these tests create and delete.
+namespace from this process (``Topology.open_socket``: the creating thread enters the namespace
+for the ``socket()`` call only; a socket stays in the namespace it was made in), so the tests
+drive pods without a process per action. Everything lives in namespaces these tests create
+and delete.
 """
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ class Topology:
     def inside(self, name: str) -> Iterator[None]:
         """This thread in namespace ``name`` for the block (keep it to socket creation)."""
         with _setns_lock:
-            own = os.open(f"/proc/thread-self/ns/net", os.O_RDONLY)
+            own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
             target = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
             try:
                 if _libc.setns(target, CLONE_NEWNET) != 0:
@@ -175,13 +176,15 @@ class Topology:
                 os.close(target)
                 os.close(own)
 
-    def socket(self, name: str, family: int, kind: int) -> socket.socket:
+    def open_socket(self, name: str, family: int, kind: int) -> socket.socket:
         with self.inside(name):
             return socket.socket(family, kind)
 
     def connect(self, name: str, ip: str, port: int, timeout: float = 0.4) -> socket.socket | None:
         """A TCP connection from namespace ``name``, or None when it does not get through."""
-        s = self.socket(name, socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM)
+        s = self.open_socket(
+            name, socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM
+        )
         s.settimeout(timeout)
         try:
             s.connect((ip, port))

@@ -100,7 +100,7 @@ class Env:
     ) -> tuple[int, list[str]]:
         """Asks the node's proxy from the pod: (rcode, addresses)."""
         family = socket.AF_INET6 if ":" in server else socket.AF_INET
-        s = self.topo.socket(self.topo.pod, family, socket.SOCK_DGRAM)
+        s = self.topo.open_socket(self.topo.pod, family, socket.SOCK_DGRAM)
         with s:
             s.settimeout(2)
             q = dns.message.make_query(name, rdtype)
