@@ -100,8 +100,8 @@ def test_ips_go_to_the_sets_of_the_rules_their_names_match() -> None:
     b._names_for = lambda ip, ep: names[ip]
     rules = b._endpoints[web.id]
     a, c, none = (rules.classify(ip, b._names_for) for ip in ("1.1.1.1", "2.2.2.2", "3.3.3.3"))
-    assert len(a) == len(c) == 1 and a != c and none == []
-    assert rules.classify("fd00::1", None) == sorted(rules.classify("fd00::1", None))
+    assert len(a) == len(c) == 1 and a != c and none == ()
+    assert len(rules.classify("fd00::1", None)) == 2
     assert all(s.endswith("_6") for s in rules.classify("fd00::1", None))
 
 

@@ -189,6 +189,7 @@ class _EndpointRules:
                 (ps.add if is_pattern else ps.add_name)(text, 0)
             self.classes[cid] = (ports, ps)
         self.peers = list(plan.peers)
+        self._every = {f: tuple(self.set_name(c, f) for c in self.classes) for f in (4, 6)}
 
     def set_name(self, cid: str, family: int) -> str:
         return f"ep_{self.id}_{cid}_{family}"
@@ -196,17 +197,17 @@ class _EndpointRules:
     def sets(self) -> list[tuple[str, int]]:
         return [(self.set_name(c, f), f) for c in self.classes for f in (4, 6)]
 
-    def classify(self, ip: str, names_for: Callable[..., list[str]] | None) -> list[str]:
+    def classify(self, ip: str, names_for: Callable[..., list[str]] | None) -> tuple[str, ...]:
         """The sets ``ip`` belongs in: every class when there is one, else by its names."""
         family = 6 if ":" in ip else 4
         if len(self.classes) <= 1 or names_for is None:
-            return [self.set_name(c, family) for c in self.classes]
+            return self._every[family]
         names = names_for(ip, self.id)
-        return [
+        return tuple(
             self.set_name(cid, family)
             for cid, (_, ps) in self.classes.items()
             if any(ps.matches(n) for n in names)
-        ]
+        )
 
     def rules(self, listen: Sequence[tuple[str, int]]) -> list[str]:
         out: list[str] = []
@@ -263,12 +264,23 @@ class _Ops:
         self.delete.setdefault(set_name, []).append(ip)
         self.removed += 1
 
-    def put(self, set_name: str, ip: str, seconds: float, replace: bool) -> None:
-        if replace:
-            self.ensure.setdefault(set_name, []).append(ip)
-            self.delete.setdefault(set_name, []).append(ip)
-        self.add.setdefault(set_name, []).append(f"{ip} timeout {max(1000, int(seconds * 1000))}ms")
+    def add_new(self, set_name: str, element: str) -> None:
+        """``element``: ``IP timeout Nms``."""
+        self.add.setdefault(set_name, []).append(element)
         self.added += 1
+
+    def replace(self, set_name: str, ip: str, element: str) -> None:
+        self.ensure.setdefault(set_name, []).append(ip)
+        self.delete.setdefault(set_name, []).append(ip)
+        self.add.setdefault(set_name, []).append(element)
+        self.added += 1
+
+    def put(self, set_name: str, ip: str, seconds: float, replace: bool) -> None:
+        element = f"{ip} timeout {max(1000, int(seconds * 1000))}ms"
+        if replace:
+            self.replace(set_name, ip, element)
+        else:
+            self.add_new(set_name, element)
 
     def script(self, table: str) -> str:
         cmds = [
@@ -284,12 +296,12 @@ class _Ops:
 
 def _change_fields(c: Any) -> tuple[str, int, str, float | None]:
     """(kind, endpoint, ip, expires_at) of a Change object or a plain tuple."""
-    if isinstance(c, tuple):
-        if len(c) == 4:
-            return c[0], int(c[1]), str(c[2]), c[3]
-        endpoint, ip, expires = c
-        return "added", int(endpoint), str(ip), expires
-    return getattr(c, "kind", "added"), int(c.endpoint), str(c.ip), c.expires_at
+    if not isinstance(c, tuple):
+        return c.kind, c.endpoint, c.ip, c.expires_at
+    if len(c) == 4:
+        return c[0], int(c[1]), str(c[2]), c[3]
+    endpoint, ip, expires = c
+    return "added", int(endpoint), str(ip), expires
 
 
 class Nftables(Backend):
@@ -547,30 +559,40 @@ class Nftables(Backend):
                 kind = previous[0]  # added then extended in one batch: still an addition
             final[(endpoint, ip)] = (kind, expires)
         ops = _Ops()
+        live, endpoints, names_for, synced = (
+            self._live,
+            self._endpoints,
+            self._names_for,
+            self._synced,
+        )
         for key, (kind, expires) in final.items():
             endpoint, ip = key
-            ep = self._endpoints.get(endpoint)
+            ep = endpoints.get(endpoint)
             if ep is None:
-                self._live.pop(key, None)
+                live.pop(key, None)
                 continue  # not restricted: nothing to program
-            before = self._live.get(key)
-            old_sets = before[1] if before else ()
+            before = live.get(key)
             if kind == "removed":
-                self._live.pop(key, None)
+                live.pop(key, None)
                 # Unknown membership (programmed before a restart): every set of the family.
-                family = 6 if ":" in ip else 4
-                for s in old_sets or tuple(s for s, f in ep.sets() if f == family):
+                for s in before[1] if before else ep.classify(ip, None):
                     ops.remove(s, ip)
                 continue
-            sets = tuple(ep.classify(ip, self._names_for))
-            for s in set(old_sets) - set(sets):
-                ops.remove(s, ip)
-            # A plain add is a no-op on an element the kernel already has: replace unless it
-            # surely is new (known state, and not programmed yet).
-            fresh = kind == "added" and self._synced and before is None
-            for s in sets:
-                ops.put(s, ip, (expires or now) - now, replace=not fresh or s in old_sets)
-            self._live[key] = (expires or now, sets)
+            sets = ep.classify(ip, names_for)
+            timeout = f"{ip} timeout {max(1000, int(((expires or now) - now) * 1000))}ms"
+            if before is None and synced and kind == "added":
+                # Surely new to the kernel: a plain add (on an element the kernel already has,
+                # add would be a no-op and keep the old timeout).
+                for s in sets:
+                    ops.add_new(s, timeout)
+            else:
+                old_sets = before[1] if before else ()
+                for s in old_sets:
+                    if s not in sets:
+                        ops.remove(s, ip)
+                for s in sets:
+                    ops.replace(s, ip, timeout)
+            live[key] = (expires or now, sets)
         return ops.script(f"{FAMILY} {self.table}"), ops.count
 
     async def reconcile(self, current: Sequence[Any]) -> None:
