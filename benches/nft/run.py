@@ -93,7 +93,10 @@ async def steady(
     wake.set()
     await task
     latencies.sort()
-    pct = lambda p: 1000 * latencies[min(len(latencies) - 1, int(p * len(latencies)))]  # noqa: E731
+
+    def pct(p: float) -> float:
+        return 1000 * latencies[min(len(latencies) - 1, int(p * len(latencies)))]
+
     return {
         "rate": rate,
         "ips": len(latencies),
