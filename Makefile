@@ -84,3 +84,7 @@ fuzz-quick: ## Short coverage-guided fuzz run of the wire parser and builders (F
 	for t in parse roundtrip; do \
 		RUSTC_BOOTSTRAP=1 cargo fuzz run -O $$t -- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 || exit 1; \
 	done
+
+.PHONY: bench-nft
+bench-nft: build-dev ## nftables backend: latency from new IPs to the kernel set (needs root)
+	taskset -c $(BENCH_CPU) $(PYTHON) benches/nft/run.py

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fqdnguard._core import CacheError, DnsCache
-from fqdnguard.backends import Backend, make_backend
+from fqdnguard.backends import Backend, BackendError, make_backend
 from fqdnguard.config import ConfigError, ProxyConfig
 from fqdnguard.endpoints import Endpoints
 from fqdnguard.policy import Policy, PolicyError
@@ -88,7 +88,7 @@ class Runner:
         try:
             policy, endpoints = load_policy(self.config)
             self.proxy.set_policy(policy, endpoints)
-        except (PolicyError, ConfigError, OSError) as e:
+        except (PolicyError, ConfigError, OSError, BackendError) as e:
             log.error("policy reload failed, keeping the policy in force: %s", e)
             return False
         self.policy, self.endpoints = policy, endpoints

@@ -10,10 +10,15 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from fqdnguard._core import FqdnGuardError
+from fqdnguard.backends import BackendError
 from fqdnguard.endpoints import Endpoint, Endpoints
 from fqdnguard.policy import Policy, PolicyError, lint
+
+if TYPE_CHECKING:
+    from fqdnguard.config import ProxyConfig
 
 EXIT_ALLOWED = 0
 EXIT_DENIED = 1
@@ -105,7 +110,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         upstream_timeout=args.upstream_timeout,
         log_queries=args.log_queries,
     )
+    if args.dry_run:
+        return _dry_run(config)
     run(config)
+    return 0
+
+
+def _dry_run(config: ProxyConfig) -> int:
+    """Prints the ruleset the backend would install for the policy and endpoints, and exits."""
+    from fqdnguard.agent import load_policy  # noqa: PLC0415
+    from fqdnguard.backends import make_backend  # noqa: PLC0415
+
+    policy, endpoints = load_policy(config)
+    backend = make_backend(config.backend)
+    ruleset = getattr(backend, "ruleset", None)
+    if ruleset is None:
+        print(f"# the {backend.name} backend installs no ruleset")
+        return 0
+    backend.set_policy(policy, endpoints, listen=config.listen)  # type: ignore[attr-defined]
+    print(ruleset(), end="")
     return 0
 
 
@@ -199,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--upstream-timeout", type=float, metavar="SECONDS")
     run.add_argument("--log-queries", choices=["all", "sampled", "none"])
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the firewall ruleset the backend would install, then exit",
+    )
     run.set_defaults(func=cmd_run)
 
     cache = sub.add_parser("cache", help="the FQDN cache of a running proxy")
@@ -276,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for err in e.errors:
             print(f"fqdnguard: error: {err.location()}", file=sys.stderr)
         return EXIT_ERROR
-    except (FqdnGuardError, ValueError, OSError, _UsageError) as e:
+    except (FqdnGuardError, ValueError, OSError, _UsageError, BackendError) as e:
         print(f"fqdnguard: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     return status

@@ -42,7 +42,7 @@ from fqdnguard._schema import (
 )
 from fqdnguard.endpoints import NAMESPACE_LABEL, OPERATORS, Endpoint, Endpoints, Selector
 
-__all__ = ["Policy", "PolicyError", "PolicyWarning", "lint"]
+__all__ = ["EgressPlan", "Policy", "PolicyError", "PolicyWarning", "lint"]
 
 log = logging.getLogger("fqdnguard.policy")
 
@@ -186,6 +186,24 @@ class PolicyInfo:
         return f"{self.namespace}/{self.name}" if self.namespace else self.name
 
 
+#: Ports a rule admits: None for every port and protocol, else ``(port, endPort, protocol)``
+#: ranges with protocol TCP, UDP, SCTP or ANY, port 0 meaning every port of the protocol.
+Ports = tuple[tuple[int, int, str], ...] | None
+#: Destinations a rule admits: None for any, else (addresses, CIDRs as (address, prefix length,
+#: excepted (address, prefix length) pairs)).
+Peers = tuple[tuple[str, ...], tuple[tuple[str, int, tuple[tuple[str, int], ...]], ...]] | None
+
+
+@dataclass(frozen=True)
+class EgressPlan:
+    """A restricted endpoint's egress allowances, for programming a firewall."""
+
+    #: One entry per ``toFQDNs`` rule: its ports and its (is_pattern, text) name selectors.
+    fqdn: tuple[tuple[Ports, tuple[tuple[bool, str], ...]], ...]
+    #: One entry per other rule (``toEndpoints``, ``toCIDR``, ``toCIDRSet``, L4-only).
+    peers: tuple[tuple[Peers, Ports], ...]
+
+
 class Policy:
     """A compiled, immutable policy set. Build with :meth:`load` or :meth:`from_yaml`."""
 
@@ -303,6 +321,45 @@ class Policy:
             for s in self._specs
             if s.selector is not None and s.selector.matches(endpoint.labels)
         ]
+
+    def egress_plan(
+        self, endpoint: Endpoint, endpoints: Endpoints | None = None
+    ) -> EgressPlan | None:
+        """What a firewall must let ``endpoint`` reach, or None when no default-deny policy
+        selects it (unrestricted). ``endpoints`` resolves ``toEndpoints`` (default: the registry
+        the policy was loaded with). The same rules as :meth:`egress_verdict`, laid out for
+        programming: per ``toFQDNs`` rule its ports and name selectors, per other rule its peers
+        and ports."""
+        selecting = [s for s in self._specs if s.selector and s.selector.matches(endpoint.labels)]
+        if not any(s.default_deny for s in selecting):
+            return None
+        registry = endpoints if endpoints is not None else self._endpoints
+        fqdn: list[tuple[Ports, tuple[tuple[bool, str], ...]]] = []
+        peers: list[tuple[Peers, Ports]] = []
+        for spec in selecting:
+            for rule in spec.egress:
+                entries = [e for e in rule.ports if not e.inert]
+                if rule.has_ports and not entries:
+                    continue  # every port entry unenforceable: admits nothing
+                ports: Ports = None
+                if rule.has_ports and all(e.ranges for e in entries):
+                    ports = tuple(sorted({r for e in entries for r in e.ranges}))
+                if rule.fqdns:
+                    fqdn.append((ports, tuple(rule.fqdns)))
+                elif not rule.has_l3:
+                    if rule.has_ports:
+                        peers.append((None, ports))  # no L3 selector: any destination
+                else:
+                    ips = {
+                        ip
+                        for sel in rule.to_endpoints
+                        for ep in (registry.select(sel) if registry is not None else [])
+                        for ip in ep.ips
+                    }
+                    cidrs = tuple((a, b, tuple(x)) for a, b, x, _ in rule.cidrs)
+                    if ips or cidrs:
+                        peers.append(((tuple(sorted(ips)), cidrs), ports))
+        return EgressPlan(tuple(fqdn), tuple(peers))
 
     def __len__(self) -> int:
         return len(self.policies)

@@ -307,7 +307,14 @@ class Proxy:
 
     def set_policy(self, policy: Any, endpoints: Any) -> None:
         """Swaps in a new compiled policy and endpoint set, atomically for the data path."""
-        self.engine.set_policy(*engine_table(policy, endpoints, self.config.unknown_endpoint))
+        table = engine_table(policy, endpoints, self.config.unknown_endpoint)
+        # Backends that derive a ruleset from the policy (nftables) get it first: if the kernel
+        # refuses it, the policy in force stays in force everywhere.
+        if hasattr(self.backend, "set_policy"):
+            self.backend.set_policy(
+                policy, endpoints, listen=self.config.listen, names_for=self.cache.names_for
+            )
+        self.engine.set_policy(*table)
         self.policy, self.endpoints = policy, endpoints
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -315,6 +322,10 @@ class Proxy:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         await self.backend.start()
+        # Bring the enforced state to what the engine has programmed (e.g. a restored cache).
+        programmed_state = getattr(self.engine, "programmed_state", None)
+        if programmed_state is not None:
+            await self.backend.reconcile(programmed_state(self.clock()))
         for channel, (host, port) in enumerate(self.upstreams):
             transport, _ = await loop.create_datagram_endpoint(
                 lambda c=channel: _UpstreamUdp(self, c), remote_addr=(host, port)

@@ -1,0 +1,670 @@
+"""Enforcement in the Linux kernel with nftables, through libnftables in-process.
+
+The ruleset lives in one table, ``inet fqdnguard``, and never needs flushing::
+
+    table inet fqdnguard {
+      map src4 { type ipv4_addr : verdict }          # endpoint address -> its chain
+      map src6 { type ipv6_addr : verdict }
+      chain egress {                                  # shared by both hooks
+        ct state established,related accept           # live connections outlive their TTL
+        ip saddr vmap @src4
+        ip6 saddr vmap @src6
+      }                                               # sources no policy restricts: untouched
+      chain forward { type filter hook forward priority filter; policy accept; jump egress }
+      chain output  { type filter hook output priority filter; policy accept; jump egress }
+      chain ep_7 {                                    # one per restricted endpoint
+        meta l4proto { tcp, udp } ip daddr 10.0.0.1 th dport 53 accept        # DNS to the proxy
+        ip daddr @ep_7_f0_4 meta l4proto . th dport { tcp . 443 } accept        # toFQDNs rule 0
+        ip6 daddr @ep_7_f0_6 meta l4proto . th dport { tcp . 443 } accept
+        ip daddr 10.0.0.0/8 ip daddr != { 10.96.0.0/12 } accept                # toCIDRSet
+        counter drop
+      }
+      set ep_7_f0_4 { type ipv4_addr; flags timeout; }  # learned IPs, each with its own timeout
+      set ep_7_f0_6 { type ipv6_addr; flags timeout; }
+    }
+
+Ports: one address set per (endpoint, distinct port list of its ``toFQDNs`` rules), matched by a
+rule that also checks protocol and destination port against the rule's ``toPorts`` (an anonymous
+concatenated set). In the usual case an endpoint's ``toFQDNs`` rules share one port list, so each
+learned IP is one element; when they differ, an IP goes into the sets of the rules whose selectors
+match one of the names it was learned under (asked of the cache), exactly as ``egress_verdict``.
+
+Changes: one batch is one nftables transaction (``nft_run_cmd_from_buffer`` of a text script).
+An element's timeout is its ``expires_at`` minus now (at least 1 s). nftables 1.0 cannot change the
+timeout of an existing element, so an extension (and a removal, which must not fail when the kernel
+already timed the element out) is written ``add`` (tiny timeout, a no-op when present), ``delete``,
+``add`` (new timeout): inside one transaction, so the element is never absent.
+
+Restart: ``start`` installs the table, sets and chains with ``add`` (idempotent) and replaces each
+chain's rules with ``flush chain`` + rules in the same transaction; sets are never flushed, so
+a restart neither opens nor closes a window. ``reconcile`` then brings the sets to exactly the
+live state. ``close`` leaves the ruleset in place (fail closed: the elements lapse on their own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import hashlib
+import ipaddress
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from fqdnguard.backends import Backend, BackendError
+
+__all__ = ["Libnftables", "NftError", "Nftables"]
+
+log = logging.getLogger("fqdnguard.backend.nftables")
+
+TABLE = "fqdnguard"
+FAMILY = "inet"
+#: nft_ctx_output_set_flags: NFT_CTX_OUTPUT_JSON (libnftables.h).
+_OUTPUT_JSON = 1 << 4
+#: Batches with more elements than this go to a worker thread so the event loop keeps serving.
+INLINE_ELEMENTS = 512
+_PROTOS = {"TCP": ("tcp",), "UDP": ("udp",), "SCTP": ("sctp",), "ANY": ("tcp", "udp", "sctp")}
+
+
+class NftError(BackendError):
+    """libnftables refused a command; the message is its error output."""
+
+
+class Libnftables:
+    """A minimal ctypes binding to libnftables.so.1: one context, text commands in, text or JSON
+    out. Not thread-safe by itself; callers serialise (``Nftables`` holds a lock)."""
+
+    def __init__(self, path: str | None = None) -> None:
+        name = path or ctypes.util.find_library("nftables") or "libnftables.so.1"
+        try:
+            lib = ctypes.CDLL(name, use_errno=True)
+        except OSError as e:
+            raise BackendError(
+                f"nftables backend: cannot load {name} ({e}); install the Debian package "
+                "'libnftables1' (or your distribution's libnftables)"
+            ) from None
+        lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+        lib.nft_ctx_new.restype = ctypes.c_void_p
+        lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_free.restype = None
+        lib.nft_ctx_output_set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
+        lib.nft_ctx_output_set_flags.restype = None
+        lib.nft_ctx_output_get_flags.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_output_get_flags.restype = ctypes.c_uint
+        for fn in ("nft_ctx_buffer_output", "nft_ctx_buffer_error"):
+            getattr(lib, fn).argtypes = [ctypes.c_void_p]
+            getattr(lib, fn).restype = ctypes.c_int
+        for fn in ("nft_ctx_get_output_buffer", "nft_ctx_get_error_buffer"):
+            getattr(lib, fn).argtypes = [ctypes.c_void_p]
+            getattr(lib, fn).restype = ctypes.c_char_p
+        lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
+        ctx = lib.nft_ctx_new(0)  # NFT_CTX_DEFAULT
+        if not ctx:
+            raise BackendError("nftables backend: nft_ctx_new failed")
+        if lib.nft_ctx_buffer_output(ctx) or lib.nft_ctx_buffer_error(ctx):
+            lib.nft_ctx_free(ctx)
+            raise BackendError("nftables backend: cannot buffer libnftables output")
+        self._lib = lib
+        self._ctx: int | None = ctx
+        self._flags = lib.nft_ctx_output_get_flags(ctx)
+
+    def run(self, script: str, json_output: bool = False) -> str:
+        """Runs a script of nft commands as one transaction; returns the output (JSON text when
+        ``json_output``). Raises :class:`NftError` with libnftables' message on failure."""
+        if self._ctx is None:
+            raise BackendError("nftables backend: the libnftables context is closed")
+        lib, ctx = self._lib, self._ctx
+        flags = self._flags | (_OUTPUT_JSON if json_output else 0)
+        lib.nft_ctx_output_set_flags(ctx, flags)
+        rc = lib.nft_run_cmd_from_buffer(ctx, script.encode())
+        out = (lib.nft_ctx_get_output_buffer(ctx) or b"").decode(errors="replace")
+        err = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace")
+        if rc != 0:
+            raise NftError(err.strip() or f"libnftables returned {rc}")
+        return out
+
+    def close(self) -> None:
+        if self._ctx is not None:
+            self._lib.nft_ctx_free(self._ctx)
+            self._ctx = None
+
+
+# -- the ruleset from the policy ----------------------------------------------------------------
+
+
+def _port_expr(ports: Any) -> str:
+    """``meta l4proto . th dport { tcp . 443, udp . 53-54 }`` for a plan's ports ('' = all)."""
+    if ports is None:
+        return ""
+    ranges: dict[str, list[tuple[int, int]]] = {}
+    for lo, hi, proto in ports:
+        span = (0, 65535) if lo == 0 else (lo, max(lo, hi))
+        for p in _PROTOS.get(proto, ()):
+            ranges.setdefault(p, []).append(span)
+    items: list[str] = []
+    for proto in sorted(ranges):
+        merged: list[list[int]] = []
+        for lo, hi in sorted(ranges[proto]):
+            if merged and lo <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        items += [f"{proto} . {lo}" if lo == hi else f"{proto} . {lo}-{hi}" for lo, hi in merged]
+    if not items:  # the policy reader keeps only TCP/UDP/SCTP/ANY ranges: never "all" by accident
+        raise BackendError(f"nftables backend: no enforceable protocol in ports {ports!r}")
+    return "meta l4proto . th dport { " + ", ".join(items) + " }"
+
+
+def _class_id(ports: Any) -> str:
+    """A short stable name for a port list (so a set keeps its name across policy reloads)."""
+    text = "all" if ports is None else repr(sorted(ports))
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+class _EndpointRules:
+    """One restricted endpoint: its sources, its fqdn classes (port list -> selectors) and the
+    rules of its chain."""
+
+    def __init__(self, ep_id: int, sources: Sequence[str], plan: Any) -> None:
+        from fqdnguard._core import PatternSet  # noqa: PLC0415
+
+        self.id = ep_id
+        self.sources = list(sources)
+        self.chain = f"ep_{ep_id}"
+        classes: dict[str, tuple[Any, list[tuple[bool, str]]]] = {}
+        for ports, selectors in plan.fqdn:
+            entry = classes.setdefault(_class_id(ports), (ports, []))
+            entry[1].extend(selectors)
+        self.classes: dict[str, tuple[Any, Any]] = {}
+        for cid, (ports, selectors) in classes.items():
+            ps = PatternSet()
+            for is_pattern, text in selectors:
+                (ps.add if is_pattern else ps.add_name)(text, 0)
+            self.classes[cid] = (ports, ps)
+        self.peers = list(plan.peers)
+        self._every = {f: tuple(self.set_name(c, f) for c in self.classes) for f in (4, 6)}
+
+    def set_name(self, cid: str, family: int) -> str:
+        return f"ep_{self.id}_{cid}_{family}"
+
+    def sets(self) -> list[tuple[str, int]]:
+        return [(self.set_name(c, f), f) for c in self.classes for f in (4, 6)]
+
+    def classify(self, ip: str, names_for: Callable[..., list[str]] | None) -> tuple[str, ...]:
+        """The sets ``ip`` belongs in: every class when there is one, else by its names."""
+        family = 6 if ":" in ip else 4
+        if len(self.classes) <= 1 or names_for is None:
+            return self._every[family]
+        names = names_for(ip, self.id)
+        return tuple(
+            self.set_name(cid, family)
+            for cid, (_, ps) in self.classes.items()
+            if any(ps.matches(n) for n in names)
+        )
+
+    def rules(self, listen: Sequence[tuple[str, int]]) -> list[str]:
+        out: list[str] = []
+        for host, port in listen:
+            addr = ipaddress.ip_address(host)
+            if addr.is_unspecified:
+                dst = "fib daddr type local"
+            else:
+                dst = f"{'ip6' if addr.version == 6 else 'ip'} daddr {addr}"
+            out.append(f"meta l4proto {{ tcp, udp }} {dst} th dport {port} accept")
+        for cid, (ports, _) in self.classes.items():
+            pe = _port_expr(ports)
+            for family, match in ((4, "ip"), (6, "ip6")):
+                out.append(f"{match} daddr @{self.set_name(cid, family)} {pe} accept")
+        for peers, ports in self.peers:
+            pe = _port_expr(ports)
+            if peers is None:
+                out.append(f"{pe} accept".strip())
+                continue
+            ips, cidrs = peers
+            by_family: dict[int, list[str]] = {4: [], 6: []}
+            for ip in ips:
+                by_family[ipaddress.ip_address(ip).version].append(ip)
+            for family, match in ((4, "ip"), (6, "ip6")):
+                if by_family[family]:
+                    out.append(f"{match} daddr {{ {', '.join(by_family[family])} }} {pe} accept")
+            for addr, bits, excepts in cidrs:
+                match = "ip6" if ":" in addr else "ip"
+                rule = f"{match} daddr {addr}/{bits}"
+                if excepts:
+                    rule += f" {match} daddr != {{ {', '.join(f'{a}/{b}' for a, b in excepts)} }}"
+                out.append(f"{rule} {pe} accept")
+        out.append("counter drop")
+        return [" ".join(r.split()) for r in out]
+
+
+class _Ops:
+    """Element operations of one transaction, grouped by set. A replacement or a removal that
+    must not fail when the element is gone is ``add`` (1 s, a no-op when present), ``delete``,
+    then ``add`` with the new timeout: the element is never absent in between."""
+
+    def __init__(self) -> None:
+        self.ensure: dict[str, list[str]] = {}
+        self.delete: dict[str, list[str]] = {}
+        self.add: dict[str, list[str]] = {}
+        self.added = self.removed = 0
+
+    @property
+    def count(self) -> int:
+        return self.added + self.removed
+
+    def remove(self, set_name: str, ip: str) -> None:
+        self.ensure.setdefault(set_name, []).append(ip)
+        self.delete.setdefault(set_name, []).append(ip)
+        self.removed += 1
+
+    def add_new(self, set_name: str, element: str) -> None:
+        """``element``: ``IP timeout Nms``."""
+        self.add.setdefault(set_name, []).append(element)
+        self.added += 1
+
+    def replace(self, set_name: str, ip: str, element: str) -> None:
+        self.ensure.setdefault(set_name, []).append(ip)
+        self.delete.setdefault(set_name, []).append(ip)
+        self.add.setdefault(set_name, []).append(element)
+        self.added += 1
+
+    def put(self, set_name: str, ip: str, seconds: float, replace: bool) -> None:
+        element = f"{ip} timeout {max(1000, int(seconds * 1000))}ms"
+        if replace:
+            self.replace(set_name, ip, element)
+        else:
+            self.add_new(set_name, element)
+
+    def script(self, table: str) -> str:
+        cmds = [
+            f"add element {table} {s} {{ {' timeout 1s, '.join(ips)} timeout 1s }}"
+            for s, ips in self.ensure.items()
+        ]
+        cmds += [
+            f"delete element {table} {s} {{ {', '.join(ips)} }}" for s, ips in self.delete.items()
+        ]
+        cmds += [f"add element {table} {s} {{ {', '.join(e)} }}" for s, e in self.add.items()]
+        return "\n".join(cmds) + "\n" if cmds else ""
+
+
+def _change_fields(c: Any) -> tuple[str, int, str, float | None]:
+    """(kind, endpoint, ip, expires_at) of a Change object or a plain tuple."""
+    if not isinstance(c, tuple):
+        return c.kind, c.endpoint, c.ip, c.expires_at
+    if len(c) == 4:
+        return c[0], int(c[1]), str(c[2]), c[3]
+    endpoint, ip, expires = c
+    return "added", int(endpoint), str(ip), expires
+
+
+class Nftables(Backend):
+    """Programs ``inet fqdnguard``; see the module docstring for the ruleset."""
+
+    name = "nftables"
+
+    def __init__(
+        self,
+        *,
+        library: str | None = None,
+        table: str = TABLE,
+        clock: Callable[[], float] = time.time,
+        inline_elements: int = INLINE_ELEMENTS,
+    ) -> None:
+        self.library = library
+        self.table = table
+        self.clock = clock
+        self.inline_elements = inline_elements
+        self._nft: Libnftables | None = None
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._endpoints: dict[int, _EndpointRules] = {}
+        self._listen: list[tuple[str, int]] = []
+        self._names_for: Callable[..., list[str]] | None = None
+        #: What the kernel was told: (endpoint, ip) -> (expires_at, the sets it is in).
+        self._live: dict[tuple[int, str], tuple[float, tuple[str, ...]]] = {}
+        #: The kernel's sets are known to hold exactly ``_live`` (fresh, or reconciled).
+        self._synced = False
+        self.transactions = 0
+
+    # -- policy -----------------------------------------------------------------------------
+
+    def set_policy(
+        self,
+        policy: Any,
+        endpoints: Any,
+        *,
+        listen: Sequence[tuple[str, int]] = (),
+        names_for: Callable[..., list[str]] | None = None,
+    ) -> None:
+        """Derives the ruleset from a policy and its endpoints (the proxy calls this on every
+        policy swap); when started, installs it in one transaction and moves the learned IPs
+        into the sets the new policy gives them."""
+        rules: dict[int, _EndpointRules] = {}
+        for ep in endpoints:
+            plan = policy.egress_plan(ep, endpoints)
+            if plan is not None and ep.ips:
+                rules[ep.id] = _EndpointRules(ep.id, ep.ips, plan)
+        self._endpoints = rules
+        if listen:
+            self._listen = list(listen)
+        if names_for is not None:
+            self._names_for = names_for
+        if self._nft is not None:
+            self._install()
+            self._resync(dict(self._live))
+
+    # -- the ruleset ------------------------------------------------------------------------
+
+    def ruleset(self) -> str:
+        """The whole table as ``nft -f`` text (what ``--dry-run`` prints)."""
+        t = self.table
+        lines = [f"table {FAMILY} {t} {{"]
+        src4, src6 = self._sources()
+        for name, kind, elems in (("src4", "ipv4_addr", src4), ("src6", "ipv6_addr", src6)):
+            lines.append(f"\tmap {name} {{\n\t\ttype {kind} : verdict")
+            if elems:
+                lines.append("\t\telements = { " + ", ".join(elems) + " }")
+            lines.append("\t}")
+        for ep in self._endpoints.values():
+            for set_name, family in ep.sets():
+                lines.append(
+                    f"\tset {set_name} {{\n\t\ttype ipv{family}_addr\n\t\tflags timeout\n\t}}"
+                )
+        lines.append("\tchain egress {")
+        lines += [f"\t\t{r}" for r in self._egress_rules()]
+        lines.append("\t}")
+        for hook in ("forward", "output"):
+            lines.append(
+                f"\tchain {hook} {{\n\t\ttype filter hook {hook} priority filter; policy accept;"
+                "\n\t\tjump egress\n\t}"
+            )
+        for ep in self._endpoints.values():
+            lines.append(f"\tchain {ep.chain} {{")
+            lines += [f"\t\t{r}" for r in ep.rules(self._listen)]
+            lines.append("\t}")
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+    @staticmethod
+    def _egress_rules() -> list[str]:
+        return [
+            "ct state established,related accept",
+            "ip saddr vmap @src4",
+            "ip6 saddr vmap @src6",
+        ]
+
+    def _sources(self) -> tuple[list[str], list[str]]:
+        src4: list[str] = []
+        src6: list[str] = []
+        for ep in self._endpoints.values():
+            for ip in ep.sources:
+                (src6 if ":" in ip else src4).append(f"{ip} : goto {ep.chain}")
+        return src4, src6
+
+    def _install_script(self, existing: dict[str, set[str]]) -> str:
+        """add (idempotent) every object, replace every chain's rules and the source maps, delete
+        the chains and sets no longer wanted: one transaction."""
+        t = f"{FAMILY} {self.table}"
+        cmds = [
+            f"add table {t}",
+            f"add map {t} src4 {{ type ipv4_addr : verdict; }}",
+            f"add map {t} src6 {{ type ipv6_addr : verdict; }}",
+            f"add chain {t} egress",
+        ]
+        for hook in ("forward", "output"):
+            cmds.append(
+                f"add chain {t} {hook} "
+                f"{{ type filter hook {hook} priority filter; policy accept; }}"
+            )
+        for ep in self._endpoints.values():
+            cmds.append(f"add chain {t} {ep.chain}")
+            for set_name, family in ep.sets():
+                cmds.append(f"add set {t} {set_name} {{ type ipv{family}_addr; flags timeout; }}")
+        # Rules and maps are replaced whole inside the transaction: no moment without them.
+        cmds += [f"flush map {t} src4", f"flush map {t} src6", f"flush chain {t} egress"]
+        cmds += [f"add rule {t} egress {r}" for r in self._egress_rules()]
+        for hook in ("forward", "output"):
+            cmds += [f"flush chain {t} {hook}", f"add rule {t} {hook} jump egress"]
+        for ep in self._endpoints.values():
+            cmds.append(f"flush chain {t} {ep.chain}")
+            cmds += [f"add rule {t} {ep.chain} {r}" for r in ep.rules(self._listen)]
+        src4, src6 = self._sources()
+        if src4:
+            cmds.append(f"add element {t} src4 {{ {', '.join(src4)} }}")
+        if src6:
+            cmds.append(f"add element {t} src6 {{ {', '.join(src6)} }}")
+        wanted_chains = {"egress", "forward", "output"} | {
+            ep.chain for ep in self._endpoints.values()
+        }
+        wanted_sets = {"src4", "src6"} | {
+            s for ep in self._endpoints.values() for s, _ in ep.sets()
+        }
+        stale_chains = sorted(existing.get("chain", set()) - wanted_chains)
+        cmds += [f"flush chain {t} {c}" for c in stale_chains]
+        cmds += [f"delete chain {t} {c}" for c in stale_chains]
+        cmds += [f"delete set {t} {s}" for s in sorted(existing.get("set", set()) - wanted_sets)]
+        return "\n".join(cmds) + "\n"
+
+    def _list(self) -> dict[str, Any]:
+        """The table as parsed JSON objects, by kind: {"set": {name: obj}, "chain": {...}}."""
+        assert self._nft is not None
+        try:
+            text = self._nft.run(f"list table {FAMILY} {self.table}", json_output=True)
+        except NftError as e:
+            if "No such file or directory" in str(e):
+                return {}
+            raise
+        out: dict[str, Any] = {}
+        for item in json.loads(text).get("nftables", []):
+            for kind in ("set", "map", "chain"):
+                if kind in item:
+                    out.setdefault("chain" if kind == "chain" else "set", {})[
+                        item[kind]["name"]
+                    ] = item[kind]
+        return out
+
+    def _install(self) -> None:
+        with self._lock:
+            listed = self._list()
+            existing = {k: set(v) for k, v in listed.items()}
+            self._run(self._install_script(existing))
+
+    def _run(self, script: str) -> None:
+        assert self._nft is not None
+        self._nft.run(script)
+        self.transactions += 1
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Loads libnftables, checks permission and installs the ruleset; any failure is a
+        BackendError naming the cause (never a silently unenforced start)."""
+        if self._nft is not None:
+            return
+        self._nft = Libnftables(self.library)
+        try:
+            self._install()
+        except NftError as e:
+            self._nft.close()
+            self._nft = None
+            hint = ""
+            if "Operation not permitted" in str(e):
+                hint = " (needs root or CAP_NET_ADMIN in this network namespace)"
+            raise BackendError(
+                f"nftables backend: cannot install table {self.table}{hint}: {e}"
+            ) from None
+        with self._lock:
+            self._synced = not any(self._elements().values())
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="fqdnguard-nft")
+        log.info(
+            "nftables: table %s %s installed (%d restricted endpoints)",
+            FAMILY,
+            self.table,
+            len(self._endpoints),
+        )
+
+    async def close(self) -> None:
+        """Leaves the ruleset in place (elements lapse on their own) and frees the context."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        with self._lock:
+            if self._nft is not None:
+                self._nft.close()
+                self._nft = None
+
+    def remove_table(self) -> None:
+        """Deletes the whole table (uninstall; tests). Not part of a normal shutdown."""
+        nft = self._nft or Libnftables(self.library)
+        with self._lock, contextlib.suppress(NftError):
+            nft.run(f"delete table {FAMILY} {self.table}")
+        if nft is not self._nft:
+            nft.close()
+
+    # -- changes ----------------------------------------------------------------------------
+
+    async def apply(self, changes: Sequence[Any]) -> None:
+        if self._nft is None:
+            raise BackendError("nftables backend: apply before start")
+        script, count = self._changes_script(changes)
+        if not script:
+            return
+        if count > self.inline_elements and self._executor is not None:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._executor, self._run_locked, script)
+        else:
+            self._run_locked(script)
+
+    def _run_locked(self, script: str) -> None:
+        with self._lock:
+            self._run(script)
+
+    def _changes_script(self, changes: Iterable[Any]) -> tuple[str, int]:
+        """The transaction for a batch, and its number of element operations. Records what the
+        kernel holds as if it succeeded (a failed batch is logged by the proxy; the next
+        refresh or reconcile repairs it)."""
+        now = self.clock()
+        final: dict[tuple[int, str], tuple[str, float | None]] = {}
+        for c in changes:
+            kind, endpoint, ip, expires = _change_fields(c)
+            previous = final.get((endpoint, ip))
+            if previous is not None and previous[0] != "removed" and kind == "extended":
+                kind = previous[0]  # added then extended in one batch: still an addition
+            final[(endpoint, ip)] = (kind, expires)
+        ops = _Ops()
+        live, endpoints, names_for, synced = (
+            self._live,
+            self._endpoints,
+            self._names_for,
+            self._synced,
+        )
+        for key, (kind, expires) in final.items():
+            endpoint, ip = key
+            ep = endpoints.get(endpoint)
+            if ep is None:
+                live.pop(key, None)
+                continue  # not restricted: nothing to program
+            before = live.get(key)
+            if kind == "removed":
+                live.pop(key, None)
+                # Unknown membership (programmed before a restart): every set of the family.
+                for s in before[1] if before else ep.classify(ip, None):
+                    ops.remove(s, ip)
+                continue
+            sets = ep.classify(ip, names_for)
+            timeout = f"{ip} timeout {max(1000, int(((expires or now) - now) * 1000))}ms"
+            if before is None and synced and kind == "added":
+                # Surely new to the kernel: a plain add (on an element the kernel already has,
+                # add would be a no-op and keep the old timeout).
+                for s in sets:
+                    ops.add_new(s, timeout)
+            else:
+                old_sets = before[1] if before else ()
+                for s in old_sets:
+                    if s not in sets:
+                        ops.remove(s, ip)
+                for s in sets:
+                    ops.replace(s, ip, timeout)
+            live[key] = (expires or now, sets)
+        return ops.script(f"{FAMILY} {self.table}"), ops.count
+
+    async def reconcile(self, current: Sequence[Any]) -> None:
+        """Brings the sets to exactly ``current`` (every live (endpoint, ip, expires_at)):
+        adds what is missing, deletes what is stale, refreshes timeouts that fell below half of
+        what they should be; never flushes."""
+        if self._nft is None:
+            raise BackendError("nftables backend: reconcile before start")
+        live = {}
+        for c in current:
+            kind, endpoint, ip, expires = _change_fields(c)
+            if kind != "removed":
+                live[(endpoint, ip)] = expires
+        with self._lock:
+            self._resync_locked(live)
+
+    def _resync(self, live: dict[tuple[int, str], Any]) -> None:
+        with self._lock:
+            self._resync_locked({k: v[0] if isinstance(v, tuple) else v for k, v in live.items()})
+
+    def _resync_locked(self, live: dict[tuple[int, str], float | None]) -> None:
+        now = self.clock()
+        want: dict[str, dict[str, float]] = {}
+        self._live = {}
+        for (endpoint, ip), expires in live.items():
+            ep = self._endpoints.get(endpoint)
+            if ep is None or (expires is not None and expires <= now):
+                continue
+            sets = tuple(ep.classify(ip, self._names_for))
+            self._live[(endpoint, ip)] = (expires or now, sets)
+            for s in sets:
+                want.setdefault(s, {})[ip] = expires or now
+        have = self._elements()
+        ops = _Ops()
+        for s in set(want) | set(have):
+            wanted, present = want.get(s, {}), have.get(s, {})
+            for ip in present.keys() - wanted.keys():
+                ops.remove(s, ip)
+            for ip, expires in wanted.items():
+                remaining = expires - now
+                if ip not in present:
+                    ops.put(s, ip, remaining, replace=False)
+                elif present[ip] < remaining / 2:
+                    ops.put(s, ip, remaining, replace=True)
+        script = ops.script(f"{FAMILY} {self.table}")
+        if script:
+            self._run(script)
+        self._synced = True
+        log.info(
+            "nftables: reconciled %d entries (%d added, %d removed)",
+            len(self._live),
+            ops.added,
+            ops.removed,
+        )
+
+    def _elements(self) -> dict[str, dict[str, float]]:
+        """Every element of our address sets: set -> {ip: seconds left}."""
+        out: dict[str, dict[str, float]] = {}
+        for name, obj in self._list().get("set", {}).items():
+            if not name.startswith("ep_") or "map" in obj:
+                continue
+            elems = out.setdefault(name, {})
+            for e in obj.get("elem", []):
+                if isinstance(e, dict) and "elem" in e:
+                    elems[str(e["elem"]["val"])] = float(e["elem"].get("expires", 0))
+                elif isinstance(e, str):
+                    elems[e] = 0.0
+        return out
+
+    def elements(self) -> dict[str, dict[str, float]]:
+        """The address sets as the kernel holds them: set name -> {ip: seconds left}."""
+        if self._nft is None:
+            raise BackendError("nftables backend: not started")
+        with self._lock:
+            return self._elements()

@@ -1,0 +1,225 @@
+"""Network namespaces for end-to-end tests: a "pod", a "node" routing it, a "world" behind.
+
+    pod (10.77.1.2, fd77:1::2) --veth-- node (10.77.1.1 | 10.77.2.1) --veth-- world (10.77.2.x)
+
+The node forwards between the two links (so pod traffic crosses its forward hook); the world holds
+the upstream resolver and TCP servers on several addresses. Sockets are opened *inside* a
+namespace from this process (``Topology.open_socket``: the creating thread enters the namespace
+for the ``socket()`` call only; a socket stays in the namespace it was made in), so the tests
+drive pods without a process per action. Everything lives in namespaces these tests create
+and delete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+
+CLONE_NEWNET = 0x40000000
+
+POD4, POD6 = "10.77.1.2", "fd77:1::2"
+NODE_POD4, NODE_POD6 = "10.77.1.1", "fd77:1::1"
+NODE_WORLD4, NODE_WORLD6 = "10.77.2.1", "fd77:2::1"
+UPSTREAM4 = "10.77.2.53"
+#: World addresses the TCP servers answer on (every address, ports 443 and 8080).
+WORLD4 = [f"10.77.2.{i}" for i in range(10, 16)]
+WORLD6 = [f"fd77:2::{i}" for i in range(10, 16)]
+SERVER_PORTS = (443, 8080)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_setns_lock = threading.Lock()
+
+# An echo server on every world address: each connection gets back what it sends.
+ECHO_SERVER = """
+import asyncio, socket, sys
+async def echo(r, w):
+    try:
+        while data := await r.read(4096):
+            w.write(data)
+            await w.drain()
+    except ConnectionError:
+        pass
+    finally:
+        w.close()
+async def main():
+    servers = []
+    for port in map(int, sys.argv[1:]):
+        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("::", port))
+        servers.append(await asyncio.start_server(echo, sock=s))
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+def netns_unavailable() -> str | None:
+    """Why these tests cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "needs root (creates network namespaces and nftables rules); CI runs it as root"
+    if shutil.which("ip") is None:
+        return "needs the 'ip' command (iproute2)"
+    probe = f"fgprobe{os.getpid()}"
+    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        return f"'ip netns add' failed: {r.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
+    return None
+
+
+def sh(*args: str) -> None:
+    r = subprocess.run(list(args), capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)}: {r.stderr.strip()}")
+
+
+class Topology:
+    """Creates the three namespaces and their links; ``close`` deletes them."""
+
+    def __init__(self, prefix: str | None = None) -> None:
+        prefix = prefix or f"fg{os.getpid() % 100000}"
+        self.pod, self.node, self.world = f"{prefix}-pod", f"{prefix}-node", f"{prefix}-world"
+        self._procs: list[subprocess.Popen[bytes]] = []
+
+    def ns(self, name: str, *cmd: str) -> None:
+        sh("ip", "netns", "exec", name, *cmd)
+
+    def create(self) -> Topology:
+        try:
+            self._create()
+        except Exception:
+            self.close()
+            raise
+        return self
+
+    def _create(self) -> None:
+        pod, node, world = self.pod, self.node, self.world
+        for n in (pod, node, world):
+            sh("ip", "netns", "add", n)
+            self.ns(n, "ip", "link", "set", "lo", "up")
+        sh("ip", "link", "add", "fgp0", "netns", pod, "type", "veth", "peer", "fgn0", "netns", node)
+        sh(
+            "ip",
+            "link",
+            "add",
+            "fgw0",
+            "netns",
+            world,
+            "type",
+            "veth",
+            "peer",
+            "fgn1",
+            "netns",
+            node,
+        )
+        self.ns(pod, "ip", "addr", "add", f"{POD4}/24", "dev", "fgp0")
+        self.ns(pod, "ip", "addr", "add", f"{POD6}/64", "dev", "fgp0", "nodad")
+        self.ns(node, "ip", "addr", "add", f"{NODE_POD4}/24", "dev", "fgn0")
+        self.ns(node, "ip", "addr", "add", f"{NODE_POD6}/64", "dev", "fgn0", "nodad")
+        self.ns(node, "ip", "addr", "add", f"{NODE_WORLD4}/24", "dev", "fgn1")
+        self.ns(node, "ip", "addr", "add", f"{NODE_WORLD6}/64", "dev", "fgn1", "nodad")
+        for a in [UPSTREAM4, *WORLD4]:
+            self.ns(world, "ip", "addr", "add", f"{a}/24", "dev", "fgw0")
+        for a in WORLD6:
+            self.ns(world, "ip", "addr", "add", f"{a}/64", "dev", "fgw0", "nodad")
+        for n, dev in ((pod, "fgp0"), (node, "fgn0"), (node, "fgn1"), (world, "fgw0")):
+            self.ns(n, "ip", "link", "set", dev, "up")
+        self.ns(pod, "ip", "route", "add", "default", "via", NODE_POD4)
+        self.ns(pod, "ip", "-6", "route", "add", "default", "via", NODE_POD6)
+        self.ns(world, "ip", "route", "add", "default", "via", NODE_WORLD4)
+        self.ns(world, "ip", "-6", "route", "add", "default", "via", NODE_WORLD6)
+        self.ns(node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        self.ns(node, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+
+    def spawn(self, name: str, *cmd: str, **kw: object) -> subprocess.Popen[bytes]:
+        """Starts a process in a namespace; ``close`` ends it."""
+        proc = subprocess.Popen(["ip", "netns", "exec", name, *cmd], **kw)  # type: ignore[call-overload]
+        self._procs.append(proc)
+        return proc  # type: ignore[no-any-return]
+
+    def start_echo_servers(self, python: str) -> None:
+        proc = self.spawn(
+            self.world,
+            python,
+            "-c",
+            ECHO_SERVER,
+            *map(str, SERVER_PORTS),
+            stdout=subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != b"ready":
+            raise RuntimeError("the echo servers did not start")
+
+    @contextlib.contextmanager
+    def inside(self, name: str) -> Iterator[None]:
+        """This thread in namespace ``name`` for the block (keep it to socket creation)."""
+        with _setns_lock:
+            own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+            target = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+            try:
+                if _libc.setns(target, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns into {name} failed")
+                try:
+                    yield
+                finally:
+                    if _libc.setns(own, CLONE_NEWNET) != 0:
+                        raise OSError(ctypes.get_errno(), "setns back failed")  # pragma: no cover
+            finally:
+                os.close(target)
+                os.close(own)
+
+    def open_socket(self, name: str, family: int, kind: int) -> socket.socket:
+        with self.inside(name):
+            return socket.socket(family, kind)
+
+    def connect(self, name: str, ip: str, port: int, timeout: float = 0.4) -> socket.socket | None:
+        """A TCP connection from namespace ``name``, or None when it does not get through."""
+        s = self.open_socket(
+            name, socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM
+        )
+        s.settimeout(timeout)
+        try:
+            s.connect((ip, port))
+        except OSError:
+            s.close()
+            return None
+        return s
+
+    def close(self) -> None:
+        for proc in reversed(self._procs):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+        self._procs.clear()
+        for n in (self.pod, self.node, self.world):
+            subprocess.run(["ip", "netns", "del", n], capture_output=True, check=False)
+
+
+def echo_ok(s: socket.socket, payload: bytes = b"ping", timeout: float = 1.0) -> bool:
+    """True when the connection still carries data both ways."""
+    s.settimeout(timeout)
+    try:
+        s.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            chunk = s.recv(len(payload) - len(got))
+            if not chunk:
+                return False
+            got += chunk
+        return got == payload
+    except OSError:
+        return False

@@ -1,0 +1,241 @@
+"""The nftables backend: the ruleset it derives from a policy (anywhere), and its kernel behaviour
+(in a network namespace of its own, as root: policy swaps, timeouts, restart, reconcile)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from fqdnguard import Endpoints, Policy
+from fqdnguard.backends import BackendError
+from fqdnguard.backends.nftables import Nftables, _port_expr
+
+from tests.netns import netns_unavailable
+
+ROOT = Path(__file__).resolve().parent.parent
+
+ENDPOINTS = """
+endpoints:
+  - {name: web, namespace: default, ips: [10.0.0.2, "fd00::2"], labels: {app: web}}
+  - {name: free, namespace: default, ips: [10.0.0.3], labels: {app: free}}
+  - {name: kube-dns, namespace: kube-system, ips: [10.96.0.10], labels: {k8s-app: kube-dns}}
+"""
+
+POLICY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  egress:
+    - toEndpoints:
+        - matchLabels: {k8s:io.kubernetes.pod.namespace: kube-system, k8s-app: kube-dns}
+      toPorts: [{ports: [{port: "53", protocol: ANY}], rules: {dns: [{matchPattern: "*"}]}}]
+    - toFQDNs: [{matchPattern: "*.example.com"}]
+      toPorts:
+        - ports: [{port: "443", protocol: TCP}, {port: "8443", endPort: 8450, protocol: TCP}]
+    - toFQDNs: [{matchName: "api.other.org"}]
+    - toCIDRSet: [{cidr: 192.168.0.0/16, except: [192.168.1.0/24]}]
+      toPorts: [{ports: [{port: "5432", protocol: TCP}]}]
+"""
+
+
+def backend(policy: str = POLICY) -> tuple[Nftables, Endpoints]:
+    eps = Endpoints.from_yaml(ENDPOINTS)
+    b = Nftables()
+    b.set_policy(Policy.from_yaml(policy, endpoints=eps), eps, listen=[("10.0.0.1", 53)])
+    return b, eps
+
+
+def test_port_expressions_merge_and_expand() -> None:
+    assert _port_expr(None) == ""
+    assert _port_expr(((443, 0, "TCP"),)) == "meta l4proto . th dport { tcp . 443 }"
+    assert _port_expr(((53, 0, "ANY"),)) == (
+        "meta l4proto . th dport { sctp . 53, tcp . 53, udp . 53 }"
+    )
+    # Overlapping and adjacent ranges merge (nftables rejects overlaps); port 0 is every port.
+    assert _port_expr(((80, 90, "TCP"), (85, 100, "TCP"), (101, 0, "TCP"), (0, 0, "UDP"))) == (
+        "meta l4proto . th dport { tcp . 80-101, udp . 0-65535 }"
+    )
+    with pytest.raises(BackendError, match="no enforceable protocol"):
+        _port_expr(((1, 0, "ICMP"),))
+
+
+def test_ruleset_follows_the_policy() -> None:
+    b, eps = backend()
+    web, free = eps.by_ip("10.0.0.2"), eps.by_ip("10.0.0.3")
+    assert web is not None and free is not None
+    text = b.ruleset()
+    chain = text.split(f"chain ep_{web.id} {{")[1].split("}\n")[0]
+    rules = [line.strip() for line in chain.splitlines() if line.strip()]
+    sets = sorted({w[1:] for r in rules for w in r.split() if w.startswith("@")})
+    assert len(sets) == 4  # two port lists (two toFQDNs rules) x two families
+    assert rules[0] == "meta l4proto { tcp, udp } ip daddr 10.0.0.1 th dport 53 accept"
+    assert any("tcp . 443, tcp . 8443-8450 }" in r and "@ep_" in r for r in rules)
+    assert any(r.startswith("ip6 daddr @ep_") and r.endswith("_6 accept") for r in rules)
+    assert (
+        "ip daddr { 10.96.0.10 } meta l4proto . th dport { sctp . 53, tcp . 53, udp . 53 } accept"
+        in rules
+    )
+    assert (
+        "ip daddr 192.168.0.0/16 ip daddr != { 192.168.1.0/24 } "
+        "meta l4proto . th dport { tcp . 5432 } accept" in rules
+    )
+    assert rules[-1] == "counter drop"
+    # Only restricted endpoints are dispatched; the unrestricted one is untouched.
+    assert f"10.0.0.2 : goto ep_{web.id}" in text and "fd00::2 : goto" in text
+    assert "10.0.0.3" not in text and f"ep_{free.id}" not in text
+
+
+def test_ips_go_to_the_sets_of_the_rules_their_names_match() -> None:
+    b, eps = backend()
+    web = eps.by_ip("10.0.0.2")
+    assert web is not None
+    names = {"1.1.1.1": ["www.example.com."], "2.2.2.2": ["api.other.org."], "3.3.3.3": ["x."]}
+    b._names_for = lambda ip, ep: names[ip]
+    rules = b._endpoints[web.id]
+    a, c, none = (rules.classify(ip, b._names_for) for ip in ("1.1.1.1", "2.2.2.2", "3.3.3.3"))
+    assert len(a) == len(c) == 1 and a != c and none == ()
+    assert len(rules.classify("fd00::1", None)) == 2
+    assert all(s.endswith("_6") for s in rules.classify("fd00::1", None))
+
+
+def test_dry_run_prints_a_ruleset(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(POLICY)
+    (tmp_path / "e.yaml").write_text(ENDPOINTS)
+    out = subprocess.run(
+        [sys.executable, "-m", "fqdnguard.cli", "run", "--backend", "nftables", "--dry-run",
+         "--policy", str(tmp_path / "p.yaml"), "--endpoints", str(tmp_path / "e.yaml")],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert out.startswith("table inet fqdnguard {") and "hook forward" in out
+
+
+# -- in the kernel -----------------------------------------------------------------------------
+
+needs_netns = pytest.mark.skipif(
+    (_why := netns_unavailable()) is not None, reason=_why or "available"
+)
+
+SCENARIO_HEAD = f"""
+import asyncio, json, time
+from fqdnguard import Endpoints, Policy
+from fqdnguard.backends.nftables import Nftables
+ENDPOINTS = {ENDPOINTS!r}
+POLICY = {POLICY!r}
+eps = Endpoints.from_yaml(ENDPOINTS)
+pol = Policy.from_yaml(POLICY, endpoints=eps)
+WEB = eps.by_ip("10.0.0.2").id
+class C:
+    def __init__(s, kind, ip, ttl, ep=WEB):
+        s.kind, s.endpoint, s.ip, s.expires_at = kind, ep, ip, time.time() + ttl
+def make():
+    b = Nftables()
+    b._names_for = lambda ip, ep: ["api.other.org."] if ip.startswith("2.") else ["a.example.com."]
+    b.set_policy(pol, eps, listen=[("10.0.0.1", 53)])
+    return b
+def flat(b):
+    return {{s: sorted(v) for s, v in b.elements().items() if v}}
+out = {{}}
+"""
+
+
+def run_in_netns(body: str) -> dict[str, object]:
+    ns = f"fgu{os.getpid() % 100000}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        code = SCENARIO_HEAD + textwrap.dedent(body) + "\nprint(json.dumps(out))\n"
+        r = subprocess.run(
+            ["ip", "netns", "exec", ns, sys.executable, "-c", code],
+            capture_output=True, text=True, cwd=ROOT, check=False,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        result: dict[str, object] = json.loads(r.stdout.strip().splitlines()[-1])
+        return result
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+@needs_netns
+def test_changes_timeouts_and_removals_in_the_kernel() -> None:
+    out = run_in_netns("""
+        async def main():
+            b = make(); await b.start()
+            await b.apply([C("added", "1.1.1.1", 60), C("added", "2.2.2.2", 60),
+                           C("added", "fd00::9", 30), C("added", "9.9.9.9", 60, ep=2)])
+            out["added"] = flat(b)
+            out["ttl"] = max(b.elements()[s]["1.1.1.1"] for s in b.elements()
+                             if "1.1.1.1" in b.elements()[s])
+            await b.apply([C("extended", "1.1.1.1", 600), C("removed", "fd00::9", 0),
+                           C("removed", "7.7.7.7", 0)])  # never programmed: no error
+            out["after"] = flat(b)
+            out["ttl2"] = max(b.elements()[s]["1.1.1.1"] for s in b.elements()
+                              if "1.1.1.1" in b.elements()[s])
+            out["transactions"] = b.transactions
+            await b.close()
+        asyncio.run(main())
+    """)
+    added, after = out["added"], out["after"]
+    assert isinstance(added, dict) and isinstance(after, dict)
+    assert sorted(ip for v in added.values() for ip in v) == ["1.1.1.1", "2.2.2.2", "fd00::9"]
+    assert len(added) == 3, "1.1.1.1 and 2.2.2.2 are in different rules' sets"
+    assert sorted(ip for v in after.values() for ip in v) == ["1.1.1.1", "2.2.2.2"]
+    assert 55 <= out["ttl"] <= 60 and 590 <= out["ttl2"] <= 600  # type: ignore[operator]
+    assert out["transactions"] == 3  # install, then one per batch
+
+
+@needs_netns
+def test_restart_keeps_elements_and_reconcile_makes_them_exact() -> None:
+    out = run_in_netns("""
+        async def main():
+            b = make(); await b.start()
+            await b.apply([C("added", "1.1.1.1", 60), C("added", "1.1.1.2", 60)])
+            await b.close()
+            b = make(); await b.start()  # a restart: nothing flushed
+            out["restarted"] = flat(b)
+            await b.reconcile([(WEB, "1.1.1.2", time.time() + 60),
+                               (WEB, "1.1.1.3", time.time() + 60)])
+            out["reconciled"] = flat(b)
+            # Other ports for the rule: new sets, the elements move over, the old sets go.
+            b.set_policy(Policy.from_yaml(POLICY.replace('port: "443"', 'port: "444"'),
+                                          endpoints=eps), eps)
+            out["sets"] = sorted(b.elements())
+            out["swapped"] = flat(b)
+            b.remove_table()
+            await b.close()
+        asyncio.run(main())
+    """)
+    restarted, reconciled = out["restarted"], out["reconciled"]
+    assert isinstance(restarted, dict) and isinstance(reconciled, dict)
+    assert list(restarted.values()) == [["1.1.1.1", "1.1.1.2"]]
+    assert list(reconciled.values()) == [["1.1.1.2", "1.1.1.3"]]
+    swapped = out["swapped"]
+    assert isinstance(swapped, dict) and list(swapped.values()) == [["1.1.1.2", "1.1.1.3"]]
+    assert set(swapped).isdisjoint(reconciled), "the elements should be in the new rule's set"
+    sets = out["sets"]
+    assert isinstance(sets, list) and len(sets) == 4 and set(swapped) <= set(sets)
+
+
+@needs_netns
+def test_start_without_permission_is_a_clear_error() -> None:
+    code = textwrap.dedent("""
+        import asyncio
+        from fqdnguard.backends import BackendError
+        from fqdnguard.backends.nftables import Nftables
+        try:
+            asyncio.run(Nftables().start())
+        except BackendError as e:
+            print("ERROR", e)
+    """)
+    r = subprocess.run(
+        ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+         sys.executable, "-c", code],
+        capture_output=True, text=True, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert "ERROR nftables backend: cannot install table fqdnguard" in r.stdout, r.stderr
+    assert "CAP_NET_ADMIN" in r.stdout
