@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import fqdnguard
 from fqdnguard import Endpoints, Policy
 from fqdnguard.backends import BackendError
 from fqdnguard.backends.nftables import Nftables, _port_expr
@@ -236,6 +237,8 @@ def test_start_without_permission_is_a_clear_error() -> None:
         ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
          sys.executable, "-c", code],
         capture_output=True, text=True, cwd=ROOT, check=False,
+        # The unprivileged user may not read root's site-packages: point it at the package.
+        env={**os.environ, "PYTHONPATH": str(Path(fqdnguard.__file__).resolve().parent.parent)},
     )  # fmt: skip
     assert "ERROR nftables backend: cannot install table fqdnguard" in r.stdout, r.stderr
     assert "CAP_NET_ADMIN" in r.stdout
