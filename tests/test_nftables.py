@@ -10,8 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 import fqdnguard
+import pytest
 from fqdnguard import Endpoints, Policy
 from fqdnguard.backends import BackendError
 from fqdnguard.backends.nftables import Nftables, _port_expr
