@@ -17,7 +17,7 @@ import ipaddress
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -189,11 +189,10 @@ class PolicyInfo:
 class Policy:
     """A compiled, immutable policy set. Build with :meth:`load` or :meth:`from_yaml`."""
 
-    __slots__ = ("_compiled", "_endpoints", "_identities", "_specs", "policies", "warnings")
+    __slots__ = ("_compiled", "_endpoints", "_specs", "policies", "warnings")
 
     _compiled: CompiledPolicy
     _endpoints: Endpoints | None
-    _identities: dict[tuple[str, frozenset[tuple[str, str]]], int]
     _specs: tuple[_Spec, ...]
     #: Every policy document loaded, in load order.
     policies: tuple[PolicyInfo, ...]
@@ -218,11 +217,14 @@ class Policy:
         put = object.__setattr__
         put(self, "_specs", tuple(specs))
         put(self, "_endpoints", endpoints)
-        put(self, "_identities", {})
         put(self, "policies", tuple(infos))
         put(self, "warnings", tuple(warnings))
         resolved: dict[Selector, list[str]] = {}
-        put(self, "_compiled", CompiledPolicy([_lower(s, endpoints, resolved) for s in specs]))
+        lowered = [_lower(s, endpoints, resolved) for s in specs]
+        # The registry's endpoints get their identity kept in the compiled policy (looked up by
+        # object, on first use); any other endpoint object is resolved through its labels.
+        known = list(endpoints) if endpoints is not None else []
+        put(self, "_compiled", CompiledPolicy(lowered, known, _selects(specs)))
         for w in dict.fromkeys(warnings):
             log.warning("%s", w)
         return self
@@ -260,18 +262,6 @@ class Policy:
         """The same policies resolved against another endpoint registry."""
         return Policy._make(list(self._specs), list(self.policies), [], endpoints)
 
-    def _identity(self, endpoint: Endpoint) -> int:
-        ident = self._identities.get(endpoint.key)
-        if ident is None:
-            selected = [
-                i
-                for i, s in enumerate(self._specs)
-                if s.selector is not None and s.selector.matches(endpoint.labels)
-            ]
-            ident = self._compiled.identity(selected)
-            self._identities[endpoint.key] = ident
-        return ident
-
     def dns_verdict(
         self,
         endpoint: Endpoint | None,
@@ -283,8 +273,7 @@ class Policy:
         """May ``endpoint`` ask ``server`` (None: any server a rule admits) on ``port`` /
         ``protocol`` ("UDP", "TCP", "SCTP") for ``qname``? ``endpoint`` None (an unknown source)
         is denied."""
-        ident = None if endpoint is None else self._identity(endpoint)
-        return self._compiled.dns_verdict(ident, server, port, protocol, qname)
+        return self._compiled.endpoint_dns_verdict(endpoint, server, port, protocol, qname)
 
     def egress_verdict(
         self, endpoint: Endpoint | None, ip: str, port: int, protocol: str, cache: NamesFor
@@ -294,7 +283,34 @@ class Policy:
         if endpoint is None:
             return self._compiled.egress_verdict(None, ip, port, protocol, [])
         names = cache.names_for(ip, endpoint=endpoint.id)
-        return self._compiled.egress_verdict(self._identity(endpoint), ip, port, protocol, names)
+        ident = self._compiled.identity_of(endpoint)
+        return self._compiled.egress_verdict(ident, ip, port, protocol, names)
+
+    def engine_table(
+        self, unknown: str | None = None
+    ) -> tuple[CompiledPolicy, dict[str, tuple[int, int | None]], tuple[int, int | None] | None]:
+        """What the proxy engine needs: the compiled policy; every address of every endpoint of
+        the registry (canonical text, IPv4 and IPv6) mapped to (endpoint id, identity), the
+        identity None when no egress policy selects the endpoint (unrestricted); and the same
+        pair for the endpoint named ``unknown`` (``namespace/name``, or a ``name`` unique in the
+        registry), which stands for sources that are no endpoint; None without one."""
+        compiled = self._compiled
+        eps = self._endpoints
+        pairs: dict[int, tuple[int, int | None]] = {}  # by endpoint id (unique in a registry)
+
+        def pair(ep: Endpoint) -> tuple[int, int | None]:
+            found = pairs.get(ep.id)
+            if found is None:
+                ident = compiled.identity_of(ep)
+                found = pairs[ep.id] = (ep.id, ident if compiled.is_restricted(ident) else None)
+            return found
+
+        table = {
+            str(ipaddress.ip_address(ip)): pair(ep) for ep in eps or () for ip in ep.ips
+        }
+        if unknown is None:
+            return compiled, table, None
+        return compiled, table, pair(_endpoint_named(eps, unknown))
 
     def selecting(self, endpoint: Endpoint) -> list[str]:
         """Labels of the policy specs selecting ``endpoint``."""
@@ -322,6 +338,42 @@ def lint(
     with gc_paused():
         _, _, errors, warnings = _read_sources([(f, _read_text(f)) for f in files])
     return errors, warnings
+
+
+def _selects(specs: list[_Spec]) -> Callable[[Endpoint], list[int]]:
+    """``selects(endpoint)``: positions of the specs whose selector matches the endpoint,
+    worked out once per distinct (namespace, labels)."""
+    selectors = [(i, s.selector) for i, s in enumerate(specs) if s.selector is not None]
+    found: dict[tuple[str, frozenset[tuple[str, str]]], list[int]] = {}
+
+    def selects(endpoint: Endpoint) -> list[int]:
+        got = found.get(endpoint.key)
+        if got is None:
+            labels = endpoint.labels
+            got = found[endpoint.key] = [i for i, sel in selectors if sel.matches(labels)]
+        return got
+
+    return selects
+
+
+def _endpoint_named(endpoints: Endpoints | None, name: str) -> Endpoint:
+    """The registry's endpoint called ``namespace/name``, or ``name`` when only one has it."""
+    namespace, sep, short = name.rpartition("/")
+    found = [
+        ep
+        for ep in endpoints or ()
+        if ep.name == short and (not sep or ep.namespace == namespace)
+    ]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        where = "the registry" if endpoints is not None else "no registry (the policy has none)"
+        raise ValueError(f"unknown endpoint {name!r}: no endpoint of that name in {where}")
+    raise ValueError(
+        f"unknown endpoint {name!r}: the name is ambiguous ("
+        + ", ".join(ep.display for ep in found)
+        + "); give it as namespace/name"
+    )
 
 
 # -- files -------------------------------------------------------------------------------------

@@ -88,8 +88,9 @@ struct Identity {
     restricted: bool,
     /// `rules.dns` selectors of every selected rule; ids index `PolicySet::dns_sels`.
     dns: PatternTrie,
-    /// (spec, rule) of rules that carry `rules.dns` in some port entry.
-    dns_rules: Vec<(u32, u32)>,
+    /// Port entries with no `rules.dns` in rules with a non-FQDN L3 part, as (spec, rule, entry;
+    /// None for a rule with no `toPorts`), in rule then entry order: they let every name through.
+    dns_open: Vec<(u32, u32, Option<u32>)>,
     /// `toFQDNs` selectors; ids index `PolicySet::fqdn_sels`.
     fqdn: PatternTrie,
     /// (spec, rule) of rules with a non-FQDN L3 part (or none).
@@ -298,7 +299,7 @@ impl PolicySet {
             restricted: specs.iter().any(|&s| self.specs[s as usize].default_deny),
             specs,
             dns: PatternTrie::new(),
-            dns_rules: Vec::new(),
+            dns_open: Vec::new(),
             fqdn: PatternTrie::new(),
             l3_rules: Vec::new(),
         };
@@ -309,9 +310,14 @@ impl PolicySet {
                 let r = r as u32;
                 if rule.fqdns.is_empty() {
                     id.l3_rules.push((s, r));
-                }
-                if rule.ports.iter().any(|e| e.dns.is_some()) {
-                    id.dns_rules.push((s, r));
+                    if rule.ports.is_empty() {
+                        id.dns_open.push((s, r, None));
+                    }
+                    for (e, entry) in rule.ports.iter().enumerate() {
+                        if entry.dns.is_none() {
+                            id.dns_open.push((s, r, Some(e as u32)));
+                        }
+                    }
                 }
             }
             let first = self.dns_sels.partition_point(|x| x.spec < s);
@@ -339,18 +345,147 @@ impl PolicySet {
     }
 
     fn get(&self, identity: u32) -> Result<Arc<Identity>, PolicyBuildError> {
+        self.with_identity(identity, Arc::clone)
+    }
+
+    /// Runs `f` on an identity's tables under the read lock (no reference count touched).
+    fn with_identity<R>(
+        &self,
+        identity: u32,
+        f: impl FnOnce(&Arc<Identity>) -> R,
+    ) -> Result<R, PolicyBuildError> {
         self.read()
             .list
             .get(identity as usize)
-            .cloned()
+            .map(f)
             .ok_or(PolicyBuildError::UnknownIndex {
                 what: "identity",
                 index: identity,
             })
     }
 
+    /// True when some spec with egress default-deny selects the identity (its egress is then
+    /// limited to what rules allow); false for an unrestricted identity.
+    pub fn is_restricted(&self, identity: u32) -> Result<bool, PolicyBuildError> {
+        self.with_identity(identity, |id| id.restricted)
+    }
+
     fn rule(&self, spec: u32, rule: u32) -> &EgressRule {
         &self.specs[spec as usize].egress[rule as usize]
+    }
+
+    /// The first thing that allows the DNS query, if any: the `rules.dns` selector with the
+    /// lowest id whose port entry admits the port and whose rule admits the server, else the
+    /// first open port entry (no `rules.dns`) admitting both. With `first_found`, any allowing
+    /// selector will do (the answer is only used as yes/no), so the walk stops at the first.
+    fn dns_allowing(
+        &self,
+        id: &Identity,
+        server: Option<IpAddr>,
+        port: u16,
+        proto: Proto,
+        name: &LabelBuf,
+        first_found: bool,
+    ) -> Option<Outcome> {
+        let mut best: Option<u32> = None;
+        id.dns.visit_matching(name, |g| {
+            if best.is_some_and(|b| b <= g) {
+                return false;
+            }
+            let Some(x) = self.dns_sels.get(g as usize) else {
+                return false;
+            };
+            let rule = self.rule(x.spec, x.rule);
+            if rule.ports[x.entry as usize].admits(port, proto)
+                && rule.peers.admits(server).is_some()
+            {
+                best = Some(g);
+                return first_found;
+            }
+            false
+        });
+        if let Some(x) = best.and_then(|g| self.dns_sels.get(g as usize)) {
+            return Some(Outcome::DnsName {
+                spec: x.spec,
+                rule: x.rule,
+                entry: x.entry,
+                sel: x.sel,
+            });
+        }
+        id.dns_open.iter().find_map(|&(spec, rule, entry)| {
+            let r = self.rule(spec, rule);
+            let admits = entry.map_or(true, |e| r.ports[e as usize].admits(port, proto));
+            (admits && r.peers.admits(server).is_some())
+                .then_some(Outcome::DnsOpen { spec, rule, entry })
+        })
+    }
+
+    /// Yes or no for a DNS query, as [`PolicySet::dns_verdict`] decides it, without the
+    /// explanation: the per-query hot path. An identity never handed out is denied.
+    pub fn dns_allowed(
+        &self,
+        identity: u32,
+        server: IpAddr,
+        port: u16,
+        proto: Proto,
+        name: &LabelBuf,
+    ) -> bool {
+        self.with_identity(identity, |id| {
+            !id.restricted
+                || self
+                    .dns_allowing(id, Some(server), port, proto, name, true)
+                    .is_some()
+        })
+        .unwrap_or(false)
+    }
+
+    /// The DNS verdict's outcome, except that a query the rules deny gives None: why they deny
+    /// it ([`Outcome::NoRule`] or [`Outcome::NameNotAllowed`]) takes a walk over every rule of
+    /// the identity, which [`PolicySet::dns_denial`] does when someone asks.
+    pub fn dns_outcome(
+        &self,
+        identity: Option<u32>,
+        server: Option<IpAddr>,
+        port: u16,
+        proto: Proto,
+        name: &LabelBuf,
+    ) -> Result<Option<Outcome>, PolicyBuildError> {
+        let Some(identity) = identity else {
+            return Ok(Some(Outcome::UnknownEndpoint));
+        };
+        self.with_identity(identity, |id| {
+            if !id.restricted {
+                return Some(Outcome::Unrestricted);
+            }
+            self.dns_allowing(id, server, port, proto, name, false)
+        })
+    }
+
+    /// Why the rules deny a DNS query that [`PolicySet::dns_outcome`] found nothing allowing:
+    /// [`Outcome::NameNotAllowed`] when some rule admits the server and port with `rules.dns`
+    /// (so only the name failed), else [`Outcome::NoRule`].
+    pub fn dns_denial(
+        &self,
+        identity: u32,
+        server: Option<IpAddr>,
+        port: u16,
+        proto: Proto,
+    ) -> Result<Outcome, PolicyBuildError> {
+        self.with_identity(identity, |id| {
+            let dns_path = id.l3_rules.iter().any(|&(s, r)| {
+                let rule = self.rule(s, r);
+                rule.peers.admits(server).is_some()
+                    && rule
+                        .ports
+                        .iter()
+                        .any(|e| e.dns.is_some() && e.admits(port, proto))
+            });
+            if dns_path {
+                Outcome::NameNotAllowed
+            } else {
+                Outcome::NoRule
+            }
+        })
     }
 
     /// The DNS verdict: may this identity ask `server` (None: any server a rule admits) on
@@ -363,69 +498,22 @@ impl PolicySet {
         proto: Proto,
         name: &LabelBuf,
     ) -> Result<Verdict, PolicyBuildError> {
-        let query = Query::Dns {
-            server,
-            port,
-            proto,
+        let outcome = match self.dns_outcome(identity, server, port, proto, name)? {
+            Some(outcome) => outcome,
+            // dns_outcome settles an unknown endpoint, so the identity is there.
+            None => match identity {
+                Some(i) => self.dns_denial(i, server, port, proto)?,
+                None => Outcome::UnknownEndpoint,
+            },
         };
-        let verdict = |outcome| {
-            Ok(Verdict {
-                outcome,
-                query,
-                identity,
-            })
-        };
-        let Some(identity) = identity else {
-            return verdict(Outcome::UnknownEndpoint);
-        };
-        let id = self.get(identity)?;
-        if !id.restricted {
-            return verdict(Outcome::Unrestricted);
-        }
-        for g in id.dns.matching(name) {
-            let x = self.dns_sels[g as usize];
-            let rule = self.rule(x.spec, x.rule);
-            if rule.ports[x.entry as usize].admits(port, proto)
-                && rule.peers.admits(server).is_some()
-            {
-                return verdict(Outcome::DnsName {
-                    spec: x.spec,
-                    rule: x.rule,
-                    entry: x.entry,
-                    sel: x.sel,
-                });
-            }
-        }
-        let mut dns_path = false;
-        for &(s, r) in &id.l3_rules {
-            let rule = self.rule(s, r);
-            if rule.peers.admits(server).is_none() {
-                continue;
-            }
-            if rule.ports.is_empty() {
-                return verdict(Outcome::DnsOpen {
-                    spec: s,
-                    rule: r,
-                    entry: None,
-                });
-            }
-            for (e, entry) in rule.ports.iter().enumerate() {
-                if entry.admits(port, proto) {
-                    if entry.dns.is_none() {
-                        return verdict(Outcome::DnsOpen {
-                            spec: s,
-                            rule: r,
-                            entry: Some(e as u32),
-                        });
-                    }
-                    dns_path = true;
-                }
-            }
-        }
-        verdict(if dns_path {
-            Outcome::NameNotAllowed
-        } else {
-            Outcome::NoRule
+        Ok(Verdict {
+            outcome,
+            query: Query::Dns {
+                server,
+                port,
+                proto,
+            },
+            identity,
         })
     }
 

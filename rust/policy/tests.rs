@@ -168,10 +168,69 @@ fn dns_verdicts() {
             v.allowed(),
             ["dns-name", "dns-open", "unrestricted"].contains(want)
         );
+        // The hot paths agree: yes/no, and the outcome with the denial's cause left open.
+        if let (Some(i), Some(s)) = (id, server) {
+            assert_eq!(
+                set.dns_allowed(*i, *s, *p, *proto, &name(qname)),
+                v.allowed(),
+                "{qname} {s} {p}"
+            );
+        }
+        let outcome = set
+            .dns_outcome(*id, *server, *p, *proto, &name(qname))
+            .expect("known identity");
+        match outcome {
+            Some(o) => assert_eq!(o, v.outcome),
+            None => {
+                assert!(["no-rule", "name-not-allowed"].contains(want));
+                let i = id.expect("a denial by rules has an identity");
+                assert_eq!(set.dns_denial(i, *server, *p, *proto), Ok(v.outcome));
+            }
+        }
     }
     assert!(set
         .dns_verdict(Some(99), k, 53, Proto::Udp, &name("a.com"))
         .is_err());
+    assert!(!set.dns_allowed(99, ip("10.96.0.10"), 53, Proto::Udp, &name("a.com")));
+    assert_eq!(set.is_restricted(web), Ok(true));
+    assert_eq!(set.is_restricted(open), Ok(false));
+    assert!(set.is_restricted(99).is_err());
+}
+
+#[test]
+fn dns_verdict_names_the_first_selector_that_allows() {
+    // Both entries' selectors match x.a.com; the first admits only TCP, the second UDP.
+    let rule = EgressRule {
+        index: 0,
+        fqdns: vec![],
+        peers: Peers::Any,
+        ports: vec![
+            PortEntry {
+                ranges: vec![port(53, Proto::Tcp)],
+                dns: Some(vec![pat("*.a.com"), exact("x.a.com")]),
+            },
+            PortEntry {
+                ranges: vec![port(53, Proto::Any)],
+                dns: Some(vec![exact("x.a.com"), pat("**.a.com")]),
+            },
+        ],
+    };
+    let set = PolicySet::new(vec![spec("ns/a", vec![rule])]).expect("valid");
+    let id = set.identity(&[0]).expect("identity");
+    let sel = |p| {
+        let v = set
+            .dns_verdict(Some(id), None, 53, p, &name("x.a.com"))
+            .expect("ok");
+        set.selector_of(&v)
+    };
+    assert_eq!(
+        sel(Proto::Tcp).as_deref(),
+        Some("toPorts[0].rules.dns[0].matchPattern: \"*.a.com\"")
+    );
+    assert_eq!(
+        sel(Proto::Udp).as_deref(),
+        Some("toPorts[1].rules.dns[0].matchName: \"x.a.com\"")
+    );
 }
 
 #[test]
