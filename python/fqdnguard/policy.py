@@ -137,6 +137,23 @@ class NamesFor(Protocol):
     def names_for(self, ip: str, endpoint: int | None = None) -> list[str]: ...
 
 
+class DnsVerdict(Protocol):
+    """The type of :attr:`Policy.dns_verdict`."""
+
+    def __call__(
+        self,
+        endpoint: Endpoint | None,
+        server: str | None,
+        port: int,
+        protocol: str,
+        qname: str | bytes,
+    ) -> Verdict:
+        """May ``endpoint`` ask ``server`` (None: any server a rule admits) on ``port`` /
+        ``protocol`` ("UDP", "TCP", "SCTP") for ``qname``? ``endpoint`` None (an unknown source)
+        is denied."""
+        ...
+
+
 @dataclass
 class _PortEntry:
     ranges: list[tuple[int, int, str]]
@@ -189,7 +206,7 @@ class PolicyInfo:
 class Policy:
     """A compiled, immutable policy set. Build with :meth:`load` or :meth:`from_yaml`."""
 
-    __slots__ = ("_compiled", "_endpoints", "_specs", "policies", "warnings")
+    __slots__ = ("_compiled", "_endpoints", "_specs", "dns_verdict", "policies", "warnings")
 
     _compiled: CompiledPolicy
     _endpoints: Endpoints | None
@@ -198,6 +215,11 @@ class Policy:
     policies: tuple[PolicyInfo, ...]
     #: Valid features that fqdnguard does not enforce, one per occurrence.
     warnings: tuple[PolicyWarning, ...]
+    #: ``dns_verdict(endpoint, server, port, protocol, qname) -> Verdict``: may ``endpoint`` ask
+    #: ``server`` (None: any server a rule admits) on ``port`` / ``protocol`` ("UDP", "TCP",
+    #: "SCTP") for ``qname``? ``endpoint`` None (an unknown source) is denied. It is the compiled
+    #: policy's own method, so a query costs no Python frame.
+    dns_verdict: DnsVerdict
 
     def __init__(self) -> None:
         raise TypeError("use Policy.load(paths) or Policy.from_yaml(text)")
@@ -224,7 +246,9 @@ class Policy:
         # The registry's endpoints get their identity kept in the compiled policy (looked up by
         # object, on first use); any other endpoint object is resolved through its labels.
         known = list(endpoints) if endpoints is not None else []
-        put(self, "_compiled", CompiledPolicy(lowered, known, _selects(specs)))
+        compiled = CompiledPolicy(lowered, known, _selects(specs))
+        put(self, "_compiled", compiled)
+        put(self, "dns_verdict", compiled.endpoint_dns_verdict)
         for w in dict.fromkeys(warnings):
             log.warning("%s", w)
         return self
@@ -261,19 +285,6 @@ class Policy:
     def with_endpoints(self, endpoints: Endpoints | None) -> Policy:
         """The same policies resolved against another endpoint registry."""
         return Policy._make(list(self._specs), list(self.policies), [], endpoints)
-
-    def dns_verdict(
-        self,
-        endpoint: Endpoint | None,
-        server: str | None,
-        port: int,
-        protocol: str,
-        qname: str | bytes,
-    ) -> Verdict:
-        """May ``endpoint`` ask ``server`` (None: any server a rule admits) on ``port`` /
-        ``protocol`` ("UDP", "TCP", "SCTP") for ``qname``? ``endpoint`` None (an unknown source)
-        is denied."""
-        return self._compiled.endpoint_dns_verdict(endpoint, server, port, protocol, qname)
 
     def egress_verdict(
         self, endpoint: Endpoint | None, ip: str, port: int, protocol: str, cache: NamesFor
