@@ -306,7 +306,9 @@ impl PatternTrie {
     /// in no particular order) until it returns true; true when it did. Allocates nothing.
     pub fn visit_matching(&self, name: &LabelBuf, mut visit: impl FnMut(u32) -> bool) -> bool {
         self.all.iter().any(|&id| visit(id))
-            || self.walk(0, name, name.len(), &mut |ids| ids.iter().any(|&id| visit(id)))
+            || self.walk(0, name, name.len(), &mut |ids| {
+                ids.iter().any(|&id| visit(id))
+            })
     }
 
     /// Sorted, unique rule ids of every entry matching the name.

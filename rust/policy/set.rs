@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::{Mutex, OnceLock};
 
 use hashbrown::HashMap;
 
@@ -188,10 +188,46 @@ impl Verdict {
     }
 }
 
-#[derive(Debug, Default)]
-struct Identities {
-    list: Vec<Arc<Identity>>,
-    by_specs: HashMap<Vec<u32>, u32>,
+/// Identities by number, appended one at a time (under `PolicySet::by_specs`' lock) and read
+/// with no lock and no reference count: a verdict touches no shared counter. Number `i` lives in
+/// bucket `ilog2(i + 1)`, which holds `2^bucket` slots and is allocated when first needed, so
+/// nothing ever moves once written.
+#[derive(Debug)]
+struct IdentityList {
+    buckets: [OnceLock<Bucket>; 33],
+}
+
+/// `2^k` slots, each written once.
+type Bucket = Box<[OnceLock<Box<Identity>>]>;
+
+impl IdentityList {
+    fn new() -> Self {
+        IdentityList {
+            buckets: std::array::from_fn(|_| OnceLock::new()),
+        }
+    }
+
+    fn locate(i: u32) -> (usize, usize) {
+        let n = u64::from(i) + 1;
+        let bucket = n.ilog2();
+        (bucket as usize, (n - (1u64 << bucket)) as usize)
+    }
+
+    fn get(&self, i: u32) -> Option<&Identity> {
+        let (bucket, at) = Self::locate(i);
+        self.buckets[bucket].get()?.get(at)?.get().map(Box::as_ref)
+    }
+
+    fn set(&self, i: u32, identity: Identity) {
+        let (bucket, at) = Self::locate(i);
+        let slots = self.buckets[bucket].get_or_init(|| {
+            std::iter::repeat_with(OnceLock::new)
+                .take(1 << bucket)
+                .collect()
+        });
+        // Numbers are handed out once, under the lock, so the slot is empty.
+        let _ = slots[at].set(Box::new(identity));
+    }
 }
 
 /// Every spec compiled once; identities are added as endpoints show up.
@@ -200,7 +236,9 @@ pub struct PolicySet {
     specs: Vec<Spec>,
     dns_sels: Vec<SelRef>,
     fqdn_sels: Vec<SelRef>,
-    identities: RwLock<Identities>,
+    /// The identity number of each set of specs; its lock also orders appends to `identities`.
+    by_specs: Mutex<HashMap<Vec<u32>, u32>>,
+    identities: IdentityList,
 }
 
 fn count(n: usize, what: &'static str) -> Result<u32, PolicyBuildError> {
@@ -240,7 +278,8 @@ impl PolicySet {
             specs,
             dns_sels,
             fqdn_sels,
-            identities: RwLock::new(Identities::default()),
+            by_specs: Mutex::new(HashMap::new()),
+            identities: IdentityList::new(),
         })
     }
 
@@ -254,7 +293,7 @@ impl PolicySet {
         let mut key = specs.to_vec();
         key.sort_unstable();
         key.dedup();
-        if let Some(&id) = self.read().by_specs.get(&key) {
+        if let Some(&id) = self.by_specs().get(&key) {
             return Ok(id);
         }
         for &s in &key {
@@ -266,31 +305,27 @@ impl PolicySet {
             }
         }
         let built = self.build_identity(key.clone());
-        let mut ids = self.write();
-        if let Some(&id) = ids.by_specs.get(&key) {
+        let mut by_specs = self.by_specs();
+        if let Some(&id) = by_specs.get(&key) {
             return Ok(id);
         }
-        let id = count(ids.list.len(), "identities")?;
-        ids.list.push(Arc::new(built));
-        ids.by_specs.insert(key, id);
+        let id = count(by_specs.len(), "identities")?;
+        // Written before the number is published (here, under the lock), so whoever holds a
+        // number finds its identity.
+        self.identities.set(id, built);
+        by_specs.insert(key, id);
         Ok(id)
     }
 
     pub fn identity_count(&self) -> usize {
-        self.read().list.len()
+        self.by_specs().len()
     }
 
-    // A poisoned lock only means a panic elsewhere; the tables are never left half-written
-    // (an identity is pushed whole), so the data is still good.
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Identities> {
-        self.identities
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Identities> {
-        self.identities
-            .write()
+    // A poisoned lock only means a panic elsewhere; the table is never left half-written (an
+    // identity is added whole), so the data is still good.
+    fn by_specs(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u32>, u32>> {
+        self.by_specs
+            .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
@@ -344,24 +379,21 @@ impl PolicySet {
         id
     }
 
-    fn get(&self, identity: u32) -> Result<Arc<Identity>, PolicyBuildError> {
-        self.with_identity(identity, Arc::clone)
-    }
-
-    /// Runs `f` on an identity's tables under the read lock (no reference count touched).
-    fn with_identity<R>(
-        &self,
-        identity: u32,
-        f: impl FnOnce(&Arc<Identity>) -> R,
-    ) -> Result<R, PolicyBuildError> {
-        self.read()
-            .list
-            .get(identity as usize)
-            .map(f)
+    fn get(&self, identity: u32) -> Result<&Identity, PolicyBuildError> {
+        self.identities
+            .get(identity)
             .ok_or(PolicyBuildError::UnknownIndex {
                 what: "identity",
                 index: identity,
             })
+    }
+
+    fn with_identity<R>(
+        &self,
+        identity: u32,
+        f: impl FnOnce(&Identity) -> R,
+    ) -> Result<R, PolicyBuildError> {
+        self.get(identity).map(f)
     }
 
     /// True when some spec with egress default-deny selects the identity (its egress is then
@@ -415,8 +447,11 @@ impl PolicySet {
         id.dns_open.iter().find_map(|&(spec, rule, entry)| {
             let r = self.rule(spec, rule);
             let admits = entry.map_or(true, |e| r.ports[e as usize].admits(port, proto));
-            (admits && r.peers.admits(server).is_some())
-                .then_some(Outcome::DnsOpen { spec, rule, entry })
+            (admits && r.peers.admits(server).is_some()).then_some(Outcome::DnsOpen {
+                spec,
+                rule,
+                entry,
+            })
         })
     }
 

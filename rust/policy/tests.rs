@@ -357,3 +357,78 @@ fn bad_input() {
 fn set_with_unknown_spec() -> Result<u32, PolicyBuildError> {
     PolicySet::new(vec![])?.identity(&[3])
 }
+
+/// Eight specs, spec `i` allowing `*.s{i}.com` from any server on 53/UDP.
+fn eight_specs() -> PolicySet {
+    let specs = (0..8)
+        .map(|i| {
+            spec(
+                &format!("ns/s{i}"),
+                vec![EgressRule {
+                    index: 0,
+                    fqdns: vec![],
+                    peers: Peers::Any,
+                    ports: vec![PortEntry {
+                        ranges: vec![port(53, Proto::Udp)],
+                        dns: Some(vec![pat(&format!("*.s{i}.com"))]),
+                    }],
+                }],
+            )
+        })
+        .collect();
+    PolicySet::new(specs).expect("valid")
+}
+
+fn subset(mask: u32) -> Vec<u32> {
+    (0..8).filter(|i| mask & (1 << i) != 0).collect()
+}
+
+fn check_subset(set: &PolicySet, mask: u32, id: u32) {
+    for i in 0..8 {
+        let allowed = set.dns_allowed(
+            id,
+            ip("1.1.1.1"),
+            53,
+            Proto::Udp,
+            &name(&format!("a.s{i}.com")),
+        );
+        // No spec selecting: unrestricted.
+        let want = mask == 0 || mask & (1 << i) != 0;
+        assert_eq!(allowed, want, "mask {mask:#x} spec {i}");
+    }
+}
+
+#[test]
+fn many_identities_keep_their_numbers() {
+    let set = eight_specs();
+    // 256 identities cross several bucket boundaries of the identity list (1, 2, 4, ... 128).
+    let ids: Vec<u32> = (0..256)
+        .map(|m| set.identity(&subset(m)).expect("identity"))
+        .collect();
+    assert_eq!(ids, (0..256).collect::<Vec<u32>>());
+    assert_eq!(set.identity_count(), 256);
+    for (mask, &id) in ids.iter().enumerate() {
+        check_subset(&set, mask as u32, id);
+        assert_eq!(set.is_restricted(id), Ok(mask != 0));
+    }
+    assert!(set.is_restricted(256).is_err());
+    assert!(set.is_restricted(u32::MAX).is_err());
+}
+
+#[test]
+fn identities_from_many_threads() {
+    let set = eight_specs();
+    std::thread::scope(|scope| {
+        for t in 0..4u32 {
+            let set = &set;
+            scope.spawn(move || {
+                for k in 0..256u32 {
+                    let mask = (k * 7 + t * 61) % 256;
+                    let id = set.identity(&subset(mask)).expect("identity");
+                    check_subset(set, mask, id);
+                }
+            });
+        }
+    });
+    assert_eq!(set.identity_count(), 256);
+}

@@ -13,8 +13,8 @@ use super::pattern::name_arg;
 use crate::error::Error;
 use crate::pattern::{self, LabelBuf};
 use crate::policy::{
-    Cidr, CidrRule, EgressRule, NameSel, Outcome, Peers, PolicyBuildError, PolicySet, PortEntry,
-    PortRange, Proto, Query, Spec, Verdict,
+    parse_ip, Cidr, CidrRule, EgressRule, NameSel, Outcome, Peers, PolicyBuildError, PolicySet,
+    PortEntry, PortRange, Proto, Query, Spec, Verdict,
 };
 
 /// `(is_pattern, text)`.
@@ -31,7 +31,7 @@ type RuleIn = (u32, Vec<SelIn>, PeersIn, Vec<PortIn>);
 type SpecIn = (String, String, bool, Vec<RuleIn>);
 
 fn addr(text: &str) -> Result<IpAddr, Error> {
-    text.parse().map_err(|_| {
+    parse_ip(text).ok_or_else(|| {
         PolicyBuildError::BadAddress {
             text: text.to_owned(),
         }
@@ -143,15 +143,18 @@ pub struct PyCompiledPolicy {
 
 impl PyCompiledPolicy {
     /// The compiled set, shared (e.g. with the proxy engine).
+    #[allow(dead_code)] // for the engine binding
     pub(crate) fn shared(&self) -> Arc<PolicySet> {
         Arc::clone(&self.set)
     }
 
-    fn verdict(&self, verdict: Verdict) -> PyVerdict {
+    /// A verdict holding the policy as a Python reference: making and dropping it touches no
+    /// atomic counter.
+    fn verdict(slf: &Bound<'_, Self>, verdict: Verdict) -> PyVerdict {
         PyVerdict {
             allowed: verdict.allowed(),
             state: VerdictState::Settled(verdict),
-            set: self.shared(),
+            policy: slf.clone().unbind(),
         }
     }
 }
@@ -245,7 +248,7 @@ impl PyCompiledPolicy {
 
     #[pyo3(signature = (identity, server, port, protocol, qname))]
     fn dns_verdict(
-        &self,
+        slf: &Bound<'_, Self>,
         identity: Option<u32>,
         server: Option<&str>,
         port: u16,
@@ -255,7 +258,8 @@ impl PyCompiledPolicy {
         let server = server.map(addr).transpose()?;
         let proto = query_proto(protocol)?;
         let name = name_arg(qname)?;
-        let outcome = self
+        let outcome = slf
+            .get()
             .set
             .dns_outcome(identity, server, port, proto, &name)
             .map_err(Error::from)?;
@@ -269,37 +273,40 @@ impl PyCompiledPolicy {
                     proto,
                     settled: OnceLock::new(),
                 },
-                set: self.shared(),
+                policy: slf.clone().unbind(),
             },
-            (outcome, identity) => self.verdict(Verdict {
-                outcome: outcome.unwrap_or(Outcome::UnknownEndpoint),
-                query: Query::Dns {
-                    server,
-                    port,
-                    proto,
+            (outcome, identity) => Self::verdict(
+                slf,
+                Verdict {
+                    outcome: outcome.unwrap_or(Outcome::UnknownEndpoint),
+                    query: Query::Dns {
+                        server,
+                        port,
+                        proto,
+                    },
+                    identity,
                 },
-                identity,
-            }),
+            ),
         })
     }
 
     /// `dns_verdict` for an endpoint object (None: an unknown source).
     #[pyo3(signature = (endpoint, server, port, protocol, qname))]
     fn endpoint_dns_verdict(
-        &self,
+        slf: &Bound<'_, Self>,
         endpoint: Option<&Bound<'_, PyAny>>,
         server: Option<&str>,
         port: u16,
         protocol: &str,
         qname: &Bound<'_, PyAny>,
     ) -> PyResult<PyVerdict> {
-        let identity = endpoint.map(|e| self.identity_of(e)).transpose()?;
-        self.dns_verdict(identity, server, port, protocol, qname)
+        let identity = endpoint.map(|e| slf.get().identity_of(e)).transpose()?;
+        Self::dns_verdict(slf, identity, server, port, protocol, qname)
     }
 
     #[pyo3(signature = (identity, ip, port, protocol, names))]
     fn egress_verdict(
-        &self,
+        slf: &Bound<'_, Self>,
         identity: Option<u32>,
         ip: &str,
         port: u16,
@@ -312,11 +319,12 @@ impl PyCompiledPolicy {
             .iter()
             .map(|n| Ok((name_arg(n)?, n.str()?.to_string())))
             .collect::<PyResult<Vec<(LabelBuf, String)>>>()?;
-        let verdict = self
+        let verdict = slf
+            .get()
             .set
             .egress_verdict(identity, ip, port, proto, &names)
             .map_err(Error::from)?;
-        Ok(self.verdict(verdict))
+        Ok(Self::verdict(slf, verdict))
     }
 
     fn __len__(&self) -> usize {
@@ -339,7 +347,7 @@ pub struct PyVerdict {
     #[pyo3(get)]
     allowed: bool,
     state: VerdictState,
-    set: Arc<PolicySet>,
+    policy: Py<PyCompiledPolicy>,
 }
 
 #[derive(Debug)]
@@ -357,6 +365,10 @@ enum VerdictState {
 }
 
 impl PyVerdict {
+    fn set(&self) -> &PolicySet {
+        &self.policy.get().set
+    }
+
     fn verdict(&self) -> &Verdict {
         match &self.state {
             VerdictState::Settled(v) => v,
@@ -369,7 +381,7 @@ impl PyVerdict {
             } => settled.get_or_init(|| Verdict {
                 // Identities are never removed, so the one the query used is still there.
                 outcome: self
-                    .set
+                    .set()
                     .dns_denial(*identity, *server, *port, *proto)
                     .unwrap_or(Outcome::NoRule),
                 query: Query::Dns {
@@ -385,28 +397,32 @@ impl PyVerdict {
 
 #[pymethods]
 impl PyVerdict {
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.policy)
+    }
+
     /// A sentence naming the policy, rule and selector that decided, or why nothing allowed.
     #[getter]
     fn reason(&self) -> String {
-        self.set.reason(self.verdict())
+        self.set().reason(self.verdict())
     }
 
     /// `namespace/name` (or `name` when clusterwide) of the policy that allowed it.
     #[getter]
     fn policy(&self) -> Option<String> {
-        self.set.policy_of(self.verdict()).map(str::to_owned)
+        self.set().policy_of(self.verdict()).map(str::to_owned)
     }
 
     /// The index in the policy's `egress` list of the rule that allowed it.
     #[getter]
     fn rule_index(&self) -> Option<u32> {
-        self.set.rule_index_of(self.verdict())
+        self.set().rule_index_of(self.verdict())
     }
 
     /// The selector that allowed it, with its field path.
     #[getter]
     fn selector(&self) -> Option<String> {
-        self.set.selector_of(self.verdict())
+        self.set().selector_of(self.verdict())
     }
 
     /// A short word for logs and metrics (e.g. "dns-name", "no-rule").
@@ -422,14 +438,10 @@ impl PyVerdict {
     fn __repr__(&self) -> String {
         format!(
             "Verdict(allowed={}, kind={:?}, policy={:?}, rule_index={:?})",
-            if self.allowed {
-                "True"
-            } else {
-                "False"
-            },
+            if self.allowed { "True" } else { "False" },
             PolicySet::kind(self.verdict()),
-            self.set.policy_of(self.verdict()),
-            self.set.rule_index_of(self.verdict()),
+            self.set().policy_of(self.verdict()),
+            self.set().rule_index_of(self.verdict()),
         )
     }
 }
