@@ -86,8 +86,10 @@ struct SelRef {
 struct Identity {
     specs: Vec<u32>,
     restricted: bool,
-    /// `rules.dns` selectors of every selected rule; ids index `PolicySet::dns_sels`.
-    dns: PatternTrie,
+    /// The `rules.dns` selectors of the selected specs, as ranges of ids into
+    /// `PolicySet::dns_sels` (and `PolicySet::dns`), ascending: selector ids were handed out in
+    /// spec order, so a spec's are contiguous.
+    dns_ranges: Vec<(u32, u32)>,
     /// Port entries with no `rules.dns` in rules with a non-FQDN L3 part, as (spec, rule, entry;
     /// None for a rule with no `toPorts`), in rule then entry order: they let every name through.
     dns_open: Vec<(u32, u32, Option<u32>)>,
@@ -235,6 +237,9 @@ impl IdentityList {
 pub struct PolicySet {
     specs: Vec<Spec>,
     dns_sels: Vec<SelRef>,
+    /// Every `rules.dns` selector of every spec, ids indexing `dns_sels`: one trie shared by all
+    /// identities, so verdicts for many endpoints walk the same (cached) tables.
+    dns: PatternTrie,
     fqdn_sels: Vec<SelRef>,
     /// The identity number of each set of specs; its lock also orders appends to `identities`.
     by_specs: Mutex<HashMap<Vec<u32>, u32>>,
@@ -274,9 +279,17 @@ impl PolicySet {
         }
         count(dns_sels.len(), "rules.dns selectors")?;
         count(fqdn_sels.len(), "toFQDNs selectors")?;
+        let mut dns = PatternTrie::new();
+        for (g, x) in dns_sels.iter().enumerate() {
+            let entry = &specs[x.spec as usize].egress[x.rule as usize].ports[x.entry as usize];
+            if let Some(sel) = entry.dns.as_ref().and_then(|d| d.get(x.sel as usize)) {
+                dns.insert(&sel.parsed, g as u32);
+            }
+        }
         Ok(PolicySet {
             specs,
             dns_sels,
+            dns,
             fqdn_sels,
             by_specs: Mutex::new(HashMap::new()),
             identities: IdentityList::new(),
@@ -333,7 +346,7 @@ impl PolicySet {
         let mut id = Identity {
             restricted: specs.iter().any(|&s| self.specs[s as usize].default_deny),
             specs,
-            dns: PatternTrie::new(),
+            dns_ranges: Vec::new(),
             dns_open: Vec::new(),
             fqdn: PatternTrie::new(),
             l3_rules: Vec::new(),
@@ -356,15 +369,9 @@ impl PolicySet {
                 }
             }
             let first = self.dns_sels.partition_point(|x| x.spec < s);
-            for (g, x) in self.dns_sels[first..].iter().enumerate() {
-                if x.spec != s {
-                    break;
-                }
-                let rule = &spec.egress[x.rule as usize];
-                if let Some(dns) = &rule.ports[x.entry as usize].dns {
-                    id.dns
-                        .insert(&dns[x.sel as usize].parsed, (first + g) as u32);
-                }
+            let end = self.dns_sels.partition_point(|x| x.spec <= s);
+            if first < end {
+                id.dns_ranges.push((first as u32, end as u32));
             }
             let first = self.fqdn_sels.partition_point(|x| x.spec < s);
             for (g, x) in self.fqdn_sels[first..].iter().enumerate() {
@@ -419,22 +426,36 @@ impl PolicySet {
         name: &LabelBuf,
         first_found: bool,
     ) -> Option<Outcome> {
+        let admits = |g: u32| {
+            self.dns_sels.get(g as usize).is_some_and(|x| {
+                let rule = self.rule(x.spec, x.rule);
+                rule.ports[x.entry as usize].admits(port, proto)
+                    && rule.peers.admits(server).is_some()
+            })
+        };
+        // Each slice holds the (ascending) ids of the selectors of one trie node that matches,
+        // from every spec; only the identity's ranges count. A range search per selected spec
+        // keeps a selector shared by many specs cheap.
         let mut best: Option<u32> = None;
-        id.dns.visit_matching(name, |g| {
-            if best.is_some_and(|b| b <= g) {
-                return false;
+        self.dns.visit_matching(name, |ids| {
+            for &(lo, hi) in &id.dns_ranges {
+                if best.is_some_and(|b| b <= lo) {
+                    break;
+                }
+                // Ids stop short of u32::MAX (their count fits a u32).
+                let below = hi.min(best.unwrap_or(u32::MAX));
+                let from = ids.partition_point(|&g| g < lo);
+                let found = ids[from..]
+                    .iter()
+                    .take_while(|&&g| g < below)
+                    .find(|&&g| admits(g));
+                if let Some(&g) = found {
+                    best = Some(g);
+                    // Later ranges hold only higher ids.
+                    break;
+                }
             }
-            let Some(x) = self.dns_sels.get(g as usize) else {
-                return false;
-            };
-            let rule = self.rule(x.spec, x.rule);
-            if rule.ports[x.entry as usize].admits(port, proto)
-                && rule.peers.admits(server).is_some()
-            {
-                best = Some(g);
-                return first_found;
-            }
-            false
+            first_found && best.is_some()
         });
         if let Some(x) = best.and_then(|g| self.dns_sels.get(g as usize)) {
             return Some(Outcome::DnsName {

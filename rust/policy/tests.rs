@@ -432,3 +432,43 @@ fn identities_from_many_threads() {
     });
     assert_eq!(set.identity_count(), 256);
 }
+
+#[test]
+fn a_selector_many_specs_share_counts_only_for_the_selecting_ones() {
+    // 50 specs allow `*.shared.com`; spec i admits only port 1000 + i.
+    let specs = (0..50u16)
+        .map(|i| {
+            spec(
+                &format!("ns/s{i}"),
+                vec![EgressRule {
+                    index: 0,
+                    fqdns: vec![],
+                    peers: Peers::Any,
+                    ports: vec![PortEntry {
+                        ranges: vec![port(1000 + i, Proto::Udp)],
+                        dns: Some(vec![exact("other.com"), pat("*.shared.com")]),
+                    }],
+                }],
+            )
+        })
+        .collect();
+    let set = PolicySet::new(specs).expect("valid");
+    let q = |specs: &[u32], p: u16| {
+        let id = set.identity(specs).expect("identity");
+        let v = set
+            .dns_verdict(Some(id), None, p, Proto::Udp, &name("a.shared.com"))
+            .expect("ok");
+        (PolicySet::kind(&v), set.policy_of(&v).map(str::to_owned))
+    };
+    assert_eq!(q(&[49], 1049), ("dns-name", Some("ns/s49".into())));
+    assert_eq!(q(&[49], 1048), ("no-rule", None));
+    assert_eq!(q(&[3, 40], 1040), ("dns-name", Some("ns/s40".into())));
+    assert_eq!(q(&[3, 40], 1003), ("dns-name", Some("ns/s3".into())));
+    assert_eq!(q(&[3, 40], 1004), ("no-rule", None));
+    // The one spec selecting admits the port but not the name.
+    let id = set.identity(&[7]).expect("identity");
+    let v = set
+        .dns_verdict(Some(id), None, 1007, Proto::Udp, &name("a.other.com"))
+        .expect("ok");
+    assert_eq!(PolicySet::kind(&v), "name-not-allowed");
+}
