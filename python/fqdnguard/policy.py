@@ -316,9 +316,7 @@ class Policy:
                 found = pairs[ep.id] = (ep.id, ident if compiled.is_restricted(ident) else None)
             return found
 
-        table = {
-            str(ipaddress.ip_address(ip)): pair(ep) for ep in eps or () for ip in ep.ips
-        }
+        table = {str(ipaddress.ip_address(ip)): pair(ep) for ep in eps or () for ip in ep.ips}
         if unknown is None:
             return compiled, table, None
         return compiled, table, pair(_endpoint_named(eps, unknown))
@@ -371,9 +369,7 @@ def _endpoint_named(endpoints: Endpoints | None, name: str) -> Endpoint:
     """The registry's endpoint called ``namespace/name``, or ``name`` when only one has it."""
     namespace, sep, short = name.rpartition("/")
     found = [
-        ep
-        for ep in endpoints or ()
-        if ep.name == short and (not sep or ep.namespace == namespace)
+        ep for ep in endpoints or () if ep.name == short and (not sep or ep.namespace == namespace)
     ]
     if len(found) == 1:
         return found[0]

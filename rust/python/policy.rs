@@ -50,12 +50,12 @@ fn proto(text: &str) -> Result<Proto, Error> {
 
 /// A query names one concrete protocol.
 fn query_proto(text: &str) -> Result<Proto, Error> {
-    match proto(text)? {
-        Proto::Any => Err(PolicyBuildError::BadProtocol {
+    match Proto::parse(text) {
+        Some(Proto::Any) | None => Err(PolicyBuildError::BadQueryProtocol {
             text: text.to_owned(),
         }
         .into()),
-        p => Ok(p),
+        Some(p) => Ok(p),
     }
 }
 
