@@ -129,4 +129,5 @@ def test_patternset_matches(benchmark: Any, compiled: tuple[Policy, Endpoints]) 
     def run() -> int:
         return sum(matches(name) for _, name in work)
 
-    assert benchmark(run) >= CALLS // 2
+    # Quick mode has fewer policies than endpoints: only their names are in the set.
+    assert benchmark(run) == CALLS // 2 * min(N_POLICIES, N_ENDPOINTS) // N_ENDPOINTS

@@ -1,7 +1,7 @@
 """Typed stubs of the compiled module; checked against it with mypy.stubtest."""
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal, TypeAlias, final
 
 __all__ = [
@@ -57,13 +57,28 @@ def validate_name(name: str) -> str: ...
 class CompiledPolicy:
     """Egress rules compiled for verdicts; ``fqdnguard.Policy`` is the public face."""
 
-    def __new__(cls, specs: list[Any]) -> CompiledPolicy: ...
+    def __new__(
+        cls,
+        specs: list[Any],
+        endpoints: list[Any] = ...,
+        selects: Callable[[Any], list[int]] | None = None,
+    ) -> CompiledPolicy: ...
     def identity(self, specs: list[int]) -> int: ...
+    def identity_of(self, endpoint: Any) -> int: ...
+    def is_restricted(self, identity: int) -> bool: ...
     @property
     def identity_count(self) -> int: ...
     def dns_verdict(
         self,
         identity: int | None,
+        server: str | None,
+        port: int,
+        protocol: str,
+        qname: str | bytes,
+    ) -> Verdict: ...
+    def endpoint_dns_verdict(
+        self,
+        endpoint: Any | None,
         server: str | None,
         port: int,
         protocol: str,

@@ -17,7 +17,7 @@ import ipaddress
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -137,6 +137,23 @@ class NamesFor(Protocol):
     def names_for(self, ip: str, endpoint: int | None = None) -> list[str]: ...
 
 
+class DnsVerdict(Protocol):
+    """The type of :attr:`Policy.dns_verdict`."""
+
+    def __call__(
+        self,
+        endpoint: Endpoint | None,
+        server: str | None,
+        port: int,
+        protocol: str,
+        qname: str | bytes,
+    ) -> Verdict:
+        """May ``endpoint`` ask ``server`` (None: any server a rule admits) on ``port`` /
+        ``protocol`` ("UDP", "TCP", "SCTP") for ``qname``? ``endpoint`` None (an unknown source)
+        is denied."""
+        ...
+
+
 @dataclass
 class _PortEntry:
     ranges: list[tuple[int, int, str]]
@@ -207,16 +224,20 @@ class EgressPlan:
 class Policy:
     """A compiled, immutable policy set. Build with :meth:`load` or :meth:`from_yaml`."""
 
-    __slots__ = ("_compiled", "_endpoints", "_identities", "_specs", "policies", "warnings")
+    __slots__ = ("_compiled", "_endpoints", "_specs", "dns_verdict", "policies", "warnings")
 
     _compiled: CompiledPolicy
     _endpoints: Endpoints | None
-    _identities: dict[tuple[str, frozenset[tuple[str, str]]], int]
     _specs: tuple[_Spec, ...]
     #: Every policy document loaded, in load order.
     policies: tuple[PolicyInfo, ...]
     #: Valid features that fqdnguard does not enforce, one per occurrence.
     warnings: tuple[PolicyWarning, ...]
+    #: ``dns_verdict(endpoint, server, port, protocol, qname) -> Verdict``: may ``endpoint`` ask
+    #: ``server`` (None: any server a rule admits) on ``port`` / ``protocol`` ("UDP", "TCP",
+    #: "SCTP") for ``qname``? ``endpoint`` None (an unknown source) is denied. It is the compiled
+    #: policy's own method, so a query costs no Python frame.
+    dns_verdict: DnsVerdict
 
     def __init__(self) -> None:
         raise TypeError("use Policy.load(paths) or Policy.from_yaml(text)")
@@ -236,11 +257,16 @@ class Policy:
         put = object.__setattr__
         put(self, "_specs", tuple(specs))
         put(self, "_endpoints", endpoints)
-        put(self, "_identities", {})
         put(self, "policies", tuple(infos))
         put(self, "warnings", tuple(warnings))
         resolved: dict[Selector, list[str]] = {}
-        put(self, "_compiled", CompiledPolicy([_lower(s, endpoints, resolved) for s in specs]))
+        lowered = [_lower(s, endpoints, resolved) for s in specs]
+        # The registry's endpoints get their identity kept in the compiled policy (looked up by
+        # object, on first use); any other endpoint object is resolved through its labels.
+        known = list(endpoints) if endpoints is not None else []
+        compiled = CompiledPolicy(lowered, known, _selects(specs))
+        put(self, "_compiled", compiled)
+        put(self, "dns_verdict", compiled.endpoint_dns_verdict)
         for w in dict.fromkeys(warnings):
             log.warning("%s", w)
         return self
@@ -278,32 +304,6 @@ class Policy:
         """The same policies resolved against another endpoint registry."""
         return Policy._make(list(self._specs), list(self.policies), [], endpoints)
 
-    def _identity(self, endpoint: Endpoint) -> int:
-        ident = self._identities.get(endpoint.key)
-        if ident is None:
-            selected = [
-                i
-                for i, s in enumerate(self._specs)
-                if s.selector is not None and s.selector.matches(endpoint.labels)
-            ]
-            ident = self._compiled.identity(selected)
-            self._identities[endpoint.key] = ident
-        return ident
-
-    def dns_verdict(
-        self,
-        endpoint: Endpoint | None,
-        server: str | None,
-        port: int,
-        protocol: str,
-        qname: str | bytes,
-    ) -> Verdict:
-        """May ``endpoint`` ask ``server`` (None: any server a rule admits) on ``port`` /
-        ``protocol`` ("UDP", "TCP", "SCTP") for ``qname``? ``endpoint`` None (an unknown source)
-        is denied."""
-        ident = None if endpoint is None else self._identity(endpoint)
-        return self._compiled.dns_verdict(ident, server, port, protocol, qname)
-
     def egress_verdict(
         self, endpoint: Endpoint | None, ip: str, port: int, protocol: str, cache: NamesFor
     ) -> Verdict:
@@ -312,7 +312,32 @@ class Policy:
         if endpoint is None:
             return self._compiled.egress_verdict(None, ip, port, protocol, [])
         names = cache.names_for(ip, endpoint=endpoint.id)
-        return self._compiled.egress_verdict(self._identity(endpoint), ip, port, protocol, names)
+        ident = self._compiled.identity_of(endpoint)
+        return self._compiled.egress_verdict(ident, ip, port, protocol, names)
+
+    def engine_table(
+        self, unknown: str | None = None
+    ) -> tuple[CompiledPolicy, dict[str, tuple[int, int | None]], tuple[int, int | None] | None]:
+        """What the proxy engine needs: the compiled policy; every address of every endpoint of
+        the registry (canonical text, IPv4 and IPv6) mapped to (endpoint id, identity), the
+        identity None when no egress policy selects the endpoint (unrestricted); and the same
+        pair for the endpoint named ``unknown`` (``namespace/name``, or a ``name`` unique in the
+        registry), which stands for sources that are no endpoint; None without one."""
+        compiled = self._compiled
+        eps = self._endpoints
+        pairs: dict[int, tuple[int, int | None]] = {}  # by endpoint id (unique in a registry)
+
+        def pair(ep: Endpoint) -> tuple[int, int | None]:
+            found = pairs.get(ep.id)
+            if found is None:
+                ident = compiled.identity_of(ep)
+                found = pairs[ep.id] = (ep.id, ident if compiled.is_restricted(ident) else None)
+            return found
+
+        table = {str(ipaddress.ip_address(ip)): pair(ep) for ep in eps or () for ip in ep.ips}
+        if unknown is None:
+            return compiled, table, None
+        return compiled, table, pair(_endpoint_named(eps, unknown))
 
     def selecting(self, endpoint: Endpoint) -> list[str]:
         """Labels of the policy specs selecting ``endpoint``."""
@@ -379,6 +404,40 @@ def lint(
     with gc_paused():
         _, _, errors, warnings = _read_sources([(f, _read_text(f)) for f in files])
     return errors, warnings
+
+
+def _selects(specs: list[_Spec]) -> Callable[[Endpoint], list[int]]:
+    """``selects(endpoint)``: positions of the specs whose selector matches the endpoint,
+    worked out once per distinct (namespace, labels)."""
+    selectors = [(i, s.selector) for i, s in enumerate(specs) if s.selector is not None]
+    found: dict[tuple[str, frozenset[tuple[str, str]]], list[int]] = {}
+
+    def selects(endpoint: Endpoint) -> list[int]:
+        got = found.get(endpoint.key)
+        if got is None:
+            labels = endpoint.labels
+            got = found[endpoint.key] = [i for i, sel in selectors if sel.matches(labels)]
+        return got
+
+    return selects
+
+
+def _endpoint_named(endpoints: Endpoints | None, name: str) -> Endpoint:
+    """The registry's endpoint called ``namespace/name``, or ``name`` when only one has it."""
+    namespace, sep, short = name.rpartition("/")
+    found = [
+        ep for ep in endpoints or () if ep.name == short and (not sep or ep.namespace == namespace)
+    ]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        where = "the registry" if endpoints is not None else "no registry (the policy has none)"
+        raise ValueError(f"unknown endpoint {name!r}: no endpoint of that name in {where}")
+    raise ValueError(
+        f"unknown endpoint {name!r}: the name is ambiguous ("
+        + ", ".join(ep.display for ep in found)
+        + "); give it as namespace/name"
+    )
 
 
 # -- files -------------------------------------------------------------------------------------

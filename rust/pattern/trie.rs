@@ -302,6 +302,13 @@ impl PatternTrie {
         !self.all.is_empty() || self.walk(0, name, name.len(), &mut |_| true)
     }
 
+    /// Hands `visit` the rule ids of the entries matching the name, a sorted slice at a time
+    /// (one per trie position that matches; an id may come in more than one), until it returns
+    /// true; true when it did. Allocates nothing.
+    pub fn visit_matching(&self, name: &LabelBuf, mut visit: impl FnMut(&[u32]) -> bool) -> bool {
+        (!self.all.is_empty() && visit(&self.all)) || self.walk(0, name, name.len(), &mut visit)
+    }
+
     /// Sorted, unique rule ids of every entry matching the name.
     pub fn matching(&self, name: &LabelBuf) -> Vec<u32> {
         let mut out = self.all.clone();
@@ -429,6 +436,23 @@ mod tests {
         t.insert(&parse_match_pattern("*").expect("valid"), 0);
         assert_eq!(t.matching(&name("other.org")), vec![0]);
         assert_eq!(t.matching(&name("www.example.com")), vec![0, 3, 7, 9]);
+        // visit_matching sees the same ids (with repeats) and stops when asked.
+        let mut seen = Vec::new();
+        assert!(!t.visit_matching(&name("www.example.com"), |ids| {
+            assert!(ids.windows(2).all(|w| w[0] < w[1]), "sorted: {ids:?}");
+            seen.extend_from_slice(ids);
+            false
+        }));
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen, vec![0, 3, 7, 9]);
+        let mut calls = 0;
+        assert!(t.visit_matching(&name("www.example.com"), |_| {
+            calls += 1;
+            true
+        }));
+        assert_eq!(calls, 1);
+        assert!(!PatternTrie::new().visit_matching(&name("a.com"), |_| true));
     }
 
     #[test]

@@ -9,6 +9,8 @@ pub enum PolicyBuildError {
     BadPrefix { addr: IpAddr, bits: u8 },
     /// A protocol other than TCP, UDP, SCTP or ANY.
     BadProtocol { text: String },
+    /// A query's protocol that is not one concrete protocol (TCP, UDP or SCTP).
+    BadQueryProtocol { text: String },
     /// An address that does not parse.
     BadAddress { text: String },
     /// An identity or spec number that was never handed out.
@@ -26,6 +28,10 @@ impl fmt::Display for PolicyBuildError {
             PolicyBuildError::BadProtocol { text } => write!(
                 f,
                 "invalid protocol {text:?}: expected TCP, UDP, SCTP or ANY"
+            ),
+            PolicyBuildError::BadQueryProtocol { text } => write!(
+                f,
+                "invalid protocol {text:?} for a query: expected TCP, UDP or SCTP"
             ),
             PolicyBuildError::BadAddress { text } => {
                 write!(f, "invalid IP address {text:?}")

@@ -17,7 +17,7 @@ mod net;
 mod set;
 
 pub use error::PolicyBuildError;
-pub use net::{Cidr, CidrRule, PeerMatch, Peers, PortRange, Proto};
+pub use net::{parse_ip, Cidr, CidrRule, PeerMatch, Peers, PortRange, Proto};
 pub use set::{EgressRule, NameSel, Outcome, PolicySet, PortEntry, Query, Spec, Verdict};
 
 #[cfg(test)]

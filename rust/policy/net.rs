@@ -1,6 +1,6 @@
 //! The L3/L4 vocabulary of a compiled rule: protocols, port ranges, CIDRs, and peer sets.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use hashbrown::HashSet;
 
@@ -19,6 +19,11 @@ pub enum Proto {
 impl Proto {
     /// Parses a protocol name, ignoring case (`"udp"`, `"UDP"`).
     pub fn parse(text: &str) -> Option<Proto> {
+        match text {
+            "UDP" => return Some(Proto::Udp),
+            "TCP" => return Some(Proto::Tcp),
+            _ => {}
+        }
         [Proto::Tcp, Proto::Udp, Proto::Sctp, Proto::Any]
             .into_iter()
             .find(|p| p.as_str().eq_ignore_ascii_case(text))
@@ -37,6 +42,47 @@ impl Proto {
     fn admits(self, query: Proto) -> bool {
         self == Proto::Any || self == query
     }
+}
+
+/// Parses an address exactly as `IpAddr::from_str` does, with a short path for the common
+/// dotted-quad IPv4 text (a DNS server or a destination, once per query).
+pub fn parse_ip(text: &str) -> Option<IpAddr> {
+    match dotted_quad(text.as_bytes()) {
+        Some(v4) => Some(IpAddr::V4(v4)),
+        None => text.parse().ok(),
+    }
+}
+
+/// Four decimal octets of 1 to 3 digits, no leading zero, at most 255, dot-separated; None for
+/// anything else (which the standard parser then decides).
+fn dotted_quad(text: &[u8]) -> Option<Ipv4Addr> {
+    let mut octets = [0u8; 4];
+    let (mut at, mut value, mut digits) = (0usize, 0u16, 0u8);
+    for &b in text {
+        if b == b'.' {
+            if digits == 0 || at == 3 {
+                return None;
+            }
+            octets[at] = value as u8;
+            (at, value, digits) = (at + 1, 0, 0);
+        } else if b.is_ascii_digit() {
+            if digits == 3 || (digits == 1 && value == 0) {
+                return None;
+            }
+            value = value * 10 + u16::from(b - b'0');
+            if value > 255 {
+                return None;
+            }
+            digits += 1;
+        } else {
+            return None;
+        }
+    }
+    if at != 3 || digits == 0 {
+        return None;
+    }
+    octets[3] = value as u8;
+    Some(Ipv4Addr::from(octets))
 }
 
 /// One `ports[]` entry: `port`..=`endPort` over a protocol. `lo == 0` stands for every port, as
@@ -182,6 +228,59 @@ mod tests {
         assert_eq!(Proto::parse("icmp"), None);
         assert!(Proto::Any.admits(Proto::Sctp));
         assert!(!Proto::Tcp.admits(Proto::Udp));
+    }
+
+    #[test]
+    fn addresses_parse_as_the_standard_parser_does() {
+        let mut texts: Vec<String> = [
+            "10.96.0.10",
+            "0.0.0.0",
+            "255.255.255.255",
+            "256.0.0.1",
+            "1.2.3",
+            "1.2.3.4.5",
+            "01.2.3.4",
+            "1.2.3.04",
+            "1.2.3.0",
+            "1..3.4",
+            ".1.2.3",
+            "1.2.3.4.",
+            "1.2.3.4 ",
+            "",
+            "1000.1.1.1",
+            "1.2.3.255",
+            "1.2.3.256",
+            "::1",
+            "fd00::5",
+            "::ffff:1.2.3.4",
+            "a.b.c.d",
+            "1.2.3.-4",
+            "+1.2.3.4",
+            "0.00.0.0",
+            "9.99.199.249",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        // Every text of up to 4 characters over a small alphabet, and some longer mixes.
+        let alphabet = ['0', '1', '2', '5', '9', '.', ':', 'a'];
+        let mut frontier = vec![String::new()];
+        for _ in 0..4 {
+            frontier = frontier
+                .iter()
+                .flat_map(|p| alphabet.iter().map(move |c| format!("{p}{c}")))
+                .collect();
+            texts.extend(frontier.iter().cloned());
+        }
+        for a in ["0", "1", "25", "255", "256", "01", "199", "000"] {
+            for b in ["0", "10", "250", "300"] {
+                texts.push(format!("{a}.{b}.{a}.{b}"));
+                texts.push(format!("{b}.{a}.{b}.{a}"));
+            }
+        }
+        for t in &texts {
+            assert_eq!(parse_ip(t), t.parse::<IpAddr>().ok(), "{t:?}");
+        }
     }
 
     #[test]

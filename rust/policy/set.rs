@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::{Mutex, OnceLock};
 
 use hashbrown::HashMap;
 
@@ -86,10 +86,13 @@ struct SelRef {
 struct Identity {
     specs: Vec<u32>,
     restricted: bool,
-    /// `rules.dns` selectors of every selected rule; ids index `PolicySet::dns_sels`.
-    dns: PatternTrie,
-    /// (spec, rule) of rules that carry `rules.dns` in some port entry.
-    dns_rules: Vec<(u32, u32)>,
+    /// The `rules.dns` selectors of the selected specs, as ranges of ids into
+    /// `PolicySet::dns_sels` (and `PolicySet::dns`), ascending: selector ids were handed out in
+    /// spec order, so a spec's are contiguous.
+    dns_ranges: Vec<(u32, u32)>,
+    /// Port entries with no `rules.dns` in rules with a non-FQDN L3 part, as (spec, rule, entry;
+    /// None for a rule with no `toPorts`), in rule then entry order: they let every name through.
+    dns_open: Vec<(u32, u32, Option<u32>)>,
     /// `toFQDNs` selectors; ids index `PolicySet::fqdn_sels`.
     fqdn: PatternTrie,
     /// (spec, rule) of rules with a non-FQDN L3 part (or none).
@@ -187,10 +190,46 @@ impl Verdict {
     }
 }
 
-#[derive(Debug, Default)]
-struct Identities {
-    list: Vec<Arc<Identity>>,
-    by_specs: HashMap<Vec<u32>, u32>,
+/// Identities by number, appended one at a time (under `PolicySet::by_specs`' lock) and read
+/// with no lock and no reference count: a verdict touches no shared counter. Number `i` lives in
+/// bucket `ilog2(i + 1)`, which holds `2^bucket` slots and is allocated when first needed, so
+/// nothing ever moves once written.
+#[derive(Debug)]
+struct IdentityList {
+    buckets: [OnceLock<Bucket>; 33],
+}
+
+/// `2^k` slots, each written once.
+type Bucket = Box<[OnceLock<Box<Identity>>]>;
+
+impl IdentityList {
+    fn new() -> Self {
+        IdentityList {
+            buckets: std::array::from_fn(|_| OnceLock::new()),
+        }
+    }
+
+    fn locate(i: u32) -> (usize, usize) {
+        let n = u64::from(i) + 1;
+        let bucket = n.ilog2();
+        (bucket as usize, (n - (1u64 << bucket)) as usize)
+    }
+
+    fn get(&self, i: u32) -> Option<&Identity> {
+        let (bucket, at) = Self::locate(i);
+        self.buckets[bucket].get()?.get(at)?.get().map(Box::as_ref)
+    }
+
+    fn set(&self, i: u32, identity: Identity) {
+        let (bucket, at) = Self::locate(i);
+        let slots = self.buckets[bucket].get_or_init(|| {
+            std::iter::repeat_with(OnceLock::new)
+                .take(1 << bucket)
+                .collect()
+        });
+        // Numbers are handed out once, under the lock, so the slot is empty.
+        let _ = slots[at].set(Box::new(identity));
+    }
 }
 
 /// Every spec compiled once; identities are added as endpoints show up.
@@ -198,8 +237,13 @@ struct Identities {
 pub struct PolicySet {
     specs: Vec<Spec>,
     dns_sels: Vec<SelRef>,
+    /// Every `rules.dns` selector of every spec, ids indexing `dns_sels`: one trie shared by all
+    /// identities, so verdicts for many endpoints walk the same (cached) tables.
+    dns: PatternTrie,
     fqdn_sels: Vec<SelRef>,
-    identities: RwLock<Identities>,
+    /// The identity number of each set of specs; its lock also orders appends to `identities`.
+    by_specs: Mutex<HashMap<Vec<u32>, u32>>,
+    identities: IdentityList,
 }
 
 fn count(n: usize, what: &'static str) -> Result<u32, PolicyBuildError> {
@@ -235,11 +279,20 @@ impl PolicySet {
         }
         count(dns_sels.len(), "rules.dns selectors")?;
         count(fqdn_sels.len(), "toFQDNs selectors")?;
+        let mut dns = PatternTrie::new();
+        for (g, x) in dns_sels.iter().enumerate() {
+            let entry = &specs[x.spec as usize].egress[x.rule as usize].ports[x.entry as usize];
+            if let Some(sel) = entry.dns.as_ref().and_then(|d| d.get(x.sel as usize)) {
+                dns.insert(&sel.parsed, g as u32);
+            }
+        }
         Ok(PolicySet {
             specs,
             dns_sels,
+            dns,
             fqdn_sels,
-            identities: RwLock::new(Identities::default()),
+            by_specs: Mutex::new(HashMap::new()),
+            identities: IdentityList::new(),
         })
     }
 
@@ -253,7 +306,7 @@ impl PolicySet {
         let mut key = specs.to_vec();
         key.sort_unstable();
         key.dedup();
-        if let Some(&id) = self.read().by_specs.get(&key) {
+        if let Some(&id) = self.by_specs().get(&key) {
             return Ok(id);
         }
         for &s in &key {
@@ -265,31 +318,27 @@ impl PolicySet {
             }
         }
         let built = self.build_identity(key.clone());
-        let mut ids = self.write();
-        if let Some(&id) = ids.by_specs.get(&key) {
+        let mut by_specs = self.by_specs();
+        if let Some(&id) = by_specs.get(&key) {
             return Ok(id);
         }
-        let id = count(ids.list.len(), "identities")?;
-        ids.list.push(Arc::new(built));
-        ids.by_specs.insert(key, id);
+        let id = count(by_specs.len(), "identities")?;
+        // Written before the number is published (here, under the lock), so whoever holds a
+        // number finds its identity.
+        self.identities.set(id, built);
+        by_specs.insert(key, id);
         Ok(id)
     }
 
     pub fn identity_count(&self) -> usize {
-        self.read().list.len()
+        self.by_specs().len()
     }
 
-    // A poisoned lock only means a panic elsewhere; the tables are never left half-written
-    // (an identity is pushed whole), so the data is still good.
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Identities> {
-        self.identities
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Identities> {
-        self.identities
-            .write()
+    // A poisoned lock only means a panic elsewhere; the table is never left half-written (an
+    // identity is added whole), so the data is still good.
+    fn by_specs(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u32>, u32>> {
+        self.by_specs
+            .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
@@ -297,8 +346,8 @@ impl PolicySet {
         let mut id = Identity {
             restricted: specs.iter().any(|&s| self.specs[s as usize].default_deny),
             specs,
-            dns: PatternTrie::new(),
-            dns_rules: Vec::new(),
+            dns_ranges: Vec::new(),
+            dns_open: Vec::new(),
             fqdn: PatternTrie::new(),
             l3_rules: Vec::new(),
         };
@@ -309,21 +358,20 @@ impl PolicySet {
                 let r = r as u32;
                 if rule.fqdns.is_empty() {
                     id.l3_rules.push((s, r));
-                }
-                if rule.ports.iter().any(|e| e.dns.is_some()) {
-                    id.dns_rules.push((s, r));
+                    if rule.ports.is_empty() {
+                        id.dns_open.push((s, r, None));
+                    }
+                    for (e, entry) in rule.ports.iter().enumerate() {
+                        if entry.dns.is_none() {
+                            id.dns_open.push((s, r, Some(e as u32)));
+                        }
+                    }
                 }
             }
             let first = self.dns_sels.partition_point(|x| x.spec < s);
-            for (g, x) in self.dns_sels[first..].iter().enumerate() {
-                if x.spec != s {
-                    break;
-                }
-                let rule = &spec.egress[x.rule as usize];
-                if let Some(dns) = &rule.ports[x.entry as usize].dns {
-                    id.dns
-                        .insert(&dns[x.sel as usize].parsed, (first + g) as u32);
-                }
+            let end = self.dns_sels.partition_point(|x| x.spec <= s);
+            if first < end {
+                id.dns_ranges.push((first as u32, end as u32));
             }
             let first = self.fqdn_sels.partition_point(|x| x.spec < s);
             for (g, x) in self.fqdn_sels[first..].iter().enumerate() {
@@ -338,19 +386,162 @@ impl PolicySet {
         id
     }
 
-    fn get(&self, identity: u32) -> Result<Arc<Identity>, PolicyBuildError> {
-        self.read()
-            .list
-            .get(identity as usize)
-            .cloned()
+    fn get(&self, identity: u32) -> Result<&Identity, PolicyBuildError> {
+        self.identities
+            .get(identity)
             .ok_or(PolicyBuildError::UnknownIndex {
                 what: "identity",
                 index: identity,
             })
     }
 
+    fn with_identity<R>(
+        &self,
+        identity: u32,
+        f: impl FnOnce(&Identity) -> R,
+    ) -> Result<R, PolicyBuildError> {
+        self.get(identity).map(f)
+    }
+
+    /// True when some spec with egress default-deny selects the identity (its egress is then
+    /// limited to what rules allow); false for an unrestricted identity.
+    pub fn is_restricted(&self, identity: u32) -> Result<bool, PolicyBuildError> {
+        self.with_identity(identity, |id| id.restricted)
+    }
+
     fn rule(&self, spec: u32, rule: u32) -> &EgressRule {
         &self.specs[spec as usize].egress[rule as usize]
+    }
+
+    /// The first thing that allows the DNS query, if any: the `rules.dns` selector with the
+    /// lowest id whose port entry admits the port and whose rule admits the server, else the
+    /// first open port entry (no `rules.dns`) admitting both. With `first_found`, any allowing
+    /// selector will do (the answer is only used as yes/no), so the walk stops at the first.
+    fn dns_allowing(
+        &self,
+        id: &Identity,
+        server: Option<IpAddr>,
+        port: u16,
+        proto: Proto,
+        name: &LabelBuf,
+        first_found: bool,
+    ) -> Option<Outcome> {
+        let admits = |g: u32| {
+            self.dns_sels.get(g as usize).is_some_and(|x| {
+                let rule = self.rule(x.spec, x.rule);
+                rule.ports[x.entry as usize].admits(port, proto)
+                    && rule.peers.admits(server).is_some()
+            })
+        };
+        // Each slice holds the (ascending) ids of the selectors of one trie node that matches,
+        // from every spec; only the identity's ranges count. A range search per selected spec
+        // keeps a selector shared by many specs cheap.
+        let mut best: Option<u32> = None;
+        self.dns.visit_matching(name, |ids| {
+            for &(lo, hi) in &id.dns_ranges {
+                if best.is_some_and(|b| b <= lo) {
+                    break;
+                }
+                // Ids stop short of u32::MAX (their count fits a u32).
+                let below = hi.min(best.unwrap_or(u32::MAX));
+                let from = ids.partition_point(|&g| g < lo);
+                let found = ids[from..]
+                    .iter()
+                    .take_while(|&&g| g < below)
+                    .find(|&&g| admits(g));
+                if let Some(&g) = found {
+                    best = Some(g);
+                    // Later ranges hold only higher ids.
+                    break;
+                }
+            }
+            first_found && best.is_some()
+        });
+        if let Some(x) = best.and_then(|g| self.dns_sels.get(g as usize)) {
+            return Some(Outcome::DnsName {
+                spec: x.spec,
+                rule: x.rule,
+                entry: x.entry,
+                sel: x.sel,
+            });
+        }
+        id.dns_open.iter().find_map(|&(spec, rule, entry)| {
+            let r = self.rule(spec, rule);
+            let admits = entry.map_or(true, |e| r.ports[e as usize].admits(port, proto));
+            (admits && r.peers.admits(server).is_some()).then_some(Outcome::DnsOpen {
+                spec,
+                rule,
+                entry,
+            })
+        })
+    }
+
+    /// Yes or no for a DNS query, as [`PolicySet::dns_verdict`] decides it, without the
+    /// explanation: the per-query hot path. An identity never handed out is denied.
+    pub fn dns_allowed(
+        &self,
+        identity: u32,
+        server: IpAddr,
+        port: u16,
+        proto: Proto,
+        name: &LabelBuf,
+    ) -> bool {
+        self.with_identity(identity, |id| {
+            !id.restricted
+                || self
+                    .dns_allowing(id, Some(server), port, proto, name, true)
+                    .is_some()
+        })
+        .unwrap_or(false)
+    }
+
+    /// The DNS verdict's outcome, except that a query the rules deny gives None: why they deny
+    /// it ([`Outcome::NoRule`] or [`Outcome::NameNotAllowed`]) takes a walk over every rule of
+    /// the identity, which [`PolicySet::dns_denial`] does when someone asks.
+    pub fn dns_outcome(
+        &self,
+        identity: Option<u32>,
+        server: Option<IpAddr>,
+        port: u16,
+        proto: Proto,
+        name: &LabelBuf,
+    ) -> Result<Option<Outcome>, PolicyBuildError> {
+        let Some(identity) = identity else {
+            return Ok(Some(Outcome::UnknownEndpoint));
+        };
+        self.with_identity(identity, |id| {
+            if !id.restricted {
+                return Some(Outcome::Unrestricted);
+            }
+            self.dns_allowing(id, server, port, proto, name, false)
+        })
+    }
+
+    /// Why the rules deny a DNS query that [`PolicySet::dns_outcome`] found nothing allowing:
+    /// [`Outcome::NameNotAllowed`] when some rule admits the server and port with `rules.dns`
+    /// (so only the name failed), else [`Outcome::NoRule`].
+    pub fn dns_denial(
+        &self,
+        identity: u32,
+        server: Option<IpAddr>,
+        port: u16,
+        proto: Proto,
+    ) -> Result<Outcome, PolicyBuildError> {
+        self.with_identity(identity, |id| {
+            let dns_path = id.l3_rules.iter().any(|&(s, r)| {
+                let rule = self.rule(s, r);
+                rule.peers.admits(server).is_some()
+                    && rule
+                        .ports
+                        .iter()
+                        .any(|e| e.dns.is_some() && e.admits(port, proto))
+            });
+            if dns_path {
+                Outcome::NameNotAllowed
+            } else {
+                Outcome::NoRule
+            }
+        })
     }
 
     /// The DNS verdict: may this identity ask `server` (None: any server a rule admits) on
@@ -363,69 +554,22 @@ impl PolicySet {
         proto: Proto,
         name: &LabelBuf,
     ) -> Result<Verdict, PolicyBuildError> {
-        let query = Query::Dns {
-            server,
-            port,
-            proto,
+        let outcome = match self.dns_outcome(identity, server, port, proto, name)? {
+            Some(outcome) => outcome,
+            // dns_outcome settles an unknown endpoint, so the identity is there.
+            None => match identity {
+                Some(i) => self.dns_denial(i, server, port, proto)?,
+                None => Outcome::UnknownEndpoint,
+            },
         };
-        let verdict = |outcome| {
-            Ok(Verdict {
-                outcome,
-                query,
-                identity,
-            })
-        };
-        let Some(identity) = identity else {
-            return verdict(Outcome::UnknownEndpoint);
-        };
-        let id = self.get(identity)?;
-        if !id.restricted {
-            return verdict(Outcome::Unrestricted);
-        }
-        for g in id.dns.matching(name) {
-            let x = self.dns_sels[g as usize];
-            let rule = self.rule(x.spec, x.rule);
-            if rule.ports[x.entry as usize].admits(port, proto)
-                && rule.peers.admits(server).is_some()
-            {
-                return verdict(Outcome::DnsName {
-                    spec: x.spec,
-                    rule: x.rule,
-                    entry: x.entry,
-                    sel: x.sel,
-                });
-            }
-        }
-        let mut dns_path = false;
-        for &(s, r) in &id.l3_rules {
-            let rule = self.rule(s, r);
-            if rule.peers.admits(server).is_none() {
-                continue;
-            }
-            if rule.ports.is_empty() {
-                return verdict(Outcome::DnsOpen {
-                    spec: s,
-                    rule: r,
-                    entry: None,
-                });
-            }
-            for (e, entry) in rule.ports.iter().enumerate() {
-                if entry.admits(port, proto) {
-                    if entry.dns.is_none() {
-                        return verdict(Outcome::DnsOpen {
-                            spec: s,
-                            rule: r,
-                            entry: Some(e as u32),
-                        });
-                    }
-                    dns_path = true;
-                }
-            }
-        }
-        verdict(if dns_path {
-            Outcome::NameNotAllowed
-        } else {
-            Outcome::NoRule
+        Ok(Verdict {
+            outcome,
+            query: Query::Dns {
+                server,
+                port,
+                proto,
+            },
+            identity,
         })
     }
 

@@ -168,10 +168,69 @@ fn dns_verdicts() {
             v.allowed(),
             ["dns-name", "dns-open", "unrestricted"].contains(want)
         );
+        // The hot paths agree: yes/no, and the outcome with the denial's cause left open.
+        if let (Some(i), Some(s)) = (id, server) {
+            assert_eq!(
+                set.dns_allowed(*i, *s, *p, *proto, &name(qname)),
+                v.allowed(),
+                "{qname} {s} {p}"
+            );
+        }
+        let outcome = set
+            .dns_outcome(*id, *server, *p, *proto, &name(qname))
+            .expect("known identity");
+        match outcome {
+            Some(o) => assert_eq!(o, v.outcome),
+            None => {
+                assert!(["no-rule", "name-not-allowed"].contains(want));
+                let i = id.expect("a denial by rules has an identity");
+                assert_eq!(set.dns_denial(i, *server, *p, *proto), Ok(v.outcome));
+            }
+        }
     }
     assert!(set
         .dns_verdict(Some(99), k, 53, Proto::Udp, &name("a.com"))
         .is_err());
+    assert!(!set.dns_allowed(99, ip("10.96.0.10"), 53, Proto::Udp, &name("a.com")));
+    assert_eq!(set.is_restricted(web), Ok(true));
+    assert_eq!(set.is_restricted(open), Ok(false));
+    assert!(set.is_restricted(99).is_err());
+}
+
+#[test]
+fn dns_verdict_names_the_first_selector_that_allows() {
+    // Both entries' selectors match x.a.com; the first admits only TCP, the second UDP.
+    let rule = EgressRule {
+        index: 0,
+        fqdns: vec![],
+        peers: Peers::Any,
+        ports: vec![
+            PortEntry {
+                ranges: vec![port(53, Proto::Tcp)],
+                dns: Some(vec![pat("*.a.com"), exact("x.a.com")]),
+            },
+            PortEntry {
+                ranges: vec![port(53, Proto::Any)],
+                dns: Some(vec![exact("x.a.com"), pat("**.a.com")]),
+            },
+        ],
+    };
+    let set = PolicySet::new(vec![spec("ns/a", vec![rule])]).expect("valid");
+    let id = set.identity(&[0]).expect("identity");
+    let sel = |p| {
+        let v = set
+            .dns_verdict(Some(id), None, 53, p, &name("x.a.com"))
+            .expect("ok");
+        set.selector_of(&v)
+    };
+    assert_eq!(
+        sel(Proto::Tcp).as_deref(),
+        Some("toPorts[0].rules.dns[0].matchPattern: \"*.a.com\"")
+    );
+    assert_eq!(
+        sel(Proto::Udp).as_deref(),
+        Some("toPorts[1].rules.dns[0].matchName: \"x.a.com\"")
+    );
 }
 
 #[test]
@@ -297,4 +356,119 @@ fn bad_input() {
 
 fn set_with_unknown_spec() -> Result<u32, PolicyBuildError> {
     PolicySet::new(vec![])?.identity(&[3])
+}
+
+/// Eight specs, spec `i` allowing `*.s{i}.com` from any server on 53/UDP.
+fn eight_specs() -> PolicySet {
+    let specs = (0..8)
+        .map(|i| {
+            spec(
+                &format!("ns/s{i}"),
+                vec![EgressRule {
+                    index: 0,
+                    fqdns: vec![],
+                    peers: Peers::Any,
+                    ports: vec![PortEntry {
+                        ranges: vec![port(53, Proto::Udp)],
+                        dns: Some(vec![pat(&format!("*.s{i}.com"))]),
+                    }],
+                }],
+            )
+        })
+        .collect();
+    PolicySet::new(specs).expect("valid")
+}
+
+fn subset(mask: u32) -> Vec<u32> {
+    (0..8).filter(|i| mask & (1 << i) != 0).collect()
+}
+
+fn check_subset(set: &PolicySet, mask: u32, id: u32) {
+    for i in 0..8 {
+        let allowed = set.dns_allowed(
+            id,
+            ip("1.1.1.1"),
+            53,
+            Proto::Udp,
+            &name(&format!("a.s{i}.com")),
+        );
+        // No spec selecting: unrestricted.
+        let want = mask == 0 || mask & (1 << i) != 0;
+        assert_eq!(allowed, want, "mask {mask:#x} spec {i}");
+    }
+}
+
+#[test]
+fn many_identities_keep_their_numbers() {
+    let set = eight_specs();
+    // 256 identities cross several bucket boundaries of the identity list (1, 2, 4, ... 128).
+    let ids: Vec<u32> = (0..256)
+        .map(|m| set.identity(&subset(m)).expect("identity"))
+        .collect();
+    assert_eq!(ids, (0..256).collect::<Vec<u32>>());
+    assert_eq!(set.identity_count(), 256);
+    for (mask, &id) in ids.iter().enumerate() {
+        check_subset(&set, mask as u32, id);
+        assert_eq!(set.is_restricted(id), Ok(mask != 0));
+    }
+    assert!(set.is_restricted(256).is_err());
+    assert!(set.is_restricted(u32::MAX).is_err());
+}
+
+#[test]
+fn identities_from_many_threads() {
+    let set = eight_specs();
+    std::thread::scope(|scope| {
+        for t in 0..4u32 {
+            let set = &set;
+            scope.spawn(move || {
+                for k in 0..256u32 {
+                    let mask = (k * 7 + t * 61) % 256;
+                    let id = set.identity(&subset(mask)).expect("identity");
+                    check_subset(set, mask, id);
+                }
+            });
+        }
+    });
+    assert_eq!(set.identity_count(), 256);
+}
+
+#[test]
+fn a_selector_many_specs_share_counts_only_for_the_selecting_ones() {
+    // 50 specs allow `*.shared.com`; spec i admits only port 1000 + i.
+    let specs = (0..50u16)
+        .map(|i| {
+            spec(
+                &format!("ns/s{i}"),
+                vec![EgressRule {
+                    index: 0,
+                    fqdns: vec![],
+                    peers: Peers::Any,
+                    ports: vec![PortEntry {
+                        ranges: vec![port(1000 + i, Proto::Udp)],
+                        dns: Some(vec![exact("other.com"), pat("*.shared.com")]),
+                    }],
+                }],
+            )
+        })
+        .collect();
+    let set = PolicySet::new(specs).expect("valid");
+    let q = |specs: &[u32], p: u16| {
+        let id = set.identity(specs).expect("identity");
+        let v = set
+            .dns_verdict(Some(id), None, p, Proto::Udp, &name("a.shared.com"))
+            .expect("ok");
+        (PolicySet::kind(&v), set.policy_of(&v).map(str::to_owned))
+    };
+    assert_eq!(q(&[49], 1049), ("dns-name", Some("ns/s49".into())));
+    assert_eq!(q(&[49], 1048), ("no-rule", None));
+    assert_eq!(q(&[3, 40], 1040), ("dns-name", Some("ns/s40".into())));
+    assert_eq!(q(&[3, 40], 1003), ("dns-name", Some("ns/s3".into())));
+    assert_eq!(q(&[3, 40], 1004), ("no-rule", None));
+    // The one spec selecting admits the port but not the name.
+    let id = set.identity(&[7]).expect("identity");
+    let v = set
+        .dns_verdict(Some(id), None, 1007, Proto::Udp, &name("a.other.com"))
+        .expect("ok");
+    assert_eq!(PolicySet::kind(&v), "name-not-allowed");
 }
