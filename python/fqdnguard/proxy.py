@@ -209,25 +209,19 @@ class _UpstreamTcp(_TcpFramer):
 def engine_table(
     policy: Any, endpoints: Any, unknown: str | None
 ) -> tuple[Any, dict[str, tuple[int, int | None]], tuple[int, int | None] | None]:
-    """What the engine needs: the compiled policy, every endpoint address -> (endpoint id,
-    identity or None when no policy selects it), and the pair for unknown sources (an endpoint
-    named ``namespace/name`` or ``name``, or None to refuse them)."""
-    pol = policy.with_endpoints(endpoints)
-    table: dict[str, tuple[int, int | None]] = {}
-    pairs: dict[str, tuple[int, int | None]] = {}
-    for ep in endpoints:
-        identity = pol._identity(ep) if pol.selecting(ep) else None
-        pair = (ep.id, identity)
-        pairs[f"{ep.namespace}/{ep.name}"] = pair
-        pairs.setdefault(ep.name, pair)
-        for ip in ep.ips:
-            table[ip] = pair
-    unknown_pair = None
-    if unknown is not None:
-        if unknown not in pairs:
-            raise ConfigError(f"unknown_endpoint: {unknown!r} is not an endpoint of the registry")
-        unknown_pair = pairs[unknown]
-    return pol._compiled, table, unknown_pair
+    """What the engine needs (see ``Policy.engine_table``), with the policy resolved against
+    ``endpoints`` (recompiled only when it was loaded with another registry)."""
+    pol = (
+        policy
+        if getattr(policy, "_endpoints", None) is endpoints
+        else policy.with_endpoints(endpoints)
+    )
+    try:
+        table: tuple[Any, dict[str, tuple[int, int | None]], tuple[int, int | None] | None]
+        table = pol.engine_table(unknown)
+    except ValueError as e:
+        raise ConfigError(f"unknown_endpoint: {e}") from None
+    return table
 
 
 class Proxy:

@@ -329,11 +329,7 @@ impl Engine {
         };
         let allowed = match endpoint.identity {
             None => true,
-            Some(ident) => table
-                .policy
-                .dns_verdict(Some(ident), Some(server), port, proto, &name)
-                .map(|v| v.allowed())
-                .unwrap_or(false),
+            Some(ident) => table.policy.dns_allowed(ident, server, port, proto, &name),
         };
         if !allowed {
             st.stats.denied += 1;

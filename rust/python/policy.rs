@@ -142,8 +142,7 @@ pub struct PyCompiledPolicy {
 }
 
 impl PyCompiledPolicy {
-    /// The compiled set, shared (e.g. with the proxy engine).
-    #[allow(dead_code)] // for the engine binding
+    /// The compiled set, shared with the proxy engine.
     pub(crate) fn shared(&self) -> Arc<PolicySet> {
         Arc::clone(&self.set)
     }
@@ -156,13 +155,6 @@ impl PyCompiledPolicy {
             state: VerdictState::Settled(verdict),
             policy: slf.clone().unbind(),
         }
-    }
-}
-
-impl PyCompiledPolicy {
-    /// The compiled set itself, shared with the proxy engine.
-    pub(crate) fn shared(&self) -> Arc<PolicySet> {
-        Arc::clone(&self.set)
     }
 }
 
