@@ -10,6 +10,7 @@ __all__ = [
     "CompiledPolicy",
     "DnsCache",
     "Edns",
+    "Engine",
     "FqdnGuardError",
     "Message",
     "PatternError",
@@ -284,3 +285,46 @@ class YamlNode:
     def pairs(self) -> list[tuple[YamlNode, YamlNode]] | None: ...
 
 def compose_yaml(text: str) -> tuple[list[YamlNode], tuple[int, str] | None]: ...
+
+_LogRecord: TypeAlias = tuple[
+    float, int | None, str, int, str, int, float | None, list[str]
+]  # time, endpoint, qname, qtype, verdict, rcode, upstream_ms, answers
+
+@final
+class Engine:
+    """The proxy's data path: one call per query, one per answer (see ``fqdnguard.proxy``)."""
+
+    def __new__(
+        cls,
+        cache: DnsCache,
+        *,
+        reject: str = "refused",
+        search_domains: list[str] = ...,
+        max_inflight: int = 10000,
+        timeout: float = 2.0,
+        log_queries: str = "sampled",
+        log_sample: float = 0.01,
+    ) -> Engine: ...
+    def set_policy(
+        self,
+        policy: CompiledPolicy,
+        endpoints: dict[str, tuple[int, int | None]],
+        unknown: tuple[int, int | None] | None = None,
+    ) -> None: ...
+    def query(
+        self,
+        src: str,
+        server: str,
+        port: int,
+        tcp: bool,
+        data: bytes,
+        channel: int,
+        now: float | None,
+    ) -> tuple[int, bytes, int, _LogRecord | None]: ...
+    def response(
+        self, channel: int, data: bytes, now: float | None
+    ) -> tuple[int, bytes, list[Change], bool, bool, _LogRecord | None] | None: ...
+    def sweep(self, now: float) -> list[tuple[int, bytes, int, _LogRecord | None]]: ...
+    def expire(self, now: float) -> list[Change]: ...
+    def cancel(self, token: int) -> bool: ...
+    def stats(self) -> dict[str, Any]: ...
