@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import socket
@@ -322,14 +323,14 @@ class Proxy:
             await self.backend.reconcile(programmed_state(self.clock()))
         for channel, (host, port) in enumerate(self.upstreams):
             transport, _ = await loop.create_datagram_endpoint(
-                lambda c=channel: _UpstreamUdp(self, c), remote_addr=(host, port)
+                functools.partial(_UpstreamUdp, self, channel), remote_addr=(host, port)
             )
             self._upstream_udp.append(transport)
         try:
             for host, port in self.config.listen:
                 family = socket.AF_INET6 if ":" in host else socket.AF_INET
                 transport, _ = await loop.create_datagram_endpoint(
-                    lambda h=host, p=port: _UdpServer(self, (h, p)),
+                    functools.partial(_UdpServer, self, (host, port)),
                     local_addr=(host, port),
                     family=family,
                     reuse_port=True,

@@ -63,6 +63,13 @@ impl LabelBuf {
         }
     }
 
+    /// Back to the root name (no labels), keeping the storage.
+    pub fn clear(&mut self) {
+        self.count = 0;
+        self.used = 0;
+        self.first_unusual = usize::MAX;
+    }
+
     /// Number of labels (0 for the root).
     pub fn len(&self) -> usize {
         self.count
@@ -129,6 +136,14 @@ impl LabelBuf {
     /// Parses a name in presentation form (RFC 1035 5.1): labels separated by `.`, a trailing dot
     /// optional, `\X` for a literal character and `\DDD` for a byte. `.` alone is the root.
     pub fn from_presentation(text: &[u8]) -> Result<Self, PatternError> {
+        let mut buf = LabelBuf::new();
+        buf.parse_presentation(text)?;
+        Ok(buf)
+    }
+
+    /// [`LabelBuf::from_presentation`] into this buffer (reset first), with no copy of the
+    /// buffer: the hot path for names given as text.
+    pub fn parse_presentation(&mut self, text: &[u8]) -> Result<(), PatternError> {
         let err = |kind| {
             Err(PatternError::new(
                 Source::Name,
@@ -139,9 +154,10 @@ impl LabelBuf {
         if text.is_empty() {
             return err(PatternErrorKind::Empty);
         }
-        let mut buf = LabelBuf::new();
+        self.clear();
+        let buf = self;
         if text == b"." {
-            return Ok(buf);
+            return Ok(());
         }
         if !text.contains(&b'\\') {
             // The common case: no escapes, so labels are plain slices of the text.
@@ -164,7 +180,7 @@ impl LabelBuf {
                 }
                 start += part.len() + 1;
             }
-            return Ok(buf);
+            return Ok(());
         }
         let mut label = [0u8; MAX_LABEL + 1];
         let mut n = 0;
@@ -216,7 +232,7 @@ impl LabelBuf {
             n += 1;
             i += width;
         }
-        Ok(buf)
+        Ok(())
     }
 }
 

@@ -11,6 +11,13 @@ use crate::pattern::{self, LabelBuf, PatternTrie};
 
 /// A name argument: `str` or `bytes` in presentation form, read without copying.
 pub(super) fn name_arg(obj: &Bound<'_, PyAny>) -> PyResult<LabelBuf> {
+    let mut buf = LabelBuf::new();
+    name_into(obj, &mut buf)?;
+    Ok(buf)
+}
+
+/// [`name_arg`] into a caller's buffer (no copy of the buffer on the way back).
+pub(super) fn name_into(obj: &Bound<'_, PyAny>, buf: &mut LabelBuf) -> PyResult<()> {
     let text: &[u8] = if let Ok(s) = obj.cast::<PyString>() {
         s.to_str()?.as_bytes()
     } else if let Ok(b) = obj.cast::<PyBytes>() {
@@ -21,7 +28,8 @@ pub(super) fn name_arg(obj: &Bound<'_, PyAny>) -> PyResult<LabelBuf> {
             obj.get_type().name()?
         )));
     };
-    LabelBuf::from_presentation(text).map_err(|e| Error::from(e).into())
+    buf.parse_presentation(text)
+        .map_err(|e| Error::from(e).into())
 }
 
 fn poisoned() -> PyErr {
@@ -72,8 +80,10 @@ impl PyPatternSet {
 
     /// True when any entry matches the name.
     fn matches(&self, name: &Bound<'_, PyAny>) -> PyResult<bool> {
-        let name = name_arg(name)?;
-        Ok(self.trie.read().map_err(|_| poisoned())?.matches(&name))
+        let mut buf = LabelBuf::new();
+        name_into(name, &mut buf)?;
+        let name = &buf;
+        Ok(self.trie.read().map_err(|_| poisoned())?.matches(name))
     }
 
     /// Sorted unique rule ids of every entry matching the name.
