@@ -73,6 +73,7 @@ bench-quick: build-dev ## Every benchmark once in a short mode (what CI runs so 
 	FQDNGUARD_BENCH_QUICK=1 taskset -c $(BENCH_CPU) $(PYTHON) -m pytest benches -p no:cacheprovider \
 		--benchmark-only --benchmark-max-time=0.1 --benchmark-min-rounds=3 --benchmark-columns=min,median,max,rounds
 	$(PYTHON) benches/proxy/run.py --quick
+	$(PYTHON) benches/proxy/nft_vs_log.py --quick
 
 .PHONY: bench-proxy
 bench-proxy: system-deps build-dev ## dnsperf: upstream, bare relay, fqdnguard, dnsdist, dnspython proxy side by side
@@ -88,3 +89,7 @@ fuzz-quick: ## Short coverage-guided fuzz run of the wire parser and builders (F
 .PHONY: bench-nft
 bench-nft: build-dev ## nftables backend: latency from new IPs to the kernel set (needs root)
 	taskset -c $(BENCH_CPU) $(PYTHON) benches/nft/run.py
+
+.PHONY: bench-nft-proxy
+bench-nft-proxy: system-deps build-dev ## dnsperf: the proxy's qps with the nftables backend vs the log backend (needs root)
+	$(PYTHON) benches/proxy/nft_vs_log.py

@@ -289,3 +289,17 @@ def test_threads_share_one_cache() -> None:
     assert errors == []
     assert len(c) == 4 * 200 * 5
     assert c.stats()["endpoints"] == 4
+
+
+def test_entries_lists_every_live_entry_soonest_first() -> None:
+    c = DnsCache()
+    c.record(2, "WWW.Example.com", [("192.0.2.1", 60), ("2001:db8::1", 30)], now=1000.0)
+    c.record(1, "a.example.org.", [("192.0.2.9", 10)], now=1000.0)
+    assert c.entries() == [
+        (1, "a.example.org.", "192.0.2.9", 1010.0),
+        (2, "www.example.com.", "2001:db8::1", 1030.0),
+        (2, "www.example.com.", "192.0.2.1", 1060.0),
+    ]
+    c.expire(now=1015.0)
+    assert [e[2] for e in c.entries()] == ["2001:db8::1", "192.0.2.1"]
+    assert DnsCache().entries() == []

@@ -1,4 +1,5 @@
-"""The ``fqdnguard`` command: ``run``, ``check``, ``policy lint`` and ``cache list``.
+"""The ``fqdnguard`` command: ``run``, ``proxy``, ``agent``, ``check``, ``policy lint`` and
+``cache list``.
 
 Each subcommand is a function taking the parsed arguments and returning the exit status; adding
 one is a parser in :func:`build_parser` and a function here.
@@ -85,22 +86,25 @@ def cmd_policy_lint(args: argparse.Namespace) -> int:
     return EXIT_ERROR if errors else (EXIT_DENIED if args.strict and warnings else 0)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _setup_logging(level: str) -> None:
     import logging  # noqa: PLC0415
 
-    from fqdnguard.agent import run  # noqa: PLC0415
-    from fqdnguard.config import ProxyConfig, read_config_file  # noqa: PLC0415
-
     logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
+        level=getattr(logging, level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+
+
+def _proxy_config(args: argparse.Namespace) -> ProxyConfig:
+    """The config file overridden by the data-plane flags common to ``run`` and ``proxy``."""
+    from fqdnguard.config import ProxyConfig, read_config_file  # noqa: PLC0415
+
     config = read_config_file(args.config) if args.config else ProxyConfig()
-    config = config.override(
+    return config.override(
         listen=args.listen,
         upstreams=args.upstream,
-        policy=args.policy,
-        endpoints=args.endpoints,
+        policy=getattr(args, "policy", None),
+        endpoints=getattr(args, "endpoints", None),
         backend=args.backend,
         reject=args.reject,
         search_domains=args.search_domain,
@@ -110,9 +114,47 @@ def cmd_run(args: argparse.Namespace) -> int:
         upstream_timeout=args.upstream_timeout,
         log_queries=args.log_queries,
     )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fqdnguard.agent import run  # noqa: PLC0415
+
+    _setup_logging(args.log_level)
+    config = _proxy_config(args)
     if args.dry_run:
         return _dry_run(config)
     run(config)
+    return 0
+
+
+def cmd_proxy(args: argparse.Namespace) -> int:
+    from fqdnguard.proxyd import run_proxy  # noqa: PLC0415
+
+    _setup_logging(args.log_level)
+    config = _proxy_config(args)
+    if not config.state_dir:
+        raise _UsageError(
+            "--state-dir is required: the proxy keeps its policy, cache and socket there"
+        )
+    run_proxy(config)
+    return 0
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from fqdnguard.agentd import Agent, run_agent  # noqa: PLC0415
+
+    _setup_logging(args.log_level)
+    if args.socket is None and args.state_dir is None:
+        raise _UsageError("give the proxy's --state-dir (or its control --socket)")
+    socket_path = args.socket or os.path.join(args.state_dir, "control.sock")
+    agent = Agent(args.policy, args.endpoints, socket_path, interval=args.interval)
+    if args.once:
+        import asyncio  # noqa: PLC0415
+
+        outcome = asyncio.run(agent.sync())
+        print(outcome)
+        return 0 if outcome in ("pushed", "in-sync") else EXIT_ERROR
+    run_agent(agent)
     return 0
 
 
@@ -133,24 +175,16 @@ def _dry_run(config: ProxyConfig) -> int:
 
 
 def _control_get(state_dir: str, path: str) -> dict[str, object]:
-    import json  # noqa: PLC0415
-    import socket  # noqa: PLC0415
-
     from fqdnguard.agent import CONTROL_SOCKET  # noqa: PLC0415
+    from fqdnguard.control import request_sync  # noqa: PLC0415
 
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(5)
-        s.connect(os.path.join(state_dir, CONTROL_SOCKET))
-        s.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
-        chunks = []
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
-    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.0 200"):
-        status = head.split(b"\r\n")[0].decode(errors="replace")
-        raise _UsageError(f"control socket answered {status!r}")
-    data: dict[str, object] = json.loads(body)
-    return data
+    sock = os.path.join(state_dir, CONTROL_SOCKET)
+    if not os.path.exists(sock):
+        raise FileNotFoundError(sock)
+    status, body = request_sync(sock, "GET", path, timeout=5)
+    if status != 200 or not isinstance(body, dict):
+        raise _UsageError(f"control socket answered {status}: {body}")
+    return body
 
 
 def cmd_cache_list(args: argparse.Namespace) -> int:
@@ -159,13 +193,14 @@ def cmd_cache_list(args: argparse.Namespace) -> int:
 
     from fqdnguard._core import DnsCache  # noqa: PLC0415
     from fqdnguard.agent import CACHE_FILE, cache_entries  # noqa: PLC0415
+    from fqdnguard.control import ControlError  # noqa: PLC0415
 
     source = "live"
     try:
         data = _control_get(args.state_dir, "/v1/cache")
         entries = list(data["entries"])  # type: ignore[call-overload]
         now = float(data["now"])  # type: ignore[arg-type]
-    except (FileNotFoundError, ConnectionRefusedError):
+    except (FileNotFoundError, ConnectionRefusedError, ControlError):
         snapshot = os.path.join(args.state_dir, CACHE_FILE)
         if not os.path.exists(snapshot):
             raise _UsageError(
@@ -189,6 +224,31 @@ def cmd_cache_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_plane_options(p: argparse.ArgumentParser, *, policy: bool) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML file of options (see README)")
+    p.add_argument("--listen", action="append", metavar="ADDR:PORT", help="repeatable; [V6]:PORT")
+    p.add_argument(
+        "--upstream", action="append", metavar="ADDR:PORT", help="repeatable; default resolv.conf"
+    )
+    if policy:
+        p.add_argument("--policy", action="append", metavar="PATH", help="policy file or directory")
+        p.add_argument("--endpoints", metavar="FILE", help="endpoints YAML file")
+    p.add_argument("--backend", choices=["callback", "log", "nftables"])
+    p.add_argument("--reject", choices=["refused", "nxdomain"])
+    p.add_argument(
+        "--search-domain",
+        action="append",
+        metavar="SUFFIX",
+        help="denied names under SUFFIX get NXDOMAIN (musl search lists); repeatable",
+    )
+    p.add_argument("--state-dir", metavar="DIR", help="cache snapshots and the control socket")
+    p.add_argument("--metrics", metavar="ADDR:PORT", help="serve Prometheus metrics")
+    p.add_argument("--unknown-endpoint", metavar="NS/NAME", help="treat unknown sources as it")
+    p.add_argument("--upstream-timeout", type=float, metavar="SECONDS")
+    p.add_argument("--log-queries", choices=["all", "sampled", "none"])
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fqdnguard", description="DNS-name egress firewall for containers."
@@ -201,33 +261,57 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs the proxy until SIGTERM/SIGINT; SIGHUP reloads the policy. Flags "
         "override the --config file. A bad option exits 2 with a message naming it.",
     )
-    run.add_argument("--config", metavar="FILE", help="YAML file of options (see README)")
-    run.add_argument("--listen", action="append", metavar="ADDR:PORT", help="repeatable; [V6]:PORT")
-    run.add_argument(
-        "--upstream", action="append", metavar="ADDR:PORT", help="repeatable; default resolv.conf"
-    )
-    run.add_argument("--policy", action="append", metavar="PATH", help="policy file or directory")
-    run.add_argument("--endpoints", metavar="FILE", help="endpoints YAML file")
-    run.add_argument("--backend", choices=["callback", "log", "nftables"])
-    run.add_argument("--reject", choices=["refused", "nxdomain"])
-    run.add_argument(
-        "--search-domain",
-        action="append",
-        metavar="SUFFIX",
-        help="denied names under SUFFIX get NXDOMAIN (musl search lists); repeatable",
-    )
-    run.add_argument("--state-dir", metavar="DIR", help="cache snapshots and the control socket")
-    run.add_argument("--metrics", metavar="ADDR:PORT", help="serve Prometheus metrics")
-    run.add_argument("--unknown-endpoint", metavar="NS/NAME", help="treat unknown sources as it")
-    run.add_argument("--upstream-timeout", type=float, metavar="SECONDS")
-    run.add_argument("--log-queries", choices=["all", "sampled", "none"])
-    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _data_plane_options(run, policy=True)
     run.add_argument(
         "--dry-run",
         action="store_true",
         help="print the firewall ruleset the backend would install, then exit",
     )
     run.set_defaults(func=cmd_run)
+
+    proxy = sub.add_parser(
+        "proxy",
+        help="run the data plane alone; an agent pushes its policy over the control socket",
+        description="Serves and enforces from the state directory at once (last good policy, "
+        "cache), takes policy pushes from 'fqdnguard agent' on STATE_DIR/control.sock, and keeps "
+        "serving when the agent is gone. Several can share the listen port for a rolling "
+        "restart: start the new one, then SIGTERM the old one.",
+    )
+    _data_plane_options(proxy, policy=False)
+    proxy.set_defaults(func=cmd_proxy)
+
+    agent = sub.add_parser(
+        "agent",
+        help="run the control plane alone: push the policy files to a running proxy",
+        description="Compiles the policy and endpoints files and pushes them to the proxy "
+        "whenever its policy differs (files changed, proxy or agent restarted). A set that "
+        "does not compile is reported and never pushed. SIGHUP checks at once.",
+    )
+    agent.add_argument(
+        "--policy",
+        action="append",
+        required=True,
+        metavar="PATH",
+        help="policy file or directory (repeatable)",
+    )
+    agent.add_argument("--endpoints", metavar="FILE", help="endpoints YAML file")
+    target = agent.add_mutually_exclusive_group()
+    target.add_argument("--state-dir", metavar="DIR", help="the proxy's state directory")
+    target.add_argument("--socket", metavar="PATH", help="the proxy's control socket")
+    agent.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="how often to check the files and the proxy (default 1)",
+    )
+    agent.add_argument(
+        "--once",
+        action="store_true",
+        help="sync once, print the outcome, exit 0 when the proxy has the policy",
+    )
+    agent.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    agent.set_defaults(func=cmd_agent)
 
     cache = sub.add_parser("cache", help="the FQDN cache of a running proxy")
     csub = cache.add_subparsers(dest="cache_command", required=True, metavar="COMMAND")

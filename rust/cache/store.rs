@@ -1092,6 +1092,15 @@ impl Cache {
         out
     }
 
+    /// Every live entry as (endpoint, presentation name, ip, expiry), soonest expiry first
+    /// (what `fqdnguard cache list` prints).
+    pub fn entries(&self) -> Vec<(Endpoint, String, IpAddr, f64)> {
+        self.entries_ordered()
+            .into_iter()
+            .map(|(ep, name, ip, expires)| (ep, names::display(name), ip, expires))
+            .collect()
+    }
+
     /// Every live entry as (endpoint, wire name, ip, expiry), in (expiry, stamp) order.
     pub(crate) fn entries_ordered(&self) -> Vec<(Endpoint, &[u8], IpAddr, f64)> {
         let mut live: Vec<(f64, u32, u32)> = self

@@ -332,6 +332,16 @@ impl PyDnsCache {
         })
     }
 
+    /// Every live entry as `(endpoint, name, ip, expires_at)`, soonest expiry first.
+    fn entries(&self) -> PyResult<Vec<(u32, String, String, f64)>> {
+        Ok(self
+            .read()?
+            .entries()
+            .into_iter()
+            .map(|(ep, name, ip, expires)| (ep, name, ip.to_string(), expires))
+            .collect())
+    }
+
     fn __len__(&self) -> PyResult<usize> {
         Ok(self.read()?.len())
     }

@@ -1,0 +1,305 @@
+"""The local control protocol between ``fqdnguard agent`` and ``fqdnguard proxy``.
+
+HTTP/1.1 with JSON bodies over a Unix stream socket, one request per connection
+(``Connection: close``). The socket is the owner's only: the file is 0600 inside a 0700
+directory, and the server also checks the peer's uid (``SO_PEERCRED``: the server's own uid or
+root). The agent *pushes*; the proxy never needs the agent to serve or enforce.
+
+Routes served by the proxy (every body is JSON; errors are ``{"error": "...", ...}``)::
+
+    GET  /v1/status   {"pid", "policy": {"digest", "source", "policies", "endpoints",
+                       "loaded_at"}, "cache": {...}, "engine": {...}, "listen": [...]}
+    PUT  /v1/policy   body {"sources": [[name, yaml text], ...], "endpoints": yaml text | null}
+                      200 {"digest", "changed"}; 422 {"error", "errors": [file:line: ...]}
+                      when the set does not compile (the policy in force stays in force)
+    POST /v1/save     writes the cache and the policy to the state directory now: 200 {}
+    GET  /v1/cache    {"entries": [{"endpoint", "name", "ip", "expires_at"}, ...], "now"}
+    GET  /v1/stats    {"engine": {...}, "cache": {...}}
+
+``digest`` is :func:`policy_digest` of what was pushed: the agent compares it with its own to
+decide whether a push is needed (after either side restarted), so a resync is one GET when
+nothing changed. Bodies are limited to ``MAX_BODY`` bytes; a request must arrive within
+``READ_TIMEOUT`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import socket
+import stat
+import struct
+from collections.abc import Awaitable, Callable, Sequence
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+from fqdnguard._core import FqdnGuardError
+
+__all__ = [
+    "ControlError",
+    "ControlServer",
+    "Handler",
+    "atomic_write",
+    "ensure_private_dir",
+    "policy_digest",
+    "request",
+    "request_sync",
+]
+
+log = logging.getLogger("fqdnguard.control")
+
+MAX_HEADER = 16 * 1024
+MAX_BODY = 64 * 1024 * 1024
+READ_TIMEOUT = 10.0
+
+#: A route handler: the decoded JSON body (None without one) -> (status, JSON-able body).
+Handler = Callable[[Any], Awaitable[tuple[int, Any]]]
+
+
+class ControlError(FqdnGuardError):
+    """The control socket could not be used: not there, refused, or a bad answer."""
+
+
+def policy_digest(sources: Sequence[Sequence[str]], endpoints: str | None) -> str:
+    """A stable digest of a policy set as pushed (its file names and texts, and endpoints)."""
+    canonical = json.dumps(
+        {"sources": [list(s) for s in sources], "endpoints": endpoints},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def ensure_private_dir(path: str | os.PathLike[str]) -> Path:
+    """Creates ``path`` (mode 0700) or checks that an existing one is not open to others."""
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True, mode=0o700)
+    mode = stat.S_IMODE(p.stat().st_mode)
+    if mode & 0o077:
+        raise ControlError(
+            f"{p}: mode {mode:04o} lets other users in; the control socket's directory must be "
+            f"private (chmod 700 {p})"
+        )
+    return p
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
+    """Writes ``data`` to ``path`` so a crash leaves the old file or the new one: a temporary
+    file in the same directory, fsync, rename over ``path``, fsync of the directory."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.replace(tmp, p)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    dfd = os.open(p.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _peer_uid(sock: socket.socket | None) -> int | None:
+    if sock is None:
+        return None
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    return int(struct.unpack("3i", creds)[1])
+
+
+class ControlServer:
+    """Serves ``routes`` ({(method, path): handler}) on a Unix socket at ``path``.
+
+    The socket is created under a temporary name with mode 0600 and renamed over ``path``, so a
+    proxy that takes over from another one (hot restart) replaces its socket without a moment
+    where the path is missing; ``close`` removes the file only if it is still this server's.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], routes: dict[tuple[str, str], Handler]):
+        self.path = Path(path)
+        self.routes = routes
+        self._server: asyncio.base_events.Server | None = None
+        self._inode: int | None = None
+
+    async def start(self) -> None:
+        ensure_private_dir(self.path.parent)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        old = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, str(tmp))
+        finally:
+            os.umask(old)
+        os.chmod(tmp, 0o600)
+        self._inode = tmp.stat().st_ino
+        os.replace(tmp, self.path)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+            self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            if self.path.stat().st_ino == self._inode:
+                self.path.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            uid = _peer_uid(writer.get_extra_info("socket"))
+            if uid is not None and uid not in (0, os.geteuid()):
+                await _respond(writer, 403, {"error": f"uid {uid} may not use this socket"})
+                return
+            try:
+                method, path, body = await asyncio.wait_for(_read_request(reader), READ_TIMEOUT)
+            except _BadRequest as e:
+                await _respond(writer, e.status, {"error": str(e)})
+                return
+            handler = self.routes.get((method, path))
+            if handler is None:
+                allowed = [m for m, p in self.routes if p == path]
+                status = 405 if allowed else 404
+                await _respond(writer, status, {"error": f"no route {method} {path}"})
+                return
+            try:
+                status, result = await handler(body)
+            except Exception as e:
+                log.exception("control %s %s failed", method, path)
+                status, result = 500, {"error": f"{type(e).__name__}: {e}"}
+            await _respond(writer, status, result)
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+class _BadRequest(Exception):
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, Any]:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.LimitOverrunError:
+        raise _BadRequest("request header too large", 431) from None
+    if len(head) > MAX_HEADER:
+        raise _BadRequest("request header too large", 431)
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise _BadRequest(f"not an HTTP/1.x request line: {lines[0][:80]!r}")
+    method, path = parts[0], parts[1]
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise _BadRequest(f"malformed header line {line[:80]!r}")
+            headers[name.strip().lower()] = value.strip()
+    length_text = headers.get("content-length", "0")
+    if not length_text.isdigit():
+        raise _BadRequest(f"Content-Length {length_text!r} is not a number")
+    length = int(length_text)
+    if length > MAX_BODY:
+        raise _BadRequest(f"body of {length} bytes is over the limit of {MAX_BODY}", 413)
+    if length == 0:
+        return method, path, None
+    raw = await reader.readexactly(length)
+    try:
+        return method, path, json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _BadRequest(f"body is not JSON: {e}") from None
+
+
+async def _respond(writer: asyncio.StreamWriter, status: int, body: Any) -> None:
+    payload = json.dumps(body, separators=(",", ":")).encode()
+    try:
+        reason = HTTPStatus(status).phrase
+    except ValueError:
+        reason = "Status"
+    writer.write(
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
+        + payload
+    )
+    await writer.drain()
+
+
+def _encode(method: str, path: str, body: Any) -> bytes:
+    payload = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
+    head = f"{method} {path} HTTP/1.1\r\nHost: fqdnguard\r\nConnection: close\r\n"
+    if body is not None:
+        head += "Content-Type: application/json\r\n"
+    head += f"Content-Length: {len(payload)}\r\n\r\n"
+    return head.encode() + payload
+
+
+def _decode(raw: bytes, where: str) -> tuple[int, Any]:
+    head, sep, payload = raw.partition(b"\r\n\r\n")
+    status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    parts = status_line.split(" ", 2)
+    if not sep or len(parts) < 2 or not parts[1].isdigit():
+        raise ControlError(f"{where}: not an HTTP answer: {status_line[:80]!r}")
+    try:
+        return int(parts[1]), json.loads(payload) if payload else None
+    except ValueError as e:
+        raise ControlError(f"{where}: answer body is not JSON: {e}") from None
+
+
+async def request(
+    path: str | os.PathLike[str], method: str, url: str, body: Any = None, timeout: float = 10.0
+) -> tuple[int, Any]:
+    """One request to the control socket at ``path``: (status, decoded JSON body). Raises
+    :class:`ControlError` when the socket is missing, refuses, or answers nonsense."""
+    where = os.fspath(path)
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(where), timeout)
+    except (OSError, TimeoutError) as e:
+        raise ControlError(f"{where}: cannot connect: {e}") from None
+    try:
+        writer.write(_encode(method, url, body))
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), timeout)
+    except (OSError, TimeoutError) as e:
+        raise ControlError(f"{where}: {method} {url}: {e or type(e).__name__}") from None
+    finally:
+        writer.close()
+    return _decode(raw, where)
+
+
+def request_sync(
+    path: str | os.PathLike[str], method: str, url: str, body: Any = None, timeout: float = 10.0
+) -> tuple[int, Any]:
+    """:func:`request` without an event loop (for the command line)."""
+    where = os.fspath(path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(where)
+            s.sendall(_encode(method, url, body))
+            chunks = []
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        except OSError as e:
+            raise ControlError(f"{where}: {method} {url}: {e}") from None
+    return _decode(b"".join(chunks), where)

@@ -1,0 +1,421 @@
+"""``fqdnguard proxy``: the data plane alone, enforcing on its own.
+
+It owns the enforcement backend and keeps answering, refusing and programming it whatever the
+agent does: the policy comes from the agent over the control socket (see
+:mod:`fqdnguard.control`) and is kept in force until the next good one arrives. The last good
+policy (the YAML texts and the endpoints text, as pushed) and the cache are saved in the state
+directory, atomically, periodically and at shutdown; a proxy started with a state directory
+serves and enforces from them at once, before any agent is reachable. Without a saved policy it
+knows no endpoint and refuses every query (fail closed) until an agent pushes one.
+
+Hot restart: a second proxy can start on the same listen addresses (SO_REUSEPORT on UDP and
+TCP). At start each proxy attaches a classic BPF program to the port's reuseport group that
+sends every new datagram and connection to the group's second socket, i.e. the newer proxy
+while two run, and falls back to the kernel's hash when there is one. The new proxy asks the old
+one to save its state first, loads it, and takes the control socket over; the old one, on
+SIGTERM, serves until its sockets have been quiet for a moment (nothing new reaches it once the
+new one is up), then finishes its in-flight queries and exits: a rolling restart drops nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import gc
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+from fqdnguard._core import CacheError, DnsCache
+from fqdnguard.backends import Backend, BackendError, make_backend
+from fqdnguard.config import ConfigError, ProxyConfig
+from fqdnguard.control import (
+    ControlError,
+    ControlServer,
+    atomic_write,
+    ensure_private_dir,
+    policy_digest,
+    request,
+)
+from fqdnguard.endpoints import Endpoints
+from fqdnguard.policy import Policy, PolicyError
+from fqdnguard.proxy import Proxy
+
+__all__ = ["POLICY_FILE", "ProxyDaemon", "load_policy_state", "run_proxy", "steer_to_newest"]
+
+log = logging.getLogger("fqdnguard.proxyd")
+
+POLICY_FILE = "policy.json"
+#: Format of the policy state file; a newer one is refused rather than misread.
+POLICY_FORMAT = 1
+#: SO_ATTACH_REUSEPORT_CBPF (asm-generic/socket.h).
+SO_ATTACH_REUSEPORT_CBPF = 51
+#: At SIGTERM: serve until no query came for QUIET seconds (at most DRAIN_MAX), then stop.
+QUIET = 0.25
+DRAIN_MAX = 3.0
+
+
+class _PolicyState:
+    """The policy in force as pushed: sources, endpoints text, digest, and where it came from."""
+
+    def __init__(
+        self,
+        sources: list[tuple[str, str]],
+        endpoints: str | None,
+        source: str,
+        loaded_at: float,
+    ) -> None:
+        self.sources = sources
+        self.endpoints = endpoints
+        self.digest = policy_digest(sources, endpoints)
+        self.source = source
+        self.loaded_at = loaded_at
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "format": POLICY_FORMAT,
+                "digest": self.digest,
+                "saved_at": time.time(),
+                "sources": [list(s) for s in self.sources],
+                "endpoints": self.endpoints,
+            }
+        ).encode()
+
+
+def parse_push(body: Any) -> tuple[list[tuple[str, str]], str | None]:
+    """Checks the shape of a ``PUT /v1/policy`` body (or a saved state); ValueError names what
+    is wrong."""
+    if not isinstance(body, dict):
+        raise ValueError("body must be a JSON object with 'sources' and 'endpoints'")
+    sources = body.get("sources")
+    if not isinstance(sources, list):
+        raise ValueError("'sources' must be a list of [name, yaml text] pairs")
+    out: list[tuple[str, str]] = []
+    for i, item in enumerate(sources):
+        if (
+            not isinstance(item, (list, tuple))
+            or len(item) != 2
+            or not all(isinstance(x, str) for x in item)
+        ):
+            raise ValueError(f"sources[{i}] must be a [name, yaml text] pair of strings")
+        out.append((item[0], item[1]))
+    endpoints = body.get("endpoints")
+    if endpoints is not None and not isinstance(endpoints, str):
+        raise ValueError("'endpoints' must be the endpoints YAML text or null")
+    return out, endpoints
+
+
+def compile_policy(
+    sources: list[tuple[str, str]], endpoints_text: str | None
+) -> tuple[Policy, Endpoints]:
+    """Compiles a pushed set whole; raises PolicyError (every problem) or ValueError."""
+    endpoints = (
+        Endpoints.from_yaml(endpoints_text, filename="endpoints")
+        if endpoints_text is not None
+        else Endpoints()
+    )
+    return Policy._from_sources(list(sources), endpoints), endpoints
+
+
+def load_policy_state(path: Path) -> tuple[list[tuple[str, str]], str | None] | None:
+    """The saved policy (sources, endpoints text), or None when there is none. Raises ValueError
+    when the file is there but unreadable (the caller starts fail-closed)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"{path}: not JSON: {e}") from None
+    if not isinstance(data, dict) or data.get("format") != POLICY_FORMAT:
+        raise ValueError(f"{path}: not a policy state of format {POLICY_FORMAT}")
+    sources, endpoints = parse_push(data)
+    if data.get("digest") != policy_digest(sources, endpoints):
+        raise ValueError(f"{path}: digest does not match the content")
+    return sources, endpoints
+
+
+# -- reuseport steering -------------------------------------------------------------------------
+
+
+def _steering_program() -> tuple[bytes, Any]:
+    """A struct sock_fprog of one cBPF instruction, ``ret #1``: the group's socket 1."""
+    insn = struct.pack("HBBI", 0x06, 0, 0, 1)  # BPF_RET | BPF_K, k = 1
+    buf = ctypes.create_string_buffer(insn)
+    return struct.pack("HL", 1, ctypes.addressof(buf)), buf
+
+
+def steer_to_newest(sockets: list[Any]) -> int:
+    """Attaches the steering program to each socket's reuseport group; returns how many took it.
+
+    Sockets join a group in order and a closing one is replaced by the last: with two proxies
+    the newer one is socket 1 and gets everything new; with one, ``ret #1`` is out of range and
+    the kernel falls back to its hash (the only socket)."""
+    prog, keep = _steering_program()
+    done = 0
+    for sock in sockets:
+        try:
+            fd = sock.fileno()
+            with socket.socket(fileno=socket.dup(fd)) as s:
+                s.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, prog)
+            done += 1
+        except OSError as e:
+            log.warning("cannot attach the reuseport program (hot restart may drop): %s", e)
+    del keep
+    return done
+
+
+def _listening_sockets(proxy: Proxy) -> list[Any]:
+    out = [t.get_extra_info("socket") for t in proxy._listeners]
+    for server in proxy._servers:
+        out += list(server.sockets or [])
+    return [s for s in out if s is not None]
+
+
+# -- the daemon ---------------------------------------------------------------------------------
+
+
+class ProxyDaemon:
+    """Runs ``fqdnguard proxy``: ``await daemon.run()`` until SIGTERM/SIGINT."""
+
+    def __init__(self, config: ProxyConfig, backend: Backend | None = None) -> None:
+        if not config.state_dir:
+            raise ConfigError(
+                "state_dir: fqdnguard proxy needs --state-dir (policy, cache, socket)"
+            )
+        self.config = config
+        self.state_dir = ensure_private_dir(config.state_dir)
+        self.backend = backend or make_backend(config.backend)
+        self.proxy: Proxy | None = None
+        self.control = ControlServer(
+            self.state_dir / "control.sock",
+            {
+                ("GET", "/v1/status"): self._get_status,
+                ("PUT", "/v1/policy"): self._put_policy,
+                ("POST", "/v1/save"): self._post_save,
+                ("GET", "/v1/cache"): self._get_cache,
+                ("GET", "/v1/stats"): self._get_stats,
+            },
+        )
+        self.policy_state: _PolicyState | None = None
+        self._stop = asyncio.Event()
+        self._push_lock = asyncio.Lock()
+        self._started_at = time.time()
+        self._metrics: Any = None
+
+    @property
+    def cache_path(self) -> Path:
+        return self.state_dir / "cache.snapshot"
+
+    @property
+    def policy_path(self) -> Path:
+        return self.state_dir / POLICY_FILE
+
+    # -- start ------------------------------------------------------------------------------
+
+    async def _hand_over(self) -> bool:
+        """When a proxy is already serving from this state dir, asks it to save its state now
+        (so this one starts from the freshest cache). True when one answered."""
+        try:
+            status, _ = await request(self.control.path, "POST", "/v1/save", timeout=5)
+        except ControlError:
+            return False
+        if status == 200:
+            log.info("another proxy serves from %s: took its saved state", self.state_dir)
+        return status == 200
+
+    def _restore(self) -> tuple[Policy, Endpoints, DnsCache]:
+        cache = DnsCache(min_ttl=self.config.min_ttl)
+        if self.cache_path.exists():
+            try:
+                cache = DnsCache.load(self.cache_path)
+                log.info("restored %d cache entries from %s", len(cache), self.cache_path)
+            except CacheError as e:
+                log.error("cannot restore the cache (%s); starting empty", e)
+        try:
+            saved = load_policy_state(self.policy_path)
+            if saved is not None:
+                policy, endpoints = compile_policy(*saved)
+                self.policy_state = _PolicyState(*saved, source="state", loaded_at=time.time())
+                log.info(
+                    "serving the saved policy (%d policies, %d endpoints) until an agent pushes",
+                    len(policy),
+                    len(endpoints),
+                )
+                return policy, endpoints, cache
+        except (ValueError, PolicyError) as e:
+            log.error("cannot use the saved policy (%s); refusing every query until a push", e)
+        else:
+            log.warning("no saved policy: refusing every query until an agent pushes one")
+        return Policy.from_yaml(""), Endpoints(), cache
+
+    async def start(self) -> None:
+        handed_over = await self._hand_over()
+        policy, endpoints, cache = self._restore()
+        self.proxy = Proxy(policy, endpoints, backend=self.backend, cache=cache, config=self.config)
+        await self.proxy.start()
+        steer_to_newest(_listening_sockets(self.proxy))
+        await self.control.start()
+        if handed_over:
+            log.info("took over the control socket %s", self.control.path)
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 20)
+        if self.config.metrics is not None:
+            from fqdnguard.metrics import serve_metrics  # noqa: PLC0415
+
+            host, port = self.config.metrics
+            self._metrics = serve_metrics(self.proxy, host, port)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+
+    async def run(self) -> None:
+        await self.start()
+        saver = asyncio.ensure_future(self._save_periodically())
+        try:
+            await self._stop.wait()
+        finally:
+            saver.cancel()
+            await self.stop()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def _drain(self) -> None:
+        """Serves until no query arrived for QUIET seconds (at most DRAIN_MAX)."""
+        assert self.proxy is not None
+        engine = self.proxy.engine
+        deadline = time.monotonic() + DRAIN_MAX
+        seen = engine.stats()["queries"]
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            now_seen = engine.stats()["queries"]
+            if now_seen != seen:
+                seen, quiet_since = now_seen, time.monotonic()
+            elif time.monotonic() - quiet_since >= QUIET:
+                return
+
+    async def stop(self) -> None:
+        if self.proxy is not None:
+            await self._drain()
+        await self.control.close()
+        if self.proxy is not None:
+            await self.proxy.stop()
+        if self._metrics is not None:
+            self._metrics.shutdown()
+        self.save()
+        log.info("stopped")
+
+    # -- state ------------------------------------------------------------------------------
+
+    def save(self) -> None:
+        """Saves the cache and the policy in force (each atomically)."""
+        if self.proxy is not None:
+            self.proxy.cache.save(self.cache_path)
+        if self.policy_state is not None:
+            atomic_write(self.policy_path, self.policy_state.to_json())
+
+    async def _save_periodically(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.config.cache_save_interval)
+            try:
+                await loop.run_in_executor(None, self.save)
+            except (CacheError, OSError) as e:
+                log.error("saving the state failed: %s", e)
+
+    # -- control routes ---------------------------------------------------------------------
+
+    async def _get_status(self, _body: Any) -> tuple[int, Any]:
+        assert self.proxy is not None
+        ps = self.policy_state
+        return 200, {
+            "pid": os.getpid(),
+            "started_at": self._started_at,
+            "listen": [f"{h}:{p}" for h, p in self.proxy.config.listen],
+            "backend": self.backend.name,
+            "policy": {
+                "digest": ps.digest if ps else None,
+                "source": ps.source if ps else "none",
+                "loaded_at": ps.loaded_at if ps else None,
+                "policies": len(self.proxy.policy),
+                "endpoints": len(self.proxy.endpoints),
+            },
+            "cache": self.proxy.cache.stats(),
+            "engine": {k: v for k, v in self.proxy.engine.stats().items() if isinstance(v, int)},
+        }
+
+    async def _put_policy(self, body: Any) -> tuple[int, Any]:
+        assert self.proxy is not None
+        try:
+            sources, endpoints_text = parse_push(body)
+        except ValueError as e:
+            return 400, {"error": str(e)}
+        digest = policy_digest(sources, endpoints_text)
+        async with self._push_lock:
+            if self.policy_state is not None and self.policy_state.digest == digest:
+                self.policy_state.source = "agent"
+                return 200, {"digest": digest, "changed": False}
+            loop = asyncio.get_running_loop()
+            try:
+                policy, endpoints = await loop.run_in_executor(
+                    None, compile_policy, sources, endpoints_text
+                )
+            except PolicyError as e:
+                return 422, {
+                    "error": f"the policy set does not compile: {e}",
+                    "errors": [err.location() for err in e.errors],
+                }
+            except ValueError as e:
+                return 422, {"error": f"the policy set does not compile: {e}", "errors": [str(e)]}
+            try:
+                self.proxy.set_policy(policy, endpoints)
+            except (ConfigError, BackendError) as e:
+                return 409, {"error": f"the policy cannot be put in force: {e}"}
+            state = _PolicyState(sources, endpoints_text, "agent", time.time())
+            self.policy_state = state
+            await loop.run_in_executor(None, atomic_write, self.policy_path, state.to_json())
+        log.info(
+            "policy pushed: %d policies, %d endpoints (digest %s)",
+            len(policy),
+            len(endpoints),
+            digest[:12],
+        )
+        return 200, {"digest": digest, "changed": True}
+
+    async def _post_save(self, _body: Any) -> tuple[int, Any]:
+        await asyncio.get_running_loop().run_in_executor(None, self.save)
+        return 200, {}
+
+    async def _get_cache(self, _body: Any) -> tuple[int, Any]:
+        from fqdnguard.agent import cache_entries  # noqa: PLC0415
+
+        assert self.proxy is not None
+        return 200, {"entries": cache_entries(self.proxy.cache), "now": time.time()}
+
+    async def _get_stats(self, _body: Any) -> tuple[int, Any]:
+        assert self.proxy is not None
+        return 200, {"engine": self.proxy.engine.stats(), "cache": self.proxy.cache.stats()}
+
+
+def run_proxy(config: ProxyConfig) -> None:
+    """Runs ``fqdnguard proxy`` until SIGTERM/SIGINT on uvloop."""
+    import uvloop  # noqa: PLC0415
+
+    async def main() -> None:
+        daemon = ProxyDaemon(config)
+        await daemon.run()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(main())

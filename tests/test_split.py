@@ -1,0 +1,248 @@
+"""``fqdnguard proxy`` and ``fqdnguard agent`` as two real processes against a real Knot
+upstream on loopback (the ``log`` backend): the control protocol and its socket's permissions,
+the proxy living on without the agent, serving from its state at once after a restart, and a
+rolling restart of two proxies on one port that loses no query. The same with nftables in
+network namespaces is in test_e2e_netns.py."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import dns.message
+import dns.query
+import dns.rcode
+import pytest
+from fqdnguard.control import request_sync
+from fqdnguard.testing import KnotServer, free_port
+
+from tests.proxy_fixtures import ENDPOINTS, POD_IP, POLICY, STRANGER_IP
+from tests.split_helpers import (
+    QueryStream,
+    ask,
+    file_mode,
+    fqdnguard_cmd,
+    spawn,
+    status,
+    stop,
+    wait_for,
+)
+
+
+class Node:
+    """A state dir, a port, and the proxy/agent processes started on them."""
+
+    def __init__(self, knot: KnotServer, root: Path) -> None:
+        self.knot = knot
+        self.root = root
+        self.state = root / "state"
+        self.port = free_port("127.0.0.1")
+        self.log = root / "fqdnguard.log"
+        self.procs: list[object] = []
+        (root / "policy.yaml").write_text(POLICY)
+        (root / "endpoints.yaml").write_text(ENDPOINTS)
+
+    def proxy(self) -> object:
+        cmd = fqdnguard_cmd(
+            "proxy", "--state-dir", str(self.state), "--backend", "log",
+            "--listen", f"127.0.0.1:{self.port}", "--listen", f"[::1]:{self.port}",
+            "--upstream", f"{self.knot.host}:{self.knot.port}", "--log-queries", "none",
+        )  # fmt: skip
+        proc = spawn(cmd, self.log)
+        self.procs.append(proc)
+        wait_for(
+            lambda: (status(self.state) or {}).get("pid") == proc.pid, "the proxy", log=self.log
+        )
+        return proc
+
+    def agent(self, *extra: str) -> object:
+        cmd = fqdnguard_cmd(
+            "agent", "--state-dir", str(self.state), "--policy", str(self.root / "policy.yaml"),
+            "--endpoints", str(self.root / "endpoints.yaml"), "--interval", "0.2", *extra,
+        )  # fmt: skip
+        proc = spawn(cmd, self.log)
+        self.procs.append(proc)
+        return proc
+
+    def digest(self) -> str | None:
+        return ((status(self.state) or {}).get("policy") or {}).get("digest")
+
+    def ask(self, name: str, source: str = POD_IP, family: int = 4) -> tuple[int, list[str]]:
+        host = "127.0.0.1" if family == 4 else "::1"
+
+        def make(fam: int) -> socket.socket:
+            s = socket.socket(fam, socket.SOCK_DGRAM)
+            s.bind((source, 0))
+            return s
+
+        return ask(make, (host, self.port), name)
+
+    def stream(self, names: list[str], rate: float, family: int = 4) -> QueryStream:
+        fam, src, host = (
+            (socket.AF_INET, POD_IP, "127.0.0.1")
+            if family == 4
+            else (socket.AF_INET6, "::1", "::1")
+        )
+        s = socket.socket(fam, socket.SOCK_DGRAM)
+        s.bind((src, 0))
+        return QueryStream(s, (host, self.port), names, rate).start()
+
+    def changes(self) -> list[dict[str, object]]:
+        """What the log backend applied (its JSON lines in the log)."""
+        out = []
+        for line in self.log.read_text().splitlines():
+            if line.startswith('{"change"'):
+                out.append(json.loads(line))
+        return out
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            stop(proc)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def node(knot: KnotServer) -> Iterator[Node]:
+    with tempfile.TemporaryDirectory(prefix="fqdnguard-split-") as d:
+        n = Node(knot, Path(d))
+        try:
+            yield n
+        finally:
+            n.close()
+
+
+def test_control_socket_is_private_and_the_protocol_checks_its_input(node: Node) -> None:
+    node.proxy()
+    sock = node.state / "control.sock"
+    assert file_mode(sock) == 0o600
+    assert file_mode(node.state) == 0o700
+    # No policy yet: every query is refused (fail closed), nothing is forwarded.
+    assert node.ask("www.example.com")[0] == dns.rcode.REFUSED
+    st = status(node.state)
+    assert st is not None and st["policy"]["source"] == "none" and st["policy"]["digest"] is None
+
+    assert request_sync(sock, "GET", "/v1/nothing")[0] == 404
+    assert request_sync(sock, "DELETE", "/v1/policy")[0] == 405
+    code, body = request_sync(sock, "PUT", "/v1/policy", {"sources": "x"})
+    assert code == 400 and "sources" in body["error"]
+    bad = POLICY.replace('matchPattern: "*.example.com"', 'matchPattern: "bad name"', 1)
+    code, body = request_sync(
+        sock, "PUT", "/v1/policy", {"sources": [["p.yaml", bad]], "endpoints": ENDPOINTS}
+    )
+    assert code == 422
+    assert any(e.startswith("p.yaml:") and "' '" in e for e in body["errors"]), body
+    assert node.digest() is None  # nothing half-applied
+
+    agent = node.agent("--once")
+    assert agent.wait(30) == 0  # type: ignore[attr-defined]
+    assert node.digest() is not None
+    assert node.ask("www.example.com") == (dns.rcode.NOERROR, ["192.0.2.10", "192.0.2.11"])
+    assert node.ask("www.other.org")[0] == dns.rcode.REFUSED
+    assert node.ask("www.example.com", source=STRANGER_IP)[0] == dns.rcode.REFUSED
+    assert (node.state / "policy.json").exists()
+    assert file_mode(node.state / "policy.json") == 0o600
+    # A second sync is one GET: nothing to push.
+    assert node.agent("--once").wait(30) == 0  # type: ignore[attr-defined]
+    assert "in-sync" in node.log.read_text()
+
+
+def test_agent_killed_under_load_loses_no_answer_and_new_names_are_enforced(node: Node) -> None:
+    proxy = node.proxy()
+    agent = node.agent()
+    wait_for(node.digest, "the first push", log=node.log)
+    stream = node.stream(["www.example.com", "alias.example.com", "evil.other.org"], rate=200)
+    time.sleep(1.0)
+    agent.send_signal(signal.SIGKILL)  # type: ignore[attr-defined]
+    agent.wait()  # type: ignore[attr-defined]
+    time.sleep(1.5)
+    stream.stop()
+    assert stream.lost() == [], stream.summary()
+    assert set(stream.rcodes()) == {"NOERROR", "REFUSED"}, stream.summary()
+    # A name never asked before: answered, and its new address handed to the backend.
+    assert node.ask("short.example.com") == (dns.rcode.NOERROR, ["192.0.2.30"])
+    learned = [c for c in node.changes() if c["ip"] == "192.0.2.30"]
+    assert learned and learned[0]["change"] == "added"
+
+    # The agent comes back with a changed policy: the same proxy process takes it.
+    before = node.digest()
+    changed = POLICY.replace('matchName: "example.com"', 'matchName: "short.example.com"')
+    (node.root / "policy.yaml").write_text(changed)
+    node.agent()
+    wait_for(lambda: node.digest() not in (None, before), "the resync", log=node.log)
+    st = status(node.state)
+    assert st is not None and st["pid"] == proxy.pid  # type: ignore[attr-defined]
+    assert st["policy"]["source"] == "agent"
+    assert node.ask("example.com")[0] == dns.rcode.REFUSED  # the new policy is in force
+
+
+def test_restarted_proxy_serves_from_its_state_at_once(node: Node) -> None:
+    proxy = node.proxy()
+    assert node.agent("--once").wait(30) == 0  # type: ignore[attr-defined]
+    assert node.ask("www.example.com")[0] == dns.rcode.NOERROR
+    assert stop(proxy) == 0  # type: ignore[arg-type]
+    assert (node.state / "cache.snapshot").exists()
+
+    # No agent now: the new proxy serves the saved policy from its first query.
+    started = time.monotonic()
+    node.proxy()
+    assert node.ask("alias.example.com")[0] == dns.rcode.NOERROR
+    assert node.ask("www.other.org")[0] == dns.rcode.REFUSED
+    assert time.monotonic() - started < 10
+    st = status(node.state)
+    assert st is not None and st["policy"]["source"] == "state"
+    code, body = request_sync(node.state / "control.sock", "GET", "/v1/cache")
+    assert code == 200, body
+    assert {("www.example.com.", "192.0.2.10")} <= {(e["name"], e["ip"]) for e in body["entries"]}
+
+
+def test_corrupt_policy_state_starts_fail_closed(node: Node) -> None:
+    node.state.mkdir(mode=0o700)
+    (node.state / "policy.json").write_text('{"format": 1, "sources": [], "endpoints": null}')
+    node.proxy()
+    assert node.ask("www.example.com")[0] == dns.rcode.REFUSED
+    assert "digest does not match" in node.log.read_text()
+
+
+def test_state_dir_open_to_others_is_refused(node: Node, tmp_path: Path) -> None:
+    loose = tmp_path / "loose"
+    loose.mkdir(mode=0o755)
+    loose.chmod(0o755)
+    proc = spawn(
+        fqdnguard_cmd("proxy", "--state-dir", str(loose), "--listen", "127.0.0.1:1"), node.log
+    )
+    assert proc.wait(30) == 2
+    assert "chmod 700" in node.log.read_text()
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_rolling_restart_of_two_proxies_loses_no_query(node: Node, family: int) -> None:
+    old = node.proxy()
+    assert node.agent("--once").wait(30) == 0  # type: ignore[attr-defined]
+    # Several source ports, so the kernel's reuseport hash would spread them over both proxies.
+    names = ["www.example.com", "alias.example.com", "evil.other.org"]
+    streams = [node.stream(names, 150, family) for _ in range(4)]
+    time.sleep(0.7)
+    new = node.proxy()  # same port: SO_REUSEPORT on UDP and TCP; takes the control socket
+    time.sleep(0.5)
+    assert stop(old) == 0  # type: ignore[arg-type]
+    time.sleep(0.7)
+    for stream in streams:
+        stream.stop()
+        assert stream.lost() == [], stream.summary()
+        assert len(stream.sent) > 200
+    assert status(node.state)["pid"] == new.pid  # type: ignore[attr-defined,index]
+    # The survivor answers over TCP too.
+    host = "127.0.0.1" if family == 4 else "::1"
+    source = POD_IP if family == 4 else "::1"
+    answer = dns.query.tcp(
+        dns.message.make_query("www.example.com", "A"),
+        host,
+        port=node.port,
+        source=source,
+        timeout=3,
+    )
+    assert answer.rcode() == dns.rcode.NOERROR
