@@ -566,6 +566,32 @@ impl Engine {
         }
     }
 
+    /// Every live cache entry as the firewall must have it, for a backend's start-up
+    /// reconciliation (a restored cache): one `added` change per (endpoint, ip) with its latest
+    /// expiry, programmed as answers are.
+    pub fn programmed_state(&self, now: f64) -> Result<Vec<Change>, EngineError> {
+        let mut latest: HashMap<(u32, IpAddr), f64> = HashMap::new();
+        for (endpoint, _, ip, expires) in self.cache.read().map_err(|_| POISONED)?.entries() {
+            if expires > now {
+                let e = latest.entry((endpoint, ip)).or_insert(expires);
+                *e = e.max(expires);
+            }
+        }
+        let mut added: Vec<Change> = latest
+            .into_iter()
+            .map(|((endpoint, ip), expires_at)| Change {
+                kind: ChangeKind::Added,
+                endpoint,
+                ip,
+                expires_at,
+            })
+            .collect();
+        added.sort_by_key(|c| (c.endpoint, c.ip));
+        let mut st = self.state.lock().map_err(|_| POISONED)?;
+        st.programmed.clear();
+        Ok(program(&mut st, added, now))
+    }
+
     /// Forgets a pending query whose client went away (a closed TCP connection).
     pub fn cancel(&self, token: u64) -> Result<bool, EngineError> {
         let mut st = self.state.lock().map_err(|_| POISONED)?;

@@ -462,3 +462,37 @@ fn firewall_elements_are_refreshed_about_once_per_ttl() {
     );
     assert_eq!(round(300.0, 10), (true, vec![(ChangeKind::Added, 320.0)]));
 }
+
+#[test]
+fn programmed_state_lists_each_live_pair_once_with_its_latest_expiry() {
+    let (e, cache) = engine_with(config());
+    {
+        let mut c = cache.write().expect("lock");
+        let www = LabelBuf::from_presentation(b"www.example.com").expect("name");
+        let api = LabelBuf::from_presentation(b"api.example.com").expect("name");
+        c.record(
+            5,
+            &www,
+            &[(ip("192.0.2.1"), 100), (ip("192.0.2.2"), 10)],
+            0.0,
+        )
+        .expect("record");
+        c.record(5, &api, &[(ip("192.0.2.1"), 300)], 0.0)
+            .expect("record");
+        c.record(9, &www, &[(ip("192.0.2.1"), 50)], 0.0)
+            .expect("record");
+    }
+    let state = e.programmed_state(20.0).expect("state");
+    let got: Vec<_> = state
+        .iter()
+        .map(|c| (c.kind, c.endpoint, c.ip, c.expires_at))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            // 300 s granted, 280 s left at 20: programmed to lapse at 300 + 280.
+            (ChangeKind::Added, 5, ip("192.0.2.1"), 580.0),
+            (ChangeKind::Added, 9, ip("192.0.2.1"), 80.0),
+        ]
+    );
+}

@@ -251,6 +251,13 @@ impl PyEngine {
         changes_out(py, changes)
     }
 
+    /// Every live (endpoint, ip) of the cache as `added` changes, programmed as answers are
+    /// (what a backend reconciles to at start).
+    fn programmed_state<'py>(&self, py: Python<'py>, now: f64) -> PyResult<Bound<'py, PyList>> {
+        let changes = self.inner.programmed_state(now).map_err(engine_err)?;
+        changes_out(py, changes)
+    }
+
     /// Forgets a pending query whose client went away.
     fn cancel(&self, token: u64) -> PyResult<bool> {
         self.inner.cancel(token).map_err(engine_err)

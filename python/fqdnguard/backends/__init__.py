@@ -36,8 +36,10 @@ class Backend:
         raise NotImplementedError
 
     async def reconcile(self, current: Sequence[Any]) -> None:
-        """Brings the enforced state to exactly ``current`` (all live entries, as "added")."""
-        await self.apply(current)
+        """Brings the enforced state to exactly ``current`` (all live entries, as "added").
+        Backends that keep no state of their own just apply what is live."""
+        if current:
+            await self.apply(current)
 
     async def close(self) -> None:
         """Called once at shutdown."""
