@@ -52,9 +52,10 @@ lint: ## clippy, rustfmt, ruff, and stubtest of the compiled module
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --all-targets --features python -- -D warnings
 	cargo fmt --check
-	ruff check python tests benches
-	ruff format --check python tests benches
+	ruff check python tests benches examples
+	ruff format --check python tests benches examples
 	$(PYTHON) -m mypy.stubtest fqdnguard._core
+	$(PYTHON) -m mypy python/fqdnguard
 
 .PHONY: format
 format: ## Format Rust and Python sources

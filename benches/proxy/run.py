@@ -83,13 +83,15 @@ spec:
 {rules}
 """
         )
-    eps = [
-        "endpoints:",
-        f"  - {{name: kube-dns, namespace: kube-system, ips: [{UPSTREAM}], labels: {{k8s-app: kube-dns}}}}",
-    ]
+    dns = (
+        f"{{name: kube-dns, namespace: kube-system, ips: [{UPSTREAM}], "
+        "labels: {k8s-app: kube-dns}}"
+    )
+    eps = ["endpoints:", f"  - {dns}"]
     for i in range(ENDPOINTS):
+        labels = f"{{group: g{i % GROUPS}}}"
         eps.append(
-            f"  - {{name: pod-{i}, namespace: bench, ips: [127.0.1.{i + 1}], labels: {{group: g{i % GROUPS}}}}}"
+            f"  - {{name: pod-{i}, namespace: bench, ips: [127.0.1.{i + 1}], labels: {labels}}}"
         )
     (d / "endpoints.yaml").write_text("\n".join(eps) + "\n")
     (d / "policy.json").write_text(
@@ -118,8 +120,13 @@ spec:
     queries += [f"evil{k}.example.org A" for k in range(PATTERNS_PER_GROUP // 9)]  # ~10% denied
     (d / "example.com.zone").write_text("\n".join(zone) + "\n")
     (d / "queries.txt").write_text("\n".join(queries) + "\n")
-    return {"policies": pol, "endpoints": d / "endpoints.yaml", "policy_json": d / "policy.json",
-            "zone": d / "example.com.zone", "queries": d / "queries.txt"}  # fmt: skip
+    return {
+        "policies": pol,
+        "endpoints": d / "endpoints.yaml",
+        "policy_json": d / "policy.json",
+        "zone": d / "example.com.zone",
+        "queries": d / "queries.txt",
+    }
 
 
 def wait_ready(port: int, timeout: float = 20.0) -> None:
@@ -141,15 +148,35 @@ def wait_ready(port: int, timeout: float = 20.0) -> None:
 def dnsperf(
     port: int, queries: Path, seconds: float, host: str = "127.0.0.1", rate: float | None = None
 ) -> dict[str, float]:
-    cmd = ["taskset", "-c", "0", "dnsperf", "-s", host, "-p", str(port), "-a", CLIENT, "-d", str(queries),
-           "-l", str(seconds), "-c", "8", "-q", "256", "-t", "2"]  # fmt: skip
+    cmd = [
+        "taskset",
+        "-c",
+        "0",
+        "dnsperf",
+        "-s",
+        host,
+        "-p",
+        str(port),
+        "-a",
+        CLIENT,
+        "-d",
+        str(queries),
+        "-l",
+        str(seconds),
+        "-c",
+        "8",
+        "-q",
+        "256",
+        "-t",
+        "2",
+    ]
     if rate is not None:
         cmd += ["-Q", str(int(rate)), "-v"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     result: dict[str, float] = {}
     latencies = []
-    for line in out.splitlines():
-        line = line.strip()
+    for raw in out.splitlines():
+        line = raw.strip()
         if line.startswith("Queries per second:"):
             result["qps"] = float(line.split(":")[1])
         elif line.startswith("Average Latency (s):"):
@@ -172,8 +199,12 @@ class Target:
 
     def __enter__(self) -> Target:
         if self.cmd is not None:
-            self.proc = subprocess.Popen(["taskset", "-c", "1", *self.cmd], stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL, cwd=ROOT)  # fmt: skip
+            self.proc = subprocess.Popen(
+                ["taskset", "-c", "1", *self.cmd],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                cwd=ROOT,
+            )
             wait_ready(self.port)
         return self
 
@@ -201,10 +232,32 @@ def targets(
         )
     )
     p = free_port()
-    out.append(("c fqdnguard", [py, "-m", "fqdnguard.cli", "run", "--policy", str(files["policies"]),
-                                "--endpoints", str(files["endpoints"]), "--upstream", up,
-                                "--listen", f"127.0.0.1:{p}", "--backend", "log", "--log-queries", "none",
-                                "--log-level", "warning"], p))  # fmt: skip
+    out.append(
+        (
+            "c fqdnguard",
+            [
+                py,
+                "-m",
+                "fqdnguard.cli",
+                "run",
+                "--policy",
+                str(files["policies"]),
+                "--endpoints",
+                str(files["endpoints"]),
+                "--upstream",
+                up,
+                "--listen",
+                f"127.0.0.1:{p}",
+                "--backend",
+                "log",
+                "--log-queries",
+                "none",
+                "--log-level",
+                "warning",
+            ],
+            p,
+        )
+    )
     if shutil.which("dnsdist"):
         p = free_port()
         conf = tmp / "dnsdist.conf"
@@ -216,8 +269,21 @@ def targets(
             ("d dnsdist", ["dnsdist", "--supervised", "--disable-syslog", "-C", str(conf)], p)
         )
     p = free_port()
-    out.append(("e pyproxy", [py, str(HERE / "pyproxy.py"), "127.0.0.1", str(p), UPSTREAM,
-                              str(upstream_port), str(files["policy_json"])], p))  # fmt: skip
+    out.append(
+        (
+            "e pyproxy",
+            [
+                py,
+                str(HERE / "pyproxy.py"),
+                "127.0.0.1",
+                str(p),
+                UPSTREAM,
+                str(upstream_port),
+                str(files["policy_json"]),
+            ],
+            p,
+        )
+    )
     return out
 
 
@@ -266,10 +332,8 @@ def main() -> int:
                 "lost": statistics.median(r.get("lost", 0) for r in runs),
                 "runs": len(runs),
             }
-            print(
-                f"  {name:<12} {results[name]['qps']:>10.0f} qps  avg {results[name]['avg_ms']:.3f} ms",
-                flush=True,
-            )
+            r = results[name]
+            print(f"  {name:<12} {r['qps']:>10.0f} qps  avg {r['avg_ms']:.3f} ms", flush=True)
         rate = results["c fqdnguard"]["qps"] / 2
         for name, cmd, port in targets(files, upstream_port, tmp):
             if name not in ("a upstream", "c fqdnguard"):
@@ -291,8 +355,12 @@ def report(results: dict[str, dict[str, float]], rate: float, out: Path) -> None
         print(f"{name:<14}{r['qps']:>10.0f}{r['avg_ms']:>9.3f}   {c['qps'] / r['qps']:.2f}")
     a = results["a upstream"]
     added = c.get("p99_ms_at_half", float("nan")) - a.get("p99_ms_at_half", float("nan"))
-    print(f"\nat {rate:.0f} qps (half of (c)): p50 {a.get('p50_ms_at_half', 0):.3f} / {c.get('p50_ms_at_half', 0):.3f} ms,"
-          f" p99 {a.get('p99_ms_at_half', 0):.3f} / {c.get('p99_ms_at_half', 0):.3f} ms (upstream / fqdnguard)")  # fmt: skip
+    p50a, p50c = a.get("p50_ms_at_half", 0), c.get("p50_ms_at_half", 0)
+    p99a, p99c = a.get("p99_ms_at_half", 0), c.get("p99_ms_at_half", 0)
+    print(
+        f"\nat {rate:.0f} qps (half of (c)): p50 {p50a:.3f} / {p50c:.3f} ms,"
+        f" p99 {p99a:.3f} / {p99c:.3f} ms (upstream / fqdnguard)"
+    )
     checks = [
         ("(c) >= 0.8 x (b) relay", c["qps"] / results["b relay"]["qps"], ">=", 0.8),
         ("(c) >= 10 x (e) pyproxy", c["qps"] / results["e pyproxy"]["qps"], ">=", 10),
