@@ -17,7 +17,11 @@ use std::hash::BuildHasher;
 
 use hashbrown::{DefaultHashBuilder, HashTable};
 
-use crate::pattern::LabelBuf;
+use crate::pattern::{LabelBuf, PatternError};
+
+const MAX_LABEL: usize = 63;
+/// RFC 1035 2.3.4: 255 bytes of wire form, root byte included.
+const MAX_WIRE: usize = 255;
 
 use super::error::CacheError;
 
@@ -29,6 +33,35 @@ pub fn wire_of(name: &LabelBuf, out: &mut Vec<u8>) {
         out.push(l.len() as u8);
         out.extend_from_slice(l);
     }
+}
+
+/// Appends the name written in presentation form `text` (as [`LabelBuf::from_presentation`]
+/// reads it) in wire form, without the root byte; on error nothing is appended. Names without
+/// escapes are converted straight from the text; the rest go through [`LabelBuf`].
+pub fn wire_from_presentation(text: &[u8], out: &mut Vec<u8>) -> Result<(), PatternError> {
+    let start = out.len();
+    if !text.is_empty() && text != b"." && !text.contains(&b'\\') {
+        let body = text.strip_suffix(b".").unwrap_or(text);
+        // Wire length with the root byte: every label plus its length byte, plus one.
+        if body.len() + 2 <= MAX_WIRE {
+            let mut ok = true;
+            for part in body.split(|&b| b == b'.') {
+                if part.is_empty() || part.len() > MAX_LABEL {
+                    ok = false;
+                    break;
+                }
+                out.push(part.len() as u8);
+                out.extend(part.iter().map(u8::to_ascii_lowercase));
+            }
+            if ok {
+                return Ok(());
+            }
+            out.truncate(start);
+        }
+    }
+    // Escapes, the root, or an error: LabelBuf gives the exact result or error.
+    wire_of(&LabelBuf::from_presentation(text)?, out);
+    Ok(())
 }
 
 /// True when `bytes` is a well-formed wire name without its root byte (labels of 1..=63 bytes,
@@ -115,7 +148,10 @@ impl Names {
     }
 
     pub fn find(&self, hasher: &DefaultHashBuilder, bytes: &[u8]) -> Option<u32> {
-        let h = hasher.hash_one(bytes);
+        self.find_hashed(hasher.hash_one(bytes), bytes)
+    }
+
+    fn find_hashed(&self, h: u64, bytes: &[u8]) -> Option<u32> {
         let (arena, recs) = (&self.arena, &self.recs);
         self.map
             .find(h, |&id| {
@@ -127,7 +163,8 @@ impl Names {
 
     /// The id of `bytes`, added with no references when new.
     pub fn intern(&mut self, hasher: &DefaultHashBuilder, bytes: &[u8]) -> Result<u32, CacheError> {
-        if let Some(id) = self.find(hasher, bytes) {
+        let h = hasher.hash_one(bytes);
+        if let Some(id) = self.find_hashed(h, bytes) {
             return Ok(id);
         }
         if self.arena.len() + bytes.len() > u32::MAX as usize {
@@ -153,7 +190,7 @@ impl Names {
             }
         };
         let (arena, recs) = (&self.arena, &self.recs);
-        self.map.insert_unique(hasher.hash_one(bytes), id, |&i| {
+        self.map.insert_unique(h, id, |&i| {
             let r = recs[i as usize];
             hasher.hash_one(&arena[r.off as usize..(r.off + r.len) as usize])
         });
@@ -244,6 +281,39 @@ mod tests {
             assert_eq!(wire(want), w, "{want} reads back to the same bytes");
         }
         assert_eq!(wire("a.b"), vec![1, b'a', 1, b'b']);
+        for (text, _) in cases {
+            let mut fast = vec![7u8];
+            wire_from_presentation(text.as_bytes(), &mut fast).expect("valid");
+            assert_eq!(fast[1..], wire(text)[..], "{text}");
+        }
+    }
+
+    #[test]
+    fn presentation_errors_match_labelbuf() {
+        let long = format!("{}.com", "a".repeat(64));
+        let too_long = format!("{}.{}", vec!["a".repeat(63); 3].join("."), "b".repeat(62));
+        // 3 * (1 + 63) + (1 + 61) = 254 wire bytes, 255 with the root: the longest name.
+        let max = format!("{}.{}", vec!["a".repeat(63); 3].join("."), "b".repeat(61));
+        for text in [
+            "",
+            "a..b",
+            ".a",
+            "a.b..",
+            &long,
+            &too_long,
+            "a\\",
+            "x\\999.com",
+        ] {
+            let mut out = vec![1u8, 2];
+            let got = wire_from_presentation(text.as_bytes(), &mut out);
+            let want = LabelBuf::from_presentation(text.as_bytes());
+            assert_eq!(got.err(), want.err(), "{text:?}");
+            assert_eq!(out, vec![1u8, 2], "nothing appended for {text:?}");
+        }
+        let mut out = Vec::new();
+        wire_from_presentation(max.as_bytes(), &mut out).expect("254 wire bytes fit");
+        assert_eq!(out.len(), 254);
+        assert_eq!(out, wire(&max));
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! * `groups`: one per (endpoint, name): endpoint, name id, count, list head; hash-indexed.
 //! * pairs: one per (endpoint, ip), with the latest expiry of its entries (what the firewall
 //!   element carries); IPv4 pairs take 24 bytes, IPv6 pairs 36; hash-indexed.
-//! * `heap`: a binary min-heap of (expiry, stamp, entry), 16 bytes each, with lazy deletion: an
+//! * `heap`: a 4-ary min-heap of (expiry, stamp, entry), 16 bytes each, with lazy deletion: an
 //!   item whose stamp no longer matches its entry is skipped, and the heap is rebuilt from the
 //!   live entries when stale items outnumber live ones, so it stays within twice the entries.
 //!
@@ -18,13 +18,16 @@
 use std::hash::BuildHasher;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
+use hashbrown::{DefaultHashBuilder, HashMap, HashSet, HashTable};
 
 use super::error::CacheError;
 use super::names::{self, Names};
-use crate::pattern::LabelBuf;
+use crate::pattern::{LabelBuf, PatternError};
 
 const NIL: u32 = u32::MAX;
+/// Children per heap node: a 4-ary heap is half as deep as a binary one and a node's children
+/// share a cache line or two, so pushes and pops touch fewer lines.
+const ARITY: usize = 4;
 /// Top bit of a pair id: set for IPv6 pairs.
 const V6: u32 = 1 << 31;
 
@@ -152,6 +155,15 @@ impl Batch {
             .push((self.names.len() as u32, self.addrs.len() as u32));
     }
 
+    /// Adds the name of one answer, given in presentation form; its addresses follow with
+    /// [`Batch::push_addr`]. On error nothing is added.
+    pub fn push_name_text(&mut self, text: &[u8]) -> Result<(), PatternError> {
+        names::wire_from_presentation(text, &mut self.names)?;
+        self.ends
+            .push((self.names.len() as u32, self.addrs.len() as u32));
+        Ok(())
+    }
+
     /// Adds an address to the answer last started with [`Batch::push_name`].
     pub fn push_addr(&mut self, ip: IpAddr, ttl: u32) {
         self.addrs.push((ip, ttl));
@@ -239,9 +251,13 @@ impl<A> Default for PairTable<A> {
 
 impl<A: Copy + Eq + std::hash::Hash> PairTable<A> {
     fn find(&self, h: &DefaultHashBuilder, ep: Endpoint, addr: A) -> Option<u32> {
+        self.find_hashed(h.hash_one((ep, addr)), ep, addr)
+    }
+
+    fn find_hashed(&self, hash: u64, ep: Endpoint, addr: A) -> Option<u32> {
         let recs = &self.recs;
         self.map
-            .find(h.hash_one((ep, addr)), |&i| {
+            .find(hash, |&i| {
                 let r = &recs[i as usize];
                 r.hdr.ep == ep && r.addr == addr
             })
@@ -250,7 +266,8 @@ impl<A: Copy + Eq + std::hash::Hash> PairTable<A> {
 
     /// Finds or creates the pair; true when created (with no entries and expiry -inf).
     fn get_or_insert(&mut self, h: &DefaultHashBuilder, ep: Endpoint, addr: A) -> (u32, bool) {
-        if let Some(i) = self.find(h, ep, addr) {
+        let hash = h.hash_one((ep, addr));
+        if let Some(i) = self.find_hashed(hash, ep, addr) {
             return (i, false);
         }
         let rec = PairRec {
@@ -273,7 +290,7 @@ impl<A: Copy + Eq + std::hash::Hash> PairTable<A> {
             }
         };
         let recs = &self.recs;
-        self.map.insert_unique(h.hash_one((ep, addr)), i, |&j| {
+        self.map.insert_unique(hash, i, |&j| {
             let r = &recs[j as usize];
             h.hash_one((r.hdr.ep, r.addr))
         });
@@ -316,32 +333,94 @@ impl HeapItem {
     }
 }
 
-/// Pairs touched by one mutation, each with its state before the first touch.
+/// One (endpoint, ip) touched by a mutation, with its state before the first touch.
+#[derive(Debug, Clone, Copy)]
+struct Touch {
+    pair: u32,
+    ep: Endpoint,
+    ip: IpAddr,
+    before: Option<f64>,
+}
+
+/// Pairs touched by one mutation. A pair is found touched by a bit per pair slot, so the common
+/// case costs no hashing; only pairs freed during the call (evicted or expired) go through a set
+/// keyed by (endpoint, ip), so that one re-created in the same call keeps its first record.
 #[derive(Debug, Default)]
 struct Touches {
-    list: Vec<(Endpoint, IpAddr, Option<f64>)>,
-    index: HashMap<(Endpoint, IpAddr), ()>,
+    list: Vec<Touch>,
+    /// Bit `2i` for IPv4 pair `i`, `2i + 1` for IPv6 pair `i`: touched and alive in this call.
+    marks: Vec<u64>,
+    /// (endpoint, ip) of touched pairs freed during this call.
+    freed: HashSet<(Endpoint, IpAddr)>,
+    /// Marked pairs that no record names (re-created after being freed), cleared at the end.
+    stray: Vec<u32>,
+    /// Tracking off (snapshot restore reports nothing).
+    off: bool,
+}
+
+fn mark_bit(p: u32) -> (usize, u64) {
+    let b = ((p & !V6) as usize) * 2 + usize::from(p & V6 != 0);
+    (b / 64, 1u64 << (b % 64))
 }
 
 impl Touches {
-    const LINEAR: usize = 16;
+    fn touch(&mut self, pair: u32, ep: Endpoint, ip: IpAddr, before: Option<f64>) {
+        if self.off {
+            return;
+        }
+        let (w, m) = mark_bit(pair);
+        if w >= self.marks.len() {
+            self.marks.resize(w + 1, 0);
+        }
+        if self.marks[w] & m != 0 {
+            return;
+        }
+        self.marks[w] |= m;
+        if before.is_none() && !self.freed.is_empty() && self.freed.contains(&(ep, ip)) {
+            // Freed and re-created within this call: the first record stands.
+            self.stray.push(pair);
+            return;
+        }
+        self.list.push(Touch {
+            pair,
+            ep,
+            ip,
+            before,
+        });
+    }
 
-    fn touch(&mut self, ep: Endpoint, ip: IpAddr, before: Option<f64>) {
-        if self.list.len() < Self::LINEAR {
-            if self.list.iter().any(|t| t.0 == ep && t.1 == ip) {
-                return;
-            }
-        } else {
-            if self.index.is_empty() {
-                for t in &self.list {
-                    self.index.insert((t.0, t.1), ());
-                }
-            }
-            if self.index.insert((ep, ip), ()).is_some() {
-                return;
+    /// Pair `pair` of (ep, ip) is being freed (it was touched first).
+    fn freeing(&mut self, pair: u32, ep: Endpoint, ip: IpAddr) {
+        if self.off {
+            return;
+        }
+        let (w, m) = mark_bit(pair);
+        if let Some(word) = self.marks.get_mut(w) {
+            if *word & m != 0 {
+                *word &= !m;
+                self.freed.insert((ep, ip));
             }
         }
-        self.list.push((ep, ip, before));
+    }
+
+    fn clear(&mut self) {
+        for t in &self.list {
+            let (w, m) = mark_bit(t.pair);
+            if let Some(word) = self.marks.get_mut(w) {
+                *word &= !m;
+            }
+        }
+        for &p in &self.stray {
+            let (w, m) = mark_bit(p);
+            if let Some(word) = self.marks.get_mut(w) {
+                *word &= !m;
+            }
+        }
+        self.list.clear();
+        self.list.shrink_to(1 << 16);
+        self.stray.clear();
+        self.freed.clear();
+        self.freed.shrink_to(1 << 12);
     }
 }
 
@@ -393,6 +472,17 @@ pub fn parse_ip(text: &str) -> Result<IpAddr, CacheError> {
     text.parse().map_err(|_| CacheError::BadAddress {
         text: text.to_owned(),
     })
+}
+
+/// Reads a packed address: 4 bytes for IPv4, 16 for IPv6 (network order, as `inet_pton`).
+pub fn parse_packed_ip(bytes: &[u8]) -> Result<IpAddr, CacheError> {
+    if let Ok(a) = <[u8; 4]>::try_from(bytes) {
+        Ok(IpAddr::from(a))
+    } else if let Ok(a) = <[u8; 16]>::try_from(bytes) {
+        Ok(IpAddr::from(a))
+    } else {
+        Err(CacheError::BadPackedAddress { len: bytes.len() })
+    }
 }
 
 /// Checks a TTL given as a signed integer (as Python passes it).
@@ -524,9 +614,13 @@ impl Cache {
     // ---- groups -----------------------------------------------------------------------------
 
     fn find_group(&self, ep: Endpoint, name: u32) -> Option<u32> {
+        self.find_group_hashed(self.hasher.hash_one((ep, name)), ep, name)
+    }
+
+    fn find_group_hashed(&self, hash: u64, ep: Endpoint, name: u32) -> Option<u32> {
         let groups = &self.groups;
         self.group_map
-            .find(self.hasher.hash_one((ep, name)), |&g| {
+            .find(hash, |&g| {
                 let r = groups[g as usize];
                 r.ep == ep && r.name == name
             })
@@ -535,7 +629,8 @@ impl Cache {
 
     fn group_or_insert(&mut self, ep: Endpoint, wire: &[u8]) -> Result<u32, CacheError> {
         let name = self.names.intern(&self.hasher, wire)?;
-        if let Some(g) = self.find_group(ep, name) {
+        let hash = self.hasher.hash_one((ep, name));
+        if let Some(g) = self.find_group_hashed(hash, ep, name) {
             return Ok(g);
         }
         self.names.retain(name);
@@ -557,11 +652,10 @@ impl Cache {
             }
         };
         let (groups, hasher) = (&self.groups, &self.hasher);
-        self.group_map
-            .insert_unique(hasher.hash_one((ep, name)), g, |&i| {
-                let r = groups[i as usize];
-                hasher.hash_one((r.ep, r.name))
-            });
+        self.group_map.insert_unique(hash, g, |&i| {
+            let r = groups[i as usize];
+            hasher.hash_one((r.ep, r.name))
+        });
         Ok(g)
     }
 
@@ -640,14 +734,15 @@ impl Cache {
         self.heap.push(item);
         let mut i = self.heap.len() - 1;
         while i > 0 {
-            let parent = (i - 1) / 2;
-            if self.heap[i].before(&self.heap[parent]) {
-                self.heap.swap(i, parent);
+            let parent = (i - 1) / ARITY;
+            if item.before(&self.heap[parent]) {
+                self.heap[i] = self.heap[parent];
                 i = parent;
             } else {
                 break;
             }
         }
+        self.heap[i] = item;
         if self.heap.len() > 2 * self.len + 1024 {
             self.heap_rebuild();
         }
@@ -655,24 +750,28 @@ impl Cache {
 
     fn sift_down(&mut self, mut i: usize) {
         let n = self.heap.len();
+        let Some(&item) = self.heap.get(i) else {
+            return;
+        };
         loop {
-            let l = 2 * i + 1;
-            if l >= n {
+            let first = ARITY * i + 1;
+            if first >= n {
                 break;
             }
-            let r = l + 1;
-            let c = if r < n && self.heap[r].before(&self.heap[l]) {
-                r
-            } else {
-                l
-            };
-            if self.heap[c].before(&self.heap[i]) {
-                self.heap.swap(c, i);
+            let mut c = first;
+            for k in first + 1..(first + ARITY).min(n) {
+                if self.heap[k].before(&self.heap[c]) {
+                    c = k;
+                }
+            }
+            if self.heap[c].before(&item) {
+                self.heap[i] = self.heap[c];
                 i = c;
             } else {
                 break;
             }
         }
+        self.heap[i] = item;
     }
 
     fn heap_pop(&mut self) {
@@ -743,7 +842,7 @@ impl Cache {
 
     /// Unlinks and frees entry `e`, freeing its group, name and pair when they empty, and
     /// lowering the pair's expiry when `e` held it.
-    fn remove_entry(&mut self, e: u32) {
+    fn remove_entry(&mut self, e: u32, t: &mut Touches) {
         let r = self.entries[e as usize];
         // group list
         if r.g_prev != NIL {
@@ -771,6 +870,7 @@ impl Cache {
         let mut h = self.hdr(r.pair);
         h.count -= 1;
         if h.count == 0 {
+            t.freeing(r.pair, h.ep, self.pair_ip(r.pair));
             self.free_pair(r.pair);
         } else {
             let expires = r.expires;
@@ -806,7 +906,7 @@ impl Cache {
     fn touch_entry(&self, e: u32, t: &mut Touches) {
         let p = self.entries[e as usize].pair;
         let h = self.hdr(p);
-        t.touch(h.ep, self.pair_ip(p), Some(h.expires));
+        t.touch(p, h.ep, self.pair_ip(p), Some(h.expires));
     }
 
     /// Evicts the soonest-expiring entry of group `g`.
@@ -827,7 +927,7 @@ impl Cache {
         }
         if best != NIL {
             self.touch_entry(best, t);
-            self.remove_entry(best);
+            self.remove_entry(best, t);
             self.name_evictions += 1;
         }
     }
@@ -841,7 +941,7 @@ impl Cache {
         } else {
             Some(self.hdr(p).expires)
         };
-        t.touch(ep, ip, before);
+        t.touch(p, ep, ip, before);
         if !new_pair {
             if let Some(e) = self.find_entry(g, p) {
                 if expires > self.entries[e as usize].expires {
@@ -903,7 +1003,7 @@ impl Cache {
         while self.len > self.cfg.max_entries as usize {
             let Some(top) = self.peek_min() else { break };
             self.touch_entry(top.entry, t);
-            self.remove_entry(top.entry);
+            self.remove_entry(top.entry, t);
             self.evictions += 1;
         }
     }
@@ -920,7 +1020,7 @@ impl Cache {
         }
     }
 
-    fn record_wire(
+    fn record_one(
         &mut self,
         ep: Endpoint,
         wire: &[u8],
@@ -941,9 +1041,14 @@ impl Cache {
 
     fn finish(&mut self, mut t: Touches) -> Vec<Change> {
         let mut out = Vec::with_capacity(t.list.len());
-        for &(ep, ip, before) in &t.list {
-            let after = self.find_pair(ep, ip).map(|p| self.hdr(p).expires);
-            let change = match (before, after) {
+        for x in &t.list {
+            let after = if !t.freed.is_empty() && t.freed.contains(&(x.ep, x.ip)) {
+                self.find_pair(x.ep, x.ip).map(|p| self.hdr(p).expires)
+            } else {
+                // Never freed during the call, so still the same live pair.
+                Some(self.hdr(x.pair).expires)
+            };
+            let change = match (x.before, after) {
                 (None, Some(a)) => Some((ChangeKind::Added, a)),
                 (Some(b), Some(a)) if a > b => Some((ChangeKind::Extended, a)),
                 (Some(b), None) => Some((ChangeKind::Removed, b)),
@@ -952,17 +1057,14 @@ impl Cache {
             if let Some((kind, expires_at)) = change {
                 out.push(Change {
                     kind,
-                    endpoint: ep,
-                    ip,
+                    endpoint: x.ep,
+                    ip: x.ip,
                     expires_at,
                 });
             }
         }
-        t.list.clear();
-        t.index.clear();
-        if t.list.capacity() <= 1 << 16 {
-            self.spare_touches = t;
-        }
+        t.clear();
+        self.spare_touches = t;
         out
     }
 
@@ -974,14 +1076,27 @@ impl Cache {
         addrs: &[(IpAddr, u32)],
         now: f64,
     ) -> Result<Vec<Change>, CacheError> {
+        let mut wire = Vec::with_capacity(name.wire_len());
+        names::wire_of(name, &mut wire);
+        self.record_wire(endpoint, &wire, addrs, now)
+    }
+
+    /// [`Cache::record`] with the name already in wire form, as [`names::wire_of`] or
+    /// [`names::wire_from_presentation`] write it.
+    pub(crate) fn record_wire(
+        &mut self,
+        endpoint: Endpoint,
+        wire: &[u8],
+        addrs: &[(IpAddr, u32)],
+        now: f64,
+    ) -> Result<Vec<Change>, CacheError> {
+        debug_assert!(names::is_valid_wire(wire));
         let now = check_now(now)?;
         for &(_, ttl) in addrs {
             self.expiry(now, ttl)?;
         }
-        let mut wire = Vec::with_capacity(name.wire_len());
-        names::wire_of(name, &mut wire);
         let mut t = self.touches();
-        self.record_wire(endpoint, &wire, addrs, now, &mut t)?;
+        self.record_one(endpoint, wire, addrs, now, &mut t)?;
         Ok(self.finish(t))
     }
 
@@ -998,7 +1113,7 @@ impl Cache {
         }
         let mut t = self.touches();
         for (wire, addrs) in batch.iter() {
-            self.record_wire(endpoint, wire, addrs, now, &mut t)?;
+            self.record_one(endpoint, wire, addrs, now, &mut t)?;
         }
         Ok(self.finish(t))
     }
@@ -1012,7 +1127,7 @@ impl Cache {
                 break;
             }
             self.touch_entry(top.entry, &mut t);
-            self.remove_entry(top.entry);
+            self.remove_entry(top.entry, &mut t);
         }
         if self.heap.len() > 2 * self.len + 1024 {
             self.heap_rebuild();
@@ -1125,7 +1240,10 @@ impl Cache {
         expires: f64,
     ) -> Result<(), CacheError> {
         let g = self.group_or_insert(ep, wire)?;
-        let mut t = Touches::default();
+        let mut t = Touches {
+            off: true,
+            ..Touches::default()
+        };
         self.insert(g, ip, expires, &mut t);
         Ok(())
     }
@@ -1198,7 +1316,10 @@ impl Cache {
         assert!(self.len <= self.cfg.max_entries as usize);
         assert!(self.heap.len() <= 2 * self.len + 1024);
         for i in 1..self.heap.len() {
-            assert!(!self.heap[i].before(&self.heap[(i - 1) / 2]), "heap order");
+            assert!(
+                !self.heap[i].before(&self.heap[(i - 1) / ARITY]),
+                "heap order"
+            );
         }
     }
 }
