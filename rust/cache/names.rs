@@ -9,8 +9,8 @@
 //! [`LabelBuf::from_presentation`] reads back exactly the stored bytes.
 //!
 //! The bytes live in one arena (`Vec<u8>`); each id holds offset, length and a reference count.
-//! Freed space is reclaimed by compacting the arena in place when it is more than half garbage,
-//! so the arena never holds more than about twice the live bytes and its allocation never moves
+//! Freed space is reclaimed by compacting the arena in place when a quarter of it is garbage,
+//! so the arena never holds more than about 4/3 of the live bytes and its allocation never moves
 //! under a stream of new names.
 
 use std::hash::BuildHasher;
@@ -113,14 +113,42 @@ pub fn display(bytes: &[u8]) -> String {
     s
 }
 
+/// Call before inserting into `table`. hashbrown makes room for an insert into a table with no
+/// room left by rehashing in place only when at most half its capacity is live; otherwise it
+/// doubles, even when the rest is tombstones left by removals. Under churn at a steady size (a
+/// flood of new names through a full cache) that doubles every index once for nothing. Here a
+/// table with no room left is rebuilt at the size its live items need plus a quarter (which is
+/// the doubled size when it is really full), so at least `len / 4` inserts pass before the next
+/// rebuild and the cost stays amortised O(1).
+pub(super) fn make_room(table: &mut HashTable<u32>, hash: impl Fn(u32) -> u64) {
+    let len = table.len();
+    if len < table.capacity() {
+        return;
+    }
+    let mut fresh = HashTable::with_capacity(len + len / 4 + 1);
+    for id in table.drain() {
+        fresh.insert_unique(hash(id), id, |&i| hash(i));
+    }
+    *table = fresh;
+}
+
 const FREE: u32 = 0;
 
+/// 9 bytes: a stored name is at most 254 bytes long.
 #[derive(Debug, Clone, Copy)]
+#[repr(C, packed)]
 struct NameRec {
     off: u32,
-    len: u32,
     /// Number of (endpoint, name) groups using the name; 0 marks a free id.
     refs: u32,
+    len: u8,
+}
+
+impl NameRec {
+    fn range(self) -> std::ops::Range<usize> {
+        let off = self.off as usize;
+        off..off + usize::from(self.len)
+    }
 }
 
 /// Interned names: arena, records, free ids and a hash index keyed by the bytes.
@@ -144,7 +172,7 @@ impl Names {
 
     pub fn bytes(&self, id: u32) -> &[u8] {
         let r = self.recs[id as usize];
-        &self.arena[r.off as usize..(r.off + r.len) as usize]
+        &self.arena[r.range()]
     }
 
     pub fn find(&self, hasher: &DefaultHashBuilder, bytes: &[u8]) -> Option<u32> {
@@ -156,7 +184,7 @@ impl Names {
         self.map
             .find(h, |&id| {
                 let r = recs[id as usize];
-                &arena[r.off as usize..(r.off + r.len) as usize] == bytes
+                &arena[r.range()] == bytes
             })
             .copied()
     }
@@ -175,8 +203,9 @@ impl Names {
         }
         let rec = NameRec {
             off: self.arena.len() as u32,
-            len: bytes.len() as u32,
             refs: FREE,
+            // Callers pass names of at most 254 bytes (`is_valid_wire`).
+            len: bytes.len().min(255) as u8,
         };
         self.arena.extend_from_slice(bytes);
         let id = match self.free.pop() {
@@ -190,10 +219,9 @@ impl Names {
             }
         };
         let (arena, recs) = (&self.arena, &self.recs);
-        self.map.insert_unique(h, id, |&i| {
-            let r = recs[i as usize];
-            hasher.hash_one(&arena[r.off as usize..(r.off + r.len) as usize])
-        });
+        let rehash = |i: u32| hasher.hash_one(&arena[recs[i as usize].range()]);
+        make_room(&mut self.map, rehash);
+        self.map.insert_unique(h, id, |&i| rehash(i));
         Ok(id)
     }
 
@@ -212,26 +240,28 @@ impl Names {
         if let Ok(slot) = self.map.find_entry(h, |&i| i == id) {
             slot.remove();
         }
-        self.garbage += self.recs[id as usize].len as usize;
+        self.garbage += usize::from(self.recs[id as usize].len);
         self.free.push(id);
-        if self.garbage > 64 * 1024 && self.garbage * 2 >= self.arena.len() {
+        if self.garbage > 64 * 1024 && self.garbage * 4 >= self.arena.len() {
             self.compact();
         }
     }
 
     /// Moves the live names to the front of the arena, in place.
     fn compact(&mut self) {
-        let mut live: Vec<(u32, u32)> = self
+        // (offset, id) in one u64, so the sort compares plain integers.
+        let mut live: Vec<u64> = self
             .recs
             .iter()
             .enumerate()
             .filter(|(_, r)| r.refs != FREE)
-            .map(|(i, r)| (r.off, i as u32))
+            .map(|(i, r)| (u64::from(r.off) << 32) | i as u64)
             .collect();
         live.sort_unstable();
         let mut to = 0u32;
-        for (off, id) in live {
-            let len = self.recs[id as usize].len;
+        for key in live {
+            let (off, id) = ((key >> 32) as u32, key as u32);
+            let len = u32::from(self.recs[id as usize].len);
             self.arena
                 .copy_within(off as usize..(off + len) as usize, to as usize);
             self.recs[id as usize].off = to;

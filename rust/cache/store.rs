@@ -6,10 +6,10 @@
 //!   Each entry sits on two intrusive doubly linked lists: its group's and its pair's.
 //! * `groups`: one per (endpoint, name): endpoint, name id, count, list head; hash-indexed.
 //! * pairs: one per (endpoint, ip), with the latest expiry of its entries (what the firewall
-//!   element carries); IPv4 pairs take 24 bytes, IPv6 pairs 36; hash-indexed.
+//!   element carries); IPv4 pairs take 20 bytes, IPv6 pairs 32; hash-indexed.
 //! * `heap`: a 4-ary min-heap of (expiry, stamp, entry), 16 bytes each, with lazy deletion: an
 //!   item whose stamp no longer matches its entry is skipped, and the heap is rebuilt from the
-//!   live entries when stale items outnumber live ones, so it stays within twice the entries.
+//!   live entries when stale items pass half the live ones, so it stays within 1.5x the entries.
 //!
 //! Order: entries are ordered by (expiry, stamp), where the stamp is a counter taken each time an
 //! entry's expiry is set. Soonest expiry goes first; among equal expiries, the one set earliest.
@@ -221,8 +221,7 @@ struct Group {
 struct PairHdr {
     expires: f64,
     ep: Endpoint,
-    /// Entries holding the pair; 0 marks a free slot.
-    count: u32,
+    /// First entry holding the pair; `NIL` marks a free slot.
     head: u32,
 }
 
@@ -274,7 +273,6 @@ impl<A: Copy + Eq + std::hash::Hash> PairTable<A> {
             hdr: PairHdr {
                 expires: f64::NEG_INFINITY,
                 ep,
-                count: 0,
                 head: NIL,
             },
             addr,
@@ -290,10 +288,12 @@ impl<A: Copy + Eq + std::hash::Hash> PairTable<A> {
             }
         };
         let recs = &self.recs;
-        self.map.insert_unique(hash, i, |&j| {
+        let rehash = |j: u32| {
             let r = &recs[j as usize];
             h.hash_one((r.hdr.ep, r.addr))
-        });
+        };
+        names::make_room(&mut self.map, rehash);
+        self.map.insert_unique(hash, i, |&j| rehash(j));
         (i, true)
     }
 
@@ -305,7 +305,7 @@ impl<A: Copy + Eq + std::hash::Hash> PairTable<A> {
         {
             slot.remove();
         }
-        self.recs[i as usize].hdr.count = 0;
+        self.recs[i as usize].hdr.head = NIL;
         self.free.push(i);
     }
 
@@ -652,10 +652,12 @@ impl Cache {
             }
         };
         let (groups, hasher) = (&self.groups, &self.hasher);
-        self.group_map.insert_unique(hash, g, |&i| {
+        let rehash = |i: u32| {
             let r = groups[i as usize];
             hasher.hash_one((r.ep, r.name))
-        });
+        };
+        names::make_room(&mut self.group_map, rehash);
+        self.group_map.insert_unique(hash, g, |&i| rehash(i));
         Ok(g)
     }
 
@@ -730,6 +732,12 @@ impl Cache {
         e.group != NIL && e.stamp == item.stamp
     }
 
+    /// Most heap items (live and stale) before a rebuild: rebuilding costs O(heap) once per
+    /// `len / 2` stale pushes, amortised O(1) each.
+    fn heap_limit(&self) -> usize {
+        self.len + self.len / 2 + 1024
+    }
+
     fn heap_push(&mut self, item: HeapItem) {
         self.heap.push(item);
         let mut i = self.heap.len() - 1;
@@ -743,7 +751,7 @@ impl Cache {
             }
         }
         self.heap[i] = item;
-        if self.heap.len() > 2 * self.len + 1024 {
+        if self.heap.len() > self.heap_limit() {
             self.heap_rebuild();
         }
     }
@@ -814,28 +822,23 @@ impl Cache {
         }
     }
 
-    /// The entry of group `g` for pair `p`, walking the shorter of the two lists.
+    /// The entry of group `g` for pair `p`. Walks the group's and the pair's lists in step, so
+    /// the cost is set by the shorter (a group holds at most `max_ips_per_name` entries, a pair
+    /// one per name that resolved to it).
     fn find_entry(&self, g: u32, p: u32) -> Option<u32> {
-        let gc = self.groups[g as usize].count;
-        let ph = self.hdr(p);
-        if gc <= ph.count {
-            let mut e = self.groups[g as usize].head;
-            while e != NIL {
-                let r = self.entries[e as usize];
-                if r.pair == p {
-                    return Some(e);
-                }
-                e = r.g_next;
+        let mut a = self.groups[g as usize].head;
+        let mut b = self.hdr(p).head;
+        while a != NIL && b != NIL {
+            let ra = self.entries[a as usize];
+            if ra.pair == p {
+                return Some(a);
             }
-        } else {
-            let mut e = ph.head;
-            while e != NIL {
-                let r = self.entries[e as usize];
-                if r.group == g {
-                    return Some(e);
-                }
-                e = r.p_next;
+            let rb = self.entries[b as usize];
+            if rb.group == g {
+                return Some(b);
             }
+            a = ra.g_next;
+            b = rb.p_next;
         }
         None
     }
@@ -868,8 +871,7 @@ impl Cache {
             self.entries[r.p_next as usize].p_prev = r.p_prev;
         }
         let mut h = self.hdr(r.pair);
-        h.count -= 1;
-        if h.count == 0 {
+        if h.head == NIL {
             t.freeing(r.pair, h.ep, self.pair_ip(r.pair));
             self.free_pair(r.pair);
         } else {
@@ -987,7 +989,6 @@ impl Cache {
         let group_count = gm.count;
         let hm = self.hdr_mut(p);
         hm.head = e;
-        hm.count += 1;
         if expires > hm.expires {
             hm.expires = expires;
         }
@@ -1129,7 +1130,7 @@ impl Cache {
             self.touch_entry(top.entry, &mut t);
             self.remove_entry(top.entry, &mut t);
         }
-        if self.heap.len() > 2 * self.len + 1024 {
+        if self.heap.len() > self.heap_limit() {
             self.heap_rebuild();
         }
         Ok(self.finish(t))
@@ -1265,7 +1266,7 @@ impl Cache {
             let g = self.groups[e.group as usize];
             assert_ne!(g.name, NIL, "entry {i} in a free group");
             let h = self.hdr(e.pair);
-            assert!(h.count > 0, "entry {i} in a free pair");
+            assert_ne!(h.head, NIL, "entry {i} in a free pair");
             assert_eq!(h.ep, g.ep);
             assert!(e.expires <= h.expires);
             assert!(self
@@ -1296,7 +1297,7 @@ impl Cache {
             (0..self.v4.recs.len() as u32).chain((0..self.v6.recs.len() as u32).map(|i| i | V6))
         {
             let h = self.hdr(p);
-            if h.count == 0 {
+            if h.head == NIL {
                 continue;
             }
             let mut n = 0;
@@ -1309,12 +1310,11 @@ impl Cache {
                 n += 1;
                 e = r.p_next;
             }
-            assert_eq!(n, h.count);
             let latest = h.expires;
             assert_eq!(max, latest, "pair expiry is the latest of its entries");
         }
         assert!(self.len <= self.cfg.max_entries as usize);
-        assert!(self.heap.len() <= 2 * self.len + 1024);
+        assert!(self.heap.len() <= self.heap_limit());
         for i in 1..self.heap.len() {
             assert!(
                 !self.heap[i].before(&self.heap[(i - 1) / ARITY]),
