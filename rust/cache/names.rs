@@ -9,8 +9,8 @@
 //! [`LabelBuf::from_presentation`] reads back exactly the stored bytes.
 //!
 //! The bytes live in one arena (`Vec<u8>`); each id holds offset, length and a reference count.
-//! Freed space is reclaimed by compacting the arena in place when a quarter of it is garbage,
-//! so the arena never holds more than about 4/3 of the live bytes and its allocation never moves
+//! Freed space is reclaimed by compacting the arena in place when an eighth of it is garbage,
+//! so the arena never holds more than about 8/7 of the live bytes and its allocation never moves
 //! under a stream of new names.
 
 use std::hash::BuildHasher;
@@ -113,25 +113,6 @@ pub fn display(bytes: &[u8]) -> String {
     s
 }
 
-/// Call before inserting into `table`. hashbrown makes room for an insert into a table with no
-/// room left by rehashing in place only when at most half its capacity is live; otherwise it
-/// doubles, even when the rest is tombstones left by removals. Under churn at a steady size (a
-/// flood of new names through a full cache) that doubles every index once for nothing. Here a
-/// table with no room left is rebuilt at the size its live items need plus a quarter (which is
-/// the doubled size when it is really full), so at least `len / 4` inserts pass before the next
-/// rebuild and the cost stays amortised O(1).
-pub(super) fn make_room(table: &mut HashTable<u32>, hash: impl Fn(u32) -> u64) {
-    let len = table.len();
-    if len < table.capacity() {
-        return;
-    }
-    let mut fresh = HashTable::with_capacity(len + len / 4 + 1);
-    for id in table.drain() {
-        fresh.insert_unique(hash(id), id, |&i| hash(i));
-    }
-    *table = fresh;
-}
-
 const FREE: u32 = 0;
 
 /// 9 bytes: a stored name is at most 254 bytes long.
@@ -219,9 +200,9 @@ impl Names {
             }
         };
         let (arena, recs) = (&self.arena, &self.recs);
-        let rehash = |i: u32| hasher.hash_one(&arena[recs[i as usize].range()]);
-        make_room(&mut self.map, rehash);
-        self.map.insert_unique(h, id, |&i| rehash(i));
+        self.map.insert_unique(h, id, |&i| {
+            hasher.hash_one(&arena[recs[i as usize].range()])
+        });
         Ok(id)
     }
 
@@ -242,30 +223,41 @@ impl Names {
         }
         self.garbage += usize::from(self.recs[id as usize].len);
         self.free.push(id);
-        if self.garbage > 64 * 1024 && self.garbage * 4 >= self.arena.len() {
+        if self.garbage > 64 * 1024 && self.garbage * 8 >= self.arena.len() {
             self.compact();
         }
     }
 
-    /// Moves the live names to the front of the arena, in place.
+    /// Moves the live names to the front of the arena, in place, in offset order. The arena is
+    /// taken in four windows, each listing and sorting only its own names: the scratch list is
+    /// a quarter of the names, which matters because allocator keeps a freed big block (glibc
+    /// raises its mmap threshold after freeing one) and the process would hold it for good.
     fn compact(&mut self) {
-        // (offset, id) in one u64, so the sort compares plain integers.
-        let mut live: Vec<u64> = self
-            .recs
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| r.refs != FREE)
-            .map(|(i, r)| (u64::from(r.off) << 32) | i as u64)
-            .collect();
-        live.sort_unstable();
+        const WINDOWS: usize = 4;
+        let end = self.arena.len();
+        let step = end / WINDOWS + 1;
         let mut to = 0u32;
-        for key in live {
-            let (off, id) = ((key >> 32) as u32, key as u32);
-            let len = u32::from(self.recs[id as usize].len);
-            self.arena
-                .copy_within(off as usize..(off + len) as usize, to as usize);
-            self.recs[id as usize].off = to;
-            to += len;
+        // (offset, id) in one u64, so the sort compares plain integers.
+        let mut live: Vec<u64> = Vec::new();
+        for w in 0..WINDOWS {
+            let window = (w * step) as u64..((w + 1) * step).min(end) as u64;
+            live.clear();
+            live.extend(
+                self.recs
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| r.refs != FREE && window.contains(&u64::from(r.off)))
+                    .map(|(i, r)| (u64::from(r.off) << 32) | i as u64),
+            );
+            live.sort_unstable();
+            for &key in &live {
+                let (off, id) = ((key >> 32) as u32, key as u32);
+                let len = u32::from(self.recs[id as usize].len);
+                self.arena
+                    .copy_within(off as usize..(off + len) as usize, to as usize);
+                self.recs[id as usize].off = to;
+                to += len;
+            }
         }
         self.arena.truncate(to as usize);
         self.garbage = 0;
@@ -275,7 +267,7 @@ impl Names {
         self.arena.capacity()
             + self.recs.capacity() * std::mem::size_of::<NameRec>()
             + self.free.capacity() * 4
-            + self.map.capacity() * 5
+            + self.map.allocation_size()
     }
 }
 
@@ -380,5 +372,20 @@ mod tests {
         for (_, w) in ids.iter().step_by(2) {
             assert_eq!(n.find(&h, w), None);
         }
+    }
+}
+
+#[cfg(test)]
+impl Names {
+    pub(crate) fn index_bytes(&self) -> usize {
+        self.map.allocation_size()
+    }
+
+    pub(crate) fn arena_len(&self) -> usize {
+        self.arena.len()
+    }
+
+    pub(crate) fn live_bytes(&self) -> usize {
+        self.arena.len() - self.garbage
     }
 }

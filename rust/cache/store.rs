@@ -193,11 +193,11 @@ impl Batch {
     }
 }
 
+/// 28 bytes. The entry's expiry and stamp live in its heap item (`heap[pos]`) only.
 #[derive(Debug, Clone, Copy)]
-#[repr(C, packed(4))]
 struct Entry {
-    expires: f64,
-    stamp: u32,
+    /// Index of the entry's item in the heap.
+    pos: u32,
     /// `NIL` marks a free slot (then `g_next` links the free list).
     group: u32,
     pair: u32,
@@ -288,12 +288,10 @@ impl<A: Copy + Eq + std::hash::Hash> PairTable<A> {
             }
         };
         let recs = &self.recs;
-        let rehash = |j: u32| {
+        self.map.insert_unique(hash, i, |&j| {
             let r = &recs[j as usize];
             h.hash_one((r.hdr.ep, r.addr))
-        };
-        names::make_room(&mut self.map, rehash);
-        self.map.insert_unique(hash, i, |&j| rehash(j));
+        });
         (i, true)
     }
 
@@ -312,7 +310,7 @@ impl<A: Copy + Eq + std::hash::Hash> PairTable<A> {
     fn memory(&self) -> usize {
         self.recs.capacity() * std::mem::size_of::<PairRec<A>>()
             + self.free.capacity() * 4
-            + self.map.capacity() * 5
+            + self.map.allocation_size()
     }
 }
 
@@ -552,7 +550,7 @@ impl Cache {
             + self.names.memory()
             + self.groups.capacity() * std::mem::size_of::<Group>()
             + self.group_free.capacity() * 4
-            + self.group_map.capacity() * 5
+            + self.group_map.allocation_size()
             + self.v4.memory()
             + self.v6.memory()
             + self.entries.capacity() * std::mem::size_of::<Entry>()
@@ -652,12 +650,10 @@ impl Cache {
             }
         };
         let (groups, hasher) = (&self.groups, &self.hasher);
-        let rehash = |i: u32| {
+        self.group_map.insert_unique(hash, g, |&i| {
             let r = groups[i as usize];
             hasher.hash_one((r.ep, r.name))
-        };
-        names::make_room(&mut self.group_map, rehash);
-        self.group_map.insert_unique(hash, g, |&i| rehash(i));
+        });
         Ok(g)
     }
 
@@ -697,27 +693,16 @@ impl Cache {
         s
     }
 
-    /// Gives live entries stamps 0..n in their current order and rebuilds the heap sorted
-    /// (a sorted array is a heap). Runs once per 2^32 expiry settings.
+    /// Gives entries stamps 0..n in their current order, leaving the heap sorted (a sorted
+    /// array is a heap). Runs once per 2^32 expiry settings.
     fn renumber(&mut self) {
-        let mut live: Vec<HeapItem> = self
-            .entries
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| e.group != NIL)
-            .map(|(i, e)| HeapItem {
-                expires: e.expires,
-                stamp: e.stamp,
-                entry: i as u32,
-            })
-            .collect();
-        live.sort_unstable_by(|a, b| a.expires.total_cmp(&b.expires).then(a.stamp.cmp(&b.stamp)));
-        for (s, item) in live.iter_mut().enumerate() {
-            item.stamp = s as u32;
-            self.entries[item.entry as usize].stamp = s as u32;
+        self.heap
+            .sort_unstable_by(|a, b| a.expires.total_cmp(&b.expires).then(a.stamp.cmp(&b.stamp)));
+        for (i, item) in self.heap.iter_mut().enumerate() {
+            item.stamp = i as u32;
+            self.entries[item.entry as usize].pos = i as u32;
         }
-        self.next_stamp = live.len() as u32;
-        self.heap = live;
+        self.next_stamp = self.heap.len() as u32;
     }
 
     #[cfg(test)]
@@ -727,40 +712,34 @@ impl Cache {
         }
     }
 
-    fn is_live(&self, item: &HeapItem) -> bool {
-        let e = self.entries[item.entry as usize];
-        e.group != NIL && e.stamp == item.stamp
+    /// The heap item (expiry, stamp) of live entry `e`.
+    fn item(&self, e: u32) -> HeapItem {
+        self.heap[self.entries[e as usize].pos as usize]
     }
 
-    /// Most heap items (live and stale) before a rebuild: rebuilding costs O(heap) once per
-    /// `len / 2` stale pushes, amortised O(1) each.
-    fn heap_limit(&self) -> usize {
-        self.len + self.len / 2 + 1024
+    fn heap_place(&mut self, i: usize, item: HeapItem) {
+        self.heap[i] = item;
+        self.entries[item.entry as usize].pos = i as u32;
     }
 
-    fn heap_push(&mut self, item: HeapItem) {
-        self.heap.push(item);
-        let mut i = self.heap.len() - 1;
+    /// Moves `item` from hole `i` towards the root to its place.
+    fn sift_up(&mut self, mut i: usize, item: HeapItem) {
         while i > 0 {
             let parent = (i - 1) / ARITY;
-            if item.before(&self.heap[parent]) {
-                self.heap[i] = self.heap[parent];
+            let p = self.heap[parent];
+            if item.before(&p) {
+                self.heap_place(i, p);
                 i = parent;
             } else {
                 break;
             }
         }
-        self.heap[i] = item;
-        if self.heap.len() > self.heap_limit() {
-            self.heap_rebuild();
-        }
+        self.heap_place(i, item);
     }
 
-    fn sift_down(&mut self, mut i: usize) {
+    /// Moves `item` from hole `i` towards the leaves to its place.
+    fn sift_down(&mut self, mut i: usize, item: HeapItem) {
         let n = self.heap.len();
-        let Some(&item) = self.heap.get(i) else {
-            return;
-        };
         loop {
             let first = ARITY * i + 1;
             if first >= n {
@@ -772,42 +751,37 @@ impl Cache {
                     c = k;
                 }
             }
-            if self.heap[c].before(&item) {
-                self.heap[i] = self.heap[c];
+            let child = self.heap[c];
+            if child.before(&item) {
+                self.heap_place(i, child);
                 i = c;
             } else {
                 break;
             }
         }
-        self.heap[i] = item;
+        self.heap_place(i, item);
     }
 
-    fn heap_pop(&mut self) {
-        let last = self.heap.len() - 1;
-        self.heap.swap(0, last);
-        self.heap.pop();
-        self.sift_down(0);
+    fn heap_insert(&mut self, item: HeapItem) {
+        self.heap.push(item);
+        self.sift_up(self.heap.len() - 1, item);
     }
 
-    /// Drops stale items and restores the heap order, in O(n).
-    fn heap_rebuild(&mut self) {
-        let mut heap = std::mem::take(&mut self.heap);
-        heap.retain(|it| self.is_live(it));
-        self.heap = heap;
-        for i in (0..self.heap.len() / 2).rev() {
-            self.sift_down(i);
-        }
-    }
-
-    /// The live entry first in (expiry, stamp) order, dropping stale items on the way.
-    fn peek_min(&mut self) -> Option<HeapItem> {
-        while let Some(&top) = self.heap.first() {
-            if self.is_live(&top) {
-                return Some(top);
+    /// Takes the item at `i` out of the heap.
+    fn heap_remove(&mut self, i: usize) {
+        let Some(last) = self.heap.pop() else { return };
+        if i < self.heap.len() {
+            if i > 0 && last.before(&self.heap[(i - 1) / ARITY]) {
+                self.sift_up(i, last);
+            } else {
+                self.sift_down(i, last);
             }
-            self.heap_pop();
         }
-        None
+    }
+
+    /// The entry first in (expiry, stamp) order.
+    fn peek_min(&self) -> Option<HeapItem> {
+        self.heap.first().copied()
     }
 
     fn alloc_entry(&mut self, e: Entry) -> u32 {
@@ -847,6 +821,8 @@ impl Cache {
     /// lowering the pair's expiry when `e` held it.
     fn remove_entry(&mut self, e: u32, t: &mut Touches) {
         let r = self.entries[e as usize];
+        let removed = self.heap[r.pos as usize];
+        self.heap_remove(r.pos as usize);
         // group list
         if r.g_prev != NIL {
             self.entries[r.g_prev as usize].g_next = r.g_next;
@@ -875,13 +851,13 @@ impl Cache {
             t.freeing(r.pair, h.ep, self.pair_ip(r.pair));
             self.free_pair(r.pair);
         } else {
-            let expires = r.expires;
+            let expires = removed.expires;
             if expires >= h.expires {
                 let mut max = f64::NEG_INFINITY;
                 let mut i = h.head;
                 while i != NIL {
                     let x = self.entries[i as usize];
-                    max = max.max(x.expires);
+                    max = max.max(self.heap[x.pos as usize].expires);
                     if max >= expires {
                         break; // another entry holds the same expiry
                     }
@@ -892,8 +868,7 @@ impl Cache {
             *self.hdr_mut(r.pair) = h;
         }
         self.entries[e as usize] = Entry {
-            expires: 0.0,
-            stamp: 0,
+            pos: NIL,
             group: NIL,
             pair: NIL,
             g_next: self.entry_free,
@@ -918,7 +893,8 @@ impl Cache {
         let mut e = self.groups[g as usize].head;
         while e != NIL {
             let r = self.entries[e as usize];
-            let k = (r.expires, r.stamp);
+            let it = self.heap[r.pos as usize];
+            let k = (it.expires, it.stamp);
             if best == NIL
                 || k.0.total_cmp(&key.0).then(k.1.cmp(&key.1)) == std::cmp::Ordering::Less
             {
@@ -946,20 +922,22 @@ impl Cache {
         t.touch(p, ep, ip, before);
         if !new_pair {
             if let Some(e) = self.find_entry(g, p) {
-                if expires > self.entries[e as usize].expires {
+                if expires > self.item(e).expires {
                     let stamp = self.take_stamp();
-                    let r = &mut self.entries[e as usize];
-                    r.expires = expires;
-                    r.stamp = stamp;
                     let h = self.hdr_mut(p);
                     if expires > h.expires {
                         h.expires = expires;
                     }
-                    self.heap_push(HeapItem {
-                        expires,
-                        stamp,
-                        entry: e,
-                    });
+                    // A later key: the item can only move towards the leaves.
+                    let pos = self.entries[e as usize].pos as usize;
+                    self.sift_down(
+                        pos,
+                        HeapItem {
+                            expires,
+                            stamp,
+                            entry: e,
+                        },
+                    );
                 }
                 return;
             }
@@ -968,8 +946,7 @@ impl Cache {
         let gr = self.groups[g as usize];
         let h = self.hdr(p);
         let e = self.alloc_entry(Entry {
-            expires,
-            stamp,
+            pos: NIL,
             group: g,
             pair: p,
             g_next: gr.head,
@@ -993,7 +970,7 @@ impl Cache {
             hm.expires = expires;
         }
         self.len += 1;
-        self.heap_push(HeapItem {
+        self.heap_insert(HeapItem {
             expires,
             stamp,
             entry: e,
@@ -1130,9 +1107,6 @@ impl Cache {
             self.touch_entry(top.entry, &mut t);
             self.remove_entry(top.entry, &mut t);
         }
-        if self.heap.len() > self.heap_limit() {
-            self.heap_rebuild();
-        }
         Ok(self.finish(t))
     }
 
@@ -1174,7 +1148,7 @@ impl Cache {
             let mut e = self.groups[g as usize].head;
             while e != NIL {
                 let r = self.entries[e as usize];
-                out.push((self.pair_ip(r.pair), r.expires));
+                out.push((self.pair_ip(r.pair), self.heap[r.pos as usize].expires));
                 e = r.g_next;
             }
         }
@@ -1211,11 +1185,9 @@ impl Cache {
     /// Every live entry as (endpoint, wire name, ip, expiry), in (expiry, stamp) order.
     pub(crate) fn entries_ordered(&self) -> Vec<(Endpoint, &[u8], IpAddr, f64)> {
         let mut live: Vec<(f64, u32, u32)> = self
-            .entries
+            .heap
             .iter()
-            .enumerate()
-            .filter(|(_, e)| e.group != NIL)
-            .map(|(i, e)| (e.expires, e.stamp, i as u32))
+            .map(|it| (it.expires, it.stamp, it.entry))
             .collect();
         live.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         live.into_iter()
@@ -1268,11 +1240,12 @@ impl Cache {
             let h = self.hdr(e.pair);
             assert_ne!(h.head, NIL, "entry {i} in a free pair");
             assert_eq!(h.ep, g.ep);
-            assert!(e.expires <= h.expires);
-            assert!(self
-                .heap
-                .iter()
-                .any(|it| it.entry == i as u32 && it.stamp == e.stamp));
+            let it = self.heap[e.pos as usize];
+            assert_eq!(
+                it.entry, i as u32,
+                "entry {i} and its heap item point at each other"
+            );
+            assert!(it.expires <= h.expires);
         }
         assert_eq!(live, self.len);
         for (gi, g) in self.groups.iter().enumerate() {
@@ -1300,26 +1273,42 @@ impl Cache {
             if h.head == NIL {
                 continue;
             }
-            let mut n = 0;
             let mut max = f64::NEG_INFINITY;
             let mut e = h.head;
+            let mut prev = NIL;
             while e != NIL {
                 let r = self.entries[e as usize];
                 assert_eq!(r.pair, p);
-                max = max.max(r.expires);
-                n += 1;
+                assert_eq!(r.p_prev, prev);
+                max = max.max(self.heap[r.pos as usize].expires);
+                prev = e;
                 e = r.p_next;
             }
             let latest = h.expires;
             assert_eq!(max, latest, "pair expiry is the latest of its entries");
         }
         assert!(self.len <= self.cfg.max_entries as usize);
-        assert!(self.heap.len() <= self.heap_limit());
+        assert_eq!(self.heap.len(), self.len, "one heap item per entry");
         for i in 1..self.heap.len() {
             assert!(
                 !self.heap[i].before(&self.heap[(i - 1) / ARITY]),
                 "heap order"
             );
         }
+    }
+}
+
+#[cfg(test)]
+impl Cache {
+    /// (bytes allocated for the indexes, arena bytes in use, live name bytes).
+    pub(crate) fn footprint(&self) -> (usize, usize, usize) {
+        (
+            self.names.index_bytes()
+                + self.group_map.allocation_size()
+                + self.v4.map.allocation_size()
+                + self.v6.map.allocation_size(),
+            self.names.arena_len(),
+            self.names.live_bytes(),
+        )
     }
 }
