@@ -7,6 +7,7 @@ Cilium-compatible ``toFQDNs`` / ``rules.dns`` semantics with a Rust core. The co
 from fqdnguard._core import (
     CacheError,
     Change,
+    ChangeList,
     CompiledPolicy,
     DnsCache,
     Edns,
@@ -31,6 +32,7 @@ from fqdnguard.policy import Policy, PolicyError, PolicyWarning
 __all__ = [
     "CacheError",
     "Change",
+    "ChangeList",
     "CompiledPolicy",
     "DnsCache",
     "Edns",

@@ -272,6 +272,21 @@ impl Names {
 }
 
 #[cfg(test)]
+impl Names {
+    pub(crate) fn index_bytes(&self) -> usize {
+        self.map.allocation_size()
+    }
+
+    pub(crate) fn arena_len(&self) -> usize {
+        self.arena.len()
+    }
+
+    pub(crate) fn live_bytes(&self) -> usize {
+        self.arena.len() - self.garbage
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -372,20 +387,5 @@ mod tests {
         for (_, w) in ids.iter().step_by(2) {
             assert_eq!(n.find(&h, w), None);
         }
-    }
-}
-
-#[cfg(test)]
-impl Names {
-    pub(crate) fn index_bytes(&self) -> usize {
-        self.map.allocation_size()
-    }
-
-    pub(crate) fn arena_len(&self) -> usize {
-        self.arena.len()
-    }
-
-    pub(crate) fn live_bytes(&self) -> usize {
-        self.arena.len() - self.garbage
     }
 }

@@ -252,6 +252,7 @@ impl PyChangeList {
     }
 
     /// Number of items equal to `value`.
+    #[pyo3(signature = (value, /))]
     fn count(&self, value: &Bound<'_, PyAny>) -> usize {
         match value.cast::<PyChange>() {
             Ok(c) => self.changes.iter().filter(|x| **x == c.get().inner).count(),
@@ -260,7 +261,7 @@ impl PyChangeList {
     }
 
     /// Position of the first item equal to `value` at or after `start` and before `stop`.
-    #[pyo3(signature = (value, start = 0, stop = isize::MAX))]
+    #[pyo3(signature = (value, start = 0, stop = isize::MAX, /))]
     fn index(&self, value: &Bound<'_, PyAny>, start: isize, stop: isize) -> PyResult<usize> {
         let n = self.changes.len() as isize;
         let clamp = |i: isize| (if i < 0 { (i + n).max(0) } else { i.min(n) }) as usize;
@@ -556,5 +557,8 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyDnsCache>()?;
     m.add_class::<PyChange>()?;
     m.add_class::<PyChangeList>()?;
+    // A Sequence in isinstance checks, as its stub says.
+    let sequence = m.py().import("collections.abc")?.getattr("Sequence")?;
+    sequence.call_method1("register", (m.getattr("ChangeList")?,))?;
     Ok(())
 }
