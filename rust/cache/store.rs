@@ -2,14 +2,15 @@
 //! firewall set holds, caps, expiry order and change reporting.
 //!
 //! Layout (all indices are `u32`, no per-name collection):
-//! * `entries`: one [`Entry`] per (endpoint, name, ip), 36 bytes, in a slab with a free list.
-//!   Each entry sits on two intrusive doubly linked lists: its group's and its pair's.
+//! * `entries`: one [`Entry`] per (endpoint, name, ip), 28 bytes, in a slab with a free list:
+//!   its heap position, group and pair, and links on two intrusive doubly linked lists (its
+//!   group's and its pair's).
 //! * `groups`: one per (endpoint, name): endpoint, name id, count, list head; hash-indexed.
 //! * pairs: one per (endpoint, ip), with the latest expiry of its entries (what the firewall
 //!   element carries); IPv4 pairs take 20 bytes, IPv6 pairs 32; hash-indexed.
-//! * `heap`: a 4-ary min-heap of (expiry, stamp, entry), 16 bytes each, with lazy deletion: an
-//!   item whose stamp no longer matches its entry is skipped, and the heap is rebuilt from the
-//!   live entries when stale items pass half the live ones, so it stays within 1.5x the entries.
+//! * `heap`: a 4-ary min-heap with one item per entry, (expiry, stamp, entry), 16 bytes; the
+//!   entry's expiry and stamp live there only. Each entry knows its item's position, so an
+//!   extension moves the item down in place and a removal takes it out: no stale items.
 //!
 //! Order: entries are ordered by (expiry, stamp), where the stamp is a counter taken each time an
 //! entry's expiry is set. Soonest expiry goes first; among equal expiries, the one set earliest.

@@ -219,7 +219,7 @@ fn expire_removes_only_what_is_due() {
 }
 
 #[test]
-fn lazy_heap_stays_bounded_under_extensions() {
+fn heap_stays_one_item_per_entry_under_extensions() {
     let mut c = cache(0, 1000, 100);
     for i in 0..100_000u32 {
         rec_quiet(&mut c, 1, "a.com", "1.1.1.1", 60, f64::from(i));
