@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from fqdnguard import CacheError, Change, DnsCache, FqdnGuardError, PatternError
+from fqdnguard import CacheError, Change, ChangeList, DnsCache, FqdnGuardError, PatternError
 
 
-def kinds(changes: list[Change]) -> list[tuple[str, int, str, float]]:
+def kinds(changes: Sequence[Change]) -> list[tuple[str, int, str, float]]:
     return [(c.kind, c.endpoint, c.ip, c.expires_at) for c in changes]
 
 
@@ -142,6 +143,72 @@ def test_change_is_a_small_frozen_value() -> None:
         Change("gone", 1, "1.1.1.1", 0.0)  # type: ignore[arg-type]
 
 
+def test_changes_come_as_a_lazy_immutable_sequence() -> None:
+    c = DnsCache()
+    got = c.record(1, "a.com", [("1.1.1.1", 10), ("1.1.1.2", 20), ("1.1.1.3", 30)], now=0.0)
+    a, b, d = (Change("added", 1, f"1.1.1.{i}", 10.0 * i) for i in (1, 2, 3))
+    assert type(got) is ChangeList
+    assert isinstance(got, Sequence)
+    assert len(got) == 3
+    assert got == [a, b, d]
+    assert [a, b, d] == got
+    assert got != [a, b]
+    assert got != [a, b, "not a change"]
+    assert got != (a, b, d), "like a list, never equal to a tuple"
+    assert (got[0], got[-1], got[1]) == (a, d, b)
+    assert got[::-1] == [d, b, a]
+    assert type(got[1:]) is ChangeList
+    assert got[1:] == [b, d]
+    assert got[5:] == []
+    assert list(got) == [a, b, d]
+    assert list(reversed(got)) == [d, b, a]
+    assert b in got
+    assert Change("removed", 1, "1.1.1.2", 20.0) not in got
+    assert (got.count(b), got.index(d), got.index(d, 1, 3)) == (1, 2, 2)
+    with pytest.raises(ValueError, match="not in ChangeList"):
+        got.index(d, 0, 2)
+    with pytest.raises(IndexError, match="out of range"):
+        got[3]
+    with pytest.raises(IndexError, match="out of range"):
+        got[-4]
+    with pytest.raises(TypeError, match="integers or slices"):
+        got["0"]  # type: ignore[call-overload]
+    with pytest.raises(TypeError):
+        got[0] = a  # type: ignore[index]
+    with pytest.raises(TypeError, match="unhashable"):
+        hash(got)
+    assert repr(got[:1]) == (
+        "ChangeList([Change(kind='added', endpoint=1, ip='1.1.1.1', expires_at=10.0)])"
+    )
+    # Nothing changed: an empty sequence that is falsy and equal to [].
+    none = c.record(1, "a.com", [("1.1.1.1", 5)], now=0.0)
+    assert not none
+    assert none == []
+    assert (none != []) is False
+    assert repr(none) == "ChangeList([])"
+    assert type(c.expire(now=0.0)) is ChangeList
+    assert type(c.record_many(1, [], now=0.0)) is ChangeList
+
+
+def test_ips_may_be_given_packed() -> None:
+    c = DnsCache()
+    got = c.record(
+        1,
+        "a.com",
+        [(bytes([192, 0, 2, 1]), 10), (bytes.fromhex("20010db8" + "00" * 11 + "01"), 20)],
+        now=0.0,
+    )
+    assert kinds(got) == [("added", 1, "192.0.2.1", 10.0), ("added", 1, "2001:db8::1", 20.0)]
+    assert c.record_many(1, [("b.com", [(b"\xc0\x00\x02\x01", 10)])], now=0.0) == []
+    assert c.allowed(1, b"\xc0\x00\x02\x01", now=5.0)
+    assert c.names_for(b"\xc0\x00\x02\x01") == ["a.com.", "b.com."]
+    assert Change("added", 1, b"\x01\x02\x03\x04", 1.0).ip == "1.2.3.4"
+    for bad in (b"", b"\x01\x02\x03", bytes(5), bytes(15), bytes(17)):
+        with pytest.raises(CacheError, match=rf"4 \(IPv4\) or 16 \(IPv6\) bytes, not {len(bad)}"):
+            c.record(1, "c.com", [(bad, 10)], now=0.0)
+    assert len(c) == 3
+
+
 def test_stats_and_repr() -> None:
     c = DnsCache(min_ttl=1, max_ips_per_name=7, max_entries=99)
     c.record(1, "a.com", [("1.1.1.1", 60), ("1.1.1.2", 60)], now=0.0)
@@ -166,6 +233,11 @@ def test_stats_and_repr() -> None:
         (lambda c: c.record(1, "a.com", [("1.2.3.4", -1)], 0.0), CacheError, "ttl -1"),
         (lambda c: c.record(1, "a.com", [("1.2.3.4", 2**32)], 0.0), CacheError, "out of range"),
         (lambda c: c.record(1, "a..com", [("1.2.3.4", 5)], 0.0), PatternError, "empty label"),
+        (lambda c: c.record(1, "a" * 64 + ".com", [("1.2.3.4", 5)], 0.0), PatternError, None),
+        (lambda c: c.record(1, ".".join(["a" * 63] * 4), [], 0.0), PatternError, None),
+        (lambda c: c.record(1, "", [], 0.0), PatternError, None),
+        (lambda c: c.record(1, 7, [], 0.0), TypeError, "str or bytes"),
+        (lambda c: c.record(1, "a.com", [(b"\x01", 5)], 0.0), CacheError, "packed IP"),
         (lambda c: c.record(1, "a.com", [("1.2.3.4", 5)], float("nan")), CacheError, "finite"),
         (lambda c: c.record(1, "a.com", ["1.2.3.4"], 0.0), TypeError, r"\(ip, ttl\)"),
         (lambda c: c.record(1, "a.com", [(1234, 5)], 0.0), TypeError, "must be str"),

@@ -8,6 +8,7 @@ from fqdnguard import backends as backends
 from fqdnguard._core import (
     CacheError,
     Change,
+    ChangeList,
     CompiledPolicy,
     DnsCache,
     Edns,
@@ -33,6 +34,7 @@ from fqdnguard.proxy import Proxy
 __all__ = [
     "CacheError",
     "Change",
+    "ChangeList",
     "CompiledPolicy",
     "DnsCache",
     "Edns",

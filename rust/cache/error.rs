@@ -16,6 +16,8 @@ pub enum CacheError {
     BadTtl { ip: String, ttl: i64 },
     /// Text that is not an IPv4 or IPv6 address.
     BadAddress { text: String },
+    /// A packed address that is neither 4 (IPv4) nor 16 (IPv6) bytes long.
+    BadPackedAddress { len: usize },
     /// The name store would pass its 4 GiB addressing limit.
     NamesFull,
     /// A snapshot could not be read or written (the operating system's reason).
@@ -56,6 +58,10 @@ impl fmt::Display for CacheError {
                 }
                 write!(f, "{t:?} is not an IPv4 or IPv6 address")
             }
+            CacheError::BadPackedAddress { len } => write!(
+                f,
+                "a packed IP address must be 4 (IPv4) or 16 (IPv6) bytes, not {len}"
+            ),
             CacheError::NamesFull => write!(f, "the cache's name store is full (4 GiB of names)"),
             CacheError::Io { op, path, reason } => {
                 write!(f, "cannot {op} cache snapshot {path:?}: {reason}")

@@ -14,7 +14,8 @@ mod store;
 
 pub use error::CacheError;
 pub use store::{
-    check_ttl, now_seconds, parse_ip, Batch, Cache, Change, ChangeKind, Config, Endpoint, Stats,
+    check_ttl, now_seconds, parse_ip, parse_packed_ip, Batch, Cache, Change, ChangeKind, Config,
+    Endpoint, Stats,
 };
 
 #[cfg(test)]

@@ -9,15 +9,19 @@
 //! [`LabelBuf::from_presentation`] reads back exactly the stored bytes.
 //!
 //! The bytes live in one arena (`Vec<u8>`); each id holds offset, length and a reference count.
-//! Freed space is reclaimed by compacting the arena in place when it is more than half garbage,
-//! so the arena never holds more than about twice the live bytes and its allocation never moves
+//! Freed space is reclaimed by compacting the arena in place when an eighth of it is garbage,
+//! so the arena never holds more than about 8/7 of the live bytes and its allocation never moves
 //! under a stream of new names.
 
 use std::hash::BuildHasher;
 
 use hashbrown::{DefaultHashBuilder, HashTable};
 
-use crate::pattern::LabelBuf;
+use crate::pattern::{LabelBuf, PatternError};
+
+const MAX_LABEL: usize = 63;
+/// RFC 1035 2.3.4: 255 bytes of wire form, root byte included.
+const MAX_WIRE: usize = 255;
 
 use super::error::CacheError;
 
@@ -29,6 +33,35 @@ pub fn wire_of(name: &LabelBuf, out: &mut Vec<u8>) {
         out.push(l.len() as u8);
         out.extend_from_slice(l);
     }
+}
+
+/// Appends the name written in presentation form `text` (as [`LabelBuf::from_presentation`]
+/// reads it) in wire form, without the root byte; on error nothing is appended. Names without
+/// escapes are converted straight from the text; the rest go through [`LabelBuf`].
+pub fn wire_from_presentation(text: &[u8], out: &mut Vec<u8>) -> Result<(), PatternError> {
+    let start = out.len();
+    if !text.is_empty() && text != b"." && !text.contains(&b'\\') {
+        let body = text.strip_suffix(b".").unwrap_or(text);
+        // Wire length with the root byte: every label plus its length byte, plus one.
+        if body.len() + 2 <= MAX_WIRE {
+            let mut ok = true;
+            for part in body.split(|&b| b == b'.') {
+                if part.is_empty() || part.len() > MAX_LABEL {
+                    ok = false;
+                    break;
+                }
+                out.push(part.len() as u8);
+                out.extend(part.iter().map(u8::to_ascii_lowercase));
+            }
+            if ok {
+                return Ok(());
+            }
+            out.truncate(start);
+        }
+    }
+    // Escapes, the root, or an error: LabelBuf gives the exact result or error.
+    wire_of(&LabelBuf::from_presentation(text)?, out);
+    Ok(())
 }
 
 /// True when `bytes` is a well-formed wire name without its root byte (labels of 1..=63 bytes,
@@ -82,12 +115,21 @@ pub fn display(bytes: &[u8]) -> String {
 
 const FREE: u32 = 0;
 
+/// 9 bytes: a stored name is at most 254 bytes long.
 #[derive(Debug, Clone, Copy)]
+#[repr(C, packed)]
 struct NameRec {
     off: u32,
-    len: u32,
     /// Number of (endpoint, name) groups using the name; 0 marks a free id.
     refs: u32,
+    len: u8,
+}
+
+impl NameRec {
+    fn range(self) -> std::ops::Range<usize> {
+        let off = self.off as usize;
+        off..off + usize::from(self.len)
+    }
 }
 
 /// Interned names: arena, records, free ids and a hash index keyed by the bytes.
@@ -111,23 +153,27 @@ impl Names {
 
     pub fn bytes(&self, id: u32) -> &[u8] {
         let r = self.recs[id as usize];
-        &self.arena[r.off as usize..(r.off + r.len) as usize]
+        &self.arena[r.range()]
     }
 
     pub fn find(&self, hasher: &DefaultHashBuilder, bytes: &[u8]) -> Option<u32> {
-        let h = hasher.hash_one(bytes);
+        self.find_hashed(hasher.hash_one(bytes), bytes)
+    }
+
+    fn find_hashed(&self, h: u64, bytes: &[u8]) -> Option<u32> {
         let (arena, recs) = (&self.arena, &self.recs);
         self.map
             .find(h, |&id| {
                 let r = recs[id as usize];
-                &arena[r.off as usize..(r.off + r.len) as usize] == bytes
+                &arena[r.range()] == bytes
             })
             .copied()
     }
 
     /// The id of `bytes`, added with no references when new.
     pub fn intern(&mut self, hasher: &DefaultHashBuilder, bytes: &[u8]) -> Result<u32, CacheError> {
-        if let Some(id) = self.find(hasher, bytes) {
+        let h = hasher.hash_one(bytes);
+        if let Some(id) = self.find_hashed(h, bytes) {
             return Ok(id);
         }
         if self.arena.len() + bytes.len() > u32::MAX as usize {
@@ -138,8 +184,9 @@ impl Names {
         }
         let rec = NameRec {
             off: self.arena.len() as u32,
-            len: bytes.len() as u32,
             refs: FREE,
+            // Callers pass names of at most 254 bytes (`is_valid_wire`).
+            len: bytes.len().min(255) as u8,
         };
         self.arena.extend_from_slice(bytes);
         let id = match self.free.pop() {
@@ -153,9 +200,8 @@ impl Names {
             }
         };
         let (arena, recs) = (&self.arena, &self.recs);
-        self.map.insert_unique(hasher.hash_one(bytes), id, |&i| {
-            let r = recs[i as usize];
-            hasher.hash_one(&arena[r.off as usize..(r.off + r.len) as usize])
+        self.map.insert_unique(h, id, |&i| {
+            hasher.hash_one(&arena[recs[i as usize].range()])
         });
         Ok(id)
     }
@@ -175,30 +221,43 @@ impl Names {
         if let Ok(slot) = self.map.find_entry(h, |&i| i == id) {
             slot.remove();
         }
-        self.garbage += self.recs[id as usize].len as usize;
+        self.garbage += usize::from(self.recs[id as usize].len);
         self.free.push(id);
-        if self.garbage > 64 * 1024 && self.garbage * 2 >= self.arena.len() {
+        if self.garbage > 64 * 1024 && self.garbage * 8 >= self.arena.len() {
             self.compact();
         }
     }
 
-    /// Moves the live names to the front of the arena, in place.
+    /// Moves the live names to the front of the arena, in place, in offset order. The arena is
+    /// taken in four windows, each listing and sorting only its own names: the scratch list is
+    /// a quarter of the names, which matters because allocator keeps a freed big block (glibc
+    /// raises its mmap threshold after freeing one) and the process would hold it for good.
     fn compact(&mut self) {
-        let mut live: Vec<(u32, u32)> = self
-            .recs
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| r.refs != FREE)
-            .map(|(i, r)| (r.off, i as u32))
-            .collect();
-        live.sort_unstable();
+        const WINDOWS: usize = 4;
+        let end = self.arena.len();
+        let step = end / WINDOWS + 1;
         let mut to = 0u32;
-        for (off, id) in live {
-            let len = self.recs[id as usize].len;
-            self.arena
-                .copy_within(off as usize..(off + len) as usize, to as usize);
-            self.recs[id as usize].off = to;
-            to += len;
+        // (offset, id) in one u64, so the sort compares plain integers.
+        let mut live: Vec<u64> = Vec::new();
+        for w in 0..WINDOWS {
+            let window = (w * step) as u64..((w + 1) * step).min(end) as u64;
+            live.clear();
+            live.extend(
+                self.recs
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| r.refs != FREE && window.contains(&u64::from(r.off)))
+                    .map(|(i, r)| (u64::from(r.off) << 32) | i as u64),
+            );
+            live.sort_unstable();
+            for &key in &live {
+                let (off, id) = ((key >> 32) as u32, key as u32);
+                let len = u32::from(self.recs[id as usize].len);
+                self.arena
+                    .copy_within(off as usize..(off + len) as usize, to as usize);
+                self.recs[id as usize].off = to;
+                to += len;
+            }
         }
         self.arena.truncate(to as usize);
         self.garbage = 0;
@@ -208,7 +267,22 @@ impl Names {
         self.arena.capacity()
             + self.recs.capacity() * std::mem::size_of::<NameRec>()
             + self.free.capacity() * 4
-            + self.map.capacity() * 5
+            + self.map.allocation_size()
+    }
+}
+
+#[cfg(test)]
+impl Names {
+    pub(crate) fn index_bytes(&self) -> usize {
+        self.map.allocation_size()
+    }
+
+    pub(crate) fn arena_len(&self) -> usize {
+        self.arena.len()
+    }
+
+    pub(crate) fn live_bytes(&self) -> usize {
+        self.arena.len() - self.garbage
     }
 }
 
@@ -244,6 +318,39 @@ mod tests {
             assert_eq!(wire(want), w, "{want} reads back to the same bytes");
         }
         assert_eq!(wire("a.b"), vec![1, b'a', 1, b'b']);
+        for (text, _) in cases {
+            let mut fast = vec![7u8];
+            wire_from_presentation(text.as_bytes(), &mut fast).expect("valid");
+            assert_eq!(fast[1..], wire(text)[..], "{text}");
+        }
+    }
+
+    #[test]
+    fn presentation_errors_match_labelbuf() {
+        let long = format!("{}.com", "a".repeat(64));
+        let too_long = format!("{}.{}", vec!["a".repeat(63); 3].join("."), "b".repeat(62));
+        // 3 * (1 + 63) + (1 + 61) = 254 wire bytes, 255 with the root: the longest name.
+        let max = format!("{}.{}", vec!["a".repeat(63); 3].join("."), "b".repeat(61));
+        for text in [
+            "",
+            "a..b",
+            ".a",
+            "a.b..",
+            &long,
+            &too_long,
+            "a\\",
+            "x\\999.com",
+        ] {
+            let mut out = vec![1u8, 2];
+            let got = wire_from_presentation(text.as_bytes(), &mut out);
+            let want = LabelBuf::from_presentation(text.as_bytes());
+            assert_eq!(got.err(), want.err(), "{text:?}");
+            assert_eq!(out, vec![1u8, 2], "nothing appended for {text:?}");
+        }
+        let mut out = Vec::new();
+        wire_from_presentation(max.as_bytes(), &mut out).expect("254 wire bytes fit");
+        assert_eq!(out.len(), 254);
+        assert_eq!(out, wire(&max));
     }
 
     #[test]

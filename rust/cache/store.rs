@@ -2,14 +2,15 @@
 //! firewall set holds, caps, expiry order and change reporting.
 //!
 //! Layout (all indices are `u32`, no per-name collection):
-//! * `entries`: one [`Entry`] per (endpoint, name, ip), 36 bytes, in a slab with a free list.
-//!   Each entry sits on two intrusive doubly linked lists: its group's and its pair's.
+//! * `entries`: one [`Entry`] per (endpoint, name, ip), 28 bytes, in a slab with a free list:
+//!   its heap position, group and pair, and links on two intrusive doubly linked lists (its
+//!   group's and its pair's).
 //! * `groups`: one per (endpoint, name): endpoint, name id, count, list head; hash-indexed.
 //! * pairs: one per (endpoint, ip), with the latest expiry of its entries (what the firewall
-//!   element carries); IPv4 pairs take 24 bytes, IPv6 pairs 36; hash-indexed.
-//! * `heap`: a binary min-heap of (expiry, stamp, entry), 16 bytes each, with lazy deletion: an
-//!   item whose stamp no longer matches its entry is skipped, and the heap is rebuilt from the
-//!   live entries when stale items outnumber live ones, so it stays within twice the entries.
+//!   element carries); IPv4 pairs take 20 bytes, IPv6 pairs 32; hash-indexed.
+//! * `heap`: a 4-ary min-heap with one item per entry, (expiry, stamp, entry), 16 bytes; the
+//!   entry's expiry and stamp live there only. Each entry knows its item's position, so an
+//!   extension moves the item down in place and a removal takes it out: no stale items.
 //!
 //! Order: entries are ordered by (expiry, stamp), where the stamp is a counter taken each time an
 //! entry's expiry is set. Soonest expiry goes first; among equal expiries, the one set earliest.
@@ -18,13 +19,16 @@
 use std::hash::BuildHasher;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
+use hashbrown::{DefaultHashBuilder, HashMap, HashSet, HashTable};
 
 use super::error::CacheError;
 use super::names::{self, Names};
-use crate::pattern::LabelBuf;
+use crate::pattern::{LabelBuf, PatternError};
 
 const NIL: u32 = u32::MAX;
+/// Children per heap node: a 4-ary heap is half as deep as a binary one and a node's children
+/// share a cache line or two, so pushes and pops touch fewer lines.
+const ARITY: usize = 4;
 /// Top bit of a pair id: set for IPv6 pairs.
 const V6: u32 = 1 << 31;
 
@@ -152,6 +156,15 @@ impl Batch {
             .push((self.names.len() as u32, self.addrs.len() as u32));
     }
 
+    /// Adds the name of one answer, given in presentation form; its addresses follow with
+    /// [`Batch::push_addr`]. On error nothing is added.
+    pub fn push_name_text(&mut self, text: &[u8]) -> Result<(), PatternError> {
+        names::wire_from_presentation(text, &mut self.names)?;
+        self.ends
+            .push((self.names.len() as u32, self.addrs.len() as u32));
+        Ok(())
+    }
+
     /// Adds an address to the answer last started with [`Batch::push_name`].
     pub fn push_addr(&mut self, ip: IpAddr, ttl: u32) {
         self.addrs.push((ip, ttl));
@@ -181,11 +194,11 @@ impl Batch {
     }
 }
 
+/// 28 bytes. The entry's expiry and stamp live in its heap item (`heap[pos]`) only.
 #[derive(Debug, Clone, Copy)]
-#[repr(C, packed(4))]
 struct Entry {
-    expires: f64,
-    stamp: u32,
+    /// Index of the entry's item in the heap.
+    pos: u32,
     /// `NIL` marks a free slot (then `g_next` links the free list).
     group: u32,
     pair: u32,
@@ -209,8 +222,7 @@ struct Group {
 struct PairHdr {
     expires: f64,
     ep: Endpoint,
-    /// Entries holding the pair; 0 marks a free slot.
-    count: u32,
+    /// First entry holding the pair; `NIL` marks a free slot.
     head: u32,
 }
 
@@ -239,9 +251,13 @@ impl<A> Default for PairTable<A> {
 
 impl<A: Copy + Eq + std::hash::Hash> PairTable<A> {
     fn find(&self, h: &DefaultHashBuilder, ep: Endpoint, addr: A) -> Option<u32> {
+        self.find_hashed(h.hash_one((ep, addr)), ep, addr)
+    }
+
+    fn find_hashed(&self, hash: u64, ep: Endpoint, addr: A) -> Option<u32> {
         let recs = &self.recs;
         self.map
-            .find(h.hash_one((ep, addr)), |&i| {
+            .find(hash, |&i| {
                 let r = &recs[i as usize];
                 r.hdr.ep == ep && r.addr == addr
             })
@@ -250,14 +266,14 @@ impl<A: Copy + Eq + std::hash::Hash> PairTable<A> {
 
     /// Finds or creates the pair; true when created (with no entries and expiry -inf).
     fn get_or_insert(&mut self, h: &DefaultHashBuilder, ep: Endpoint, addr: A) -> (u32, bool) {
-        if let Some(i) = self.find(h, ep, addr) {
+        let hash = h.hash_one((ep, addr));
+        if let Some(i) = self.find_hashed(hash, ep, addr) {
             return (i, false);
         }
         let rec = PairRec {
             hdr: PairHdr {
                 expires: f64::NEG_INFINITY,
                 ep,
-                count: 0,
                 head: NIL,
             },
             addr,
@@ -273,7 +289,7 @@ impl<A: Copy + Eq + std::hash::Hash> PairTable<A> {
             }
         };
         let recs = &self.recs;
-        self.map.insert_unique(h.hash_one((ep, addr)), i, |&j| {
+        self.map.insert_unique(hash, i, |&j| {
             let r = &recs[j as usize];
             h.hash_one((r.hdr.ep, r.addr))
         });
@@ -288,14 +304,14 @@ impl<A: Copy + Eq + std::hash::Hash> PairTable<A> {
         {
             slot.remove();
         }
-        self.recs[i as usize].hdr.count = 0;
+        self.recs[i as usize].hdr.head = NIL;
         self.free.push(i);
     }
 
     fn memory(&self) -> usize {
         self.recs.capacity() * std::mem::size_of::<PairRec<A>>()
             + self.free.capacity() * 4
-            + self.map.capacity() * 5
+            + self.map.allocation_size()
     }
 }
 
@@ -316,32 +332,94 @@ impl HeapItem {
     }
 }
 
-/// Pairs touched by one mutation, each with its state before the first touch.
+/// One (endpoint, ip) touched by a mutation, with its state before the first touch.
+#[derive(Debug, Clone, Copy)]
+struct Touch {
+    pair: u32,
+    ep: Endpoint,
+    ip: IpAddr,
+    before: Option<f64>,
+}
+
+/// Pairs touched by one mutation. A pair is found touched by a bit per pair slot, so the common
+/// case costs no hashing; only pairs freed during the call (evicted or expired) go through a set
+/// keyed by (endpoint, ip), so that one re-created in the same call keeps its first record.
 #[derive(Debug, Default)]
 struct Touches {
-    list: Vec<(Endpoint, IpAddr, Option<f64>)>,
-    index: HashMap<(Endpoint, IpAddr), ()>,
+    list: Vec<Touch>,
+    /// Bit `2i` for IPv4 pair `i`, `2i + 1` for IPv6 pair `i`: touched and alive in this call.
+    marks: Vec<u64>,
+    /// (endpoint, ip) of touched pairs freed during this call.
+    freed: HashSet<(Endpoint, IpAddr)>,
+    /// Marked pairs that no record names (re-created after being freed), cleared at the end.
+    stray: Vec<u32>,
+    /// Tracking off (snapshot restore reports nothing).
+    off: bool,
+}
+
+fn mark_bit(p: u32) -> (usize, u64) {
+    let b = ((p & !V6) as usize) * 2 + usize::from(p & V6 != 0);
+    (b / 64, 1u64 << (b % 64))
 }
 
 impl Touches {
-    const LINEAR: usize = 16;
+    fn touch(&mut self, pair: u32, ep: Endpoint, ip: IpAddr, before: Option<f64>) {
+        if self.off {
+            return;
+        }
+        let (w, m) = mark_bit(pair);
+        if w >= self.marks.len() {
+            self.marks.resize(w + 1, 0);
+        }
+        if self.marks[w] & m != 0 {
+            return;
+        }
+        self.marks[w] |= m;
+        if before.is_none() && !self.freed.is_empty() && self.freed.contains(&(ep, ip)) {
+            // Freed and re-created within this call: the first record stands.
+            self.stray.push(pair);
+            return;
+        }
+        self.list.push(Touch {
+            pair,
+            ep,
+            ip,
+            before,
+        });
+    }
 
-    fn touch(&mut self, ep: Endpoint, ip: IpAddr, before: Option<f64>) {
-        if self.list.len() < Self::LINEAR {
-            if self.list.iter().any(|t| t.0 == ep && t.1 == ip) {
-                return;
-            }
-        } else {
-            if self.index.is_empty() {
-                for t in &self.list {
-                    self.index.insert((t.0, t.1), ());
-                }
-            }
-            if self.index.insert((ep, ip), ()).is_some() {
-                return;
+    /// Pair `pair` of (ep, ip) is being freed (it was touched first).
+    fn freeing(&mut self, pair: u32, ep: Endpoint, ip: IpAddr) {
+        if self.off {
+            return;
+        }
+        let (w, m) = mark_bit(pair);
+        if let Some(word) = self.marks.get_mut(w) {
+            if *word & m != 0 {
+                *word &= !m;
+                self.freed.insert((ep, ip));
             }
         }
-        self.list.push((ep, ip, before));
+    }
+
+    fn clear(&mut self) {
+        for t in &self.list {
+            let (w, m) = mark_bit(t.pair);
+            if let Some(word) = self.marks.get_mut(w) {
+                *word &= !m;
+            }
+        }
+        for &p in &self.stray {
+            let (w, m) = mark_bit(p);
+            if let Some(word) = self.marks.get_mut(w) {
+                *word &= !m;
+            }
+        }
+        self.list.clear();
+        self.list.shrink_to(1 << 16);
+        self.stray.clear();
+        self.freed.clear();
+        self.freed.shrink_to(1 << 12);
     }
 }
 
@@ -393,6 +471,17 @@ pub fn parse_ip(text: &str) -> Result<IpAddr, CacheError> {
     text.parse().map_err(|_| CacheError::BadAddress {
         text: text.to_owned(),
     })
+}
+
+/// Reads a packed address: 4 bytes for IPv4, 16 for IPv6 (network order, as `inet_pton`).
+pub fn parse_packed_ip(bytes: &[u8]) -> Result<IpAddr, CacheError> {
+    if let Ok(a) = <[u8; 4]>::try_from(bytes) {
+        Ok(IpAddr::from(a))
+    } else if let Ok(a) = <[u8; 16]>::try_from(bytes) {
+        Ok(IpAddr::from(a))
+    } else {
+        Err(CacheError::BadPackedAddress { len: bytes.len() })
+    }
 }
 
 /// Checks a TTL given as a signed integer (as Python passes it).
@@ -462,7 +551,7 @@ impl Cache {
             + self.names.memory()
             + self.groups.capacity() * std::mem::size_of::<Group>()
             + self.group_free.capacity() * 4
-            + self.group_map.capacity() * 5
+            + self.group_map.allocation_size()
             + self.v4.memory()
             + self.v6.memory()
             + self.entries.capacity() * std::mem::size_of::<Entry>()
@@ -524,9 +613,13 @@ impl Cache {
     // ---- groups -----------------------------------------------------------------------------
 
     fn find_group(&self, ep: Endpoint, name: u32) -> Option<u32> {
+        self.find_group_hashed(self.hasher.hash_one((ep, name)), ep, name)
+    }
+
+    fn find_group_hashed(&self, hash: u64, ep: Endpoint, name: u32) -> Option<u32> {
         let groups = &self.groups;
         self.group_map
-            .find(self.hasher.hash_one((ep, name)), |&g| {
+            .find(hash, |&g| {
                 let r = groups[g as usize];
                 r.ep == ep && r.name == name
             })
@@ -535,7 +628,8 @@ impl Cache {
 
     fn group_or_insert(&mut self, ep: Endpoint, wire: &[u8]) -> Result<u32, CacheError> {
         let name = self.names.intern(&self.hasher, wire)?;
-        if let Some(g) = self.find_group(ep, name) {
+        let hash = self.hasher.hash_one((ep, name));
+        if let Some(g) = self.find_group_hashed(hash, ep, name) {
             return Ok(g);
         }
         self.names.retain(name);
@@ -557,11 +651,10 @@ impl Cache {
             }
         };
         let (groups, hasher) = (&self.groups, &self.hasher);
-        self.group_map
-            .insert_unique(hasher.hash_one((ep, name)), g, |&i| {
-                let r = groups[i as usize];
-                hasher.hash_one((r.ep, r.name))
-            });
+        self.group_map.insert_unique(hash, g, |&i| {
+            let r = groups[i as usize];
+            hasher.hash_one((r.ep, r.name))
+        });
         Ok(g)
     }
 
@@ -601,27 +694,16 @@ impl Cache {
         s
     }
 
-    /// Gives live entries stamps 0..n in their current order and rebuilds the heap sorted
-    /// (a sorted array is a heap). Runs once per 2^32 expiry settings.
+    /// Gives entries stamps 0..n in their current order, leaving the heap sorted (a sorted
+    /// array is a heap). Runs once per 2^32 expiry settings.
     fn renumber(&mut self) {
-        let mut live: Vec<HeapItem> = self
-            .entries
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| e.group != NIL)
-            .map(|(i, e)| HeapItem {
-                expires: e.expires,
-                stamp: e.stamp,
-                entry: i as u32,
-            })
-            .collect();
-        live.sort_unstable_by(|a, b| a.expires.total_cmp(&b.expires).then(a.stamp.cmp(&b.stamp)));
-        for (s, item) in live.iter_mut().enumerate() {
-            item.stamp = s as u32;
-            self.entries[item.entry as usize].stamp = s as u32;
+        self.heap
+            .sort_unstable_by(|a, b| a.expires.total_cmp(&b.expires).then(a.stamp.cmp(&b.stamp)));
+        for (i, item) in self.heap.iter_mut().enumerate() {
+            item.stamp = i as u32;
+            self.entries[item.entry as usize].pos = i as u32;
         }
-        self.next_stamp = live.len() as u32;
-        self.heap = live;
+        self.next_stamp = self.heap.len() as u32;
     }
 
     #[cfg(test)]
@@ -631,76 +713,76 @@ impl Cache {
         }
     }
 
-    fn is_live(&self, item: &HeapItem) -> bool {
-        let e = self.entries[item.entry as usize];
-        e.group != NIL && e.stamp == item.stamp
+    /// The heap item (expiry, stamp) of live entry `e`.
+    fn item(&self, e: u32) -> HeapItem {
+        self.heap[self.entries[e as usize].pos as usize]
     }
 
-    fn heap_push(&mut self, item: HeapItem) {
-        self.heap.push(item);
-        let mut i = self.heap.len() - 1;
+    fn heap_place(&mut self, i: usize, item: HeapItem) {
+        self.heap[i] = item;
+        self.entries[item.entry as usize].pos = i as u32;
+    }
+
+    /// Moves `item` from hole `i` towards the root to its place.
+    fn sift_up(&mut self, mut i: usize, item: HeapItem) {
         while i > 0 {
-            let parent = (i - 1) / 2;
-            if self.heap[i].before(&self.heap[parent]) {
-                self.heap.swap(i, parent);
+            let parent = (i - 1) / ARITY;
+            let p = self.heap[parent];
+            if item.before(&p) {
+                self.heap_place(i, p);
                 i = parent;
             } else {
                 break;
             }
         }
-        if self.heap.len() > 2 * self.len + 1024 {
-            self.heap_rebuild();
-        }
+        self.heap_place(i, item);
     }
 
-    fn sift_down(&mut self, mut i: usize) {
+    /// Moves `item` from hole `i` towards the leaves to its place.
+    fn sift_down(&mut self, mut i: usize, item: HeapItem) {
         let n = self.heap.len();
         loop {
-            let l = 2 * i + 1;
-            if l >= n {
+            let first = ARITY * i + 1;
+            if first >= n {
                 break;
             }
-            let r = l + 1;
-            let c = if r < n && self.heap[r].before(&self.heap[l]) {
-                r
-            } else {
-                l
-            };
-            if self.heap[c].before(&self.heap[i]) {
-                self.heap.swap(c, i);
+            let mut c = first;
+            for k in first + 1..(first + ARITY).min(n) {
+                if self.heap[k].before(&self.heap[c]) {
+                    c = k;
+                }
+            }
+            let child = self.heap[c];
+            if child.before(&item) {
+                self.heap_place(i, child);
                 i = c;
             } else {
                 break;
             }
         }
+        self.heap_place(i, item);
     }
 
-    fn heap_pop(&mut self) {
-        let last = self.heap.len() - 1;
-        self.heap.swap(0, last);
-        self.heap.pop();
-        self.sift_down(0);
+    fn heap_insert(&mut self, item: HeapItem) {
+        self.heap.push(item);
+        self.sift_up(self.heap.len() - 1, item);
     }
 
-    /// Drops stale items and restores the heap order, in O(n).
-    fn heap_rebuild(&mut self) {
-        let mut heap = std::mem::take(&mut self.heap);
-        heap.retain(|it| self.is_live(it));
-        self.heap = heap;
-        for i in (0..self.heap.len() / 2).rev() {
-            self.sift_down(i);
-        }
-    }
-
-    /// The live entry first in (expiry, stamp) order, dropping stale items on the way.
-    fn peek_min(&mut self) -> Option<HeapItem> {
-        while let Some(&top) = self.heap.first() {
-            if self.is_live(&top) {
-                return Some(top);
+    /// Takes the item at `i` out of the heap.
+    fn heap_remove(&mut self, i: usize) {
+        let Some(last) = self.heap.pop() else { return };
+        if i < self.heap.len() {
+            if i > 0 && last.before(&self.heap[(i - 1) / ARITY]) {
+                self.sift_up(i, last);
+            } else {
+                self.sift_down(i, last);
             }
-            self.heap_pop();
         }
-        None
+    }
+
+    /// The entry first in (expiry, stamp) order.
+    fn peek_min(&self) -> Option<HeapItem> {
+        self.heap.first().copied()
     }
 
     fn alloc_entry(&mut self, e: Entry) -> u32 {
@@ -715,36 +797,33 @@ impl Cache {
         }
     }
 
-    /// The entry of group `g` for pair `p`, walking the shorter of the two lists.
+    /// The entry of group `g` for pair `p`. Walks the group's and the pair's lists in step, so
+    /// the cost is set by the shorter (a group holds at most `max_ips_per_name` entries, a pair
+    /// one per name that resolved to it).
     fn find_entry(&self, g: u32, p: u32) -> Option<u32> {
-        let gc = self.groups[g as usize].count;
-        let ph = self.hdr(p);
-        if gc <= ph.count {
-            let mut e = self.groups[g as usize].head;
-            while e != NIL {
-                let r = self.entries[e as usize];
-                if r.pair == p {
-                    return Some(e);
-                }
-                e = r.g_next;
+        let mut a = self.groups[g as usize].head;
+        let mut b = self.hdr(p).head;
+        while a != NIL && b != NIL {
+            let ra = self.entries[a as usize];
+            if ra.pair == p {
+                return Some(a);
             }
-        } else {
-            let mut e = ph.head;
-            while e != NIL {
-                let r = self.entries[e as usize];
-                if r.group == g {
-                    return Some(e);
-                }
-                e = r.p_next;
+            let rb = self.entries[b as usize];
+            if rb.group == g {
+                return Some(b);
             }
+            a = ra.g_next;
+            b = rb.p_next;
         }
         None
     }
 
     /// Unlinks and frees entry `e`, freeing its group, name and pair when they empty, and
     /// lowering the pair's expiry when `e` held it.
-    fn remove_entry(&mut self, e: u32) {
+    fn remove_entry(&mut self, e: u32, t: &mut Touches) {
         let r = self.entries[e as usize];
+        let removed = self.heap[r.pos as usize];
+        self.heap_remove(r.pos as usize);
         // group list
         if r.g_prev != NIL {
             self.entries[r.g_prev as usize].g_next = r.g_next;
@@ -769,17 +848,17 @@ impl Cache {
             self.entries[r.p_next as usize].p_prev = r.p_prev;
         }
         let mut h = self.hdr(r.pair);
-        h.count -= 1;
-        if h.count == 0 {
+        if h.head == NIL {
+            t.freeing(r.pair, h.ep, self.pair_ip(r.pair));
             self.free_pair(r.pair);
         } else {
-            let expires = r.expires;
+            let expires = removed.expires;
             if expires >= h.expires {
                 let mut max = f64::NEG_INFINITY;
                 let mut i = h.head;
                 while i != NIL {
                     let x = self.entries[i as usize];
-                    max = max.max(x.expires);
+                    max = max.max(self.heap[x.pos as usize].expires);
                     if max >= expires {
                         break; // another entry holds the same expiry
                     }
@@ -790,8 +869,7 @@ impl Cache {
             *self.hdr_mut(r.pair) = h;
         }
         self.entries[e as usize] = Entry {
-            expires: 0.0,
-            stamp: 0,
+            pos: NIL,
             group: NIL,
             pair: NIL,
             g_next: self.entry_free,
@@ -806,7 +884,7 @@ impl Cache {
     fn touch_entry(&self, e: u32, t: &mut Touches) {
         let p = self.entries[e as usize].pair;
         let h = self.hdr(p);
-        t.touch(h.ep, self.pair_ip(p), Some(h.expires));
+        t.touch(p, h.ep, self.pair_ip(p), Some(h.expires));
     }
 
     /// Evicts the soonest-expiring entry of group `g`.
@@ -816,7 +894,8 @@ impl Cache {
         let mut e = self.groups[g as usize].head;
         while e != NIL {
             let r = self.entries[e as usize];
-            let k = (r.expires, r.stamp);
+            let it = self.heap[r.pos as usize];
+            let k = (it.expires, it.stamp);
             if best == NIL
                 || k.0.total_cmp(&key.0).then(k.1.cmp(&key.1)) == std::cmp::Ordering::Less
             {
@@ -827,7 +906,7 @@ impl Cache {
         }
         if best != NIL {
             self.touch_entry(best, t);
-            self.remove_entry(best);
+            self.remove_entry(best, t);
             self.name_evictions += 1;
         }
     }
@@ -841,23 +920,25 @@ impl Cache {
         } else {
             Some(self.hdr(p).expires)
         };
-        t.touch(ep, ip, before);
+        t.touch(p, ep, ip, before);
         if !new_pair {
             if let Some(e) = self.find_entry(g, p) {
-                if expires > self.entries[e as usize].expires {
+                if expires > self.item(e).expires {
                     let stamp = self.take_stamp();
-                    let r = &mut self.entries[e as usize];
-                    r.expires = expires;
-                    r.stamp = stamp;
                     let h = self.hdr_mut(p);
                     if expires > h.expires {
                         h.expires = expires;
                     }
-                    self.heap_push(HeapItem {
-                        expires,
-                        stamp,
-                        entry: e,
-                    });
+                    // A later key: the item can only move towards the leaves.
+                    let pos = self.entries[e as usize].pos as usize;
+                    self.sift_down(
+                        pos,
+                        HeapItem {
+                            expires,
+                            stamp,
+                            entry: e,
+                        },
+                    );
                 }
                 return;
             }
@@ -866,8 +947,7 @@ impl Cache {
         let gr = self.groups[g as usize];
         let h = self.hdr(p);
         let e = self.alloc_entry(Entry {
-            expires,
-            stamp,
+            pos: NIL,
             group: g,
             pair: p,
             g_next: gr.head,
@@ -887,12 +967,11 @@ impl Cache {
         let group_count = gm.count;
         let hm = self.hdr_mut(p);
         hm.head = e;
-        hm.count += 1;
         if expires > hm.expires {
             hm.expires = expires;
         }
         self.len += 1;
-        self.heap_push(HeapItem {
+        self.heap_insert(HeapItem {
             expires,
             stamp,
             entry: e,
@@ -903,7 +982,7 @@ impl Cache {
         while self.len > self.cfg.max_entries as usize {
             let Some(top) = self.peek_min() else { break };
             self.touch_entry(top.entry, t);
-            self.remove_entry(top.entry);
+            self.remove_entry(top.entry, t);
             self.evictions += 1;
         }
     }
@@ -920,7 +999,7 @@ impl Cache {
         }
     }
 
-    fn record_wire(
+    fn record_one(
         &mut self,
         ep: Endpoint,
         wire: &[u8],
@@ -941,9 +1020,14 @@ impl Cache {
 
     fn finish(&mut self, mut t: Touches) -> Vec<Change> {
         let mut out = Vec::with_capacity(t.list.len());
-        for &(ep, ip, before) in &t.list {
-            let after = self.find_pair(ep, ip).map(|p| self.hdr(p).expires);
-            let change = match (before, after) {
+        for x in &t.list {
+            let after = if !t.freed.is_empty() && t.freed.contains(&(x.ep, x.ip)) {
+                self.find_pair(x.ep, x.ip).map(|p| self.hdr(p).expires)
+            } else {
+                // Never freed during the call, so still the same live pair.
+                Some(self.hdr(x.pair).expires)
+            };
+            let change = match (x.before, after) {
                 (None, Some(a)) => Some((ChangeKind::Added, a)),
                 (Some(b), Some(a)) if a > b => Some((ChangeKind::Extended, a)),
                 (Some(b), None) => Some((ChangeKind::Removed, b)),
@@ -952,17 +1036,14 @@ impl Cache {
             if let Some((kind, expires_at)) = change {
                 out.push(Change {
                     kind,
-                    endpoint: ep,
-                    ip,
+                    endpoint: x.ep,
+                    ip: x.ip,
                     expires_at,
                 });
             }
         }
-        t.list.clear();
-        t.index.clear();
-        if t.list.capacity() <= 1 << 16 {
-            self.spare_touches = t;
-        }
+        t.clear();
+        self.spare_touches = t;
         out
     }
 
@@ -974,14 +1055,27 @@ impl Cache {
         addrs: &[(IpAddr, u32)],
         now: f64,
     ) -> Result<Vec<Change>, CacheError> {
+        let mut wire = Vec::with_capacity(name.wire_len());
+        names::wire_of(name, &mut wire);
+        self.record_wire(endpoint, &wire, addrs, now)
+    }
+
+    /// [`Cache::record`] with the name already in wire form, as [`names::wire_of`] or
+    /// [`names::wire_from_presentation`] write it.
+    pub(crate) fn record_wire(
+        &mut self,
+        endpoint: Endpoint,
+        wire: &[u8],
+        addrs: &[(IpAddr, u32)],
+        now: f64,
+    ) -> Result<Vec<Change>, CacheError> {
+        debug_assert!(names::is_valid_wire(wire));
         let now = check_now(now)?;
         for &(_, ttl) in addrs {
             self.expiry(now, ttl)?;
         }
-        let mut wire = Vec::with_capacity(name.wire_len());
-        names::wire_of(name, &mut wire);
         let mut t = self.touches();
-        self.record_wire(endpoint, &wire, addrs, now, &mut t)?;
+        self.record_one(endpoint, wire, addrs, now, &mut t)?;
         Ok(self.finish(t))
     }
 
@@ -998,7 +1092,7 @@ impl Cache {
         }
         let mut t = self.touches();
         for (wire, addrs) in batch.iter() {
-            self.record_wire(endpoint, wire, addrs, now, &mut t)?;
+            self.record_one(endpoint, wire, addrs, now, &mut t)?;
         }
         Ok(self.finish(t))
     }
@@ -1012,10 +1106,7 @@ impl Cache {
                 break;
             }
             self.touch_entry(top.entry, &mut t);
-            self.remove_entry(top.entry);
-        }
-        if self.heap.len() > 2 * self.len + 1024 {
-            self.heap_rebuild();
+            self.remove_entry(top.entry, &mut t);
         }
         Ok(self.finish(t))
     }
@@ -1058,7 +1149,7 @@ impl Cache {
             let mut e = self.groups[g as usize].head;
             while e != NIL {
                 let r = self.entries[e as usize];
-                out.push((self.pair_ip(r.pair), r.expires));
+                out.push((self.pair_ip(r.pair), self.heap[r.pos as usize].expires));
                 e = r.g_next;
             }
         }
@@ -1104,11 +1195,9 @@ impl Cache {
     /// Every live entry as (endpoint, wire name, ip, expiry), in (expiry, stamp) order.
     pub(crate) fn entries_ordered(&self) -> Vec<(Endpoint, &[u8], IpAddr, f64)> {
         let mut live: Vec<(f64, u32, u32)> = self
-            .entries
+            .heap
             .iter()
-            .enumerate()
-            .filter(|(_, e)| e.group != NIL)
-            .map(|(i, e)| (e.expires, e.stamp, i as u32))
+            .map(|it| (it.expires, it.stamp, it.entry))
             .collect();
         live.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         live.into_iter()
@@ -1134,7 +1223,10 @@ impl Cache {
         expires: f64,
     ) -> Result<(), CacheError> {
         let g = self.group_or_insert(ep, wire)?;
-        let mut t = Touches::default();
+        let mut t = Touches {
+            off: true,
+            ..Touches::default()
+        };
         self.insert(g, ip, expires, &mut t);
         Ok(())
     }
@@ -1156,13 +1248,14 @@ impl Cache {
             let g = self.groups[e.group as usize];
             assert_ne!(g.name, NIL, "entry {i} in a free group");
             let h = self.hdr(e.pair);
-            assert!(h.count > 0, "entry {i} in a free pair");
+            assert_ne!(h.head, NIL, "entry {i} in a free pair");
             assert_eq!(h.ep, g.ep);
-            assert!(e.expires <= h.expires);
-            assert!(self
-                .heap
-                .iter()
-                .any(|it| it.entry == i as u32 && it.stamp == e.stamp));
+            let it = self.heap[e.pos as usize];
+            assert_eq!(
+                it.entry, i as u32,
+                "entry {i} and its heap item point at each other"
+            );
+            assert!(it.expires <= h.expires);
         }
         assert_eq!(live, self.len);
         for (gi, g) in self.groups.iter().enumerate() {
@@ -1187,27 +1280,45 @@ impl Cache {
             (0..self.v4.recs.len() as u32).chain((0..self.v6.recs.len() as u32).map(|i| i | V6))
         {
             let h = self.hdr(p);
-            if h.count == 0 {
+            if h.head == NIL {
                 continue;
             }
-            let mut n = 0;
             let mut max = f64::NEG_INFINITY;
             let mut e = h.head;
+            let mut prev = NIL;
             while e != NIL {
                 let r = self.entries[e as usize];
                 assert_eq!(r.pair, p);
-                max = max.max(r.expires);
-                n += 1;
+                assert_eq!(r.p_prev, prev);
+                max = max.max(self.heap[r.pos as usize].expires);
+                prev = e;
                 e = r.p_next;
             }
-            assert_eq!(n, h.count);
             let latest = h.expires;
             assert_eq!(max, latest, "pair expiry is the latest of its entries");
         }
         assert!(self.len <= self.cfg.max_entries as usize);
-        assert!(self.heap.len() <= 2 * self.len + 1024);
+        assert_eq!(self.heap.len(), self.len, "one heap item per entry");
         for i in 1..self.heap.len() {
-            assert!(!self.heap[i].before(&self.heap[(i - 1) / 2]), "heap order");
+            assert!(
+                !self.heap[i].before(&self.heap[(i - 1) / ARITY]),
+                "heap order"
+            );
         }
+    }
+}
+
+#[cfg(test)]
+impl Cache {
+    /// (bytes allocated for the indexes, arena bytes in use, live name bytes).
+    pub(crate) fn footprint(&self) -> (usize, usize, usize) {
+        (
+            self.names.index_bytes()
+                + self.group_map.allocation_size()
+                + self.v4.map.allocation_size()
+                + self.v6.map.allocation_size(),
+            self.names.arena_len(),
+            self.names.live_bytes(),
+        )
     }
 }

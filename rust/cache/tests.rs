@@ -219,7 +219,7 @@ fn expire_removes_only_what_is_due() {
 }
 
 #[test]
-fn lazy_heap_stays_bounded_under_extensions() {
+fn heap_stays_one_item_per_entry_under_extensions() {
     let mut c = cache(0, 1000, 100);
     for i in 0..100_000u32 {
         rec_quiet(&mut c, 1, "a.com", "1.1.1.1", 60, f64::from(i));
@@ -409,4 +409,82 @@ fn apply(m: &mut std::collections::HashMap<(u32, IpAddr), f64>, c: Change) {
         }
         Removed => assert!(m.remove(&key).is_some(), "removed an absent pair: {c:?}"),
     }
+}
+
+#[test]
+fn memory_stays_put_under_a_flood_of_unique_names() {
+    // 31k entries fill each index to about half its buckets, as 1M does. The indexes must not
+    // grow under the churn, and the name arena must stay within 8/7 of the live bytes.
+    let n = 31_000u32;
+    let mut c = Cache::new(Config::new(0, 1000, u64::from(n)).expect("ok"));
+    let mut k = 0u32;
+    let mut first = None;
+    for _round in 0..6 {
+        for _ in 0..n / 500 {
+            let mut b = Batch::with_capacity(500);
+            for _ in 0..500 {
+                let nm = name(&format!("host{k}.svc{}.example.com", k % 100));
+                b.push(&nm, &[(IpAddr::from(k.to_be_bytes()), 60 + k % 300)]);
+                k += 1;
+            }
+            c.record_batch(1, &b, 1000.0).expect("ok");
+        }
+        let (indexes, arena, live) = c.footprint();
+        let (first_indexes, _) = *first.get_or_insert((indexes, arena));
+        assert_eq!(indexes, first_indexes, "indexes neither grow nor shrink");
+        assert!(
+            arena <= live + live / 7 + 64 * 1024,
+            "arena {arena} for {live} live bytes"
+        );
+        assert_eq!(c.len(), n as usize);
+    }
+    c.check();
+}
+
+#[test]
+fn a_pair_freed_and_made_again_in_one_call_reports_its_net_change_once() {
+    let batch = |answers: &[(&str, &str, u32)]| {
+        let mut b = Batch::with_capacity(answers.len());
+        for &(n, a, ttl) in answers {
+            b.push(&name(n), &[(ip(a), ttl)]);
+        }
+        b
+    };
+    // One entry at most: each answer evicts the one before.
+    let mut c = cache(0, 10, 1);
+    let b = batch(&[
+        ("a.com", "1.1.1.1", 10),
+        ("b.com", "2.2.2.2", 20),
+        ("c.com", "1.1.1.1", 30),
+    ]);
+    let got = c.record_batch(1, &b, 0.0).expect("ok");
+    c.check();
+    assert_eq!(got, vec![ch(Added, 1, "1.1.1.1", 30.0)]);
+    // Held before the call, evicted, then made again with a later expiry: one `extended`, in
+    // the place of its first touch; 2.2.2.2 came and went.
+    let b = batch(&[
+        ("d.com", "2.2.2.2", 40),
+        ("e.com", "3.3.3.3", 50),
+        ("f.com", "1.1.1.1", 60),
+    ]);
+    let got = c.record_batch(1, &b, 0.0).expect("ok");
+    c.check();
+    assert_eq!(got, vec![ch(Extended, 1, "1.1.1.1", 60.0)]);
+    // A new entry that expires first is the one evicted: nothing to report.
+    let got = c
+        .record_batch(1, &batch(&[("g.com", "4.4.4.4", 1)]), 0.0)
+        .expect("ok");
+    assert_eq!(got, vec![]);
+    // Evicted for good: removed, with the expiry it had.
+    let got = c
+        .record_batch(1, &batch(&[("g.com", "4.4.4.4", 100)]), 0.0)
+        .expect("ok");
+    c.check();
+    assert_eq!(
+        got,
+        vec![
+            ch(Added, 1, "4.4.4.4", 100.0),
+            ch(Removed, 1, "1.1.1.1", 60.0)
+        ]
+    );
 }

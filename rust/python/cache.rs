@@ -1,18 +1,21 @@
-//! `DnsCache` and `Change`: conversions around [`crate::cache::Cache`], which sits behind a lock.
+//! `DnsCache`, `Change` and `ChangeList`: conversions around [`crate::cache::Cache`], which sits
+//! behind a lock shared with the proxy engine.
 
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::basic::CompareOp;
+use pyo3::exceptions::{PyIndexError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyList, PySlice, PyString, PyTuple};
 
 use super::pattern::name_arg;
 use crate::cache::{
-    check_ttl, now_seconds, parse_ip, snapshot, Batch, Cache, Change, ChangeKind, Config,
+    check_ttl, names, now_seconds, parse_ip, parse_packed_ip, snapshot, Batch, Cache, Change,
+    ChangeKind, Config,
 };
 use crate::error::Error;
 
@@ -24,14 +27,32 @@ fn now_arg(now: Option<f64>) -> f64 {
     now.unwrap_or_else(now_seconds)
 }
 
+/// An IP address as text (`str`) or packed (`bytes` of 4 or 16).
 fn ip_arg(obj: &Bound<'_, PyAny>) -> PyResult<IpAddr> {
-    let Ok(s) = obj.cast::<PyString>() else {
-        return Err(PyTypeError::new_err(format!(
-            "an IP address must be str, not {}",
+    if let Ok(s) = obj.cast::<PyString>() {
+        Ok(parse_ip(s.to_str()?).map_err(Error::from)?)
+    } else if let Ok(b) = obj.cast::<PyBytes>() {
+        Ok(parse_packed_ip(b.as_bytes()).map_err(Error::from)?)
+    } else {
+        Err(PyTypeError::new_err(format!(
+            "an IP address must be str or bytes, not {}",
             obj.get_type().name()?
-        )));
-    };
-    Ok(parse_ip(s.to_str()?).map_err(Error::from)?)
+        )))
+    }
+}
+
+/// The presentation form of a name given as `str` or `bytes`.
+fn name_text<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<&'a [u8]> {
+    if let Ok(s) = obj.cast::<PyString>() {
+        Ok(s.to_str()?.as_bytes())
+    } else if let Ok(b) = obj.cast::<PyBytes>() {
+        Ok(b.as_bytes())
+    } else {
+        Err(PyTypeError::new_err(format!(
+            "a DNS name must be str or bytes, not {}",
+            obj.get_type().name()?
+        )))
+    }
 }
 
 /// One `(ip, ttl)` pair of an answer.
@@ -129,18 +150,182 @@ impl PyChange {
     }
 
     fn __repr__(&self) -> String {
-        format!(
-            "Change(kind='{}', endpoint={}, ip='{}', expires_at={:?})",
-            self.inner.kind.as_str(),
-            self.inner.endpoint,
-            self.inner.ip,
-            self.inner.expires_at
-        )
+        change_repr(&self.inner)
     }
 }
 
-pub(super) fn changes_out(py: Python<'_>, changes: Vec<Change>) -> PyResult<Bound<'_, PyList>> {
-    PyList::new(py, changes.into_iter().map(|inner| PyChange { inner }))
+/// The changes of one call, as a `ChangeList`: the binding modules return changes this way.
+pub(super) fn changes_out(
+    py: Python<'_>,
+    changes: Vec<Change>,
+) -> PyResult<Bound<'_, PyChangeList>> {
+    Bound::new(py, PyChangeList { changes })
+}
+
+/// An immutable sequence of `Change`, kept packed in Rust; a `Change` object is made only when
+/// an item is read. Equal to a list of the same changes; empty (and falsy) when nothing changed.
+#[derive(Debug)]
+#[pyclass(name = "ChangeList", module = "fqdnguard._core", frozen, sequence)]
+pub struct PyChangeList {
+    changes: Vec<Change>,
+}
+
+impl PyChangeList {
+    fn index_of(&self, i: isize) -> PyResult<usize> {
+        let n = self.changes.len() as isize;
+        let j = if i < 0 { i + n } else { i };
+        if (0..n).contains(&j) {
+            Ok(j as usize)
+        } else {
+            Err(PyIndexError::new_err("ChangeList index out of range"))
+        }
+    }
+
+    /// The changes of `other` when it is a ChangeList or a list of only Change; else None.
+    fn same_as(&self, other: &Bound<'_, PyAny>) -> Option<bool> {
+        if let Ok(o) = other.cast::<PyChangeList>() {
+            return Some(self.changes == o.get().changes);
+        }
+        let list = other.cast::<PyList>().ok()?;
+        if list.len() != self.changes.len() {
+            return Some(false);
+        }
+        for (item, mine) in list.iter().zip(&self.changes) {
+            match item.cast::<PyChange>() {
+                Ok(c) if c.get().inner == *mine => {}
+                _ => return Some(false),
+            }
+        }
+        Some(true)
+    }
+}
+
+#[pymethods]
+impl PyChangeList {
+    #[classattr]
+    const __hash__: Option<Py<PyAny>> = None;
+
+    fn __len__(&self) -> usize {
+        self.changes.len()
+    }
+
+    fn __getitem__<'py>(
+        &self,
+        py: Python<'py>,
+        index: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        if let Ok(slice) = index.cast::<PySlice>() {
+            let ix = slice.indices(self.changes.len() as isize)?;
+            let mut out = Vec::with_capacity(ix.slicelength);
+            let mut i = ix.start;
+            for _ in 0..ix.slicelength {
+                out.push(self.changes[i as usize]);
+                i += ix.step;
+            }
+            return Ok(changes_out(py, out)?.into_any());
+        }
+        let i: isize = index
+            .extract()
+            .map_err(|_| PyTypeError::new_err("ChangeList indices must be integers or slices"))?;
+        let inner = self.changes[self.index_of(i)?];
+        Ok(Bound::new(py, PyChange { inner })?.into_any())
+    }
+
+    fn __iter__(slf: Bound<'_, Self>) -> PyChangeIter {
+        PyChangeIter {
+            list: slf.unbind(),
+            pos: 0,
+        }
+    }
+
+    fn __reversed__<'py>(&self, py: Python<'py>) -> PyResult<PyChangeIter> {
+        let rev = changes_out(py, self.changes.iter().rev().copied().collect())?;
+        Ok(PyChangeIter {
+            list: rev.unbind(),
+            pos: 0,
+        })
+    }
+
+    fn __contains__(&self, item: &Bound<'_, PyAny>) -> bool {
+        item.cast::<PyChange>()
+            .is_ok_and(|c| self.changes.contains(&c.get().inner))
+    }
+
+    /// Number of items equal to `value`.
+    #[pyo3(signature = (value, /))]
+    fn count(&self, value: &Bound<'_, PyAny>) -> usize {
+        match value.cast::<PyChange>() {
+            Ok(c) => self.changes.iter().filter(|x| **x == c.get().inner).count(),
+            Err(_) => 0,
+        }
+    }
+
+    /// Position of the first item equal to `value` at or after `start` and before `stop`.
+    #[pyo3(signature = (value, start = 0, stop = isize::MAX, /))]
+    fn index(&self, value: &Bound<'_, PyAny>, start: isize, stop: isize) -> PyResult<usize> {
+        let n = self.changes.len() as isize;
+        let clamp = |i: isize| (if i < 0 { (i + n).max(0) } else { i.min(n) }) as usize;
+        let (lo, hi) = (clamp(start), clamp(stop));
+        if let Ok(c) = value.cast::<PyChange>() {
+            let want = c.get().inner;
+            if lo < hi {
+                if let Some(k) = self.changes[lo..hi].iter().position(|x| *x == want) {
+                    return Ok(lo + k);
+                }
+            }
+        }
+        Err(PyValueError::new_err(
+            "ChangeList.index(x): x not in ChangeList",
+        ))
+    }
+
+    fn __richcmp__(&self, py: Python<'_>, other: &Bound<'_, PyAny>, op: CompareOp) -> Py<PyAny> {
+        match (op, self.same_as(other)) {
+            (CompareOp::Eq, Some(same)) => PyBool::new(py, same).to_owned().into_any().unbind(),
+            (CompareOp::Ne, Some(same)) => PyBool::new(py, !same).to_owned().into_any().unbind(),
+            _ => py.NotImplemented(),
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        let items: Vec<String> = self.changes.iter().map(change_repr).collect();
+        format!("ChangeList([{}])", items.join(", "))
+    }
+}
+
+/// Iterator over a `ChangeList`.
+#[derive(Debug)]
+#[pyclass(name = "ChangeListIterator", module = "fqdnguard._core")]
+pub struct PyChangeIter {
+    list: Py<PyChangeList>,
+    pos: usize,
+}
+
+#[pymethods]
+impl PyChangeIter {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&mut self) -> Option<PyChange> {
+        let inner = *self.list.get().changes.get(self.pos)?;
+        self.pos += 1;
+        Some(PyChange { inner })
+    }
+
+    fn __length_hint__(&self) -> usize {
+        self.list.get().changes.len().saturating_sub(self.pos)
+    }
+}
+
+fn change_repr(c: &Change) -> String {
+    format!(
+        "Change(kind='{}', endpoint={}, ip='{}', expires_at={:?})",
+        c.kind.as_str(),
+        c.endpoint,
+        c.ip,
+        c.expires_at
+    )
 }
 
 /// The FQDN -> IP TTL cache, safe to share between threads.
@@ -151,7 +336,7 @@ pub struct PyDnsCache {
 }
 
 impl PyDnsCache {
-    /// The cache itself, shared with the proxy engine.
+    /// The cache itself, for Rust code (the proxy engine) that records into the same cache.
     pub(crate) fn shared(&self) -> Arc<RwLock<Cache>> {
         Arc::clone(&self.inner)
     }
@@ -200,13 +385,14 @@ impl PyDnsCache {
         name: &Bound<'py, PyAny>,
         addrs: &Bound<'py, PyAny>,
         now: Option<f64>,
-    ) -> PyResult<Bound<'py, PyList>> {
-        let name = name_arg(name)?;
+    ) -> PyResult<Bound<'py, PyChangeList>> {
+        let mut wire = Vec::with_capacity(64);
+        names::wire_from_presentation(name_text(name)?, &mut wire).map_err(Error::from)?;
         let mut parsed = Vec::with_capacity(4);
         addrs_arg(addrs, &mut parsed)?;
         let changes = self
             .write()?
-            .record(endpoint, &name, &parsed, now_arg(now))
+            .record_wire(endpoint, &wire, &parsed, now_arg(now))
             .map_err(Error::from)?;
         changes_out(py, changes)
     }
@@ -219,7 +405,7 @@ impl PyDnsCache {
         endpoint: u32,
         answers: &Bound<'py, PyAny>,
         now: Option<f64>,
-    ) -> PyResult<Bound<'py, PyList>> {
+    ) -> PyResult<Bound<'py, PyChangeList>> {
         let mut batch = Batch::with_capacity(answers.len().unwrap_or(0));
         let mut one = |item: &Bound<'py, PyAny>| -> PyResult<()> {
             let t = item.cast::<PyTuple>().map_err(|_| {
@@ -232,7 +418,9 @@ impl PyDnsCache {
                 )));
             }
             let name = t.get_borrowed_item(0)?;
-            batch.push_name(&name_arg(&name)?);
+            batch
+                .push_name_text(name_text(&name)?)
+                .map_err(Error::from)?;
             let addrs = t.get_borrowed_item(1)?;
             if let Ok(list) = addrs.cast::<PyList>() {
                 for a in list.iter() {
@@ -292,14 +480,14 @@ impl PyDnsCache {
 
     /// True when the endpoint may reach the IP at `now`.
     #[pyo3(signature = (endpoint, ip, now = None))]
-    fn allowed(&self, endpoint: u32, ip: &str, now: Option<f64>) -> PyResult<bool> {
-        let ip = parse_ip(ip).map_err(Error::from)?;
+    fn allowed(&self, endpoint: u32, ip: &Bound<'_, PyAny>, now: Option<f64>) -> PyResult<bool> {
+        let ip = ip_arg(ip)?;
         Ok(self.read()?.allowed(endpoint, ip, now_arg(now)))
     }
 
     /// Removes every entry expired at `now`; returns the removals.
     #[pyo3(signature = (now = None))]
-    fn expire<'py>(&self, py: Python<'py>, now: Option<f64>) -> PyResult<Bound<'py, PyList>> {
+    fn expire<'py>(&self, py: Python<'py>, now: Option<f64>) -> PyResult<Bound<'py, PyChangeList>> {
         let now = now_arg(now);
         let changes = py
             .detach(|| match self.inner.write() {
@@ -377,5 +565,9 @@ impl PyDnsCache {
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyDnsCache>()?;
     m.add_class::<PyChange>()?;
+    m.add_class::<PyChangeList>()?;
+    // A Sequence in isinstance checks, as its stub says.
+    let sequence = m.py().import("collections.abc")?.getattr("Sequence")?;
+    sequence.call_method1("register", (m.getattr("ChangeList")?,))?;
     Ok(())
 }

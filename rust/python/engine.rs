@@ -8,7 +8,7 @@ use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
-use super::cache::{changes_out, PyDnsCache};
+use super::cache::{changes_out, PyChangeList, PyDnsCache};
 use super::policy::PyCompiledPolicy;
 use crate::engine::{
     self, EndpointRef, EngineConfig, LogMode, LogRecord, PolicyTable, QueryAction, Reject,
@@ -246,14 +246,18 @@ impl PyEngine {
     }
 
     /// Expires the shared cache: the removals for the firewall.
-    fn expire<'py>(&self, py: Python<'py>, now: f64) -> PyResult<Bound<'py, PyList>> {
+    fn expire<'py>(&self, py: Python<'py>, now: f64) -> PyResult<Bound<'py, PyChangeList>> {
         let changes = self.inner.expire(now).map_err(engine_err)?;
         changes_out(py, changes)
     }
 
     /// Every live (endpoint, ip) of the cache as `added` changes, programmed as answers are
     /// (what a backend reconciles to at start).
-    fn programmed_state<'py>(&self, py: Python<'py>, now: f64) -> PyResult<Bound<'py, PyList>> {
+    fn programmed_state<'py>(
+        &self,
+        py: Python<'py>,
+        now: f64,
+    ) -> PyResult<Bound<'py, PyChangeList>> {
         let changes = self.inner.programmed_state(now).map_err(engine_err)?;
         changes_out(py, changes)
     }
