@@ -152,6 +152,7 @@ _NETLINK_NETFILTER = 12
 _SOL_NETLINK = 270
 _NETLINK_CAP_ACK = 10  # errors echo only the header of the failed message
 _NETLINK_EXT_ACK = 11  # the kernel's own error text (extack)
+_SO_SNDBUFFORCE = 32
 _NLM_F_REQUEST, _NLM_F_ACK, _NLM_F_CREATE = 0x1, 0x4, 0x400
 _NLMSG_ERROR = 2
 _NLM_F_ACK_TLVS = 0x200
@@ -212,6 +213,8 @@ class ElementSocket:
         sock.bind((0, 0))
         sock.settimeout(timeout)
         self._sock: socket.socket | None = sock
+        # netlink_sendmsg refuses a message longer than the (reported) send buffer minus 32.
+        self._sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - 32
 
     def _msg(self, kind: int, flags: int, family: int, res_id: int, body: bytes) -> bytes:
         self._seq = (self._seq + 1) & 0x7FFFFFFF
@@ -242,8 +245,19 @@ class ElementSocket:
         count = len(pending)
         if not count:
             return 0
-        self._sock.sendall(b"".join(parts))
+        data = b"".join(parts)
+        if len(data) > self._sndbuf:  # a netlink message goes whole: grow the buffer (as nft)
+            self._grow_sndbuf(len(data))
+        self._sock.sendall(data)
         return self._acks(pending, begin, count)
+
+    def _grow_sndbuf(self, size: int) -> None:
+        assert self._sock is not None
+        try:  # root may exceed net.core.wmem_max
+            self._sock.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, size)
+        except OSError:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+        self._sndbuf = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - 32
 
     def _acks(self, pending: dict[int, str], begin: int, count: int) -> int:
         """Reads one answer per message (an ack, or the kernel's refusal)."""
