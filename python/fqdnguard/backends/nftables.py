@@ -29,11 +29,15 @@ concatenated set). In the usual case an endpoint's ``toFQDNs`` rules share one p
 learned IP is one element; when they differ, an IP goes into the sets of the rules whose selectors
 match one of the names it was learned under (asked of the cache), exactly as ``egress_verdict``.
 
-Changes: one batch is one nftables transaction (``nft_run_cmd_from_buffer`` of a text script).
-An element's timeout is its ``expires_at`` minus now (at least 1 s). nftables 1.0 cannot change the
-timeout of an existing element, so an extension (and a removal, which must not fail when the kernel
-already timed the element out) is written ``add`` (tiny timeout, a no-op when present), ``delete``,
-``add`` (new timeout): inside one transaction, so the element is never absent.
+Changes: one batch is one nftables transaction. The ruleset goes through libnftables as text
+(``nft_run_cmd_from_buffer``); element batches go straight to the kernel as nf_tables netlink
+messages (``ElementSocket``: NEWSETELEM/DELSETELEM between BATCH_BEGIN and BATCH_END), because
+libnftables re-reads every set and chain of the table before each command, which made a batch's
+cost grow with the number of endpoints. An element's timeout is its ``expires_at`` minus now (at
+least 1 s). nftables cannot change the timeout of an existing element, so an extension (and a
+removal, which must not fail when the kernel already timed the element out) is written ``add``
+(tiny timeout, a no-op when present), ``delete``, ``add`` (new timeout): inside one transaction,
+so the element is never absent.
 
 Restart: ``start`` installs the table, sets and chains with ``add`` (idempotent) and replaces each
 chain's rules with ``flush chain`` + rules in the same transaction; sets are never flushed, so
@@ -206,7 +210,9 @@ class ElementSocket:
         try:
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER)
         except OSError as e:
-            raise BackendError(f"nftables backend: cannot open a netfilter netlink socket: {e}")
+            raise BackendError(
+                f"nftables backend: cannot open a netfilter netlink socket: {e}"
+            ) from None
         with contextlib.suppress(OSError):  # older kernels: full echo, no text; still works
             sock.setsockopt(_SOL_NETLINK, _NETLINK_CAP_ACK, 1)
             sock.setsockopt(_SOL_NETLINK, _NETLINK_EXT_ACK, 1)
@@ -279,7 +285,8 @@ class ElementSocket:
                     what = pending.pop(seq, "transaction")
                     (code,) = struct.unpack_from("=i", data, off + _NLMSG.size)
                     if code:
-                        errors.append(f"{what}: {os.strerror(-code)}{_extack(data, off, flags)}")
+                        reason = f"{os.strerror(-code)}{_extack(data, off, flags)}"
+                        errors.append(f"netlink {what}: {reason}")
                         if seq == begin:  # refused whole (no permission): nothing else comes
                             pending.clear()
                 off += (length + 3) & ~3
