@@ -117,7 +117,9 @@ async def bench() -> dict[str, object]:
     from fqdnguard.backends.nftables import Nftables  # noqa: PLC0415
 
     eps = Endpoints.from_yaml(ENDPOINTS)
-    pod = eps.by_ip("10.0.0.2").id
+    first = eps.by_ip("10.0.0.2")
+    assert first is not None
+    pod = first.id
     backend = Nftables()
     backend.set_policy(Policy.from_yaml(POLICY, endpoints=eps), eps, listen=[("10.0.0.1", 53)])
     await backend.start()
