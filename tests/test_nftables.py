@@ -263,7 +263,13 @@ def test_element_batches_are_atomic_big_and_name_what_failed() -> None:
             # 30,000 elements: several netlink messages, more than the default socket buffer.
             await b.apply([C("added", f"10.{n >> 8 & 255}.{n & 255}.{1 + n % 3}", 60)
                            for n in range(30_000)])
-            out["big"] = sum(len(v) for v in b.elements().values())
+            # A dump right after 30k inserts can miss elements while the kernel's hash table
+            # resizes in the background (seen: 25,914, then 30,000 a second later): poll.
+            for _ in range(50):
+                out["big"] = sum(len(v) for v in b.elements().values())
+                if out["big"] == 30_000:
+                    break
+                await asyncio.sleep(0.1)
             # One bad message: the kernel refuses the whole transaction, nothing of it stays.
             ops = b._changes([C("added", "5.5.5.5", 60)])
             ops.add.setdefault("ep_no_such_set_4", []).extend(ops.add[next(iter(ops.add))])
