@@ -14,7 +14,7 @@ import fqdnguard
 import pytest
 from fqdnguard import Endpoints, Policy
 from fqdnguard.backends import BackendError
-from fqdnguard.backends.nftables import Nftables, _port_expr
+from fqdnguard.backends.nftables import Nftables, NftError, _element, _key, _port_expr
 
 from tests.netns import netns_unavailable
 
@@ -242,3 +242,48 @@ def test_start_without_permission_is_a_clear_error() -> None:
     )  # fmt: skip
     assert "ERROR nftables backend: cannot install table fqdnguard" in r.stdout, r.stderr
     assert "CAP_NET_ADMIN" in r.stdout
+
+
+def test_element_encoding_is_the_kernels() -> None:
+    # nla(LIST_ELEM|NESTED, nla(KEY|NESTED, nla(DATA_VALUE, 10.0.0.1)) + nla(TIMEOUT, be64 ms))
+    assert _element(_key("10.0.0.1"), 1500) == bytes.fromhex(
+        "1c00 0180 0c00 0180 0800 0100 0a000001 0c00 0400 00000000000005dc"
+    )
+    assert len(_element(_key("fd00::1"), None)) == 4 + 4 + 4 + 16
+    with pytest.raises(NftError, match=r"not an IP address: '10\.0\.0'"):
+        _key("10.0.0")
+
+
+@needs_netns
+def test_element_batches_are_atomic_big_and_name_what_failed() -> None:
+    out = run_in_netns("""
+        from fqdnguard.backends.nftables import NftError
+        async def main():
+            b = make(); await b.start()
+            # 30,000 elements: several netlink messages, more than the default socket buffer.
+            await b.apply([C("added", f"10.{n >> 8 & 255}.{n & 255}.{1 + n % 3}", 60)
+                           for n in range(30_000)])
+            # A dump right after 30k inserts can miss elements while the kernel's hash table
+            # resizes in the background (seen: 25,914, then 30,000 a second later): poll.
+            for _ in range(50):
+                out["big"] = sum(len(v) for v in b.elements().values())
+                if out["big"] == 30_000:
+                    break
+                await asyncio.sleep(0.1)
+            # One bad message: the kernel refuses the whole transaction, nothing of it stays.
+            ops = b._changes([C("added", "5.5.5.5", 60)])
+            ops.add.setdefault("ep_no_such_set_4", []).extend(ops.add[next(iter(ops.add))])
+            try:
+                b._send_locked(ops)
+            except NftError as e:
+                out["error"] = str(e)
+            out["partial"] = any("5.5.5.5" in v for v in b.elements().values())
+            b.remove_table()
+            await b.close()
+        asyncio.run(main())
+    """)
+    assert out["big"] == 30_000
+    assert out["error"] == ("netlink add element ep_no_such_set_4: No such file or directory"), out[
+        "error"
+    ]
+    assert out["partial"] is False

@@ -2,6 +2,7 @@
 
     sudo python benches/nft/run.py            # 1k and 10k new IPs per second, 5 s each
     FQDNGUARD_BENCH_QUICK=1 python benches/nft/run.py   # 1 s each
+    sudo python benches/nft/run.py 250        # the same with 250 restricted endpoints installed
 
 Runs in a network namespace it creates (and deletes). New (endpoint, IP) additions arrive at a
 steady rate, as answers would; an applier like the proxy's takes everything pending, applies it as
@@ -26,10 +27,13 @@ QUICK = os.environ.get("FQDNGUARD_BENCH_QUICK") == "1"
 SECONDS = 1.0 if QUICK else 5.0
 RATES = (1_000, 10_000)
 
-ENDPOINTS = """
-endpoints:
-  - {name: pod, namespace: default, ips: [10.0.0.2], labels: {app: pod}}
-"""
+#: Restricted endpoints in the ruleset (argv[1]; 1 by default); the IPs all go to the first.
+N_ENDPOINTS = int(sys.argv[1]) if len(sys.argv) > 1 else 1
+ENDPOINTS = "endpoints:\n" + "".join(
+    f"  - {{name: pod{i}, namespace: default, ips: [10.0.{i >> 8}.{2 + (i & 255)}], "
+    "labels: {app: pod}}\n"
+    for i in range(N_ENDPOINTS)
+)
 POLICY = """
 apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
@@ -113,7 +117,9 @@ async def bench() -> dict[str, object]:
     from fqdnguard.backends.nftables import Nftables  # noqa: PLC0415
 
     eps = Endpoints.from_yaml(ENDPOINTS)
-    pod = next(iter(eps)).id
+    first = eps.by_ip("10.0.0.2")
+    assert first is not None
+    pod = first.id
     backend = Nftables()
     backend.set_policy(Policy.from_yaml(POLICY, endpoints=eps), eps, listen=[("10.0.0.1", 53)])
     await backend.start()
@@ -143,6 +149,7 @@ async def bench() -> dict[str, object]:
     results["nft_process_per_element_ms"] = round(statistics.median(forks), 2)
     results["elements_after_steady"] = sizes[0]
     results["quick"] = QUICK
+    results["endpoints"] = N_ENDPOINTS
     backend.remove_table()
     await backend.close()
     return results
@@ -162,7 +169,7 @@ def main() -> int:
     try:
         env = dict(os.environ, FQDNGUARD_BENCH_IN_NETNS="1")
         out = subprocess.run(
-            ["ip", "netns", "exec", ns, sys.executable, __file__],
+            ["ip", "netns", "exec", ns, sys.executable, __file__, str(N_ENDPOINTS)],
             env=env, check=True, capture_output=True, text=True, cwd=ROOT,
         ).stdout  # fmt: skip
     finally:

@@ -29,11 +29,15 @@ concatenated set). In the usual case an endpoint's ``toFQDNs`` rules share one p
 learned IP is one element; when they differ, an IP goes into the sets of the rules whose selectors
 match one of the names it was learned under (asked of the cache), exactly as ``egress_verdict``.
 
-Changes: one batch is one nftables transaction (``nft_run_cmd_from_buffer`` of a text script).
-An element's timeout is its ``expires_at`` minus now (at least 1 s). nftables 1.0 cannot change the
-timeout of an existing element, so an extension (and a removal, which must not fail when the kernel
-already timed the element out) is written ``add`` (tiny timeout, a no-op when present), ``delete``,
-``add`` (new timeout): inside one transaction, so the element is never absent.
+Changes: one batch is one nftables transaction. The ruleset goes through libnftables as text
+(``nft_run_cmd_from_buffer``); element batches go straight to the kernel as nf_tables netlink
+messages (``ElementSocket``: NEWSETELEM/DELSETELEM between BATCH_BEGIN and BATCH_END), because
+libnftables re-reads every set and chain of the table before each command, which made a batch's
+cost grow with the number of endpoints. An element's timeout is its ``expires_at`` minus now (at
+least 1 s). nftables cannot change the timeout of an existing element, so an extension (and a
+removal, which must not fail when the kernel already timed the element out) is written ``add``
+(tiny timeout, a no-op when present), ``delete``, ``add`` (new timeout): inside one transaction,
+so the element is never absent.
 
 Restart: ``start`` installs the table, sets and chains with ``add`` (idempotent) and replaces each
 chain's rules with ``flush chain`` + rules in the same transaction; sets are never flushed, so
@@ -51,6 +55,9 @@ import hashlib
 import ipaddress
 import json
 import logging
+import os
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -134,6 +141,183 @@ class Libnftables:
         if self._ctx is not None:
             self._lib.nft_ctx_free(self._ctx)
             self._ctx = None
+
+
+# -- set elements straight to the kernel -------------------------------------------------------
+#
+# libnftables fetches the table's sets and chains from the kernel before every command it runs
+# (its cache), even for an ``add element`` into a set it is told by name: with 250 restricted
+# endpoints (500 sets, 250 chains) that dump was ~90% of a transaction's cost and grew with the
+# number of endpoints. Element batches need none of it: they go as nf_tables netlink messages
+# (NEWSETELEM / DELSETELEM in one BATCH_BEGIN..BATCH_END transaction), whose cost depends only on
+# the elements they carry. The ruleset itself (tables, sets, chains, rules) stays nft text.
+
+_NETLINK_NETFILTER = 12
+_SOL_NETLINK = 270
+_NETLINK_CAP_ACK = 10  # errors echo only the header of the failed message
+_NETLINK_EXT_ACK = 11  # the kernel's own error text (extack)
+_SO_SNDBUFFORCE = 32
+_NLM_F_REQUEST, _NLM_F_ACK, _NLM_F_CREATE = 0x1, 0x4, 0x400
+_NLMSG_ERROR = 2
+_NLM_F_ACK_TLVS = 0x200
+_NLMSGERR_ATTR_MSG = 1
+_NFNL_SUBSYS_NFTABLES = 10
+_NFNL_MSG_BATCH_BEGIN, _NFNL_MSG_BATCH_END = 0x10, 0x11
+_NEWSETELEM = (_NFNL_SUBSYS_NFTABLES << 8) | 12
+_DELSETELEM = (_NFNL_SUBSYS_NFTABLES << 8) | 14
+_NFPROTO = {"inet": 1, "ip": 2, "ip6": 10}
+_NLA_F_NESTED = 0x8000
+# nft_set_elem_list_attributes, nft_list_attributes, nft_set_elem_attributes, nft_data_attributes
+_LIST_TABLE, _LIST_SET, _LIST_ELEMENTS = 1, 2, 3
+_LIST_ELEM = 1
+_ELEM_KEY, _ELEM_TIMEOUT = 1, 4
+_DATA_VALUE = 1
+#: Elements per message: the nested element list's length is 16 bits (IPv6 elements ~48 bytes).
+_CHUNK = 1024
+_NLMSG = struct.Struct("=IHHII")
+_NFGEN = struct.Struct("=BBH")
+
+
+def _nla(kind: int, payload: bytes) -> bytes:
+    n = 4 + len(payload)
+    return struct.pack("=HH", n, kind) + payload + b"\0" * (-n & 3)
+
+
+def _key(ip: str) -> bytes:
+    """The set key of an address (network order, as the kernel stores ipv4_addr/ipv6_addr)."""
+    try:
+        raw = socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
+    except OSError:
+        raise NftError(f"not an IP address: {ip!r}") from None
+    return _nla(_ELEM_KEY | _NLA_F_NESTED, _nla(_DATA_VALUE, raw))
+
+
+def _element(key: bytes, timeout_ms: int | None) -> bytes:
+    if timeout_ms is not None:
+        key += _nla(_ELEM_TIMEOUT, struct.pack(">Q", timeout_ms))
+    return _nla(_LIST_ELEM | _NLA_F_NESTED, key)
+
+
+class ElementSocket:
+    """Set-element transactions over a NETLINK_NETFILTER socket. One transaction per
+    :meth:`send`: the kernel applies all of its messages or none. Not thread-safe by itself."""
+
+    def __init__(self, family: str, table: str, timeout: float = 10.0) -> None:
+        self._family = _NFPROTO[family]
+        self._timeout = timeout
+        self._table = _nla(_LIST_TABLE, table.encode() + b"\0")
+        self._seq = int(time.time()) & 0x7FFFFFFF
+        try:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER)
+        except OSError as e:
+            raise BackendError(
+                f"nftables backend: cannot open a netfilter netlink socket: {e}"
+            ) from None
+        with contextlib.suppress(OSError):  # older kernels: full echo, no text; still works
+            sock.setsockopt(_SOL_NETLINK, _NETLINK_CAP_ACK, 1)
+            sock.setsockopt(_SOL_NETLINK, _NETLINK_EXT_ACK, 1)
+        sock.bind((0, 0))
+        sock.settimeout(timeout)
+        self._sock: socket.socket | None = sock
+        # netlink_sendmsg refuses a message longer than the (reported) send buffer minus 32.
+        self._sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - 32
+
+    def _msg(self, kind: int, flags: int, family: int, res_id: int, body: bytes) -> bytes:
+        self._seq = (self._seq + 1) & 0x7FFFFFFF
+        header = _NLMSG.pack(_NLMSG.size + _NFGEN.size + len(body), kind, flags, self._seq, 0)
+        return header + _NFGEN.pack(family, 0, res_id) + body
+
+    def send(self, batch: Sequence[tuple[int, str, list[bytes]]]) -> int:
+        """Applies ``batch`` ((message type, set, encoded elements), in order) as one
+        transaction; returns the number of messages. Raises :class:`NftError` naming the
+        operation and set the kernel refused (nothing of the batch is then applied)."""
+        if self._sock is None:
+            raise BackendError("nftables backend: the netlink socket is closed")
+        subsys = socket.htons(_NFNL_SUBSYS_NFTABLES)
+        parts = [self._msg(_NFNL_MSG_BATCH_BEGIN, _NLM_F_REQUEST, 0, subsys, b"")]
+        begin = self._seq
+        pending: dict[int, str] = {}
+        for kind, set_name, elements in batch:
+            head = self._table + _nla(_LIST_SET, set_name.encode() + b"\0")
+            flags = _NLM_F_REQUEST | _NLM_F_ACK | (_NLM_F_CREATE if kind == _NEWSETELEM else 0)
+            for i in range(0, len(elements), _CHUNK):
+                body = head + _nla(
+                    _LIST_ELEMENTS | _NLA_F_NESTED, b"".join(elements[i : i + _CHUNK])
+                )
+                parts.append(self._msg(kind, flags, self._family, 0, body))
+                op = "add" if kind == _NEWSETELEM else "delete"
+                pending[self._seq] = f"{op} element {set_name}"
+        parts.append(self._msg(_NFNL_MSG_BATCH_END, _NLM_F_REQUEST, 0, subsys, b""))
+        count = len(pending)
+        if not count:
+            return 0
+        data = b"".join(parts)
+        if len(data) > self._sndbuf:  # a netlink message goes whole: grow the buffer (as nft)
+            self._grow_sndbuf(len(data))
+        self._sock.sendall(data)
+        return self._acks(pending, begin, count)
+
+    def _grow_sndbuf(self, size: int) -> None:
+        assert self._sock is not None
+        try:  # root may exceed net.core.wmem_max
+            self._sock.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, size)
+        except OSError:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+        self._sndbuf = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - 32
+
+    def _acks(self, pending: dict[int, str], begin: int, count: int) -> int:
+        """Reads one answer per message (an ack, or the kernel's refusal)."""
+        assert self._sock is not None
+        errors: list[str] = []
+        while pending:
+            try:
+                data = self._sock.recv(1 << 16)
+            except TimeoutError:
+                if errors:
+                    break
+                raise NftError("netlink: no answer from the kernel") from None
+            off = 0
+            while off + _NLMSG.size <= len(data):
+                length, kind, flags, seq, _ = _NLMSG.unpack_from(data, off)
+                if length < _NLMSG.size:
+                    break
+                if kind == _NLMSG_ERROR and (seq in pending or seq == begin):
+                    what = pending.pop(seq, "transaction")
+                    (code,) = struct.unpack_from("=i", data, off + _NLMSG.size)
+                    if code:
+                        reason = f"{os.strerror(-code)}{_extack(data, off, flags)}"
+                        errors.append(f"netlink {what}: {reason}")
+                        if seq == begin:  # refused whole (no permission): nothing else comes
+                            pending.clear()
+                off += (length + 3) & ~3
+            if errors and pending:
+                self._sock.settimeout(0.2)  # the kernel answers the rest, then aborts
+        if errors:
+            self._sock.settimeout(self._timeout)
+            raise NftError("; ".join(errors))
+        return count
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def _extack(data: bytes, off: int, flags: int) -> str:
+    """`` (the kernel's message)`` from an error's extack attributes, or ''."""
+    if not flags & _NLM_F_ACK_TLVS:
+        return ""
+    length = _NLMSG.unpack_from(data, off)[0]
+    pos, end = off + _NLMSG.size + 4 + _NLMSG.size, off + length
+    while pos + 4 <= end:
+        n, kind = struct.unpack_from("=HH", data, pos)
+        if n < 4:
+            break
+        if kind == _NLMSGERR_ATTR_MSG:
+            text = data[pos + 4 : pos + n].rstrip(b"\0").decode(errors="replace")
+            return f" ({text})"
+        pos += (n + 3) & ~3
+    return ""
 
 
 # -- the ruleset from the policy ----------------------------------------------------------------
@@ -245,14 +429,15 @@ class _EndpointRules:
 
 
 class _Ops:
-    """Element operations of one transaction, grouped by set. A replacement or a removal that
-    must not fail when the element is gone is ``add`` (1 s, a no-op when present), ``delete``,
-    then ``add`` with the new timeout: the element is never absent in between."""
+    """Element operations of one transaction, grouped by set, already encoded for netlink. A
+    replacement or a removal that must not fail when the element is gone is ``add`` (1 s, a
+    no-op when present), ``delete``, then ``add`` with the new timeout: the element is never
+    absent in between."""
 
     def __init__(self) -> None:
-        self.ensure: dict[str, list[str]] = {}
-        self.delete: dict[str, list[str]] = {}
-        self.add: dict[str, list[str]] = {}
+        self.ensure: dict[str, list[bytes]] = {}
+        self.delete: dict[str, list[bytes]] = {}
+        self.add: dict[str, list[bytes]] = {}
         self.added = self.removed = 0
 
     @property
@@ -260,38 +445,28 @@ class _Ops:
         return self.added + self.removed
 
     def remove(self, set_name: str, ip: str) -> None:
-        self.ensure.setdefault(set_name, []).append(ip)
-        self.delete.setdefault(set_name, []).append(ip)
+        key = _key(ip)
+        self.ensure.setdefault(set_name, []).append(_element(key, 1000))
+        self.delete.setdefault(set_name, []).append(_element(key, None))
         self.removed += 1
 
-    def add_new(self, set_name: str, element: str) -> None:
-        """``element``: ``IP timeout Nms``."""
-        self.add.setdefault(set_name, []).append(element)
-        self.added += 1
-
-    def replace(self, set_name: str, ip: str, element: str) -> None:
-        self.ensure.setdefault(set_name, []).append(ip)
-        self.delete.setdefault(set_name, []).append(ip)
-        self.add.setdefault(set_name, []).append(element)
-        self.added += 1
-
     def put(self, set_name: str, ip: str, seconds: float, replace: bool) -> None:
-        element = f"{ip} timeout {max(1000, int(seconds * 1000))}ms"
+        """``ip`` in ``set_name`` with ``seconds`` left (at least 1 s); ``replace`` when the
+        kernel may already hold it (a plain add would keep the old timeout)."""
+        key = _key(ip)
         if replace:
-            self.replace(set_name, ip, element)
-        else:
-            self.add_new(set_name, element)
+            self.ensure.setdefault(set_name, []).append(_element(key, 1000))
+            self.delete.setdefault(set_name, []).append(_element(key, None))
+        self.add.setdefault(set_name, []).append(_element(key, max(1000, int(seconds * 1000))))
+        self.added += 1
 
-    def script(self, table: str) -> str:
-        cmds = [
-            f"add element {table} {s} {{ {' timeout 1s, '.join(ips)} timeout 1s }}"
-            for s, ips in self.ensure.items()
-        ]
-        cmds += [
-            f"delete element {table} {s} {{ {', '.join(ips)} }}" for s, ips in self.delete.items()
-        ]
-        cmds += [f"add element {table} {s} {{ {', '.join(e)} }}" for s, e in self.add.items()]
-        return "\n".join(cmds) + "\n" if cmds else ""
+    def batch(self) -> list[tuple[int, str, list[bytes]]]:
+        """(message type, set, elements) in the order the transaction must apply them."""
+        return (
+            [(_NEWSETELEM, s, e) for s, e in self.ensure.items()]
+            + [(_DELSETELEM, s, e) for s, e in self.delete.items()]
+            + [(_NEWSETELEM, s, e) for s, e in self.add.items()]
+        )
 
 
 def _change_fields(c: Any) -> tuple[str, int, str, float | None]:
@@ -322,6 +497,7 @@ class Nftables(Backend):
         self.clock = clock
         self.inline_elements = inline_elements
         self._nft: Libnftables | None = None
+        self._elements_socket: ElementSocket | None = None
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._endpoints: dict[int, _EndpointRules] = {}
@@ -481,6 +657,12 @@ class Nftables(Backend):
         self._nft.run(script)
         self.transactions += 1
 
+    def _send(self, ops: _Ops) -> None:
+        """One element transaction (netlink; see :class:`ElementSocket`)."""
+        assert self._elements_socket is not None
+        if self._elements_socket.send(ops.batch()):
+            self.transactions += 1
+
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -500,6 +682,12 @@ class Nftables(Backend):
             raise BackendError(
                 f"nftables backend: cannot install table {self.table}{hint}: {e}"
             ) from None
+        try:
+            self._elements_socket = ElementSocket(FAMILY, self.table)
+        except BackendError:
+            self._nft.close()
+            self._nft = None
+            raise
         with self._lock:
             self._synced = not any(self._elements().values())
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="fqdnguard-nft")
@@ -519,6 +707,9 @@ class Nftables(Backend):
             if self._nft is not None:
                 self._nft.close()
                 self._nft = None
+            if self._elements_socket is not None:
+                self._elements_socket.close()
+                self._elements_socket = None
 
     def remove_table(self) -> None:
         """Deletes the whole table (uninstall; tests). Not part of a normal shutdown."""
@@ -533,20 +724,20 @@ class Nftables(Backend):
     async def apply(self, changes: Sequence[Any]) -> None:
         if self._nft is None:
             raise BackendError("nftables backend: apply before start")
-        script, count = self._changes_script(changes)
-        if not script:
+        ops = self._changes(changes)
+        if not ops.count:
             return
-        if count > self.inline_elements and self._executor is not None:
+        if ops.count > self.inline_elements and self._executor is not None:
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self._executor, self._run_locked, script)
+            await loop.run_in_executor(self._executor, self._send_locked, ops)
         else:
-            self._run_locked(script)
+            self._send_locked(ops)
 
-    def _run_locked(self, script: str) -> None:
+    def _send_locked(self, ops: _Ops) -> None:
         with self._lock:
-            self._run(script)
+            self._send(ops)
 
-    def _changes_script(self, changes: Iterable[Any]) -> tuple[str, int]:
+    def _changes(self, changes: Iterable[Any]) -> _Ops:
         """The transaction for a batch, and its number of element operations. Records what the
         kernel holds as if it succeeded (a failed batch is logged by the proxy; the next
         refresh or reconcile repairs it)."""
@@ -579,21 +770,17 @@ class Nftables(Backend):
                     ops.remove(s, ip)
                 continue
             sets = ep.classify(ip, names_for)
-            timeout = f"{ip} timeout {max(1000, int(((expires or now) - now) * 1000))}ms"
-            if before is None and synced and kind == "added":
-                # Surely new to the kernel: a plain add (on an element the kernel already has,
-                # add would be a no-op and keep the old timeout).
-                for s in sets:
-                    ops.add_new(s, timeout)
-            else:
-                old_sets = before[1] if before else ()
-                for s in old_sets:
-                    if s not in sets:
-                        ops.remove(s, ip)
-                for s in sets:
-                    ops.replace(s, ip, timeout)
+            seconds = (expires or now) - now
+            # Surely new to the kernel: a plain add (on an element the kernel already has, add
+            # would be a no-op and keep the old timeout).
+            replace = not (before is None and synced and kind == "added")
+            for s in before[1] if before and replace else ():
+                if s not in sets:
+                    ops.remove(s, ip)
+            for s in sets:
+                ops.put(s, ip, seconds, replace)
             live[key] = (expires or now, sets)
-        return ops.script(f"{FAMILY} {self.table}"), ops.count
+        return ops
 
     async def reconcile(self, current: Sequence[Any]) -> None:
         """Brings the sets to exactly ``current`` (every live (endpoint, ip, expires_at)):
@@ -637,9 +824,8 @@ class Nftables(Backend):
                     ops.put(s, ip, remaining, replace=False)
                 elif present[ip] < remaining / 2:
                     ops.put(s, ip, remaining, replace=True)
-        script = ops.script(f"{FAMILY} {self.table}")
-        if script:
-            self._run(script)
+        if ops.count:
+            self._send(ops)
         self._synced = True
         log.info(
             "nftables: reconciled %d entries (%d added, %d removed)",
