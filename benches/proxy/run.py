@@ -184,7 +184,11 @@ def dnsperf(
         elif line.startswith("Queries lost:"):
             result["lost"] = float(line.split(":")[1].split()[0])
         elif line.startswith(">") and rate is not None:
-            latencies.append(float(line.split()[-1]) * 1000)
+            # "> NOERROR name type 0.000123"; a query that timed out has no latency field.
+            try:
+                latencies.append(float(line.split()[-1]) * 1000)
+            except ValueError:
+                result["timeouts_at_rate"] = result.get("timeouts_at_rate", 0) + 1
     if latencies:
         latencies.sort()
         result["p50_ms"] = latencies[len(latencies) // 2]
