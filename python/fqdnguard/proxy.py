@@ -53,6 +53,26 @@ class ProxyStats:
     hold_seconds: list[float] = field(default_factory=list)
 
 
+# Socket buffers of the UDP sockets: a burst that arrives while the loop is busy waits in the
+# kernel instead of being dropped (the default, ~208 KiB, holds a few hundred queries).
+SOCKET_BUFFER = 4 << 20
+
+
+def _grow_buffers(transport: Any) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    for force, plain in (
+        (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
+        (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF),
+    ):
+        try:  # the *FORCE options pass net.core.[rw]mem_max when we have CAP_NET_ADMIN
+            sock.setsockopt(socket.SOL_SOCKET, force or plain, SOCKET_BUFFER)
+        except (OSError, TypeError):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
+
+
 class _Client:
     """Where an answer goes: a UDP peer, or a TCP connection."""
 
@@ -325,6 +345,7 @@ class Proxy:
             transport, _ = await loop.create_datagram_endpoint(
                 functools.partial(_UpstreamUdp, self, channel), remote_addr=(host, port)
             )
+            _grow_buffers(transport)
             self._upstream_udp.append(transport)
         try:
             for host, port in self.config.listen:
@@ -335,6 +356,7 @@ class Proxy:
                     family=family,
                     reuse_port=True,
                 )
+                _grow_buffers(transport)
                 self._listeners.append(transport)
                 server = await loop.create_server(
                     lambda: _TcpClient(self),
