@@ -395,7 +395,7 @@ def report(results: dict[str, dict[str, float]], rate: float, out: Path) -> None
             color=["#888", "#aaa", "#2a7", "#57a", "#c55"][: len(names)],
         )
         ax.set_ylabel("queries per second (median)")
-        ax.set_title("dnsperf, UDP, one core per server")
+        ax.set_title("dnsperf over UDP; each server under test pinned to one core")
         for i, n in enumerate(names):
             ax.text(i, results[n]["qps"], f"{results[n]['qps']:.0f}", ha="center", va="bottom")
         fig.tight_layout()
