@@ -454,3 +454,28 @@ def test_callback_backend_for_embedding(
     assert [(c.kind, c.ip) for c in seen] == [("added", "192.0.2.30")]
     # The firewall element lapses at twice the TTL on its own; the cache removes it at the TTL.
     assert 59 <= seen[0].expires_at - time.time() <= 61
+
+
+def test_an_empty_cache_given_is_the_cache_used(
+    knot: KnotServer, proxy_policy: Policy, proxy_endpoints: Endpoints
+) -> None:
+    cache = DnsCache()
+    proxy = make_proxy(knot, proxy_policy, proxy_endpoints)
+    shared = Proxy(
+        proxy_policy,
+        proxy_endpoints,
+        upstreams=[f"{UPSTREAM_IP}:{knot.port}"],
+        listen=proxy.config.listen,
+        cache=cache,
+    )
+    assert shared.cache is cache
+
+    async def scenario() -> None:
+        await shared.start()
+        try:
+            await ask(shared, q("www.example.com"))
+        finally:
+            await shared.stop()
+
+    run(scenario)
+    assert sorted(ip for ip, _ in cache.lookup("www.example.com")) == ["192.0.2.10", "192.0.2.11"]

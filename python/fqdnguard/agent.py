@@ -57,7 +57,7 @@ class Runner:
         self.policy, self.endpoints = load_policy(config)
         self.state_dir = Path(config.state_dir) if config.state_dir else None
         self.cache = self._restore_cache()
-        self.backend = backend or make_backend(config.backend)
+        self.backend = backend if backend is not None else make_backend(config.backend)
         self.proxy = Proxy(
             self.policy, self.endpoints, backend=self.backend, cache=self.cache, config=config
         )

@@ -277,8 +277,9 @@ class Proxy:
             ]
         self.config = base.override(**overrides)
         self.upstreams = self.config.resolved_upstreams()
-        self.backend = backend or Log()
-        self.cache = cache or DnsCache(min_ttl=self.config.min_ttl)
+        self.backend = backend if backend is not None else Log()
+        # Not `cache or ...`: an empty DnsCache is falsy (it has a length).
+        self.cache = cache if cache is not None else DnsCache(min_ttl=self.config.min_ttl)
         self.clock = clock
         self.policy = policy
         self.endpoints = endpoints

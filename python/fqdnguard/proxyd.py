@@ -194,7 +194,7 @@ class ProxyDaemon:
             )
         self.config = config
         self.state_dir = ensure_private_dir(config.state_dir)
-        self.backend = backend or make_backend(config.backend)
+        self.backend = backend if backend is not None else make_backend(config.backend)
         self.proxy: Proxy | None = None
         self.control = ControlServer(
             self.state_dir / "control.sock",
