@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 
 def pattern_mix(n: int) -> list[tuple[str, bool]]:
@@ -39,3 +40,23 @@ def lookup_names(n: int, count: int = 256, seed: int = 7) -> list[str]:
         else:
             names.append(f"api-eu{j}-prod{i}.region{i % 5}.example.org")
     return names
+
+
+def cilium_regex(pattern: str) -> str:
+    """A matchPattern as Cilium compiles it to a regex (unanchored; `.*` for match-all), the way
+    the benchmarks' Python peers match names: `*` -> `[-a-z0-9_]*`, a leading `**.` -> one or
+    more whole labels."""
+    p = pattern.lower()
+    if re.fullmatch(r"\*+\.?", p):
+        return ".*"
+    if not p.endswith("."):
+        p += "."
+    out = ""
+    multi = re.match(r"\*{2,}\.", p)
+    if multi:
+        out = "(?:[-a-z0-9_]+[.])+"
+        p = p[multi.end() :]
+    return out + "".join(
+        "[-a-z0-9_]*" if part.startswith("*") else part.replace(".", "[.]")
+        for part in re.split(r"(\*+)", p)
+    )

@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 import pytest
-from corpus import lookup_names, pattern_mix
+from corpus import cilium_regex, lookup_names, pattern_mix
 from fqdnguard import PatternSet
 
 SIZES = [100, 10_000, 100_000]
@@ -36,21 +36,6 @@ TARGETS = [
     ("trie at 100k / trie at 100 (<= 2x)", "test_trie[100000]", "test_trie[100]", "<=", 2),
     ("compile 100k patterns, seconds (< 1)", "test_compile_100k", None, "<=", 1.0),
 ]
-
-
-def cilium_regex(pattern: str) -> str:
-    p = pattern.lower()
-    if not p.endswith("."):
-        p += "."
-    out = ""
-    multi = re.match(r"\*{2,}\.", p)
-    if multi:
-        out = "(?:[-a-z0-9_]+[.])+"
-        p = p[multi.end() :]
-    return out + "".join(
-        "[-a-z0-9_]*" if part.startswith("*") else part.replace(".", "[.]")
-        for part in re.split(r"(\*+)", p)
-    )
 
 
 def build_set(n: int) -> PatternSet:

@@ -18,6 +18,7 @@ import secrets
 import signal
 import sys
 import time
+from pathlib import Path
 
 import dns.flags
 import dns.message
@@ -26,22 +27,8 @@ import dns.rcode
 import dns.rdatatype
 import uvloop
 
-
-def cilium_regex(pattern: str) -> str:
-    p = pattern.lower()
-    if re.fullmatch(r"\*+\.?", p):
-        return ".*"
-    if not p.endswith("."):
-        p += "."
-    out = ""
-    multi = re.match(r"\*{2,}\.", p)
-    if multi:
-        out = "(?:[-a-z0-9_]+[.])+"
-        p = p[multi.end() :]
-    return out + "".join(
-        "[-a-z0-9_]*" if part.startswith("*") else part.replace(".", "[.]")
-        for part in re.split(r"(\*+)", p)
-    )
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from corpus import cilium_regex
 
 
 class Upstream(asyncio.DatagramProtocol):
