@@ -479,3 +479,45 @@ def test_an_empty_cache_given_is_the_cache_used(
 
     run(scenario)
     assert sorted(ip for ip, _ in cache.lookup("www.example.com")) == ["192.0.2.10", "192.0.2.11"]
+
+
+def test_run_serves_its_cache_on_the_control_socket_and_saves_it(
+    knot: KnotServer, tmp_path: Any
+) -> None:
+    from fqdnguard.agent import CACHE_FILE, CONTROL_SOCKET, Runner  # noqa: PLC0415
+    from fqdnguard.control import request  # noqa: PLC0415
+
+    from tests.proxy_fixtures import ENDPOINTS, POLICY  # noqa: PLC0415
+
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    (tmp_path / "endpoints.yaml").write_text(ENDPOINTS)
+    state = tmp_path / "state"
+    port = free_port()
+    config = ProxyConfig(
+        listen=[("127.0.0.1", port)],
+        upstreams=[(UPSTREAM_IP, knot.port)],
+        policy=[str(tmp_path / "policy.yaml")],
+        endpoints=str(tmp_path / "endpoints.yaml"),
+        state_dir=str(state),
+        log_queries="none",
+    )
+
+    async def scenario() -> None:
+        runner = Runner(config)
+        await runner.start()
+        try:
+            await udp_ask(("127.0.0.1", port), q("www.example.com").to_wire())
+            status, body = await request(state / CONTROL_SOCKET, "GET", "/v1/cache")
+            assert status == 200
+            assert sorted(e["ip"] for e in body["entries"]) == ["192.0.2.10", "192.0.2.11"]
+            assert (await request(state / CONTROL_SOCKET, "GET", "/v1/nope"))[0] == 404
+        finally:
+            await runner.stop()
+
+    run(scenario)
+    assert not (state / CONTROL_SOCKET).exists()
+    restored = DnsCache.load(state / CACHE_FILE)
+    assert sorted(ip for ip, _ in restored.lookup("www.example.com")) == [
+        "192.0.2.10",
+        "192.0.2.11",
+    ]

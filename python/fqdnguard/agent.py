@@ -9,11 +9,8 @@ wait for SIGTERM/SIGINT (stop accepting, finish in-flight queries, save the cach
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
-import json
 import logging
-import os
 import signal
 import time
 from pathlib import Path
@@ -22,6 +19,7 @@ from typing import Any
 from fqdnguard._core import CacheError, DnsCache
 from fqdnguard.backends import Backend, BackendError, make_backend
 from fqdnguard.config import ConfigError, ProxyConfig
+from fqdnguard.control import ControlServer
 from fqdnguard.endpoints import Endpoints
 from fqdnguard.policy import Policy, PolicyError
 from fqdnguard.proxy import Proxy
@@ -62,7 +60,7 @@ class Runner:
             self.policy, self.endpoints, backend=self.backend, cache=self.cache, config=config
         )
         self._stop = asyncio.Event()
-        self._control: asyncio.base_events.Server | None = None
+        self._control: ControlServer | None = None
         self._metrics: Any = None
 
     def _restore_cache(self) -> DnsCache:
@@ -109,14 +107,11 @@ class Runner:
             self._metrics = serve_metrics(self.proxy, host, port)
             log.info("metrics on http://%s:%d/metrics", host, port)
         if self.state_dir is not None:
-            sock = self.state_dir / CONTROL_SOCKET
-            with contextlib.suppress(FileNotFoundError):
-                sock.unlink()
-            old = os.umask(0o177)
-            try:
-                self._control = await asyncio.start_unix_server(self._serve_control, str(sock))
-            finally:
-                os.umask(old)
+            self._control = ControlServer(
+                self.state_dir / CONTROL_SOCKET,
+                {("GET", "/v1/cache"): self._get_cache, ("GET", "/v1/stats"): self._get_stats},
+            )
+            await self._control.start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -136,14 +131,11 @@ class Runner:
 
     async def stop(self) -> None:
         if self._control is not None:
-            self._control.close()
+            await self._control.close()
         await self.proxy.stop()
         if self._metrics is not None:
             self._metrics.shutdown()
         self.save_cache()
-        if self.state_dir is not None:
-            with contextlib.suppress(FileNotFoundError):
-                (self.state_dir / CONTROL_SOCKET).unlink()
         log.info("stopped")
 
     async def _save_periodically(self) -> None:
@@ -154,41 +146,11 @@ class Runner:
             except CacheError as e:
                 log.error("saving the cache failed: %s", e)
 
-    async def _serve_control(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        """A minimal HTTP/1.0 JSON API on the owner-only Unix socket: GET /v1/cache, /v1/stats."""
-        try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            method, path, *_ = request.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
-            if method == "GET" and path == "/v1/cache":
-                status, body = 200, {"entries": cache_entries(self.cache), "now": time.time()}
-            elif method == "GET" and path == "/v1/stats":
-                status, body = (
-                    200,
-                    {"engine": self.proxy.engine.stats(), "cache": self.cache.stats()},
-                )
-            else:
-                status, body = 404, {"error": f"no route {method} {path}"}
-            payload = json.dumps(body).encode()
-            writer.write(
-                f"HTTP/1.0 {status} {'OK' if status == 200 else 'Not Found'}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
-                + payload
-            )
-            await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError):
-            pass
-        except Exception as e:
-            log.exception("control request failed")
-            payload = json.dumps({"error": str(e)}).encode()
-            writer.write(
-                b"HTTP/1.0 500 Internal Server Error\r\nContent-Type: application/json\r\n"
-                + f"Content-Length: {len(payload)}\r\n\r\n".encode()
-                + payload
-            )
-        finally:
-            writer.close()
+    async def _get_cache(self, _body: Any) -> tuple[int, Any]:
+        return 200, {"entries": cache_entries(self.cache), "now": time.time()}
+
+    async def _get_stats(self, _body: Any) -> tuple[int, Any]:
+        return 200, {"engine": self.proxy.engine.stats(), "cache": self.cache.stats()}
 
 
 def run(config: ProxyConfig) -> None:
