@@ -238,6 +238,7 @@ def echo_ok(s: socket.socket, payload: bytes = b"ping", timeout: float = 1.0) ->
 CLUSTER_DNS4, CLUSTER_DNS6 = "10.96.0.10", "fd96::10"
 OTHER_DNS4, OTHER_DNS6 = "10.96.0.20", "fd96::20"
 POLICED4, POLICED6 = "10.79.1.2", "fd79:1::2"
+NODE_POLICED4 = "10.79.1.1"
 FREE4, FREE6 = "10.79.3.2", "fd79:3::2"
 IWORLD4 = [f"10.79.2.{i}" for i in range(10, 16)]
 IWORLD6 = [f"fd79:2::{i}" for i in range(10, 16)]

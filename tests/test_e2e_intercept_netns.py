@@ -40,6 +40,7 @@ from tests.netns import (
     CLUSTER_DNS6,
     FREE4,
     FREE6,
+    NODE_POLICED4,
     OTHER_DNS4,
     OTHER_DNS6,
     POLICED4,
@@ -132,6 +133,7 @@ class Env:
             "--policy", str(self.state / "policy.yaml"),
             "--endpoints", str(self.state / "endpoints.yaml"),
             "--state-dir", str(self.state / "run"), "--log-queries", "all", "--log-level", "info",
+            "--listen", f"{NODE_POLICED4}:53",
         ]  # fmt: skip
         with open(self.log, "ab") as out:
             self.proxy = self.topo.spawn(
@@ -325,6 +327,19 @@ def test_unpoliced_pod_is_answered_without_fqdnguard(
     assert env.logged() == []
 
 
+def test_asking_fqdnguard_directly_still_works_and_is_not_intercepted(env: Env) -> None:
+    # Its own listen address is left out of interception: no loop through TPROXY.
+    for tcp in (False, True):
+        got = env.ask(env.topo.pod, "web.allowed.e2e.test", NODE_POLICED4, tcp=tcp)
+        assert (got.rcode, got.addrs, got.source) == (
+            dns.rcode.NOERROR,
+            ["10.79.2.10"],
+            (NODE_POLICED4, 53),
+        )
+        got = env.ask(env.topo.pod, "denied.blocked.e2e.test", NODE_POLICED4, tcp=tcp)
+        assert got.rcode == dns.rcode.REFUSED
+
+
 def test_policed_pod_reaches_only_what_it_resolved(env: Env) -> None:
     assert not env.reaches("10.79.2.11"), "reachable before its name was resolved"
     assert not env.reaches("fd79:2::11")
@@ -362,7 +377,7 @@ def _installed(status: dict[str, Any]) -> dict[str, Any]:
     return {k: status[k] for k in NONE}
 
 
-FULL = {"table": True, "rules": 5, "ip_rules4": 1, "ip_rules6": 1, "routes4": 1, "routes6": 1}
+FULL = {"table": True, "rules": 6, "ip_rules4": 1, "ip_rules6": 1, "routes4": 1, "routes6": 1}
 NONE = {"table": False, "rules": 0, "ip_rules4": 0, "ip_rules6": 0, "routes4": 0, "routes6": 0}
 
 

@@ -72,12 +72,18 @@ def test_only_endpoints_a_policy_with_dns_rules_selects_are_policed() -> None:
 
 
 def test_ruleset_names_the_sources_port_marks_and_routing() -> None:
-    interceptor = Interceptor(InterceptSettings(port=10099, tproxy_mark=0x40, proxy_mark=0x80))
+    interceptor = Interceptor(
+        InterceptSettings(port=10099, tproxy_mark=0x40, proxy_mark=0x80),
+        exclude=[("10.0.0.1", 53), ("::", 5353)],
+    )
     interceptor.sources = (["10.0.0.2", "10.0.0.5"], ["fd00::2"])
     text = interceptor.ruleset()
     assert text.startswith("table inet fqdnguard_intercept {")
     assert "elements = { 10.0.0.2, 10.0.0.5 }" in text and "elements = { fd00::2 }" in text
     assert "meta mark & 0x80 == 0x80 return" in text
+    # The proxy's own listen addresses are never intercepted (no loop).
+    assert "ip daddr 10.0.0.1 meta l4proto { tcp, udp } th dport 53 return" in text
+    assert "fib daddr type local meta l4proto { tcp, udp } th dport 5353 return" in text
     assert "tproxy ip to 127.0.0.1:10099 meta mark set meta mark | 0x40 accept" in text
     assert "tproxy ip6 to [::1]:10099" in text
     assert "ip saddr @policed4 meta l4proto { tcp, udp } th dport 53 counter drop" in text

@@ -180,7 +180,9 @@ def _dry_run(config: ProxyConfig) -> int:
             policed_sources,
         )
 
-        interceptor = Interceptor(InterceptSettings(port=config.intercept_port))
+        interceptor = Interceptor(
+            InterceptSettings(port=config.intercept_port), exclude=config.listen
+        )
         interceptor.sources = policed_sources(policy, endpoints)
         print(interceptor.ruleset(), end="")
     return 0

@@ -8,6 +8,7 @@ What ``fqdnguard run --intercept`` installs, all of it owned by fqdnguard::
       chain prerouting {
         type filter hook prerouting priority mangle; policy accept;
         meta mark & 0x2000 == 0x2000 return  # the proxy's own upstream traffic: never again
+        ip daddr 10.0.0.1 meta l4proto { tcp, udp } th dport 53 return  # its own --listen
         ip saddr @policed4 meta l4proto { tcp, udp } th dport 53
             tproxy ip to 127.0.0.1:10053 meta mark set meta mark | 0x1000 accept
         ip6 saddr @policed6 meta l4proto { tcp, udp } th dport 53
@@ -107,10 +108,16 @@ class Interceptor:
     network namespace. Needs CAP_NET_ADMIN."""
 
     def __init__(
-        self, settings: InterceptSettings | None = None, *, library: str | None = None
+        self,
+        settings: InterceptSettings | None = None,
+        *,
+        library: str | None = None,
+        exclude: Iterable[tuple[str, int]] = (),
     ) -> None:
         self.settings = settings or InterceptSettings()
         self.library = library
+        #: The proxy's own listen addresses: DNS sent to them is left alone (never looped back).
+        self.exclude = list(exclude)
         self._nft: Libnftables | None = None
         self._lock = threading.Lock()
         self.sources: tuple[list[str], list[str]] = ([], [])
@@ -121,8 +128,18 @@ class Interceptor:
         s = self.settings
         mark = f"meta mark set meta mark | {s.tproxy_mark:#x}"
         dns = "meta l4proto { tcp, udp } th dport 53"
+        own = []
+        for host, port in self.exclude:
+            addr = ipaddress.ip_address(host)
+            where = (
+                "fib daddr type local"
+                if addr.is_unspecified
+                else f"{'ip6' if addr.version == 6 else 'ip'} daddr {addr}"
+            )
+            own.append(f"{where} meta l4proto {{ tcp, udp }} th dport {port} return")
         return [
             f"meta mark & {s.proxy_mark:#x} == {s.proxy_mark:#x} return",
+            *own,
             f"ip saddr @policed4 {dns} tproxy ip to {LISTEN4}:{s.port} {mark} accept",
             f"ip6 saddr @policed6 {dns} tproxy ip6 to [{LISTEN6}]:{s.port} {mark} accept",
             # tproxy found no listener (fqdnguard is not running): no way around the proxy.
