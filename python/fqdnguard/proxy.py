@@ -339,6 +339,7 @@ class _TransparentUdp:
         _grow_socket_buffers(self.sock)
         self.local = self.sock.getsockname()[:2]
         self._replies: OrderedDict[tuple[str, int], _ReplySocket] = OrderedDict()
+        self._origs: dict[bytes, tuple[str, int]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -346,7 +347,7 @@ class _TransparentUdp:
         loop.add_reader(self.sock.fileno(), self._readable)
 
     def _readable(self) -> None:
-        sock, on_query, replies = self.sock, self.proxy._on_query, self._replies
+        sock, on_query, replies, origs = self.sock, self.proxy._on_query, self._replies, self._origs
         for _ in range(READ_BATCH):
             try:
                 data, ancdata, _flags, addr = sock.recvmsg(65535, _ORIG_CMSG)
@@ -355,7 +356,13 @@ class _TransparentUdp:
             except OSError as e:
                 log.debug("transparent udp %s: %s", self.local, e)
                 return
-            orig = original_destination(ancdata)
+            # The same few servers are asked over and over: their control messages too.
+            raw = ancdata[0][2] if len(ancdata) == 1 else None
+            orig = origs.get(raw) if raw is not None else None
+            if orig is None:
+                orig = original_destination(ancdata)
+                if raw is not None and orig is not None and len(origs) < MAX_REPLY_SOCKETS:
+                    origs[raw] = orig
             if orig is None or orig == self.local:  # sent here directly: not ours to answer
                 self.proxy.stats.not_intercepted += 1
                 continue
