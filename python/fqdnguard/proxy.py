@@ -384,10 +384,13 @@ class _TransparentUdp:
             self._replies.popitem(last=False)[1].close()
         return reply
 
-    def close(self) -> None:
+    def stop_reading(self) -> None:
         if self._loop is not None and self.sock.fileno() >= 0:
             self._loop.remove_reader(self.sock.fileno())
         self.sock.close()
+
+    def close(self) -> None:
+        self.stop_reading()
         for reply in self._replies.values():
             reply.close()
         self._replies.clear()
@@ -686,7 +689,7 @@ class Proxy:
         for s in self._servers:
             s.close()
         for udp in self._transparent_udp:
-            udp.close()
+            udp.stop_reading()  # its reply sockets stay for the answers still owed
         deadline = time.monotonic() + timeout
         while self._clients and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
