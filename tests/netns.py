@@ -223,3 +223,82 @@ def echo_ok(s: socket.socket, payload: bytes = b"ping", timeout: float = 1.0) ->
         return got == payload
     except OSError:
         return False
+
+
+# -- interception: two pods, a node, a world and a "dns" namespace --------------------------------
+#
+#   policed (10.79.1.2, fd79:1::2) --+
+#                                    +-- node (fqdnguard run --intercept) --+-- world (10.79.2.x)
+#   free    (10.79.3.2, fd79:3::2) --+                                      +-- dns (cluster DNS)
+#
+# The dns namespace holds the cluster-DNS addresses (10.96.0.10, fd96::10) and a second server
+# (10.96.0.20, fd96::20) that no policy admits; the node routes them to it. Both pods just ask
+# those addresses, as pods whose resolv.conf names kube-dns do.
+
+CLUSTER_DNS4, CLUSTER_DNS6 = "10.96.0.10", "fd96::10"
+OTHER_DNS4, OTHER_DNS6 = "10.96.0.20", "fd96::20"
+POLICED4, POLICED6 = "10.79.1.2", "fd79:1::2"
+NODE_POLICED4 = "10.79.1.1"
+FREE4, FREE6 = "10.79.3.2", "fd79:3::2"
+IWORLD4 = [f"10.79.2.{i}" for i in range(10, 16)]
+IWORLD6 = [f"fd79:2::{i}" for i in range(10, 16)]
+
+
+class InterceptTopology(Topology):
+    """Five namespaces (see above); ``pod`` is the policed pod, ``free`` the other one."""
+
+    def __init__(self, prefix: str | None = None) -> None:
+        prefix = prefix or f"fi{os.getpid() % 100000}"
+        super().__init__(prefix)
+        self.free, self.dns = f"{prefix}-free", f"{prefix}-dns"
+
+    def _namespaces(self) -> tuple[str, ...]:
+        return (self.pod, self.free, self.node, self.world, self.dns)
+
+    def _create(self) -> None:
+        node = self.node
+        for n in self._namespaces():
+            sh("ip", "netns", "add", n)
+            self.ns(n, "ip", "link", "set", "lo", "up")
+        links = (  # (namespace, its device, node's device, subnet index)
+            (self.pod, "fip0", "fin1", 1),
+            (self.world, "fiw0", "fin2", 2),
+            (self.free, "fif0", "fin3", 3),
+            (self.dns, "fid0", "fin4", 4),
+        )
+        for ns, dev, peer, i in links:
+            sh("ip", "link", "add", dev, "netns", ns, "type", "veth", "peer", peer, "netns", node)
+            self.ns(node, "ip", "addr", "add", f"10.79.{i}.1/24", "dev", peer)
+            self.ns(node, "ip", "addr", "add", f"fd79:{i}::1/64", "dev", peer, "nodad")
+            self.ns(node, "ip", "link", "set", peer, "up")
+            self.ns(ns, "ip", "link", "set", dev, "up")
+            own4, own6 = (IWORLD4, IWORLD6) if ns == self.world else ([f"10.79.{i}.2"], [])
+            for a in own4:
+                self.ns(ns, "ip", "addr", "add", f"{a}/24", "dev", dev)
+            for a in own6 or [f"fd79:{i}::2"]:
+                self.ns(ns, "ip", "addr", "add", f"{a}/64", "dev", dev, "nodad")
+            self.ns(ns, "ip", "route", "add", "default", "via", f"10.79.{i}.1")
+            self.ns(ns, "ip", "-6", "route", "add", "default", "via", f"fd79:{i}::1")
+        for a in (CLUSTER_DNS4, OTHER_DNS4):
+            self.ns(self.dns, "ip", "addr", "add", f"{a}/32", "dev", "lo")
+        for a in (CLUSTER_DNS6, OTHER_DNS6):
+            self.ns(self.dns, "ip", "addr", "add", f"{a}/128", "dev", "lo")
+        self.ns(node, "ip", "route", "add", "10.96.0.0/24", "via", "10.79.4.2")
+        self.ns(node, "ip", "-6", "route", "add", "fd96::/64", "via", "fd79:4::2")
+        self.ns(node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        self.ns(node, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+        # The node's own resolver (``ip netns exec`` mounts /etc/netns/NAME/resolv.conf): what
+        # fqdnguard forwards direct (not intercepted) queries to when no --upstream is given.
+        os.makedirs(self._etc, exist_ok=True)
+        with open(os.path.join(self._etc, "resolv.conf"), "w") as f:
+            f.write(f"nameserver {CLUSTER_DNS4}\n")
+
+    @property
+    def _etc(self) -> str:
+        return f"/etc/netns/{self.node}"
+
+    def close(self) -> None:
+        super().close()
+        for n in (self.free, self.dns):
+            subprocess.run(["ip", "netns", "del", n], capture_output=True, check=False)
+        shutil.rmtree(self._etc, ignore_errors=True)

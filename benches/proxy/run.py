@@ -6,6 +6,10 @@
   (d) dnsdist    dnsdist forwarding, no cache (the C++ peer)
   (e) pyproxy    the same job in plain Python with dnspython and `re` (the Python peer)
 
+and, as root, the intercepted mode beside the direct one over network namespaces (see
+intercepted.py): (f) routed to the cluster-DNS address, (g) fqdnguard asked directly, (h) the
+same fqdnguard with the cluster-DNS address asked and the query intercepted (TPROXY).
+
 Each server under test is pinned to CPU 1, dnsperf and Knot to CPU 0. Every target runs
 `--repeat` times for `--seconds` and the medians are reported; then (a) and (c) are measured
 again at half of (c)'s best rate (with (b), the floor for any Python proxy) with per-query
@@ -147,9 +151,17 @@ def wait_ready(port: int, timeout: float = 20.0) -> None:
 
 
 def dnsperf(
-    port: int, queries: Path, seconds: float, host: str = "127.0.0.1", rate: float | None = None
+    port: int,
+    queries: Path,
+    seconds: float,
+    host: str = "127.0.0.1",
+    rate: float | None = None,
+    *,
+    client: str = CLIENT,
+    prefix: list[str] | None = None,
 ) -> dict[str, float]:
     cmd = [
+        *(prefix or []),
         "taskset",
         "-c",
         "0",
@@ -159,7 +171,7 @@ def dnsperf(
         "-p",
         str(port),
         "-a",
-        CLIENT,
+        client,
         "-d",
         str(queries),
         "-l",
@@ -300,6 +312,9 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument(
+        "--intercepted-only", action="store_true", help="only (f)-(h), the namespace paths"
+    )
     args = ap.parse_args()
     if args.quick:
         args.seconds, args.repeat = 2.0, 1
@@ -309,6 +324,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="fqdnguard-bench-"))
     files = write_inputs(tmp)
+    if args.intercepted_only:
+        return intercepted_mode(files, args)
     upstream_port = free_port(UPSTREAM)
     results: dict[str, dict[str, float]] = {}
     knot_cmd = None
@@ -350,6 +367,25 @@ def main() -> int:
             results[name]["p50_ms_at_half"] = r.get("p50_ms", float("nan"))
             results[name]["p99_ms_at_half"] = r.get("p99_ms", float("nan"))
     report(results, rate, args.out)
+    return intercepted_mode(files, args)
+
+
+def intercepted_mode(files: dict[str, Path], args: argparse.Namespace) -> int:
+    """(f)-(h) over network namespaces, added to results.json (skipped, with why, unless root)."""
+    from intercepted import available, run_intercepted  # noqa: PLC0415
+    from intercepted import report as report_intercepted  # noqa: PLC0415
+
+    why = available()
+    if why is not None:
+        print(f"\nintercepted mode skipped: {why}")
+        return 0
+    print("\nintercepted mode (network namespaces):", flush=True)
+    netns = run_intercepted(files, args.seconds, args.repeat, dnsperf)
+    report_intercepted(netns)
+    path = args.out / "results.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    saved["intercepted"] = netns
+    path.write_text(json.dumps(saved, indent=2))
     return 0
 
 

@@ -113,6 +113,8 @@ def _proxy_config(args: argparse.Namespace) -> ProxyConfig:
         unknown_endpoint=args.unknown_endpoint,
         upstream_timeout=args.upstream_timeout,
         log_queries=args.log_queries,
+        intercept=getattr(args, "intercept", None) or None,
+        intercept_port=getattr(args, "intercept_port", None),
     )
 
 
@@ -171,7 +173,45 @@ def _dry_run(config: ProxyConfig) -> int:
         return 0
     backend.set_policy(policy, endpoints, listen=config.listen)  # type: ignore[attr-defined]
     print(ruleset(), end="")
+    if config.intercept:
+        from fqdnguard.intercept import (  # noqa: PLC0415
+            Interceptor,
+            InterceptSettings,
+            policed_sources,
+        )
+
+        interceptor = Interceptor(
+            InterceptSettings(port=config.intercept_port), exclude=config.listen
+        )
+        interceptor.sources = policed_sources(policy, endpoints)
+        print(interceptor.ruleset(), end="")
     return 0
+
+
+def cmd_intercept(args: argparse.Namespace) -> int:
+    """``intercept cleanup`` removes what ``run --intercept`` installs; ``intercept status``
+    prints what is installed now."""
+    import json  # noqa: PLC0415
+
+    from fqdnguard.intercept import Interceptor, InterceptSettings  # noqa: PLC0415
+
+    interceptor = Interceptor(InterceptSettings(port=args.port))
+    try:
+        if args.intercept_command == "cleanup":
+            before = interceptor.status()
+            interceptor.remove()
+            after = interceptor.status()
+            print(
+                f"removed: table {'yes' if before['table'] else 'absent'}, "
+                f"ip rules {before['ip_rules4']} (IPv4) {before['ip_rules6']} (IPv6), "
+                f"routes {before['routes4']} (IPv4) {before['routes6']} (IPv6)"
+            )
+            left = after["table"] or any(after[k] for k in ("ip_rules4", "ip_rules6"))
+            return EXIT_ERROR if left else 0
+        print(json.dumps(interceptor.status(), indent=2))
+        return 0
+    finally:
+        interceptor.close()
 
 
 def _control_get(state_dir: str, path: str) -> dict[str, object]:
@@ -262,6 +302,19 @@ def build_parser() -> argparse.ArgumentParser:
         "override the --config file. A bad option exits 2 with a message naming it.",
     )
     _data_plane_options(run, policy=True)
+    run.add_argument(
+        "--intercept",
+        action="store_true",
+        default=None,
+        help="send policed endpoints' DNS (port 53, any server) to the proxy with nftables "
+        "TPROXY; removed on exit (see docs/intercept.md)",
+    )
+    run.add_argument(
+        "--intercept-port",
+        type=int,
+        metavar="PORT",
+        help="port of the transparent listeners on 127.0.0.1 and ::1 (default 10053)",
+    )
     run.add_argument(
         "--dry-run",
         action="store_true",
@@ -361,6 +414,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--server", metavar="IP", help="the DNS server asked (default: any server a rule admits)"
     )
     check.set_defaults(func=cmd_check)
+
+    intercept = sub.add_parser(
+        "intercept",
+        help="the node's interception rules",
+        description="'cleanup' removes the nftables table, ip rules and routes that "
+        "'run --intercept' installs (left in place after a crash so enforcement holds); "
+        "'status' prints what is installed. Needs CAP_NET_ADMIN.",
+    )
+    isub = intercept.add_subparsers(dest="intercept_command", required=True, metavar="COMMAND")
+    for name, text in (
+        ("cleanup", "remove the interception rules, ip rules and routes"),
+        ("status", "print the installed interception state as JSON"),
+    ):
+        ip = isub.add_parser(name, help=text)
+        ip.add_argument("--port", type=int, default=10053, help=argparse.SUPPRESS)
+        ip.set_defaults(func=cmd_intercept)
 
     policy = sub.add_parser("policy", help="policy tools")
     psub = policy.add_subparsers(dest="policy_command", required=True, metavar="COMMAND")

@@ -98,6 +98,8 @@ class ProxyConfig:
     log_queries: str = "sampled"
     log_sample: float = 0.01
     cache_save_interval: float = 60.0
+    intercept: bool = False
+    intercept_port: int = 10053
 
     OPTIONS: ClassVar[tuple[str, ...]] = (
         "listen",
@@ -120,6 +122,8 @@ class ProxyConfig:
         "log_queries",
         "log_sample",
         "cache_save_interval",
+        "intercept",
+        "intercept_port",
     )
 
     def __post_init__(self) -> None:
@@ -144,6 +148,12 @@ class ProxyConfig:
                 raise ConfigError(f"{name}: {value!r}: must be a positive whole number")
         if not isinstance(self.min_ttl, int) or self.min_ttl < 0:
             raise ConfigError(f"min_ttl: {self.min_ttl!r}: must be a whole number >= 0")
+        if not isinstance(self.intercept, bool):
+            raise ConfigError(f"intercept: {self.intercept!r}: must be true or false")
+        if not isinstance(self.intercept_port, int) or not 0 < self.intercept_port < 65536:
+            raise ConfigError(
+                f"intercept_port: {self.intercept_port!r}: must be a port from 1 to 65535"
+            )
         if not 0 <= self.log_sample <= 1:
             raise ConfigError(f"log_sample: {self.log_sample!r}: must be between 0 and 1")
         for suffix in self.search_domains:
@@ -212,11 +222,20 @@ def _convert(name: str, value: Any, source: str) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{option}: {value!r} is not a number") from None
-    if name in ("max_inflight", "max_tcp_connections", "min_ttl"):
+    if name in ("max_inflight", "max_tcp_connections", "min_ttl", "intercept_port"):
         if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).isdigit():
             raise ConfigError(f"{option}: {value!r} is not a whole number")
         return int(value)
-    return value
+    return _bool(value, option) if name == "intercept" else value
+
+
+def _bool(value: Any, option: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    if text not in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+        raise ConfigError(f"{option}: {value!r} is not true or false")
+    return text in ("true", "yes", "on", "1")
 
 
 def _plain(node: Any, source: str) -> Any:  # noqa: PLR0911

@@ -347,6 +347,17 @@ class Policy:
             if s.selector is not None and s.selector.matches(endpoint.labels)
         ]
 
+    def has_dns_rules(self, endpoint: Endpoint) -> bool:
+        """Does a policy with DNS rules (``toPorts[].rules.dns``) select ``endpoint``? Its DNS
+        is what transparent interception sends to the proxy (as Cilium redirects it)."""
+        return any(
+            entry.dns is not None
+            for s in self._specs
+            if s.selector is not None and s.selector.matches(endpoint.labels)
+            for rule in s.egress
+            for entry in rule.ports
+        )
+
     def egress_plan(
         self, endpoint: Endpoint, endpoints: Endpoints | None = None
     ) -> EgressPlan | None:

@@ -17,6 +17,7 @@ import json
 import logging
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,13 @@ from typing import Any
 from fqdnguard._core import DnsCache, Engine
 from fqdnguard.backends import Backend, Log
 from fqdnguard.config import ConfigError, ProxyConfig, parse_hostport
+from fqdnguard.intercept import (
+    LISTEN4,
+    LISTEN6,
+    Interceptor,
+    InterceptSettings,
+    policed_sources,
+)
 
 __all__ = ["Proxy", "ProxyStats"]
 
@@ -32,6 +40,8 @@ query_log = logging.getLogger("fqdnguard.query")
 
 FORWARD, REPLY, DROP = 0, 1, 2
 TCP_CHANNEL_BASE = 1 << 20
+#: UDP channels to the servers intercepted queries were addressed to: ORIG_CHANNEL_BASE + n.
+ORIG_CHANNEL_BASE = 1 << 16
 MAX_TCP_MESSAGE = 65535
 # Consecutive timeouts after which an upstream is skipped for UPSTREAM_RETRY seconds.
 UPSTREAM_FAILURES = 3
@@ -51,6 +61,10 @@ class ProxyStats:
     client_gone: int = 0
     upstream_failovers: int = 0
     hold_seconds: list[float] = field(default_factory=list)
+    #: Intercepted queries: answers that could not leave from the address asked, and queries
+    #: that reached the transparent listener without interception (dropped).
+    reply_errors: int = 0
+    not_intercepted: int = 0
 
 
 # Socket buffers of the UDP sockets: a burst that arrives while the loop is busy waits in the
@@ -60,8 +74,11 @@ SOCKET_BUFFER = 4 << 20
 
 def _grow_buffers(transport: Any) -> None:
     sock = transport.get_extra_info("socket")
-    if sock is None:
-        return
+    if sock is not None:
+        _grow_socket_buffers(sock)
+
+
+def _grow_socket_buffers(sock: Any) -> None:
     for force, plain in (
         (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
         (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF),
@@ -156,6 +173,8 @@ class _TcpClient(_TcpFramer):
         self.channel = 0
         self.idle: asyncio.TimerHandle | None = None
         self.tokens: set[int] = set()
+        #: The server its upstream connection goes to, when it is the one the pod asked.
+        self.upstream_addr: tuple[str, int] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -227,6 +246,221 @@ class _UpstreamTcp(_TcpFramer):
             self.transport.close()
 
 
+# -- transparent interception (see fqdnguard.intercept for the node's side) -------------------
+#
+# Linux socket options the socket module does not name (linux/in.h, linux/in6.h).
+IP_TRANSPARENT = 19
+IP_RECVORIGDSTADDR = 20  # also the cmsg type (IP_ORIGDSTADDR)
+IPV6_RECVORIGDSTADDR = 74  # also the cmsg type (IPV6_ORIGDSTADDR)
+IPV6_TRANSPARENT = 75
+SO_MARK = getattr(socket, "SO_MARK", 36)
+#: Room for one sockaddr_in6 of ancillary data.
+_ORIG_CMSG = socket.CMSG_SPACE(28)
+#: Datagrams read per reader callback before the loop gets a turn.
+READ_BATCH = 64
+#: Reply sockets (one per address asked) and upstream sockets (one per server) kept open.
+MAX_REPLY_SOCKETS = 256
+MAX_ORIG_UPSTREAMS = 1024
+
+
+def transparent_socket(family: int, kind: int, local: tuple[str, int]) -> socket.socket:
+    """A non-blocking socket with IP_TRANSPARENT / IPV6_TRANSPARENT bound to ``local`` (which
+    may be an address of another host: the kernel allows it to transparent sockets)."""
+    sock = socket.socket(family, kind)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setblocking(False)
+        sock.bind(local)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def original_destination(ancdata: list[tuple[int, int, bytes]]) -> tuple[str, int] | None:
+    """The (address, port) a TPROXY-ed datagram was sent to, from its IP_ORIGDSTADDR or
+    IPV6_ORIGDSTADDR control message (a sockaddr_in / sockaddr_in6)."""
+    for level, kind, data in ancdata:
+        if level == socket.IPPROTO_IP and kind == IP_RECVORIGDSTADDR and len(data) >= 8:
+            return socket.inet_ntop(socket.AF_INET, data[4:8]), int.from_bytes(data[2:4], "big")
+        if level == socket.IPPROTO_IPV6 and kind == IPV6_RECVORIGDSTADDR and len(data) >= 24:
+            return socket.inet_ntop(socket.AF_INET6, data[8:24]), int.from_bytes(data[2:4], "big")
+    return None
+
+
+class _ReplySocket:
+    """Where answers to intercepted UDP queries leave from: a transparent socket bound to the
+    address and port the pod asked (IP_PKTINFO could set the source address, not the port), so
+    the pod's resolver sees the answer come from the server it asked. Quacks like the part of
+    a datagram transport ``_Client`` uses."""
+
+    __slots__ = ("proxy", "sock")
+
+    def __init__(self, proxy: Proxy, sock: socket.socket | None) -> None:
+        self.proxy = proxy
+        self.sock = sock
+
+    def is_closing(self) -> bool:
+        return self.sock is None or self.sock.fileno() < 0
+
+    def sendto(self, payload: bytes, addr: Any) -> None:
+        try:
+            self.sock.sendto(payload, addr)  # type: ignore[union-attr]
+        except OSError:
+            self.proxy.stats.reply_errors += 1
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+
+
+class _TransparentUdp:
+    """The UDP side of interception: a transparent socket that TPROXY hands the pods' queries
+    to, read with ``recvmsg`` from the loop's reader callback (asyncio's datagram transports
+    cannot see ancillary data), so each query comes with its original destination. Each query
+    goes to ``Proxy._on_query`` as the plain listeners' do, with that destination."""
+
+    def __init__(self, proxy: Proxy, local: tuple[str, int]) -> None:
+        self.proxy = proxy
+        family = socket.AF_INET6 if ":" in local[0] else socket.AF_INET
+        self.family = family
+        self.sock = transparent_socket(family, socket.SOCK_DGRAM, local)
+        level, option = (
+            (socket.IPPROTO_IPV6, IPV6_RECVORIGDSTADDR)
+            if family == socket.AF_INET6
+            else (socket.IPPROTO_IP, IP_RECVORIGDSTADDR)
+        )
+        self.sock.setsockopt(level, option, 1)
+        _grow_socket_buffers(self.sock)
+        self.local = self.sock.getsockname()[:2]
+        self._replies: OrderedDict[tuple[str, int], _ReplySocket] = OrderedDict()
+        self._origs: dict[bytes, tuple[str, int]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        loop.add_reader(self.sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        sock, on_query, replies, origs = self.sock, self.proxy._on_query, self._replies, self._origs
+        for _ in range(READ_BATCH):
+            try:
+                data, ancdata, _flags, addr = sock.recvmsg(65535, _ORIG_CMSG)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.debug("transparent udp %s: %s", self.local, e)
+                return
+            # The same few servers are asked over and over: their control messages too.
+            raw = ancdata[0][2] if len(ancdata) == 1 else None
+            orig = origs.get(raw) if raw is not None else None
+            if orig is None:
+                orig = original_destination(ancdata)
+                if raw is not None and orig is not None and len(origs) < MAX_REPLY_SOCKETS:
+                    origs[raw] = orig
+            if orig is None or orig == self.local:  # sent here directly: not ours to answer
+                self.proxy.stats.not_intercepted += 1
+                continue
+            reply = replies.get(orig)
+            if reply is None:
+                reply = self._reply_socket(orig)
+            else:
+                replies.move_to_end(orig)
+            on_query(data, _Client(reply, addr), addr[0], False, orig)
+
+    def _reply_socket(self, orig: tuple[str, int]) -> _ReplySocket:
+        try:
+            sock: socket.socket | None = transparent_socket(self.family, socket.SOCK_DGRAM, orig)
+        except OSError as e:
+            log.warning("cannot answer from %s:%d (%s): its answers are dropped", *orig, e)
+            sock = None
+        reply = self._replies[orig] = _ReplySocket(self.proxy, sock)
+        if len(self._replies) > MAX_REPLY_SOCKETS:
+            self._replies.popitem(last=False)[1].close()
+        return reply
+
+    def stop_reading(self) -> None:
+        if self._loop is not None and self.sock.fileno() >= 0:
+            self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+    def close(self) -> None:
+        self.stop_reading()
+        for reply in self._replies.values():
+            reply.close()
+        self._replies.clear()
+
+
+class _OriginalUpstream:
+    """A UDP socket connected to one server that intercepted queries asked (when no upstream
+    override is configured), marked so that interception skips it; its answers go to the engine
+    on its own channel, so RFC 5452 matching still checks the server answering."""
+
+    def __init__(self, proxy: Proxy, channel: int, server: tuple[str, int], mark: int) -> None:
+        self.proxy = proxy
+        self.channel = channel
+        family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            if mark:
+                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+            _grow_socket_buffers(sock)
+            sock.connect(server)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._readable)
+
+    def sendto(self, payload: bytes) -> None:
+        try:
+            self.sock.send(payload)
+        except OSError as e:  # the query times out and its client gets SERVFAIL
+            log.debug("upstream channel %d: %s", self.channel, e)
+
+    def _readable(self) -> None:
+        sock, on_answer, channel = self.sock, self.proxy._on_answer, self.channel
+        for _ in range(READ_BATCH):
+            try:
+                data = sock.recv(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # ICMP unreachable and the like
+                log.debug("upstream channel %d: %s", channel, e)
+                return
+            on_answer(channel, data)
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            self._loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+
+
+class _TransparentTcpClient(_TcpClient):
+    """A TCP connection TPROXY handed over: its local address is the server the pod asked."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        super().__init__(proxy)
+        self.orig: tuple[str, int] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        local = transport.get_extra_info("sockname")
+        self.orig = (local[0], local[1]) if local else None
+        super().connection_made(transport)
+
+    def message_received(self, message: bytes) -> None:
+        self._arm_idle()
+        client = _Client(self.transport, self.peer, self)
+        self.proxy._on_query(message, client, self.peer[0], True, self.orig)
+
+
 def engine_table(
     policy: Any, endpoints: Any, unknown: str | None
 ) -> tuple[Any, dict[str, tuple[int, int | None]], tuple[int, int | None] | None]:
@@ -263,6 +497,7 @@ class Proxy:
         cache: DnsCache | None = None,
         config: ProxyConfig | None = None,
         clock: Callable[[], float] = time.time,
+        intercept: Interceptor | None = None,
     ) -> None:
         base = config or ProxyConfig()
         overrides: dict[str, Any] = {}
@@ -283,6 +518,19 @@ class Proxy:
         self.clock = clock
         self.policy = policy
         self.endpoints = endpoints
+        #: Transparent interception (``config.intercept``): the node's rules and their sources.
+        if intercept is None and self.config.intercept:
+            intercept = Interceptor(
+                InterceptSettings(port=self.config.intercept_port), exclude=self.config.listen
+            )
+        self.intercept = intercept
+        #: Intercepted queries go to the server the pod asked unless upstreams are configured.
+        self._override = bool(self.config.upstreams)
+        self._mark = intercept.settings.proxy_mark if intercept is not None else 0
+        self._transparent_udp: list[_TransparentUdp] = []
+        self._orig_upstreams: OrderedDict[tuple[str, int], _OriginalUpstream] = OrderedDict()
+        self._orig_next = 0
+        self._intercept_installed = False
         self.engine = Engine(
             self.cache,
             reject=self.config.reject,
@@ -332,6 +580,10 @@ class Proxy:
             )
         self.engine.set_policy(*table)
         self.policy, self.endpoints = policy, endpoints
+        # After the engine has the endpoints, so a newly policed source is known when its DNS
+        # starts arriving.
+        if self.intercept is not None:
+            self.intercept.set_sources(*policed_sources(policy, endpoints))
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -347,6 +599,10 @@ class Proxy:
                 functools.partial(_UpstreamUdp, self, channel), remote_addr=(host, port)
             )
             _grow_buffers(transport)
+            if self._mark:
+                transport.get_extra_info("socket").setsockopt(
+                    socket.SOL_SOCKET, SO_MARK, self._mark
+                )
             self._upstream_udp.append(transport)
         try:
             for host, port in self.config.listen:
@@ -368,9 +624,20 @@ class Proxy:
                     backlog=1024,
                 )
                 self._servers.append(server)
+            if self.intercept is not None:
+                for host in (LISTEN4, LISTEN6):
+                    port = self.intercept.settings.port
+                    await self._listen_transparent(loop, (host, port))
         except OSError as e:
             await self._close_sockets()
             raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror}") from None
+        if self.intercept is not None:
+            try:
+                self.intercept.install()
+            except Exception:
+                await self._close_sockets()
+                raise
+            self._intercept_installed = True
         self._running = True
         self._spawn(self._sweeper())
         self._spawn(self._expirer())
@@ -379,6 +646,31 @@ class Proxy:
             ", ".join(f"{h}:{p}" for h, p in self.config.listen),
             ", ".join(f"{h}:{p}" for h, p in self.upstreams),
         )
+
+    async def _listen_transparent(
+        self, loop: asyncio.AbstractEventLoop, local: tuple[str, int]
+    ) -> None:
+        udp = _TransparentUdp(self, local)
+        self._transparent_udp.append(udp)
+        udp.start(loop)
+        family = socket.AF_INET6 if ":" in local[0] else socket.AF_INET
+        sock = transparent_socket(family, socket.SOCK_STREAM, local)
+        try:
+            sock.listen(1024)
+            server = await loop.create_server(lambda: _TransparentTcpClient(self), sock=sock)
+        except OSError:
+            sock.close()
+            raise
+        self._servers.append(server)
+
+    def remove_interception(self) -> None:
+        """Removes the node's interception rules now (a clean shutdown does it)."""
+        if self.intercept is not None and self._intercept_installed:
+            try:
+                self.intercept.remove()
+            except Exception:
+                log.exception("removing the interception rules failed")
+            self._intercept_installed = False
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -390,10 +682,14 @@ class Proxy:
         if not self._running:
             return
         self._running = False
+        # First: pods' DNS goes straight to their servers again before the listeners close.
+        self.remove_interception()
         for t in self._listeners:
             t.close()
         for s in self._servers:
             s.close()
+        for udp in self._transparent_udp:
+            udp.stop_reading()  # its reply sockets stay for the answers still owed
         deadline = time.monotonic() + timeout
         while self._clients and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -423,6 +719,13 @@ class Proxy:
             up.close()
         for u in self._upstream_udp:
             u.close()
+        for udp in self._transparent_udp:
+            udp.close()
+        for orig in self._orig_upstreams.values():
+            orig.close()
+        self._transparent_udp, self._orig_upstreams = [], OrderedDict()
+        if self.intercept is not None:
+            self.intercept.close()
         await asyncio.sleep(0)  # let the transports deliver connection_lost
         self._listeners, self._servers, self._upstream_udp = [], [], []
 
@@ -447,16 +750,33 @@ class Proxy:
         pending = [t for t in self._upstream_down_until if t > now]
         self._upstream_recheck = min(pending) if pending else 0.0
 
-    def _on_query(self, data: bytes, client: _Client, src_ip: str, tcp: bool) -> None:
+    def _on_query(
+        self,
+        data: bytes,
+        client: _Client,
+        src_ip: str,
+        tcp: bool,
+        orig: tuple[str, int] | None = None,
+    ) -> None:
+        """One query from ``src_ip``; ``orig`` is the (server, port) it was sent to when it was
+        intercepted (the verdict's server, and where it goes unless upstreams override it)."""
         if self._upstream_recheck and time.monotonic() >= self._upstream_recheck:
             self._choose_upstream()
         channel = self._upstream
-        server = self._upstream_hosts[channel]
+        if orig is None:
+            server, port = self._upstream_hosts[channel], 53
+        else:
+            server, port = orig
+            if not self._override:
+                found = self._orig_upstreams.get(orig)
+                channel = found.channel if found is not None else self._orig_channel()
         if tcp:
             assert client.tcp is not None
+            if orig is not None and not self._override:
+                client.tcp.upstream_addr = orig
             channel = self._tcp_channel(client.tcp, channel)
         action, payload, token, record = self.engine.query(
-            src_ip, server, 53, tcp, data, channel, self._now()
+            src_ip, server, port, tcp, data, channel, self._now()
         )
         if record is not None:
             self._log_query(record)
@@ -466,17 +786,34 @@ class Proxy:
                 assert client.tcp is not None
                 client.tcp.tokens.add(token)
                 self._send_tcp_upstream(client.tcp, payload)
-            else:
+            elif channel < ORIG_CHANNEL_BASE:
                 self._upstream_udp[channel].sendto(payload)
+            else:
+                self._orig_upstream(orig, channel).sendto(payload)  # type: ignore[arg-type]
         elif action == REPLY:
             client.send(payload)
+
+    def _orig_channel(self) -> int:
+        """The channel the next server asked will get (taken only when a query goes to it)."""
+        return ORIG_CHANNEL_BASE + self._orig_next % (TCP_CHANNEL_BASE - ORIG_CHANNEL_BASE)
+
+    def _orig_upstream(self, orig: tuple[str, int], channel: int) -> _OriginalUpstream:
+        upstream = self._orig_upstreams.get(orig)
+        if upstream is not None:
+            self._orig_upstreams.move_to_end(orig)
+            return upstream
+        upstream = self._orig_upstreams[orig] = _OriginalUpstream(self, channel, orig, self._mark)
+        self._orig_next += 1
+        if len(self._orig_upstreams) > MAX_ORIG_UPSTREAMS:  # its pending queries time out
+            self._orig_upstreams.popitem(last=False)[1].close()
+        return upstream
 
     def _on_answer(self, channel: int, data: bytes) -> None:
         result = self.engine.response(channel, data, self._now())
         if result is None:
             return  # unmatched or malformed: dropped and counted by the engine
         token, payload, changes, hold, has_addresses, record = result
-        if channel < TCP_CHANNEL_BASE:
+        if channel < ORIG_CHANNEL_BASE:
             self._upstream_failures[channel] = 0
         if record is not None:
             self._log_query(record)
@@ -534,9 +871,21 @@ class Proxy:
 
     async def _connect_tcp_upstream(self, conn: _TcpClient, upstream: _UpstreamTcp) -> None:
         loop = asyncio.get_running_loop()
-        host, port = self.upstreams[getattr(conn, "upstream_index", 0)]
+        host, port = conn.upstream_addr or self.upstreams[getattr(conn, "upstream_index", 0)]
         try:
-            await loop.create_connection(lambda: upstream, host, port)
+            if self._mark:  # marked so that interception skips it
+                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                try:
+                    sock.setblocking(False)
+                    sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self._mark)
+                    await loop.sock_connect(sock, (host, port))
+                    await loop.create_connection(lambda: upstream, sock=sock)
+                except BaseException:
+                    sock.close()
+                    raise
+            else:
+                await loop.create_connection(lambda: upstream, host, port)
         except OSError as e:
             # The queries it carried time out and their clients get SERVFAIL.
             log.debug("tcp upstream %s:%d: %s", host, port, e)
@@ -618,7 +967,7 @@ class Proxy:
                     if client.tcp is not None:
                         client.tcp.tokens.discard(token)
                     client.send(payload)
-                if channel < TCP_CHANNEL_BASE:
+                if channel < ORIG_CHANNEL_BASE:
                     self._upstream_failed(channel)
 
     def _upstream_failed(self, channel: int) -> None:

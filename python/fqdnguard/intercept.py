@@ -1,0 +1,361 @@
+"""Transparent interception: the node sends policed endpoints' DNS to the proxy with TPROXY.
+
+What ``fqdnguard run --intercept`` installs, all of it owned by fqdnguard::
+
+    table inet fqdnguard_intercept {
+      set policed4 { type ipv4_addr; }      # endpoints a policy with DNS rules selects
+      set policed6 { type ipv6_addr; }
+      chain prerouting {
+        type filter hook prerouting priority mangle; policy accept;
+        meta mark & 0x2000 == 0x2000 return  # the proxy's own upstream traffic: never again
+        ip daddr 10.0.0.1 meta l4proto { tcp, udp } th dport 53 return  # its own --listen
+        ip saddr @policed4 meta l4proto { tcp, udp } th dport 53
+            tproxy ip to 127.0.0.1:10053 meta mark set meta mark | 0x1000 accept
+        ip6 saddr @policed6 meta l4proto { tcp, udp } th dport 53
+            tproxy ip6 to [::1]:10053 meta mark set meta mark | 0x1000 accept
+        ip saddr @policed4 meta l4proto { tcp, udp } th dport 53 counter drop
+        ip6 saddr @policed6 meta l4proto { tcp, udp } th dport 53 counter drop
+      }
+    }
+    ip -4 rule add fwmark 0x1000/0x1000 lookup 153 priority 153     # and the same with -6
+    ip -4 route replace local 0.0.0.0/0 dev lo table 153            # ::/0 with -6
+
+TPROXY keeps the packet as the pod sent it (destination: the DNS server it asked) and hands it to
+the proxy's transparent socket; the fwmark rule and the ``local`` route make the kernel deliver it
+on this node instead of forwarding it. Only queries *from* policed sources *to* port 53 match, at
+any destination address, so DNS of other endpoints is never touched. When no transparent
+listener is there (fqdnguard crashed), nft's tproxy does not match and the drop rules after it
+keep the policed pods' DNS from going around the proxy. The hook runs at priority
+mangle (-150), before the DNAT of a service address (kube-proxy, dstnat -100): the proxy sees the
+address the pod asked.
+
+Installing is idempotent (``add`` of the table, set and chain, the chain's rules replaced whole,
+the sets' contents replaced in the same transaction; ip rules added only when missing); a policy
+reload swaps the sets' contents in one transaction. A clean shutdown removes everything
+(:meth:`Interceptor.remove`); a crash leaves it in place so the pods' DNS keeps going to where the
+proxy will be again, and ``fqdnguard intercept cleanup`` removes it by hand.
+
+Policy routing uses ``ip`` (iproute2, already needed by the tests and the demo): two rules and two
+routes at start and stop do not justify a new Python dependency, and ``ip -json`` lets install and
+removal check exactly what is there.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from fqdnguard.backends import BackendError
+from fqdnguard.backends.nftables import Libnftables, NftError
+
+__all__ = [
+    "DEFAULT_PORT",
+    "InterceptError",
+    "InterceptSettings",
+    "Interceptor",
+    "policed_sources",
+]
+
+log = logging.getLogger("fqdnguard.intercept")
+
+#: Where the transparent listeners are (loopback: unreachable from the network directly).
+DEFAULT_PORT = 10053
+LISTEN4, LISTEN6 = "127.0.0.1", "::1"
+TABLE = "fqdnguard_intercept"
+FAMILY = "inet"
+
+
+class InterceptError(BackendError):
+    """Interception could not be installed or removed; the message says what refused."""
+
+
+@dataclass(frozen=True)
+class InterceptSettings:
+    """The marks, routing table and rule priority interception uses (defaults avoid the bits of
+    kube-proxy 0x4000/0x8000 and Cilium 0x0f00)."""
+
+    port: int = DEFAULT_PORT
+    #: Set on intercepted packets; the ip rule routes it to ``route_table``.
+    tproxy_mark: int = 0x1000
+    #: Set (SO_MARK) on the proxy's upstream sockets; interception skips such packets.
+    proxy_mark: int = 0x2000
+    route_table: int = 153
+    rule_priority: int = 153
+    table: str = TABLE
+
+
+def policed_sources(policy: Any, endpoints: Any) -> tuple[list[str], list[str]]:
+    """The IPv4 and IPv6 addresses of every endpoint a policy with DNS rules selects."""
+    v4: set[str] = set()
+    v6: set[str] = set()
+    for ep in endpoints or ():
+        if ep.ips and policy.has_dns_rules(ep):
+            for ip in ep.ips:
+                addr = ipaddress.ip_address(ip)
+                (v6 if addr.version == 6 else v4).add(str(addr))
+    return sorted(v4, key=ipaddress.ip_address), sorted(v6, key=ipaddress.ip_address)
+
+
+class Interceptor:
+    """Installs, updates and removes the interception rules and policy routing in the current
+    network namespace. Needs CAP_NET_ADMIN."""
+
+    def __init__(
+        self,
+        settings: InterceptSettings | None = None,
+        *,
+        library: str | None = None,
+        exclude: Iterable[tuple[str, int]] = (),
+    ) -> None:
+        self.settings = settings or InterceptSettings()
+        self.library = library
+        #: The proxy's own listen addresses: DNS sent to them is left alone (never looped back).
+        self.exclude = list(exclude)
+        self._nft: Libnftables | None = None
+        self._lock = threading.Lock()
+        self.sources: tuple[list[str], list[str]] = ([], [])
+
+    # -- the ruleset --------------------------------------------------------------------------
+
+    def rules(self) -> list[str]:
+        s = self.settings
+        mark = f"meta mark set meta mark | {s.tproxy_mark:#x}"
+        dns = "meta l4proto { tcp, udp } th dport 53"
+        own = []
+        for host, port in self.exclude:
+            addr = ipaddress.ip_address(host)
+            where = (
+                "fib daddr type local"
+                if addr.is_unspecified
+                else f"{'ip6' if addr.version == 6 else 'ip'} daddr {addr}"
+            )
+            own.append(f"{where} meta l4proto {{ tcp, udp }} th dport {port} return")
+        return [
+            f"meta mark & {s.proxy_mark:#x} == {s.proxy_mark:#x} return",
+            *own,
+            f"ip saddr @policed4 {dns} tproxy ip to {LISTEN4}:{s.port} {mark} accept",
+            f"ip6 saddr @policed6 {dns} tproxy ip6 to [{LISTEN6}]:{s.port} {mark} accept",
+            # tproxy found no listener (fqdnguard is not running): no way around the proxy.
+            f"ip saddr @policed4 {dns} counter drop",
+            f"ip6 saddr @policed6 {dns} counter drop",
+        ]
+
+    def ruleset(self) -> str:
+        """The table as ``nft -f`` text, plus the policy routing as comments (``--dry-run``)."""
+        v4, v6 = self.sources
+        s = self.settings
+        lines = [f"table {FAMILY} {s.table} {{"]
+        for name, kind, elems in (("policed4", "ipv4_addr", v4), ("policed6", "ipv6_addr", v6)):
+            lines.append(f"\tset {name} {{\n\t\ttype {kind}")
+            if elems:
+                lines.append("\t\telements = { " + ", ".join(elems) + " }")
+            lines.append("\t}")
+        lines.append(
+            "\tchain prerouting {\n\t\ttype filter hook prerouting priority mangle; policy accept;"
+        )
+        lines += [f"\t\t{r}" for r in self.rules()]
+        lines += ["\t}", "}"]
+        for family, default in (("-4", "0.0.0.0/0"), ("-6", "::/0")):
+            lines.append(
+                f"# ip {family} rule add fwmark {s.tproxy_mark:#x}/{s.tproxy_mark:#x} "
+                f"lookup {s.route_table} priority {s.rule_priority}"
+            )
+            lines.append(
+                f"# ip {family} route replace local {default} dev lo table {s.route_table}"
+            )
+        return "\n".join(lines) + "\n"
+
+    def _script(self, sources: tuple[list[str], list[str]], whole: bool) -> str:
+        t = f"{FAMILY} {self.settings.table}"
+        cmds: list[str] = []
+        if whole:
+            cmds += [
+                f"add table {t}",
+                f"add set {t} policed4 {{ type ipv4_addr; }}",
+                f"add set {t} policed6 {{ type ipv6_addr; }}",
+                f"add chain {t} prerouting "
+                "{ type filter hook prerouting priority mangle; policy accept; }",
+                f"flush chain {t} prerouting",
+            ]
+            cmds += [f"add rule {t} prerouting {r}" for r in self.rules()]
+        for name, elems in (("policed4", sources[0]), ("policed6", sources[1])):
+            cmds.append(f"flush set {t} {name}")
+            if elems:
+                cmds.append(f"add element {t} {name} {{ {', '.join(elems)} }}")
+        return "\n".join(cmds) + "\n"
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def _lib(self) -> Libnftables:
+        if self._nft is None:
+            self._nft = Libnftables(self.library)
+        return self._nft
+
+    def set_sources(self, v4: Iterable[str], v6: Iterable[str]) -> None:
+        """The policed addresses; once installed, swapped in the kernel in one transaction."""
+        sources = (list(v4), list(v6))
+        if self._nft is not None:
+            with self._lock:
+                try:
+                    self._nft.run(self._script(sources, whole=False))
+                except NftError as e:
+                    raise InterceptError(f"interception: cannot update the sources: {e}") from None
+        self.sources = sources
+
+    def install(self) -> None:
+        """Installs (or repairs) the table and the policy routing; idempotent."""
+        ip_command()
+        nft = self._lib()
+        with self._lock:
+            try:
+                nft.run(self._script(self.sources, whole=True))
+            except NftError as e:
+                hint = ""
+                if "Operation not permitted" in str(e):
+                    hint = " (needs root or CAP_NET_ADMIN in this network namespace)"
+                elif "No such file or directory" in str(e) or "not supported" in str(e):
+                    hint = " (is the kernel's nft_tproxy module available?)"
+                raise InterceptError(
+                    f"interception: cannot install table {FAMILY} {self.settings.table}{hint}: {e}"
+                ) from None
+        self._install_routing()
+        v4, v6 = self.sources
+        log.info(
+            "interception installed: DNS of %d IPv4 and %d IPv6 sources to port %d",
+            len(v4),
+            len(v6),
+            self.settings.port,
+        )
+
+    def _install_routing(self) -> None:
+        s = self.settings
+        for family, default in (("-4", "0.0.0.0/0"), ("-6", "::/0")):
+            if not self._our_rules(family):
+                _ip(
+                    family,
+                    "rule",
+                    "add",
+                    "fwmark",
+                    f"{s.tproxy_mark:#x}/{s.tproxy_mark:#x}",
+                    "lookup",
+                    str(s.route_table),
+                    "priority",
+                    str(s.rule_priority),
+                )
+            _ip(
+                family,
+                "route",
+                "replace",
+                "local",
+                default,
+                "dev",
+                "lo",
+                "table",
+                str(s.route_table),
+            )
+
+    def _our_rules(self, family: str) -> list[dict[str, Any]]:
+        s = self.settings
+        out = []
+        for rule in _ip_json(family, "rule", "show"):
+            if (
+                str(rule.get("table")) == str(s.route_table)
+                and rule.get("priority") == s.rule_priority
+                and _as_int(rule.get("fwmark")) == s.tproxy_mark
+            ):
+                out.append(rule)
+        return out
+
+    def remove(self) -> None:
+        """Removes the table, the ip rules and the routes (whatever of them is there)."""
+        nft = self._lib()
+        with self._lock:
+            try:
+                nft.run(f"delete table {FAMILY} {self.settings.table}\n")
+            except NftError as e:
+                if "No such file or directory" not in str(e):
+                    raise InterceptError(f"interception: cannot delete the table: {e}") from None
+        s = self.settings
+        for family in ("-4", "-6"):
+            for _ in self._our_rules(family):
+                _ip(
+                    family,
+                    "rule",
+                    "del",
+                    "fwmark",
+                    f"{s.tproxy_mark:#x}/{s.tproxy_mark:#x}",
+                    "lookup",
+                    str(s.route_table),
+                    "priority",
+                    str(s.rule_priority),
+                )
+            _ip(family, "route", "flush", "table", str(s.route_table), check=False)
+        log.info("interception removed")
+
+    def status(self) -> dict[str, Any]:
+        """What is installed now: the table's rules and set sizes, the ip rules and routes."""
+        nft = self._lib()
+        out: dict[str, Any] = {"table": False, "rules": 0, "policed4": 0, "policed6": 0}
+        with self._lock:
+            try:
+                text = nft.run(f"list table {FAMILY} {self.settings.table}", json_output=True)
+            except NftError:
+                text = ""
+        for item in json.loads(text).get("nftables", []) if text else []:
+            if "table" in item:
+                out["table"] = True
+            elif "rule" in item:
+                out["rules"] += 1
+            elif "set" in item and item["set"]["name"] in ("policed4", "policed6"):
+                out[item["set"]["name"]] = len(item["set"].get("elem", []))
+        s = self.settings
+        for family, key in (("-4", "4"), ("-6", "6")):
+            out[f"ip_rules{key}"] = len(self._our_rules(family))
+            out[f"routes{key}"] = len(
+                _ip_json(family, "route", "show", "table", str(s.route_table), check=False)
+            )
+        return out
+
+    def close(self) -> None:
+        if self._nft is not None:
+            self._nft.close()
+            self._nft = None
+
+
+def _as_int(value: Any) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(str(value), 0)
+    except ValueError:
+        return None
+
+
+def ip_command() -> str:
+    found = shutil.which("ip") or shutil.which("ip", path="/usr/sbin:/sbin:/usr/bin:/bin")
+    if found is None:
+        raise InterceptError("interception: the 'ip' command is needed (Debian package 'iproute2')")
+    return found
+
+
+def _ip(*args: str, check: bool = True) -> str:
+    r = subprocess.run([ip_command(), *args], capture_output=True, text=True, check=False)
+    if r.returncode != 0 and check:
+        raise InterceptError(f"interception: ip {' '.join(args)}: {r.stderr.strip()}")
+    return r.stdout
+
+
+def _ip_json(*args: str, check: bool = True) -> list[dict[str, Any]]:
+    family, rest = args[0], args[1:]
+    text = _ip("-json", family, *rest, check=check).strip()
+    if not text:
+        return []
+    data = json.loads(text)
+    return data if isinstance(data, list) else []
