@@ -263,6 +263,8 @@ _ORIG_CMSG = socket.CMSG_SPACE(28)
 READ_BATCH = 64
 #: Reply sockets (one per address asked) and upstream sockets (one per server) kept open.
 MAX_REPLY_SOCKETS = 256
+#: In the reply socket cache: the address is the node's own (see ``_TransparentUdp``).
+LOCAL = "local"
 MAX_ORIG_UPSTREAMS = 1024
 
 
@@ -313,6 +315,13 @@ class _TransparentUdp:
     asked. That socket is found (or opened) when an answer is sent, not when the query
     arrives: a query dropped opens nothing, and closing the least recently used socket when
     there are too many never loses an answer still owed (it is opened again to send it).
+
+    An address local to the node (node-local DNS) is another matter: a server on the node may
+    hold that port, or start and want it later. A socket kept bound there would keep that
+    server from starting, and one sharing its address (SO_REUSEADDR on both) could receive its
+    queries. So such answers go out from a socket bound for that one send and closed at once,
+    without SO_REUSEADDR: while a server holds the address, the answer cannot leave and is
+    dropped and counted (``reply_errors``), the pod's resolver times out (fail closed).
     """
 
     def __init__(self, proxy: Proxy, local: tuple[str, int]) -> None:
@@ -329,8 +338,8 @@ class _TransparentUdp:
         _grow_socket_buffers(self.sock)
         self.local = self.sock.getsockname()[:2]
         #: Reply sockets by address asked; None: the kernel refused it (not tried again until
-        #: it falls out of the cache).
-        self._replies: OrderedDict[tuple[str, int], socket.socket | None] = OrderedDict()
+        #: it falls out of the cache); LOCAL: an address of this node (a socket per answer).
+        self._replies: OrderedDict[tuple[str, int], socket.socket | str | None] = OrderedDict()
         self._origs: dict[bytes, tuple[str, int]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
@@ -378,22 +387,51 @@ class _TransparentUdp:
         if reply is None:
             self.proxy.stats.reply_errors += 1
             return
+        if reply is LOCAL:
+            self._send_once(payload, addr, orig)
+            return
         try:
-            reply.sendto(payload, addr)
+            reply.sendto(payload, addr)  # type: ignore[union-attr]
         except OSError:
             self.proxy.stats.reply_errors += 1
 
-    def _reply_socket(self, orig: tuple[str, int]) -> socket.socket | None:
-        sock: socket.socket | None
+    def _send_once(self, payload: bytes, addr: Any, orig: tuple[str, int]) -> None:
         try:
             sock = transparent_socket(self.family, socket.SOCK_DGRAM, orig, reuse=False)
         except OSError as e:
-            log.warning("cannot answer from %s:%d (%s): its answers are dropped", *orig, e)
-            sock = None
+            self.proxy.stats.reply_errors += 1
+            log.debug("cannot answer from %s:%d, an address of this node: %s", *orig, e)
+            return
+        with sock:
+            try:
+                sock.sendto(payload, addr)
+            except OSError:
+                self.proxy.stats.reply_errors += 1
+
+    def _is_local(self, address: str) -> bool:
+        """Is ``address`` one of this node's (a plain socket may bind it)?"""
+        with socket.socket(self.family, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind((address, 0))
+            except OSError:
+                return False
+            return True
+
+    def _reply_socket(self, orig: tuple[str, int]) -> socket.socket | str | None:
+        sock: socket.socket | str | None
+        if self._is_local(orig[0]):
+            log.info("answers from %s:%d (an address of this node) use a socket each", *orig)
+            sock = LOCAL
+        else:
+            try:
+                sock = transparent_socket(self.family, socket.SOCK_DGRAM, orig, reuse=False)
+            except OSError as e:
+                log.warning("cannot answer from %s:%d (%s): its answers are dropped", *orig, e)
+                sock = None
         self._replies[orig] = sock
         if len(self._replies) > MAX_REPLY_SOCKETS:
             old = self._replies.popitem(last=False)[1]
-            if old is not None:
+            if isinstance(old, socket.socket):
                 old.close()
         return sock
 
@@ -406,7 +444,7 @@ class _TransparentUdp:
         self.stop_reading()
         self._closed = True
         for reply in self._replies.values():
-            if reply is not None:
+            if isinstance(reply, socket.socket):
                 reply.close()
         self._replies.clear()
 
