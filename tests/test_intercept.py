@@ -416,3 +416,48 @@ def test_a_server_the_kernel_cannot_reach_does_not_break_the_reader(knot: KnotSe
             await proxy.stop()
 
     run(scenario)
+
+
+class _NoRules(Interceptor):
+    """The proxy's side of interception without touching the node's rules."""
+
+    def install(self) -> None:
+        pass
+
+    def remove(self) -> None:
+        pass
+
+    def set_sources(self, v4: Any, v6: Any) -> None:
+        pass
+
+
+@needs_root
+def test_tcp_straight_to_the_transparent_listener_is_closed(knot: KnotServer) -> None:
+    """Not handed over by TPROXY (a process on the node connected to it): forwarding to "the
+    server asked" would connect back to the listener, again and again. UDP drops such queries;
+    TCP closes the connection."""
+
+    async def scenario() -> None:
+        endpoints = Endpoints.from_yaml(LOOP_ENDPOINTS)
+        policy = Policy.from_yaml(LOOP_POLICY.format(port=knot.port), endpoints=endpoints)
+        port = free_port()
+        proxy = Proxy(
+            policy,
+            endpoints,
+            upstreams=[f"{UPSTREAM_IP}:{knot.port}"],
+            listen=[f"127.0.0.1:{free_port()}"],
+            config=ProxyConfig(log_queries="none"),
+            intercept=_NoRules(InterceptSettings(port=port)),
+        )
+        await proxy.start()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            wire = dns.message.make_query("www.example.com", "A").to_wire()
+            writer.write(len(wire).to_bytes(2, "big") + wire)
+            assert await asyncio.wait_for(reader.read(), 3) == b""
+            writer.close()
+            assert proxy.stats.not_intercepted == 1
+        finally:
+            await proxy.stop()
+
+    run(scenario)
