@@ -74,7 +74,7 @@ spec:
     - toEndpoints:
         - matchLabels: {k8s:io.kubernetes.pod.namespace: kube-system, k8s-app: kube-dns}
       toPorts:
-        - ports: [{port: "53", protocol: ANY}]
+        - ports: [{port: "53", protocol: ANY}, {port: "5353", protocol: UDP}]
           rules: {dns: [{matchPattern: "*.allowed.e2e.test"}]}
     - toFQDNs: [{matchPattern: "*.allowed.e2e.test"}]
       toPorts: [{ports: [{port: "443", protocol: TCP}]}]
@@ -156,7 +156,16 @@ class Env:
         self.proxy.wait(15)
         self.proxy = None
 
-    def ask(self, ns: str, name: str, server: str, tcp: bool = False, rdtype: str = "A") -> Answer:
+    def ask(
+        self,
+        ns: str,
+        name: str,
+        server: str,
+        *,
+        tcp: bool = False,
+        rdtype: str = "A",
+        port: int = 53,
+    ) -> Answer:
         family = socket.AF_INET6 if ":" in server else socket.AF_INET
         q = dns.message.make_query(name, rdtype)
         wire = q.to_wire()
@@ -164,7 +173,7 @@ class Env:
             s = self.topo.open_socket(ns, family, socket.SOCK_STREAM)
             with s:
                 s.settimeout(3)
-                s.connect((server, 53))
+                s.connect((server, port))
                 s.sendall(len(wire).to_bytes(2, "big") + wire)
                 size = int.from_bytes(_recv_exact(s, 2), "big")
                 data, source = _recv_exact(s, size), s.getpeername()[:2]
@@ -172,7 +181,7 @@ class Env:
             s = self.topo.open_socket(ns, family, socket.SOCK_DGRAM)
             with s:
                 s.settimeout(3)
-                s.sendto(wire, (server, 53))
+                s.sendto(wire, (server, port))
                 data, addr = s.recvfrom(65535)
                 source = addr[:2]
         answer = dns.message.from_wire(data)
@@ -199,9 +208,10 @@ class Env:
                 out.append(json.loads(rest))
         return out
 
-    def node(self, *cmd: str) -> subprocess.CompletedProcess[str]:
+    def node(self, *cmd: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             ["ip", "netns", "exec", self.topo.node, *cmd],
+            input=input,
             capture_output=True,
             text=True,
             check=False,
@@ -242,7 +252,7 @@ def env() -> Iterator[Env]:
         topo.start_echo_servers(sys.executable)
         (state / "policy.yaml").write_text(POLICY)
         (state / "endpoints.yaml").write_text(endpoints_yaml())
-        extra = [(CLUSTER_DNS6, 53), (OTHER_DNS4, 53), (OTHER_DNS6, 53)]
+        extra = [(CLUSTER_DNS6, 53), (OTHER_DNS4, 53), (OTHER_DNS6, 53), (CLUSTER_DNS4, 5353)]
         with KnotServer(
             {"e2e.test": ZONE}, host=CLUSTER_DNS4, port=53, extra_listen=extra, netns=topo.dns
         ):
@@ -354,19 +364,76 @@ def test_policed_pod_reaches_only_what_it_resolved(env: Env) -> None:
     assert not env.reaches("10.79.2.11", 8080), "a port outside toPorts"
 
 
+def test_dns_on_another_port_a_dns_rule_names_is_policed_too(env: Env) -> None:
+    # The policy's DNS rule is on 5353 as well: Cilium sends DNS there to its proxy, so a pod
+    # must not get kube-dns:5353 to answer what fqdnguard refuses on 53.
+    got = env.ask(env.topo.pod, "denied.blocked.e2e.test", CLUSTER_DNS4, port=5353)
+    assert (got.rcode, got.addrs, got.source) == (dns.rcode.REFUSED, [], (CLUSTER_DNS4, 5353))
+    got = env.ask(env.topo.pod, "web.allowed.e2e.test", CLUSTER_DNS4, port=5353)
+    assert (got.rcode, got.addrs, got.source) == (
+        dns.rcode.NOERROR,
+        ["10.79.2.10"],
+        (CLUSTER_DNS4, 5353),
+    )
+    # The other pod's DNS on that port is none of fqdnguard's business.
+    got = env.ask(env.topo.free, "denied.blocked.e2e.test", CLUSTER_DNS4, port=5353)
+    assert got.rcode == dns.rcode.NOERROR
+
+
+def test_a_table_deleted_by_another_tool_comes_back_on_reload(env: Env) -> None:
+    assert env.node("nft", "delete", "table", "inet", "fqdnguard_intercept").returncode == 0
+    assert env.status()["table"] is False
+    assert env.proxy is not None
+    env.proxy.send_signal(signal.SIGHUP)
+    _wait(lambda: env.status()["table"], "the reload to put the table back")
+    assert _installed(env.status()) == FULL
+    got = env.ask(env.topo.pod, "denied.blocked.e2e.test", CLUSTER_DNS4)
+    assert (got.rcode, got.source) == (dns.rcode.REFUSED, (CLUSTER_DNS4, 53))
+
+
+NODE_LOCAL = "10.79.9.9"
+
+
+def test_a_dns_server_local_to_the_node_keeps_its_queries(env: Env) -> None:
+    """Node-local DNS: the address asked is the node's own and a server there holds port 53.
+    fqdnguard cannot answer the policed pod from that address without sharing the server's
+    socket address (and taking its queries): it drops that answer and counts it (fail
+    closed); the server keeps answering everyone else."""
+    assert env.node("ip", "addr", "add", f"{NODE_LOCAL}/32", "dev", "lo").returncode == 0
+    try:
+        # Nobody holds it yet: the refusal leaves from it, and fqdnguard keeps nothing bound
+        # there (the server below could not start if it did).
+        got = env.ask(env.topo.pod, "denied.blocked.e2e.test", NODE_LOCAL)
+        assert (got.rcode, got.source) == (dns.rcode.REFUSED, (NODE_LOCAL, 53))
+        with KnotServer({"e2e.test": ZONE}, host=NODE_LOCAL, port=53, netns=env.topo.node):
+            before = env.stats()["proxy"]["reply_errors"]
+            with pytest.raises(OSError):  # refused, but the refusal cannot leave
+                env.ask(env.topo.pod, "denied.blocked.e2e.test", NODE_LOCAL)
+            assert env.stats()["proxy"]["reply_errors"] == before + 1
+            for _ in range(5):
+                got = env.ask(env.topo.free, "web.allowed.e2e.test", NODE_LOCAL)
+                assert (got.rcode, got.source) == (dns.rcode.NOERROR, (NODE_LOCAL, 53))
+            # Over TCP the accepted connection is the answer's way back: it works.
+            got = env.ask(env.topo.pod, "denied.blocked.e2e.test", NODE_LOCAL, tcp=True)
+            assert (got.rcode, got.source) == (dns.rcode.REFUSED, (NODE_LOCAL, 53))
+    finally:
+        env.node("ip", "addr", "del", f"{NODE_LOCAL}/32", "dev", "lo")
+
+
 def test_reload_moves_the_intercepted_sources(env: Env) -> None:
-    assert env.status()["policed4"] == 1
+    # One element per policed address and port: 53, and 5353 of the DNS rule.
+    assert env.status()["policed4"] == 2
     assert env.proxy is not None
     try:
         (env.state / "endpoints.yaml").write_text(endpoints_yaml(free_label="policed"))
         env.proxy.send_signal(signal.SIGHUP)
-        _wait(lambda: env.status()["policed4"] == 2, "the reload to add the free pod")
+        _wait(lambda: env.status()["policed4"] == 4, "the reload to add the free pod")
         got = env.ask(env.topo.free, "denied.blocked.e2e.test", CLUSTER_DNS4)
         assert (got.rcode, got.source) == (dns.rcode.REFUSED, (CLUSTER_DNS4, 53))
     finally:
         (env.state / "endpoints.yaml").write_text(endpoints_yaml())
         env.proxy.send_signal(signal.SIGHUP)
-        _wait(lambda: env.status()["policed4"] == 1, "the reload to drop the free pod")
+        _wait(lambda: env.status()["policed4"] == 2, "the reload to drop the free pod")
     before = env.queries()
     got = env.ask(env.topo.free, "denied.blocked.e2e.test", CLUSTER_DNS4)
     assert got.rcode == dns.rcode.NOERROR
@@ -383,8 +450,14 @@ NONE = {"table": False, "rules": 0, "ip_rules4": 0, "ip_rules6": 0, "routes4": 0
 
 def test_restart_keeps_dns_and_rules_are_not_duplicated(env: Env) -> None:
     assert _installed(env.status()) == FULL
+    # Another tool's route in the same routing table is not fqdnguard's to remove.
+    theirs = ["ip", "route", "add", "local", "10.250.0.0/24", "dev", "lo", "table", "153"]
+    assert env.node(*theirs).returncode == 0
     env.stop()  # SIGTERM: a clean shutdown removes everything
     assert _installed(env.status()) == NONE
+    kept = env.node("ip", "route", "show", "table", "153").stdout
+    assert "10.250.0.0/24" in kept
+    env.node("ip", "route", "del", *theirs[3:])
     # Meanwhile the policed pod's DNS goes straight to kube-dns (its policy admits that server).
     assert env.ask(env.topo.pod, "web.allowed.e2e.test", CLUSTER_DNS4).rcode == dns.rcode.NOERROR
     for _ in range(2):
@@ -414,6 +487,20 @@ def test_kill_9_leaves_the_rules_and_cleanup_removes_them(env: Env) -> None:
     env.start()
     assert _installed(env.status()) == FULL
     assert env.ask(env.topo.pod, "web.allowed.e2e.test", CLUSTER_DNS4).addrs == ["10.79.2.10"]
+    env.stop(signal.SIGKILL)
+    # What a crash of the version before left: sets of addresses only. Starting over it
+    # replaces the table whole.
+    old = (
+        "add table inet fqdnguard_intercept\ndelete table inet fqdnguard_intercept\n"
+        "add table inet fqdnguard_intercept\n"
+        "add set inet fqdnguard_intercept policed4 { type ipv4_addr; }\n"
+    )
+    assert env.node("nft", "-f", "-", input=old).returncode == 0
+    env.start()
+    assert _installed(env.status()) == FULL
+    assert env.ask(env.topo.pod, "denied.blocked.e2e.test", CLUSTER_DNS4).rcode == (
+        dns.rcode.REFUSED
+    )
     env.stop(signal.SIGKILL)
     r = env.node(sys.executable, "-m", "fqdnguard.cli", "intercept", "cleanup")
     assert r.returncode == 0, r.stderr

@@ -8,6 +8,7 @@ The kernel side (TPROXY, policy routing, transparent sockets) is in test_e2e_int
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
 import subprocess
@@ -19,6 +20,7 @@ import dns.message
 import dns.rcode
 import pytest
 from fqdnguard import Endpoints, Policy
+from fqdnguard import proxy as proxy_mod
 from fqdnguard.config import ConfigError, ProxyConfig
 from fqdnguard.intercept import Interceptor, InterceptSettings, policed_sources
 from fqdnguard.proxy import (
@@ -27,6 +29,7 @@ from fqdnguard.proxy import (
     ORIG_CHANNEL_BASE,
     Proxy,
     _Client,
+    _TransparentUdp,
     original_destination,
 )
 from fqdnguard.testing import KnotServer, free_port
@@ -38,6 +41,7 @@ endpoints:
   - {name: dns-pod, namespace: default, ips: [10.0.0.2, "fd00::2"], labels: {app: dns-pod}}
   - {name: l4-pod, namespace: default, ips: [10.0.0.3], labels: {app: l4-pod}}
   - {name: free, namespace: default, ips: [10.0.0.4], labels: {app: free}}
+  - {name: alt-port, namespace: default, ips: [10.0.0.5], labels: {app: alt-port}}
   - {name: kube-dns, namespace: kube-system, ips: [10.96.0.10], labels: {k8s-app: kube-dns}}
 """
 
@@ -61,6 +65,18 @@ spec:
     - toEndpoints:
         - matchLabels: {k8s:io.kubernetes.pod.namespace: kube-system, k8s-app: kube-dns}
       toPorts: [{ports: [{port: "53", protocol: ANY}]}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: alt-port, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: alt-port}}
+  egress:
+    - toEndpoints:
+        - matchLabels: {k8s:io.kubernetes.pod.namespace: kube-system, k8s-app: kube-dns}
+      toPorts:
+        - ports: [{port: "5353", protocol: UDP}, {port: "8053", protocol: TCP}]
+          rules: {dns: [{matchPattern: "*"}]}
 """
 
 
@@ -68,7 +84,13 @@ def test_only_endpoints_a_policy_with_dns_rules_selects_are_policed() -> None:
     endpoints = Endpoints.from_yaml(ENDPOINTS)
     policy = Policy.from_yaml(POLICY, endpoints=endpoints)
     # l4-pod is restricted too, but without DNS rules: its DNS is not intercepted (as Cilium).
-    assert policed_sources(policy, endpoints) == (["10.0.0.2"], ["fd00::2"])
+    # Port 53 always; alt-port's DNS rules are on 5353 and 8053: DNS there is policed too (a
+    # pod must not reach kube-dns:5353 around the proxy because the rule is not on port 53).
+    assert policed_sources(policy, endpoints) == (
+        ["10.0.0.2 . 53", "10.0.0.5 . 53", "10.0.0.5 . 5353", "10.0.0.5 . 8053"],
+        ["fd00::2 . 53"],
+    )
+    assert policy.dns_ports(endpoints.by_ip("10.0.0.3")) == set()  # type: ignore[arg-type]
 
 
 def test_ruleset_names_the_sources_port_marks_and_routing() -> None:
@@ -76,17 +98,22 @@ def test_ruleset_names_the_sources_port_marks_and_routing() -> None:
         InterceptSettings(port=10099, tproxy_mark=0x40, proxy_mark=0x80),
         exclude=[("10.0.0.1", 53), ("::", 5353)],
     )
-    interceptor.sources = (["10.0.0.2", "10.0.0.5"], ["fd00::2"])
+    interceptor.sources = (["10.0.0.2 . 53", "10.0.0.5 . 5353"], ["fd00::2 . 53"])
     text = interceptor.ruleset()
     assert text.startswith("table inet fqdnguard_intercept {")
-    assert "elements = { 10.0.0.2, 10.0.0.5 }" in text and "elements = { fd00::2 }" in text
+    assert "type ipv4_addr . inet_service" in text and "type ipv6_addr . inet_service" in text
+    assert "elements = { 10.0.0.2 . 53, 10.0.0.5 . 5353 }" in text
+    assert "elements = { fd00::2 . 53 }" in text
     assert "meta mark & 0x80 == 0x80 return" in text
     # The proxy's own listen addresses are never intercepted (no loop).
     assert "ip daddr 10.0.0.1 meta l4proto { tcp, udp } th dport 53 return" in text
     assert "fib daddr type local meta l4proto { tcp, udp } th dport 5353 return" in text
-    assert "tproxy ip to 127.0.0.1:10099 meta mark set meta mark | 0x40 accept" in text
-    assert "tproxy ip6 to [::1]:10099" in text
-    assert "ip saddr @policed4 meta l4proto { tcp, udp } th dport 53 counter drop" in text
+    assert (
+        "meta l4proto { tcp, udp } ip saddr . th dport @policed4 tproxy ip to 127.0.0.1:10099 "
+        "meta mark set meta mark | 0x40 accept"
+    ) in text
+    assert "ip6 saddr . th dport @policed6 tproxy ip6 to [::1]:10099" in text
+    assert "meta l4proto { tcp, udp } ip saddr . th dport @policed4 counter drop" in text
     assert "# ip -4 rule add fwmark 0x40/0x40 lookup 153 priority 153" in text
     assert "# ip -6 route replace local ::/0 dev lo table 153" in text
     # The mark skip comes first, the drops last (after tproxy found no listener).
@@ -132,7 +159,8 @@ def test_dry_run_prints_the_interception_table(tmp_path: Path) -> None:
     ).stdout  # fmt: skip
     assert out.startswith("table inet fqdnguard {")
     assert "table inet fqdnguard_intercept {" in out
-    assert "elements = { 10.0.0.2 }" in out and "127.0.0.1:10077" in out
+    assert "elements = { 10.0.0.2 . 53, 10.0.0.5 . 53, 10.0.0.5 . 5353" in out
+    assert "127.0.0.1:10077" in out
 
 
 # -- the proxy given original destinations (as the transparent listeners pass them) ------------
@@ -212,6 +240,223 @@ def test_the_verdict_sees_the_server_and_port_asked(knot: KnotServer, override: 
             # Forwarded to the server asked: a channel of its own; with the override: none.
             channels = [u.channel for u in proxy._orig_upstreams.values()]
             assert channels == ([] if override else [ORIG_CHANNEL_BASE])
+        finally:
+            await proxy.stop()
+
+    run(scenario)
+
+
+# -- resources an untrusted pod can make the proxy hold -----------------------------------------
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="transparent sockets need root")
+
+#: Servers "asked" in these tests: addresses of nobody (TEST-NET-1), which transparent sockets
+#: may still answer from.
+CIDR_POLICY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: pod, namespace: default}}
+spec:
+  endpointSelector: {{matchLabels: {{app: pod}}}}
+  egress:
+    - toCIDR: [{cidr}]
+      toPorts:
+        - ports: [{ports}]
+          rules: {{dns: [{{matchPattern: "*.example.com"}}]}}
+"""
+
+
+class QueuedSocket:
+    """Stands in for the transparent listener's socket: hands out datagrams as TPROXY would,
+    with their IP_ORIGDSTADDR."""
+
+    def __init__(self, real: socket.socket) -> None:
+        self.real = real
+        self.queue: list[tuple[bytes, list[tuple[int, int, bytes]], int, Any]] = []
+
+    def push(self, data: bytes, orig: tuple[str, int], src: tuple[str, int]) -> None:
+        raw = struct.pack("=H", socket.AF_INET) + struct.pack(
+            "!H4s8x", orig[1], socket.inet_aton(orig[0])
+        )
+        self.queue.append((data, [(socket.IPPROTO_IP, IP_RECVORIGDSTADDR, raw)], 0, src))
+
+    def recvmsg(self, bufsize: int, ancbufsize: int) -> Any:
+        if not self.queue:
+            raise BlockingIOError
+        return self.queue.pop(0)
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    def close(self) -> None:
+        self.real.close()
+
+
+def _cidr_proxy(
+    knot: KnotServer, cidr: str, override: bool, ports: tuple[int, ...] = (53,)
+) -> Proxy:
+    endpoints = Endpoints.from_yaml(LOOP_ENDPOINTS)
+    entries = ", ".join(f'{{port: "{port}", protocol: ANY}}' for port in ports)
+    policy = Policy.from_yaml(CIDR_POLICY.format(cidr=cidr, ports=entries), endpoints=endpoints)
+    proxy = Proxy(
+        policy,
+        endpoints,
+        upstreams=[f"{UPSTREAM_IP}:{knot.port}"],
+        listen=[f"127.0.0.1:{free_port()}"],
+        config=ProxyConfig(log_queries="none", upstream_timeout=1.0),
+    )
+    proxy._override = override
+    return proxy
+
+
+@needs_root
+def test_answers_owed_survive_reply_sockets_being_recycled(
+    knot: KnotServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pod asking many servers (each refused) must not make answers already owed to another
+    query vanish when the reply socket of the server it asked is closed to make room."""
+    monkeypatch.setattr(proxy_mod, "MAX_REPLY_SOCKETS", 2)
+
+    async def scenario() -> None:
+        proxy = _cidr_proxy(knot, "192.0.2.0/24", override=True)
+        await proxy.start()
+        pod = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        pod.bind((POD_IP, 0))
+        pod.setblocking(False)
+        udp = _TransparentUdp(proxy, ("127.0.0.1", 0))
+        fake = QueuedSocket(udp.sock)
+        udp.sock = fake  # type: ignore[assignment]
+        try:
+            where = pod.getsockname()
+            asked = dns.message.make_query("www.example.com", "A")
+            fake.push(asked.to_wire(), ("192.0.2.1", 53), where)
+            udp._readable()  # forwarded to Knot (the override)
+            # In the same turn, before Knot answers: five servers no rule admits (refused).
+            for i in range(5):
+                fake.push(dns.message.make_query("www.example.com", "A").to_wire(),
+                          (f"198.51.100.{i + 1}", 53), where)  # fmt: skip
+            udp._readable()
+            got: dict[tuple[str, int], dns.message.Message] = {}
+            deadline = asyncio.get_running_loop().time() + 3
+            while ("192.0.2.1", 53) not in got:
+                assert asyncio.get_running_loop().time() < deadline, f"answered only by {got}"
+                try:
+                    data, source = pod.recvfrom(65535)
+                except BlockingIOError:
+                    await asyncio.sleep(0.01)
+                    continue
+                got[source] = dns.message.from_wire(data)
+            assert all(got[(f"198.51.100.{i + 1}", 53)].rcode() == dns.rcode.REFUSED
+                       for i in range(5))  # fmt: skip
+            answer = got[("192.0.2.1", 53)]
+            assert answer.id == asked.id and answer.rcode() == dns.rcode.NOERROR and answer.answer
+            assert proxy.stats.reply_errors == 0
+            assert len(udp._replies) <= 2
+        finally:
+            udp.close()
+            pod.close()
+            await proxy.stop()
+
+    run(scenario)
+
+
+@needs_root
+def test_busy_upstream_channels_are_not_closed_for_a_new_server(
+    knot: KnotServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With every upstream slot carrying a query, a new server asked gets no socket (its query
+    times out into SERVFAIL) instead of the busy one being closed under its pending answer."""
+    monkeypatch.setattr(proxy_mod, "MAX_ORIG_UPSTREAMS", 1)
+
+    async def scenario() -> None:
+        nobody = ("127.0.0.98", free_port())  # nobody serves there
+        proxy = _cidr_proxy(knot, "127.0.0.0/8", override=False, ports=(knot.port, nobody[1]))
+        await proxy.start()
+        try:
+            first, second = Sink(), Sink()
+            query = dns.message.make_query("www.example.com", "A")
+            proxy._on_query(query.to_wire(), _Client(first, (POD_IP, 1)), POD_IP, False,
+                            (UPSTREAM_IP, knot.port))  # fmt: skip
+            # Asked while the first query is in flight.
+            other = dns.message.make_query("www.example.com", "A")
+            proxy._on_query(other.to_wire(), _Client(second, (POD_IP, 2)), POD_IP, False, nobody)
+            payload, _ = await asyncio.wait_for(first.sent.get(), 3)
+            answer = dns.message.from_wire(payload)
+            assert answer.id == query.id and answer.rcode() == dns.rcode.NOERROR
+            assert proxy.stats.orig_upstream_refused == 1
+            payload, _ = await asyncio.wait_for(second.sent.get(), 3)
+            assert dns.message.from_wire(payload).rcode() == dns.rcode.SERVFAIL
+            # Once the first one is idle (nothing sent for an upstream timeout), it makes room.
+            proxy._orig_upstreams[(UPSTREAM_IP, knot.port)].last_sent -= 5
+            proxy._on_query(other.to_wire(), _Client(second, (POD_IP, 2)), POD_IP, False, nobody)
+            assert list(proxy._orig_upstreams) == [nobody]
+        finally:
+            await proxy.stop()
+
+    run(scenario)
+
+
+def test_a_server_the_kernel_cannot_reach_does_not_break_the_reader(knot: KnotServer) -> None:
+    """A link-local server without a scope (or one without a route): no socket can be
+    connected to it. The query times out into SERVFAIL; nothing is raised into the reader
+    callback (which would lose the rest of its batch)."""
+
+    async def scenario() -> None:
+        proxy = _cidr_proxy(knot, "fe80::/10", override=False)
+        await proxy.start()
+        try:
+            sink = Sink()
+            query = dns.message.make_query("www.example.com", "AAAA")
+            proxy._on_query(query.to_wire(), _Client(sink, (POD_IP, 1)), POD_IP, False,
+                            ("fe80::1", 53))  # fmt: skip
+            payload, _ = await asyncio.wait_for(sink.sent.get(), 3)
+            assert dns.message.from_wire(payload).rcode() == dns.rcode.SERVFAIL
+            assert proxy.stats.orig_upstream_refused == 1
+        finally:
+            await proxy.stop()
+
+    run(scenario)
+
+
+class _NoRules(Interceptor):
+    """The proxy's side of interception without touching the node's rules."""
+
+    def install(self) -> None:
+        pass
+
+    def remove(self) -> None:
+        pass
+
+    def set_sources(self, v4: Any, v6: Any) -> None:
+        pass
+
+
+@needs_root
+def test_tcp_straight_to_the_transparent_listener_is_closed(knot: KnotServer) -> None:
+    """Not handed over by TPROXY (a process on the node connected to it): forwarding to "the
+    server asked" would connect back to the listener, again and again. UDP drops such queries;
+    TCP closes the connection."""
+
+    async def scenario() -> None:
+        endpoints = Endpoints.from_yaml(LOOP_ENDPOINTS)
+        policy = Policy.from_yaml(LOOP_POLICY.format(port=knot.port), endpoints=endpoints)
+        port = free_port()
+        proxy = Proxy(
+            policy,
+            endpoints,
+            upstreams=[f"{UPSTREAM_IP}:{knot.port}"],
+            listen=[f"127.0.0.1:{free_port()}"],
+            config=ProxyConfig(log_queries="none"),
+            intercept=_NoRules(InterceptSettings(port=port)),
+        )
+        await proxy.start()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            wire = dns.message.make_query("www.example.com", "A").to_wire()
+            writer.write(len(wire).to_bytes(2, "big") + wire)
+            assert await asyncio.wait_for(reader.read(), 3) == b""
+            writer.close()
+            assert proxy.stats.not_intercepted == 1
         finally:
             await proxy.stop()
 

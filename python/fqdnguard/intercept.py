@@ -3,18 +3,20 @@
 What ``fqdnguard run --intercept`` installs, all of it owned by fqdnguard::
 
     table inet fqdnguard_intercept {
-      set policed4 { type ipv4_addr; }      # endpoints a policy with DNS rules selects
-      set policed6 { type ipv6_addr; }
+      # (source, port) of endpoints a policy with DNS rules selects: port 53 and the ports
+      # their DNS rules name
+      set policed4 { type ipv4_addr . inet_service; }
+      set policed6 { type ipv6_addr . inet_service; }
       chain prerouting {
         type filter hook prerouting priority mangle; policy accept;
         meta mark & 0x2000 == 0x2000 return  # the proxy's own upstream traffic: never again
         ip daddr 10.0.0.1 meta l4proto { tcp, udp } th dport 53 return  # its own --listen
-        ip saddr @policed4 meta l4proto { tcp, udp } th dport 53
+        meta l4proto { tcp, udp } ip saddr . th dport @policed4
             tproxy ip to 127.0.0.1:10053 meta mark set meta mark | 0x1000 accept
-        ip6 saddr @policed6 meta l4proto { tcp, udp } th dport 53
+        meta l4proto { tcp, udp } ip6 saddr . th dport @policed6
             tproxy ip6 to [::1]:10053 meta mark set meta mark | 0x1000 accept
-        ip saddr @policed4 meta l4proto { tcp, udp } th dport 53 counter drop
-        ip6 saddr @policed6 meta l4proto { tcp, udp } th dport 53 counter drop
+        meta l4proto { tcp, udp } ip saddr . th dport @policed4 counter drop
+        meta l4proto { tcp, udp } ip6 saddr . th dport @policed6 counter drop
       }
     }
     ip -4 rule add fwmark 0x1000/0x1000 lookup 153 priority 153     # and the same with -6
@@ -22,18 +24,21 @@ What ``fqdnguard run --intercept`` installs, all of it owned by fqdnguard::
 
 TPROXY keeps the packet as the pod sent it (destination: the DNS server it asked) and hands it to
 the proxy's transparent socket; the fwmark rule and the ``local`` route make the kernel deliver it
-on this node instead of forwarding it. Only queries *from* policed sources *to* port 53 match, at
-any destination address, so DNS of other endpoints is never touched. When no transparent
+on this node instead of forwarding it. Only queries *from* policed sources *to* port 53 (and to
+the other ports their DNS rules name, as Cilium redirects those too) match, at any destination
+address, so DNS of other endpoints is never touched. When no transparent
 listener is there (fqdnguard crashed), nft's tproxy does not match and the drop rules after it
 keep the policed pods' DNS from going around the proxy. The hook runs at priority
 mangle (-150), before the DNAT of a service address (kube-proxy, dstnat -100): the proxy sees the
 address the pod asked.
 
-Installing is idempotent (``add`` of the table, set and chain, the chain's rules replaced whole,
-the sets' contents replaced in the same transaction; ip rules added only when missing); a policy
-reload swaps the sets' contents in one transaction. A clean shutdown removes everything
-(:meth:`Interceptor.remove`); a crash leaves it in place so the pods' DNS keeps going to where the
-proxy will be again, and ``fqdnguard intercept cleanup`` removes it by hand.
+Installing is idempotent: one nftables transaction adds the table, deletes it and defines it
+anew (whatever was there, e.g. a set of another type left by an older version, is replaced
+atomically: no packet sees a half-made table); ip rules are added only when missing. A policy
+reload does the same with the new sources, so it also repairs a table someone deleted. A clean
+shutdown removes everything (:meth:`Interceptor.remove`); a crash leaves it in place so the pods'
+DNS keeps going to where the proxy will be again, and ``fqdnguard intercept cleanup`` removes it
+by hand.
 
 Policy routing uses ``ip`` (iproute2, already needed by the tests and the demo): two rules and two
 routes at start and stop do not justify a new Python dependency, and ``ip -json`` lets install and
@@ -91,16 +96,23 @@ class InterceptSettings:
     table: str = TABLE
 
 
+#: The DNS port every policed endpoint has intercepted, whatever ports its DNS rules name.
+DNS_PORT = 53
+
+
 def policed_sources(policy: Any, endpoints: Any) -> tuple[list[str], list[str]]:
-    """The IPv4 and IPv6 addresses of every endpoint a policy with DNS rules selects."""
-    v4: set[str] = set()
-    v6: set[str] = set()
+    """The set elements (``"ADDR . PORT"``, IPv4 and IPv6) of every endpoint a policy with DNS
+    rules selects: each of its addresses with port 53 and every port its DNS rules name (Cilium
+    redirects DNS on the rule's port: a rule on port 5353 must not leave that port unpoliced)."""
+    v4: set[tuple[Any, int]] = set()
+    v6: set[tuple[Any, int]] = set()
     for ep in endpoints or ():
         if ep.ips and policy.has_dns_rules(ep):
+            ports = {DNS_PORT, *policy.dns_ports(ep)}
             for ip in ep.ips:
                 addr = ipaddress.ip_address(ip)
-                (v6 if addr.version == 6 else v4).add(str(addr))
-    return sorted(v4, key=ipaddress.ip_address), sorted(v6, key=ipaddress.ip_address)
+                (v6 if addr.version == 6 else v4).update((addr, port) for port in ports)
+    return [f"{a} . {p}" for a, p in sorted(v4)], [f"{a} . {p}" for a, p in sorted(v6)]
 
 
 class Interceptor:
@@ -126,8 +138,8 @@ class Interceptor:
 
     def rules(self) -> list[str]:
         s = self.settings
-        mark = f"meta mark set meta mark | {s.tproxy_mark:#x}"
-        dns = "meta l4proto { tcp, udp } th dport 53"
+        mark = f"meta mark set meta mark | {s.tproxy_mark:#x} accept"
+        dns = "meta l4proto { tcp, udp }"
         own = []
         for host, port in self.exclude:
             addr = ipaddress.ip_address(host)
@@ -140,11 +152,11 @@ class Interceptor:
         return [
             f"meta mark & {s.proxy_mark:#x} == {s.proxy_mark:#x} return",
             *own,
-            f"ip saddr @policed4 {dns} tproxy ip to {LISTEN4}:{s.port} {mark} accept",
-            f"ip6 saddr @policed6 {dns} tproxy ip6 to [{LISTEN6}]:{s.port} {mark} accept",
+            f"{dns} ip saddr . th dport @policed4 tproxy ip to {LISTEN4}:{s.port} {mark}",
+            f"{dns} ip6 saddr . th dport @policed6 tproxy ip6 to [{LISTEN6}]:{s.port} {mark}",
             # tproxy found no listener (fqdnguard is not running): no way around the proxy.
-            f"ip saddr @policed4 {dns} counter drop",
-            f"ip6 saddr @policed6 {dns} counter drop",
+            f"{dns} ip saddr . th dport @policed4 counter drop",
+            f"{dns} ip6 saddr . th dport @policed6 counter drop",
         ]
 
     def ruleset(self) -> str:
@@ -152,7 +164,10 @@ class Interceptor:
         v4, v6 = self.sources
         s = self.settings
         lines = [f"table {FAMILY} {s.table} {{"]
-        for name, kind, elems in (("policed4", "ipv4_addr", v4), ("policed6", "ipv6_addr", v6)):
+        for name, kind, elems in (
+            ("policed4", "ipv4_addr . inet_service", v4),
+            ("policed6", "ipv6_addr . inet_service", v6),
+        ):
             lines.append(f"\tset {name} {{\n\t\ttype {kind}")
             if elems:
                 lines.append("\t\telements = { " + ", ".join(elems) + " }")
@@ -172,21 +187,21 @@ class Interceptor:
             )
         return "\n".join(lines) + "\n"
 
-    def _script(self, sources: tuple[list[str], list[str]], whole: bool) -> str:
+    def _script(self, sources: tuple[list[str], list[str]]) -> str:
+        """One transaction: the table made sure of, deleted and defined anew (atomic, so no
+        packet ever meets a half-made table; whatever drifted is replaced)."""
         t = f"{FAMILY} {self.settings.table}"
-        cmds: list[str] = []
-        if whole:
-            cmds += [
-                f"add table {t}",
-                f"add set {t} policed4 {{ type ipv4_addr; }}",
-                f"add set {t} policed6 {{ type ipv6_addr; }}",
-                f"add chain {t} prerouting "
-                "{ type filter hook prerouting priority mangle; policy accept; }",
-                f"flush chain {t} prerouting",
-            ]
-            cmds += [f"add rule {t} prerouting {r}" for r in self.rules()]
+        cmds = [
+            f"add table {t}",
+            f"delete table {t}",
+            f"add table {t}",
+            f"add set {t} policed4 {{ type ipv4_addr . inet_service; }}",
+            f"add set {t} policed6 {{ type ipv6_addr . inet_service; }}",
+            f"add chain {t} prerouting "
+            "{ type filter hook prerouting priority mangle; policy accept; }",
+        ]
+        cmds += [f"add rule {t} prerouting {r}" for r in self.rules()]
         for name, elems in (("policed4", sources[0]), ("policed6", sources[1])):
-            cmds.append(f"flush set {t} {name}")
             if elems:
                 cmds.append(f"add element {t} {name} {{ {', '.join(elems)} }}")
         return "\n".join(cmds) + "\n"
@@ -199,12 +214,13 @@ class Interceptor:
         return self._nft
 
     def set_sources(self, v4: Iterable[str], v6: Iterable[str]) -> None:
-        """The policed addresses; once installed, swapped in the kernel in one transaction."""
+        """The policed ``"ADDR . PORT"`` elements; once installed, the table is defined anew
+        with them in one transaction (which also repairs it if someone deleted it)."""
         sources = (list(v4), list(v6))
         if self._nft is not None:
             with self._lock:
                 try:
-                    self._nft.run(self._script(sources, whole=False))
+                    self._nft.run(self._script(sources))
                 except NftError as e:
                     raise InterceptError(f"interception: cannot update the sources: {e}") from None
         self.sources = sources
@@ -215,7 +231,7 @@ class Interceptor:
         nft = self._lib()
         with self._lock:
             try:
-                nft.run(self._script(self.sources, whole=True))
+                nft.run(self._script(self.sources))
             except NftError as e:
                 hint = ""
                 if "Operation not permitted" in str(e):
@@ -236,7 +252,7 @@ class Interceptor:
 
     def _install_routing(self) -> None:
         s = self.settings
-        for family, default in (("-4", "0.0.0.0/0"), ("-6", "::/0")):
+        for family in ("-4", "-6"):
             if not self._our_rules(family):
                 _ip(
                     family,
@@ -249,17 +265,11 @@ class Interceptor:
                     "priority",
                     str(s.rule_priority),
                 )
-            _ip(
-                family,
-                "route",
-                "replace",
-                "local",
-                default,
-                "dev",
-                "lo",
-                "table",
-                str(s.route_table),
-            )
+            _ip(family, "route", "replace", *self._route(family))
+
+    def _route(self, family: str) -> list[str]:
+        default = "0.0.0.0/0" if family == "-4" else "::/0"
+        return ["local", default, "dev", "lo", "table", str(self.settings.route_table)]
 
     def _our_rules(self, family: str) -> list[dict[str, Any]]:
         s = self.settings
@@ -296,7 +306,8 @@ class Interceptor:
                     "priority",
                     str(s.rule_priority),
                 )
-            _ip(family, "route", "flush", "table", str(s.route_table), check=False)
+            # Only our route: the table may hold other tools' routes too.
+            _ip(family, "route", "del", *self._route(family), check=False)
         log.info("interception removed")
 
     def status(self) -> dict[str, Any]:
@@ -318,8 +329,9 @@ class Interceptor:
         s = self.settings
         for family, key in (("-4", "4"), ("-6", "6")):
             out[f"ip_rules{key}"] = len(self._our_rules(family))
-            out[f"routes{key}"] = len(
-                _ip_json(family, "route", "show", "table", str(s.route_table), check=False)
+            routes = _ip_json(family, "route", "show", "table", str(s.route_table), check=False)
+            out[f"routes{key}"] = sum(
+                1 for r in routes if r.get("type") == "local" and r.get("dst") == "default"
             )
         return out
 

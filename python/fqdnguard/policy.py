@@ -358,6 +358,19 @@ class Policy:
             for entry in rule.ports
         )
 
+    def dns_ports(self, endpoint: Endpoint) -> set[int]:
+        """The ports the DNS rules of the policies selecting ``endpoint`` are on (Cilium sends
+        DNS on each of them to its proxy); empty when none has DNS rules."""
+        return {
+            lo
+            for s in self._specs
+            if s.selector is not None and s.selector.matches(endpoint.labels)
+            for rule in s.egress
+            for entry in rule.ports
+            if entry.dns is not None
+            for lo, _hi, _proto in entry.ranges
+        }
+
     def egress_plan(
         self, endpoint: Endpoint, endpoints: Endpoints | None = None
     ) -> EgressPlan | None:

@@ -65,6 +65,9 @@ class ProxyStats:
     #: that reached the transparent listener without interception (dropped).
     reply_errors: int = 0
     not_intercepted: int = 0
+    #: Intercepted queries to a server no upstream socket could be opened for (every slot
+    #: busy with queries in flight, or the kernel refused): they time out into SERVFAIL.
+    orig_upstream_refused: int = 0
 
 
 # Socket buffers of the UDP sockets: a burst that arrives while the loop is busy waits in the
@@ -260,12 +263,18 @@ _ORIG_CMSG = socket.CMSG_SPACE(28)
 READ_BATCH = 64
 #: Reply sockets (one per address asked) and upstream sockets (one per server) kept open.
 MAX_REPLY_SOCKETS = 256
+#: In the reply socket cache: the address is the node's own (see ``_TransparentUdp``).
+LOCAL = "local"
 MAX_ORIG_UPSTREAMS = 1024
 
 
-def transparent_socket(family: int, kind: int, local: tuple[str, int]) -> socket.socket:
+def transparent_socket(
+    family: int, kind: int, local: tuple[str, int], *, reuse: bool = True
+) -> socket.socket:
     """A non-blocking socket with IP_TRANSPARENT / IPV6_TRANSPARENT bound to ``local`` (which
-    may be an address of another host: the kernel allows it to transparent sockets)."""
+    may be an address of another host: the kernel allows it to transparent sockets).
+    ``reuse=False`` for reply sockets: with SO_REUSEADDR a UDP socket may share an address
+    another server on the node holds with SO_REUSEADDR too, and then take its queries."""
     sock = socket.socket(family, kind)
     try:
         if family == socket.AF_INET6:
@@ -273,7 +282,8 @@ def transparent_socket(family: int, kind: int, local: tuple[str, int]) -> socket
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         else:
             sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setblocking(False)
         sock.bind(local)
     except OSError:
@@ -293,37 +303,26 @@ def original_destination(ancdata: list[tuple[int, int, bytes]]) -> tuple[str, in
     return None
 
 
-class _ReplySocket:
-    """Where answers to intercepted UDP queries leave from: a transparent socket bound to the
-    address and port the pod asked (IP_PKTINFO could set the source address, not the port), so
-    the pod's resolver sees the answer come from the server it asked. Quacks like the part of
-    a datagram transport ``_Client`` uses."""
-
-    __slots__ = ("proxy", "sock")
-
-    def __init__(self, proxy: Proxy, sock: socket.socket | None) -> None:
-        self.proxy = proxy
-        self.sock = sock
-
-    def is_closing(self) -> bool:
-        return self.sock is None or self.sock.fileno() < 0
-
-    def sendto(self, payload: bytes, addr: Any) -> None:
-        try:
-            self.sock.sendto(payload, addr)  # type: ignore[union-attr]
-        except OSError:
-            self.proxy.stats.reply_errors += 1
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-
-
 class _TransparentUdp:
     """The UDP side of interception: a transparent socket that TPROXY hands the pods' queries
     to, read with ``recvmsg`` from the loop's reader callback (asyncio's datagram transports
     cannot see ancillary data), so each query comes with its original destination. Each query
-    goes to ``Proxy._on_query`` as the plain listeners' do, with that destination."""
+    goes to ``Proxy._on_query`` as the plain listeners' do, with that destination.
+
+    It is also the transport of those queries' ``_Client``: answers leave from a transparent
+    socket bound to the address and port the pod asked (IP_PKTINFO could set the source
+    address, not the port), so the pod's resolver sees the answer come from the server it
+    asked. That socket is found (or opened) when an answer is sent, not when the query
+    arrives: a query dropped opens nothing, and closing the least recently used socket when
+    there are too many never loses an answer still owed (it is opened again to send it).
+
+    An address local to the node (node-local DNS) is another matter: a server on the node may
+    hold that port, or start and want it later. A socket kept bound there would keep that
+    server from starting, and one sharing its address (SO_REUSEADDR on both) could receive its
+    queries. So such answers go out from a socket bound for that one send and closed at once,
+    without SO_REUSEADDR: while a server holds the address, the answer cannot leave and is
+    dropped and counted (``reply_errors``), the pod's resolver times out (fail closed).
+    """
 
     def __init__(self, proxy: Proxy, local: tuple[str, int]) -> None:
         self.proxy = proxy
@@ -338,16 +337,19 @@ class _TransparentUdp:
         self.sock.setsockopt(level, option, 1)
         _grow_socket_buffers(self.sock)
         self.local = self.sock.getsockname()[:2]
-        self._replies: OrderedDict[tuple[str, int], _ReplySocket] = OrderedDict()
+        #: Reply sockets by address asked; None: the kernel refused it (not tried again until
+        #: it falls out of the cache); LOCAL: an address of this node (a socket per answer).
+        self._replies: OrderedDict[tuple[str, int], socket.socket | str | None] = OrderedDict()
         self._origs: dict[bytes, tuple[str, int]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         loop.add_reader(self.sock.fileno(), self._readable)
 
     def _readable(self) -> None:
-        sock, on_query, replies, origs = self.sock, self.proxy._on_query, self._replies, self._origs
+        sock, on_query, origs = self.sock, self.proxy._on_query, self._origs
         for _ in range(READ_BATCH):
             try:
                 data, ancdata, _flags, addr = sock.recvmsg(65535, _ORIG_CMSG)
@@ -366,23 +368,72 @@ class _TransparentUdp:
             if orig is None or orig == self.local:  # sent here directly: not ours to answer
                 self.proxy.stats.not_intercepted += 1
                 continue
-            reply = replies.get(orig)
-            if reply is None:
-                reply = self._reply_socket(orig)
-            else:
-                replies.move_to_end(orig)
-            on_query(data, _Client(reply, addr), addr[0], False, orig)
+            on_query(data, _Client(self, (addr, orig)), addr[0], False, orig)
 
-    def _reply_socket(self, orig: tuple[str, int]) -> _ReplySocket:
+    # -- the transport of the answers (``_Client.send``) ---------------------------------------
+
+    def is_closing(self) -> bool:
+        return self._closed
+
+    def sendto(self, payload: bytes, where: tuple[Any, tuple[str, int]]) -> None:
+        """Sends an answer to ``where[0]`` from the address it asked, ``where[1]``."""
+        addr, orig = where
+        replies = self._replies
+        if orig in replies:
+            reply = replies[orig]
+            replies.move_to_end(orig)
+        else:
+            reply = self._reply_socket(orig)
+        if reply is None:
+            self.proxy.stats.reply_errors += 1
+            return
+        if reply is LOCAL:
+            self._send_once(payload, addr, orig)
+            return
         try:
-            sock: socket.socket | None = transparent_socket(self.family, socket.SOCK_DGRAM, orig)
+            reply.sendto(payload, addr)  # type: ignore[union-attr]
+        except OSError:
+            self.proxy.stats.reply_errors += 1
+
+    def _send_once(self, payload: bytes, addr: Any, orig: tuple[str, int]) -> None:
+        try:
+            sock = transparent_socket(self.family, socket.SOCK_DGRAM, orig, reuse=False)
         except OSError as e:
-            log.warning("cannot answer from %s:%d (%s): its answers are dropped", *orig, e)
-            sock = None
-        reply = self._replies[orig] = _ReplySocket(self.proxy, sock)
+            self.proxy.stats.reply_errors += 1
+            log.debug("cannot answer from %s:%d, an address of this node: %s", *orig, e)
+            return
+        with sock:
+            try:
+                sock.sendto(payload, addr)
+            except OSError:
+                self.proxy.stats.reply_errors += 1
+
+    def _is_local(self, address: str) -> bool:
+        """Is ``address`` one of this node's (a plain socket may bind it)?"""
+        with socket.socket(self.family, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind((address, 0))
+            except OSError:
+                return False
+            return True
+
+    def _reply_socket(self, orig: tuple[str, int]) -> socket.socket | str | None:
+        sock: socket.socket | str | None
+        if self._is_local(orig[0]):
+            log.info("answers from %s:%d (an address of this node) use a socket each", *orig)
+            sock = LOCAL
+        else:
+            try:
+                sock = transparent_socket(self.family, socket.SOCK_DGRAM, orig, reuse=False)
+            except OSError as e:
+                log.warning("cannot answer from %s:%d (%s): its answers are dropped", *orig, e)
+                sock = None
+        self._replies[orig] = sock
         if len(self._replies) > MAX_REPLY_SOCKETS:
-            self._replies.popitem(last=False)[1].close()
-        return reply
+            old = self._replies.popitem(last=False)[1]
+            if isinstance(old, socket.socket):
+                old.close()
+        return sock
 
     def stop_reading(self) -> None:
         if self._loop is not None and self.sock.fileno() >= 0:
@@ -391,8 +442,10 @@ class _TransparentUdp:
 
     def close(self) -> None:
         self.stop_reading()
+        self._closed = True
         for reply in self._replies.values():
-            reply.close()
+            if isinstance(reply, socket.socket):
+                reply.close()
         self._replies.clear()
 
 
@@ -418,8 +471,12 @@ class _OriginalUpstream:
         self.sock = sock
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self._readable)
+        #: When a query last went out (time.monotonic): an idle channel is one whose queries
+        #: have all been answered or timed out.
+        self.last_sent = 0.0
 
     def sendto(self, payload: bytes) -> None:
+        self.last_sent = time.monotonic()
         try:
             self.sock.send(payload)
         except OSError as e:  # the query times out and its client gets SERVFAIL
@@ -453,6 +510,12 @@ class _TransparentTcpClient(_TcpClient):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         local = transport.get_extra_info("sockname")
         self.orig = (local[0], local[1]) if local else None
+        if self.orig is None or self.orig in self.proxy._transparent_locals:
+            # Connected to the listener itself (from this node), not handed over by TPROXY:
+            # forwarding it to "the server asked" would connect back here, and so on.
+            self.proxy.stats.not_intercepted += 1
+            transport.close()
+            return
         super().connection_made(transport)
 
     def message_received(self, message: bytes) -> None:
@@ -528,6 +591,8 @@ class Proxy:
         self._override = bool(self.config.upstreams)
         self._mark = intercept.settings.proxy_mark if intercept is not None else 0
         self._transparent_udp: list[_TransparentUdp] = []
+        #: The transparent listeners' own addresses (a connection to one was not intercepted).
+        self._transparent_locals: set[tuple[str, int]] = set()
         self._orig_upstreams: OrderedDict[tuple[str, int], _OriginalUpstream] = OrderedDict()
         self._orig_next = 0
         self._intercept_installed = False
@@ -652,6 +717,7 @@ class Proxy:
     ) -> None:
         udp = _TransparentUdp(self, local)
         self._transparent_udp.append(udp)
+        self._transparent_locals.add(udp.local)
         udp.start(loop)
         family = socket.AF_INET6 if ":" in local[0] else socket.AF_INET
         sock = transparent_socket(family, socket.SOCK_STREAM, local)
@@ -789,7 +855,9 @@ class Proxy:
             elif channel < ORIG_CHANNEL_BASE:
                 self._upstream_udp[channel].sendto(payload)
             else:
-                self._orig_upstream(orig, channel).sendto(payload)  # type: ignore[arg-type]
+                upstream = self._orig_upstream(orig, channel)  # type: ignore[arg-type]
+                if upstream is not None:  # else the query times out: SERVFAIL
+                    upstream.sendto(payload)
         elif action == REPLY:
             client.send(payload)
 
@@ -797,15 +865,32 @@ class Proxy:
         """The channel the next server asked will get (taken only when a query goes to it)."""
         return ORIG_CHANNEL_BASE + self._orig_next % (TCP_CHANNEL_BASE - ORIG_CHANNEL_BASE)
 
-    def _orig_upstream(self, orig: tuple[str, int], channel: int) -> _OriginalUpstream:
-        upstream = self._orig_upstreams.get(orig)
+    def _orig_upstream(self, orig: tuple[str, int], channel: int) -> _OriginalUpstream | None:
+        """The socket to the server ``orig``, opened on ``channel`` when there is none. At
+        most MAX_ORIG_UPSTREAMS: the least recently used one is closed only when it is idle
+        (nothing sent for an upstream timeout, so no answer is still owed on it); when every
+        one is busy, the new server gets none (its query times out) rather than the queries
+        of the others being lost. None then, or when the kernel refuses the socket (a
+        link-local server without a scope, no route)."""
+        upstreams = self._orig_upstreams
+        upstream = upstreams.get(orig)
         if upstream is not None:
-            self._orig_upstreams.move_to_end(orig)
+            upstreams.move_to_end(orig)
             return upstream
-        upstream = self._orig_upstreams[orig] = _OriginalUpstream(self, channel, orig, self._mark)
-        self._orig_next += 1
-        if len(self._orig_upstreams) > MAX_ORIG_UPSTREAMS:  # its pending queries time out
-            self._orig_upstreams.popitem(last=False)[1].close()
+        self._orig_next += 1  # the channel is used up either way: a pending query names it
+        if len(upstreams) >= MAX_ORIG_UPSTREAMS:
+            oldest = next(iter(upstreams.values()))
+            if oldest.last_sent + self.config.upstream_timeout > time.monotonic():
+                self.stats.orig_upstream_refused += 1
+                return None
+            upstreams.popitem(last=False)[1].close()
+        try:
+            upstream = _OriginalUpstream(self, channel, orig, self._mark)
+        except OSError as e:
+            self.stats.orig_upstream_refused += 1
+            log.debug("upstream %s:%d: %s", orig[0], orig[1], e)
+            return None
+        upstreams[orig] = upstream
         return upstream
 
     def _on_answer(self, channel: int, data: bytes) -> None:
