@@ -2,7 +2,7 @@
 
 use std::hint::black_box;
 
-use _core::pattern::{parse_match_name, parse_match_pattern, LabelBuf, PatternTrie};
+use _core::pattern::{parse_match_name, parse_match_pattern, LabelBuf, PatternTrie, TextName};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 
 /// A realistic mix: exact names, `*.` subdomains, `**.` multi-level, and mid-label wildcards.
@@ -33,6 +33,26 @@ fn build(n: usize) -> PatternTrie {
     t
 }
 
+/// Names as benches/corpus.py `lookup_names` makes them: three in four match an entry.
+fn mix_names(n: usize) -> Vec<String> {
+    let mut x: u64 = 7;
+    (0..256)
+        .map(|j| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let i = (x >> 33) as usize % n;
+            match (j % 4 == 3, i % 4) {
+                (true, _) => format!("www{j}.unrelated{i}.example.com"),
+                (_, 0) => format!("api{i}.service{}.example{}.com", i % 97, i % 13),
+                (_, 1) => format!("www{j}.cdn{i}.example{}.net", i % 11),
+                (_, 2) => format!("a.b{j}.tenant{i}.cloud{}.io", i % 7),
+                _ => format!("api-eu{j}-prod{i}.region{}.example.org", i % 5),
+            }
+        })
+        .collect()
+}
+
 fn lookups(c: &mut Criterion) {
     let mut g = c.benchmark_group("trie_matches");
     for n in [100usize, 10_000, 100_000] {
@@ -58,6 +78,38 @@ fn lookups(c: &mut Criterion) {
             })
         });
     }
+    g.finish();
+    // The Python benchmark's mix: 256 names, three in four matching, as text.
+    let mut g = c.benchmark_group("mix_256_names");
+    let n = 100_000;
+    let t = build(n);
+    let names = mix_names(n);
+    g.bench_function("text_view", |b| {
+        b.iter(|| {
+            names
+                .iter()
+                .filter(|s| TextName::new(black_box(s.as_bytes())).is_some())
+                .count()
+        })
+    });
+    g.bench_function("text_view+match", |b| {
+        b.iter(|| {
+            names
+                .iter()
+                .filter(|s| t.matches(&TextName::new(black_box(s.as_bytes())).expect("plain")))
+                .count()
+        })
+    });
+    g.bench_function("labelbuf+match", |b| {
+        b.iter(|| {
+            names
+                .iter()
+                .filter(|s| {
+                    t.matches(&LabelBuf::from_presentation(black_box(s.as_bytes())).expect("ok"))
+                })
+                .count()
+        })
+    });
     g.finish();
     let mut g = c.benchmark_group("name_parse");
     g.bench_function("presentation", |b| {

@@ -33,8 +33,8 @@ pub struct LabelBuf {
     ends: [u8; MAX_LABELS],
     count: usize,
     used: usize,
-    /// Index of the first label (from the leaf) holding a byte outside `[-a-z0-9_]`.
-    first_unusual: usize,
+    /// Bit `i` set when label `i` (from the leaf) holds a byte outside `[-a-z0-9_]`.
+    unusual: u128,
 }
 
 impl std::fmt::Debug for LabelBuf {
@@ -59,7 +59,7 @@ impl LabelBuf {
             ends: [0; MAX_LABELS],
             count: 0,
             used: 0,
-            first_unusual: usize::MAX,
+            unusual: 0,
         }
     }
 
@@ -67,7 +67,7 @@ impl LabelBuf {
     pub fn clear(&mut self) {
         self.count = 0;
         self.used = 0;
-        self.first_unusual = usize::MAX;
+        self.unusual = 0;
     }
 
     /// Number of labels (0 for the root).
@@ -88,7 +88,7 @@ impl LabelBuf {
 
     /// True when labels `0..n` (leaf side) hold only `[-a-z0-9_]`, as a `**.` prefix requires.
     pub fn usual_below(&self, n: usize) -> bool {
-        self.first_unusual >= n
+        self.unusual & below(n) == 0
     }
 
     /// Wire length of the name: each label with its length byte, plus the root byte.
@@ -113,9 +113,7 @@ impl LabelBuf {
             *d = lower;
             unusual |= odd;
         }
-        if unusual != 0 && self.first_unusual == usize::MAX {
-            self.first_unusual = self.count;
-        }
+        self.unusual |= u128::from(unusual) << self.count;
         self.used += label.len();
         self.ends[self.count] = self.used as u8;
         self.count += 1;
@@ -236,6 +234,234 @@ impl LabelBuf {
     }
 }
 
+/// Bits `0..n` of a label mask (`n` at most 127).
+const fn below(n: usize) -> u128 {
+    (1u128 << n) - 1
+}
+
+/// A name's labels as the trie reads them: leaf first, lower case, with which ones hold a byte
+/// outside `[-a-z0-9_]` (wildcards never match those).
+pub trait Labels {
+    /// Number of labels (0 for the root).
+    fn count(&self) -> usize;
+    /// Label `i`, counting from the leaf (0) towards the root.
+    fn label(&self, i: usize) -> &[u8];
+    /// True when labels `0..n` hold only `[-a-z0-9_]`.
+    fn usual_below(&self, n: usize) -> bool;
+    /// True when label `i` holds only `[-a-z0-9_]`.
+    fn usual(&self, i: usize) -> bool;
+    /// [`ShortKey`] of label `i`.
+    fn short_key(&self, i: usize) -> Option<ShortKey> {
+        short_key(self.label(i))
+    }
+}
+
+impl Labels for LabelBuf {
+    fn count(&self) -> usize {
+        self.count
+    }
+    fn label(&self, i: usize) -> &[u8] {
+        LabelBuf::label(self, i)
+    }
+    fn usual_below(&self, n: usize) -> bool {
+        LabelBuf::usual_below(self, n)
+    }
+    fn usual(&self, i: usize) -> bool {
+        self.unusual >> i & 1 == 0
+    }
+}
+
+/// The key the trie stores a short label under: its bytes zero-padded to 23, then its length,
+/// as three little-endian words. None for labels longer than 23 bytes.
+pub type ShortKey = [u64; 3];
+
+/// Longest label with a [`ShortKey`].
+pub const SHORT_LABEL: usize = 23;
+
+/// [`ShortKey`] of a label, built in registers (a byte-wise copy into a buffer read back as
+/// words would stall on store forwarding).
+pub fn short_key(label: &[u8]) -> Option<ShortKey> {
+    if label.len() > SHORT_LABEL {
+        return None;
+    }
+    let mut words = [0u64; 3];
+    for (w, chunk) in words.iter_mut().zip(label.chunks(8)) {
+        *w = match <[u8; 8]>::try_from(chunk) {
+            Ok(full) => u64::from_le_bytes(full),
+            Err(_) => chunk
+                .iter()
+                .rev()
+                .fold(0u64, |acc, &b| (acc << 8) | u64::from(b)),
+        };
+    }
+    words[2] |= (label.len() as u64) << 56;
+    Some(words)
+}
+
+const HIGH: u64 = 0x8080_8080_8080_8080;
+
+const fn splat(b: u8) -> u64 {
+    0x0101_0101_0101_0101 * b as u64
+}
+
+/// High bit of each byte of `x` set where `lo <= byte <= hi`; every byte must be below 0x80 (no
+/// carry then crosses a byte).
+const fn in_range(x: u64, lo: u8, hi: u8) -> u64 {
+    (x.wrapping_add(splat(128 - lo)) & !x.wrapping_add(splat(127 - hi))) & HIGH
+}
+
+/// Eight bytes of `text` from `at` as a little-endian word, zero beyond its end; `at` is below
+/// `text.len()`.
+#[inline(always)]
+fn word_at(text: &[u8], at: usize) -> u64 {
+    let load = |from: usize| {
+        text.get(from..from + 8)
+            .and_then(|w| <[u8; 8]>::try_from(w).ok())
+            .map_or(0, u64::from_le_bytes)
+    };
+    if at + 8 <= text.len() {
+        load(at)
+    } else if text.len() >= 8 {
+        // The last eight bytes, shifted so that byte `at` comes first.
+        load(text.len() - 8) >> (8 * (at + 8 - text.len()))
+    } else {
+        text[at..]
+            .iter()
+            .rev()
+            .fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
+    }
+}
+
+/// True when `text` holds only `[-a-z0-9_.]`, checked eight bytes at a time.
+fn plain(text: &[u8]) -> bool {
+    let mut at = 0;
+    while at < text.len() {
+        let x = word_at(text, at);
+        let valid = HIGH >> (8 * (8 - (text.len() - at).min(8)));
+        let ok = in_range(x, b'a', b'z')
+            | in_range(x, b'0', b'9')
+            | in_range(x, b'-', b'.')
+            | in_range(x, b'_', b'_');
+        if x & valid & HIGH != 0 || ok & valid != valid {
+            return false;
+        }
+        at += 8;
+    }
+    true
+}
+
+/// A name read in place from presentation text that is already in the form [`LabelBuf`] would
+/// make of it: ASCII, lower case, no escapes. The labels are slices of the text; nothing is
+/// copied. Checked eight bytes at a time.
+#[derive(Debug)]
+pub struct TextName<'a> {
+    text: &'a [u8],
+    /// End offset of label `i` in `text`.
+    ends: [u8; TEXT_LABELS],
+    count: usize,
+}
+
+/// Most labels a [`TextName`] holds (names with more go through [`LabelBuf`]): kept small so the
+/// view is cheap to make and move.
+const TEXT_LABELS: usize = 48;
+
+impl<'a> TextName<'a> {
+    /// The labels of `text`, or None when it needs [`LabelBuf::parse_presentation`]: upper
+    /// case, escapes, bytes above 0x7f, the root, or anything invalid (which that parser then
+    /// reports).
+    #[inline(always)]
+    pub fn new(text: &'a [u8]) -> Option<Self> {
+        let body = text.strip_suffix(b".").unwrap_or(text);
+        // 253 text bytes are 255 in wire form; offsets then fit a byte.
+        if body.is_empty() || body.len() > MAX_NAME - 2 {
+            return None;
+        }
+        let mut name = TextName {
+            text: body,
+            ends: [0; TEXT_LABELS],
+            count: 0,
+        };
+        let mut start = 0;
+        let mut at = 0;
+        while at < body.len() {
+            let x = word_at(body, at);
+            let valid = HIGH >> (8 * (8 - (body.len() - at).min(8)));
+            // Bytes above 0x7f, upper case and escapes need LabelBuf; other bytes outside
+            // `[-a-z0-9_]` stay (wildcards never match them: see `plain`).
+            if (x | in_range(x, b'A', b'Z') | in_range(x, b'\\', b'\\')) & valid & HIGH != 0 {
+                return None;
+            }
+            let mut dots = in_range(x, b'.', b'.') & valid;
+            while dots != 0 {
+                let end = at + dots.trailing_zeros() as usize / 8;
+                if !name.end_label(start, end) {
+                    return None;
+                }
+                start = end + 1;
+                dots &= dots - 1;
+            }
+            at += 8;
+        }
+        name.end_label(start, body.len()).then_some(name)
+    }
+
+    fn end_label(&mut self, start: usize, end: usize) -> bool {
+        if end == start || end - start > MAX_LABEL || self.count == TEXT_LABELS {
+            return false;
+        }
+        // `end` is at most 253.
+        self.ends[self.count] = end as u8;
+        self.count += 1;
+        true
+    }
+
+    fn start(&self, i: usize) -> usize {
+        if i == 0 {
+            0
+        } else {
+            self.ends[i - 1] as usize + 1
+        }
+    }
+}
+
+impl Labels for TextName<'_> {
+    fn count(&self) -> usize {
+        self.count
+    }
+    fn label(&self, i: usize) -> &[u8] {
+        &self.text[self.start(i)..self.ends[i] as usize]
+    }
+    fn usual_below(&self, n: usize) -> bool {
+        n == 0 || plain(&self.text[..self.ends[n - 1] as usize])
+    }
+    fn usual(&self, i: usize) -> bool {
+        plain(self.label(i))
+    }
+    #[inline(always)]
+    fn short_key(&self, i: usize) -> Option<ShortKey> {
+        let start = self.start(i);
+        let len = self.ends[i] as usize - start;
+        if len > SHORT_LABEL {
+            return None;
+        }
+        // Whole words of the text, masked to the label: no byte loop.
+        let mut words = [0u64; 3];
+        let mut k = 0;
+        while k * 8 < len {
+            let w = word_at(self.text, start + k * 8);
+            let keep = len - k * 8;
+            words[k] = if keep >= 8 {
+                w
+            } else {
+                w & ((1u64 << (8 * keep)) - 1)
+            };
+            k += 1;
+        }
+        words[2] |= (len as u64) << 56;
+        Some(words)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,5 +523,104 @@ mod tests {
         assert_eq!(b.wire_len(), 255);
         assert!(!b.push_label(b"x"));
         assert!(!LabelBuf::new().push_label(b""));
+    }
+
+    /// Everything the trie reads of a name, through the trait.
+    fn view(n: &dyn Labels) -> Vec<(Vec<u8>, bool, bool, Option<ShortKey>)> {
+        (0..n.count())
+            .map(|i| {
+                (
+                    n.label(i).to_vec(),
+                    n.usual(i),
+                    n.usual_below(i + 1),
+                    n.short_key(i),
+                )
+            })
+            .collect()
+    }
+
+    /// TextName reads exactly what LabelBuf parses, or declines (and LabelBuf decides).
+    #[test]
+    fn text_name_agrees_with_label_buf() {
+        let long_label = format!("{}.com", "a".repeat(64));
+        let label_63 = format!("{}.com", "b".repeat(63));
+        let label_23 = format!("{}.x", "c".repeat(23));
+        let label_24 = format!("{}.x", "d".repeat(24));
+        let many = vec!["a"; 60].join(".");
+        let max = ["a".repeat(63).as_str(); 3].join(".") + "." + &"b".repeat(61);
+        let fixed: Vec<&[u8]> = vec![
+            b"www.example.com",
+            b"www.example.com.",
+            b"a",
+            b"a.",
+            b"abcdefg.h",
+            b"abcdefgh.ijklmnop.qrstuvwx.yz",
+            b"a-b_c.d9.e",
+            b"a*b.c",
+            b"a b.c",
+            b"a!.b.c",
+            b"x.a\\.b.c",
+            b"WWW.example.com",
+            b"a..b",
+            b".a",
+            b"a.b..",
+            b".",
+            b"",
+            "caf\u{e9}.fr".as_bytes(),
+            long_label.as_bytes(),
+            label_63.as_bytes(),
+            label_23.as_bytes(),
+            label_24.as_bytes(),
+            many.as_bytes(),
+            max.as_bytes(),
+        ];
+        let mut texts: Vec<Vec<u8>> = fixed.iter().map(|t| t.to_vec()).collect();
+        // Every short string over a small alphabet that exercises the boundaries.
+        let alphabet = b"a.-_*Z\\9";
+        for len in 1..=4 {
+            let mut idx = vec![0usize; len];
+            loop {
+                texts.push(idx.iter().map(|&i| alphabet[i]).collect());
+                let mut k = 0;
+                while k < len {
+                    idx[k] += 1;
+                    if idx[k] < alphabet.len() {
+                        break;
+                    }
+                    idx[k] = 0;
+                    k += 1;
+                }
+                if k == len {
+                    break;
+                }
+            }
+        }
+        let mut read = 0;
+        for text in &texts {
+            let buf = LabelBuf::from_presentation(text);
+            match TextName::new(text) {
+                Some(name) => {
+                    read += 1;
+                    let buf = buf.unwrap_or_else(|e| {
+                        panic!(
+                            "{}: TextName read what LabelBuf rejects: {e}",
+                            text.escape_ascii()
+                        )
+                    });
+                    assert_eq!(view(&name), view(&buf), "{}", text.escape_ascii());
+                }
+                None => {
+                    // Declined: only for what needs the full parser or is invalid.
+                    let needs_parser = text
+                        .iter()
+                        .any(|b| b.is_ascii_uppercase() || *b == b'\\' || !b.is_ascii())
+                        || text == b"."
+                        || buf.is_err()
+                        || buf.as_ref().is_ok_and(|b| b.len() > TEXT_LABELS);
+                    assert!(needs_parser, "{} declined", text.escape_ascii());
+                }
+            }
+        }
+        assert!(read > 1000, "only {read} texts read in place");
     }
 }

@@ -3,6 +3,8 @@
 //! * [`parse`]: validation and normalisation of what a policy author wrote.
 //! * [`LabelBuf`]: a DNS name to match, lower-cased once, labels kept apart (a `.` inside a wire
 //!   label is never a label boundary).
+//! * [`TextName`]: the common case of a name given as text that is already lower case without
+//!   escapes, read in place (nothing copied); [`Labels`] is what the trie reads of either.
 //! * [`PatternTrie`]: every pattern of a set compiled into one suffix trie walked root-first, so a
 //!   lookup costs one pass over the name's labels whatever the number of patterns.
 
@@ -12,7 +14,7 @@ mod parse;
 mod trie;
 
 pub use error::{PatternError, PatternErrorKind, Source};
-pub use labels::LabelBuf;
+pub use labels::{short_key, LabelBuf, Labels, ShortKey, TextName, SHORT_LABEL};
 pub use parse::{parse_match_name, parse_match_pattern, LabelPat, Parsed};
 pub use trie::PatternTrie;
 

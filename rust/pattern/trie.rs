@@ -1,18 +1,24 @@
 //! The suffix trie: patterns stored root-first, one node per label position.
 //!
-//! Literal labels are edges in one global hash table keyed by (parent node, label), so a lookup
-//! step is one hash probe whatever the number of patterns. Labels with `*` are edges in a second
-//! table keyed by (parent node, literal prefix before the first `*`, literal suffix after the last
-//! one); each node lists the distinct (prefix length, suffix length) shapes of its wildcard edges,
-//! so a lookup probes once per shape, not once per pattern, and checks the middle of the few
-//! candidates it finds. A leading `**.` marks its node "deep" (matches when one or more labels
-//! remain); patterns made only of stars sit outside the trie and match all.
+//! Literal labels are edges in one global hash table, so a lookup step is one hash probe
+//! whatever the number of patterns. An edge is found by its child's *path hash*: the parent's
+//! path hash mixed with the label. A lookup computes these from the name alone, so the probes of
+//! successive levels do not wait on each other (each slot still checks its parent and label).
+//! Labels of up to 23 bytes (nearly all) sit inside the slots with the child's kinds of entries,
+//! so a step reads nothing else; longer labels go to a second, ordinary map.
+//!
+//! Labels with `*` are edges in a third table keyed by (parent node, literal prefix before the
+//! first `*`, literal suffix after the last one); each node lists the distinct (prefix length,
+//! suffix length) shapes of its wildcard edges, so a lookup probes once per shape, not once per
+//! pattern, and checks the middle of the few candidates it finds. A leading `**.` marks its node
+//! "deep" (matches when one or more labels remain); patterns made only of stars sit outside the
+//! trie and match all.
 
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher};
 
-use hashbrown::{Equivalent, HashMap};
+use hashbrown::{DefaultHashBuilder, Equivalent, HashMap, HashTable};
 
-use super::labels::{is_hostname_byte, LabelBuf};
+use super::labels::{is_hostname_byte, short_key, Labels, ShortKey};
 use super::parse::{LabelPat, Parsed};
 
 #[derive(Debug, PartialEq, Eq, Hash)]
@@ -40,6 +46,43 @@ impl Equivalent<EdgeKey> for EdgeRef<'_> {
     }
 }
 
+/// The 64x64 -> 128 bit product folded to 64 bits: a strong, cheap mixing step.
+fn folded_multiply(a: u64, b: u64) -> u64 {
+    let r = u128::from(a) * u128::from(b);
+    (r as u64) ^ ((r >> 64) as u64)
+}
+
+/// The path hash of a node's child along a short label: the parent's path hash mixed with the
+/// label's words. A lookup computes these from the name alone, so the probes of successive
+/// levels do not wait for each other's results (only the parent check after each does).
+fn chain(seeds: &[u64; 4], parent_hash: u64, label: &ShortKey) -> u64 {
+    let a = folded_multiply(label[0] ^ seeds[0] ^ parent_hash, label[1] ^ seeds[1]);
+    let b = folded_multiply(label[2] ^ seeds[2], parent_hash ^ seeds[3]);
+    folded_multiply(a ^ seeds[1], b ^ seeds[0])
+}
+
+/// [`ShortEdge::child`] holds the child's [`Node`] kinds in its top bits.
+const KINDS_SHIFT: u32 = 28;
+const NODE_MASK: u32 = (1 << KINDS_SHIFT) - 1;
+
+/// A literal edge whose label is inline, found by the child's path hash.
+#[derive(Debug)]
+struct ShortEdge {
+    parent: u32,
+    /// The child node, with its kinds above [`KINDS_SHIFT`] so a step needs no other load.
+    child: u32,
+    label: ShortKey,
+}
+
+/// [`Node`] holds ids in `exact`.
+const HAS_EXACT: u8 = 1;
+/// [`Node`] holds ids in `deep`.
+const HAS_DEEP: u8 = 2;
+/// [`Node`] has wildcard edges (`star` or `glob_shapes`).
+const HAS_WILD: u8 = 4;
+/// [`Node`] has literal edges.
+const HAS_LITERAL: u8 = 8;
+
 #[derive(Debug, Default)]
 struct Node {
     /// Rule ids of patterns that end exactly here.
@@ -51,22 +94,41 @@ struct Node {
     star: Option<u32>,
     /// Distinct (literal prefix length, literal suffix length) of the other wildcard labels below.
     glob_shapes: Vec<(u8, u8)>,
+    /// Whether literal edges leave this node.
+    literal: bool,
 }
 
 /// Wildcard edges sharing a parent, prefix and suffix: each full glob and the node it leads to.
 type GlobEdges = Vec<(Box<[u8]>, u32)>;
 
-/// Longest glob key: a 63-byte label's prefix and suffix around the `*` separator.
-const MAX_GLOB_KEY: usize = 63 + 1 + 63;
+/// The key of wildcard edges: their parent and the literal bytes before the first and after the
+/// last `*`.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct GlobKey {
+    parent: u32,
+    prefix: Box<[u8]>,
+    suffix: Box<[u8]>,
+}
 
-/// The key of a wildcard edge: `prefix * suffix`. Stored keys hold exactly one `*`; a probe built
-/// from a label only ever reaches here when the label holds no `*` (it is all `[-a-z0-9_]`).
-fn glob_key<'a>(buf: &'a mut [u8; MAX_GLOB_KEY], prefix: &[u8], suffix: &[u8]) -> &'a [u8] {
-    let n = prefix.len() + 1 + suffix.len();
-    buf[..prefix.len()].copy_from_slice(prefix);
-    buf[prefix.len()] = b'*';
-    buf[prefix.len() + 1..n].copy_from_slice(suffix);
-    &buf[..n]
+/// Borrowed form of [`GlobKey`] (slices of a label being matched); hashes exactly like it.
+struct GlobRef<'a> {
+    parent: u32,
+    prefix: &'a [u8],
+    suffix: &'a [u8],
+}
+
+impl Hash for GlobRef<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.parent.hash(state);
+        self.prefix.hash(state);
+        self.suffix.hash(state);
+    }
+}
+
+impl Equivalent<GlobKey> for GlobRef<'_> {
+    fn equivalent(&self, key: &GlobKey) -> bool {
+        self.parent == key.parent && *self.prefix == *key.prefix && *self.suffix == *key.suffix
+    }
 }
 
 /// A glob's shape: the literal bytes before its first and after its last `*`.
@@ -83,8 +145,17 @@ fn glob_shape(glob: &[u8]) -> (&[u8], &[u8]) {
 #[derive(Debug)]
 pub struct PatternTrie {
     nodes: Vec<Node>,
+    /// Per node, which of [`HAS_EXACT`], [`HAS_DEEP`], [`HAS_WILD`] it has.
+    kinds: Vec<u8>,
+    /// Per node, its path hash (see [`chain`]).
+    path_hash: Vec<u64>,
+    /// Literal edges with labels of up to [`SHORT_LABEL`] bytes, by the child's path hash.
+    short: HashTable<ShortEdge>,
+    /// Per-trie random seeds of [`chain`].
+    seeds: [u64; 4],
+    /// Literal edges with longer labels.
     edges: HashMap<EdgeKey, u32>,
-    globs: HashMap<EdgeKey, GlobEdges>,
+    globs: HashMap<GlobKey, GlobEdges>,
     all: Vec<u32>,
     entries: usize,
 }
@@ -132,6 +203,18 @@ impl PatternTrie {
     pub fn new() -> Self {
         PatternTrie {
             nodes: vec![Node::default()],
+            kinds: vec![0],
+            path_hash: vec![0],
+            short: HashTable::new(),
+            seeds: {
+                let h = DefaultHashBuilder::default();
+                [
+                    h.hash_one(1u8),
+                    h.hash_one(2u8),
+                    h.hash_one(3u8),
+                    h.hash_one(4u8),
+                ]
+            },
             edges: HashMap::new(),
             globs: HashMap::new(),
             all: Vec::new(),
@@ -153,10 +236,109 @@ impl PatternTrie {
         self.nodes.len()
     }
 
-    fn new_node(&mut self) -> u32 {
-        let id = u32::try_from(self.nodes.len()).expect("fewer than 2^32 trie nodes");
+    /// A new node with the given path hash.
+    fn new_node_hashed(&mut self, path_hash: u64) -> u32 {
+        let id = u32::try_from(self.nodes.len())
+            .ok()
+            .filter(|&id| id <= NODE_MASK)
+            .expect("fewer than 2^28 trie nodes");
         self.nodes.push(Node::default());
+        self.kinds.push(0);
+        self.path_hash.push(path_hash);
         id
+    }
+
+    /// A new node reached by a wildcard or long label: any path hash distinct from its siblings'.
+    fn new_node(&mut self) -> u32 {
+        let id = self.nodes.len() as u64;
+        self.new_node_hashed(folded_multiply(id ^ self.seeds[3], self.seeds[2] | 1))
+    }
+
+    fn short_hash(&self, parent: u32, label: &ShortKey) -> u64 {
+        chain(&self.seeds, self.path_hash[parent as usize], label)
+    }
+
+    /// The child of `parent` along the literal label `label`.
+    fn literal_child(&self, parent: u32, label: &[u8]) -> Option<u32> {
+        match short_key(label) {
+            Some(key) => self.short_child(parent, &key),
+            None => self.long_child(parent, label),
+        }
+    }
+
+    fn short_child(&self, parent: u32, key: &ShortKey) -> Option<u32> {
+        self.short
+            .find(self.short_hash(parent, key), |e| {
+                e.parent == parent && e.label == *key
+            })
+            .map(|e| e.child & NODE_MASK)
+    }
+
+    fn long_child(&self, parent: u32, label: &[u8]) -> Option<u32> {
+        self.edges.get(&EdgeRef { parent, label }).copied()
+    }
+
+    fn literal_child_or_new(&mut self, parent: u32, label: &[u8]) -> u32 {
+        if let Some(child) = self.literal_child(parent, label) {
+            return child;
+        }
+        match short_key(label) {
+            Some(key) => {
+                let hash = self.short_hash(parent, &key);
+                let child = self.new_node_hashed(hash);
+                let path_hash = &self.path_hash;
+                self.short.insert_unique(
+                    hash,
+                    ShortEdge {
+                        parent,
+                        child,
+                        label: key,
+                    },
+                    |e| path_hash[(e.child & NODE_MASK) as usize],
+                );
+                child
+            }
+            None => {
+                let child = self.new_node();
+                self.edges.insert(
+                    EdgeKey {
+                        parent,
+                        label: label.into(),
+                    },
+                    child,
+                );
+                child
+            }
+        }
+    }
+
+    /// Recomputes a node's bits in `kinds` after it changed, and their copy in the short edge
+    /// leading to it (`incoming`: that edge's parent and label), if any.
+    fn refresh_kinds(&mut self, node: u32, incoming: Option<(u32, ShortKey)>) {
+        let n = &self.nodes[node as usize];
+        let mut k = 0;
+        if !n.exact.is_empty() {
+            k |= HAS_EXACT;
+        }
+        if !n.deep.is_empty() {
+            k |= HAS_DEEP;
+        }
+        if n.star.is_some() || !n.glob_shapes.is_empty() {
+            k |= HAS_WILD;
+        }
+        if n.literal {
+            k |= HAS_LITERAL;
+        }
+        self.kinds[node as usize] = k;
+        if let Some((parent, key)) = incoming {
+            let hash = self.short_hash(parent, &key);
+            if let Some(e) = self
+                .short
+                .find_mut(hash, |e| e.parent == parent && e.label == key)
+            {
+                e.child = node | (u32::from(k) << KINDS_SHIFT);
+            }
+        }
     }
 
     /// Adds a validated pattern or name with its rule id.
@@ -167,30 +349,26 @@ impl PatternTrie {
             return;
         }
         let mut node = 0u32;
+        // The short literal edge that led to `node`, which mirrors its kinds.
+        let mut incoming = None;
         for label in pattern.labels.iter().rev() {
-            node = match label {
+            match label {
                 LabelPat::Exact(l) => {
-                    let key = EdgeRef {
-                        parent: node,
-                        label: l,
-                    };
-                    match self.edges.get(&key) {
-                        Some(&child) => child,
-                        None => {
-                            let child = self.new_node();
-                            self.edges.insert(
-                                EdgeKey {
-                                    parent: node,
-                                    label: l.clone(),
-                                },
-                                child,
-                            );
-                            child
-                        }
+                    let child = self.literal_child_or_new(node, l);
+                    if !self.nodes[node as usize].literal {
+                        self.nodes[node as usize].literal = true;
+                        self.refresh_kinds(node, incoming);
                     }
+                    incoming = short_key(l).map(|k| (node, k));
+                    node = child;
                 }
-                LabelPat::Glob(g) => self.glob_child(node, g),
-            };
+                LabelPat::Glob(g) => {
+                    let child = self.glob_child(node, g);
+                    self.refresh_kinds(node, incoming);
+                    incoming = None;
+                    node = child;
+                }
+            }
         }
         let n = &mut self.nodes[node as usize];
         insert_sorted(
@@ -201,6 +379,7 @@ impl PatternTrie {
             },
             id,
         );
+        self.refresh_kinds(node, incoming);
     }
 
     fn glob_child(&mut self, node: u32, glob: &[u8]) -> u32 {
@@ -218,79 +397,138 @@ impl PatternTrie {
         if !shapes.contains(&shape) {
             shapes.push(shape);
         }
-        let mut buf = [0u8; MAX_GLOB_KEY];
-        let key = glob_key(&mut buf, prefix, suffix);
-        if let Some(edges) = self.globs.get(&EdgeRef {
-            parent: node,
-            label: key,
-        }) {
+        if let Some(edges) = self.glob_edges(node, prefix, suffix) {
             if let Some(&(_, child)) = edges.iter().find(|(g, _)| **g == *glob) {
                 return child;
             }
         }
         let child = self.new_node();
         self.globs
-            .entry(EdgeKey {
+            .entry(GlobKey {
                 parent: node,
-                label: key.into(),
+                prefix: prefix.into(),
+                suffix: suffix.into(),
             })
             .or_default()
             .push((glob.into(), child));
         child
     }
 
+    /// The wildcard edges of `node` with this literal prefix and suffix.
+    fn glob_edges(&self, node: u32, prefix: &[u8], suffix: &[u8]) -> Option<&GlobEdges> {
+        self.globs.get(&GlobRef {
+            parent: node,
+            prefix,
+            suffix,
+        })
+    }
+
     /// Walks every path the name takes through the trie, handing `visit` the ids of each match;
     /// stops as soon as `visit` returns true.
-    fn walk(
+    /// Walks from `node` (with its path hash and kinds) over the `remaining` labels.
+    #[allow(clippy::too_many_arguments)]
+    fn walk<N: Labels + ?Sized>(
+        &self,
+        mut node: u32,
+        mut hash: u64,
+        mut kinds: u8,
+        name: &N,
+        mut remaining: usize,
+        visit: &mut impl FnMut(&[u32]) -> bool,
+    ) -> bool {
+        // Along literal edges this is a loop; it recurses only where wildcards branch off.
+        loop {
+            if remaining == 0 {
+                return kinds & HAS_EXACT != 0 && visit(&self.nodes[node as usize].exact);
+            }
+            // `**.` stands for one or more whole labels of `[-a-z0-9_]`.
+            if kinds & HAS_DEEP != 0
+                && name.usual_below(remaining)
+                && visit(&self.nodes[node as usize].deep)
+            {
+                return true;
+            }
+            let i = remaining - 1;
+            let literal = if kinds & HAS_LITERAL == 0 {
+                None
+            } else {
+                match name.short_key(i) {
+                    Some(key) => {
+                        let child_hash = chain(&self.seeds, hash, &key);
+                        self.short
+                            .find(child_hash, |e| e.parent == node && e.label == key)
+                            .map(|e| {
+                                let c = e.child;
+                                (c & NODE_MASK, (c >> KINDS_SHIFT) as u8, child_hash)
+                            })
+                    }
+                    None => self.long_child(node, name.label(i)).map(|c| self.entry(c)),
+                }
+            };
+            if kinds & HAS_WILD != 0 && name.usual(i) {
+                if let Some((c, k, h)) = literal {
+                    if self.walk(c, h, k, name, i, visit) {
+                        return true;
+                    }
+                }
+                return self.walk_wild(node, name, i, visit);
+            }
+            match literal {
+                Some((c, k, h)) => (node, kinds, hash, remaining) = (c, k, h, i),
+                None => return false,
+            }
+        }
+    }
+
+    /// A node with its kinds and path hash, as [`PatternTrie::walk`] takes it.
+    fn entry(&self, node: u32) -> (u32, u8, u64) {
+        (
+            node,
+            self.kinds[node as usize],
+            self.path_hash[node as usize],
+        )
+    }
+
+    /// [`PatternTrie::walk`] from the root.
+    fn walk_root<N: Labels + ?Sized>(
+        &self,
+        name: &N,
+        visit: &mut impl FnMut(&[u32]) -> bool,
+    ) -> bool {
+        let (node, kinds, hash) = self.entry(0);
+        self.walk(node, hash, kinds, name, name.count(), visit)
+    }
+
+    /// The wildcard edges of `node` for label `i` (all `[-a-z0-9_]`).
+    fn walk_wild<N: Labels + ?Sized>(
         &self,
         node: u32,
-        name: &LabelBuf,
-        remaining: usize,
+        name: &N,
+        i: usize,
         visit: &mut impl FnMut(&[u32]) -> bool,
     ) -> bool {
         let n = &self.nodes[node as usize];
-        if remaining == 0 {
-            return !n.exact.is_empty() && visit(&n.exact);
-        }
-        // `**.` stands for one or more whole labels of `[-a-z0-9_]`.
-        if !n.deep.is_empty() && name.usual_below(remaining) && visit(&n.deep) {
-            return true;
-        }
-        let label = name.label(remaining - 1);
-        if let Some(&child) = self.edges.get(&EdgeRef {
-            parent: node,
-            label,
-        }) {
-            if self.walk(child, name, remaining - 1, visit) {
-                return true;
-            }
-        }
-        if (n.star.is_none() && n.glob_shapes.is_empty())
-            || !label.iter().all(|&b| is_hostname_byte(b))
-        {
-            return false;
-        }
         if let Some(child) = n.star {
-            if self.walk(child, name, remaining - 1, visit) {
+            let (c, k, h) = self.entry(child);
+            if self.walk(c, h, k, name, i, visit) {
                 return true;
             }
         }
-        let mut buf = [0u8; MAX_GLOB_KEY];
+        let label = name.label(i);
         for &(p, s) in &n.glob_shapes {
             let (p, s) = (p as usize, s as usize);
             if p + s > label.len() {
                 continue;
             }
-            let key = glob_key(&mut buf, &label[..p], &label[label.len() - s..]);
-            let Some(edges) = self.globs.get(&EdgeRef {
-                parent: node,
-                label: key,
-            }) else {
+            let Some(edges) = self.glob_edges(node, &label[..p], &label[label.len() - s..]) else {
                 continue;
             };
-            for (glob, child) in edges {
-                if glob_match(glob, label) && self.walk(*child, name, remaining - 1, visit) {
-                    return true;
+            for &(ref glob, child) in edges {
+                if glob_match(glob, label) {
+                    let (c, k, h) = self.entry(child);
+                    if self.walk(c, h, k, name, i, visit) {
+                        return true;
+                    }
                 }
             }
         }
@@ -298,21 +536,25 @@ impl PatternTrie {
     }
 
     /// True when any entry matches the name.
-    pub fn matches(&self, name: &LabelBuf) -> bool {
-        !self.all.is_empty() || self.walk(0, name, name.len(), &mut |_| true)
+    pub fn matches<N: Labels + ?Sized>(&self, name: &N) -> bool {
+        !self.all.is_empty() || self.walk_root(name, &mut |_| true)
     }
 
     /// Hands `visit` the rule ids of the entries matching the name, a sorted slice at a time
     /// (one per trie position that matches; an id may come in more than one), until it returns
     /// true; true when it did. Allocates nothing.
-    pub fn visit_matching(&self, name: &LabelBuf, mut visit: impl FnMut(&[u32]) -> bool) -> bool {
-        (!self.all.is_empty() && visit(&self.all)) || self.walk(0, name, name.len(), &mut visit)
+    pub fn visit_matching<N: Labels + ?Sized>(
+        &self,
+        name: &N,
+        mut visit: impl FnMut(&[u32]) -> bool,
+    ) -> bool {
+        (!self.all.is_empty() && visit(&self.all)) || self.walk_root(name, &mut visit)
     }
 
     /// Sorted, unique rule ids of every entry matching the name.
-    pub fn matching(&self, name: &LabelBuf) -> Vec<u32> {
+    pub fn matching<N: Labels + ?Sized>(&self, name: &N) -> Vec<u32> {
         let mut out = self.all.clone();
-        self.walk(0, name, name.len(), &mut |ids| {
+        self.walk_root(name, &mut |ids| {
             out.extend_from_slice(ids);
             false
         });
@@ -324,6 +566,7 @@ impl PatternTrie {
 
 #[cfg(test)]
 mod tests {
+    use super::super::labels::LabelBuf;
     use super::super::parse::{parse_match_name, parse_match_pattern};
     use super::*;
 

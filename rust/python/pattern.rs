@@ -7,18 +7,16 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
 
 use crate::error::Error;
-use crate::pattern::{self, LabelBuf, PatternTrie};
+use crate::pattern::{self, LabelBuf, PatternTrie, TextName};
 
 /// A name argument: `str` or `bytes` in presentation form, read without copying.
 pub(super) fn name_arg(obj: &Bound<'_, PyAny>) -> PyResult<LabelBuf> {
-    let mut buf = LabelBuf::new();
-    name_into(obj, &mut buf)?;
-    Ok(buf)
+    Ok(LabelBuf::from_presentation(name_text(obj)?).map_err(Error::from)?)
 }
 
-/// [`name_arg`] into a caller's buffer (no copy of the buffer on the way back).
-pub(super) fn name_into(obj: &Bound<'_, PyAny>, buf: &mut LabelBuf) -> PyResult<()> {
-    let text: &[u8] = if let Ok(s) = obj.cast::<PyString>() {
+/// The text of a name argument (`str` or `bytes`), borrowed.
+fn name_text<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<&'a [u8]> {
+    Ok(if let Ok(s) = obj.cast::<PyString>() {
         s.to_str()?.as_bytes()
     } else if let Ok(b) = obj.cast::<PyBytes>() {
         b.as_bytes()
@@ -27,9 +25,23 @@ pub(super) fn name_into(obj: &Bound<'_, PyAny>, buf: &mut LabelBuf) -> PyResult<
             "a DNS name must be str or bytes, not {}",
             obj.get_type().name()?
         )));
-    };
-    buf.parse_presentation(text)
-        .map_err(|e| Error::from(e).into())
+    })
+}
+
+/// Runs `$on` on the labels of the name argument `$obj`: read in place when the text is already
+/// lower case without escapes (the common case: nothing is copied or moved), else parsed into a
+/// [`LabelBuf`] (which also reports what is wrong with an invalid name).
+macro_rules! with_labels {
+    ($obj:expr, |$n:ident| $on:expr) => {{
+        let text = name_text($obj)?;
+        match TextName::new(text) {
+            Some($n) => $on,
+            None => {
+                let $n = LabelBuf::from_presentation(text).map_err(Error::from)?;
+                $on
+            }
+        }
+    }};
 }
 
 fn poisoned() -> PyErr {
@@ -80,16 +92,14 @@ impl PyPatternSet {
 
     /// True when any entry matches the name.
     fn matches(&self, name: &Bound<'_, PyAny>) -> PyResult<bool> {
-        let mut buf = LabelBuf::new();
-        name_into(name, &mut buf)?;
-        let name = &buf;
-        Ok(self.trie.read().map_err(|_| poisoned())?.matches(name))
+        let trie = self.trie.read().map_err(|_| poisoned())?;
+        Ok(with_labels!(name, |n| trie.matches(&n)))
     }
 
     /// Sorted unique rule ids of every entry matching the name.
     fn matching(&self, name: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
-        let name = name_arg(name)?;
-        Ok(self.trie.read().map_err(|_| poisoned())?.matching(&name))
+        let trie = self.trie.read().map_err(|_| poisoned())?;
+        Ok(with_labels!(name, |n| trie.matching(&n)))
     }
 
     fn __len__(&self) -> PyResult<usize> {
