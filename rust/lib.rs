@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod engine;
+pub mod io;
 pub mod error;
 pub mod pattern;
 pub mod policy;
