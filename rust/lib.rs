@@ -4,8 +4,8 @@
 
 pub mod cache;
 pub mod engine;
-pub mod io;
 pub mod error;
+pub mod io;
 pub mod pattern;
 pub mod policy;
 pub mod wire;

@@ -98,6 +98,9 @@ class ProxyConfig:
     log_queries: str = "sampled"
     log_sample: float = 0.01
     cache_save_interval: float = 60.0
+    # Who serves the UDP sockets: a Rust thread (recvmmsg/sendmmsg, no Python per packet) or
+    # asyncio datagram transports. See docs/fastpath.md.
+    udp_io: str = "rust"
 
     OPTIONS: ClassVar[tuple[str, ...]] = (
         "listen",
@@ -120,6 +123,7 @@ class ProxyConfig:
         "log_queries",
         "log_sample",
         "cache_save_interval",
+        "udp_io",
     )
 
     def __post_init__(self) -> None:
@@ -132,6 +136,8 @@ class ProxyConfig:
             raise ConfigError(f"backend: {self.backend!r}: choose callback, log or nftables")
         if self.reject not in ("refused", "nxdomain"):
             raise ConfigError(f"reject: {self.reject!r}: choose refused or nxdomain")
+        if self.udp_io not in ("rust", "asyncio"):
+            raise ConfigError(f"udp_io: {self.udp_io!r}: choose rust or asyncio")
         if self.log_queries not in ("all", "sampled", "none"):
             raise ConfigError(f"log_queries: {self.log_queries!r}: choose all, sampled or none")
         for name in ("upstream_timeout", "hold_max", "tcp_idle_timeout", "expire_interval"):

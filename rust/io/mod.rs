@@ -267,12 +267,12 @@ fn socket_addr(s: &SockaddrStorage) -> Option<SocketAddr> {
 
 fn orig_dst(cmsg: ControlMessageOwned) -> Option<SocketAddr> {
     match cmsg {
-        ControlMessageOwned::Ipv4OrigDstAddr(a) => Some(SocketAddr::V4(SocketAddrV4::from(
-            SockaddrIn::from(a),
-        ))),
-        ControlMessageOwned::Ipv6OrigDstAddr(a) => Some(SocketAddr::V6(SocketAddrV6::from(
-            SockaddrIn6::from(a),
-        ))),
+        ControlMessageOwned::Ipv4OrigDstAddr(a) => {
+            Some(SocketAddr::V4(SocketAddrV4::from(SockaddrIn::from(a))))
+        }
+        ControlMessageOwned::Ipv6OrigDstAddr(a) => {
+            Some(SocketAddr::V6(SocketAddrV6::from(SockaddrIn6::from(a))))
+        }
         _ => None,
     }
 }
@@ -300,10 +300,7 @@ fn recv_batch(
         .collect();
     let results = socket::recvmmsg(fd, hdrs, iovs.iter_mut(), MsgFlags::MSG_DONTWAIT, None)?;
     for m in results {
-        let to = m
-            .cmsgs()
-            .ok()
-            .and_then(|mut it| it.find_map(orig_dst));
+        let to = m.cmsgs().ok().and_then(|mut it| it.find_map(orig_dst));
         out.push(Received {
             len: m.bytes,
             from: m.address,
@@ -397,7 +394,9 @@ impl Outbox {
 
     fn push(&mut self, client: &Client, payload: Vec<u8>) {
         match client.local {
-            Some(local) => self.from.push((client.listener, payload, client.addr, local)),
+            Some(local) => self
+                .from
+                .push((client.listener, payload, client.addr, local)),
             None => {
                 if let Some(q) = self.plain.get_mut(client.listener) {
                     q.push((payload, Some(client.addr)));
@@ -869,7 +868,13 @@ impl UdpIo {
 
     /// UDP queries forwarded and not yet answered or timed out.
     pub fn inflight(&self) -> Result<usize, IoError> {
-        Ok(self.shared.table.lock().map_err(|_| POISONED)?.clients.len())
+        Ok(self
+            .shared
+            .table
+            .lock()
+            .map_err(|_| POISONED)?
+            .clients
+            .len())
     }
 
     /// Answers held for the backend.

@@ -138,18 +138,26 @@ fn a_new_address_is_held_until_released_then_a_known_one_passes() {
     assert_eq!(got[7], 1);
 
     // While the addition is not applied, an answer with addresses waits too; once applied, not.
-    s.client.send_to(&query(7, "www.example.com"), s.proxy).expect("send");
+    s.client
+        .send_to(&query(7, "www.example.com"), s.proxy)
+        .expect("send");
     let (n, from) = s.upstream.recv_from(&mut buf).expect("forwarded");
-    s.upstream.send_to(&answer_to(&buf[..n]), from).expect("answer");
+    s.upstream
+        .send_to(&answer_to(&buf[..n]), from)
+        .expect("answer");
     let d2 = drain_some(&s.io);
     assert_eq!(d2.held.len(), 1);
     s.io.adds_applied(d.adds_seq);
     assert!(!s.io.adds_pending());
     s.io.release(&d2.held).expect("release");
     recv(&s.client).expect("second answer");
-    s.client.send_to(&query(8, "www.example.com"), s.proxy).expect("send");
+    s.client
+        .send_to(&query(8, "www.example.com"), s.proxy)
+        .expect("send");
     let (n, from) = s.upstream.recv_from(&mut buf).expect("forwarded");
-    s.upstream.send_to(&answer_to(&buf[..n]), from).expect("answer");
+    s.upstream
+        .send_to(&answer_to(&buf[..n]), from)
+        .expect("answer");
     let got = recv(&s.client).expect("a known address is not held");
     assert_eq!(&got[..2], &[0, 8]);
     assert_eq!(s.io.answers(0), 3);
@@ -160,7 +168,9 @@ fn a_new_address_is_held_until_released_then_a_known_one_passes() {
 #[test]
 fn unknown_sources_are_refused_without_going_upstream() {
     let s = setup(None, 2.0);
-    s.client.send_to(&query(9, "www.example.com"), s.proxy).expect("send");
+    s.client
+        .send_to(&query(9, "www.example.com"), s.proxy)
+        .expect("send");
     let got = recv(&s.client).expect("refusal");
     assert_eq!(got[3] & 0x0f, 5, "REFUSED");
     s.upstream
@@ -176,17 +186,22 @@ fn unknown_sources_are_refused_without_going_upstream() {
 #[test]
 fn sweep_answers_servfail_to_the_clients_it_owns() {
     let s = setup(ANYONE, 0.05);
-    s.client.send_to(&query(3, "slow.example.com"), s.proxy).expect("send");
+    s.client
+        .send_to(&query(3, "slow.example.com"), s.proxy)
+        .expect("send");
     let mut buf = [0u8; 512];
     s.upstream.recv_from(&mut buf).expect("forwarded");
-    let expired = s
-        .io
-        .sweep(crate::cache::now_seconds() + 1.0)
-        .expect("sweep");
+    let expired =
+        s.io.sweep(crate::cache::now_seconds() + 1.0)
+            .expect("sweep");
     assert_eq!(expired.len(), 1);
     assert_eq!(expired[0].channel, 0);
     let got = recv(&s.client).expect("servfail");
-    assert_eq!((got[1], got[3] & 0x0f), (3, 2), "SERVFAIL with the client's id");
+    assert_eq!(
+        (got[1], got[3] & 0x0f),
+        (3, 2),
+        "SERVFAIL with the client's id"
+    );
     assert_eq!(s.io.inflight().expect("inflight"), 0);
 }
 
@@ -194,18 +209,27 @@ fn sweep_answers_servfail_to_the_clients_it_owns() {
 fn stop_listening_leaves_answers_flowing_and_bad_channels_are_refused() {
     let s = setup(ANYONE, 2.0);
     assert!(s.io.set_upstream(1).is_err());
-    s.client.send_to(&query(4, "a.example.com"), s.proxy).expect("send");
+    s.client
+        .send_to(&query(4, "a.example.com"), s.proxy)
+        .expect("send");
     let mut buf = [0u8; 512];
     let (n, from) = s.upstream.recv_from(&mut buf).expect("forwarded");
     s.io.stop_listening();
     std::thread::sleep(Duration::from_millis(20));
-    s.upstream.send_to(&answer_to(&buf[..n]), from).expect("answer");
+    s.upstream
+        .send_to(&answer_to(&buf[..n]), from)
+        .expect("answer");
     let d = drain_some(&s.io);
     s.io.release(&d.held).expect("release");
     assert!(recv(&s.client).is_some(), "in-flight answer delivered");
-    s.client.send_to(&query(5, "b.example.com"), s.proxy).expect("send");
+    s.client
+        .send_to(&query(5, "b.example.com"), s.proxy)
+        .expect("send");
     s.upstream
         .set_read_timeout(Some(Duration::from_millis(100)))
         .expect("timeout");
-    assert!(s.upstream.recv_from(&mut buf).is_err(), "no longer reading queries");
+    assert!(
+        s.upstream.recv_from(&mut buf).is_err(),
+        "no longer reading queries"
+    );
 }
