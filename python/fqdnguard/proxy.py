@@ -358,6 +358,7 @@ class Proxy:
         programmed_state = getattr(self.engine, "programmed_state", None)
         if programmed_state is not None:
             await self.backend.reconcile(programmed_state(self.clock()))
+        self._stopping = False
         bound = list(self.config.listen)
         if self.config.udp_io == "rust":
             self._io = UdpIo(self.engine, bound, list(self.upstreams), buffer=SOCKET_BUFFER)

@@ -570,7 +570,12 @@ fn run(sh: &Shared) {
     let cmsg = sh
         .transparent
         .then(|| nix::cmsg_space!(nix::libc::sockaddr_in6));
-    let mut recv_plain = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+    // One header set per socket: nix leaves each msg_namelen (and msg_controllen) as the kernel
+    // set it, so a set shared between an IPv4 and an IPv6 socket would truncate addresses. A
+    // socket's peers all have its family (IPv6 listeners are V6ONLY), so its own set stays right.
+    let fresh = || MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+    let mut listener_hdrs: Vec<_> = sh.listeners.iter().map(|_| fresh()).collect();
+    let mut upstream_hdrs: Vec<_> = sh.upstreams.iter().map(|_| fresh()).collect();
     let mut send_hdrs = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
     let mut got = Vec::with_capacity(BATCH);
     let mut to_upstream: Vec<Vec<(Vec<u8>, Option<SockaddrStorage>)>> =
@@ -612,11 +617,11 @@ fn run(sh: &Shared) {
         }
         let nl = if listening { sh.listeners.len() } else { 0 };
         // Answers first: they finish work (and free pending slots) before new work comes in.
-        for (c, up) in sh.upstreams.iter().enumerate() {
+        for ((c, up), hdrs) in sh.upstreams.iter().enumerate().zip(&mut upstream_hdrs) {
             if ready.get(1 + nl + c) != Some(&true) {
                 continue;
             }
-            match recv_batch(up.fd.as_raw_fd(), &mut recv_plain, &mut bufs, &mut got) {
+            match recv_batch(up.fd.as_raw_fd(), hdrs, &mut bufs, &mut got) {
                 Ok(_) => {
                     if sh
                         .on_answers(c, &got, &bufs, &mut outbox, &mut batch)
@@ -634,17 +639,24 @@ fn run(sh: &Shared) {
         }
         outbox.flush(sh, &mut send_hdrs);
         sh.publish(&mut batch);
-        for (l, lis) in sh.listeners.iter().enumerate().take(nl) {
+        for ((l, lis), hdrs) in sh
+            .listeners
+            .iter()
+            .enumerate()
+            .take(nl)
+            .zip(&mut listener_hdrs)
+        {
             if ready.get(1 + l) != Some(&true) {
                 continue;
             }
             let res = match cmsg.as_ref() {
-                // A fresh header set per call: nix leaves msg_controllen as the kernel set it.
+                // A fresh header set per call: a datagram without the control message would
+                // leave msg_controllen at 0 for the next call on that slot.
                 Some(space) => {
-                    let mut hdrs = MultiHeaders::preallocate(BATCH, Some(space.clone()));
-                    recv_batch(lis.fd.as_raw_fd(), &mut hdrs, &mut bufs, &mut got)
+                    let mut fresh = MultiHeaders::preallocate(BATCH, Some(space.clone()));
+                    recv_batch(lis.fd.as_raw_fd(), &mut fresh, &mut bufs, &mut got)
                 }
-                None => recv_batch(lis.fd.as_raw_fd(), &mut recv_plain, &mut bufs, &mut got),
+                None => recv_batch(lis.fd.as_raw_fd(), hdrs, &mut bufs, &mut got),
             };
             match res {
                 Ok(_) => {

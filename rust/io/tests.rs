@@ -233,3 +233,33 @@ fn stop_listening_leaves_answers_flowing_and_bad_channels_are_refused() {
         "no longer reading queries"
     );
 }
+
+#[test]
+fn ipv4_and_ipv6_listeners_each_answer_their_own_clients() {
+    let upstream = udp(2000);
+    let config = IoConfig {
+        listen: vec![
+            "127.0.0.1:0".parse().expect("addr"),
+            "[::1]:0".parse().expect("addr"),
+        ],
+        upstreams: vec![upstream.local_addr().expect("addr")],
+        transparent: false,
+        mark: None,
+        buffer: 1 << 20,
+    };
+    let io = UdpIo::new(engine(None, 2.0), &config).expect("io");
+    io.start().expect("start");
+    let (v4, v6) = (io.local_addresses()[0], io.local_addresses()[1]);
+    let c4 = udp(2000);
+    let c6 = UdpSocket::bind("[::1]:0").expect("bind v6");
+    c6.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    // Alternate families: a v4 peer address must never truncate the next v6 one.
+    for i in 0..3u16 {
+        c4.send_to(&query(i, "a.example.com"), v4).expect("send");
+        assert_eq!(recv(&c4).expect("v4 answer")[..2], i.to_be_bytes());
+        c6.send_to(&query(100 + i, "a.example.com"), v6)
+            .expect("send");
+        assert_eq!(recv(&c6).expect("v6 answer")[..2], (100 + i).to_be_bytes());
+    }
+}
