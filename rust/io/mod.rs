@@ -10,13 +10,13 @@
 //!
 //! Transparent interception (TPROXY) is built in: with `transparent`, the listeners read the
 //! original destination of every query (`IP_RECVORIGDSTADDR` / `IPV6_RECVORIGDSTADDR`), the
-//! engine's DNS verdict sees that server and port, and the answer leaves from that address
-//! (`IP_PKTINFO` / `IPV6_PKTINFO` on an `IP_TRANSPARENT` socket).
+//! engine's DNS verdict sees that server and port, and the answer leaves from that address and
+//! port (an `IP_TRANSPARENT` socket bound there, kept for the next answer).
 //!
 //! No `unsafe` here: the system calls go through `nix`.
 
 use std::io::{IoSlice, IoSliceMut};
-use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -161,6 +161,8 @@ struct Shared {
     upstreams: Vec<Upstream>,
     table: Mutex<Table>,
     events: Mutex<Events>,
+    /// Transparent mode: sockets bound to the servers clients asked, to answer from them.
+    reply_sockets: Mutex<HashMap<SocketAddr, OwnedFd>>,
     /// Readable when there is something to drain (Python's event loop watches it).
     notify: EventFd,
     /// Wakes the I/O thread (stop, stop listening).
@@ -347,34 +349,22 @@ fn send_batch(
     }
 }
 
-/// Sends one answer from `local` (transparent mode): `IP_PKTINFO` / `IPV6_PKTINFO` sets the
-/// source address on the `IP_TRANSPARENT` listener.
-fn send_from(fd: RawFd, payload: &[u8], to: &SockaddrStorage, local: SocketAddr) -> bool {
-    let iov = [IoSlice::new(payload)];
-    let sent = match local.ip() {
-        IpAddr::V4(ip) => {
-            let info = nix::libc::in_pktinfo {
-                ipi_ifindex: 0,
-                ipi_spec_dst: nix::libc::in_addr {
-                    s_addr: u32::from(ip).to_be(),
-                },
-                ipi_addr: nix::libc::in_addr { s_addr: 0 },
-            };
-            let cmsg = [ControlMessage::Ipv4PacketInfo(&info)];
-            socket::sendmsg(fd, &iov, &cmsg, MsgFlags::MSG_DONTWAIT, Some(to))
-        }
-        IpAddr::V6(ip) => {
-            let info = nix::libc::in6_pktinfo {
-                ipi6_addr: nix::libc::in6_addr {
-                    s6_addr: ip.octets(),
-                },
-                ipi6_ifindex: 0,
-            };
-            let cmsg = [ControlMessage::Ipv6PacketInfo(&info)];
-            socket::sendmsg(fd, &iov, &cmsg, MsgFlags::MSG_DONTWAIT, Some(to))
-        }
-    };
-    sent.is_ok()
+/// Reply sockets kept for transparent mode, at most this many (then the cache starts over).
+const MAX_REPLY_SOCKETS: usize = 1024;
+
+/// A socket that sends from `local`, an address this host does not own (transparent mode: the
+/// server the client asked): `IP_TRANSPARENT` lets it bind there; `SO_REUSEADDR` lets several
+/// share it. `IP_PKTINFO` would set the source address only, not the port.
+fn reply_socket(local: SocketAddr) -> Result<OwnedFd, IoError> {
+    let fd = udp_socket(&local)?;
+    let what = format!("reply socket from {local}");
+    if local.is_ipv6() {
+        socket::setsockopt(&fd, sockopt::Ipv6V6Only, &true).map_err(sock_err(what.clone()))?;
+    }
+    socket::setsockopt(&fd, sockopt::IpTransparent, &true).map_err(sock_err(what.clone()))?;
+    socket::setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(sock_err(what.clone()))?;
+    socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(local)).map_err(sock_err(what))?;
+    Ok(fd)
 }
 
 /// Answers for clients, grouped by listener.
@@ -414,12 +404,31 @@ impl Outbox {
                 q.clear();
             }
         }
-        for (l, payload, to, local) in self.from.drain(..) {
-            let ok = sh
-                .listeners
-                .get(l)
-                .is_some_and(|lis| send_from(lis.fd.as_raw_fd(), &payload, &to, local));
-            if !ok {
+        if self.from.is_empty() {
+            return;
+        }
+        let Ok(mut socks) = sh.reply_sockets.lock() else {
+            return;
+        };
+        for (_, payload, to, local) in self.from.drain(..) {
+            if !socks.contains_key(&local) {
+                if socks.len() >= MAX_REPLY_SOCKETS {
+                    socks.clear();
+                }
+                match reply_socket(local) {
+                    Ok(fd) => {
+                        socks.insert(local, fd);
+                    }
+                    Err(_) => {
+                        sh.counters.send_errors.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                }
+            }
+            let sent = socks.get(&local).is_some_and(|fd| {
+                socket::sendto(fd.as_raw_fd(), &payload, &to, MsgFlags::MSG_DONTWAIT).is_ok()
+            });
+            if !sent {
                 sh.counters.send_errors.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -716,6 +725,7 @@ impl UdpIo {
                 upstreams,
                 table: Mutex::new(Table::default()),
                 events: Mutex::new(Events::default()),
+                reply_sockets: Mutex::new(HashMap::new()),
                 notify,
                 wake,
                 upstream: AtomicU32::new(0),
