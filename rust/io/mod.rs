@@ -37,6 +37,8 @@ use crate::policy::Proto;
 
 /// Datagrams read or written per system call.
 pub const BATCH: usize = 32;
+/// Batches read from one ready socket before the others get their turn.
+const ROUNDS: usize = 4;
 /// The largest UDP payload (an EDNS answer may be up to 64 KiB).
 const MAX_DATAGRAM: usize = 65_535;
 
@@ -630,23 +632,29 @@ fn run(sh: &Shared) {
             if ready.get(1 + nl + c) != Some(&true) {
                 continue;
             }
-            match recv_batch(up.fd.as_raw_fd(), hdrs, &mut bufs, &mut got) {
-                Ok(_) => {
-                    if sh
-                        .on_answers(c, &got, &bufs, &mut outbox, &mut batch)
-                        .is_err()
-                    {
-                        return;
+            for _ in 0..ROUNDS {
+                match recv_batch(up.fd.as_raw_fd(), hdrs, &mut bufs, &mut got) {
+                    Ok(n) => {
+                        if sh
+                            .on_answers(c, &got, &bufs, &mut outbox, &mut batch)
+                            .is_err()
+                        {
+                            return;
+                        }
+                        outbox.flush(sh, &mut send_hdrs);
+                        if n < BATCH {
+                            break;
+                        }
                     }
-                }
-                Err(Errno::EAGAIN | Errno::EINTR) => {}
-                // ECONNREFUSED and the like (ICMP): the queries time out and fail over.
-                Err(_) => {
-                    sh.counters.recv_errors.fetch_add(1, Ordering::Relaxed);
+                    Err(Errno::EAGAIN | Errno::EINTR) => break,
+                    // ECONNREFUSED and the like (ICMP): the queries time out and fail over.
+                    Err(_) => {
+                        sh.counters.recv_errors.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
                 }
             }
         }
-        outbox.flush(sh, &mut send_hdrs);
         sh.publish(&mut batch);
         for ((l, lis), hdrs) in sh
             .listeners
@@ -658,39 +666,44 @@ fn run(sh: &Shared) {
             if ready.get(1 + l) != Some(&true) {
                 continue;
             }
-            let res = match cmsg.as_ref() {
-                // A fresh header set per call: a datagram without the control message would
-                // leave msg_controllen at 0 for the next call on that slot.
-                Some(space) => {
-                    let mut fresh = MultiHeaders::preallocate(BATCH, Some(space.clone()));
-                    recv_batch(lis.fd.as_raw_fd(), &mut fresh, &mut bufs, &mut got)
+            for _ in 0..ROUNDS {
+                let res = match cmsg.as_ref() {
+                    // A fresh header set per call: a datagram without the control message would
+                    // leave msg_controllen at 0 for the next call on that slot.
+                    Some(space) => {
+                        let mut fresh = MultiHeaders::preallocate(BATCH, Some(space.clone()));
+                        recv_batch(lis.fd.as_raw_fd(), &mut fresh, &mut bufs, &mut got)
+                    }
+                    None => recv_batch(lis.fd.as_raw_fd(), hdrs, &mut bufs, &mut got),
+                };
+                let n = match res {
+                    Ok(n) => n,
+                    Err(Errno::EAGAIN | Errno::EINTR) => break,
+                    Err(_) => {
+                        sh.counters.recv_errors.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                };
+                if sh
+                    .on_queries(l, &got, &bufs, &mut to_upstream, &mut outbox, &mut batch)
+                    .is_err()
+                {
+                    return;
                 }
-                None => recv_batch(lis.fd.as_raw_fd(), hdrs, &mut bufs, &mut got),
-            };
-            match res {
-                Ok(_) => {
-                    if sh
-                        .on_queries(l, &got, &bufs, &mut to_upstream, &mut outbox, &mut batch)
-                        .is_err()
-                    {
-                        return;
+                for (c, q) in to_upstream.iter_mut().enumerate() {
+                    if !q.is_empty() {
+                        if let Some(up) = sh.upstreams.get(c) {
+                            send_batch(up.fd.as_raw_fd(), &mut send_hdrs, q, &sh.counters);
+                        }
+                        q.clear();
                     }
                 }
-                Err(Errno::EAGAIN | Errno::EINTR) => {}
-                Err(_) => {
-                    sh.counters.recv_errors.fetch_add(1, Ordering::Relaxed);
+                outbox.flush(sh, &mut send_hdrs);
+                if n < BATCH {
+                    break;
                 }
             }
         }
-        for (c, q) in to_upstream.iter_mut().enumerate() {
-            if !q.is_empty() {
-                if let Some(up) = sh.upstreams.get(c) {
-                    send_batch(up.fd.as_raw_fd(), &mut send_hdrs, q, &sh.counters);
-                }
-                q.clear();
-            }
-        }
-        outbox.flush(sh, &mut send_hdrs);
         sh.publish(&mut batch);
     }
 }
