@@ -3,7 +3,8 @@ own addresses, the node sends those packets to fqdnguard's socket with nftables 
 
 - the engine's DNS verdict sees the server the pod asked (toEndpoints admits kube-dns only),
 - every answer reaches the pod from the address it asked (IP_PKTINFO / IPV6_PKTINFO),
-- allowed queries go to the configured upstream, over IPv4 and IPv6.
+- allowed queries go to the configured upstream, or with ``forward_to_original`` to the server
+  the pod asked; over IPv4 and IPv6.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ pytestmark = pytest.mark.skipif(
 
 KUBE_DNS4, KUBE_DNS6 = UPSTREAM4, "fd77:2::53"
 OTHER4, OTHER6 = "10.77.2.99", "fd77:2::99"
+OVERRIDE4 = "10.77.2.54"  # the configured upstream (e.g. node-local DNS)
 PORT = 5353
-ANSWER_IP = "10.77.2.10"
+KUBE_DNS_ANSWER, OVERRIDE_ANSWER = "10.77.2.10", "10.77.2.11"
 
 ENDPOINTS = f"""
 endpoints:
@@ -79,8 +81,8 @@ table ip6 fgtproxy {{
 """
 
 
-def _fake_upstream(sock: socket.socket, stop: threading.Event) -> None:
-    """Answers every A query with ANSWER_IP (TTL 60)."""
+def _fake_upstream(sock: socket.socket, stop: threading.Event, answer_ip: str) -> None:
+    """Answers every A query with `answer_ip` (TTL 60): who answered shows where it went."""
     sock.settimeout(0.05)
     while not stop.is_set():
         try:
@@ -90,7 +92,7 @@ def _fake_upstream(sock: socket.socket, stop: threading.Event) -> None:
         query = dns.message.from_wire(data)
         answer = dns.message.make_response(query)
         name = query.question[0].name
-        answer.answer.append(dns.rrset.from_text(name, 60, "IN", "A", ANSWER_IP))
+        answer.answer.append(dns.rrset.from_text(name, 60, "IN", "A", answer_ip))
         sock.sendto(answer.to_wire(), peer)
 
 
@@ -112,15 +114,17 @@ def _releaser(io: UdpIo, stop: threading.Event, netns: str) -> None:
         time.sleep(0.005)
 
 
-@pytest.fixture(scope="module")
-def net() -> Iterator[Topology]:
+@pytest.fixture(scope="module", params=[False, True], ids=["to-upstream", "to-asked-server"])
+def net(request: pytest.FixtureRequest) -> Iterator[Topology]:
+    forward = bool(request.param)
     topo = Topology(f"fgtp{os.getpid() % 10000}").create()
     stop = threading.Event()
     threads: list[threading.Thread] = []
     io: UdpIo | None = None
-    upstream: socket.socket | None = None
+    servers: list[socket.socket] = []
     try:
         topo.ns(topo.world, "ip", "addr", "add", f"{KUBE_DNS6}/64", "dev", "fgw0", "nodad")
+        topo.ns(topo.world, "ip", "addr", "add", f"{OVERRIDE4}/24", "dev", "fgw0")
         subprocess.run(
             ["ip", "netns", "exec", topo.node, "nft", "-f", "-"],
             input=TPROXY,
@@ -134,8 +138,18 @@ def net() -> Iterator[Topology]:
             topo.ns(
                 topo.node, "ip", v, "route", "add", "local", default, "dev", "lo", "table", "100"
             )
-        upstream = topo.open_socket(topo.world, socket.AF_INET, socket.SOCK_DGRAM)
-        upstream.bind((UPSTREAM4, 53))
+        for addr, answer in (
+            (KUBE_DNS4, KUBE_DNS_ANSWER),
+            (KUBE_DNS6, KUBE_DNS_ANSWER),
+            (OVERRIDE4, OVERRIDE_ANSWER),
+        ):
+            family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+            server = topo.open_socket(topo.world, family, socket.SOCK_DGRAM)
+            servers.append(server)
+            server.bind((addr, 53))
+            threads.append(
+                threading.Thread(target=_fake_upstream, args=(server, stop, answer), daemon=True)
+            )
         endpoints = Endpoints.from_yaml(ENDPOINTS)
         engine = Engine(DnsCache(), log_queries="none")
         engine.set_policy(
@@ -145,27 +159,27 @@ def net() -> Iterator[Topology]:
             io = UdpIo(
                 engine,
                 [("0.0.0.0", PORT), ("::", PORT)],
-                [(UPSTREAM4, 53)],
+                [(OVERRIDE4, 53)],
                 transparent=True,
+                forward_to_original=forward,
                 mark=2,
             )
             io.start()  # the I/O thread is born in the node's namespace too
-        threads = [
-            threading.Thread(target=_fake_upstream, args=(upstream, stop), daemon=True),
-            threading.Thread(target=_releaser, args=(io, stop, topo.node), daemon=True),
-        ]
+        threads.append(threading.Thread(target=_releaser, args=(io, stop, topo.node), daemon=True))
         for t in threads:
             t.start()
         topo.io = io  # type: ignore[attr-defined]
+        topo.expected = KUBE_DNS_ANSWER if forward else OVERRIDE_ANSWER  # type: ignore[attr-defined]
         yield topo
     finally:
         stop.set()
         for t in threads:
-            t.join()
+            if t.ident is not None:  # started
+                t.join()
         if io is not None:
             io.stop()
-        if upstream is not None:
-            upstream.close()
+        for server in servers:
+            server.close()
         topo.close()
 
 
@@ -187,7 +201,7 @@ def test_intercepted_queries_see_and_answer_from_the_server_asked(
 ) -> None:
     assert ask(net, kube_dns, "www.allowed.test") == (
         dns.rcode.NOERROR,
-        [ANSWER_IP],
+        [net.expected],  # type: ignore[attr-defined]
         (kube_dns, 53),
     )
     # The same name asked of a server toEndpoints does not admit: refused, from that server.

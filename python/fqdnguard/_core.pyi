@@ -364,6 +364,7 @@ class UdpIo:
         upstreams: list[tuple[str, int]],
         *,
         transparent: bool = False,
+        forward_to_original: bool = False,
         mark: int | None = None,
         buffer: int = ...,  # 4 MiB
     ) -> UdpIo: ...

@@ -37,6 +37,11 @@ use crate::policy::Proto;
 
 /// Datagrams read or written per system call.
 pub const BATCH: usize = 32;
+/// Engine channels of the servers clients asked (`forward_to_original`) start here, far above
+/// the configured upstreams' and the proxy's TCP channels (`1 << 20` up).
+pub const ORIGINAL_CHANNEL_BASE: u32 = 1 << 28;
+/// At most this many asked servers get a socket; queries to others go to the configured upstream.
+const MAX_ORIGINALS: usize = 256;
 /// Batches read from one ready socket before the others get their turn.
 const ROUNDS: usize = 4;
 /// The largest UDP payload (an EDNS answer may be up to 64 KiB).
@@ -51,6 +56,9 @@ pub struct IoConfig {
     pub upstreams: Vec<SocketAddr>,
     /// TPROXY listeners: read the original destination, answer from it.
     pub transparent: bool,
+    /// Transparent mode: forward each query to the server the client asked (its original
+    /// destination) instead of the configured upstream.
+    pub forward_to_original: bool,
     /// SO_MARK on the upstream sockets, so interception never loops them back.
     pub mark: Option<u32>,
     /// SO_RCVBUF / SO_SNDBUF of every socket, in bytes.
@@ -155,9 +163,38 @@ struct Upstream {
     answers: AtomicU64,
 }
 
+/// The servers clients asked, each with its connected socket (`forward_to_original`). Only the
+/// I/O thread touches them: it makes them when a query needs one, polls and reads them.
+#[derive(Debug)]
+struct Originals {
+    socks: Vec<Upstream>,
+    by_addr: HashMap<SocketAddr, usize>,
+    hdrs: Vec<MultiHeaders<SockaddrStorage>>,
+    out: Vec<Vec<(Vec<u8>, Option<SockaddrStorage>)>>,
+}
+
+impl Originals {
+    /// The slot of `server`'s socket, made on first use; None when full or it cannot be made.
+    fn slot(&mut self, server: SocketAddr, config: &IoConfig) -> Option<usize> {
+        if let Some(&i) = self.by_addr.get(&server) {
+            return Some(i);
+        }
+        if self.socks.len() >= MAX_ORIGINALS {
+            return None;
+        }
+        let up = upstream(server, config).ok()?;
+        self.socks.push(up);
+        self.hdrs.push(MultiHeaders::preallocate(BATCH, None));
+        self.out.push(Vec::new());
+        self.by_addr.insert(server, self.socks.len() - 1);
+        Some(self.socks.len() - 1)
+    }
+}
+
 #[derive(Debug)]
 struct Shared {
     engine: Arc<Engine>,
+    config: IoConfig,
     transparent: bool,
     listeners: Vec<Listener>,
     upstreams: Vec<Upstream>,
@@ -465,19 +502,24 @@ impl Shared {
     fn on_queries(
         &self,
         l: usize,
-        got: &[Received],
-        bufs: &[Vec<u8>],
+        io: &mut Scratch<'_>,
         to_upstream: &mut [Vec<(Vec<u8>, Option<SockaddrStorage>)>],
-        outbox: &mut Outbox,
-        batch: &mut Drained,
+        originals: &mut Originals,
     ) -> Result<(), IoError> {
+        let Scratch {
+            bufs,
+            got,
+            outbox,
+            batch,
+            ..
+        } = io;
         let now = crate::cache::now_seconds();
-        let channel = self.upstream.load(Ordering::Relaxed) as usize;
-        let Some(up) = self.upstreams.get(channel) else {
+        let configured = self.upstream.load(Ordering::Relaxed) as usize;
+        let Some(up) = self.upstreams.get(configured) else {
             return Ok(());
         };
         let mut table = self.table.lock().map_err(|_| POISONED)?;
-        for (r, buf) in got.iter().zip(bufs) {
+        for (r, buf) in got.iter().zip(bufs.iter()) {
             self.counters.queries.fetch_add(1, Ordering::Relaxed);
             let Some(from) = r.from else { continue };
             let Some(src) = socket_addr(&from) else {
@@ -493,13 +535,19 @@ impl Shared {
                 Some(a) => (a.ip().to_canonical(), a.port()),
                 None => (up.addr.ip().to_canonical(), 53),
             };
+            // Where it goes: the server asked (forward_to_original), else the upstream.
+            let original = match local {
+                Some(a) if self.config.forward_to_original => originals.slot(a, &self.config),
+                _ => None,
+            };
+            let channel = original.map_or(configured as u32, |i| ORIGINAL_CHANNEL_BASE + i as u32);
             let (action, log) = self.engine.query(
                 src.ip().to_canonical(),
                 server,
                 port,
                 Proto::Udp,
                 &buf[..r.len],
-                channel as u32,
+                channel,
                 now,
             )?;
             if let Some(rec) = log {
@@ -513,7 +561,11 @@ impl Shared {
             match action {
                 QueryAction::Forward { bytes, token } => {
                     table.clients.insert(token, client);
-                    if let Some(q) = to_upstream.get_mut(channel) {
+                    let queue = match original {
+                        Some(i) => originals.out.get_mut(i),
+                        None => to_upstream.get_mut(configured),
+                    };
+                    if let Some(q) = queue {
                         q.push((bytes, None));
                     }
                 }
@@ -527,7 +579,7 @@ impl Shared {
     /// Answers from upstream `channel`: to their clients, or held for the backend.
     fn on_answers(
         &self,
-        channel: usize,
+        channel: u32,
         got: &[Received],
         bufs: &[Vec<u8>],
         outbox: &mut Outbox,
@@ -540,11 +592,11 @@ impl Shared {
                 self.counters.truncated.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let Some(a) = self.engine.response(channel as u32, &buf[..r.len], now)? else {
+            let Some(a) = self.engine.response(channel, &buf[..r.len], now)? else {
                 continue; // unmatched or malformed: dropped and counted by the engine
             };
             self.counters.answers.fetch_add(1, Ordering::Relaxed);
-            if let Some(up) = self.upstreams.get(channel) {
+            if let Some(up) = self.upstreams.get(channel as usize) {
                 up.answers.fetch_add(1, Ordering::Relaxed);
             }
             if let Some(rec) = a.log {
@@ -575,6 +627,49 @@ impl Shared {
     }
 }
 
+/// The I/O thread's buffers, lent to one socket's reading at a time.
+struct Scratch<'a> {
+    bufs: &'a mut [Vec<u8>],
+    got: &'a mut Vec<Received>,
+    outbox: &'a mut Outbox,
+    send_hdrs: &'a mut MultiHeaders<SockaddrStorage>,
+    batch: &'a mut Drained,
+}
+
+/// Reads up to [`ROUNDS`] batches of answers from `up` (engine channel `channel`) and sends
+/// what may go; false when the engine is poisoned (the thread ends).
+fn read_answers(
+    sh: &Shared,
+    up: &Upstream,
+    hdrs: &mut MultiHeaders<SockaddrStorage>,
+    channel: u32,
+    io: &mut Scratch<'_>,
+) -> bool {
+    for _ in 0..ROUNDS {
+        match recv_batch(up.fd.as_raw_fd(), hdrs, io.bufs, io.got) {
+            Ok(n) => {
+                if sh
+                    .on_answers(channel, io.got, io.bufs, io.outbox, io.batch)
+                    .is_err()
+                {
+                    return false;
+                }
+                io.outbox.flush(sh, io.send_hdrs);
+                if n < BATCH {
+                    break;
+                }
+            }
+            Err(Errno::EAGAIN | Errno::EINTR) => break,
+            // ECONNREFUSED and the like (ICMP): the queries time out and fail over.
+            Err(_) => {
+                sh.counters.recv_errors.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+        }
+    }
+    true
+}
+
 /// The I/O thread: poll, read a batch per ready socket, process, send, publish.
 fn run(sh: &Shared) {
     let mut bufs = vec![vec![0u8; MAX_DATAGRAM]; BATCH];
@@ -594,6 +689,13 @@ fn run(sh: &Shared) {
     let mut outbox = Outbox::new(sh.listeners.len());
     let mut batch = Drained::default();
     let mut ready = Vec::new();
+    let mut originals = Originals {
+        socks: Vec::new(),
+        by_addr: HashMap::new(),
+        hdrs: Vec::new(),
+        out: Vec::new(),
+    };
+    let mut polled_originals;
     while sh.running.load(Ordering::Acquire) {
         let listening = sh.listening.load(Ordering::Acquire);
         {
@@ -608,8 +710,10 @@ fn run(sh: &Shared) {
             fds.extend(
                 sh.upstreams
                     .iter()
+                    .chain(&originals.socks)
                     .map(|u| PollFd::new(u.fd.as_fd(), PollFlags::POLLIN)),
             );
+            polled_originals = originals.socks.len();
             match nix::poll::poll(&mut fds, PollTimeout::NONE) {
                 Ok(_) | Err(Errno::EINTR) => {}
                 Err(_) => {
@@ -629,29 +733,37 @@ fn run(sh: &Shared) {
         let nl = if listening { sh.listeners.len() } else { 0 };
         // Answers first: they finish work (and free pending slots) before new work comes in.
         for ((c, up), hdrs) in sh.upstreams.iter().enumerate().zip(&mut upstream_hdrs) {
-            if ready.get(1 + nl + c) != Some(&true) {
-                continue;
+            if ready.get(1 + nl + c) == Some(&true) {
+                let mut io = Scratch {
+                    bufs: &mut bufs,
+                    got: &mut got,
+                    outbox: &mut outbox,
+                    send_hdrs: &mut send_hdrs,
+                    batch: &mut batch,
+                };
+                if !read_answers(sh, up, hdrs, c as u32, &mut io) {
+                    return;
+                }
             }
-            for _ in 0..ROUNDS {
-                match recv_batch(up.fd.as_raw_fd(), hdrs, &mut bufs, &mut got) {
-                    Ok(n) => {
-                        if sh
-                            .on_answers(c, &got, &bufs, &mut outbox, &mut batch)
-                            .is_err()
-                        {
-                            return;
-                        }
-                        outbox.flush(sh, &mut send_hdrs);
-                        if n < BATCH {
-                            break;
-                        }
-                    }
-                    Err(Errno::EAGAIN | Errno::EINTR) => break,
-                    // ECONNREFUSED and the like (ICMP): the queries time out and fail over.
-                    Err(_) => {
-                        sh.counters.recv_errors.fetch_add(1, Ordering::Relaxed);
-                        break;
-                    }
+        }
+        let base = 1 + nl + sh.upstreams.len();
+        for (i, (up, hdrs)) in originals
+            .socks
+            .iter()
+            .zip(originals.hdrs.iter_mut())
+            .enumerate()
+            .take(polled_originals)
+        {
+            if ready.get(base + i) == Some(&true) {
+                let mut io = Scratch {
+                    bufs: &mut bufs,
+                    got: &mut got,
+                    outbox: &mut outbox,
+                    send_hdrs: &mut send_hdrs,
+                    batch: &mut batch,
+                };
+                if !read_answers(sh, up, hdrs, ORIGINAL_CHANNEL_BASE + i as u32, &mut io) {
+                    return;
                 }
             }
         }
@@ -684,17 +796,24 @@ fn run(sh: &Shared) {
                         break;
                     }
                 };
+                let mut io = Scratch {
+                    bufs: &mut bufs,
+                    got: &mut got,
+                    outbox: &mut outbox,
+                    send_hdrs: &mut send_hdrs,
+                    batch: &mut batch,
+                };
                 if sh
-                    .on_queries(l, &got, &bufs, &mut to_upstream, &mut outbox, &mut batch)
+                    .on_queries(l, &mut io, &mut to_upstream, &mut originals)
                     .is_err()
                 {
                     return;
                 }
-                for (c, q) in to_upstream.iter_mut().enumerate() {
+                let queues = to_upstream.iter_mut().zip(&sh.upstreams);
+                let asked = originals.out.iter_mut().zip(&originals.socks);
+                for (q, up) in queues.chain(asked) {
                     if !q.is_empty() {
-                        if let Some(up) = sh.upstreams.get(c) {
-                            send_batch(up.fd.as_raw_fd(), &mut send_hdrs, q, &sh.counters);
-                        }
+                        send_batch(up.fd.as_raw_fd(), &mut send_hdrs, q, &sh.counters);
                         q.clear();
                     }
                 }
@@ -733,6 +852,7 @@ impl UdpIo {
         Ok(UdpIo {
             shared: Arc::new(Shared {
                 engine,
+                config: config.clone(),
                 transparent: config.transparent,
                 listeners,
                 upstreams,

@@ -82,6 +82,7 @@ fn setup(unknown: Option<EndpointRef>, timeout: f64) -> Setup {
         listen: vec!["127.0.0.1:0".parse().expect("addr")],
         upstreams: vec![upstream.local_addr().expect("addr")],
         transparent: false,
+        forward_to_original: false,
         mark: None,
         buffer: 1 << 20,
     };
@@ -244,6 +245,7 @@ fn ipv4_and_ipv6_listeners_each_answer_their_own_clients() {
         ],
         upstreams: vec![upstream.local_addr().expect("addr")],
         transparent: false,
+        forward_to_original: false,
         mark: None,
         buffer: 1 << 20,
     };

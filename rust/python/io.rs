@@ -46,13 +46,15 @@ pub struct PyUdpIo {
 #[pymethods]
 impl PyUdpIo {
     #[new]
-    #[pyo3(signature = (engine, listen, upstreams, *, transparent = false, mark = None,
-                        buffer = 4 << 20))]
+    #[pyo3(signature = (engine, listen, upstreams, *, transparent = false,
+                        forward_to_original = false, mark = None, buffer = 4 << 20))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         engine: &Bound<'_, PyEngine>,
         listen: Vec<(String, u16)>,
         upstreams: Vec<(String, u16)>,
         transparent: bool,
+        forward_to_original: bool,
         mark: Option<u32>,
         buffer: usize,
     ) -> PyResult<Self> {
@@ -66,6 +68,7 @@ impl PyUdpIo {
                 .map(|a| addr_arg(a, "upstreams"))
                 .collect::<PyResult<_>>()?,
             transparent,
+            forward_to_original,
             mark,
             buffer,
         };
