@@ -563,6 +563,8 @@ def test_query_log_records_and_metrics_come_through_either_udp_path(
             text = generate_latest(registry_for(proxy)).decode()
             assert 'fqdnguard_queries_total{verdict="allowed"} 1.0' in text
             assert 'fqdnguard_queries_total{verdict="denied"} 1.0' in text
+            rust_only = "fqdnguard_udp_send_errors_total 0.0"
+            assert (rust_only in text) == (proxy.config.udp_io == "rust")
         finally:
             await proxy.stop()
 
