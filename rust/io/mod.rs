@@ -406,11 +406,12 @@ fn reply_socket(local: SocketAddr) -> Result<OwnedFd, IoError> {
     Ok(fd)
 }
 
-/// Answers for clients, grouped by listener.
+/// Answers for clients: grouped by listener, or (transparent mode) each with the address it
+/// must come from.
 #[derive(Debug, Default)]
 struct Outbox {
     plain: Vec<Vec<(Vec<u8>, Option<SockaddrStorage>)>>,
-    from: Vec<(usize, Vec<u8>, SockaddrStorage, SocketAddr)>,
+    from: Vec<(Vec<u8>, SockaddrStorage, SocketAddr)>,
 }
 
 impl Outbox {
@@ -423,9 +424,7 @@ impl Outbox {
 
     fn push(&mut self, client: &Client, payload: Vec<u8>) {
         match client.local {
-            Some(local) => self
-                .from
-                .push((client.listener, payload, client.addr, local)),
+            Some(local) => self.from.push((payload, client.addr, local)),
             None => {
                 if let Some(q) = self.plain.get_mut(client.listener) {
                     q.push((payload, Some(client.addr)));
@@ -449,7 +448,7 @@ impl Outbox {
         let Ok(mut socks) = sh.reply_sockets.lock() else {
             return;
         };
-        for (_, payload, to, local) in self.from.drain(..) {
+        for (payload, to, local) in self.from.drain(..) {
             if !socks.contains_key(&local) {
                 if socks.len() >= MAX_REPLY_SOCKETS {
                     socks.clear();
