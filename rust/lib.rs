@@ -5,6 +5,7 @@
 pub mod cache;
 pub mod engine;
 pub mod error;
+pub mod io;
 pub mod pattern;
 pub mod policy;
 pub mod wire;

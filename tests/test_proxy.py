@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -16,9 +18,11 @@ import dns.rrset
 import pytest
 from fqdnguard import DnsCache, Endpoints, Policy
 from fqdnguard.backends import Backend, Callback
-from fqdnguard.config import ProxyConfig
+from fqdnguard.config import ConfigError, ProxyConfig
+from fqdnguard.metrics import registry_for
 from fqdnguard.proxy import Proxy
 from fqdnguard.testing import KnotServer, free_port
+from prometheus_client import generate_latest
 
 from tests.proxy_fixtures import (
     FREE_IP,
@@ -50,6 +54,16 @@ class Recorder(Backend):
         return {c.ip for _, batch in self.batches for c in batch if c.kind != "removed"}
 
 
+# Every test here runs over both UDP paths: the Rust I/O thread and asyncio's transports.
+UDP_IO = ["rust"]
+
+
+@pytest.fixture(autouse=True, params=["rust", "asyncio"])
+def udp_io(request: pytest.FixtureRequest) -> str:
+    UDP_IO[0] = request.param
+    return str(request.param)
+
+
 def make_proxy(
     knot: KnotServer,
     policy: Policy,
@@ -60,7 +74,9 @@ def make_proxy(
     port = free_port("127.0.0.1")
     listen = [f"127.0.0.1:{port}", f"[::1]:{port}"]
     upstreams = cfg.pop("upstreams", [f"{UPSTREAM_IP}:{knot.port}"])
-    config = ProxyConfig(listen=[("127.0.0.1", port)], log_queries="none", **cfg)
+    cfg.setdefault("udp_io", UDP_IO[0])
+    cfg.setdefault("log_queries", "none")
+    config = ProxyConfig(listen=[("127.0.0.1", port)], **cfg)
     return Proxy(
         policy,
         endpoints,
@@ -521,3 +537,61 @@ def test_run_serves_its_cache_on_the_control_socket_and_saves_it(
         "192.0.2.10",
         "192.0.2.11",
     ]
+
+
+def test_query_log_records_and_metrics_come_through_either_udp_path(
+    knot: KnotServer,
+    proxy_policy: Policy,
+    proxy_endpoints: Endpoints,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    policy, endpoints = proxy_policy, proxy_endpoints
+
+    async def scenario() -> None:
+        proxy = make_proxy(knot, policy, endpoints, log_queries="all")
+        await proxy.start()
+        try:
+            with caplog.at_level(logging.INFO, logger="fqdnguard.query"):
+                await ask(proxy, q("www.example.com"))
+                await ask(proxy, q("evil.org"))
+                await asyncio.sleep(0.05)  # the records of the Rust path come in a batch
+            lines = [json.loads(r.getMessage()) for r in caplog.records]
+            verdicts = sorted((x["qname"], x["verdict"]) for x in lines)
+            assert verdicts == [("evil.org.", "denied"), ("www.example.com.", "allowed")]
+            allowed = next(x for x in lines if x["verdict"] == "allowed")
+            assert sorted(allowed["answers"]) == ["192.0.2.10", "192.0.2.11"]
+            text = generate_latest(registry_for(proxy)).decode()
+            assert 'fqdnguard_queries_total{verdict="allowed"} 1.0' in text
+            assert 'fqdnguard_queries_total{verdict="denied"} 1.0' in text
+            rust_only = "fqdnguard_udp_send_errors_total 0.0"
+            assert (rust_only in text) == (proxy.config.udp_io == "rust")
+        finally:
+            await proxy.stop()
+
+    run(scenario)
+
+
+def test_graceful_stop_delivers_answers_in_flight(
+    knot: KnotServer, proxy_policy: Policy, proxy_endpoints: Endpoints
+) -> None:
+    policy, endpoints = proxy_policy, proxy_endpoints
+
+    async def scenario() -> None:
+        # The backend takes 0.2 s: the answer is still held when stop() begins.
+        proxy = make_proxy(knot, policy, endpoints, Recorder(delay=0.2), hold_max=1.0)
+        await proxy.start()
+        pending = asyncio.ensure_future(ask(proxy, q("alias.example.com")))
+        await asyncio.sleep(0.05)
+        await proxy.stop()
+        answer = dns.message.from_wire(await pending)
+        assert answer.rcode() == dns.rcode.NOERROR
+        assert proxy.stats.held == 1
+
+    run(scenario)
+
+
+def test_udp_io_option_is_checked() -> None:
+    with pytest.raises(ConfigError, match="udp_io: 'kernel': choose rust or asyncio"):
+        ProxyConfig(udp_io="kernel")
+    with pytest.raises(ConfigError, match="udp_io: the rust UDP path reads the system clock"):
+        Proxy(None, None, upstreams=["127.0.0.1:53"], clock=lambda: 0.0)

@@ -2,7 +2,8 @@
 
   (a) upstream   Knot DNS directly (the floor for latency, the ceiling for everything)
   (b) relay      a bare uvloop UDP relay that parses nothing (the ceiling for a Python proxy)
-  (c) fqdnguard  `fqdnguard run` with a 1,000-pattern policy over 250 endpoints
+  (c) fqdnguard  `fqdnguard run` with a 1,000-pattern policy over 250 endpoints, UDP on asyncio
+  (c2) rust-io   the same with `--udp-io rust`: UDP served by a Rust thread (recvmmsg/sendmmsg)
   (d) dnsdist    dnsdist forwarding, no cache (the C++ peer)
   (e) pyproxy    the same job in plain Python with dnspython and `re` (the Python peer)
 
@@ -12,8 +13,8 @@ same fqdnguard with the cluster-DNS address asked and the query intercepted (TPR
 
 Each server under test is pinned to CPU 1, dnsperf and Knot to CPU 0. Every target runs
 `--repeat` times for `--seconds` and the medians are reported; then (a) and (c) are measured
-again at half of (c)'s best rate (with (b), the floor for any Python proxy) with per-query
-latencies for the p50/p99 added by fqdnguard.
+again at half of (c)'s best rate (with (b), the floor for any Python proxy, (c2) and (d)) with
+per-query latencies for the p50/p99 added by fqdnguard.
 Prints the table and the ratios, writes results.json and results.png into --out.
 
 Usage: python benches/proxy/run.py [--quick] [--seconds S] [--repeat N] [--out DIR]
@@ -248,33 +249,36 @@ def targets(
             p,
         )
     )
-    p = free_port()
-    out.append(
-        (
-            "c fqdnguard",
-            [
-                py,
-                "-m",
-                "fqdnguard.cli",
-                "run",
-                "--policy",
-                str(files["policies"]),
-                "--endpoints",
-                str(files["endpoints"]),
-                "--upstream",
-                up,
-                "--listen",
-                f"127.0.0.1:{p}",
-                "--backend",
-                "log",
-                "--log-queries",
-                "none",
-                "--log-level",
-                "warning",
-            ],
-            p,
+    for name, udp_io in (("c fqdnguard", "asyncio"), ("c2 rust-io", "rust")):
+        p = free_port()
+        out.append(
+            (
+                name,
+                [
+                    py,
+                    "-m",
+                    "fqdnguard.cli",
+                    "run",
+                    "--policy",
+                    str(files["policies"]),
+                    "--endpoints",
+                    str(files["endpoints"]),
+                    "--upstream",
+                    up,
+                    "--listen",
+                    f"127.0.0.1:{p}",
+                    "--backend",
+                    "log",
+                    "--log-queries",
+                    "none",
+                    "--log-level",
+                    "warning",
+                    "--udp-io",
+                    udp_io,
+                ],
+                p,
+            )
         )
-    )
     if shutil.which("dnsdist"):
         p = free_port()
         conf = tmp / "dnsdist.conf"
@@ -358,7 +362,7 @@ def main() -> int:
             print(f"  {name:<12} {r['qps']:>10.0f} qps  avg {r['avg_ms']:.3f} ms", flush=True)
         rate = results["c fqdnguard"]["qps"] / 2
         for name, cmd, port in targets(files, upstream_port, tmp):
-            if name not in ("a upstream", "b relay", "c fqdnguard"):
+            if name not in ("a upstream", "b relay", "c fqdnguard", "c2 rust-io", "d dnsdist"):
                 continue
             host = UPSTREAM if cmd is None else "127.0.0.1"
             with Target(name, cmd, port):
@@ -395,27 +399,56 @@ def report(results: dict[str, dict[str, float]], rate: float, out: Path) -> None
     for name, r in results.items():
         print(f"{name:<14}{r['qps']:>10.0f}{r['avg_ms']:>9.3f}   {c['qps'] / r['qps']:.2f}")
     a = results["a upstream"]
-    added = c.get("p99_ms_at_half", float("nan")) - a.get("p99_ms_at_half", float("nan"))
+    nan = float("nan")
+    added = c.get("p99_ms_at_half", nan) - a.get("p99_ms_at_half", nan)
+    c2 = results.get("c2 rust-io", {})
+    added2 = c2.get("p99_ms_at_half", nan) - a.get("p99_ms_at_half", nan)
     b = results["b relay"]
     print(f"\nlatency at {rate:.0f} qps (half of (c)'s maximum):")
-    for label, r in (("(a) upstream", a), ("(b) relay", b), ("(c) fqdnguard", c)):
-        p50, p99 = r.get("p50_ms_at_half", float("nan")), r.get("p99_ms_at_half", float("nan"))
+    for label, key in (
+        ("(a) upstream", "a upstream"),
+        ("(b) relay", "b relay"),
+        ("(c) fqdnguard", "c fqdnguard"),
+        ("(c2) rust-io", "c2 rust-io"),
+        ("(d) dnsdist", "d dnsdist"),
+    ):
+        r = results.get(key, {})
+        p50, p99 = r.get("p50_ms_at_half", nan), r.get("p99_ms_at_half", nan)
         print(f"  {label:<15} p50 {p50:.3f} ms  p99 {p99:.3f} ms")
     checks = [
         ("(c) >= 0.8 x (b) relay", c["qps"] / results["b relay"]["qps"], ">=", 0.8),
         ("(c) >= 10 x (e) pyproxy", c["qps"] / results["e pyproxy"]["qps"], ">=", 10),
         ("p99 added over (a) at half rate, ms (< 1)", added, "<", 1.0),
     ]
+    if c2:
+        checks += [
+            ("(c2) >= 0.8 x (b) relay", c2["qps"] / b["qps"], ">=", 0.8),
+            ("(c2) >= 10 x (e) pyproxy", c2["qps"] / results["e pyproxy"]["qps"], ">=", 10),
+            ("(c2) p99 added over (a) at half rate, ms (< 1)", added2, "<", 1.0),
+            ("(c2) / (c) qps (no target)", c2["qps"] / c["qps"], "", 0),
+        ]
     if "d dnsdist" in results:
         checks.append(
             ("(c) / (d) dnsdist (no target)", c["qps"] / results["d dnsdist"]["qps"], "", 0)
         )
+        if c2:
+            checks.append(
+                ("(c2) / (d) dnsdist (no target)", c2["qps"] / results["d dnsdist"]["qps"], "", 0)
+            )
     print()
     for label, got, op, want in checks:
         ok = (got >= want) if op == ">=" else (got < want) if op == "<" else True
         print(f"  {'OK  ' if ok else 'MISS'}  {label}: {got:.2f}")
     (out / "results.json").write_text(
-        json.dumps({"rate_at_half": rate, "results": results, "p99_added_ms": added}, indent=2)
+        json.dumps(
+            {
+                "rate_at_half": rate,
+                "results": results,
+                "p99_added_ms": added,
+                "p99_added_ms_rust_io": added2,
+            },
+            indent=2,
+        )
     )
     try:
         import matplotlib  # noqa: PLC0415
@@ -428,7 +461,7 @@ def report(results: dict[str, dict[str, float]], rate: float, out: Path) -> None
         ax.bar(
             names,
             [results[n]["qps"] for n in names],
-            color=["#888", "#aaa", "#2a7", "#57a", "#c55"][: len(names)],
+            color=["#888", "#aaa", "#2a7", "#1c5", "#57a", "#c55"][: len(names)],
         )
         ax.set_ylabel("queries per second (median)")
         ax.set_title("dnsperf over UDP; each server under test pinned to one core")

@@ -115,6 +115,7 @@ def _proxy_config(args: argparse.Namespace) -> ProxyConfig:
         log_queries=args.log_queries,
         intercept=getattr(args, "intercept", None) or None,
         intercept_port=getattr(args, "intercept_port", None),
+        udp_io=args.udp_io,
     )
 
 
@@ -286,6 +287,11 @@ def _data_plane_options(p: argparse.ArgumentParser, *, policy: bool) -> None:
     p.add_argument("--unknown-endpoint", metavar="NS/NAME", help="treat unknown sources as it")
     p.add_argument("--upstream-timeout", type=float, metavar="SECONDS")
     p.add_argument("--log-queries", choices=["all", "sampled", "none"])
+    p.add_argument(
+        "--udp-io",
+        choices=["rust", "asyncio"],
+        help="who serves the UDP sockets: a Rust thread (default) or asyncio transports",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 

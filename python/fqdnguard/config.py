@@ -100,6 +100,9 @@ class ProxyConfig:
     cache_save_interval: float = 60.0
     intercept: bool = False
     intercept_port: int = 10053
+    # Who serves the UDP sockets: a Rust thread (recvmmsg/sendmmsg, no Python per packet) or
+    # asyncio datagram transports. See docs/fastpath.md.
+    udp_io: str = "rust"
 
     OPTIONS: ClassVar[tuple[str, ...]] = (
         "listen",
@@ -124,6 +127,7 @@ class ProxyConfig:
         "cache_save_interval",
         "intercept",
         "intercept_port",
+        "udp_io",
     )
 
     def __post_init__(self) -> None:
@@ -136,6 +140,8 @@ class ProxyConfig:
             raise ConfigError(f"backend: {self.backend!r}: choose callback, log or nftables")
         if self.reject not in ("refused", "nxdomain"):
             raise ConfigError(f"reject: {self.reject!r}: choose refused or nxdomain")
+        if self.udp_io not in ("rust", "asyncio"):
+            raise ConfigError(f"udp_io: {self.udp_io!r}: choose rust or asyncio")
         if self.log_queries not in ("all", "sampled", "none"):
             raise ConfigError(f"log_queries: {self.log_queries!r}: choose all, sampled or none")
         for name in ("upstream_timeout", "hold_max", "tcp_idle_timeout", "expire_interval"):

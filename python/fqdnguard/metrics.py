@@ -99,6 +99,17 @@ class ProxyCollector(Collector):
         yield CounterMetricFamily(
             "fqdnguard_backend_errors", "Backend batches that failed", value=st.backend_errors
         )
+        io = self.proxy._io
+        if io is not None:  # the Rust UDP path's own counters (udp_io: rust)
+            u = io.stats()
+            yield CounterMetricFamily(
+                "fqdnguard_udp_send_errors", "UDP datagrams the proxy could not send",
+                value=u["send_errors"],
+            )  # fmt: skip
+            yield CounterMetricFamily(
+                "fqdnguard_udp_answers_client_gone", "Upstream answers whose UDP client was gone",
+                value=u["client_gone"],
+            )  # fmt: skip
         cache = self.proxy.cache.stats()
         yield GaugeMetricFamily("fqdnguard_cache_entries", "Cache entries", cache["entries"])
         yield GaugeMetricFamily("fqdnguard_cache_names", "Names in the cache", cache["names"])

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import socket
 import time
 from collections import OrderedDict
@@ -22,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fqdnguard._core import DnsCache, Engine
+from fqdnguard._core import DnsCache, Engine, UdpIo
 from fqdnguard.backends import Backend, Log
 from fqdnguard.config import ConfigError, ProxyConfig, parse_hostport
 from fqdnguard.intercept import (
@@ -120,7 +121,9 @@ class _UdpServer(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's UDP transport class
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.proxy._on_query(data, _Client(self.transport, addr), addr[0], False)
+        # Stopping: new queries are ignored, but the socket stays open for the answers owed.
+        if not self.proxy._stopping:
+            self.proxy._on_query(data, _Client(self.transport, addr), addr[0], False)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("udp listener %s: %s", self.local, exc)
@@ -579,6 +582,11 @@ class Proxy:
         # Not `cache or ...`: an empty DnsCache is falsy (it has a length).
         self.cache = cache if cache is not None else DnsCache(min_ttl=self.config.min_ttl)
         self.clock = clock
+        if self.config.udp_io == "rust" and clock is not time.time:
+            raise ConfigError(
+                "udp_io: the rust UDP path reads the system clock; use udp_io='asyncio' with a "
+                "custom clock"
+            )
         self.policy = policy
         self.endpoints = endpoints
         #: Transparent interception (``config.intercept``): the node's rules and their sources.
@@ -631,6 +639,14 @@ class Proxy:
         self._adds_inflight = False
         self._applier: asyncio.Task[None] | None = None
         self._running = False
+        self._stopping = False
+        # udp_io "rust": the UDP sockets are served by a Rust thread (see `_core.UdpIo`); what
+        # Python must see comes in batches (held answers by id, changes, log records).
+        self._io: UdpIo | None = None
+        self._udp_sockets: list[socket.socket] = []  # dups of its listeners, for socket options
+        self._next_held_io: list[int] = []
+        self._next_io_seq = 0
+        self._io_answers = [0] * len(self.upstreams)
 
     # -- policy -------------------------------------------------------------------------------
 
@@ -659,27 +675,46 @@ class Proxy:
         programmed_state = getattr(self.engine, "programmed_state", None)
         if programmed_state is not None:
             await self.backend.reconcile(programmed_state(self.clock()))
-        for channel, (host, port) in enumerate(self.upstreams):
-            transport, _ = await loop.create_datagram_endpoint(
-                functools.partial(_UpstreamUdp, self, channel), remote_addr=(host, port)
+        self._stopping = False
+        bound = list(self.config.listen)
+        if self.config.udp_io == "rust":
+            self._io = UdpIo(
+                self.engine,
+                bound,
+                list(self.upstreams),
+                buffer=SOCKET_BUFFER,
+                mark=self._mark or None,
             )
-            _grow_buffers(transport)
-            if self._mark:
-                transport.get_extra_info("socket").setsockopt(
-                    socket.SOL_SOCKET, SO_MARK, self._mark
-                )
-            self._upstream_udp.append(transport)
-        try:
-            for host, port in self.config.listen:
-                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            self._io.set_upstream(self._upstream)
+            bound = self._io.local_addresses()
+            self._udp_sockets = [socket.socket(fileno=os.dup(fd)) for fd in self._io.listener_fds()]
+            loop.add_reader(self._io.fileno(), self._on_io_events)
+            self._io.start()
+        # Python's own upstream sockets: for asyncio UDP, and for the transparent listeners
+        # (which are read in Python) when they forward to the configured upstreams.
+        if self._io is None or self.intercept is not None:
+            for channel, (host, port) in enumerate(self.upstreams):
                 transport, _ = await loop.create_datagram_endpoint(
-                    functools.partial(_UdpServer, self, (host, port)),
-                    local_addr=(host, port),
-                    family=family,
-                    reuse_port=True,
+                    functools.partial(_UpstreamUdp, self, channel), remote_addr=(host, port)
                 )
                 _grow_buffers(transport)
-                self._listeners.append(transport)
+                if self._mark:  # marked so that interception skips it
+                    transport.get_extra_info("socket").setsockopt(
+                        socket.SOL_SOCKET, SO_MARK, self._mark
+                    )
+                self._upstream_udp.append(transport)
+        try:
+            for host, port in bound:
+                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                if self._io is None:
+                    transport, _ = await loop.create_datagram_endpoint(
+                        functools.partial(_UdpServer, self, (host, port)),
+                        local_addr=(host, port),
+                        family=family,
+                        reuse_port=True,
+                    )
+                    _grow_buffers(transport)
+                    self._listeners.append(transport)
                 server = await loop.create_server(
                     lambda: _TcpClient(self),
                     host,
@@ -741,6 +776,8 @@ class Proxy:
     @property
     def addresses(self) -> list[tuple[str, int]]:
         """The bound listen addresses (with the real port when 0 was asked)."""
+        if self._io is not None:
+            return self._io.local_addresses()
         return [t.get_extra_info("sockname")[:2] for t in self._listeners]
 
     async def stop(self, timeout: float = 5.0) -> None:
@@ -748,23 +785,30 @@ class Proxy:
         if not self._running:
             return
         self._running = False
+        self._stopping = True
         # First: pods' DNS goes straight to their servers again before the listeners close.
         self.remove_interception()
-        for t in self._listeners:
-            t.close()
+        if self._io is not None:
+            self._io.stop_listening()
         for s in self._servers:
             s.close()
         for udp in self._transparent_udp:
             udp.stop_reading()  # its reply sockets stay for the answers still owed
         deadline = time.monotonic() + timeout
-        while self._clients and time.monotonic() < deadline:
+        while (self._clients or (self._io is not None and self._io.inflight())) and (
+            time.monotonic() < deadline
+        ):
             await asyncio.sleep(0.01)
+        if self._io is not None:
+            self._on_io_events()
         if self._applier is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(
                     asyncio.shield(self._applier), max(0.0, deadline - time.monotonic())
                 )
         self._release(list(self._held))
+        if self._io is not None:
+            self._io.release_all()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -792,6 +836,13 @@ class Proxy:
         self._transparent_udp, self._orig_upstreams = [], OrderedDict()
         if self.intercept is not None:
             self.intercept.close()
+        if self._io is not None:
+            asyncio.get_running_loop().remove_reader(self._io.fileno())
+            self._io.stop()
+            self._io.release_all()
+        for sock in self._udp_sockets:
+            sock.close()
+        self._udp_sockets = []
         await asyncio.sleep(0)  # let the transports deliver connection_lost
         self._listeners, self._servers, self._upstream_udp = [], [], []
 
@@ -812,6 +863,8 @@ class Proxy:
 
     def _choose_upstream(self) -> None:
         self._upstream = self._pick_upstream()
+        if self._io is not None:
+            self._io.set_upstream(self._upstream)
         now = time.monotonic()
         pending = [t for t in self._upstream_down_until if t > now]
         self._upstream_recheck = min(pending) if pending else 0.0
@@ -919,6 +972,22 @@ class Proxy:
                 self._queue_changes(changes)
             client.send(payload)
 
+    def _on_io_events(self) -> None:
+        """What the Rust UDP thread published: held answers, changes, log records."""
+        if self._io is None:
+            return
+        held, changes, adds_seq, logs = self._io.drain()
+        for record in logs:
+            self._log_query(record)
+        if held:
+            self._next_held_io.extend(held)
+            self.stats.held += len(held)
+        if adds_seq:
+            self._next_adds = True
+            self._next_io_seq = max(self._next_io_seq, adds_seq)
+        if changes or held:
+            self._queue_changes(changes)
+
     # -- TCP ----------------------------------------------------------------------------------
 
     def _tcp_open(self, conn: _TcpClient) -> bool:
@@ -986,6 +1055,8 @@ class Proxy:
         self.stats.held += 1
         if adds:
             self._next_adds = True
+            if self._io is not None:  # the Rust UDP path holds answers with addresses meanwhile
+                self._next_io_seq = max(self._next_io_seq, self._io.note_adds())
         self._queue_changes(changes)
 
     def _queue_changes(self, changes: Sequence[Any]) -> None:
@@ -996,13 +1067,15 @@ class Proxy:
     async def _apply_batches(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            while self._next_changes or self._next_held:
+            while self._next_changes or self._next_held or self._next_held_io:
                 await asyncio.sleep(0)  # let this loop iteration's answers join the batch
                 changes, held, adds = self._next_changes, self._next_held, self._next_adds
                 self._next_changes, self._next_held, self._next_adds = [], [], False
+                held_io, io_seq = self._next_held_io, self._next_io_seq
+                self._next_held_io, self._next_io_seq = [], 0
                 self._adds_inflight = adds
                 started = loop.time()
-                timer = loop.call_later(self.config.hold_max, self._hold_expired, held)
+                timer = loop.call_later(self.config.hold_max, self._hold_expired, held, held_io)
                 try:
                     if changes:
                         await self.backend.apply(changes)
@@ -1018,25 +1091,36 @@ class Proxy:
                 if len(self.stats.hold_seconds) > 4096:
                     del self.stats.hold_seconds[:2048]
                 self._adds_inflight = False
-                self._release(held)
+                if io_seq and self._io is not None:
+                    self._io.adds_applied(io_seq)
+                self._release(held, held_io)
         finally:
             self._applier = None
             self._adds_inflight = False
 
     @property
     def _adds_pending(self) -> bool:
-        return self._next_adds or self._adds_inflight
+        return (
+            self._next_adds
+            or self._adds_inflight
+            or (self._io is not None and self._io.adds_pending())
+        )
 
-    def _hold_expired(self, held: list[int]) -> None:
-        if any(h in self._held for h in held):
+    def _hold_expired(self, held: list[int], held_io: list[int]) -> None:
+        expired = any(h in self._held for h in held)
+        if held_io and self._io is not None and self._io.release(held_io):
+            expired = True
+        if expired:
             self.stats.hold_timeouts += 1
             self._release(held)
 
-    def _release(self, held: list[int]) -> None:
+    def _release(self, held: list[int], held_io: Sequence[int] = ()) -> None:
         for h in held:
             entry = self._held.pop(h, None)
             if entry is not None:
                 entry[1].send(entry[0])
+        if held_io and self._io is not None:
+            self._io.release(list(held_io))
 
     # -- timers -------------------------------------------------------------------------------
 
@@ -1044,7 +1128,13 @@ class Proxy:
         interval = min(0.1, self.config.upstream_timeout / 4)
         while True:
             await asyncio.sleep(interval)
-            for token, payload, channel, record in self.engine.sweep(self.clock()):
+            # No Python runs per UDP query on the Rust path: look for recovered upstreams here.
+            recheck = self._upstream_recheck
+            if self._io is not None and recheck and time.monotonic() >= recheck:
+                self._choose_upstream()
+            # The Rust UDP path answers its own timed-out clients and returns them all.
+            sweep = self._io.sweep if self._io is not None else self.engine.sweep
+            for token, payload, channel, record in sweep(self.clock()):
                 if record is not None:
                     self._log_query(record)
                 client = self._clients.pop(token, None)
@@ -1056,6 +1146,11 @@ class Proxy:
                     self._upstream_failed(channel)
 
     def _upstream_failed(self, channel: int) -> None:
+        if self._io is not None:  # answers since the last timeout: the failures were not in a row
+            seen = self._io.answers(channel)
+            if seen != self._io_answers[channel]:
+                self._io_answers[channel] = seen
+                self._upstream_failures[channel] = 0
         self._upstream_failures[channel] += 1
         if self._upstream_failures[channel] >= UPSTREAM_FAILURES and len(self.upstreams) > 1:
             if self._upstream_down_until[channel] <= time.monotonic():

@@ -175,7 +175,7 @@ def steer_to_newest(sockets: list[Any]) -> int:
 
 
 def _listening_sockets(proxy: Proxy) -> list[Any]:
-    out = [t.get_extra_info("socket") for t in proxy._listeners]
+    out = [t.get_extra_info("socket") for t in proxy._listeners] + list(proxy._udp_sockets)
     for server in proxy._servers:
         out += list(server.sockets or [])
     return [s for s in out if s is not None]

@@ -17,7 +17,7 @@ use crate::engine::{
 use crate::pattern::LabelBuf;
 use crate::policy::{PolicySet, Proto};
 
-fn engine_err(e: engine::EngineError) -> PyErr {
+pub(super) fn engine_err(e: engine::EngineError) -> PyErr {
     PyRuntimeError::new_err(e.to_string())
 }
 
@@ -30,7 +30,7 @@ fn ip_arg(text: &str, what: &str) -> PyResult<IpAddr> {
         .map_err(|_| PyValueError::new_err(format!("{what}: {text:?} is not an IP address")))
 }
 
-fn log_out<'py>(py: Python<'py>, rec: Option<LogRecord>) -> PyResult<Bound<'py, PyAny>> {
+pub(super) fn log_out<'py>(py: Python<'py>, rec: Option<LogRecord>) -> PyResult<Bound<'py, PyAny>> {
     let Some(r) = rec else {
         return Ok(py.None().into_bound(py));
     };
@@ -77,7 +77,14 @@ fn table(
 #[derive(Debug)]
 #[pyclass(name = "Engine", module = "fqdnguard._core", frozen)]
 pub struct PyEngine {
-    inner: engine::Engine,
+    inner: Arc<engine::Engine>,
+}
+
+impl PyEngine {
+    /// The engine, shared with the UDP I/O thread (`UdpIo`).
+    pub(super) fn shared(&self) -> Arc<engine::Engine> {
+        Arc::clone(&self.inner)
+    }
 }
 
 #[pymethods]
@@ -146,7 +153,9 @@ impl PyEngine {
             table(empty, std::collections::HashMap::new(), None)?,
         )
         .map_err(engine_err)?;
-        Ok(PyEngine { inner })
+        Ok(PyEngine {
+            inner: Arc::new(inner),
+        })
     }
 
     /// Swaps in a compiled policy and the endpoint table: `{ip: (endpoint_id, identity|None)}`,

@@ -6,6 +6,7 @@ use pyo3::prelude::*;
 mod cache;
 mod engine;
 mod errors;
+mod io;
 mod pattern;
 mod policy;
 mod wire;
@@ -21,5 +22,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     cache::register(m)?;
     engine::register(m)?;
     yaml::register(m)?;
+    io::register(m)?;
     Ok(())
 }

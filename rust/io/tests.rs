@@ -1,0 +1,267 @@
+//! The I/O thread over real loopback sockets: a client, the proxy's listener, and a fake
+//! upstream made of a plain `UdpSocket` that answers what it is sent.
+
+use std::net::UdpSocket;
+use std::sync::RwLock;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::cache::{Cache, Config};
+use crate::engine::{EndpointRef, EngineConfig, LogMode, PolicyTable, Reject};
+use crate::policy::PolicySet;
+
+fn engine(unknown: Option<EndpointRef>, timeout: f64) -> Arc<Engine> {
+    let cache = Arc::new(RwLock::new(Cache::new(
+        Config::new(0, 1000, 100_000).expect("config"),
+    )));
+    let table = PolicyTable {
+        policy: Arc::new(PolicySet::new(Vec::new()).expect("empty policy")),
+        by_ip: HashMap::new(),
+        unknown,
+    };
+    let config = EngineConfig {
+        reject: Reject::Refused,
+        search_domains: vec![],
+        max_inflight: 100,
+        timeout,
+        log: LogMode::All,
+    };
+    Arc::new(Engine::new(config, cache, table).expect("engine"))
+}
+
+const ANYONE: Option<EndpointRef> = Some(EndpointRef {
+    id: 7,
+    identity: None,
+});
+
+fn query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = Vec::new();
+    for w in [id, 0x0100, 1, 0, 0, 0] {
+        q.extend_from_slice(&w.to_be_bytes());
+    }
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+/// The answer to `q` (any id) with one A record, 192.0.2.1, TTL 60.
+fn answer_to(q: &[u8]) -> Vec<u8> {
+    let mut a = q.to_vec();
+    a[2] = 0x81;
+    a[3] = 0x80;
+    a[7] = 1; // ANCOUNT
+    a.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 1]);
+    a
+}
+
+fn udp(timeout_ms: u64) -> UdpSocket {
+    let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    s.set_read_timeout(Some(Duration::from_millis(timeout_ms)))
+        .expect("timeout");
+    s
+}
+
+fn recv(s: &UdpSocket) -> Option<Vec<u8>> {
+    let mut buf = [0u8; 4096];
+    s.recv_from(&mut buf).ok().map(|(n, _)| buf[..n].to_vec())
+}
+
+struct Setup {
+    io: UdpIo,
+    client: UdpSocket,
+    upstream: UdpSocket,
+    proxy: SocketAddr,
+}
+
+fn setup(unknown: Option<EndpointRef>, timeout: f64) -> Setup {
+    let upstream = udp(2000);
+    let config = IoConfig {
+        listen: vec!["127.0.0.1:0".parse().expect("addr")],
+        upstreams: vec![upstream.local_addr().expect("addr")],
+        transparent: false,
+        forward_to_original: false,
+        mark: None,
+        buffer: 1 << 20,
+    };
+    let io = UdpIo::new(engine(unknown, timeout), &config).expect("io");
+    io.start().expect("start");
+    let proxy = io.local_addresses()[0];
+    assert_ne!(proxy.port(), 0, "the bound port is reported");
+    Setup {
+        io,
+        client: udp(2000),
+        upstream,
+        proxy,
+    }
+}
+
+/// Waits until the I/O thread has published something.
+fn drain_some(io: &UdpIo) -> Drained {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let d = io.drain().expect("drain");
+        if !d.held.is_empty() || !d.changes.is_empty() || !d.logs.is_empty() {
+            return d;
+        }
+        assert!(Instant::now() < deadline, "nothing published");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_new_address_is_held_until_released_then_a_known_one_passes() {
+    let s = setup(ANYONE, 2.0);
+    let q = query(0x4242, "www.example.com");
+    s.client.send_to(&q, s.proxy).expect("send");
+    let mut buf = [0u8; 512];
+    let (n, from) = s.upstream.recv_from(&mut buf).expect("forwarded upstream");
+    assert_eq!(&buf[2..n], &q[2..], "only the id changes");
+    s.upstream
+        .send_to(&answer_to(&buf[..n]), from)
+        .expect("answer");
+
+    let d = drain_some(&s.io);
+    assert_eq!(d.held.len(), 1, "the answer waits for the firewall");
+    assert!(d.adds_seq > 0 && s.io.adds_pending());
+    assert_eq!(d.changes.len(), 1);
+    assert_eq!(d.changes[0].endpoint, 7);
+    s.client
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    assert_eq!(recv(&s.client), None, "held answers do not leave");
+    assert_eq!(s.io.release(&d.held).expect("release"), 1);
+    assert_eq!(s.io.release(&d.held).expect("release"), 0, "released once");
+    let got = recv(&s.client).expect("released answer");
+    assert_eq!(&got[..2], &[0x42, 0x42], "the client's id is restored");
+    assert_eq!(got[7], 1);
+
+    // While the addition is not applied, an answer with addresses waits too; once applied, not.
+    s.client
+        .send_to(&query(7, "www.example.com"), s.proxy)
+        .expect("send");
+    let (n, from) = s.upstream.recv_from(&mut buf).expect("forwarded");
+    s.upstream
+        .send_to(&answer_to(&buf[..n]), from)
+        .expect("answer");
+    let d2 = drain_some(&s.io);
+    assert_eq!(d2.held.len(), 1);
+    s.io.adds_applied(d.adds_seq);
+    assert!(!s.io.adds_pending());
+    s.io.release(&d2.held).expect("release");
+    recv(&s.client).expect("second answer");
+    s.client
+        .send_to(&query(8, "www.example.com"), s.proxy)
+        .expect("send");
+    let (n, from) = s.upstream.recv_from(&mut buf).expect("forwarded");
+    s.upstream
+        .send_to(&answer_to(&buf[..n]), from)
+        .expect("answer");
+    let got = recv(&s.client).expect("a known address is not held");
+    assert_eq!(&got[..2], &[0, 8]);
+    assert_eq!(s.io.answers(0), 3);
+    assert_eq!(s.io.inflight().expect("inflight"), 0);
+    s.io.stop().expect("stop");
+}
+
+#[test]
+fn unknown_sources_are_refused_without_going_upstream() {
+    let s = setup(None, 2.0);
+    s.client
+        .send_to(&query(9, "www.example.com"), s.proxy)
+        .expect("send");
+    let got = recv(&s.client).expect("refusal");
+    assert_eq!(got[3] & 0x0f, 5, "REFUSED");
+    s.upstream
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let mut buf = [0u8; 512];
+    assert!(s.upstream.recv_from(&mut buf).is_err(), "nothing forwarded");
+    let d = drain_some(&s.io);
+    assert_eq!(d.logs.len(), 1, "the log record reaches the caller");
+    assert_eq!(d.logs[0].qname, "www.example.com.");
+}
+
+#[test]
+fn sweep_answers_servfail_to_the_clients_it_owns() {
+    let s = setup(ANYONE, 0.05);
+    s.client
+        .send_to(&query(3, "slow.example.com"), s.proxy)
+        .expect("send");
+    let mut buf = [0u8; 512];
+    s.upstream.recv_from(&mut buf).expect("forwarded");
+    let expired =
+        s.io.sweep(crate::cache::now_seconds() + 1.0)
+            .expect("sweep");
+    assert_eq!(expired.len(), 1);
+    assert_eq!(expired[0].channel, 0);
+    let got = recv(&s.client).expect("servfail");
+    assert_eq!(
+        (got[1], got[3] & 0x0f),
+        (3, 2),
+        "SERVFAIL with the client's id"
+    );
+    assert_eq!(s.io.inflight().expect("inflight"), 0);
+}
+
+#[test]
+fn stop_listening_leaves_answers_flowing_and_bad_channels_are_refused() {
+    let s = setup(ANYONE, 2.0);
+    assert!(s.io.set_upstream(1).is_err());
+    s.client
+        .send_to(&query(4, "a.example.com"), s.proxy)
+        .expect("send");
+    let mut buf = [0u8; 512];
+    let (n, from) = s.upstream.recv_from(&mut buf).expect("forwarded");
+    s.io.stop_listening();
+    std::thread::sleep(Duration::from_millis(20));
+    s.upstream
+        .send_to(&answer_to(&buf[..n]), from)
+        .expect("answer");
+    let d = drain_some(&s.io);
+    s.io.release(&d.held).expect("release");
+    assert!(recv(&s.client).is_some(), "in-flight answer delivered");
+    s.client
+        .send_to(&query(5, "b.example.com"), s.proxy)
+        .expect("send");
+    s.upstream
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    assert!(
+        s.upstream.recv_from(&mut buf).is_err(),
+        "no longer reading queries"
+    );
+}
+
+#[test]
+fn ipv4_and_ipv6_listeners_each_answer_their_own_clients() {
+    let upstream = udp(2000);
+    let config = IoConfig {
+        listen: vec![
+            "127.0.0.1:0".parse().expect("addr"),
+            "[::1]:0".parse().expect("addr"),
+        ],
+        upstreams: vec![upstream.local_addr().expect("addr")],
+        transparent: false,
+        forward_to_original: false,
+        mark: None,
+        buffer: 1 << 20,
+    };
+    let io = UdpIo::new(engine(None, 2.0), &config).expect("io");
+    io.start().expect("start");
+    let (v4, v6) = (io.local_addresses()[0], io.local_addresses()[1]);
+    let c4 = udp(2000);
+    let c6 = UdpSocket::bind("[::1]:0").expect("bind v6");
+    c6.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    // Alternate families: a v4 peer address must never truncate the next v6 one.
+    for i in 0..3u16 {
+        c4.send_to(&query(i, "a.example.com"), v4).expect("send");
+        assert_eq!(recv(&c4).expect("v4 answer")[..2], i.to_be_bytes());
+        c6.send_to(&query(100 + i, "a.example.com"), v6)
+            .expect("send");
+        assert_eq!(recv(&c6).expect("v6 answer")[..2], (100 + i).to_be_bytes());
+    }
+}
