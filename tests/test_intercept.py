@@ -208,7 +208,9 @@ def _proxy(knot: KnotServer, override: bool) -> Proxy:
         endpoints,
         upstreams=[f"{UPSTREAM_IP}:{knot.port}"],
         listen=[f"127.0.0.1:{port}"],
-        config=ProxyConfig(log_queries="none"),
+        # Queries are handed to the transparent path directly, without interception set up, so
+        # the proxy must have Python's own upstream sockets (it makes them with --intercept).
+        config=ProxyConfig(log_queries="none", udp_io="asyncio"),
     )
     proxy._override = override  # as when no --upstream is configured
     return proxy
@@ -303,7 +305,8 @@ def _cidr_proxy(
         endpoints,
         upstreams=[f"{UPSTREAM_IP}:{knot.port}"],
         listen=[f"127.0.0.1:{free_port()}"],
-        config=ProxyConfig(log_queries="none", upstream_timeout=1.0),
+        # As in _proxy: the transparent path is driven directly, so Python's upstream sockets.
+        config=ProxyConfig(log_queries="none", upstream_timeout=1.0, udp_io="asyncio"),
     )
     proxy._override = override
     return proxy
