@@ -310,6 +310,12 @@ const fn in_range(x: u64, lo: u8, hi: u8) -> u64 {
     (x.wrapping_add(splat(128 - lo)) & !x.wrapping_add(splat(127 - hi))) & HIGH
 }
 
+/// A mask of the low `n` bytes of a word (all of them from 8 on).
+#[inline(always)]
+fn low_bytes(n: usize) -> u64 {
+    u64::MAX.checked_shr(64 - 8 * n.min(8) as u32).unwrap_or(0)
+}
+
 /// Eight bytes of `text` from `at` as a little-endian word, zero beyond its end; `at` is below
 /// `text.len()`.
 #[inline(always)]
@@ -337,7 +343,7 @@ fn plain(text: &[u8]) -> bool {
     let mut at = 0;
     while at < text.len() {
         let x = word_at(text, at);
-        let valid = HIGH >> (8 * (8 - (text.len() - at).min(8)));
+        let valid = HIGH & low_bytes(text.len() - at);
         let ok = in_range(x, b'a', b'z')
             | in_range(x, b'0', b'9')
             | in_range(x, b'-', b'.')
@@ -385,10 +391,10 @@ impl<'a> TextName<'a> {
         let mut at = 0;
         while at < body.len() {
             let x = word_at(body, at);
-            let valid = HIGH >> (8 * (8 - (body.len() - at).min(8)));
+            let valid = HIGH & low_bytes(body.len() - at);
             // Bytes above 0x7f, upper case and escapes need LabelBuf; other bytes outside
             // `[-a-z0-9_]` stay (wildcards never match them: see `plain`).
-            if (x | in_range(x, b'A', b'Z') | in_range(x, b'\\', b'\\')) & valid & HIGH != 0 {
+            if (x | in_range(x, b'A', b'Z') | in_range(x, b'\\', b'\\')) & valid != 0 {
                 return None;
             }
             let mut dots = in_range(x, b'.', b'.') & valid;
@@ -445,18 +451,19 @@ impl Labels for TextName<'_> {
             return None;
         }
         // Whole words of the text, masked to the label: no byte loop.
-        let mut words = [0u64; 3];
-        let mut k = 0;
-        while k * 8 < len {
-            let w = word_at(self.text, start + k * 8);
-            let keep = len - k * 8;
-            words[k] = if keep >= 8 {
-                w
-            } else {
-                w & ((1u64 << (8 * keep)) - 1)
-            };
-            k += 1;
-        }
+        let t = self.text;
+        let w0 = word_at(t, start) & low_bytes(len);
+        let w1 = if len > 8 {
+            word_at(t, start + 8) & low_bytes(len - 8)
+        } else {
+            0
+        };
+        let w2 = if len > 16 {
+            word_at(t, start + 16) & low_bytes(len - 16)
+        } else {
+            0
+        };
+        let mut words = [w0, w1, w2];
         words[2] |= (len as u64) << 56;
         Some(words)
     }
