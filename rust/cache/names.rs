@@ -39,29 +39,47 @@ pub fn wire_of(name: &LabelBuf, out: &mut Vec<u8>) {
 /// reads it) in wire form, without the root byte; on error nothing is appended. Names without
 /// escapes are converted straight from the text; the rest go through [`LabelBuf`].
 pub fn wire_from_presentation(text: &[u8], out: &mut Vec<u8>) -> Result<(), PatternError> {
-    let start = out.len();
-    if !text.is_empty() && text != b"." && !text.contains(&b'\\') {
-        let body = text.strip_suffix(b".").unwrap_or(text);
-        // Wire length with the root byte: every label plus its length byte, plus one.
-        if body.len() + 2 <= MAX_WIRE {
-            let mut ok = true;
-            for part in body.split(|&b| b == b'.') {
-                if part.is_empty() || part.len() > MAX_LABEL {
-                    ok = false;
-                    break;
-                }
-                out.push(part.len() as u8);
-                out.extend(part.iter().map(u8::to_ascii_lowercase));
-            }
-            if ok {
-                return Ok(());
-            }
-            out.truncate(start);
-        }
+    if wire_plain(text, out) {
+        return Ok(());
     }
     // Escapes, the root, or an error: LabelBuf gives the exact result or error.
     wire_of(&LabelBuf::from_presentation(text)?, out);
     Ok(())
+}
+
+/// The fast path of [`wire_from_presentation`]: a name without escapes is its text lower-cased
+/// and shifted by one byte, with each label's length written where the dot before it was
+/// (`a.bc` -> `1 a 2 b c`). False, with nothing appended, for anything else.
+fn wire_plain(text: &[u8], out: &mut Vec<u8>) -> bool {
+    let body = text.strip_suffix(b".").unwrap_or(text);
+    // Wire length with the root byte: every label plus its length byte, plus one.
+    if body.is_empty() || body.len() + 2 > MAX_WIRE {
+        return false;
+    }
+    let start = out.len();
+    out.push(0);
+    out.extend(body.iter().map(u8::to_ascii_lowercase));
+    // `len_at`: where the current label's length byte goes; `i + 1`: where body[i] went.
+    let mut len_at = 0usize;
+    for i in 0..body.len() {
+        let b = body[i];
+        if b == b'.' || b == b'\\' {
+            let n = i - len_at;
+            if b == b'\\' || n == 0 || n > MAX_LABEL {
+                out.truncate(start);
+                return false;
+            }
+            out[start + len_at] = n as u8;
+            len_at = i + 1;
+        }
+    }
+    let n = body.len() - len_at;
+    if n == 0 || n > MAX_LABEL {
+        out.truncate(start);
+        return false;
+    }
+    out[start + len_at] = n as u8;
+    true
 }
 
 /// True when `bytes` is a well-formed wire name without its root byte (labels of 1..=63 bytes,

@@ -468,7 +468,8 @@ fn check_now(now: f64) -> Result<f64, CacheError> {
 
 /// Parses an address in text form.
 pub fn parse_ip(text: &str) -> Result<IpAddr, CacheError> {
-    text.parse().map_err(|_| CacheError::BadAddress {
+    // The policy module's parser: exactly `IpAddr::from_str`, with a short path for IPv4.
+    crate::policy::parse_ip(text).ok_or_else(|| CacheError::BadAddress {
         text: text.to_owned(),
     })
 }
