@@ -249,6 +249,9 @@ impl Names {
                 return Err(CacheError::NamesFull);
             }
         }
+        if self.map.len() == self.map.capacity() {
+            self.rebuild_index(hasher);
+        }
         let off = self.arena.len() as u32;
         self.arena.push(len as u8);
         self.arena.extend_from_slice(&bytes[..len]);
@@ -264,6 +267,28 @@ impl Names {
             hasher.hash_one(at(arena, groups[i as usize].off))
         });
         Ok((g, true))
+    }
+
+    /// Makes room in the index for more names (see [`rebuild_index`](fn@rebuild_index)): reads the groups and the
+    /// arena in order, where the index's own growth would read them in hash order, at random.
+    fn rebuild_index(&mut self, hasher: &DefaultHashBuilder) {
+        // A group that some other group's `next` points at is not first in its chain.
+        let mut later = vec![0u64; self.groups.len().div_ceil(64)];
+        for g in &self.groups {
+            if g.off != NIL && g.next != NIL {
+                let n = g.next as usize;
+                later[n / 64] |= 1 << (n % 64);
+            }
+        }
+        let (arena, groups) = (&self.arena, &self.groups);
+        rebuild_index(
+            &mut self.map,
+            groups.iter().enumerate().filter_map(|(i, g)| {
+                (g.off != NIL && later[i / 64] & (1 << (i % 64)) == 0)
+                    .then(|| (hasher.hash_one(at(arena, g.off)), i as u32))
+            }),
+            |&i| hasher.hash_one(at(arena, groups[i as usize].off)),
+        );
     }
 
     fn alloc(&mut self, rec: Group) -> u32 {
@@ -361,6 +386,24 @@ impl Names {
             + self.groups.capacity() * std::mem::size_of::<Group>()
             + self.map.allocation_size()
     }
+}
+
+/// Replaces a full `map` with one that has room for a quarter more than its items, holding
+/// `items` (hash, value): every live item, read in whatever order is cheapest for the caller
+/// (records in memory order). At the same size when removals left the old one full of
+/// tombstones, so a table at a steady number of items keeps its size. `rehash` is only there
+/// for the table's API: with the room reserved up front it is not called.
+pub(super) fn rebuild_index(
+    map: &mut HashTable<u32>,
+    items: impl Iterator<Item = (u64, u32)>,
+    rehash: impl Fn(&u32) -> u64,
+) {
+    let want = map.len() + map.len() / 4 + 1;
+    let mut new = HashTable::with_capacity(want);
+    for (h, v) in items {
+        new.insert_unique(h, v, &rehash);
+    }
+    *map = new;
 }
 
 /// The name stored at `off`: a length byte, then the bytes.

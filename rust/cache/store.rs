@@ -280,6 +280,22 @@ impl<A: Copy + Eq + std::hash::Hash> PairTable<A> {
                 (self.recs.len() - 1) as u32
             }
         };
+        if self.map.len() == self.map.capacity() {
+            // Read the records in order, not at random as the table's own growth would.
+            let recs = &self.recs;
+            names::rebuild_index(
+                &mut self.map,
+                recs.iter().enumerate().filter_map(|(j, r)| {
+                    (r.hdr.head != NIL || j == i as usize)
+                        .then(|| (h.hash_one((r.hdr.ep, r.addr)), j as u32))
+                }),
+                |&j| {
+                    let r = &recs[j as usize];
+                    h.hash_one((r.hdr.ep, r.addr))
+                },
+            );
+            return (i, true);
+        }
         let recs = &self.recs;
         self.map.insert_unique(hash, i, |&j| {
             let r = &recs[j as usize];
