@@ -285,10 +285,10 @@ impl<A: Copy + Eq + std::hash::Hash> PairTable<A> {
             let recs = &self.recs;
             names::rebuild_index(
                 &mut self.map,
-                recs.iter().enumerate().filter_map(|(j, r)| {
-                    (r.hdr.head != NIL || j == i as usize)
-                        .then(|| (h.hash_one((r.hdr.ep, r.addr)), j as u32))
-                }),
+                recs.iter()
+                    .enumerate()
+                    .filter(|&(j, r)| r.hdr.head != NIL || j == i as usize)
+                    .map(|(j, r)| (h.hash_one((r.hdr.ep, r.addr)), j as u32)),
                 |&j| {
                     let r = &recs[j as usize];
                     h.hash_one((r.hdr.ep, r.addr))
