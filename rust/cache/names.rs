@@ -58,24 +58,35 @@ fn wire_plain(text: &[u8], out: &mut Vec<u8>) -> bool {
         return false;
     }
     let start = out.len();
-    out.reserve(body.len() + 1);
+    out.reserve(body.len() + 8);
     out.push(0);
     // Where the current label starts, in `body`; its length byte goes to `out[start + len_at]`
     // (the first label's to the byte pushed above, the others' where their dot was).
     let mut len_at = 0usize;
-    for (k, chunk) in body.chunks(8).enumerate() {
-        let mut buf = [0u8; 8];
-        buf[..chunk.len()].copy_from_slice(chunk);
-        let x = u64::from_le_bytes(buf);
-        out.extend_from_slice(&lower8(x).to_le_bytes()[..chunk.len()]);
-        // The zero padding matches neither byte.
+    let full = body.len() / 8 * 8;
+    let mut k = 0;
+    while k < body.len() {
+        let x = if k < full {
+            let mut buf = [0u8; 8];
+            buf.copy_from_slice(&body[k..k + 8]);
+            u64::from_le_bytes(buf)
+        } else {
+            // The last few bytes, padded with zeros (which match neither byte below).
+            let mut buf = [0u8; 8];
+            for (d, &b) in buf.iter_mut().zip(&body[k..]) {
+                *d = b;
+            }
+            u64::from_le_bytes(buf)
+        };
+        // All eight bytes, the padding too: cut off after the loop.
+        out.extend_from_slice(&lower8(x).to_le_bytes());
         if bytes_equal(x, b'\\') != 0 {
             out.truncate(start);
             return false;
         }
         let mut dots = bytes_equal(x, b'.');
         while dots != 0 {
-            let at = k * 8 + (dots.trailing_zeros() / 8) as usize;
+            let at = k + (dots.trailing_zeros() / 8) as usize;
             let n = at - len_at;
             if n == 0 || n > MAX_LABEL {
                 out.truncate(start);
@@ -85,7 +96,9 @@ fn wire_plain(text: &[u8], out: &mut Vec<u8>) -> bool {
             len_at = at + 1;
             dots &= dots - 1;
         }
+        k += 8;
     }
+    out.truncate(start + 1 + body.len());
     let n = body.len() - len_at;
     if n == 0 || n > MAX_LABEL {
         out.truncate(start);
