@@ -435,7 +435,7 @@ impl Names {
     }
 }
 
-/// Replaces a full `map` with one that has room for a quarter more than its items, holding
+/// Replaces a full `map` with one that has room for an eighth more than its items, holding
 /// `items` (hash, value): every live item, read in whatever order is cheapest for the caller
 /// (records in memory order). At the same size when removals left the old one full of
 /// tombstones, so a table at a steady number of items keeps its size. `rehash` is only there
@@ -445,7 +445,7 @@ pub(super) fn rebuild_index(
     items: impl Iterator<Item = (u64, u32)>,
     rehash: impl Fn(&u32) -> u64,
 ) {
-    let want = map.len() + map.len() / 4 + 1;
+    let want = map.len() + map.len() / 8 + 1;
     let mut new = HashTable::with_capacity(want);
     for (h, v) in items {
         new.insert_unique(h, v, &rehash);
