@@ -9,6 +9,9 @@
 //!   names (see [`Names`]), one hash index for both.
 //! * pairs: one per (endpoint, ip), with the latest expiry of its entries (what the firewall
 //!   element carries); IPv4 pairs take 20 bytes, IPv6 pairs 32; hash-indexed.
+//! * The two hash indexes (names, pairs) hold `u32` record numbers. When one is full it is
+//!   rebuilt from its records read in memory order, not grown by the table itself, which would
+//!   read every record again at random to rehash it; under churn it keeps its size.
 //! * `heap`: a 4-ary min-heap with one item per entry, (expiry, stamp, entry), 16 bytes; the
 //!   entry's expiry and stamp live there only. Each entry knows its item's position, so an
 //!   extension moves the item down in place and a removal takes it out: no stale items.
