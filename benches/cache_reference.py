@@ -100,19 +100,20 @@ class ReferenceCache:
                 victim = min(ips, key=lambda i: ips[i])
                 self._remove(ep, name, victim, touches)
                 self.name_evictions += 1
-            while self.n > self.max_entries:
-                top = self._pop_live()
-                if top is None:
-                    break
-                self._remove(top[1], top[2], top[3], touches)
-                self.evictions += 1
-            # An eviction may have emptied and dropped this very group: re-fetch it.
-            names = self.eps.get(ep)
-            if names is None:
-                names = self.eps[ep] = {}
-            ips = names.get(name)
-            if ips is None:
-                ips = names[name] = {}
+            if self.n > self.max_entries:
+                while self.n > self.max_entries:
+                    top = self._pop_live()
+                    if top is None:
+                        break
+                    self._remove(top[1], top[2], top[3], touches)
+                    self.evictions += 1
+                # The eviction may have emptied and dropped this very group: re-fetch it.
+                names = self.eps.get(ep)
+                if names is None:
+                    names = self.eps[ep] = {}
+                ips = names.get(name)
+                if ips is None:
+                    ips = names[name] = {}
         if not ips:
             del names[name]
             if not names:

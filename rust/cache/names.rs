@@ -1,4 +1,4 @@
-//! Names as the cache stores them, and the interning table that gives each a `u32` id.
+//! Names as the cache stores them, and the (endpoint, name) groups that hold them.
 //!
 //! A name is kept in **wire form without the root byte**: each label preceded by its length,
 //! leaf first, lower-cased (ASCII only, RFC 4343) by [`LabelBuf`]. That form is exact for every
@@ -8,8 +8,8 @@
 //! (trailing dot), with RFC 1035 section 5.1 escapes for `.`, `\` and bytes outside `!`..`~`, so
 //! [`LabelBuf::from_presentation`] reads back exactly the stored bytes.
 //!
-//! The bytes live in one arena (`Vec<u8>`); each id holds offset, length and a reference count.
-//! Freed space is reclaimed by compacting the arena in place when an eighth of it is garbage,
+//! The bytes live in one arena (`Vec<u8>`), each name once, behind a length byte; the groups
+//! (endpoint, name) that hold a name point at it (see [`Names`]). Freed space is reclaimed by compacting the arena in place when an eighth of it is garbage,
 //! so the arena never holds more than about 8/7 of the live bytes and its allocation never moves
 //! under a stream of new names.
 
@@ -39,29 +39,93 @@ pub fn wire_of(name: &LabelBuf, out: &mut Vec<u8>) {
 /// reads it) in wire form, without the root byte; on error nothing is appended. Names without
 /// escapes are converted straight from the text; the rest go through [`LabelBuf`].
 pub fn wire_from_presentation(text: &[u8], out: &mut Vec<u8>) -> Result<(), PatternError> {
-    let start = out.len();
-    if !text.is_empty() && text != b"." && !text.contains(&b'\\') {
-        let body = text.strip_suffix(b".").unwrap_or(text);
-        // Wire length with the root byte: every label plus its length byte, plus one.
-        if body.len() + 2 <= MAX_WIRE {
-            let mut ok = true;
-            for part in body.split(|&b| b == b'.') {
-                if part.is_empty() || part.len() > MAX_LABEL {
-                    ok = false;
-                    break;
-                }
-                out.push(part.len() as u8);
-                out.extend(part.iter().map(u8::to_ascii_lowercase));
-            }
-            if ok {
-                return Ok(());
-            }
-            out.truncate(start);
-        }
+    if wire_plain(text, out) {
+        return Ok(());
     }
     // Escapes, the root, or an error: LabelBuf gives the exact result or error.
     wire_of(&LabelBuf::from_presentation(text)?, out);
     Ok(())
+}
+
+/// The fast path of [`wire_from_presentation`]: a name without escapes is its text lower-cased
+/// and shifted by one byte, with each label's length written where the dot before it was
+/// (`a.bc` -> `1 a 2 b c`). False, with nothing appended, for anything else. Eight bytes at a
+/// time: the names of a batch are most of the work of reading it.
+fn wire_plain(text: &[u8], out: &mut Vec<u8>) -> bool {
+    let body = text.strip_suffix(b".").unwrap_or(text);
+    // Wire length with the root byte: every label plus its length byte, plus one.
+    if body.is_empty() || body.len() + 2 > MAX_WIRE {
+        return false;
+    }
+    let start = out.len();
+    out.reserve(body.len() + 8);
+    out.push(0);
+    // Where the current label starts, in `body`; its length byte goes to `out[start + len_at]`
+    // (the first label's to the byte pushed above, the others' where their dot was).
+    let mut len_at = 0usize;
+    let full = body.len() / 8 * 8;
+    let mut k = 0;
+    while k < body.len() {
+        let x = if k < full {
+            let mut buf = [0u8; 8];
+            buf.copy_from_slice(&body[k..k + 8]);
+            u64::from_le_bytes(buf)
+        } else {
+            // The last few bytes, padded with zeros (which match neither byte below).
+            let mut buf = [0u8; 8];
+            for (d, &b) in buf.iter_mut().zip(&body[k..]) {
+                *d = b;
+            }
+            u64::from_le_bytes(buf)
+        };
+        // All eight bytes, the padding too: cut off after the loop.
+        out.extend_from_slice(&lower8(x).to_le_bytes());
+        if bytes_equal(x, b'\\') != 0 {
+            out.truncate(start);
+            return false;
+        }
+        let mut dots = bytes_equal(x, b'.');
+        while dots != 0 {
+            let at = k + (dots.trailing_zeros() / 8) as usize;
+            let n = at - len_at;
+            if n == 0 || n > MAX_LABEL {
+                out.truncate(start);
+                return false;
+            }
+            out[start + len_at] = n as u8;
+            len_at = at + 1;
+            dots &= dots - 1;
+        }
+        k += 8;
+    }
+    out.truncate(start + 1 + body.len());
+    let n = body.len() - len_at;
+    if n == 0 || n > MAX_LABEL {
+        out.truncate(start);
+        return false;
+    }
+    out[start + len_at] = n as u8;
+    true
+}
+
+const LO: u64 = 0x0101_0101_0101_0101;
+const HI: u64 = 0x8080_8080_8080_8080;
+
+/// The top bit of each byte of `x` that equals `c`, and no other bit.
+fn bytes_equal(x: u64, c: u8) -> u64 {
+    let v = x ^ (LO * u64::from(c));
+    // A byte's top bit ends up set when its low seven bits or its top bit are: not zero.
+    !((((v & !HI) + !HI) | v) & HI) & HI
+}
+
+/// `x` with each byte in `A`..=`Z` lower-cased, the others unchanged.
+fn lower8(x: u64) -> u64 {
+    let low7 = x & !HI;
+    // No carry crosses a byte: low7 <= 0x7f, plus at most 0x3f.
+    let at_least_a = low7 + LO * u64::from(0x80 - b'A');
+    let above_z = low7 + LO * u64::from(0x80 - b'Z' - 1);
+    let upper = at_least_a & !above_z & !x & HI;
+    x | (upper >> 2)
 }
 
 /// True when `bytes` is a well-formed wire name without its root byte (labels of 1..=63 bytes,
@@ -113,36 +177,40 @@ pub fn display(bytes: &[u8]) -> String {
     s
 }
 
-const FREE: u32 = 0;
+/// Marks a free group (in `off`) and ends a chain or the free list (in `next`).
+const NIL: u32 = u32::MAX;
 
-/// 9 bytes: a stored name is at most 254 bytes long.
+/// One (endpoint, name) group, 20 bytes: the entries an endpoint holds for a name.
 #[derive(Debug, Clone, Copy)]
-#[repr(C, packed)]
-struct NameRec {
+pub struct Group {
+    pub ep: u32,
+    /// Number of entries.
+    pub count: u32,
+    /// First entry (the store's list), or the store's `NIL`.
+    pub head: u32,
+    /// Where the name sits in the arena (a length byte, then the bytes); `NIL` marks a free
+    /// group. Every group of one name has the same offset.
     off: u32,
-    /// Number of (endpoint, name) groups using the name; 0 marks a free id.
-    refs: u32,
-    len: u8,
+    /// Next group of the same name (another endpoint), or next free group.
+    next: u32,
 }
 
-impl NameRec {
-    fn range(self) -> std::ops::Range<usize> {
-        let off = self.off as usize;
-        off..off + usize::from(self.len)
-    }
-}
-
-/// Interned names: arena, records, free ids and a hash index keyed by the bytes.
+/// The (endpoint, name) groups and their names. Each name is stored once, in the arena; the
+/// groups of one name form a chain, and the hash index, keyed by the name's bytes, holds the
+/// chain's first group. So finding (endpoint, name) is one probe and a short walk (one step per
+/// endpoint that resolved the name), and there is no separate name table or name id.
 #[derive(Debug, Default)]
 pub struct Names {
     arena: Vec<u8>,
-    recs: Vec<NameRec>,
-    free: Vec<u32>,
+    pub(super) groups: Vec<Group>,
+    free: Option<u32>,
+    live: usize,
     map: HashTable<u32>,
     garbage: usize,
 }
 
 impl Names {
+    /// Number of distinct names.
     pub fn len(&self) -> usize {
         self.map.len()
     }
@@ -151,78 +219,174 @@ impl Names {
         self.map.is_empty()
     }
 
-    pub fn bytes(&self, id: u32) -> &[u8] {
-        let r = self.recs[id as usize];
-        &self.arena[r.range()]
+    /// Number of live groups.
+    pub fn groups_len(&self) -> usize {
+        self.live
     }
 
-    pub fn find(&self, hasher: &DefaultHashBuilder, bytes: &[u8]) -> Option<u32> {
-        self.find_hashed(hasher.hash_one(bytes), bytes)
+    pub fn is_live(&self, g: u32) -> bool {
+        self.groups[g as usize].off != NIL
     }
 
-    fn find_hashed(&self, h: u64, bytes: &[u8]) -> Option<u32> {
-        let (arena, recs) = (&self.arena, &self.recs);
+    /// The name of group `g`, in wire form.
+    pub fn bytes(&self, g: u32) -> &[u8] {
+        at(&self.arena, self.groups[g as usize].off)
+    }
+
+    /// A number that two live groups share exactly when they hold the same name.
+    pub fn name_key(&self, g: u32) -> u32 {
+        self.groups[g as usize].off
+    }
+
+    fn head_hashed(&self, h: u64, bytes: &[u8]) -> Option<u32> {
+        let (arena, groups) = (&self.arena, &self.groups);
         self.map
-            .find(h, |&id| {
-                let r = recs[id as usize];
-                &arena[r.range()] == bytes
-            })
+            .find(h, |&g| at(arena, groups[g as usize].off) == bytes)
             .copied()
     }
 
-    /// The id of `bytes`, added with no references when new.
-    pub fn intern(&mut self, hasher: &DefaultHashBuilder, bytes: &[u8]) -> Result<u32, CacheError> {
-        let h = hasher.hash_one(bytes);
-        if let Some(id) = self.find_hashed(h, bytes) {
-            return Ok(id);
+    /// The groups holding the name `bytes` (one per endpoint), in no particular order.
+    pub fn chain(&self, hasher: &DefaultHashBuilder, bytes: &[u8]) -> Vec<u32> {
+        let mut out = Vec::new();
+        let mut g = self
+            .head_hashed(hasher.hash_one(bytes), bytes)
+            .unwrap_or(NIL);
+        while g != NIL {
+            out.push(g);
+            g = self.groups[g as usize].next;
         }
-        if self.arena.len() + bytes.len() > u32::MAX as usize {
+        out
+    }
+
+    /// The group of (`ep`, `bytes`), made (with no entries) when new; true when made.
+    pub fn get_or_insert(
+        &mut self,
+        hasher: &DefaultHashBuilder,
+        ep: u32,
+        bytes: &[u8],
+    ) -> Result<(u32, bool), CacheError> {
+        let h = hasher.hash_one(bytes);
+        let head = self.head_hashed(h, bytes);
+        if let Some(head) = head {
+            let mut g = head;
+            while g != NIL {
+                if self.groups[g as usize].ep == ep {
+                    return Ok((g, false));
+                }
+                g = self.groups[g as usize].next;
+            }
+            // Another endpoint's name: share its bytes, second in the chain.
+            let hr = self.groups[head as usize];
+            let g = self.alloc(Group {
+                ep,
+                count: 0,
+                head: NIL,
+                off: hr.off,
+                next: hr.next,
+            });
+            self.groups[head as usize].next = g;
+            return Ok((g, true));
+        }
+        // Callers pass names of at most 254 bytes (`is_valid_wire`).
+        let len = bytes.len().min(254);
+        if self.arena.len() + 1 + len >= NIL as usize {
             self.compact();
-            if self.arena.len() + bytes.len() > u32::MAX as usize {
+            if self.arena.len() + 1 + len >= NIL as usize {
                 return Err(CacheError::NamesFull);
             }
         }
-        let rec = NameRec {
-            off: self.arena.len() as u32,
-            refs: FREE,
-            // Callers pass names of at most 254 bytes (`is_valid_wire`).
-            len: bytes.len().min(255) as u8,
-        };
-        self.arena.extend_from_slice(bytes);
-        let id = match self.free.pop() {
-            Some(id) => {
-                self.recs[id as usize] = rec;
-                id
+        if self.map.len() == self.map.capacity() {
+            self.rebuild_index(hasher);
+        }
+        let off = self.arena.len() as u32;
+        self.arena.push(len as u8);
+        self.arena.extend_from_slice(&bytes[..len]);
+        let g = self.alloc(Group {
+            ep,
+            count: 0,
+            head: NIL,
+            off,
+            next: NIL,
+        });
+        let (arena, groups) = (&self.arena, &self.groups);
+        self.map.insert_unique(h, g, |&i| {
+            hasher.hash_one(at(arena, groups[i as usize].off))
+        });
+        Ok((g, true))
+    }
+
+    /// Makes room in the index for more names (see [`rebuild_index`](fn@rebuild_index)): reads the groups and the
+    /// arena in order, where the index's own growth would read them in hash order, at random.
+    fn rebuild_index(&mut self, hasher: &DefaultHashBuilder) {
+        // A group that some other group's `next` points at is not first in its chain.
+        let mut later = vec![0u64; self.groups.len().div_ceil(64)];
+        for g in &self.groups {
+            if g.off != NIL && g.next != NIL {
+                let n = g.next as usize;
+                later[n / 64] |= 1 << (n % 64);
+            }
+        }
+        let (arena, groups) = (&self.arena, &self.groups);
+        rebuild_index(
+            &mut self.map,
+            groups
+                .iter()
+                .enumerate()
+                .filter(|&(i, g)| g.off != NIL && later[i / 64] & (1 << (i % 64)) == 0)
+                .map(|(i, g)| (hasher.hash_one(at(arena, g.off)), i as u32)),
+            |&i| hasher.hash_one(at(arena, groups[i as usize].off)),
+        );
+    }
+
+    fn alloc(&mut self, rec: Group) -> u32 {
+        self.live += 1;
+        match self.free {
+            Some(g) => {
+                let next = self.groups[g as usize].next;
+                self.free = (next != NIL).then_some(next);
+                self.groups[g as usize] = rec;
+                g
             }
             None => {
-                self.recs.push(rec);
-                (self.recs.len() - 1) as u32
+                self.groups.push(rec);
+                (self.groups.len() - 1) as u32
             }
+        }
+    }
+
+    /// Frees group `g`; its name goes with the last group holding it.
+    pub fn remove(&mut self, hasher: &DefaultHashBuilder, g: u32) {
+        let r = self.groups[g as usize];
+        let h = hasher.hash_one(at(&self.arena, r.off));
+        let groups = &self.groups;
+        if let Ok(mut slot) = self.map.find_entry(h, |&i| groups[i as usize].off == r.off) {
+            let head = *slot.get();
+            if head == g {
+                if r.next == NIL {
+                    slot.remove();
+                    self.garbage += 1 + at(&self.arena, r.off).len();
+                } else {
+                    *slot.get_mut() = r.next;
+                }
+            } else {
+                let mut p = head;
+                while p != NIL && self.groups[p as usize].next != g {
+                    p = self.groups[p as usize].next;
+                }
+                if p != NIL {
+                    self.groups[p as usize].next = r.next;
+                }
+            }
+        }
+        self.groups[g as usize] = Group {
+            ep: 0,
+            count: 0,
+            head: NIL,
+            off: NIL,
+            next: self.free.unwrap_or(NIL),
         };
-        let (arena, recs) = (&self.arena, &self.recs);
-        self.map.insert_unique(h, id, |&i| {
-            hasher.hash_one(&arena[recs[i as usize].range()])
-        });
-        Ok(id)
-    }
-
-    pub fn retain(&mut self, id: u32) {
-        self.recs[id as usize].refs += 1;
-    }
-
-    /// Drops one reference; the last one frees the id and its bytes.
-    pub fn release(&mut self, hasher: &DefaultHashBuilder, id: u32) {
-        let r = &mut self.recs[id as usize];
-        r.refs -= 1;
-        if r.refs != FREE {
-            return;
-        }
-        let h = hasher.hash_one(self.bytes(id));
-        if let Ok(slot) = self.map.find_entry(h, |&i| i == id) {
-            slot.remove();
-        }
-        self.garbage += usize::from(self.recs[id as usize].len);
-        self.free.push(id);
+        self.free = Some(g);
+        self.live -= 1;
         if self.garbage > 64 * 1024 && self.garbage * 8 >= self.arena.len() {
             self.compact();
         }
@@ -230,32 +394,33 @@ impl Names {
 
     /// Moves the live names to the front of the arena, in place, in offset order. The arena is
     /// taken in four windows, each listing and sorting only its own names: the scratch list is
-    /// a quarter of the names, which matters because allocator keeps a freed big block (glibc
-    /// raises its mmap threshold after freeing one) and the process would hold it for good.
+    /// a quarter of the names, which matters because the allocator keeps a freed big block
+    /// (glibc raises its mmap threshold after freeing one) and the process would hold it for good.
     fn compact(&mut self) {
         const WINDOWS: usize = 4;
         let end = self.arena.len();
         let step = end / WINDOWS + 1;
         let mut to = 0u32;
-        // (offset, id) in one u64, so the sort compares plain integers.
+        // (offset, first group) in one u64, so the sort compares plain integers.
         let mut live: Vec<u64> = Vec::new();
         for w in 0..WINDOWS {
             let window = (w * step) as u64..((w + 1) * step).min(end) as u64;
             live.clear();
-            live.extend(
-                self.recs
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, r)| r.refs != FREE && window.contains(&u64::from(r.off)))
-                    .map(|(i, r)| (u64::from(r.off) << 32) | i as u64),
-            );
+            live.extend(self.map.iter().filter_map(|&g| {
+                let off = u64::from(self.groups[g as usize].off);
+                window.contains(&off).then_some((off << 32) | u64::from(g))
+            }));
             live.sort_unstable();
             for &key in &live {
-                let (off, id) = ((key >> 32) as u32, key as u32);
-                let len = u32::from(self.recs[id as usize].len);
+                let (off, head) = ((key >> 32) as u32, key as u32);
+                let len = 1 + u32::from(self.arena[off as usize]);
                 self.arena
                     .copy_within(off as usize..(off + len) as usize, to as usize);
-                self.recs[id as usize].off = to;
+                let mut g = head;
+                while g != NIL {
+                    self.groups[g as usize].off = to;
+                    g = self.groups[g as usize].next;
+                }
                 to += len;
             }
         }
@@ -265,10 +430,34 @@ impl Names {
 
     pub fn memory(&self) -> usize {
         self.arena.capacity()
-            + self.recs.capacity() * std::mem::size_of::<NameRec>()
-            + self.free.capacity() * 4
+            + self.groups.capacity() * std::mem::size_of::<Group>()
             + self.map.allocation_size()
     }
+}
+
+/// Replaces a full `map` with one that has room for an eighth more than its items, holding
+/// `items` (hash, value): every live item, read in whatever order is cheapest for the caller
+/// (records in memory order). At the same size when removals left the old one full of
+/// tombstones, so a table at a steady number of items keeps its size. `rehash` is only there
+/// for the table's API: with the room reserved up front it is not called.
+pub(super) fn rebuild_index(
+    map: &mut HashTable<u32>,
+    items: impl Iterator<Item = (u64, u32)>,
+    rehash: impl Fn(&u32) -> u64,
+) {
+    let want = map.len() + map.len() / 8 + 1;
+    let mut new = HashTable::with_capacity(want);
+    for (h, v) in items {
+        new.insert_unique(h, v, &rehash);
+    }
+    *map = new;
+}
+
+/// The name stored at `off`: a length byte, then the bytes.
+fn at(arena: &[u8], off: u32) -> &[u8] {
+    let off = off as usize;
+    let len = usize::from(arena[off]);
+    &arena[off + 1..off + 1 + len]
 }
 
 #[cfg(test)]
@@ -283,6 +472,13 @@ impl Names {
 
     pub(crate) fn live_bytes(&self) -> usize {
         self.arena.len() - self.garbage
+    }
+
+    /// The group of (`ep`, `bytes`), if any.
+    pub(crate) fn find(&self, hasher: &DefaultHashBuilder, ep: u32, bytes: &[u8]) -> Option<u32> {
+        self.chain(hasher, bytes)
+            .into_iter()
+            .find(|&g| self.groups[g as usize].ep == ep)
     }
 }
 
@@ -326,6 +522,68 @@ mod tests {
     }
 
     #[test]
+    fn fast_path_matches_labelbuf_on_random_text() {
+        let alphabet = b"aZz.-_\\0\x80@[`{A";
+        let mut s: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move |n: u64| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s % n
+        };
+        for _ in 0..20_000 {
+            let len = next(80) as usize;
+            let mut text: Vec<u8> = (0..len)
+                .map(|_| alphabet[next(alphabet.len() as u64) as usize])
+                .collect();
+            if next(4) == 0 {
+                // Long labels around the 63-byte limit.
+                text = [vec![b'q'; 60 + next(8) as usize], text].concat();
+            }
+            let mut got = vec![7u8];
+            let got_res = wire_from_presentation(&text, &mut got);
+            let want = LabelBuf::from_presentation(&text);
+            assert_eq!(got_res.is_ok(), want.is_ok(), "{text:?}");
+            if let Ok(name) = want {
+                let mut w = vec![7u8];
+                wire_of(&name, &mut w);
+                assert_eq!(got, w, "{text:?}");
+            } else {
+                assert_eq!(got, vec![7u8], "nothing appended for {text:?}");
+            }
+        }
+        for c in 0..=255u8 {
+            let x = u64::from_le_bytes([c, b'A', c, b'z', 0, 0x80, c, b'.']);
+            let want: Vec<u8> = x.to_le_bytes().iter().map(u8::to_ascii_lowercase).collect();
+            assert_eq!(lower8(x).to_le_bytes().to_vec(), want, "{c}");
+            let eq: Vec<bool> = x.to_le_bytes().iter().map(|&b| b == c).collect();
+            let got: Vec<bool> = (0..8)
+                .map(|i| bytes_equal(x, c) >> (i * 8 + 7) & 1 == 1)
+                .collect();
+            assert_eq!(got, eq, "{c}");
+        }
+    }
+
+    #[test]
+    fn plain_names_take_the_fast_path() {
+        for text in [
+            "host1.svc1.example.com",
+            "A.b.",
+            "x",
+            "_dns.Sub-Domain.example",
+        ] {
+            let mut out = vec![9u8];
+            assert!(wire_plain(text.as_bytes(), &mut out), "{text}");
+            assert_eq!(out[1..], wire(text)[..], "{text}");
+        }
+        for text in ["a\\.b", ".", "", "a..b", ".a"] {
+            let mut out = vec![9u8];
+            assert!(!wire_plain(text.as_bytes(), &mut out), "{text}");
+            assert_eq!(out, vec![9u8], "nothing appended for {text:?}");
+        }
+    }
+
+    #[test]
     fn presentation_errors_match_labelbuf() {
         let long = format!("{}.com", "a".repeat(64));
         let too_long = format!("{}.{}", vec!["a".repeat(63); 3].join("."), "b".repeat(62));
@@ -362,30 +620,61 @@ mod tests {
     }
 
     #[test]
-    fn intern_release_compact() {
+    fn groups_share_names_and_compact() {
         let h = DefaultHashBuilder::default();
         let mut n = Names::default();
         let mut ids = Vec::new();
         for i in 0..20_000 {
             let w = wire(&format!("host{i}.example.com"));
-            let id = n.intern(&h, &w).expect("room");
-            n.retain(id);
-            assert_eq!(n.intern(&h, &w).expect("room"), id, "same bytes, same id");
-            ids.push((id, w));
+            // Endpoints 1 and 2 for every name; 3 for every third one.
+            let (a, new) = n.get_or_insert(&h, 1, &w).expect("room");
+            assert!(new);
+            assert_eq!(n.get_or_insert(&h, 1, &w).expect("room"), (a, false));
+            let (b, _) = n.get_or_insert(&h, 2, &w).expect("room");
+            let c = (i % 3 == 0).then(|| n.get_or_insert(&h, 3, &w).expect("room").0);
+            assert_eq!(n.name_key(a), n.name_key(b), "one copy of the bytes");
+            ids.push((a, b, c, w));
         }
         assert_eq!(n.len(), 20_000);
-        // Free every other name: enough garbage to compact, and the rest must survive it.
-        for (id, _) in ids.iter().step_by(2) {
-            n.release(&h, *id);
+        let arena = n.arena.len();
+        // Drop the first group of some chains, the middle of others, every group of half the
+        // names: enough garbage to compact, and the rest must survive it.
+        for (i, (a, b, c, _)) in ids.iter().enumerate() {
+            if i % 2 == 0 {
+                n.remove(&h, *a);
+                n.remove(&h, *b);
+                if let Some(c) = c {
+                    n.remove(&h, *c);
+                }
+            } else if i % 4 == 1 {
+                n.remove(&h, *a);
+            } else {
+                n.remove(&h, *b);
+            }
         }
         assert_eq!(n.len(), 10_000);
-        assert!(n.arena.len() < 20_000 * 17, "compacted: {}", n.arena.len());
-        for (id, w) in ids.iter().skip(1).step_by(2) {
-            assert_eq!(n.bytes(*id), &w[..]);
-            assert_eq!(n.find(&h, w), Some(*id));
+        assert!(
+            n.arena.len() < arena * 5 / 8,
+            "compacted: {}",
+            n.arena.len()
+        );
+        for (i, (a, b, c, w)) in ids.iter().enumerate().skip(1).step_by(2) {
+            let kept = if i % 4 == 1 { *b } else { *a };
+            assert_eq!(n.bytes(kept), &w[..]);
+            assert_eq!(n.find(&h, if i % 4 == 1 { 2 } else { 1 }, w), Some(kept));
+            assert_eq!(n.find(&h, if i % 4 == 1 { 1 } else { 2 }, w), None);
+            assert_eq!(n.find(&h, 3, w), *c);
+            if let Some(c) = c {
+                assert_eq!(n.bytes(*c), &w[..]);
+            }
         }
-        for (_, w) in ids.iter().step_by(2) {
-            assert_eq!(n.find(&h, w), None);
+        for (_, _, _, w) in ids.iter().step_by(2) {
+            assert!(n.chain(&h, w).is_empty());
         }
+        // Freed groups are reused.
+        let before = n.groups.len();
+        n.get_or_insert(&h, 9, &wire("new.example.com"))
+            .expect("room");
+        assert_eq!(n.groups.len(), before);
     }
 }

@@ -5,9 +5,13 @@
 //! * `entries`: one [`Entry`] per (endpoint, name, ip), 28 bytes, in a slab with a free list:
 //!   its heap position, group and pair, and links on two intrusive doubly linked lists (its
 //!   group's and its pair's).
-//! * `groups`: one per (endpoint, name): endpoint, name id, count, list head; hash-indexed.
+//! * groups: one per (endpoint, name): endpoint, count, list head, 20 bytes; they live with the
+//!   names (see [`Names`]), one hash index for both.
 //! * pairs: one per (endpoint, ip), with the latest expiry of its entries (what the firewall
 //!   element carries); IPv4 pairs take 20 bytes, IPv6 pairs 32; hash-indexed.
+//! * The two hash indexes (names, pairs) hold `u32` record numbers. When one is full it is
+//!   rebuilt from its records read in memory order, not grown by the table itself, which would
+//!   read every record again at random to rehash it; under churn it keeps its size.
 //! * `heap`: a 4-ary min-heap with one item per entry, (expiry, stamp, entry), 16 bytes; the
 //!   entry's expiry and stamp live there only. Each entry knows its item's position, so an
 //!   extension moves the item down in place and a removal takes it out: no stale items.
@@ -209,15 +213,6 @@ struct Entry {
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Group {
-    ep: Endpoint,
-    /// `NIL` marks a free slot.
-    name: u32,
-    count: u32,
-    head: u32,
-}
-
-#[derive(Debug, Clone, Copy)]
 #[repr(C, packed(4))]
 struct PairHdr {
     expires: f64,
@@ -288,6 +283,22 @@ impl<A: Copy + Eq + std::hash::Hash> PairTable<A> {
                 (self.recs.len() - 1) as u32
             }
         };
+        if self.map.len() == self.map.capacity() {
+            // Read the records in order, not at random as the table's own growth would.
+            let recs = &self.recs;
+            names::rebuild_index(
+                &mut self.map,
+                recs.iter()
+                    .enumerate()
+                    .filter(|&(j, r)| r.hdr.head != NIL || j == i as usize)
+                    .map(|(j, r)| (h.hash_one((r.hdr.ep, r.addr)), j as u32)),
+                |&j| {
+                    let r = &recs[j as usize];
+                    h.hash_one((r.hdr.ep, r.addr))
+                },
+            );
+            return (i, true);
+        }
         let recs = &self.recs;
         self.map.insert_unique(hash, i, |&j| {
             let r = &recs[j as usize];
@@ -429,9 +440,6 @@ pub struct Cache {
     cfg: Config,
     hasher: DefaultHashBuilder,
     names: Names,
-    groups: Vec<Group>,
-    group_free: Vec<u32>,
-    group_map: HashTable<u32>,
     v4: PairTable<Ipv4Addr>,
     v6: PairTable<Ipv6Addr>,
     entries: Vec<Entry>,
@@ -468,7 +476,8 @@ fn check_now(now: f64) -> Result<f64, CacheError> {
 
 /// Parses an address in text form.
 pub fn parse_ip(text: &str) -> Result<IpAddr, CacheError> {
-    text.parse().map_err(|_| CacheError::BadAddress {
+    // The policy module's parser: exactly `IpAddr::from_str`, with a short path for IPv4.
+    crate::policy::parse_ip(text).ok_or_else(|| CacheError::BadAddress {
         text: text.to_owned(),
     })
 }
@@ -498,9 +507,6 @@ impl Cache {
             cfg,
             hasher: DefaultHashBuilder::default(),
             names: Names::default(),
-            groups: Vec::new(),
-            group_free: Vec::new(),
-            group_map: HashTable::new(),
             v4: PairTable::default(),
             v6: PairTable::default(),
             entries: Vec::new(),
@@ -536,7 +542,7 @@ impl Cache {
         Stats {
             entries: self.len,
             names: self.names.len(),
-            groups: self.group_map.len(),
+            groups: self.names.groups_len(),
             pairs: self.v4.map.len() + self.v6.map.len(),
             endpoints: self.endpoints.len(),
             evictions: self.evictions,
@@ -549,9 +555,6 @@ impl Cache {
     pub fn memory(&self) -> usize {
         std::mem::size_of::<Self>()
             + self.names.memory()
-            + self.groups.capacity() * std::mem::size_of::<Group>()
-            + self.group_free.capacity() * 4
-            + self.group_map.allocation_size()
             + self.v4.memory()
             + self.v6.memory()
             + self.entries.capacity() * std::mem::size_of::<Entry>()
@@ -612,75 +615,30 @@ impl Cache {
 
     // ---- groups -----------------------------------------------------------------------------
 
-    fn find_group(&self, ep: Endpoint, name: u32) -> Option<u32> {
-        self.find_group_hashed(self.hasher.hash_one((ep, name)), ep, name)
-    }
-
-    fn find_group_hashed(&self, hash: u64, ep: Endpoint, name: u32) -> Option<u32> {
-        let groups = &self.groups;
-        self.group_map
-            .find(hash, |&g| {
-                let r = groups[g as usize];
-                r.ep == ep && r.name == name
-            })
-            .copied()
-    }
-
     fn group_or_insert(&mut self, ep: Endpoint, wire: &[u8]) -> Result<u32, CacheError> {
-        let name = self.names.intern(&self.hasher, wire)?;
-        let hash = self.hasher.hash_one((ep, name));
-        if let Some(g) = self.find_group_hashed(hash, ep, name) {
-            return Ok(g);
+        let (g, new) = self.names.get_or_insert(&self.hasher, ep, wire)?;
+        if new {
+            *self.endpoints.entry(ep).or_insert(0) += 1;
         }
-        self.names.retain(name);
-        *self.endpoints.entry(ep).or_insert(0) += 1;
-        let rec = Group {
-            ep,
-            name,
-            count: 0,
-            head: NIL,
-        };
-        let g = match self.group_free.pop() {
-            Some(g) => {
-                self.groups[g as usize] = rec;
-                g
-            }
-            None => {
-                self.groups.push(rec);
-                (self.groups.len() - 1) as u32
-            }
-        };
-        let (groups, hasher) = (&self.groups, &self.hasher);
-        self.group_map.insert_unique(hash, g, |&i| {
-            let r = groups[i as usize];
-            hasher.hash_one((r.ep, r.name))
-        });
         Ok(g)
     }
 
     fn free_group(&mut self, g: u32) {
-        let r = self.groups[g as usize];
-        if let Ok(slot) = self
-            .group_map
-            .find_entry(self.hasher.hash_one((r.ep, r.name)), |&i| i == g)
-        {
-            slot.remove();
-        }
-        self.names.release(&self.hasher, r.name);
-        if let Some(n) = self.endpoints.get_mut(&r.ep) {
+        let ep = self.names.groups[g as usize].ep;
+        self.names.remove(&self.hasher, g);
+        if let Some(n) = self.endpoints.get_mut(&ep) {
             *n -= 1;
             if *n == 0 {
-                self.endpoints.remove(&r.ep);
+                self.endpoints.remove(&ep);
             }
         }
-        self.groups[g as usize].name = NIL;
-        self.group_free.push(g);
     }
 
     /// Still the live group of (ep, wire)? Evictions inside a call can free it.
     fn group_is(&self, g: u32, ep: Endpoint, wire: &[u8]) -> bool {
-        let r = self.groups[g as usize];
-        r.name != NIL && r.ep == ep && self.names.bytes(r.name) == wire
+        self.names.is_live(g)
+            && self.names.groups[g as usize].ep == ep
+            && self.names.bytes(g) == wire
     }
 
     // ---- entries and the heap -----------------------------------------------------------------
@@ -801,7 +759,7 @@ impl Cache {
     /// the cost is set by the shorter (a group holds at most `max_ips_per_name` entries, a pair
     /// one per name that resolved to it).
     fn find_entry(&self, g: u32, p: u32) -> Option<u32> {
-        let mut a = self.groups[g as usize].head;
+        let mut a = self.names.groups[g as usize].head;
         let mut b = self.hdr(p).head;
         while a != NIL && b != NIL {
             let ra = self.entries[a as usize];
@@ -828,12 +786,12 @@ impl Cache {
         if r.g_prev != NIL {
             self.entries[r.g_prev as usize].g_next = r.g_next;
         } else {
-            self.groups[r.group as usize].head = r.g_next;
+            self.names.groups[r.group as usize].head = r.g_next;
         }
         if r.g_next != NIL {
             self.entries[r.g_next as usize].g_prev = r.g_prev;
         }
-        let g = &mut self.groups[r.group as usize];
+        let g = &mut self.names.groups[r.group as usize];
         g.count -= 1;
         if g.count == 0 {
             self.free_group(r.group);
@@ -891,7 +849,7 @@ impl Cache {
     fn evict_from_group(&mut self, g: u32, t: &mut Touches) {
         let mut best = NIL;
         let mut key = (f64::INFINITY, u32::MAX);
-        let mut e = self.groups[g as usize].head;
+        let mut e = self.names.groups[g as usize].head;
         while e != NIL {
             let r = self.entries[e as usize];
             let it = self.heap[r.pos as usize];
@@ -913,7 +871,7 @@ impl Cache {
 
     /// Records one (ip, expiry) for group `g`, then applies both caps.
     fn insert(&mut self, g: u32, ip: IpAddr, expires: f64, t: &mut Touches) {
-        let ep = self.groups[g as usize].ep;
+        let ep = self.names.groups[g as usize].ep;
         let (p, new_pair) = self.pair_or_insert(ep, ip);
         let before = if new_pair {
             None
@@ -944,7 +902,7 @@ impl Cache {
             }
         }
         let stamp = self.take_stamp();
-        let gr = self.groups[g as usize];
+        let gr = self.names.groups[g as usize];
         let h = self.hdr(p);
         let e = self.alloc_entry(Entry {
             pos: NIL,
@@ -961,7 +919,7 @@ impl Cache {
         if h.head != NIL {
             self.entries[h.head as usize].p_prev = e;
         }
-        let gm = &mut self.groups[g as usize];
+        let gm = &mut self.names.groups[g as usize];
         gm.head = e;
         gm.count += 1;
         let group_count = gm.count;
@@ -1138,15 +1096,13 @@ impl Cache {
     pub fn lookup(&self, name: &LabelBuf, endpoint: Option<Endpoint>) -> Vec<(IpAddr, f64)> {
         let mut wire = Vec::with_capacity(name.wire_len());
         names::wire_of(name, &mut wire);
-        let Some(id) = self.names.find(&self.hasher, &wire) else {
-            return Vec::new();
-        };
         let mut out: Vec<(IpAddr, f64)> = Vec::new();
-        for ep in self.endpoints_sorted(endpoint) {
-            let Some(g) = self.find_group(ep, id) else {
+        for g in self.names.chain(&self.hasher, &wire) {
+            let gr = self.names.groups[g as usize];
+            if endpoint.is_some_and(|ep| ep != gr.ep) {
                 continue;
-            };
-            let mut e = self.groups[g as usize].head;
+            }
+            let mut e = gr.head;
             while e != NIL {
                 let r = self.entries[e as usize];
                 out.push((self.pair_ip(r.pair), self.heap[r.pos as usize].expires));
@@ -1161,7 +1117,8 @@ impl Cache {
     /// Names (presentation form, sorted, unique) under which `ip` was learned by `endpoint`,
     /// or by any endpoint when None.
     pub fn names_for(&self, ip: IpAddr, endpoint: Option<Endpoint>) -> Vec<String> {
-        let mut ids: Vec<u32> = Vec::new();
+        // (name key, group): one group per name is enough to read the name.
+        let mut ids: Vec<(u32, u32)> = Vec::new();
         for ep in self.endpoints_sorted(endpoint) {
             let Some(p) = self.find_pair(ep, ip) else {
                 continue;
@@ -1169,15 +1126,15 @@ impl Cache {
             let mut e = self.hdr(p).head;
             while e != NIL {
                 let r = self.entries[e as usize];
-                ids.push(self.groups[r.group as usize].name);
+                ids.push((self.names.name_key(r.group), r.group));
                 e = r.p_next;
             }
         }
         ids.sort_unstable();
-        ids.dedup();
+        ids.dedup_by_key(|x| x.0);
         let mut out: Vec<String> = ids
             .into_iter()
-            .map(|id| names::display(self.names.bytes(id)))
+            .map(|(_, g)| names::display(self.names.bytes(g)))
             .collect();
         out.sort_unstable();
         out
@@ -1203,10 +1160,10 @@ impl Cache {
         live.into_iter()
             .map(|(expires, _, i)| {
                 let e = self.entries[i as usize];
-                let g = self.groups[e.group as usize];
+                let g = self.names.groups[e.group as usize];
                 (
                     g.ep,
-                    self.names.bytes(g.name),
+                    self.names.bytes(e.group),
                     self.pair_ip(e.pair),
                     expires,
                 )
@@ -1245,8 +1202,8 @@ impl Cache {
                 continue;
             }
             live += 1;
-            let g = self.groups[e.group as usize];
-            assert_ne!(g.name, NIL, "entry {i} in a free group");
+            let g = self.names.groups[e.group as usize];
+            assert!(self.names.is_live(e.group), "entry {i} in a free group");
             let h = self.hdr(e.pair);
             assert_ne!(h.head, NIL, "entry {i} in a free pair");
             assert_eq!(h.ep, g.ep);
@@ -1258,8 +1215,10 @@ impl Cache {
             assert!(it.expires <= h.expires);
         }
         assert_eq!(live, self.len);
-        for (gi, g) in self.groups.iter().enumerate() {
-            if g.name == NIL {
+        let mut groups = 0;
+        let mut per_ep: HashMap<Endpoint, u32> = HashMap::new();
+        for (gi, g) in self.names.groups.iter().enumerate() {
+            if !self.names.is_live(gi as u32) {
                 continue;
             }
             let mut n = 0;
@@ -1275,7 +1234,17 @@ impl Cache {
             }
             assert_eq!(n, g.count);
             assert!(g.count >= 1 && g.count <= self.cfg.max_ips_per_name);
+            assert_eq!(
+                self.names
+                    .find(&self.hasher, g.ep, self.names.bytes(gi as u32)),
+                Some(gi as u32),
+                "group {gi} is found by its endpoint and name"
+            );
+            groups += 1;
+            *per_ep.entry(g.ep).or_insert(0u32) += 1;
         }
+        assert_eq!(groups, self.names.groups_len());
+        assert_eq!(per_ep, self.endpoints, "groups per endpoint");
         for p in
             (0..self.v4.recs.len() as u32).chain((0..self.v6.recs.len() as u32).map(|i| i | V6))
         {
@@ -1314,7 +1283,6 @@ impl Cache {
     pub(crate) fn footprint(&self) -> (usize, usize, usize) {
         (
             self.names.index_bytes()
-                + self.group_map.allocation_size()
                 + self.v4.map.allocation_size()
                 + self.v6.map.allocation_size(),
             self.names.arena_len(),
