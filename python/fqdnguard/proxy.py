@@ -1039,7 +1039,9 @@ class Proxy:
         if conn.channel == 0:
             # Cycling below the Rust path's channels (a connection lives far shorter than
             # the ~267M connections it takes to come round).
-            self._tcp_channels = (self._tcp_channels + 1) % (IO_ORIG_CHANNEL_BASE - TCP_CHANNEL_BASE)
+            self._tcp_channels = (self._tcp_channels + 1) % (
+                IO_ORIG_CHANNEL_BASE - TCP_CHANNEL_BASE
+            )
             conn.channel = TCP_CHANNEL_BASE + self._tcp_channels
             conn.upstream_index = upstream  # type: ignore[attr-defined]
         return conn.channel
