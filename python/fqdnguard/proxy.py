@@ -321,7 +321,8 @@ def original_destination(ancdata: list[tuple[int, int, bytes]]) -> tuple[str, in
 
 
 class _TransparentUdp:
-    """The UDP side of interception: a transparent socket that TPROXY hands the pods' queries
+    """The UDP side of interception with ``udp_io: asyncio`` (with ``rust`` the Rust UDP
+    thread serves these listeners: ``UdpIo(transparent_listen=...)``): a transparent socket that TPROXY hands the pods' queries
     to, read with ``recvmsg`` from the loop's reader callback (asyncio's datagram transports
     cannot see ancillary data), so each query comes with its original destination. Each query
     goes to ``Proxy._on_query`` as the plain listeners' do, with that destination.
