@@ -150,7 +150,8 @@ pub struct IoStats {
     /// Transparent listeners: datagrams sent to the listener itself, not handed over by
     /// TPROXY (dropped: forwarding them to "the server asked" would loop).
     pub not_intercepted: u64,
-    /// Transparent answers that could not leave from the address asked.
+    /// Transparent answers that could not leave from the address asked (no socket could be
+    /// bound there); a bound socket's failed sends count in `send_errors`.
     pub reply_errors: u64,
     /// Queries to an asked server no socket could be opened for (all busy, or refused).
     pub orig_refused: u64,
@@ -516,8 +517,8 @@ struct Replies {
 }
 
 impl Replies {
-    /// Sends `payload` to `to` from `local`; false when it could not leave.
-    fn send(&mut self, local: SocketAddr, payload: &[u8], to: &SockaddrStorage) -> bool {
+    /// How answers leave from `local` (found, or made now).
+    fn get(&mut self, local: SocketAddr) -> &Reply {
         self.tick += 1;
         let tick = self.tick;
         if let Some(entry) = self.by_addr.get_mut(&local) {
@@ -540,13 +541,18 @@ impl Replies {
             };
             self.by_addr.insert(local, (reply, tick));
         }
+        self.by_addr.get(&local).map_or(&Reply::Refused, |(r, _)| r)
+    }
+
+    /// Sends `payload` to `to` from `local`; false when it could not leave.
+    fn send(&mut self, local: SocketAddr, payload: &[u8], to: &SockaddrStorage) -> bool {
         let send = |fd: &OwnedFd| {
             socket::sendto(fd.as_raw_fd(), payload, to, MsgFlags::MSG_DONTWAIT).is_ok()
         };
-        match self.by_addr.get(&local).map(|(r, _)| r) {
-            Some(Reply::Bound(fd)) => send(fd),
-            Some(Reply::Local) => reply_socket(local).is_ok_and(|fd| send(&fd)),
-            Some(Reply::Refused) | None => false,
+        match self.get(local) {
+            Reply::Bound(fd) => send(fd),
+            Reply::Local => reply_socket(local).is_ok_and(|fd| send(&fd)),
+            Reply::Refused => false,
         }
     }
 }
@@ -591,12 +597,34 @@ impl Outbox {
             return;
         }
         let Ok(mut replies) = sh.reply_sockets.lock() else {
+            self.from.clear();
             return;
         };
-        for (payload, to, local) in self.from.drain(..) {
-            if !replies.send(local, &payload, &to) {
-                sh.counters.reply_errors.fetch_add(1, Ordering::Relaxed);
+        // The answers from one asked address leave together, in one sendmmsg per BATCH.
+        self.from.sort_unstable_by_key(|(_, _, local)| *local);
+        let mut run = Vec::new();
+        let mut answers = self.from.drain(..).peekable();
+        while let Some((payload, to, local)) = answers.next() {
+            run.push((payload, Some(to)));
+            if answers.peek().is_some_and(|(_, _, next)| *next == local) {
+                continue;
             }
+            let bound = match replies.get(local) {
+                Reply::Bound(fd) => Some(fd.as_raw_fd()),
+                Reply::Local | Reply::Refused => None,
+            };
+            match bound {
+                Some(fd) => send_batch(fd, hdrs, &run, &sh.counters),
+                None => {
+                    for (payload, to) in &run {
+                        let sent = to.is_some_and(|to| replies.send(local, payload, &to));
+                        if !sent {
+                            sh.counters.reply_errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+            run.clear();
         }
     }
 }
