@@ -322,10 +322,11 @@ def original_destination(ancdata: list[tuple[int, int, bytes]]) -> tuple[str, in
 
 class _TransparentUdp:
     """The UDP side of interception with ``udp_io: asyncio`` (with ``rust`` the Rust UDP
-    thread serves these listeners: ``UdpIo(transparent_listen=...)``): a transparent socket that TPROXY hands the pods' queries
-    to, read with ``recvmsg`` from the loop's reader callback (asyncio's datagram transports
-    cannot see ancillary data), so each query comes with its original destination. Each query
-    goes to ``Proxy._on_query`` as the plain listeners' do, with that destination.
+    thread serves these listeners: ``UdpIo(transparent_listen=...)``): a transparent socket
+    that TPROXY hands the pods' queries to, read with ``recvmsg`` from the loop's reader
+    callback (asyncio's datagram transports cannot see ancillary data), so each query comes
+    with its original destination. Each query goes to ``Proxy._on_query`` as the plain
+    listeners' do, with that destination.
 
     It is also the transport of those queries' ``_Client``: answers leave from a transparent
     socket bound to the address and port the pod asked (IP_PKTINFO could set the source
