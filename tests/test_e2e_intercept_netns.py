@@ -120,6 +120,9 @@ class Answer:
 class Env:
     topo: InterceptTopology
     state: Path
+    #: The proxy's UDP I/O (``--udp-io``): the transparent UDP listeners are served by the
+    #: Rust thread ("rust") or read with recvmsg from the event loop ("asyncio").
+    udp_io: str = "rust"
     proxy: subprocess.Popen[bytes] | None = None
     log_offset: int = field(default=0)
 
@@ -133,7 +136,7 @@ class Env:
             "--policy", str(self.state / "policy.yaml"),
             "--endpoints", str(self.state / "endpoints.yaml"),
             "--state-dir", str(self.state / "run"), "--log-queries", "all", "--log-level", "info",
-            "--listen", f"{NODE_POLICED4}:53",
+            "--listen", f"{NODE_POLICED4}:53", "--udp-io", self.udp_io,
         ]  # fmt: skip
         with open(self.log, "ab") as out:
             self.proxy = self.topo.spawn(
@@ -242,12 +245,12 @@ def _recv_exact(s: socket.socket, n: int) -> bytes:
     return got
 
 
-@pytest.fixture(scope="module")
-def env() -> Iterator[Env]:
+@pytest.fixture(scope="module", params=["rust", "asyncio"], ids=["udp_io=rust", "udp_io=asyncio"])
+def env(request: pytest.FixtureRequest) -> Iterator[Env]:
     require_knot()
     topo = InterceptTopology().create()
     state = Path(tempfile.mkdtemp(prefix="fqdnguard-intercept-"))
-    e = Env(topo, state)
+    e = Env(topo, state, udp_io=request.param)
     try:
         topo.start_echo_servers(sys.executable)
         (state / "policy.yaml").write_text(POLICY)

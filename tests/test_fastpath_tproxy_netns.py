@@ -2,7 +2,8 @@
 own addresses, the node sends those packets to fqdnguard's socket with nftables TPROXY, and
 
 - the engine's DNS verdict sees the server the pod asked (toEndpoints admits kube-dns only),
-- every answer reaches the pod from the address it asked (IP_PKTINFO / IPV6_PKTINFO),
+- every answer reaches the pod from the address it asked (a transparent socket bound there),
+  SERVFAIL at the timeout too,
 - allowed queries go to the configured upstream, or with ``forward_to_original`` to the server
   the pod asked; over IPv4 and IPv6.
 """
@@ -82,7 +83,8 @@ table ip6 fgtproxy {{
 
 
 def _fake_upstream(sock: socket.socket, stop: threading.Event, answer_ip: str) -> None:
-    """Answers every A query with `answer_ip` (TTL 60): who answered shows where it went."""
+    """Answers every A query with `answer_ip` (TTL 60): who answered shows where it went.
+    Names starting with "silent." get no answer (the query times out)."""
     sock.settimeout(0.05)
     while not stop.is_set():
         try:
@@ -90,6 +92,8 @@ def _fake_upstream(sock: socket.socket, stop: threading.Event, answer_ip: str) -
         except TimeoutError:
             continue
         query = dns.message.from_wire(data)
+        if query.question[0].name.to_text().startswith("silent."):
+            continue
         answer = dns.message.make_response(query)
         name = query.question[0].name
         answer.answer.append(dns.rrset.from_text(name, 60, "IN", "A", answer_ip))
@@ -97,8 +101,9 @@ def _fake_upstream(sock: socket.socket, stop: threading.Event, answer_ip: str) -
 
 
 def _releaser(io: UdpIo, stop: threading.Event, netns: str) -> None:
-    """Stands in for the proxy's backend: releases held answers at once. It runs in the node's
-    namespace, like every thread of a real proxy: reply sockets are made by the sending thread."""
+    """Stands in for the proxy's backend and sweeper: releases held answers at once, answers
+    timed-out queries. It runs in the node's namespace, like every thread of a real proxy:
+    reply sockets are made by the sending thread."""
     fd = os.open(f"/var/run/netns/{netns}", os.O_RDONLY)
     try:
         if _libc.setns(fd, CLONE_NEWNET) != 0:
@@ -111,6 +116,7 @@ def _releaser(io: UdpIo, stop: threading.Event, netns: str) -> None:
             io.release(held)
         if seq:
             io.adds_applied(seq)
+        io.sweep(time.time())
         time.sleep(0.005)
 
 
@@ -151,7 +157,7 @@ def net(request: pytest.FixtureRequest) -> Iterator[Topology]:
                 threading.Thread(target=_fake_upstream, args=(server, stop, answer), daemon=True)
             )
         endpoints = Endpoints.from_yaml(ENDPOINTS)
-        engine = Engine(DnsCache(), log_queries="none")
+        engine = Engine(DnsCache(), log_queries="none", timeout=1.0)
         engine.set_policy(
             *engine_table(Policy.from_yaml(POLICY, endpoints=endpoints), endpoints, None)
         )
@@ -207,4 +213,7 @@ def test_intercepted_queries_see_and_answer_from_the_server_asked(
     # The same name asked of a server toEndpoints does not admit: refused, from that server.
     assert ask(net, other, "www.allowed.test") == (dns.rcode.REFUSED, [], (other, 53))
     assert ask(net, kube_dns, "evil.test") == (dns.rcode.REFUSED, [], (kube_dns, 53))
-    assert net.io.stats()["send_errors"] == 0  # type: ignore[attr-defined]
+    # Allowed, but the server never answers: SERVFAIL at the timeout, from the address asked.
+    assert ask(net, kube_dns, "silent.allowed.test") == (dns.rcode.SERVFAIL, [], (kube_dns, 53))
+    stats = net.io.stats()  # type: ignore[attr-defined]
+    assert (stats["send_errors"], stats["reply_errors"], stats["not_intercepted"]) == (0, 0, 0)

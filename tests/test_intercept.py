@@ -435,10 +435,13 @@ class _NoRules(Interceptor):
 
 
 @needs_root
-def test_tcp_straight_to_the_transparent_listener_is_closed(knot: KnotServer) -> None:
-    """Not handed over by TPROXY (a process on the node connected to it): forwarding to "the
-    server asked" would connect back to the listener, again and again. UDP drops such queries;
-    TCP closes the connection."""
+@pytest.mark.parametrize("udp_io", ["rust", "asyncio"])
+def test_dns_straight_to_the_transparent_listeners_is_not_looped(
+    knot: KnotServer, udp_io: str
+) -> None:
+    """Not handed over by TPROXY (a process on the node sent it there): forwarding to "the
+    server asked" would send it back to the listener, again and again. UDP drops such queries
+    (the Rust thread or the asyncio reader, per ``udp_io``); TCP closes the connection."""
 
     async def scenario() -> None:
         endpoints = Endpoints.from_yaml(LOOP_ENDPOINTS)
@@ -449,17 +452,27 @@ def test_tcp_straight_to_the_transparent_listener_is_closed(knot: KnotServer) ->
             endpoints,
             upstreams=[f"{UPSTREAM_IP}:{knot.port}"],
             listen=[f"127.0.0.1:{free_port()}"],
-            config=ProxyConfig(log_queries="none"),
+            config=ProxyConfig(log_queries="none", udp_io=udp_io),
             intercept=_NoRules(InterceptSettings(port=port)),
         )
         await proxy.start()
         try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            assert (proxy._io is not None) == (udp_io == "rust")
             wire = dns.message.make_query("www.example.com", "A").to_wire()
+            for host, family in (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6)):
+                with socket.socket(family, socket.SOCK_DGRAM) as s:
+                    s.setblocking(False)
+                    s.sendto(wire, (host, port))
+                    await asyncio.sleep(0.3)  # the loop serves the asyncio listeners meanwhile
+                    with pytest.raises(BlockingIOError):
+                        s.recvfrom(512)
+            assert proxy.stats.counters(proxy._io)["not_intercepted"] == 2
+            assert proxy.engine.stats()["queries"] == 0
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(len(wire).to_bytes(2, "big") + wire)
             assert await asyncio.wait_for(reader.read(), 3) == b""
             writer.close()
-            assert proxy.stats.not_intercepted == 1
+            assert proxy.stats.counters(proxy._io)["not_intercepted"] == 3
         finally:
             await proxy.stop()
 

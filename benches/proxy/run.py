@@ -9,7 +9,8 @@
 
 and, as root, the intercepted mode beside the direct one over network namespaces (see
 intercepted.py): (f) routed to the cluster-DNS address, (g) fqdnguard asked directly, (h) the
-same fqdnguard with the cluster-DNS address asked and the query intercepted (TPROXY).
+same fqdnguard with the cluster-DNS address asked and the query intercepted (TPROXY), then
+(g2)/(h2) the same two with `--udp-io asyncio`.
 
 Each server under test is pinned to CPU 1, dnsperf and Knot to CPU 0. Every target runs
 `--repeat` times for `--seconds` and the medians are reported; then (a) and (c) are measured
@@ -318,7 +319,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument(
-        "--intercepted-only", action="store_true", help="only (f)-(h), the namespace paths"
+        "--intercepted-only", action="store_true", help="only (f)-(h2), the namespace paths"
     )
     args = ap.parse_args()
     if args.quick:

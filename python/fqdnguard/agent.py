@@ -150,7 +150,7 @@ class Runner:
         return 200, {"entries": cache_entries(self.cache), "now": time.time()}
 
     async def _get_stats(self, _body: Any) -> tuple[int, Any]:
-        counters = {k: v for k, v in vars(self.proxy.stats).items() if isinstance(v, int)}
+        counters = self.proxy.stats.counters(self.proxy._io)
         return 200, {
             "engine": self.proxy.engine.stats(),
             "cache": self.cache.stats(),

@@ -41,6 +41,9 @@ query_log = logging.getLogger("fqdnguard.query")
 
 FORWARD, REPLY, DROP = 0, 1, 2
 TCP_CHANNEL_BASE = 1 << 20
+#: The Rust UDP path's channels to the servers intercepted queries asked start here (its
+#: ORIGINAL_CHANNEL_BASE); TCP channels cycle below it.
+IO_ORIG_CHANNEL_BASE = 1 << 28
 #: UDP channels to the servers intercepted queries were addressed to: ORIG_CHANNEL_BASE + n.
 ORIG_CHANNEL_BASE = 1 << 16
 MAX_TCP_MESSAGE = 65535
@@ -69,6 +72,17 @@ class ProxyStats:
     #: Intercepted queries to a server no upstream socket could be opened for (every slot
     #: busy with queries in flight, or the kernel refused): they time out into SERVFAIL.
     orig_upstream_refused: int = 0
+
+    def counters(self, io: UdpIo | None = None) -> dict[str, int]:
+        """The integer counters, with the Rust UDP path's share of the interception ones
+        (``udp_io: rust`` serves the transparent UDP listeners there)."""
+        out = {k: v for k, v in vars(self).items() if isinstance(v, int)}
+        if io is not None:
+            u = io.stats()
+            out["reply_errors"] += u["reply_errors"]
+            out["not_intercepted"] += u["not_intercepted"]
+            out["orig_upstream_refused"] += u["orig_refused"]
+        return out
 
 
 # Socket buffers of the UDP sockets: a burst that arrives while the loop is busy waits in the
@@ -307,10 +321,12 @@ def original_destination(ancdata: list[tuple[int, int, bytes]]) -> tuple[str, in
 
 
 class _TransparentUdp:
-    """The UDP side of interception: a transparent socket that TPROXY hands the pods' queries
-    to, read with ``recvmsg`` from the loop's reader callback (asyncio's datagram transports
-    cannot see ancillary data), so each query comes with its original destination. Each query
-    goes to ``Proxy._on_query`` as the plain listeners' do, with that destination.
+    """The UDP side of interception with ``udp_io: asyncio`` (with ``rust`` the Rust UDP
+    thread serves these listeners: ``UdpIo(transparent_listen=...)``): a transparent socket
+    that TPROXY hands the pods' queries to, read with ``recvmsg`` from the loop's reader
+    callback (asyncio's datagram transports cannot see ancillary data), so each query comes
+    with its original destination. Each query goes to ``Proxy._on_query`` as the plain
+    listeners' do, with that destination.
 
     It is also the transport of those queries' ``_Client``: answers leave from a transparent
     socket bound to the address and port the pod asked (IP_PKTINFO could set the source
@@ -678,21 +694,34 @@ class Proxy:
         self._stopping = False
         bound = list(self.config.listen)
         if self.config.udp_io == "rust":
+            # One thread for the direct listeners and (--intercept) the transparent ones: one
+            # pending table, one sweep answering every timed-out UDP client, one drain.
+            transparent = (
+                [(host, self.intercept.settings.port) for host in (LISTEN4, LISTEN6)]
+                if self.intercept is not None
+                else []
+            )
             self._io = UdpIo(
                 self.engine,
                 bound,
                 list(self.upstreams),
                 buffer=SOCKET_BUFFER,
                 mark=self._mark or None,
+                transparent_listen=transparent,
+                forward_to_original=not self._override,
             )
             self._io.set_upstream(self._upstream)
+            direct = len(bound)
             bound = self._io.local_addresses()
-            self._udp_sockets = [socket.socket(fileno=os.dup(fd)) for fd in self._io.listener_fds()]
+            self._transparent_locals.update(bound[direct:])
+            bound = bound[:direct]
+            self._udp_sockets = [
+                socket.socket(fileno=os.dup(fd)) for fd in self._io.listener_fds()[:direct]
+            ]
             loop.add_reader(self._io.fileno(), self._on_io_events)
             self._io.start()
-        # Python's own upstream sockets: for asyncio UDP, and for the transparent listeners
-        # (which are read in Python) when they forward to the configured upstreams.
-        if self._io is None or self.intercept is not None:
+        # Python's own upstream sockets (asyncio UDP, with its transparent listeners too).
+        if self._io is None:
             for channel, (host, port) in enumerate(self.upstreams):
                 transport, _ = await loop.create_datagram_endpoint(
                     functools.partial(_UpstreamUdp, self, channel), remote_addr=(host, port)
@@ -750,10 +779,11 @@ class Proxy:
     async def _listen_transparent(
         self, loop: asyncio.AbstractEventLoop, local: tuple[str, int]
     ) -> None:
-        udp = _TransparentUdp(self, local)
-        self._transparent_udp.append(udp)
-        self._transparent_locals.add(udp.local)
-        udp.start(loop)
+        if self._io is None:  # else the Rust UDP thread serves the transparent UDP listener
+            udp = _TransparentUdp(self, local)
+            self._transparent_udp.append(udp)
+            self._transparent_locals.add(udp.local)
+            udp.start(loop)
         family = socket.AF_INET6 if ":" in local[0] else socket.AF_INET
         sock = transparent_socket(family, socket.SOCK_STREAM, local)
         try:
@@ -777,7 +807,7 @@ class Proxy:
     def addresses(self) -> list[tuple[str, int]]:
         """The bound listen addresses (with the real port when 0 was asked)."""
         if self._io is not None:
-            return self._io.local_addresses()
+            return self._io.local_addresses()[: len(self.config.listen)]
         return [t.get_extra_info("sockname")[:2] for t in self._listeners]
 
     async def stop(self, timeout: float = 5.0) -> None:
@@ -1009,7 +1039,11 @@ class Proxy:
 
     def _tcp_channel(self, conn: _TcpClient, upstream: int) -> int:
         if conn.channel == 0:
-            self._tcp_channels += 1
+            # Cycling below the Rust path's channels (a connection lives far shorter than
+            # the ~267M connections it takes to come round).
+            self._tcp_channels = (self._tcp_channels + 1) % (
+                IO_ORIG_CHANNEL_BASE - TCP_CHANNEL_BASE
+            )
             conn.channel = TCP_CHANNEL_BASE + self._tcp_channels
             conn.upstream_index = upstream  # type: ignore[attr-defined]
         return conn.channel

@@ -21,6 +21,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use hashbrown::HashMap;
 use nix::errno::Errno;
@@ -40,8 +41,13 @@ pub const BATCH: usize = 32;
 /// Engine channels of the servers clients asked (`forward_to_original`) start here, far above
 /// the configured upstreams' and the proxy's TCP channels (`1 << 20` up).
 pub const ORIGINAL_CHANNEL_BASE: u32 = 1 << 28;
-/// At most this many asked servers get a socket; queries to others go to the configured upstream.
+/// At most this many asked servers get a socket at a time. The least recently used one is
+/// replaced only when idle (nothing sent to it for an upstream timeout, so no answer is owed on
+/// it); while all are busy, a query to yet another server gets none and times out (SERVFAIL).
 const MAX_ORIGINALS: usize = 256;
+/// How many engine channels the asked servers' sockets cycle through (each new socket takes the
+/// next: an answer owed on a replaced socket can never match a query sent on its successor).
+const ORIGINAL_CHANNELS: u32 = u32::MAX - ORIGINAL_CHANNEL_BASE;
 /// Batches read from one ready socket before the others get their turn.
 const ROUNDS: usize = 4;
 /// The largest UDP payload (an EDNS answer may be up to 64 KiB).
@@ -63,6 +69,9 @@ pub struct IoConfig {
     pub mark: Option<u32>,
     /// SO_RCVBUF / SO_SNDBUF of every socket, in bytes.
     pub buffer: usize,
+    /// More listeners, always transparent, after the `listen` ones: one thread serves a
+    /// proxy's direct listeners and its TPROXY listeners together (one table, one sweep).
+    pub transparent_listen: Vec<SocketAddr>,
 }
 
 /// What can go wrong setting the I/O up or driving it.
@@ -138,6 +147,14 @@ pub struct IoStats {
     pub truncated: u64,
     pub send_errors: u64,
     pub recv_errors: u64,
+    /// Transparent listeners: datagrams sent to the listener itself, not handed over by
+    /// TPROXY (dropped: forwarding them to "the server asked" would loop).
+    pub not_intercepted: u64,
+    /// Transparent answers that could not leave from the address asked (no socket could be
+    /// bound there); a bound socket's failed sends count in `send_errors`.
+    pub reply_errors: u64,
+    /// Queries to an asked server no socket could be opened for (all busy, or refused).
+    pub orig_refused: u64,
 }
 
 #[derive(Debug, Default)]
@@ -148,12 +165,17 @@ struct Counters {
     truncated: AtomicU64,
     send_errors: AtomicU64,
     recv_errors: AtomicU64,
+    not_intercepted: AtomicU64,
+    reply_errors: AtomicU64,
+    orig_refused: AtomicU64,
 }
 
 #[derive(Debug)]
 struct Listener {
     fd: OwnedFd,
     local: SocketAddr,
+    /// TPROXY listener: reads the original destination, answers from it.
+    transparent: bool,
 }
 
 #[derive(Debug)]
@@ -163,31 +185,88 @@ struct Upstream {
     answers: AtomicU64,
 }
 
-/// The servers clients asked, each with its connected socket (`forward_to_original`). Only the
-/// I/O thread touches them: it makes them when a query needs one, polls and reads them.
+/// The socket to one server clients asked, on its own engine channel.
 #[derive(Debug)]
+struct Original {
+    up: Upstream,
+    channel: u32,
+    hdrs: MultiHeaders<SockaddrStorage>,
+    out: Vec<(Vec<u8>, Option<SockaddrStorage>)>,
+    /// When a query last went out: idle (replaceable) an upstream timeout later.
+    last_sent: Instant,
+}
+
+/// The servers clients asked, each with its connected, marked socket (`forward_to_original`).
+/// Only the I/O thread touches them: it makes one when a query the verdict allowed needs it
+/// (never before the verdict: a refused or dropped query opens nothing), polls and reads them.
+#[derive(Debug, Default)]
 struct Originals {
-    socks: Vec<Upstream>,
+    slots: Vec<Original>,
     by_addr: HashMap<SocketAddr, usize>,
-    hdrs: Vec<MultiHeaders<SockaddrStorage>>,
-    out: Vec<Vec<(Vec<u8>, Option<SockaddrStorage>)>>,
+    /// Sockets made so far: the next one's channel is `ORIGINAL_CHANNEL_BASE + next`.
+    next: u32,
 }
 
 impl Originals {
-    /// The slot of `server`'s socket, made on first use; None when full or it cannot be made.
-    fn slot(&mut self, server: SocketAddr, config: &IoConfig) -> Option<usize> {
+    /// The channel a query to `server` goes out on: its socket's, or the one the next socket
+    /// will take (the verdict comes first; the socket is made by [`Originals::open`]).
+    fn channel(&self, server: SocketAddr) -> u32 {
+        match self.by_addr.get(&server) {
+            Some(&i) => self.slots[i].channel,
+            None => ORIGINAL_CHANNEL_BASE + self.next % ORIGINAL_CHANNELS,
+        }
+    }
+
+    /// The slot of `server`'s socket, made on `channel` (from [`Originals::channel`]) when
+    /// there is none. None when every slot is busy or the kernel refuses the socket: the
+    /// query then times out into SERVFAIL; the other servers' answers owed are never lost.
+    fn open(
+        &mut self,
+        server: SocketAddr,
+        channel: u32,
+        config: &IoConfig,
+        idle: Duration,
+        now: Instant,
+    ) -> Option<usize> {
         if let Some(&i) = self.by_addr.get(&server) {
             return Some(i);
         }
-        if self.socks.len() >= MAX_ORIGINALS {
-            return None;
-        }
+        // The channel is used up either way: a pending query names it.
+        self.next = self.next.wrapping_add(1) % ORIGINAL_CHANNELS;
+        let replace = if self.slots.len() >= MAX_ORIGINALS {
+            let (i, oldest) = self
+                .slots
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, o)| o.last_sent)?;
+            if now.saturating_duration_since(oldest.last_sent) < idle {
+                return None;
+            }
+            Some(i)
+        } else {
+            None
+        };
         let up = upstream(server, config).ok()?;
-        self.socks.push(up);
-        self.hdrs.push(MultiHeaders::preallocate(BATCH, None));
-        self.out.push(Vec::new());
-        self.by_addr.insert(server, self.socks.len() - 1);
-        Some(self.socks.len() - 1)
+        let slot = Original {
+            up,
+            channel,
+            hdrs: MultiHeaders::preallocate(BATCH, None),
+            out: Vec::new(),
+            last_sent: now,
+        };
+        let i = match replace {
+            Some(i) => {
+                let old = std::mem::replace(&mut self.slots[i], slot);
+                self.by_addr.remove(&old.up.addr);
+                i
+            }
+            None => {
+                self.slots.push(slot);
+                self.slots.len() - 1
+            }
+        };
+        self.by_addr.insert(server, i);
+        Some(i)
     }
 }
 
@@ -195,13 +274,12 @@ impl Originals {
 struct Shared {
     engine: Arc<Engine>,
     config: IoConfig,
-    transparent: bool,
     listeners: Vec<Listener>,
     upstreams: Vec<Upstream>,
     table: Mutex<Table>,
     events: Mutex<Events>,
     /// Transparent mode: sockets bound to the servers clients asked, to answer from them.
-    reply_sockets: Mutex<HashMap<SocketAddr, OwnedFd>>,
+    reply_sockets: Mutex<Replies>,
     /// Readable when there is something to drain (Python's event loop watches it).
     notify: EventFd,
     /// Wakes the I/O thread (stop, stop listening).
@@ -256,14 +334,14 @@ fn udp_socket(addr: &SocketAddr) -> Result<OwnedFd, IoError> {
     .map_err(sock_err(format!("socket for {addr}")))
 }
 
-fn listener(addr: SocketAddr, cfg: &IoConfig) -> Result<Listener, IoError> {
+fn listener(addr: SocketAddr, transparent: bool, cfg: &IoConfig) -> Result<Listener, IoError> {
     let fd = udp_socket(&addr)?;
     let what = format!("cannot listen on {addr}");
     socket::setsockopt(&fd, sockopt::ReusePort, &true).map_err(sock_err(what.clone()))?;
     if addr.is_ipv6() {
         socket::setsockopt(&fd, sockopt::Ipv6V6Only, &true).map_err(sock_err(what.clone()))?;
     }
-    if cfg.transparent {
+    if transparent {
         socket::setsockopt(&fd, sockopt::IpTransparent, &true).map_err(sock_err(what.clone()))?;
         if addr.is_ipv4() {
             socket::setsockopt(&fd, sockopt::Ipv4OrigDstAddr, &true)
@@ -278,7 +356,11 @@ fn listener(addr: SocketAddr, cfg: &IoConfig) -> Result<Listener, IoError> {
     let local = socket::getsockname::<SockaddrStorage>(fd.as_raw_fd())
         .map_err(sock_err(what.clone()))
         .and_then(|s| socket_addr(&s).ok_or(IoError::Config(what)))?;
-    Ok(Listener { fd, local })
+    Ok(Listener {
+        fd,
+        local,
+        transparent,
+    })
 }
 
 fn upstream(addr: SocketAddr, cfg: &IoConfig) -> Result<Upstream, IoError> {
@@ -388,12 +470,14 @@ fn send_batch(
     }
 }
 
-/// Reply sockets kept for transparent mode, at most this many (then the cache starts over).
-const MAX_REPLY_SOCKETS: usize = 1024;
+/// Reply sockets kept for transparent mode, at most this many (the least recently used is
+/// closed first; an answer still owed from its address simply opens it again).
+const MAX_REPLY_SOCKETS: usize = 256;
 
 /// A socket that sends from `local`, an address this host does not own (transparent mode: the
-/// server the client asked): `IP_TRANSPARENT` lets it bind there; `SO_REUSEADDR` lets several
-/// share it. `IP_PKTINFO` would set the source address only, not the port.
+/// server the client asked): `IP_TRANSPARENT` lets it bind there. Without `SO_REUSEADDR`: a UDP
+/// socket sharing an address with a server that set it too could be handed its queries.
+/// `IP_PKTINFO` would set the source address only, not the port.
 fn reply_socket(local: SocketAddr) -> Result<OwnedFd, IoError> {
     let fd = udp_socket(&local)?;
     let what = format!("reply socket from {local}");
@@ -401,9 +485,76 @@ fn reply_socket(local: SocketAddr) -> Result<OwnedFd, IoError> {
         socket::setsockopt(&fd, sockopt::Ipv6V6Only, &true).map_err(sock_err(what.clone()))?;
     }
     socket::setsockopt(&fd, sockopt::IpTransparent, &true).map_err(sock_err(what.clone()))?;
-    socket::setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(sock_err(what.clone()))?;
     socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(local)).map_err(sock_err(what))?;
     Ok(fd)
+}
+
+/// Is `ip` an address of this node (a plain socket may bind it)?
+fn is_local(ip: std::net::IpAddr) -> bool {
+    let probe = SocketAddr::new(ip, 0);
+    udp_socket(&probe)
+        .is_ok_and(|fd| socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(probe)).is_ok())
+}
+
+/// How answers leave from one address clients asked.
+#[derive(Debug)]
+enum Reply {
+    /// A transparent socket bound there, kept.
+    Bound(OwnedFd),
+    /// An address of this node (node-local DNS): a server there may hold the port, or want it
+    /// later. A socket is bound for each answer and closed at once; while the server holds the
+    /// address the answer cannot leave (counted in `reply_errors`; fail closed).
+    Local,
+    /// The kernel refused the socket: answers are dropped until it falls out of the cache.
+    Refused,
+}
+
+/// The reply sockets by address, least recently used evicted first.
+#[derive(Debug, Default)]
+struct Replies {
+    by_addr: HashMap<SocketAddr, (Reply, u64)>,
+    tick: u64,
+}
+
+impl Replies {
+    /// How answers leave from `local` (found, or made now).
+    fn get(&mut self, local: SocketAddr) -> &Reply {
+        self.tick += 1;
+        let tick = self.tick;
+        if let Some(entry) = self.by_addr.get_mut(&local) {
+            entry.1 = tick;
+        } else {
+            if self.by_addr.len() >= MAX_REPLY_SOCKETS {
+                let oldest = self
+                    .by_addr
+                    .iter()
+                    .min_by_key(|(_, (_, t))| *t)
+                    .map(|(a, _)| *a);
+                if let Some(a) = oldest {
+                    self.by_addr.remove(&a);
+                }
+            }
+            let reply = if is_local(local.ip()) {
+                Reply::Local
+            } else {
+                reply_socket(local).map_or(Reply::Refused, Reply::Bound)
+            };
+            self.by_addr.insert(local, (reply, tick));
+        }
+        self.by_addr.get(&local).map_or(&Reply::Refused, |(r, _)| r)
+    }
+
+    /// Sends `payload` to `to` from `local`; false when it could not leave.
+    fn send(&mut self, local: SocketAddr, payload: &[u8], to: &SockaddrStorage) -> bool {
+        let send = |fd: &OwnedFd| {
+            socket::sendto(fd.as_raw_fd(), payload, to, MsgFlags::MSG_DONTWAIT).is_ok()
+        };
+        match self.get(local) {
+            Reply::Bound(fd) => send(fd),
+            Reply::Local => reply_socket(local).is_ok_and(|fd| send(&fd)),
+            Reply::Refused => false,
+        }
+    }
 }
 
 /// Answers for clients: grouped by listener, or (transparent mode) each with the address it
@@ -445,35 +596,48 @@ impl Outbox {
         if self.from.is_empty() {
             return;
         }
-        let Ok(mut socks) = sh.reply_sockets.lock() else {
+        let Ok(mut replies) = sh.reply_sockets.lock() else {
+            self.from.clear();
             return;
         };
-        for (payload, to, local) in self.from.drain(..) {
-            if !socks.contains_key(&local) {
-                if socks.len() >= MAX_REPLY_SOCKETS {
-                    socks.clear();
-                }
-                match reply_socket(local) {
-                    Ok(fd) => {
-                        socks.insert(local, fd);
-                    }
-                    Err(_) => {
-                        sh.counters.send_errors.fetch_add(1, Ordering::Relaxed);
-                        continue;
+        // The answers from one asked address leave together, in one sendmmsg per BATCH.
+        self.from.sort_unstable_by_key(|(_, _, local)| *local);
+        let mut run = Vec::new();
+        let mut answers = self.from.drain(..).peekable();
+        while let Some((payload, to, local)) = answers.next() {
+            run.push((payload, Some(to)));
+            if answers.peek().is_some_and(|(_, _, next)| *next == local) {
+                continue;
+            }
+            let bound = match replies.get(local) {
+                Reply::Bound(fd) => Some(fd.as_raw_fd()),
+                Reply::Local | Reply::Refused => None,
+            };
+            match bound {
+                Some(fd) => send_batch(fd, hdrs, &run, &sh.counters),
+                None => {
+                    for (payload, to) in &run {
+                        let sent = to.is_some_and(|to| replies.send(local, payload, &to));
+                        if !sent {
+                            sh.counters.reply_errors.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 }
             }
-            let sent = socks.get(&local).is_some_and(|fd| {
-                socket::sendto(fd.as_raw_fd(), &payload, &to, MsgFlags::MSG_DONTWAIT).is_ok()
-            });
-            if !sent {
-                sh.counters.send_errors.fetch_add(1, Ordering::Relaxed);
-            }
+            run.clear();
         }
     }
 }
 
 impl Shared {
+    /// Is `a` one of the listeners' own addresses?
+    fn is_own(&self, a: SocketAddr) -> bool {
+        let (ip, port) = (a.ip().to_canonical(), a.port());
+        self.listeners
+            .iter()
+            .any(|l| l.local.port() == port && l.local.ip().to_canonical() == ip)
+    }
+
     fn adds_pending(&self) -> bool {
         self.adds_queued.load(Ordering::Acquire) > self.adds_applied.load(Ordering::Acquire)
     }
@@ -517,6 +681,10 @@ impl Shared {
         let Some(up) = self.upstreams.get(configured) else {
             return Ok(());
         };
+        let transparent = self.listeners.get(l).is_some_and(|lis| lis.transparent);
+        let idle = Duration::try_from_secs_f64(self.engine.config().timeout)
+            .unwrap_or(Duration::from_secs(5));
+        let clock = Instant::now();
         let mut table = self.table.lock().map_err(|_| POISONED)?;
         for (r, buf) in got.iter().zip(bufs.iter()) {
             self.counters.queries.fetch_add(1, Ordering::Relaxed);
@@ -528,18 +696,30 @@ impl Shared {
                 self.counters.truncated.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let local = if self.transparent { r.to } else { None };
+            let local = if transparent {
+                match r.to {
+                    // Sent to a listener itself, not handed over by TPROXY: not ours to answer
+                    // (forwarded to "the server asked", it would come back here).
+                    Some(a) if !self.is_own(a) => Some(a),
+                    _ => {
+                        self.counters
+                            .not_intercepted
+                            .fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
             // The verdict sees the server the client asked (transparent) or the upstream.
             let (server, port) = match local {
                 Some(a) => (a.ip().to_canonical(), a.port()),
                 None => (up.addr.ip().to_canonical(), 53),
             };
-            // Where it goes: the server asked (forward_to_original), else the upstream.
-            let original = match local {
-                Some(a) if self.config.forward_to_original => originals.slot(a, &self.config),
-                _ => None,
-            };
-            let channel = original.map_or(configured as u32, |i| ORIGINAL_CHANNEL_BASE + i as u32);
+            // Where it goes: the server asked (forward_to_original), else the upstream. The
+            // socket to the server asked is made only once the verdict lets the query go.
+            let asked = local.filter(|_| self.config.forward_to_original);
+            let channel = asked.map_or(configured as u32, |a| originals.channel(a));
             let (action, log) = self.engine.query(
                 src.ip().to_canonical(),
                 server,
@@ -559,9 +739,19 @@ impl Shared {
             };
             match action {
                 QueryAction::Forward { bytes, token } => {
+                    // Even when it cannot be sent: the sweep answers it SERVFAIL.
                     table.clients.insert(token, client);
-                    let queue = match original {
-                        Some(i) => originals.out.get_mut(i),
+                    let queue = match asked {
+                        Some(a) => match originals.open(a, channel, &self.config, idle, clock) {
+                            Some(i) => originals.slots.get_mut(i).map(|o| {
+                                o.last_sent = clock;
+                                &mut o.out
+                            }),
+                            None => {
+                                self.counters.orig_refused.fetch_add(1, Ordering::Relaxed);
+                                None
+                            }
+                        },
                         None => to_upstream.get_mut(configured),
                     };
                     if let Some(q) = queue {
@@ -672,9 +862,7 @@ fn read_answers(
 /// The I/O thread: poll, read a batch per ready socket, process, send, publish.
 fn run(sh: &Shared) {
     let mut bufs = vec![vec![0u8; MAX_DATAGRAM]; BATCH];
-    let cmsg = sh
-        .transparent
-        .then(|| nix::cmsg_space!(nix::libc::sockaddr_in6));
+    let cmsg = nix::cmsg_space!(nix::libc::sockaddr_in6);
     // One header set per socket: nix leaves each msg_namelen (and msg_controllen) as the kernel
     // set it, so a set shared between an IPv4 and an IPv6 socket would truncate addresses. A
     // socket's peers all have its family (IPv6 listeners are V6ONLY), so its own set stays right.
@@ -688,12 +876,7 @@ fn run(sh: &Shared) {
     let mut outbox = Outbox::new(sh.listeners.len());
     let mut batch = Drained::default();
     let mut ready = Vec::new();
-    let mut originals = Originals {
-        socks: Vec::new(),
-        by_addr: HashMap::new(),
-        hdrs: Vec::new(),
-        out: Vec::new(),
-    };
+    let mut originals = Originals::default();
     let mut polled_originals;
     while sh.running.load(Ordering::Acquire) {
         let listening = sh.listening.load(Ordering::Acquire);
@@ -709,10 +892,10 @@ fn run(sh: &Shared) {
             fds.extend(
                 sh.upstreams
                     .iter()
-                    .chain(&originals.socks)
+                    .chain(originals.slots.iter().map(|o| &o.up))
                     .map(|u| PollFd::new(u.fd.as_fd(), PollFlags::POLLIN)),
             );
-            polled_originals = originals.socks.len();
+            polled_originals = originals.slots.len();
             match nix::poll::poll(&mut fds, PollTimeout::NONE) {
                 Ok(_) | Err(Errno::EINTR) => {}
                 Err(_) => {
@@ -746,10 +929,9 @@ fn run(sh: &Shared) {
             }
         }
         let base = 1 + nl + sh.upstreams.len();
-        for (i, (up, hdrs)) in originals
-            .socks
-            .iter()
-            .zip(originals.hdrs.iter_mut())
+        for (i, o) in originals
+            .slots
+            .iter_mut()
             .enumerate()
             .take(polled_originals)
         {
@@ -761,7 +943,7 @@ fn run(sh: &Shared) {
                     send_hdrs: &mut send_hdrs,
                     batch: &mut batch,
                 };
-                if !read_answers(sh, up, hdrs, ORIGINAL_CHANNEL_BASE + i as u32, &mut io) {
+                if !read_answers(sh, &o.up, &mut o.hdrs, o.channel, &mut io) {
                     return;
                 }
             }
@@ -778,14 +960,13 @@ fn run(sh: &Shared) {
                 continue;
             }
             for _ in 0..ROUNDS {
-                let res = match cmsg.as_ref() {
+                let res = if lis.transparent {
                     // A fresh header set per call: a datagram without the control message would
                     // leave msg_controllen at 0 for the next call on that slot.
-                    Some(space) => {
-                        let mut fresh = MultiHeaders::preallocate(BATCH, Some(space.clone()));
-                        recv_batch(lis.fd.as_raw_fd(), &mut fresh, &mut bufs, &mut got)
-                    }
-                    None => recv_batch(lis.fd.as_raw_fd(), hdrs, &mut bufs, &mut got),
+                    let mut fresh = MultiHeaders::preallocate(BATCH, Some(cmsg.clone()));
+                    recv_batch(lis.fd.as_raw_fd(), &mut fresh, &mut bufs, &mut got)
+                } else {
+                    recv_batch(lis.fd.as_raw_fd(), hdrs, &mut bufs, &mut got)
                 };
                 let n = match res {
                     Ok(n) => n,
@@ -809,7 +990,7 @@ fn run(sh: &Shared) {
                     return;
                 }
                 let queues = to_upstream.iter_mut().zip(&sh.upstreams);
-                let asked = originals.out.iter_mut().zip(&originals.socks);
+                let asked = originals.slots.iter_mut().map(|o| (&mut o.out, &o.up));
                 for (q, up) in queues.chain(asked) {
                     if !q.is_empty() {
                         send_batch(up.fd.as_raw_fd(), &mut send_hdrs, q, &sh.counters);
@@ -830,7 +1011,9 @@ impl UdpIo {
     /// Opens the sockets (listeners bound, upstreams connected); the thread starts with
     /// [`UdpIo::start`].
     pub fn new(engine: Arc<Engine>, config: &IoConfig) -> Result<Self, IoError> {
-        if config.listen.is_empty() || config.upstreams.is_empty() {
+        if (config.listen.is_empty() && config.transparent_listen.is_empty())
+            || config.upstreams.is_empty()
+        {
             return Err(IoError::Config(
                 "at least one listen address and one upstream are required".into(),
             ));
@@ -838,7 +1021,13 @@ impl UdpIo {
         let listeners = config
             .listen
             .iter()
-            .map(|a| listener(*a, config))
+            .map(|a| listener(*a, config.transparent, config))
+            .chain(
+                config
+                    .transparent_listen
+                    .iter()
+                    .map(|a| listener(*a, true, config)),
+            )
             .collect::<Result<Vec<_>, _>>()?;
         let upstreams = config
             .upstreams
@@ -852,12 +1041,11 @@ impl UdpIo {
             shared: Arc::new(Shared {
                 engine,
                 config: config.clone(),
-                transparent: config.transparent,
                 listeners,
                 upstreams,
                 table: Mutex::new(Table::default()),
                 events: Mutex::new(Events::default()),
-                reply_sockets: Mutex::new(HashMap::new()),
+                reply_sockets: Mutex::new(Replies::default()),
                 notify,
                 wake,
                 upstream: AtomicU32::new(0),
@@ -910,7 +1098,7 @@ impl UdpIo {
     }
 
     /// The listeners' descriptors (for socket options set from outside, e.g. a reuseport
-    /// program), in the order of `IoConfig::listen`.
+    /// program), in the order of `IoConfig::listen` then `IoConfig::transparent_listen`.
     pub fn listener_fds(&self) -> Vec<RawFd> {
         self.shared
             .listeners
@@ -919,7 +1107,7 @@ impl UdpIo {
             .collect()
     }
 
-    /// The bound listen addresses (the real port when 0 was asked).
+    /// The bound listen addresses (the real port when 0 was asked), in the same order.
     pub fn local_addresses(&self) -> Vec<SocketAddr> {
         self.shared.listeners.iter().map(|l| l.local).collect()
     }
@@ -1045,6 +1233,9 @@ impl UdpIo {
             truncated: c.truncated.load(Ordering::Relaxed),
             send_errors: c.send_errors.load(Ordering::Relaxed),
             recv_errors: c.recv_errors.load(Ordering::Relaxed),
+            not_intercepted: c.not_intercepted.load(Ordering::Relaxed),
+            reply_errors: c.reply_errors.load(Ordering::Relaxed),
+            orig_refused: c.orig_refused.load(Ordering::Relaxed),
         }
     }
 }

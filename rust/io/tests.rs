@@ -85,6 +85,7 @@ fn setup(unknown: Option<EndpointRef>, timeout: f64) -> Setup {
         forward_to_original: false,
         mark: None,
         buffer: 1 << 20,
+        transparent_listen: Vec::new(),
     };
     let io = UdpIo::new(engine(unknown, timeout), &config).expect("io");
     io.start().expect("start");
@@ -248,6 +249,7 @@ fn ipv4_and_ipv6_listeners_each_answer_their_own_clients() {
         forward_to_original: false,
         mark: None,
         buffer: 1 << 20,
+        transparent_listen: Vec::new(),
     };
     let io = UdpIo::new(engine(None, 2.0), &config).expect("io");
     io.start().expect("start");
@@ -264,4 +266,114 @@ fn ipv4_and_ipv6_listeners_each_answer_their_own_clients() {
             .expect("send");
         assert_eq!(recv(&c6).expect("v6 answer")[..2], (100 + i).to_be_bytes());
     }
+}
+
+fn forwarding_config() -> IoConfig {
+    IoConfig {
+        listen: Vec::new(),
+        upstreams: Vec::new(),
+        transparent: false,
+        forward_to_original: true,
+        mark: None,
+        buffer: 1 << 16,
+        transparent_listen: Vec::new(),
+    }
+}
+
+#[test]
+fn asked_servers_get_sockets_after_the_verdict_and_busy_ones_are_never_replaced() {
+    let config = forwarding_config();
+    let idle = Duration::from_secs(5);
+    let now = Instant::now();
+    let mut o = Originals::default();
+    let first: SocketAddr = "127.0.1.1:53".parse().expect("addr");
+    // The channel is known before any socket exists (a refused query opens nothing).
+    let ch = o.channel(first);
+    assert_eq!(ch, ORIGINAL_CHANNEL_BASE);
+    assert!(o.slots.is_empty());
+    assert_eq!(o.open(first, ch, &config, idle, now), Some(0));
+    assert_eq!(o.channel(first), ch, "the same server keeps its channel");
+    for i in 1..MAX_ORIGINALS {
+        let server = SocketAddr::from(([127, 0, 2, (i % 250) as u8], 1000 + i as u16));
+        let c = o.channel(server);
+        assert!(o.open(server, c, &config, idle, now).is_some());
+    }
+    // Full and all busy: a new server gets no socket, and nobody's socket is closed.
+    let late: SocketAddr = "127.0.3.1:53".parse().expect("addr");
+    let c = o.channel(late);
+    assert_eq!(o.open(late, c, &config, idle, now), None);
+    assert_eq!(o.slots.len(), MAX_ORIGINALS);
+    assert_eq!(o.channel(first), ch);
+    // Once idle, the least recently used is replaced, on a channel never used before.
+    o.slots[0].last_sent = now - Duration::from_secs(6);
+    let c2 = o.channel(late);
+    assert_ne!(
+        c2, c,
+        "the refused query's channel is not given to another server"
+    );
+    assert_eq!(o.open(late, c2, &config, idle, now), Some(0));
+    assert_eq!(o.slots[0].channel, c2);
+    assert_ne!(
+        o.channel(first),
+        ch,
+        "the replaced server's channel is gone with it"
+    );
+    // A server no socket can be connected to (link-local without a scope): none, no panic.
+    let scopeless: SocketAddr = "[fe80::1]:53".parse().expect("addr");
+    o.slots[1].last_sent = now - Duration::from_secs(6);
+    let c3 = o.channel(scopeless);
+    assert_eq!(o.open(scopeless, c3, &config, idle, now), None);
+}
+
+/// IP_TRANSPARENT needs CAP_NET_ADMIN: the reply socket tests are skipped without it.
+fn can_be_transparent() -> bool {
+    reply_socket("192.0.2.1:53".parse().expect("addr")).is_ok()
+}
+
+#[test]
+fn answers_from_a_node_address_use_a_socket_each_and_never_take_a_servers_port() {
+    if !can_be_transparent() {
+        return;
+    }
+    let server = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let asked = server.local_addr().expect("addr");
+    let pod = udp(2000);
+    let to = SockaddrStorage::from(pod.local_addr().expect("addr"));
+    let mut replies = Replies::default();
+    // A server holds the address: the answer cannot leave (fail closed), the server keeps it.
+    assert!(!replies.send(asked, b"answer", &to));
+    assert!(matches!(
+        replies.by_addr.get(&asked),
+        Some((Reply::Local, _))
+    ));
+    drop(server);
+    // Nobody holds it: the answer leaves from it, and nothing stays bound there.
+    assert!(replies.send(asked, b"answer", &to));
+    let mut buf = [0u8; 64];
+    let (n, from) = pod.recv_from(&mut buf).expect("answered");
+    assert_eq!((&buf[..n], from), (&b"answer"[..], asked));
+    UdpSocket::bind(asked).expect("a server can still start there");
+}
+
+#[test]
+fn reply_sockets_are_bounded_least_recently_used_first() {
+    if !can_be_transparent() {
+        return;
+    }
+    let pod = udp(2000);
+    let to = SockaddrStorage::from(pod.local_addr().expect("addr"));
+    let mut replies = Replies::default();
+    let asked = |i: usize| SocketAddr::from(([192, 0, 2, 1], 1000 + i as u16));
+    for i in 0..MAX_REPLY_SOCKETS {
+        replies.send(asked(i), b"a", &to);
+    }
+    replies.send(asked(0), b"a", &to); // used again: the second one is now the oldest
+    replies.send(asked(MAX_REPLY_SOCKETS), b"a", &to);
+    assert_eq!(replies.by_addr.len(), MAX_REPLY_SOCKETS);
+    assert!(replies.by_addr.contains_key(&asked(0)));
+    assert!(!replies.by_addr.contains_key(&asked(1)));
+    assert!(matches!(
+        replies.by_addr.get(&asked(MAX_REPLY_SOCKETS)),
+        Some((Reply::Bound(_), _))
+    ));
 }

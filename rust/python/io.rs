@@ -47,7 +47,8 @@ pub struct PyUdpIo {
 impl PyUdpIo {
     #[new]
     #[pyo3(signature = (engine, listen, upstreams, *, transparent = false,
-                        forward_to_original = false, mark = None, buffer = 4 << 20))]
+                        forward_to_original = false, mark = None, buffer = 4 << 20,
+                        transparent_listen = Vec::new()))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         engine: &Bound<'_, PyEngine>,
@@ -57,6 +58,7 @@ impl PyUdpIo {
         forward_to_original: bool,
         mark: Option<u32>,
         buffer: usize,
+        transparent_listen: Vec<(String, u16)>,
     ) -> PyResult<Self> {
         let config = IoConfig {
             listen: listen
@@ -71,6 +73,10 @@ impl PyUdpIo {
             forward_to_original,
             mark,
             buffer,
+            transparent_listen: transparent_listen
+                .iter()
+                .map(|a| addr_arg(a, "transparent_listen"))
+                .collect::<PyResult<_>>()?,
         };
         let inner = UdpIo::new(engine.get().shared(), &config).map_err(io_err)?;
         Ok(PyUdpIo { inner })
@@ -96,12 +102,12 @@ impl PyUdpIo {
         self.inner.notify_fd()
     }
 
-    /// The listeners' file descriptors, in the order of `listen`.
+    /// The listeners' file descriptors, in the order of `listen` then `transparent_listen`.
     fn listener_fds(&self) -> Vec<i32> {
         self.inner.listener_fds()
     }
 
-    /// The bound listen addresses, `[(host, port)]`.
+    /// The bound listen addresses, `[(host, port)]`, in the same order.
     fn local_addresses(&self) -> Vec<(String, u16)> {
         self.inner
             .local_addresses()
@@ -197,6 +203,9 @@ impl PyUdpIo {
         d.set_item("truncated", s.truncated)?;
         d.set_item("send_errors", s.send_errors)?;
         d.set_item("recv_errors", s.recv_errors)?;
+        d.set_item("not_intercepted", s.not_intercepted)?;
+        d.set_item("reply_errors", s.reply_errors)?;
+        d.set_item("orig_refused", s.orig_refused)?;
         Ok(d)
     }
 }
