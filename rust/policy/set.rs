@@ -9,7 +9,7 @@ use hashbrown::HashMap;
 
 use super::error::PolicyBuildError;
 use super::net::{PeerMatch, Peers, PortRange, Proto};
-use crate::pattern::{LabelBuf, Parsed, PatternTrie};
+use crate::pattern::{LabelBuf, Labels, Parsed, PatternTrie};
 
 /// A `matchName` or `matchPattern` entry of `toFQDNs` or `rules.dns`, validated.
 #[derive(Debug, Clone)]
@@ -417,13 +417,13 @@ impl PolicySet {
     /// lowest id whose port entry admits the port and whose rule admits the server, else the
     /// first open port entry (no `rules.dns`) admitting both. With `first_found`, any allowing
     /// selector will do (the answer is only used as yes/no), so the walk stops at the first.
-    fn dns_allowing(
+    fn dns_allowing<N: Labels + ?Sized>(
         &self,
         id: &Identity,
         server: Option<IpAddr>,
         port: u16,
         proto: Proto,
-        name: &LabelBuf,
+        name: &N,
         first_found: bool,
     ) -> Option<Outcome> {
         let admits = |g: u32| {
@@ -478,13 +478,13 @@ impl PolicySet {
 
     /// Yes or no for a DNS query, as [`PolicySet::dns_verdict`] decides it, without the
     /// explanation: the per-query hot path. An identity never handed out is denied.
-    pub fn dns_allowed(
+    pub fn dns_allowed<N: Labels + ?Sized>(
         &self,
         identity: u32,
         server: IpAddr,
         port: u16,
         proto: Proto,
-        name: &LabelBuf,
+        name: &N,
     ) -> bool {
         self.with_identity(identity, |id| {
             !id.restricted
@@ -498,13 +498,13 @@ impl PolicySet {
     /// The DNS verdict's outcome, except that a query the rules deny gives None: why they deny
     /// it ([`Outcome::NoRule`] or [`Outcome::NameNotAllowed`]) takes a walk over every rule of
     /// the identity, which [`PolicySet::dns_denial`] does when someone asks.
-    pub fn dns_outcome(
+    pub fn dns_outcome<N: Labels + ?Sized>(
         &self,
         identity: Option<u32>,
         server: Option<IpAddr>,
         port: u16,
         proto: Proto,
-        name: &LabelBuf,
+        name: &N,
     ) -> Result<Option<Outcome>, PolicyBuildError> {
         let Some(identity) = identity else {
             return Ok(Some(Outcome::UnknownEndpoint));

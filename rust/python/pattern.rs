@@ -15,7 +15,7 @@ pub(super) fn name_arg(obj: &Bound<'_, PyAny>) -> PyResult<LabelBuf> {
 }
 
 /// The text of a name argument (`str` or `bytes`), borrowed.
-fn name_text<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<&'a [u8]> {
+pub(super) fn name_text<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<&'a [u8]> {
     Ok(if let Ok(s) = obj.cast::<PyString>() {
         s.to_str()?.as_bytes()
     } else if let Ok(b) = obj.cast::<PyBytes>() {

@@ -9,9 +9,9 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::{PyTraverseError, PyVisit};
 
-use super::pattern::name_arg;
+use super::pattern::{name_arg, name_text};
 use crate::error::Error;
-use crate::pattern::{self, LabelBuf};
+use crate::pattern::{self, LabelBuf, TextName};
 use crate::policy::{
     parse_ip, Cidr, CidrRule, EgressRule, NameSel, Outcome, Peers, PolicyBuildError, PolicySet,
     PortEntry, PortRange, Proto, Query, Spec, Verdict,
@@ -256,12 +256,17 @@ impl PyCompiledPolicy {
     ) -> PyResult<PyVerdict> {
         let server = server.map(addr).transpose()?;
         let proto = query_proto(protocol)?;
-        let name = name_arg(qname)?;
-        let outcome = slf
-            .get()
-            .set
-            .dns_outcome(identity, server, port, proto, &name)
-            .map_err(Error::from)?;
+        // Lower-case text without escapes is read in place (as PatternSet.matches does).
+        let text = name_text(qname)?;
+        let set = &slf.get().set;
+        let outcome = match TextName::new(text) {
+            Some(name) => set.dns_outcome(identity, server, port, proto, &name),
+            None => {
+                let name = LabelBuf::from_presentation(text).map_err(Error::from)?;
+                set.dns_outcome(identity, server, port, proto, &name)
+            }
+        }
+        .map_err(Error::from)?;
         Ok(match (outcome, identity) {
             (None, Some(identity)) => PyVerdict {
                 allowed: false,
