@@ -80,8 +80,6 @@ const HAS_EXACT: u8 = 1;
 const HAS_DEEP: u8 = 2;
 /// [`Node`] has wildcard edges (`star` or `glob_shapes`).
 const HAS_WILD: u8 = 4;
-/// [`Node`] has literal edges.
-const HAS_LITERAL: u8 = 8;
 
 #[derive(Debug, Default)]
 struct Node {
@@ -94,8 +92,6 @@ struct Node {
     star: Option<u32>,
     /// Distinct (literal prefix length, literal suffix length) of the other wildcard labels below.
     glob_shapes: Vec<(u8, u8)>,
-    /// Whether literal edges leave this node.
-    literal: bool,
 }
 
 /// Wildcard edges sharing a parent, prefix and suffix: each full glob and the node it leads to.
@@ -326,9 +322,6 @@ impl PatternTrie {
         if n.star.is_some() || !n.glob_shapes.is_empty() {
             k |= HAS_WILD;
         }
-        if n.literal {
-            k |= HAS_LITERAL;
-        }
         self.kinds[node as usize] = k;
         if let Some((parent, key)) = incoming {
             let hash = self.short_hash(parent, &key);
@@ -355,10 +348,6 @@ impl PatternTrie {
             match label {
                 LabelPat::Exact(l) => {
                     let child = self.literal_child_or_new(node, l);
-                    if !self.nodes[node as usize].literal {
-                        self.nodes[node as usize].literal = true;
-                        self.refresh_kinds(node, incoming);
-                    }
                     incoming = short_key(l).map(|k| (node, k));
                     node = child;
                 }
@@ -449,21 +438,17 @@ impl PatternTrie {
                 return true;
             }
             let i = remaining - 1;
-            let literal = if kinds & HAS_LITERAL == 0 {
-                None
-            } else {
-                match name.short_key(i) {
-                    Some(key) => {
-                        let child_hash = chain(&self.seeds, hash, &key);
-                        self.short
-                            .find(child_hash, |e| e.parent == node && e.label == key)
-                            .map(|e| {
-                                let c = e.child;
-                                (c & NODE_MASK, (c >> KINDS_SHIFT) as u8, child_hash)
-                            })
-                    }
-                    None => self.long_child(node, name.label(i)).map(|c| self.entry(c)),
+            let literal = match name.short_key(i) {
+                Some(key) => {
+                    let child_hash = chain(&self.seeds, hash, &key);
+                    self.short
+                        .find(child_hash, |e| e.parent == node && e.label == key)
+                        .map(|e| {
+                            let c = e.child;
+                            (c & NODE_MASK, (c >> KINDS_SHIFT) as u8, child_hash)
+                        })
                 }
+                None => self.long_child(node, name.label(i)).map(|c| self.entry(c)),
             };
             if kinds & HAS_WILD != 0 && name.usual(i) {
                 if let Some((c, k, h)) = literal {

@@ -7,7 +7,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
 
 use crate::error::Error;
-use crate::pattern::{self, LabelBuf, PatternTrie, TextName};
+use crate::pattern::{self, LabelBuf, PatternTrie};
 
 /// A name argument: `str` or `bytes` in presentation form, read without copying.
 pub(super) fn name_arg(obj: &Bound<'_, PyAny>) -> PyResult<LabelBuf> {
@@ -33,16 +33,18 @@ pub(super) fn name_text<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<&'a [u8]> {
 /// [`LabelBuf`] (which also reports what is wrong with an invalid name).
 macro_rules! with_labels {
     ($obj:expr, |$n:ident| $on:expr) => {{
-        let text = name_text($obj)?;
-        match TextName::new(text) {
+        let text = $crate::python::pattern::name_text($obj)?;
+        match $crate::pattern::TextName::new(text) {
             Some($n) => $on,
             None => {
-                let $n = LabelBuf::from_presentation(text).map_err(Error::from)?;
+                let $n = $crate::pattern::LabelBuf::from_presentation(text)
+                    .map_err($crate::error::Error::from)?;
                 $on
             }
         }
     }};
 }
+pub(super) use with_labels;
 
 fn poisoned() -> PyErr {
     PyRuntimeError::new_err("PatternSet lock poisoned by an earlier panic")

@@ -9,9 +9,9 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::{PyTraverseError, PyVisit};
 
-use super::pattern::{name_arg, name_text};
+use super::pattern::{name_arg, with_labels};
 use crate::error::Error;
-use crate::pattern::{self, LabelBuf, TextName};
+use crate::pattern::{self, LabelBuf};
 use crate::policy::{
     parse_ip, Cidr, CidrRule, EgressRule, NameSel, Outcome, Peers, PolicyBuildError, PolicySet,
     PortEntry, PortRange, Proto, Query, Spec, Verdict,
@@ -256,16 +256,9 @@ impl PyCompiledPolicy {
     ) -> PyResult<PyVerdict> {
         let server = server.map(addr).transpose()?;
         let proto = query_proto(protocol)?;
-        // Lower-case text without escapes is read in place (as PatternSet.matches does).
-        let text = name_text(qname)?;
         let set = &slf.get().set;
-        let outcome = match TextName::new(text) {
-            Some(name) => set.dns_outcome(identity, server, port, proto, &name),
-            None => {
-                let name = LabelBuf::from_presentation(text).map_err(Error::from)?;
-                set.dns_outcome(identity, server, port, proto, &name)
-            }
-        }
+        let outcome = with_labels!(qname, |name| set
+            .dns_outcome(identity, server, port, proto, &name))
         .map_err(Error::from)?;
         Ok(match (outcome, identity) {
             (None, Some(identity)) => PyVerdict {
