@@ -1,6 +1,6 @@
 """Latency at a fixed rate, the targets interleaved: for a loaded machine, where load drifts.
 
-Each round runs every target (a, b, c, c2, d of run.py, same pinning) for --seconds at --rate
+Each round runs every target (a, b, c, c2, d of run.py, same CPU layout) for --seconds at --rate
 with per-query latencies; after --rounds rounds it prints the median p50 and p99 of each and the
 p99 added over (a). Interleaving gives every target the same share of whatever else the machine
 is doing, which back-to-back runs of run.py do not.
@@ -20,7 +20,7 @@ from pathlib import Path
 import run as bench  # benches/proxy/run.py, beside this file
 from fqdnguard.testing import KnotServer, free_port
 
-NAMES = ("a upstream", "b relay", "c fqdnguard", "c2 rust-io", "d dnsdist")
+NAMES = bench.AT_RATE
 
 
 def main() -> int:
@@ -35,7 +35,9 @@ def main() -> int:
     zone = {"example.com": files["zone"].read_text()}
     with KnotServer(zone, host=bench.UPSTREAM, port=port, workers=2) as knot:
         if knot._proc is not None:
-            subprocess.run(["taskset", "-a", "-p", "-c", "0", str(knot._proc.pid)], check=False)
+            subprocess.run(
+                ["taskset", "-a", "-p", "-c", bench.SERVER_CPU, str(knot._proc.pid)], check=False
+            )
         targets = [t for t in bench.targets(files, port, files["zone"].parent) if t[0] in NAMES]
         for i in range(args.rounds):
             for name, cmd, target_port in targets:
