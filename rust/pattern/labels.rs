@@ -272,11 +272,12 @@ impl Labels for LabelBuf {
 }
 
 /// The key the trie stores a short label under: its bytes zero-padded to 23, then its length,
-/// as three little-endian words. None for labels longer than 23 bytes.
+/// as three little-endian words. None for labels longer than [`SHORT_LABEL`] bytes.
 pub type ShortKey = [u64; 3];
 
-/// Longest label with a [`ShortKey`].
-pub const SHORT_LABEL: usize = 23;
+/// Longest label with a [`ShortKey`]: 19 bytes, so that a trie slot holds the label in 20
+/// bytes beside three node ids (32 in all). Nearly all labels are this short.
+pub const SHORT_LABEL: usize = 19;
 
 /// [`ShortKey`] of a label, built in registers (a byte-wise copy into a buffer read back as
 /// words would stall on store forwarding).
@@ -375,18 +376,33 @@ impl<'a> TextName<'a> {
     /// The labels of `text`, or None when it needs [`LabelBuf::parse_presentation`]: upper
     /// case, escapes, bytes above 0x7f, the root, or anything invalid (which that parser then
     /// reports).
-    #[inline(always)]
     pub fn new(text: &'a [u8]) -> Option<Self> {
+        let mut name = Self::empty();
+        name.read(text).then_some(name)
+    }
+
+    /// A view of no labels, for [`TextName::read`].
+    #[inline(always)]
+    pub fn empty() -> Self {
+        TextName {
+            text: &[],
+            ends: [0; TEXT_LABELS],
+            count: 0,
+        }
+    }
+
+    /// Reads `text` into this view in place (a view is 72 bytes: moving one out of an `Option`
+    /// cost more than reading the name); false when [`TextName::new`] would give None, and the
+    /// view is then to be dropped.
+    #[inline(always)]
+    pub fn read(&mut self, text: &'a [u8]) -> bool {
         let body = text.strip_suffix(b".").unwrap_or(text);
         // 253 text bytes are 255 in wire form; offsets then fit a byte.
         if body.is_empty() || body.len() > MAX_NAME - 2 {
-            return None;
+            return false;
         }
-        let mut name = TextName {
-            text: body,
-            ends: [0; TEXT_LABELS],
-            count: 0,
-        };
+        self.text = body;
+        self.count = 0;
         let mut start = 0;
         let mut at = 0;
         while at < body.len() {
@@ -395,20 +411,20 @@ impl<'a> TextName<'a> {
             // Bytes above 0x7f, upper case and escapes need LabelBuf; other bytes outside
             // `[-a-z0-9_]` stay (wildcards never match them: see `plain`).
             if (x | in_range(x, b'A', b'Z') | in_range(x, b'\\', b'\\')) & valid != 0 {
-                return None;
+                return false;
             }
             let mut dots = in_range(x, b'.', b'.') & valid;
             while dots != 0 {
                 let end = at + dots.trailing_zeros() as usize / 8;
-                if !name.end_label(start, end) {
-                    return None;
+                if !self.end_label(start, end) {
+                    return false;
                 }
                 start = end + 1;
                 dots &= dots - 1;
             }
             at += 8;
         }
-        name.end_label(start, body.len()).then_some(name)
+        self.end_label(start, body.len())
     }
 
     fn end_label(&mut self, start: usize, end: usize) -> bool {
@@ -551,8 +567,8 @@ mod tests {
     fn text_name_agrees_with_label_buf() {
         let long_label = format!("{}.com", "a".repeat(64));
         let label_63 = format!("{}.com", "b".repeat(63));
-        let label_23 = format!("{}.x", "c".repeat(23));
-        let label_24 = format!("{}.x", "d".repeat(24));
+        let label_19 = format!("{}.x", "c".repeat(SHORT_LABEL));
+        let label_20 = format!("{}.x", "d".repeat(SHORT_LABEL + 1));
         let many = vec!["a"; 60].join(".");
         let max = ["a".repeat(63).as_str(); 3].join(".") + "." + &"b".repeat(61);
         let fixed: Vec<&[u8]> = vec![
@@ -576,8 +592,8 @@ mod tests {
             "caf\u{e9}.fr".as_bytes(),
             long_label.as_bytes(),
             label_63.as_bytes(),
-            label_23.as_bytes(),
-            label_24.as_bytes(),
+            label_19.as_bytes(),
+            label_20.as_bytes(),
             many.as_bytes(),
             max.as_bytes(),
         ];

@@ -8,6 +8,7 @@
 //! * [`PatternTrie`]: every pattern of a set compiled into one suffix trie walked root-first, so a
 //!   lookup costs one pass over the name's labels whatever the number of patterns.
 
+mod edges;
 mod error;
 mod labels;
 mod parse;

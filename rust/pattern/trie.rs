@@ -4,13 +4,16 @@
 //! whatever the number of patterns. An edge is found by its child's *path hash*: the parent's
 //! path hash mixed with the label. A lookup computes these from the name alone, so the probes of
 //! successive levels do not wait on each other (each slot still checks its parent and label).
-//! Labels of up to 23 bytes (nearly all) sit inside the slots with the child's kinds of entries,
-//! so a step reads nothing else; longer labels go to a second, ordinary map.
+//! Labels of up to 19 bytes (nearly all) sit inside the slots with the child's kinds of entries
+//! and the child's `*` child, so a step reads nothing else; longer labels go to a second,
+//! ordinary map.
 //!
-//! Labels with `*` are edges in a third table keyed by (parent node, literal prefix before the
-//! first `*`, literal suffix after the last one); each node lists the distinct (prefix length,
-//! suffix length) shapes of its wildcard edges, so a lookup probes once per shape, not once per
-//! pattern, and checks the middle of the few candidates it finds. A leading `**.` marks its node
+//! A label that is a lone `*` leads to its node's `*` child, kept in the node and in the slot
+//! of the edge leading to the node. Other labels with `*` are edges in a third table keyed by a
+//! hash of (parent node, literal prefix before the first `*`, literal suffix after the last
+//! one); each node lists the distinct (prefix length, suffix length) shapes of its wildcard
+//! edges, most used first, so a lookup probes once per shape, not once per pattern, and checks
+//! each candidate it finds in full. A leading `**.` marks its node
 //! "deep" (matches when one or more labels remain); patterns made only of stars sit outside the
 //! trie and match all.
 
@@ -18,6 +21,7 @@ use std::hash::{BuildHasher, Hash, Hasher};
 
 use hashbrown::{DefaultHashBuilder, Equivalent, HashMap, HashTable};
 
+use super::edges::{ShortEdge, ShortEdges};
 use super::labels::{is_hostname_byte, short_key, Labels, ShortKey};
 use super::parse::{LabelPat, Parsed};
 
@@ -54,32 +58,43 @@ fn folded_multiply(a: u64, b: u64) -> u64 {
 
 /// The path hash of a node's child along a short label: the parent's path hash mixed with the
 /// label's words. A lookup computes these from the name alone, so the probes of successive
-/// levels do not wait for each other's results (only the parent check after each does).
+/// levels do not wait for each other's results (only the parent check after each does). The
+/// label's own mix does not depend on the parent, so one multiply per level is all that chains.
 fn chain(seeds: &[u64; 4], parent_hash: u64, label: &ShortKey) -> u64 {
-    let a = folded_multiply(label[0] ^ seeds[0] ^ parent_hash, label[1] ^ seeds[1]);
-    let b = folded_multiply(label[2] ^ seeds[2], parent_hash ^ seeds[3]);
-    folded_multiply(a ^ seeds[1], b ^ seeds[0])
+    let own = folded_multiply(label[0] ^ seeds[0], label[1] ^ seeds[1])
+        ^ folded_multiply(label[2] ^ seeds[2], seeds[3]);
+    folded_multiply(parent_hash ^ own, seeds[1] | 1)
 }
 
 /// [`ShortEdge::child`] holds the child's [`Node`] kinds in its top bits.
-const KINDS_SHIFT: u32 = 28;
+const KINDS_SHIFT: u32 = 27;
 const NODE_MASK: u32 = (1 << KINDS_SHIFT) - 1;
-
-/// A literal edge whose label is inline, found by the child's path hash.
-#[derive(Debug)]
-struct ShortEdge {
-    parent: u32,
-    /// The child node, with its kinds above [`KINDS_SHIFT`] so a step needs no other load.
-    child: u32,
-    label: ShortKey,
-}
 
 /// [`Node`] holds ids in `exact`.
 const HAS_EXACT: u8 = 1;
 /// [`Node`] holds ids in `deep`.
 const HAS_DEEP: u8 = 2;
-/// [`Node`] has wildcard edges (`star` or `glob_shapes`).
-const HAS_WILD: u8 = 4;
+/// [`Node`] has wildcard edges other than a lone `*` (`glob_shapes`).
+const HAS_GLOB: u8 = 4;
+/// [`Node`] has literal edges: without, a lookup skips the probe for one.
+const HAS_LITERAL: u8 = 8;
+/// [`Node`] has a child along a lone `*`.
+const HAS_STAR: u8 = 16;
+
+/// What a lone `*` label is mixed into a path hash as (see [`chain`]): no literal label has
+/// this key (theirs carry a length of at least 1 in the top byte).
+const STAR_KEY: ShortKey = [b'*' as u64, 0, 0];
+
+/// The short edge that leads to a node, whose slot mirrors the node's kinds: as the edge's
+/// child, or as that child's `*` child.
+#[derive(Debug, Clone, Copy)]
+enum Incoming {
+    None,
+    /// The edge from this parent along this label.
+    Edge(u32, ShortKey),
+    /// The `*` child of the child of that edge.
+    StarOf(u32, ShortKey),
+}
 
 #[derive(Debug, Default)]
 struct Node {
@@ -87,44 +102,77 @@ struct Node {
     exact: Vec<u32>,
     /// Rule ids of `**.` patterns whose fixed part ends here: match when labels remain.
     deep: Vec<u32>,
-    /// The child for a label that is a lone `*` (the common `*.example.com`), kept out of the
-    /// glob table so the most frequent wildcard costs no probe.
+    /// The child for a label that is a lone `*` (the common `*.example.com`). Its copy in the
+    /// slot of the short edge leading here (if one does) spares a lookup this load.
     star: Option<u32>,
-    /// Distinct (literal prefix length, literal suffix length) of the other wildcard labels below.
-    glob_shapes: Vec<(u8, u8)>,
+    /// Whether any literal edge leaves this node.
+    literal: bool,
+    /// Distinct (literal prefix length, literal suffix length) of the other wildcard labels
+    /// below, with how many edges have each: most edges first, so a lookup that stops at the
+    /// first match (`matches`) most often probes one shape.
+    glob_shapes: Vec<(u8, u8, u32)>,
 }
 
-/// Wildcard edges sharing a parent, prefix and suffix: each full glob and the node it leads to.
-type GlobEdges = Vec<(Box<[u8]>, u32)>;
-
-/// The key of wildcard edges: their parent and the literal bytes before the first and after the
-/// last `*`.
-#[derive(Debug, PartialEq, Eq, Hash)]
-struct GlobKey {
-    parent: u32,
-    prefix: Box<[u8]>,
-    suffix: Box<[u8]>,
+/// A wildcard edge: its label (a glob), the lengths of its literal prefix and suffix (before
+/// the first and after the last `*`), and the node it leads to.
+#[derive(Debug)]
+struct GlobEdge {
+    glob: Box<[u8]>,
+    prefix: u8,
+    suffix: u8,
+    child: u32,
 }
 
-/// Borrowed form of [`GlobKey`] (slices of a label being matched); hashes exactly like it.
-struct GlobRef<'a> {
-    parent: u32,
-    prefix: &'a [u8],
-    suffix: &'a [u8],
-}
-
-impl Hash for GlobRef<'_> {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.parent.hash(state);
-        self.prefix.hash(state);
-        self.suffix.hash(state);
+impl GlobEdge {
+    /// Whether the glob matches `label`: the literal ends compared as slices, [`glob_match`] for
+    /// the part from the first to the last `*` only.
+    fn matches(&self, label: &[u8]) -> bool {
+        let (g, p, s) = (
+            &*self.glob,
+            usize::from(self.prefix),
+            usize::from(self.suffix),
+        );
+        label.len() >= p + s
+            && g[..p] == label[..p]
+            && g[g.len() - s..] == label[label.len() - s..]
+            && glob_match(&g[p..g.len() - s], &label[p..label.len() - s])
     }
 }
 
-impl Equivalent<GlobKey> for GlobRef<'_> {
-    fn equivalent(&self, key: &GlobKey) -> bool {
-        self.parent == key.parent && *self.prefix == *key.prefix && *self.suffix == *key.suffix
+/// Wildcard edges whose (parent, prefix, suffix) hash to `key` (see [`PatternTrie::glob_key`]),
+/// the first inline (nearly always the only one: one load fewer). Distinct prefixes and
+/// suffixes sharing a key only share a list: a lookup checks each edge's own shape.
+#[derive(Debug)]
+struct GlobSlot {
+    key: u64,
+    first: GlobEdge,
+    more: Vec<GlobEdge>,
+}
+
+impl GlobSlot {
+    fn edges(&self) -> impl Iterator<Item = &GlobEdge> {
+        std::iter::once(&self.first).chain(&self.more)
     }
+}
+
+/// A byte slice of any length hashed eight bytes at a time (the slices here are labels: at most
+/// 63 bytes). Its length goes in first, so slices differing only in trailing zeros differ.
+fn hash_bytes(seed: u64, bytes: &[u8]) -> u64 {
+    let mut h = folded_multiply(seed ^ bytes.len() as u64, 0x9e37_79b9_7f4a_7c15);
+    let mut chunks = bytes.chunks_exact(8);
+    for c in &mut chunks {
+        let w = <[u8; 8]>::try_from(c).map_or(0, u64::from_le_bytes);
+        h = folded_multiply(h ^ w, 0xbf58_476d_1ce4_e5b9);
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let w = rest
+            .iter()
+            .rev()
+            .fold(0u64, |acc, &b| (acc << 8) | u64::from(b));
+        h = folded_multiply(h ^ w, 0x94d0_49bb_1331_11eb);
+    }
+    h
 }
 
 /// A glob's shape: the literal bytes before its first and after its last `*`.
@@ -137,21 +185,33 @@ fn glob_shape(glob: &[u8]) -> (&[u8], &[u8]) {
     (&glob[..first], &glob[last.max(first)..])
 }
 
+/// Where a lookup stands: a node, its kinds and path hash, and its `*` child with that child's
+/// kinds when the slot that led here told (0: look in the node).
+#[derive(Debug, Clone, Copy)]
+struct Step {
+    node: u32,
+    kinds: u8,
+    hash: u64,
+    star: u32,
+}
+
 /// A compiled set of matchName / matchPattern entries, each carrying a rule id.
 #[derive(Debug)]
 pub struct PatternTrie {
     nodes: Vec<Node>,
-    /// Per node, which of [`HAS_EXACT`], [`HAS_DEEP`], [`HAS_WILD`] it has.
+    /// Per node, which of [`HAS_EXACT`], [`HAS_DEEP`], [`HAS_GLOB`], [`HAS_LITERAL`], [`HAS_STAR`]
+    /// it has.
     kinds: Vec<u8>,
     /// Per node, its path hash (see [`chain`]).
     path_hash: Vec<u64>,
     /// Literal edges with labels of up to [`SHORT_LABEL`] bytes, by the child's path hash.
-    short: HashTable<ShortEdge>,
+    short: ShortEdges,
     /// Per-trie random seeds of [`chain`].
     seeds: [u64; 4],
     /// Literal edges with longer labels.
     edges: HashMap<EdgeKey, u32>,
-    globs: HashMap<GlobKey, GlobEdges>,
+    /// Wildcard edges other than a lone `*`, by [`PatternTrie::glob_key`].
+    globs: HashTable<GlobSlot>,
     all: Vec<u32>,
     entries: usize,
 }
@@ -201,7 +261,7 @@ impl PatternTrie {
             nodes: vec![Node::default()],
             kinds: vec![0],
             path_hash: vec![0],
-            short: HashTable::new(),
+            short: ShortEdges::default(),
             seeds: {
                 let h = DefaultHashBuilder::default();
                 [
@@ -212,7 +272,7 @@ impl PatternTrie {
                 ]
             },
             edges: HashMap::new(),
-            globs: HashMap::new(),
+            globs: HashTable::new(),
             all: Vec::new(),
             entries: 0,
         }
@@ -237,7 +297,7 @@ impl PatternTrie {
         let id = u32::try_from(self.nodes.len())
             .ok()
             .filter(|&id| id <= NODE_MASK)
-            .expect("fewer than 2^28 trie nodes");
+            .expect("fewer than 2^27 trie nodes");
         self.nodes.push(Node::default());
         self.kinds.push(0);
         self.path_hash.push(path_hash);
@@ -264,9 +324,7 @@ impl PatternTrie {
 
     fn short_child(&self, parent: u32, key: &ShortKey) -> Option<u32> {
         self.short
-            .find(self.short_hash(parent, key), |e| {
-                e.parent == parent && e.label == *key
-            })
+            .find(self.short_hash(parent, key), parent, key)
             .map(|e| e.child & NODE_MASK)
     }
 
@@ -283,15 +341,10 @@ impl PatternTrie {
                 let hash = self.short_hash(parent, &key);
                 let child = self.new_node_hashed(hash);
                 let path_hash = &self.path_hash;
-                self.short.insert_unique(
-                    hash,
-                    ShortEdge {
-                        parent,
-                        child,
-                        label: key,
-                    },
-                    |e| path_hash[(e.child & NODE_MASK) as usize],
-                );
+                self.short
+                    .insert_unique(hash, ShortEdge::new(parent, child, &key), |e| {
+                        path_hash[(e.child & NODE_MASK) as usize]
+                    });
                 child
             }
             None => {
@@ -308,9 +361,9 @@ impl PatternTrie {
         }
     }
 
-    /// Recomputes a node's bits in `kinds` after it changed, and their copy in the short edge
-    /// leading to it (`incoming`: that edge's parent and label), if any.
-    fn refresh_kinds(&mut self, node: u32, incoming: Option<(u32, ShortKey)>) {
+    /// Recomputes a node's bits in `kinds` after it changed, and their copy in the slot of the
+    /// short edge leading to it, if any.
+    fn refresh_kinds(&mut self, node: u32, incoming: Incoming) {
         let n = &self.nodes[node as usize];
         let mut k = 0;
         if !n.exact.is_empty() {
@@ -319,17 +372,30 @@ impl PatternTrie {
         if !n.deep.is_empty() {
             k |= HAS_DEEP;
         }
-        if n.star.is_some() || !n.glob_shapes.is_empty() {
-            k |= HAS_WILD;
+        if !n.glob_shapes.is_empty() {
+            k |= HAS_GLOB;
+        }
+        if n.star.is_some() {
+            k |= HAS_STAR;
+        }
+        if n.literal {
+            k |= HAS_LITERAL;
         }
         self.kinds[node as usize] = k;
-        if let Some((parent, key)) = incoming {
-            let hash = self.short_hash(parent, &key);
-            if let Some(e) = self
-                .short
-                .find_mut(hash, |e| e.parent == parent && e.label == key)
-            {
-                e.child = node | (u32::from(k) << KINDS_SHIFT);
+        let with_kinds = node | (u32::from(k) << KINDS_SHIFT);
+        match incoming {
+            Incoming::None => {}
+            Incoming::Edge(parent, key) => {
+                let hash = self.short_hash(parent, &key);
+                if let Some(e) = self.short.find_mut(hash, parent, &key) {
+                    e.child = with_kinds;
+                }
+            }
+            Incoming::StarOf(parent, key) => {
+                let hash = self.short_hash(parent, &key);
+                if let Some(e) = self.short.find_mut(hash, parent, &key) {
+                    e.star = with_kinds;
+                }
             }
         }
     }
@@ -343,18 +409,27 @@ impl PatternTrie {
         }
         let mut node = 0u32;
         // The short literal edge that led to `node`, which mirrors its kinds.
-        let mut incoming = None;
+        let mut incoming = Incoming::None;
         for label in pattern.labels.iter().rev() {
             match label {
                 LabelPat::Exact(l) => {
                     let child = self.literal_child_or_new(node, l);
-                    incoming = short_key(l).map(|k| (node, k));
+                    if !self.nodes[node as usize].literal {
+                        self.nodes[node as usize].literal = true;
+                        self.refresh_kinds(node, incoming);
+                    }
+                    incoming = short_key(l).map_or(Incoming::None, |k| Incoming::Edge(node, k));
                     node = child;
                 }
                 LabelPat::Glob(g) => {
                     let child = self.glob_child(node, g);
                     self.refresh_kinds(node, incoming);
-                    incoming = None;
+                    incoming = match incoming {
+                        Incoming::Edge(parent, key) if **g == *b"*" => {
+                            Incoming::StarOf(parent, key)
+                        }
+                        _ => Incoming::None,
+                    };
                     node = child;
                 }
             }
@@ -376,51 +451,75 @@ impl PatternTrie {
             if let Some(child) = self.nodes[node as usize].star {
                 return child;
             }
-            let child = self.new_node();
+            let child = self.new_node_hashed(self.short_hash(node, &STAR_KEY));
             self.nodes[node as usize].star = Some(child);
             return child;
         }
         let (prefix, suffix) = glob_shape(glob);
-        let shape = (prefix.len() as u8, suffix.len() as u8);
-        let shapes = &mut self.nodes[node as usize].glob_shapes;
-        if !shapes.contains(&shape) {
-            shapes.push(shape);
-        }
-        if let Some(edges) = self.glob_edges(node, prefix, suffix) {
-            if let Some(&(_, child)) = edges.iter().find(|(g, _)| **g == *glob) {
-                return child;
+        let key = self.glob_key(node, prefix, suffix);
+        if let Some(slot) = self.glob_slot(key) {
+            if let Some(e) = slot.edges().find(|e| *e.glob == *glob) {
+                return e.child;
             }
         }
+        let (p, s) = (prefix.len() as u8, suffix.len() as u8);
+        let shapes = &mut self.nodes[node as usize].glob_shapes;
+        let mut at = match shapes.iter().position(|&(sp, ss, _)| (sp, ss) == (p, s)) {
+            Some(at) => at,
+            None => {
+                shapes.push((p, s, 0));
+                shapes.len() - 1
+            }
+        };
+        shapes[at].2 += 1;
+        while at > 0 && shapes[at - 1].2 < shapes[at].2 {
+            shapes.swap(at - 1, at);
+            at -= 1;
+        }
         let child = self.new_node();
-        self.globs
-            .entry(GlobKey {
-                parent: node,
-                prefix: prefix.into(),
-                suffix: suffix.into(),
-            })
-            .or_default()
-            .push((glob.into(), child));
+        let edge = GlobEdge {
+            glob: glob.into(),
+            prefix: p,
+            suffix: s,
+            child,
+        };
+        match self.globs.find_mut(key, |e| e.key == key) {
+            Some(slot) => slot.more.push(edge),
+            None => {
+                self.globs.insert_unique(
+                    key,
+                    GlobSlot {
+                        key,
+                        first: edge,
+                        more: Vec::new(),
+                    },
+                    |e| e.key,
+                );
+            }
+        }
         child
     }
 
-    /// The wildcard edges of `node` with this literal prefix and suffix.
-    fn glob_edges(&self, node: u32, prefix: &[u8], suffix: &[u8]) -> Option<&GlobEdges> {
-        self.globs.get(&GlobRef {
-            parent: node,
-            prefix,
-            suffix,
-        })
+    /// The key of wildcard edges: their parent and the literal bytes before the first and after
+    /// the last `*`, hashed (keyed by this trie's seeds).
+    fn glob_key(&self, node: u32, prefix: &[u8], suffix: &[u8]) -> u64 {
+        let p = hash_bytes(self.seeds[0] ^ u64::from(node), prefix);
+        folded_multiply(
+            p ^ self.seeds[1],
+            hash_bytes(self.seeds[2], suffix) ^ self.seeds[3],
+        )
     }
 
-    /// Walks every path the name takes through the trie, handing `visit` the ids of each match;
-    /// stops as soon as `visit` returns true.
-    /// Walks from `node` (with its path hash and kinds) over the `remaining` labels.
-    #[allow(clippy::too_many_arguments)]
+    /// The wildcard edges under `key` (see [`PatternTrie::glob_key`]).
+    fn glob_slot(&self, key: u64) -> Option<&GlobSlot> {
+        self.globs.find(key, |e| e.key == key)
+    }
+
+    /// Walks every path the name takes through the trie from `at` over the `remaining` labels,
+    /// handing `visit` the ids of each match; stops as soon as `visit` returns true.
     fn walk<N: Labels + ?Sized>(
         &self,
-        mut node: u32,
-        mut hash: u64,
-        mut kinds: u8,
+        mut at: Step,
         name: &N,
         mut remaining: usize,
         visit: &mut impl FnMut(&[u32]) -> bool,
@@ -428,50 +527,54 @@ impl PatternTrie {
         // Along literal edges this is a loop; it recurses only where wildcards branch off.
         loop {
             if remaining == 0 {
-                return kinds & HAS_EXACT != 0 && visit(&self.nodes[node as usize].exact);
+                return at.kinds & HAS_EXACT != 0 && visit(&self.nodes[at.node as usize].exact);
             }
             // `**.` stands for one or more whole labels of `[-a-z0-9_]`.
-            if kinds & HAS_DEEP != 0
+            if at.kinds & HAS_DEEP != 0
                 && name.usual_below(remaining)
-                && visit(&self.nodes[node as usize].deep)
+                && visit(&self.nodes[at.node as usize].deep)
             {
                 return true;
             }
             let i = remaining - 1;
-            let literal = match name.short_key(i) {
-                Some(key) => {
-                    let child_hash = chain(&self.seeds, hash, &key);
-                    self.short
-                        .find(child_hash, |e| e.parent == node && e.label == key)
-                        .map(|e| {
-                            let c = e.child;
-                            (c & NODE_MASK, (c >> KINDS_SHIFT) as u8, child_hash)
-                        })
+            let literal = match (at.kinds & HAS_LITERAL != 0).then(|| name.short_key(i)) {
+                None => None,
+                Some(Some(key)) => {
+                    let hash = chain(&self.seeds, at.hash, &key);
+                    self.short.find(hash, at.node, &key).map(|e| Step {
+                        node: e.child & NODE_MASK,
+                        kinds: (e.child >> KINDS_SHIFT) as u8,
+                        hash,
+                        star: e.star,
+                    })
                 }
-                None => self.long_child(node, name.label(i)).map(|c| self.entry(c)),
+                Some(None) => self
+                    .long_child(at.node, name.label(i))
+                    .map(|c| self.entry(c)),
             };
-            if kinds & HAS_WILD != 0 && name.usual(i) {
-                if let Some((c, k, h)) = literal {
-                    if self.walk(c, h, k, name, i, visit) {
+            if at.kinds & (HAS_STAR | HAS_GLOB) != 0 && name.usual(i) {
+                if let Some(next) = literal {
+                    if self.walk(next, name, i, visit) {
                         return true;
                     }
                 }
-                return self.walk_wild(node, name, i, visit);
+                return self.walk_wild(&at, name, i, visit);
             }
             match literal {
-                Some((c, k, h)) => (node, kinds, hash, remaining) = (c, k, h, i),
+                Some(next) => (at, remaining) = (next, i),
                 None => return false,
             }
         }
     }
 
-    /// A node with its kinds and path hash, as [`PatternTrie::walk`] takes it.
-    fn entry(&self, node: u32) -> (u32, u8, u64) {
-        (
+    /// Where [`PatternTrie::walk`] stands at `node`, from what the node arrays say.
+    fn entry(&self, node: u32) -> Step {
+        Step {
             node,
-            self.kinds[node as usize],
-            self.path_hash[node as usize],
-        )
+            kinds: self.kinds[node as usize],
+            hash: self.path_hash[node as usize],
+            star: 0,
+        }
     }
 
     /// [`PatternTrie::walk`] from the root.
@@ -480,40 +583,56 @@ impl PatternTrie {
         name: &N,
         visit: &mut impl FnMut(&[u32]) -> bool,
     ) -> bool {
-        let (node, kinds, hash) = self.entry(0);
-        self.walk(node, hash, kinds, name, name.count(), visit)
+        self.walk(self.entry(0), name, name.count(), visit)
     }
 
-    /// The wildcard edges of `node` for label `i` (all `[-a-z0-9_]`).
+    /// The wildcard edges from `at` for label `i` (all `[-a-z0-9_]`).
     fn walk_wild<N: Labels + ?Sized>(
         &self,
-        node: u32,
+        at: &Step,
         name: &N,
         i: usize,
         visit: &mut impl FnMut(&[u32]) -> bool,
     ) -> bool {
-        let n = &self.nodes[node as usize];
-        if let Some(child) = n.star {
-            let (c, k, h) = self.entry(child);
-            if self.walk(c, h, k, name, i, visit) {
-                return true;
+        if at.kinds & HAS_STAR != 0 {
+            let star = match at.star {
+                0 => self.nodes[at.node as usize]
+                    .star
+                    .map(|c| c | (u32::from(self.kinds[c as usize]) << KINDS_SHIFT)),
+                known => Some(known),
+            };
+            if let Some(c) = star {
+                let next = Step {
+                    node: c & NODE_MASK,
+                    kinds: (c >> KINDS_SHIFT) as u8,
+                    hash: chain(&self.seeds, at.hash, &STAR_KEY),
+                    star: 0,
+                };
+                if self.walk(next, name, i, visit) {
+                    return true;
+                }
             }
         }
+        if at.kinds & HAS_GLOB == 0 {
+            return false;
+        }
         let label = name.label(i);
-        for &(p, s) in &n.glob_shapes {
-            let (p, s) = (p as usize, s as usize);
-            if p + s > label.len() {
+        for &(p, s, _) in &self.nodes[at.node as usize].glob_shapes {
+            let (pl, sl) = (usize::from(p), usize::from(s));
+            if pl + sl > label.len() {
                 continue;
             }
-            let Some(edges) = self.glob_edges(node, &label[..p], &label[label.len() - s..]) else {
+            let key = self.glob_key(at.node, &label[..pl], &label[label.len() - sl..]);
+            let Some(slot) = self.glob_slot(key) else {
                 continue;
             };
-            for &(ref glob, child) in edges {
-                if glob_match(glob, label) {
-                    let (c, k, h) = self.entry(child);
-                    if self.walk(c, h, k, name, i, visit) {
-                        return true;
-                    }
+            // An edge of another shape sharing the key is tried under its own shape.
+            for e in slot.edges() {
+                if (e.prefix, e.suffix) == (p, s)
+                    && e.matches(label)
+                    && self.walk(self.entry(e.child), name, i, visit)
+                {
+                    return true;
                 }
             }
         }
