@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import dns.edns
@@ -87,6 +88,16 @@ def make_proxy(
     )
 
 
+@contextlib.asynccontextmanager
+async def running(proxy: Proxy) -> AsyncIterator[Proxy]:
+    """The proxy started, and stopped however the block ends."""
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.stop()
+
+
 def q(name: str, rdtype: str = "A", **kw: Any) -> dns.message.Message:
     return dns.message.make_query(name, rdtype, **kw)
 
@@ -103,9 +114,7 @@ def test_allowed_query_is_answered_and_its_ips_applied_first(
 
     async def scenario() -> None:
         backend = Recorder()
-        proxy = make_proxy(knot, policy, endpoints, backend)
-        await proxy.start()
-        try:
+        async with running(make_proxy(knot, policy, endpoints, backend)) as proxy:
             query = q("www.Example.com")
             wire = await ask(proxy, query)
             received = time.monotonic()
@@ -123,8 +132,6 @@ def test_allowed_query_is_answered_and_its_ips_applied_first(
             assert [ip for ip, _ in proxy.cache.lookup("www.example.com")] != []
             stats = proxy.engine.stats()
             assert (stats["allowed"], stats["denied"], stats["inflight"]) == (1, 0, 0)
-        finally:
-            await proxy.stop()
 
     run(scenario)
 
@@ -146,17 +153,13 @@ def test_denied_refused_nxdomain_and_search_domains(
             ({"search_domains": ["svc.cluster.local"]}, "evil.org", dns.rcode.REFUSED),
         ]:
             backend = Recorder()
-            proxy = make_proxy(knot, policy, endpoints, backend, **cfg)
-            await proxy.start()
-            try:
+            async with running(make_proxy(knot, policy, endpoints, backend, **cfg)) as proxy:
                 query = q(name)
                 answer = dns.message.from_wire(await ask(proxy, query))
                 assert (answer.id, answer.rcode()) == (query.id, want), (cfg, name)
                 assert answer.question == query.question
                 assert backend.batches == []
                 assert proxy.engine.stats()["denied"] == 1
-            finally:
-                await proxy.stop()
 
     run(scenario)
 
@@ -168,9 +171,7 @@ def test_upstream_nxdomain_relayed_and_cname_chain_cached(
 
     async def scenario() -> None:
         backend = Recorder()
-        proxy = make_proxy(knot, policy, endpoints, backend)
-        await proxy.start()
-        try:
+        async with running(make_proxy(knot, policy, endpoints, backend)) as proxy:
             missing = dns.message.from_wire(await ask(proxy, q("missing.example.com")))
             assert missing.rcode() == dns.rcode.NXDOMAIN
             chained = dns.message.from_wire(await ask(proxy, q("chain1.example.com")))
@@ -182,8 +183,6 @@ def test_upstream_nxdomain_relayed_and_cname_chain_cached(
             assert outside.rcode() == dns.rcode.NOERROR
             assert proxy.cache.lookup("outside.example.com") == []
             assert backend.ips() == {"192.0.2.10", "192.0.2.11"}
-        finally:
-            await proxy.stop()
 
     run(scenario)
 
@@ -194,9 +193,7 @@ def test_tcp_pipelined_and_truncation_fallback(
     policy, endpoints = proxy_policy, proxy_endpoints
 
     async def scenario() -> None:
-        proxy = make_proxy(knot, policy, endpoints)
-        await proxy.start()
-        try:
+        async with running(make_proxy(knot, policy, endpoints)) as proxy:
             port = proxy.config.listen[0][1]
             queries = [q("www.example.com"), q("evil.org"), q("alias.example.com", "AAAA")]
             wires = await tcp_ask(("127.0.0.1", port), [m.to_wire() for m in queries])
@@ -211,8 +208,6 @@ def test_tcp_pipelined_and_truncation_fallback(
             full = dns.message.from_wire(whole)
             assert not full.flags & dns.flags.TC
             assert len(full.answer[0][0].strings) == 4
-        finally:
-            await proxy.stop()
 
     run(scenario)
 
@@ -223,17 +218,13 @@ def test_edns_passes_through(
     policy, endpoints = proxy_policy, proxy_endpoints
 
     async def scenario() -> None:
-        proxy = make_proxy(knot, policy, endpoints)
-        await proxy.start()
-        try:
+        async with running(make_proxy(knot, policy, endpoints)) as proxy:
             query = q("www.example.com", use_edns=0, payload=1232, want_dnssec=True)
             answer = dns.message.from_wire(await ask(proxy, query))
             assert answer.edns == 0 and answer.payload >= 512
             assert answer.ednsflags & dns.flags.DO
             refused = dns.message.from_wire(await ask(proxy, q("evil.org", use_edns=0)))
             assert refused.rcode() == dns.rcode.REFUSED and refused.edns == 0
-        finally:
-            await proxy.stop()
 
     run(scenario)
 
@@ -242,17 +233,13 @@ def test_ipv6_listener(knot: KnotServer, proxy_policy: Policy, proxy_endpoints: 
     policy, endpoints = proxy_policy, proxy_endpoints
 
     async def scenario() -> None:
-        proxy = make_proxy(knot, policy, endpoints)
-        await proxy.start()
-        try:
+        async with running(make_proxy(knot, policy, endpoints)) as proxy:
             answer = dns.message.from_wire(
                 await ask(proxy, q("www.example.com"), source="::1", family=6)
             )
             assert answer.rcode() == dns.rcode.NOERROR
             denied = dns.message.from_wire(await ask(proxy, q("evil.org"), source="::1", family=6))
             assert denied.rcode() == dns.rcode.REFUSED
-        finally:
-            await proxy.stop()
 
     run(scenario)
 
@@ -263,9 +250,7 @@ def test_unknown_and_unrestricted_sources(
     policy, endpoints = proxy_policy, proxy_endpoints
 
     async def scenario() -> None:
-        proxy = make_proxy(knot, policy, endpoints)
-        await proxy.start()
-        try:
+        async with running(make_proxy(knot, policy, endpoints)) as proxy:
             stranger = dns.message.from_wire(
                 await ask(proxy, q("www.example.com"), source=STRANGER_IP)
             )
@@ -273,19 +258,15 @@ def test_unknown_and_unrestricted_sources(
             free = dns.message.from_wire(await ask(proxy, q("example.com", "SOA"), source=FREE_IP))
             assert free.rcode() == dns.rcode.NOERROR
             assert proxy.engine.stats()["unknown_source"] == 1
-        finally:
-            await proxy.stop()
-        proxy = make_proxy(knot, policy, endpoints, unknown_endpoint="default/pod")
-        await proxy.start()
-        try:
+        async with running(
+            make_proxy(knot, policy, endpoints, unknown_endpoint="default/pod")
+        ) as proxy:
             stranger = dns.message.from_wire(
                 await ask(proxy, q("www.example.com"), source=STRANGER_IP)
             )
             assert stranger.rcode() == dns.rcode.NOERROR
             denied = dns.message.from_wire(await ask(proxy, q("evil.org"), source=STRANGER_IP))
             assert denied.rcode() == dns.rcode.REFUSED
-        finally:
-            await proxy.stop()
 
     run(scenario)
 
@@ -303,10 +284,8 @@ def test_malformed_and_odd_names_are_never_forwarded(
 
     async def scenario() -> None:
         backend = Recorder()
-        proxy = make_proxy(knot, policy, endpoints, backend)
-        await proxy.start()
-        port = proxy.config.listen[0][1]
-        try:
+        async with running(make_proxy(knot, policy, endpoints, backend)) as proxy:
+            port = proxy.config.listen[0][1]
             formerr = await udp_ask(
                 ("127.0.0.1", port), _raw_query([b"www", b"example", b"com"], qdcount=2)
             )
@@ -326,8 +305,6 @@ def test_malformed_and_odd_names_are_never_forwarded(
             response[2] |= 0x80
             with pytest.raises(TimeoutError):
                 await udp_ask(("127.0.0.1", port), bytes(response), timeout=0.3)
-        finally:
-            await proxy.stop()
 
     run(scenario)
 
@@ -339,23 +316,21 @@ def test_timeout_servfail_and_failover(
 
     async def scenario() -> None:
         dead = f"{SECOND_UPSTREAM_IP}:{free_port(SECOND_UPSTREAM_IP)}"
-        proxy = make_proxy(
-            knot,
-            policy,
-            endpoints,
-            upstreams=[dead, f"{UPSTREAM_IP}:{knot.port}"],
-            upstream_timeout=0.3,
-        )
-        await proxy.start()
-        try:
+        async with running(
+            make_proxy(
+                knot,
+                policy,
+                endpoints,
+                upstreams=[dead, f"{UPSTREAM_IP}:{knot.port}"],
+                upstream_timeout=0.3,
+            )
+        ) as proxy:
             rcodes = []
             for _ in range(4):
                 rcodes.append(dns.message.from_wire(await ask(proxy, q("www.example.com"))).rcode())
             assert rcodes == [dns.rcode.SERVFAIL] * 3 + [dns.rcode.NOERROR]
             assert proxy.stats.upstream_failovers == 1
             assert proxy.engine.stats()["timeouts"] == 3
-        finally:
-            await proxy.stop()
 
     run(scenario)
 
@@ -367,15 +342,11 @@ def test_hold_waits_for_backend_up_to_hold_max(
 
     async def scenario() -> None:
         slow = Recorder(delay=0.05)
-        proxy = make_proxy(knot, policy, endpoints, slow)
-        await proxy.start()
-        try:
+        async with running(make_proxy(knot, policy, endpoints, slow)) as proxy:
             wire = await ask(proxy, q("www.example.com"))
             assert slow.batches and slow.batches[0][0] <= time.monotonic()
             assert dns.message.from_wire(wire).rcode() == dns.rcode.NOERROR
             assert proxy.stats.held == 1 and proxy.stats.hold_timeouts == 0
-        finally:
-            await proxy.stop()
         stuck = Recorder(delay=2.0)
         proxy = make_proxy(knot, policy, endpoints, stuck, hold_max=0.1)
         await proxy.start()
@@ -426,11 +397,9 @@ def test_spoofed_and_mismatched_answers_are_dropped(
             ScriptedUpstream, local_addr=(SECOND_UPSTREAM_IP, port)
         )
         backend = Recorder()
-        proxy = make_proxy(
-            knot, policy, endpoints, backend, upstreams=[f"{SECOND_UPSTREAM_IP}:{port}"]
-        )
-        await proxy.start()
-        try:
+        async with running(
+            make_proxy(knot, policy, endpoints, backend, upstreams=[f"{SECOND_UPSTREAM_IP}:{port}"])
+        ) as proxy:
             answer = dns.message.from_wire(await ask(proxy, q("www.example.com")))
             assert [rd.address for rd in answer.answer[0]] == ["192.0.2.99"]
             await asyncio.sleep(0.05)
@@ -439,8 +408,6 @@ def test_spoofed_and_mismatched_answers_are_dropped(
             assert backend.ips() == {"192.0.2.99"}
             assert DnsCache  # the cache never heard of 6.6.6.6
             assert proxy.cache.names_for("6.6.6.6") == [] and proxy.cache.names_for("6.6.6.7") == []
-        finally:
-            await proxy.stop()
             transport.close()
 
     run(scenario)
@@ -548,9 +515,7 @@ def test_query_log_records_and_metrics_come_through_either_udp_path(
     policy, endpoints = proxy_policy, proxy_endpoints
 
     async def scenario() -> None:
-        proxy = make_proxy(knot, policy, endpoints, log_queries="all")
-        await proxy.start()
-        try:
+        async with running(make_proxy(knot, policy, endpoints, log_queries="all")) as proxy:
             with caplog.at_level(logging.INFO, logger="fqdnguard.query"):
                 await ask(proxy, q("www.example.com"))
                 await ask(proxy, q("evil.org"))
@@ -565,8 +530,6 @@ def test_query_log_records_and_metrics_come_through_either_udp_path(
             assert 'fqdnguard_queries_total{verdict="denied"} 1.0' in text
             rust_only = "fqdnguard_udp_send_errors_total 0.0"
             assert (rust_only in text) == (proxy.config.udp_io == "rust")
-        finally:
-            await proxy.stop()
 
     run(scenario)
 
