@@ -63,9 +63,9 @@ format: ## Format Rust and Python sources
 	ruff format python tests benches
 	ruff check --fix python tests benches
 
-# One interpreter per bench module: after the cache module's record benchmarks, the pattern
-# module's `PatternSet.matches` ran at half speed in the same process (29 -> 58 us per 256 names;
-# its `set` test 6 -> 10 us), which measured that module's leftovers, not the trie.
+# One interpreter per bench module, so that no module measures another's leftovers. (Three
+# runs with the cache module first in the same process had the pattern module at half speed,
+# 29 -> 58 us per 256 names; an hour later that did not reproduce, so host noise is as likely.)
 BENCH_MODULES = $(sort $(wildcard benches/test_bench_*.py))
 
 .PHONY: bench
