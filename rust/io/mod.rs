@@ -878,6 +878,13 @@ fn run(sh: &Shared) {
     let mut ready = Vec::new();
     let mut originals = Originals::default();
     let mut polled_originals;
+    let mut io = Scratch {
+        bufs: &mut bufs,
+        got: &mut got,
+        outbox: &mut outbox,
+        send_hdrs: &mut send_hdrs,
+        batch: &mut batch,
+    };
     while sh.running.load(Ordering::Acquire) {
         let listening = sh.listening.load(Ordering::Acquire);
         {
@@ -915,17 +922,10 @@ fn run(sh: &Shared) {
         let nl = if listening { sh.listeners.len() } else { 0 };
         // Answers first: they finish work (and free pending slots) before new work comes in.
         for ((c, up), hdrs) in sh.upstreams.iter().enumerate().zip(&mut upstream_hdrs) {
-            if ready.get(1 + nl + c) == Some(&true) {
-                let mut io = Scratch {
-                    bufs: &mut bufs,
-                    got: &mut got,
-                    outbox: &mut outbox,
-                    send_hdrs: &mut send_hdrs,
-                    batch: &mut batch,
-                };
-                if !read_answers(sh, up, hdrs, c as u32, &mut io) {
-                    return;
-                }
+            if ready.get(1 + nl + c) == Some(&true)
+                && !read_answers(sh, up, hdrs, c as u32, &mut io)
+            {
+                return;
             }
         }
         let base = 1 + nl + sh.upstreams.len();
@@ -935,20 +935,13 @@ fn run(sh: &Shared) {
             .enumerate()
             .take(polled_originals)
         {
-            if ready.get(base + i) == Some(&true) {
-                let mut io = Scratch {
-                    bufs: &mut bufs,
-                    got: &mut got,
-                    outbox: &mut outbox,
-                    send_hdrs: &mut send_hdrs,
-                    batch: &mut batch,
-                };
-                if !read_answers(sh, &o.up, &mut o.hdrs, o.channel, &mut io) {
-                    return;
-                }
+            if ready.get(base + i) == Some(&true)
+                && !read_answers(sh, &o.up, &mut o.hdrs, o.channel, &mut io)
+            {
+                return;
             }
         }
-        sh.publish(&mut batch);
+        sh.publish(io.batch);
         for ((l, lis), hdrs) in sh
             .listeners
             .iter()
@@ -964,9 +957,9 @@ fn run(sh: &Shared) {
                     // A fresh header set per call: a datagram without the control message would
                     // leave msg_controllen at 0 for the next call on that slot.
                     let mut fresh = MultiHeaders::preallocate(BATCH, Some(cmsg.clone()));
-                    recv_batch(lis.fd.as_raw_fd(), &mut fresh, &mut bufs, &mut got)
+                    recv_batch(lis.fd.as_raw_fd(), &mut fresh, io.bufs, io.got)
                 } else {
-                    recv_batch(lis.fd.as_raw_fd(), hdrs, &mut bufs, &mut got)
+                    recv_batch(lis.fd.as_raw_fd(), hdrs, io.bufs, io.got)
                 };
                 let n = match res {
                     Ok(n) => n,
@@ -975,13 +968,6 @@ fn run(sh: &Shared) {
                         sh.counters.recv_errors.fetch_add(1, Ordering::Relaxed);
                         break;
                     }
-                };
-                let mut io = Scratch {
-                    bufs: &mut bufs,
-                    got: &mut got,
-                    outbox: &mut outbox,
-                    send_hdrs: &mut send_hdrs,
-                    batch: &mut batch,
                 };
                 if sh
                     .on_queries(l, &mut io, &mut to_upstream, &mut originals)
@@ -993,17 +979,17 @@ fn run(sh: &Shared) {
                 let asked = originals.slots.iter_mut().map(|o| (&mut o.out, &o.up));
                 for (q, up) in queues.chain(asked) {
                     if !q.is_empty() {
-                        send_batch(up.fd.as_raw_fd(), &mut send_hdrs, q, &sh.counters);
+                        send_batch(up.fd.as_raw_fd(), io.send_hdrs, q, &sh.counters);
                         q.clear();
                     }
                 }
-                outbox.flush(sh, &mut send_hdrs);
+                io.outbox.flush(sh, io.send_hdrs);
                 if n < BATCH {
                     break;
                 }
             }
         }
-        sh.publish(&mut batch);
+        sh.publish(io.batch);
     }
 }
 

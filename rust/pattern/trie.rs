@@ -382,20 +382,18 @@ impl PatternTrie {
             k |= HAS_LITERAL;
         }
         self.kinds[node as usize] = k;
-        let with_kinds = node | (u32::from(k) << KINDS_SHIFT);
-        match incoming {
-            Incoming::None => {}
-            Incoming::Edge(parent, key) => {
-                let hash = self.short_hash(parent, &key);
-                if let Some(e) = self.short.find_mut(hash, parent, &key) {
-                    e.child = with_kinds;
-                }
-            }
-            Incoming::StarOf(parent, key) => {
-                let hash = self.short_hash(parent, &key);
-                if let Some(e) = self.short.find_mut(hash, parent, &key) {
-                    e.star = with_kinds;
-                }
+        let (parent, key, as_star) = match incoming {
+            Incoming::None => return,
+            Incoming::Edge(parent, key) => (parent, key, false),
+            Incoming::StarOf(parent, key) => (parent, key, true),
+        };
+        let hash = self.short_hash(parent, &key);
+        if let Some(e) = self.short.find_mut(hash, parent, &key) {
+            let with_kinds = node | (u32::from(k) << KINDS_SHIFT);
+            if as_star {
+                e.star = with_kinds;
+            } else {
+                e.child = with_kinds;
             }
         }
     }
@@ -537,20 +535,23 @@ impl PatternTrie {
                 return true;
             }
             let i = remaining - 1;
-            let literal = match (at.kinds & HAS_LITERAL != 0).then(|| name.short_key(i)) {
-                None => None,
-                Some(Some(key)) => {
-                    let hash = chain(&self.seeds, at.hash, &key);
-                    self.short.find(hash, at.node, &key).map(|e| Step {
-                        node: e.child & NODE_MASK,
-                        kinds: (e.child >> KINDS_SHIFT) as u8,
-                        hash,
-                        star: e.star,
-                    })
+            let literal = if at.kinds & HAS_LITERAL == 0 {
+                None
+            } else {
+                match name.short_key(i) {
+                    Some(key) => {
+                        let hash = chain(&self.seeds, at.hash, &key);
+                        self.short.find(hash, at.node, &key).map(|e| Step {
+                            node: e.child & NODE_MASK,
+                            kinds: (e.child >> KINDS_SHIFT) as u8,
+                            hash,
+                            star: e.star,
+                        })
+                    }
+                    None => self
+                        .long_child(at.node, name.label(i))
+                        .map(|c| self.entry(c)),
                 }
-                Some(None) => self
-                    .long_child(at.node, name.label(i))
-                    .map(|c| self.entry(c)),
             };
             if at.kinds & (HAS_STAR | HAS_GLOB) != 0 && name.usual(i) {
                 if let Some(next) = literal {
