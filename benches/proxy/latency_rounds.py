@@ -2,8 +2,9 @@
 
 Each round runs every target (a, b, c, c2, d of run.py, same CPU layout) for --seconds at --rate
 with per-query latencies; after --rounds rounds it prints the median p50 and p99 of each and the
-p99 added over (a). Interleaving gives every target the same share of whatever else the machine
-is doing, which back-to-back runs of run.py do not.
+p99 added over (a). Percentiles leave out each run's first run.SETTLE_S seconds, as run.py
+does. Interleaving gives every target the same share of whatever else the machine is doing,
+which back-to-back runs of run.py do not.
 
 Usage: python benches/proxy/latency_rounds.py [--rate QPS] [--seconds S] [--rounds N]
 """
@@ -36,7 +37,9 @@ def main() -> int:
     with KnotServer(zone, host=bench.UPSTREAM, port=port, workers=2) as knot:
         if knot._proc is not None:
             subprocess.run(
-                ["taskset", "-a", "-p", "-c", bench.SERVER_CPU, str(knot._proc.pid)], check=False
+                ["taskset", "-a", "-p", "-c", bench.SERVER_CPU, str(knot._proc.pid)],
+                capture_output=True,
+                check=False,
             )
         targets = [t for t in bench.targets(files, port, files["zone"].parent) if t[0] in NAMES]
         for i in range(args.rounds):
