@@ -23,6 +23,7 @@ from fqdnguard import Endpoints, Policy
 from fqdnguard import proxy as proxy_mod
 from fqdnguard.config import ConfigError, ProxyConfig
 from fqdnguard.intercept import Interceptor, InterceptSettings, policed_sources
+from fqdnguard.metrics import registry_for
 from fqdnguard.proxy import (
     IP_RECVORIGDSTADDR,
     IPV6_RECVORIGDSTADDR,
@@ -33,6 +34,7 @@ from fqdnguard.proxy import (
     original_destination,
 )
 from fqdnguard.testing import KnotServer, free_port
+from prometheus_client import generate_latest
 
 from tests.proxy_fixtures import POD_IP, STRANGER_IP, UPSTREAM_IP, run
 
@@ -473,6 +475,11 @@ def test_dns_straight_to_the_transparent_listeners_is_not_looped(
             assert await asyncio.wait_for(reader.read(), 3) == b""
             writer.close()
             assert proxy.stats.counters(proxy._io)["not_intercepted"] == 3
+            text = generate_latest(registry_for(proxy)).decode()
+            assert 'fqdnguard_interception_dropped_total{reason="not_intercepted"} 3.0' in text
+            assert 'fqdnguard_interception_dropped_total{reason="reply_error"} 0.0' in text
+            # closed before it was served: no accepted connection
+            assert 'fqdnguard_tcp_connections_total{outcome="accepted"} 0.0' in text
         finally:
             await proxy.stop()
 

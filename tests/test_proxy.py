@@ -208,6 +208,9 @@ def test_tcp_pipelined_and_truncation_fallback(
             full = dns.message.from_wire(whole)
             assert not full.flags & dns.flags.TC
             assert len(full.answer[0][0].strings) == 4
+            text = generate_latest(registry_for(proxy)).decode()
+            assert 'fqdnguard_tcp_connections_total{outcome="accepted"} 2.0' in text
+            assert 'fqdnguard_tcp_connections_total{outcome="refused"} 0.0' in text
 
     run(scenario)
 
@@ -331,6 +334,8 @@ def test_timeout_servfail_and_failover(
             assert rcodes == [dns.rcode.SERVFAIL] * 3 + [dns.rcode.NOERROR]
             assert proxy.stats.upstream_failovers == 1
             assert proxy.engine.stats()["timeouts"] == 3
+            text = generate_latest(registry_for(proxy)).decode()
+            assert "fqdnguard_upstream_failovers_total 1.0" in text
 
     run(scenario)
 

@@ -29,6 +29,14 @@ RCODES = [
 ]  # fmt: skip
 VERDICTS = ["allowed", "denied", "unknown_source", "malformed", "overloaded"]
 DROPS = ["dropped_unmatched", "dropped_mismatch", "dropped_malformed"]
+# (label, ProxyStats counter): queries that reached a transparent listener without being
+# intercepted (a loop), answers that could not leave from the address the client asked, and
+# queries whose server asked got no upstream socket (they time out into SERVFAIL).
+INTERCEPTION_DROPS = [
+    ("not_intercepted", "not_intercepted"),
+    ("reply_error", "reply_errors"),
+    ("upstream_refused", "orig_upstream_refused"),
+]
 HOLD_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
 
 
@@ -100,6 +108,25 @@ class ProxyCollector(Collector):
             "fqdnguard_backend_errors", "Backend batches that failed", value=st.backend_errors
         )
         io = self.proxy._io
+        counts = st.counters(io)
+        tcp = CounterMetricFamily(
+            "fqdnguard_tcp_connections", "TCP client connections, by outcome", labels=["outcome"]
+        )
+        tcp.add_metric(["accepted"], counts["tcp_connections"])
+        tcp.add_metric(["refused"], counts["tcp_refused"])
+        yield tcp
+        yield CounterMetricFamily(
+            "fqdnguard_upstream_failovers", "Switches to the next upstream after failures",
+            value=counts["upstream_failovers"],
+        )  # fmt: skip
+        intercepted = CounterMetricFamily(
+            "fqdnguard_interception_dropped",
+            "Intercepted (transparent) traffic dropped, by reason",
+            labels=["reason"],
+        )
+        for reason, key in INTERCEPTION_DROPS:
+            intercepted.add_metric([reason], counts[key])
+        yield intercepted
         if io is not None:  # the Rust UDP path's own counters (udp_io: rust)
             u = io.stats()
             yield CounterMetricFamily(
