@@ -19,6 +19,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 
 CLONE_NEWNET = 0x40000000
@@ -95,6 +96,7 @@ class Topology:
     def create(self) -> Topology:
         try:
             self._create()
+            self._wait_addresses_usable()
         except Exception:
             self.close()
             raise
@@ -103,8 +105,7 @@ class Topology:
     def _create(self) -> None:
         pod, node, world = self.pod, self.node, self.world
         for n in (pod, node, world):
-            sh("ip", "netns", "add", n)
-            self.ns(n, "ip", "link", "set", "lo", "up")
+            self.add_namespace(n)
         sh("ip", "link", "add", "fgp0", "netns", pod, "type", "veth", "peer", "fgn0", "netns", node)
         sh(
             "ip",
@@ -138,6 +139,40 @@ class Topology:
         self.ns(world, "ip", "-6", "route", "add", "default", "via", NODE_WORLD6)
         self.ns(node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         self.ns(node, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+
+    def _namespaces(self) -> tuple[str, ...]:
+        return (self.pod, self.node, self.world)
+
+    def add_namespace(self, name: str) -> None:
+        """A new namespace with loopback up and IPv6 duplicate address detection off.
+
+        Off before any link exists, so it covers the link-local addresses the kernel gives each
+        veth as it comes up (``nodad`` on ``ip addr add`` covers only the addresses we add). A
+        link-local address stays "tentative" for about a second after link up, and until then
+        the kernel sends no neighbour solicitation from that link, so the first IPv6 packet
+        forwarded onto it waits for neighbour discovery past a short connect timeout.
+        """
+        sh("ip", "netns", "add", name)
+        self.ns(name, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0")
+        self.ns(name, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0")
+        self.ns(name, "ip", "link", "set", "lo", "up")
+
+    def _wait_addresses_usable(self, timeout: float = 5.0) -> None:
+        """Returns once no IPv6 address in the topology is tentative; raises after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        for n in self._namespaces():
+            while True:
+                r = subprocess.run(
+                    ["ip", "-n", n, "-6", "addr", "show", "tentative"],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                if not r.stdout.strip():
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"IPv6 addresses still tentative in {n}: {r.stdout.strip()}")
+                time.sleep(0.05)
 
     def spawn(self, name: str, *cmd: str, **kw: object) -> subprocess.Popen[bytes]:
         """Starts a process in a namespace; ``close`` ends it."""
@@ -258,8 +293,7 @@ class InterceptTopology(Topology):
     def _create(self) -> None:
         node = self.node
         for n in self._namespaces():
-            sh("ip", "netns", "add", n)
-            self.ns(n, "ip", "link", "set", "lo", "up")
+            self.add_namespace(n)
         links = (  # (namespace, its device, node's device, subnet index)
             (self.pod, "fip0", "fin1", 1),
             (self.world, "fiw0", "fin2", 2),
