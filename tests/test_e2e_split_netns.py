@@ -4,12 +4,15 @@ servers in a world (see tests/netns.py and test_e2e_netns.py for the topology an
 
 Shows: ``kill -9`` of the agent under a steady query stream loses no answer and names resolved
 afterwards still get enforced in the kernel; a restarted proxy serves at once and still allows
-what was learned before; a rolling restart of two proxies on port 53 loses no query; IPv6 alike.
+what was learned before; a rolling restart of two proxies on port 53 loses no query, and the
+new proxy neither prunes what the old one added after saving its state nor loses what the old
+one learned after the takeover; IPv6 alike.
 Needs root, iproute2, knotd and libnftables; skipped with the reason otherwise.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import socket
@@ -101,6 +104,15 @@ class World:
             name,
             rdtype,
         )
+
+    def set_holding(self, ip: str) -> str | None:
+        """The name of the fqdnguard set whose elements include ``ip``."""
+        listing = json.loads(self.nft("-j", "list", "table", "inet", "fqdnguard"))
+        for item in listing["nftables"]:
+            elems = item.get("set", {}).get("elem", [])
+            if any((e["elem"]["val"] if isinstance(e, dict) else e) == ip for e in elems):
+                return str(item["set"]["name"])
+        return None
 
     def reaches(self, ip: str, port: int = 443) -> bool:
         s = self.topo.connect(self.topo.pod, ip, port)
@@ -229,3 +241,26 @@ def test_rolling_restart_of_two_proxies_on_port_53_loses_no_query(w: World) -> N
     assert w.reaches("10.77.2.11")
     assert not w.reaches("10.77.2.12")
     assert POD4 in w.nft("list", "map", "inet", "fqdnguard", "src4")
+
+
+def test_taking_over_prunes_nothing_the_old_proxy_added_after_its_save(w: World) -> None:
+    old = w.proxy()
+    assert w.agent("--once").wait(30) == 0
+    assert w.resolve("web.allowed.e2e.test")[1] == ["10.77.2.10"]
+    name = w.set_holding("10.77.2.10")
+    assert name is not None
+    # What the old proxy programs between the new one's save and its reconcile, added here by
+    # hand so the moment is certain: in the kernel, in no saved cache.
+    w.nft("add", "element", "inet", "fqdnguard", name, "{ 10.77.2.11 timeout 60s }")
+    assert w.reaches("10.77.2.11")
+    new = w.proxy()  # takes over: reconciles the kernel to its cache, without pruning
+    assert w.reaches("10.77.2.11"), "the takeover pruned what the old proxy had added"
+    assert w.reaches("10.77.2.10")
+    assert stop(old) == 0
+    assert status(w.state)["pid"] == new.pid  # type: ignore[index]
+    assert w.reaches("10.77.2.11") and not w.reaches("10.77.2.12")
+    # A cold start is exact: the unknown element goes, what the cache holds stays.
+    assert stop(new) == 0
+    w.proxy()
+    assert not w.reaches("10.77.2.11")
+    assert w.reaches("10.77.2.10")

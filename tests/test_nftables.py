@@ -223,6 +223,36 @@ def test_restart_keeps_elements_and_reconcile_makes_them_exact() -> None:
 
 
 @needs_netns
+def test_taking_over_keeps_what_the_other_proxy_added_and_can_extend_it() -> None:
+    out = run_in_netns("""
+        async def main():
+            old = make(); await old.start()
+            await old.apply([C("added", "1.1.1.1", 60), C("added", "1.1.1.2", 60)])
+            # The new proxy's state was saved before the old one learned 1.1.1.1.
+            new = make(); await new.start()
+            await new.reconcile([(WEB, "1.1.1.2", time.time() + 60),
+                                 (WEB, "1.1.1.3", time.time() + 60)], prune=False)
+            out["taken_over"] = flat(new)
+            # Tracked as live, so an addition of it replaces the timeout (on older kernels a
+            # plain add of an element the set has is a no-op that keeps 60).
+            out["tracked"] = sorted(ip for _, ip in new._live)
+            await new.apply([C("added", "1.1.1.1", 600)])
+            out["ttl"] = max(v["1.1.1.1"] for v in new.elements().values() if "1.1.1.1" in v)
+            await new.reconcile([(WEB, "1.1.1.3", time.time() + 60)])
+            out["exact"] = flat(new)
+            new.remove_table()
+            await new.close(); await old.close()
+        asyncio.run(main())
+    """)
+    taken_over, exact = out["taken_over"], out["exact"]
+    assert isinstance(taken_over, dict) and isinstance(exact, dict)
+    assert list(taken_over.values()) == [["1.1.1.1", "1.1.1.2", "1.1.1.3"]]
+    assert out["tracked"] == ["1.1.1.1", "1.1.1.2", "1.1.1.3"]
+    assert 590 <= out["ttl"] <= 600  # type: ignore[operator]
+    assert list(exact.values()) == [["1.1.1.3"]]
+
+
+@needs_netns
 def test_start_without_permission_is_a_clear_error() -> None:
     code = textwrap.dedent("""
         import asyncio

@@ -18,6 +18,7 @@ import dns.message
 import dns.query
 import dns.rcode
 import pytest
+from fqdnguard._core import DnsCache
 from fqdnguard.control import request_sync
 from fqdnguard.testing import KnotServer, free_port
 
@@ -47,11 +48,11 @@ class Node:
         (root / "policy.yaml").write_text(POLICY)
         (root / "endpoints.yaml").write_text(ENDPOINTS)
 
-    def proxy(self) -> object:
+    def proxy(self, *extra: str) -> object:
         cmd = fqdnguard_cmd(
             "proxy", "--state-dir", str(self.state), "--backend", "log",
             "--listen", f"127.0.0.1:{self.port}", "--listen", f"[::1]:{self.port}",
-            "--upstream", f"{self.knot.host}:{self.knot.port}", "--log-queries", "none",
+            "--upstream", f"{self.knot.host}:{self.knot.port}", "--log-queries", "none", *extra,
         )  # fmt: skip
         proc = spawn(cmd, self.log)
         self.procs.append(proc)
@@ -72,7 +73,9 @@ class Node:
     def digest(self) -> str | None:
         return ((status(self.state) or {}).get("policy") or {}).get("digest")
 
-    def ask(self, name: str, source: str = POD_IP, family: int = 4) -> tuple[int, list[str]]:
+    def ask(
+        self, name: str, source: str = POD_IP, family: int = 4, port: int | None = None
+    ) -> tuple[int, list[str]]:
         host = "127.0.0.1" if family == 4 else "::1"
 
         def make(fam: int) -> socket.socket:
@@ -80,7 +83,7 @@ class Node:
             s.bind((source, 0))
             return s
 
-        return ask(make, (host, self.port), name)
+        return ask(make, (host, port or self.port), name)
 
     def stream(self, names: list[str], rate: float, family: int = 4) -> QueryStream:
         fam, src, host = (
@@ -246,3 +249,38 @@ def test_rolling_restart_of_two_proxies_loses_no_query(node: Node, family: int) 
         timeout=3,
     )
     assert answer.rcode() == dns.rcode.NOERROR
+
+
+def test_what_the_old_proxy_learns_after_the_takeover_is_handed_to_the_new_one(node: Node) -> None:
+    own = free_port("127.0.0.1")  # an address only the old proxy listens on
+    old = node.proxy("--listen", f"127.0.0.1:{own}")
+    assert node.agent("--once").wait(30) == 0  # type: ignore[attr-defined]
+    new = node.proxy()  # takes the control socket and the shared port over
+    # Learned by the old proxy after the new one started from its saved state...
+    assert node.ask("short.example.com", port=own) == (dns.rcode.NOERROR, ["192.0.2.30"])
+    # ... and by the new one only.
+    assert node.ask("www.example.com")[0] == dns.rcode.NOERROR
+    told = [c for c in node.changes() if c["ip"] == "192.0.2.30"]
+    assert [c["change"] for c in told] == ["added"], "only the old proxy has it"
+    assert stop(old) == 0  # type: ignore[arg-type]
+    assert status(node.state)["pid"] == new.pid  # type: ignore[attr-defined,index]
+
+    code, body = request_sync(node.state / "control.sock", "GET", "/v1/cache")
+    assert code == 200, body
+    learned = {(e["name"], e["ip"]) for e in body["entries"]}
+    assert ("short.example.com.", "192.0.2.30") in learned, "the old proxy's entry was lost"
+    assert ("www.example.com.", "192.0.2.10") in learned
+    # The new proxy adopted it as its own learning: its backend was told too.
+    wait_for(
+        lambda: len([c for c in node.changes() if c["ip"] == "192.0.2.30"]) == 2,
+        "the new proxy's backend to add the adopted address",
+        log=node.log,
+    )
+    # The saved state is the new proxy's (the old one wrote no state file after the takeover).
+    saved = {
+        (name, ip) for _, name, ip, _ in DnsCache.load(node.state / "cache.snapshot").entries()
+    }
+    assert {("short.example.com.", "192.0.2.30"), ("www.example.com.", "192.0.2.10")} <= saved
+    assert not list(node.state.glob("cache.handover.*"))
+    log = node.log.read_text()
+    assert "handed the cache over" in log and "adopted" in log

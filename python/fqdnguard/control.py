@@ -152,6 +152,13 @@ class ControlServer:
         self._inode = tmp.stat().st_ino
         os.replace(tmp, self.path)
 
+    def superseded(self) -> bool:
+        """True when another server has since taken ``path`` over (a hot restart)."""
+        try:
+            return self._inode is not None and self.path.stat().st_ino != self._inode
+        except FileNotFoundError:
+            return False
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()

@@ -15,11 +15,12 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -682,15 +683,39 @@ class Proxy:
         if self.intercept is not None:
             self.intercept.set_sources(*policed_sources(policy, endpoints))
 
+    def adopt(self, entries: Iterable[tuple[int, str, str, float]]) -> int:
+        """Records another proxy's cache entries ((endpoint, name, ip, expires_at), as
+        ``DnsCache.entries`` lists them) as if their answers had come here: the hand-over of a
+        hot restart. What is new to this cache goes to the backend; returns how many changes."""
+        now = self.clock()
+        answers: dict[int, dict[str, list[tuple[str, int]]]] = {}
+        for endpoint, name, ip, expires in entries:
+            ttl = math.ceil(expires - now)
+            if ttl > 0:
+                answers.setdefault(endpoint, {}).setdefault(name, []).append((ip, ttl))
+        changes: list[Any] = []
+        for endpoint, names in answers.items():
+            changes.extend(self.cache.record_many(endpoint, names.items(), now))
+        if changes:
+            self._queue_changes(changes)
+        return len(changes)
+
     # -- lifecycle ----------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, *, taking_over: bool = False) -> None:
+        """Starts the backend and the listeners. ``taking_over``: another proxy still serves
+        the same clients (a hot restart), so what the backend enforces beyond this proxy's
+        cache is the other one's recent learning and is kept, not pruned."""
         loop = asyncio.get_running_loop()
         await self.backend.start()
         # Bring the enforced state to what the engine has programmed (e.g. a restored cache).
         programmed_state = getattr(self.engine, "programmed_state", None)
         if programmed_state is not None:
-            await self.backend.reconcile(programmed_state(self.clock()))
+            current = programmed_state(self.clock())
+            if taking_over:
+                await self.backend.reconcile(current, prune=False)
+            else:
+                await self.backend.reconcile(current)
         self._stopping = False
         bound = list(self.config.listen)
         if self.config.udp_io == "rust":

@@ -15,6 +15,12 @@ while two run, and falls back to the kernel's hash when there is one. The new pr
 one to save its state first, loads it, and takes the control socket over; the old one, on
 SIGTERM, serves until its sockets have been quiet for a moment (nothing new reaches it once the
 new one is up), then finishes its in-flight queries and exits: a rolling restart drops nothing.
+
+Nor does it lose what the old proxy learned after that save. The new one reconciles the backend
+without pruning (the old one's recent additions stay in force), and the old one, finding its
+control socket taken, writes no state file of its own (the new one's are newer): it saves its
+cache as ``cache.handover.<pid>`` and asks the new one to adopt it (``POST /v1/adopt``), which
+records the entries, programs what is new and saves.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import gc
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import struct
@@ -53,6 +60,9 @@ __all__ = ["POLICY_FILE", "ProxyDaemon", "load_policy_state", "run_proxy", "stee
 log = logging.getLogger("fqdnguard.proxyd")
 
 POLICY_FILE = "policy.json"
+#: A superseded proxy's cache, for the proxy that took over: this prefix and its pid.
+HANDOVER_PREFIX = "cache.handover."
+HANDOVER_NAME = re.compile(re.escape(HANDOVER_PREFIX) + r"[0-9]+")
 #: Format of the policy state file; a newer one is refused rather than misread.
 POLICY_FORMAT = 1
 #: SO_ATTACH_REUSEPORT_CBPF (asm-generic/socket.h).
@@ -202,6 +212,7 @@ class ProxyDaemon:
                 ("GET", "/v1/status"): self._get_status,
                 ("PUT", "/v1/policy"): self._put_policy,
                 ("POST", "/v1/save"): self._post_save,
+                ("POST", "/v1/adopt"): self._post_adopt,
                 ("GET", "/v1/cache"): self._get_cache,
                 ("GET", "/v1/stats"): self._get_stats,
             },
@@ -262,7 +273,7 @@ class ProxyDaemon:
         handed_over = await self._hand_over()
         policy, endpoints, cache = self._restore()
         self.proxy = Proxy(policy, endpoints, backend=self.backend, cache=cache, config=self.config)
-        await self.proxy.start()
+        await self.proxy.start(taking_over=handed_over)
         steer_to_newest(_listening_sockets(self.proxy))
         await self.control.start()
         if handed_over:
@@ -309,18 +320,45 @@ class ProxyDaemon:
     async def stop(self) -> None:
         if self.proxy is not None:
             await self._drain()
+        superseded = self.control.superseded()
         await self.control.close()
         if self.proxy is not None:
             await self.proxy.stop()
         if self._metrics is not None:
             self._metrics.shutdown()
-        self.save()
+        if superseded:
+            await self._hand_cache_over()
+        else:
+            self.save()
         log.info("stopped")
 
     # -- state ------------------------------------------------------------------------------
 
+    async def _hand_cache_over(self) -> None:
+        """Gives this proxy's cache to the one that took over (it owns the state files now)."""
+        if self.proxy is None:
+            return
+        name = f"{HANDOVER_PREFIX}{os.getpid()}"
+        path = self.state_dir / name
+        try:
+            self.proxy.cache.save(path)
+            status, body = await request(
+                self.control.path, "POST", "/v1/adopt", {"file": name}, timeout=30
+            )
+        except (CacheError, OSError, ControlError) as e:
+            log.error("handing the cache over failed: %s (left in %s)", e, path)
+            return
+        if status != 200:
+            log.error("the new proxy did not adopt %s: %s %s", path, status, body)
+            return
+        changes = body.get("changes") if isinstance(body, dict) else body
+        log.info("handed the cache over: %s changes for the new proxy", changes)
+
     def save(self) -> None:
-        """Saves the cache and the policy in force (each atomically)."""
+        """Saves the cache and the policy in force (each atomically); nothing once another
+        proxy has taken the control socket over (its state is the newer)."""
+        if self.control.superseded():
+            return
         if self.proxy is not None:
             self.proxy.cache.save(self.cache_path)
         if self.policy_state is not None:
@@ -397,6 +435,28 @@ class ProxyDaemon:
     async def _post_save(self, _body: Any) -> tuple[int, Any]:
         await asyncio.get_running_loop().run_in_executor(None, self.save)
         return 200, {}
+
+    async def _post_adopt(self, body: Any) -> tuple[int, Any]:
+        """The proxy this one took over from hands its cache over (see the module's text)."""
+        assert self.proxy is not None
+        name = body.get("file") if isinstance(body, dict) else None
+        if not isinstance(name, str) or not HANDOVER_NAME.fullmatch(name):
+            return 400, {"error": f"file: want '{HANDOVER_PREFIX}<pid>' in the state directory"}
+        path = self.state_dir / name
+        loop = asyncio.get_running_loop()
+        try:
+            cache = await loop.run_in_executor(None, DnsCache.load, path)
+        except (CacheError, OSError) as e:
+            return 422, {"error": f"cannot load {name}: {e}"}
+        changes = self.proxy.adopt(cache.entries())
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        try:
+            await loop.run_in_executor(None, self.save)
+        except (CacheError, OSError) as e:
+            log.error("saving the state failed: %s", e)
+        log.info("adopted %d cache entries (%d changes) from %s", len(cache), changes, name)
+        return 200, {"entries": len(cache), "changes": changes}
 
     async def _get_cache(self, _body: Any) -> tuple[int, Any]:
         from fqdnguard.agent import cache_entries  # noqa: PLC0415

@@ -35,9 +35,11 @@ class Backend:
     async def apply(self, changes: Sequence[Any]) -> None:
         raise NotImplementedError
 
-    async def reconcile(self, current: Sequence[Any]) -> None:
-        """Brings the enforced state to exactly ``current`` (all live entries, as "added").
-        Backends that keep no state of their own just apply what is live."""
+    async def reconcile(self, current: Sequence[Any], *, prune: bool = True) -> None:
+        """Brings the enforced state to ``current`` (all live entries, as "added"): exactly
+        with ``prune``; without it (taking over from a proxy that still serves) entries it does
+        not list are left in force. Backends that keep no state of their own just apply what
+        is live."""
         if current:
             await self.apply(current)
 

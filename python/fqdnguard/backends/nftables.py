@@ -782,10 +782,14 @@ class Nftables(Backend):
             live[key] = (expires or now, sets)
         return ops
 
-    async def reconcile(self, current: Sequence[Any]) -> None:
-        """Brings the sets to exactly ``current`` (every live (endpoint, ip, expires_at)):
-        adds what is missing, deletes what is stale, refreshes timeouts that fell below half of
-        what they should be; never flushes."""
+    async def reconcile(self, current: Sequence[Any], *, prune: bool = True) -> None:
+        """Brings the sets to ``current`` (every live (endpoint, ip, expires_at)): adds what is
+        missing, refreshes timeouts that fell below half of what they should be, and with
+        ``prune`` deletes what is stale; never flushes.
+
+        ``prune=False`` is for taking over from a proxy that is still serving: what it added
+        after saving the state this one started from is in the kernel but not in ``current``.
+        Those elements stay (they lapse on their own timeouts) and are tracked as live."""
         if self._nft is None:
             raise BackendError("nftables backend: reconcile before start")
         live = {}
@@ -794,13 +798,15 @@ class Nftables(Backend):
             if kind != "removed":
                 live[(endpoint, ip)] = expires
         with self._lock:
-            self._resync_locked(live)
+            self._resync_locked(live, prune=prune)
 
     def _resync(self, live: dict[tuple[int, str], Any]) -> None:
         with self._lock:
             self._resync_locked({k: v[0] if isinstance(v, tuple) else v for k, v in live.items()})
 
-    def _resync_locked(self, live: dict[tuple[int, str], float | None]) -> None:
+    def _resync_locked(
+        self, live: dict[tuple[int, str], float | None], *, prune: bool = True
+    ) -> None:
         now = self.clock()
         want: dict[str, dict[str, float]] = {}
         self._live = {}
@@ -813,10 +819,12 @@ class Nftables(Backend):
             for s in sets:
                 want.setdefault(s, {})[ip] = expires or now
         have = self._elements()
+        if not prune:
+            self._adopt_unwanted(want, have, now)
         ops = _Ops()
         for s in set(want) | set(have):
             wanted, present = want.get(s, {}), have.get(s, {})
-            for ip in present.keys() - wanted.keys():
+            for ip in present.keys() - wanted.keys() if prune else ():
                 ops.remove(s, ip)
             for ip, expires in wanted.items():
                 remaining = expires - now
@@ -833,6 +841,22 @@ class Nftables(Backend):
             ops.added,
             ops.removed,
         )
+
+    def _adopt_unwanted(
+        self, want: dict[str, dict[str, float]], have: dict[str, dict[str, float]], now: float
+    ) -> None:
+        """Records in ``_live`` the kernel's elements that ``want`` lacks, so ``_live`` keeps
+        describing the kernel (a later addition of one of them then replaces its timeout)."""
+        owner = {name: ep.id for ep in self._endpoints.values() for name, _ in ep.sets()}
+        for s, present in have.items():
+            endpoint = owner.get(s)
+            if endpoint is None:
+                continue  # a set of an endpoint the policy no longer restricts
+            for ip, left in present.items():
+                if ip in want.get(s, {}):
+                    continue
+                expires, sets = self._live.get((endpoint, ip), (now, ()))
+                self._live[(endpoint, ip)] = (max(expires, now + left), (*sets, s))
 
     def _elements(self) -> dict[str, dict[str, float]]:
         """Every element of our address sets: set -> {ip: seconds left}."""
