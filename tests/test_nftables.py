@@ -227,15 +227,25 @@ def test_taking_over_keeps_what_the_other_proxy_added_and_can_extend_it() -> Non
     out = run_in_netns("""
         async def main():
             old = make(); await old.start()
-            await old.apply([C("added", "1.1.1.1", 60), C("added", "1.1.1.2", 60)])
-            # The new proxy's state was saved before the old one learned 1.1.1.1.
-            new = make(); await new.start()
+            await old.apply([C("added", "1.1.1.1", 60), C("added", "1.1.1.2", 60),
+                             C("added", "2.2.2.2", 60)])
+            # The new proxy's state was saved before the old one learned 1.1.1.1 and 2.2.2.2:
+            # its cache has no names for them.
+            new = make()
+            known = {"1.1.1.2", "1.1.1.3"}
+            new._names_for = lambda ip, ep: ["a.example.com."] if ip in known else []
+            await new.start()
             await new.reconcile([(WEB, "1.1.1.2", time.time() + 60),
                                  (WEB, "1.1.1.3", time.time() + 60)], prune=False)
             out["taken_over"] = flat(new)
             # Tracked as live, so an addition of it replaces the timeout (on older kernels a
             # plain add of an element the set has is a no-op that keeps 60).
             out["tracked"] = sorted(ip for _, ip in new._live)
+            # A policy push before the hand-over re-sorts the sets: nothing is lost for want
+            # of names.
+            new.set_policy(pol, eps)
+            out["pushed"] = flat(new)
+            known.add("1.1.1.1")  # adopted
             await new.apply([C("added", "1.1.1.1", 600)])
             out["ttl"] = max(v["1.1.1.1"] for v in new.elements().values() if "1.1.1.1" in v)
             await new.reconcile([(WEB, "1.1.1.3", time.time() + 60)])
@@ -244,10 +254,11 @@ def test_taking_over_keeps_what_the_other_proxy_added_and_can_extend_it() -> Non
             await new.close(); await old.close()
         asyncio.run(main())
     """)
-    taken_over, exact = out["taken_over"], out["exact"]
+    taken_over, pushed, exact = out["taken_over"], out["pushed"], out["exact"]
     assert isinstance(taken_over, dict) and isinstance(exact, dict)
-    assert list(taken_over.values()) == [["1.1.1.1", "1.1.1.2", "1.1.1.3"]]
-    assert out["tracked"] == ["1.1.1.1", "1.1.1.2", "1.1.1.3"]
+    assert sorted(taken_over.values()) == [["1.1.1.1", "1.1.1.2", "1.1.1.3"], ["2.2.2.2"]]
+    assert out["tracked"] == ["1.1.1.1", "1.1.1.2", "1.1.1.3", "2.2.2.2"]
+    assert pushed == taken_over
     assert 590 <= out["ttl"] <= 600  # type: ignore[operator]
     assert list(exact.values()) == [["1.1.1.3"]]
 

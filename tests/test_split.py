@@ -48,7 +48,7 @@ class Node:
         (root / "policy.yaml").write_text(POLICY)
         (root / "endpoints.yaml").write_text(ENDPOINTS)
 
-    def proxy(self, *extra: str) -> object:
+    def proxy(self, *extra: str, wait: bool = True) -> object:
         cmd = fqdnguard_cmd(
             "proxy", "--state-dir", str(self.state), "--backend", "log",
             "--listen", f"127.0.0.1:{self.port}", "--listen", f"[::1]:{self.port}",
@@ -56,10 +56,13 @@ class Node:
         )  # fmt: skip
         proc = spawn(cmd, self.log)
         self.procs.append(proc)
-        wait_for(
-            lambda: (status(self.state) or {}).get("pid") == proc.pid, "the proxy", log=self.log
-        )
+        if wait:
+            self.wait_serving(proc)
         return proc
+
+    def wait_serving(self, proc: object) -> None:
+        pid = proc.pid  # type: ignore[attr-defined]
+        wait_for(lambda: (status(self.state) or {}).get("pid") == pid, "the proxy", log=self.log)
 
     def agent(self, *extra: str) -> object:
         cmd = fqdnguard_cmd(
@@ -284,3 +287,54 @@ def test_what_the_old_proxy_learns_after_the_takeover_is_handed_to_the_new_one(n
     assert not list(node.state.glob("cache.handover.*"))
     log = node.log.read_text()
     assert "handed the cache over" in log and "adopted" in log
+
+
+def test_an_old_proxy_stopped_before_the_new_one_is_up_waits_and_hands_over(node: Node) -> None:
+    own = free_port("127.0.0.1")
+    old = node.proxy("--listen", f"127.0.0.1:{own}")
+    assert node.agent("--once").wait(30) == 0  # type: ignore[attr-defined]
+    # A new proxy's first step, taken here so its slow start is certain: ask for the state.
+    save = request_sync(node.state / "control.sock", "POST", "/v1/save", {"successor": 1})
+    assert save[0] == 200
+    # The old proxy learns after that save and is told to stop before the new one is up (an
+    # orchestrator that does not wait for readiness): it keeps serving for its successor.
+    assert node.ask("short.example.com", port=own) == (dns.rcode.NOERROR, ["192.0.2.30"])
+    old.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]
+    time.sleep(1.5)  # several times the drain's quiet period
+    assert old.poll() is None, "stopped before its successor took over"  # type: ignore[attr-defined]
+    assert node.ask("short.example.com", port=own)[0] == dns.rcode.NOERROR
+    new = node.proxy()
+    assert old.wait(20) == 0  # type: ignore[attr-defined]
+    assert status(node.state)["pid"] == new.pid  # type: ignore[attr-defined,index]
+    code, body = request_sync(node.state / "control.sock", "GET", "/v1/cache")
+    assert code == 200, body
+    assert ("short.example.com.", "192.0.2.30") in {(e["name"], e["ip"]) for e in body["entries"]}
+    assert "handed the cache over" in node.log.read_text()
+
+
+def test_a_hand_over_nobody_adopted_is_merged_at_the_next_start(node: Node) -> None:
+    first = node.proxy()
+    assert node.agent("--once").wait(30) == 0  # type: ignore[attr-defined]
+    assert node.ask("www.example.com")[0] == dns.rcode.NOERROR
+    digest = node.digest()
+    code, body = request_sync(node.state / "control.sock", "GET", "/v1/cache")
+    endpoint = next(e["endpoint"] for e in body["entries"] if e["name"] == "www.example.com.")
+    assert stop(first) == 0  # type: ignore[arg-type]
+    # What an old proxy left when the one that took over died before adopting it, and one
+    # saved under another policy state (its endpoint numbers may mean other pods).
+    assert digest is not None
+    for tag, ip in ((digest[:16], "192.0.2.30"), ("0" * 16, "192.0.2.99")):
+        left = DnsCache()
+        left.record(endpoint, "short.example.com", [(ip, 300)])
+        left.save(node.state / f"cache.handover.4242.{tag}")
+
+    node.proxy()
+    code, body = request_sync(node.state / "control.sock", "GET", "/v1/cache")
+    assert code == 200, body
+    learned = {(e["name"], e["ip"]) for e in body["entries"]}
+    assert {("short.example.com.", "192.0.2.30"), ("www.example.com.", "192.0.2.10")} <= learned
+    assert ("short.example.com.", "192.0.2.99") not in learned
+    assert [p.name for p in node.state.glob("cache.handover.*")] == [
+        "cache.handover.4242." + "0" * 16
+    ]
+    assert "not a hand-over under this policy state" in node.log.read_text()

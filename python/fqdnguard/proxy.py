@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import json
 import logging
 import math
@@ -284,6 +285,8 @@ MAX_REPLY_SOCKETS = 256
 #: In the reply socket cache: the address is the node's own (see ``_TransparentUdp``).
 LOCAL = "local"
 MAX_ORIG_UPSTREAMS = 1024
+#: Names recorded per call when adopting another proxy's cache (the loop runs in between).
+ADOPT_CHUNK = 5000
 
 
 def transparent_socket(
@@ -683,22 +686,28 @@ class Proxy:
         if self.intercept is not None:
             self.intercept.set_sources(*policed_sources(policy, endpoints))
 
-    def adopt(self, entries: Iterable[tuple[int, str, str, float]]) -> int:
+    async def adopt(self, entries: Iterable[tuple[int, str, str, float]]) -> int:
         """Records another proxy's cache entries ((endpoint, name, ip, expires_at), as
         ``DnsCache.entries`` lists them) as if their answers had come here: the hand-over of a
-        hot restart. What is new to this cache goes to the backend; returns how many changes."""
+        hot restart. What is new to this cache is programmed as answers are and goes to the
+        backend; returns how many changes. Yields to the loop between chunks."""
         now = self.clock()
         answers: dict[int, dict[str, list[tuple[str, int]]]] = {}
         for endpoint, name, ip, expires in entries:
             ttl = math.ceil(expires - now)
             if ttl > 0:
                 answers.setdefault(endpoint, {}).setdefault(name, []).append((ip, ttl))
-        changes: list[Any] = []
+        count = 0
         for endpoint, names in answers.items():
-            changes.extend(self.cache.record_many(endpoint, names.items(), now))
-        if changes:
-            self._queue_changes(changes)
-        return len(changes)
+            items = list(names.items())
+            for i in range(0, len(items), ADOPT_CHUNK):
+                recorded = self.cache.record_many(endpoint, items[i : i + ADOPT_CHUNK], now)
+                changes = self.engine.program_changes(recorded, now) if recorded else recorded
+                if changes:
+                    self._queue_changes(changes)
+                    count += len(changes)
+                await asyncio.sleep(0)
+        return count
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -712,10 +721,12 @@ class Proxy:
         programmed_state = getattr(self.engine, "programmed_state", None)
         if programmed_state is not None:
             current = programmed_state(self.clock())
-            if taking_over:
-                await self.backend.reconcile(current, prune=False)
-            else:
+            if not taking_over:
                 await self.backend.reconcile(current)
+            elif "prune" in inspect.signature(self.backend.reconcile).parameters:
+                await self.backend.reconcile(current, prune=False)
+            else:  # a backend of its own that only reconciles exactly: adding prunes nothing
+                await self.backend.apply(current)
         self._stopping = False
         bound = list(self.config.listen)
         if self.config.udp_io == "rust":

@@ -19,8 +19,10 @@ new one is up), then finishes its in-flight queries and exits: a rolling restart
 Nor does it lose what the old proxy learned after that save. The new one reconciles the backend
 without pruning (the old one's recent additions stay in force), and the old one, finding its
 control socket taken, writes no state file of its own (the new one's are newer): it saves its
-cache as ``cache.handover.<pid>`` and asks the new one to adopt it (``POST /v1/adopt``), which
-records the entries, programs what is new and saves.
+cache as ``cache.handover.<pid>.<digest>`` and asks the new one to adopt it (``POST
+/v1/adopt``), which records the entries, programs what is new and saves. Told to stop before its
+successor is up, the old proxy serves on until it is (SUCCESSOR_WAIT); a hand-over nobody
+adopted is merged by the next proxy that starts under the same policy state.
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ import ctypes
 import gc
 import json
 import logging
+import math
 import os
 import re
 import signal
 import socket
 import struct
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -62,7 +66,11 @@ log = logging.getLogger("fqdnguard.proxyd")
 POLICY_FILE = "policy.json"
 #: A superseded proxy's cache, for the proxy that took over: this prefix and its pid.
 HANDOVER_PREFIX = "cache.handover."
-HANDOVER_NAME = re.compile(re.escape(HANDOVER_PREFIX) + r"[0-9]+")
+#: ``cache.handover.<pid>.<first 16 hex digits of the policy digest, or "none">``: entries are
+#: keyed by endpoint number, which only the same policy state gives the same meaning.
+HANDOVER_NAME = re.compile(re.escape(HANDOVER_PREFIX) + r"[0-9]+\.([0-9a-f]{16}|none)")
+#: At SIGTERM after a successor asked for our state: wait this long for it to take over.
+SUCCESSOR_WAIT = 10.0
 #: Format of the policy state file; a newer one is refused rather than misread.
 POLICY_FORMAT = 1
 #: SO_ATTACH_REUSEPORT_CBPF (asm-generic/socket.h).
@@ -222,6 +230,9 @@ class ProxyDaemon:
         self._push_lock = asyncio.Lock()
         self._started_at = time.time()
         self._metrics: Any = None
+        self._save_lock = threading.Lock()
+        #: When a starting proxy asked for our state (POST /v1/save): it is about to take over.
+        self._successor_asked: float | None = None
 
     @property
     def cache_path(self) -> Path:
@@ -237,14 +248,49 @@ class ProxyDaemon:
         """When a proxy is already serving from this state dir, asks it to save its state now
         (so this one starts from the freshest cache). True when one answered."""
         try:
-            status, _ = await request(self.control.path, "POST", "/v1/save", timeout=5)
+            status, _ = await request(
+                self.control.path, "POST", "/v1/save", {"successor": os.getpid()}, timeout=5
+            )
         except ControlError:
             return False
         if status == 200:
             log.info("another proxy serves from %s: took its saved state", self.state_dir)
         return status == 200
 
+    def _digest_tag(self) -> str:
+        """The policy state's part of a hand-over file's name."""
+        return self.policy_state.digest[:16] if self.policy_state is not None else "none"
+
     def _restore(self) -> tuple[Policy, Endpoints, DnsCache]:
+        policy, endpoints, cache = self._restore_saved()
+        self._merge_leftovers(cache)
+        return policy, endpoints, cache
+
+    def _merge_leftovers(self, cache: DnsCache) -> None:
+        """Adds to ``cache`` what hand-over files no proxy adopted hold (the proxy that took over
+        died first) when they were saved under the policy state now restored; removes them."""
+        for path in sorted(self.state_dir.glob(f"{HANDOVER_PREFIX}*")):
+            match = HANDOVER_NAME.fullmatch(path.name)
+            if match is None or match.group(1) != self._digest_tag():
+                log.warning("ignoring %s: not a hand-over under this policy state", path.name)
+                continue
+            try:
+                left = DnsCache.load(path)
+            except CacheError as e:
+                log.error("cannot read %s (%s); ignoring it", path.name, e)
+                continue
+            now = time.time()
+            by_endpoint: dict[int, list[tuple[str, list[tuple[str, int]]]]] = {}
+            for endpoint, name, ip, expires in left.entries():
+                if expires > now:
+                    ttl = math.ceil(expires - now)
+                    by_endpoint.setdefault(endpoint, []).append((name, [(ip, ttl)]))
+            for endpoint, answers in by_endpoint.items():
+                cache.record_many(endpoint, answers, now)
+            path.unlink()
+            log.info("merged %d entries left in %s", len(left), path.name)
+
+    def _restore_saved(self) -> tuple[Policy, Endpoints, DnsCache]:
         cache = DnsCache(min_ttl=self.config.min_ttl)
         if self.cache_path.exists():
             try:
@@ -317,8 +363,18 @@ class ProxyDaemon:
             elif time.monotonic() - quiet_since >= QUIET:
                 return
 
+    async def _await_successor(self) -> None:
+        """A proxy that asked for our state is starting: serve until it has taken the control
+        socket over (at most SUCCESSOR_WAIT), so what we learn meanwhile is handed to it."""
+        if self._successor_asked is None:
+            return
+        deadline = self._successor_asked + SUCCESSOR_WAIT
+        while not self.control.superseded() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
     async def stop(self) -> None:
         if self.proxy is not None:
+            await self._await_successor()
             await self._drain()
         superseded = self.control.superseded()
         await self.control.close()
@@ -338,7 +394,7 @@ class ProxyDaemon:
         """Gives this proxy's cache to the one that took over (it owns the state files now)."""
         if self.proxy is None:
             return
-        name = f"{HANDOVER_PREFIX}{os.getpid()}"
+        name = f"{HANDOVER_PREFIX}{os.getpid()}.{self._digest_tag()}"
         path = self.state_dir / name
         try:
             self.proxy.cache.save(path)
@@ -346,6 +402,7 @@ class ProxyDaemon:
                 self.control.path, "POST", "/v1/adopt", {"file": name}, timeout=30
             )
         except (CacheError, OSError, ControlError) as e:
+            # Left in place: the next proxy to start here adopts it (see _restore).
             log.error("handing the cache over failed: %s (left in %s)", e, path)
             return
         if status != 200:
@@ -357,12 +414,13 @@ class ProxyDaemon:
     def save(self) -> None:
         """Saves the cache and the policy in force (each atomically); nothing once another
         proxy has taken the control socket over (its state is the newer)."""
-        if self.control.superseded():
-            return
-        if self.proxy is not None:
-            self.proxy.cache.save(self.cache_path)
-        if self.policy_state is not None:
-            atomic_write(self.policy_path, self.policy_state.to_json())
+        with self._save_lock:  # the periodic saver, /v1/save and /v1/adopt use threads
+            if self.control.superseded():
+                return
+            if self.proxy is not None:
+                self.proxy.cache.save(self.cache_path)
+            if self.policy_state is not None:
+                atomic_write(self.policy_path, self.policy_state.to_json())
 
     async def _save_periodically(self) -> None:
         loop = asyncio.get_running_loop()
@@ -432,7 +490,9 @@ class ProxyDaemon:
         )
         return 200, {"digest": digest, "changed": True}
 
-    async def _post_save(self, _body: Any) -> tuple[int, Any]:
+    async def _post_save(self, body: Any) -> tuple[int, Any]:
+        if isinstance(body, dict) and body.get("successor") is not None:
+            self._successor_asked = time.monotonic()
         await asyncio.get_running_loop().run_in_executor(None, self.save)
         return 200, {}
 
@@ -440,22 +500,27 @@ class ProxyDaemon:
         """The proxy this one took over from hands its cache over (see the module's text)."""
         assert self.proxy is not None
         name = body.get("file") if isinstance(body, dict) else None
-        if not isinstance(name, str) or not HANDOVER_NAME.fullmatch(name):
-            return 400, {"error": f"file: want '{HANDOVER_PREFIX}<pid>' in the state directory"}
-        path = self.state_dir / name
+        match = HANDOVER_NAME.fullmatch(name) if isinstance(name, str) else None
+        if match is None:
+            return 400, {
+                "error": f"file: want '{HANDOVER_PREFIX}<pid>.<digest>' in the state directory"
+            }
+        path = self.state_dir / match.group(0)
+        if match.group(1) != self._digest_tag():
+            return 409, {"error": f"{path.name} was saved under another policy state"}
         loop = asyncio.get_running_loop()
         try:
             cache = await loop.run_in_executor(None, DnsCache.load, path)
         except (CacheError, OSError) as e:
-            return 422, {"error": f"cannot load {name}: {e}"}
-        changes = self.proxy.adopt(cache.entries())
+            return 422, {"error": f"cannot load {path.name}: {e}"}
+        changes = await self.proxy.adopt(cache.entries())
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         try:
             await loop.run_in_executor(None, self.save)
         except (CacheError, OSError) as e:
             log.error("saving the state failed: %s", e)
-        log.info("adopted %d cache entries (%d changes) from %s", len(cache), changes, name)
+        log.info("adopted %d cache entries (%d changes) from %s", len(cache), changes, path.name)
         return 200, {"entries": len(cache), "changes": changes}
 
     async def _get_cache(self, _body: Any) -> tuple[int, Any]:

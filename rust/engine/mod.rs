@@ -566,6 +566,18 @@ impl Engine {
         }
     }
 
+    /// Runs changes recorded into the shared cache outside the engine (another proxy's
+    /// entries, adopted at a hot restart) through the programming answers get: lapse times
+    /// doubled, extensions the firewall already covers dropped.
+    pub fn program_changes(
+        &self,
+        changes: Vec<Change>,
+        now: f64,
+    ) -> Result<Vec<Change>, EngineError> {
+        let mut st = self.state.lock().map_err(|_| POISONED)?;
+        Ok(program(&mut st, changes, now))
+    }
+
     /// Every live cache entry as the firewall must have it, for a backend's start-up
     /// reconciliation (a restored cache): one `added` change per (endpoint, ip) with its latest
     /// expiry, programmed as answers are.

@@ -171,6 +171,10 @@ pub struct PyChangeList {
 }
 
 impl PyChangeList {
+    pub(super) fn changes(&self) -> &[Change] {
+        &self.changes
+    }
+
     fn index_of(&self, i: isize) -> PyResult<usize> {
         let n = self.changes.len() as isize;
         let j = if i < 0 { i + n } else { i };

@@ -260,6 +260,22 @@ impl PyEngine {
         changes_out(py, changes)
     }
 
+    /// Changes recorded into the shared cache outside the engine (`DnsCache.record_many` of
+    /// another proxy's entries), programmed as answers' are: what the backend must apply.
+    fn program_changes<'py>(
+        &self,
+        py: Python<'py>,
+        changes: &Bound<'py, PyChangeList>,
+        now: f64,
+    ) -> PyResult<Bound<'py, PyChangeList>> {
+        let changes = changes.get().changes().to_vec();
+        let programmed = self
+            .inner
+            .program_changes(changes, now)
+            .map_err(engine_err)?;
+        changes_out(py, programmed)
+    }
+
     /// Every live (endpoint, ip) of the cache as `added` changes, programmed as answers are
     /// (what a backend reconciles to at start).
     fn programmed_state<'py>(

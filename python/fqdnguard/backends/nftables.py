@@ -809,12 +809,18 @@ class Nftables(Backend):
     ) -> None:
         now = self.clock()
         want: dict[str, dict[str, float]] = {}
-        self._live = {}
+        before, self._live = self._live, {}
         for (endpoint, ip), expires in live.items():
             ep = self._endpoints.get(endpoint)
             if ep is None or (expires is not None and expires <= now):
                 continue
             sets = tuple(ep.classify(ip, self._names_for))
+            known = before.get((endpoint, ip))
+            if not sets and known and self._names_for and not self._names_for(ip, endpoint):
+                # Learned by a proxy this one took over from (no names here yet): it keeps the
+                # sets it was found in that the policy still has, until adopted or lapsed.
+                have_sets = {name for name, _ in ep.sets()}
+                sets = tuple(s for s in known[1] if s in have_sets)
             self._live[(endpoint, ip)] = (expires or now, sets)
             for s in sets:
                 want.setdefault(s, {})[ip] = expires or now
