@@ -468,13 +468,13 @@ def test_dns_straight_to_the_transparent_listeners_is_not_looped(
                     await asyncio.sleep(0.3)  # the loop serves the asyncio listeners meanwhile
                     with pytest.raises(BlockingIOError):
                         s.recvfrom(512)
-            assert proxy.stats.counters(proxy._io)["not_intercepted"] == 2
+            assert proxy.counters()["not_intercepted"] == 2
             assert proxy.engine.stats()["queries"] == 0
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(len(wire).to_bytes(2, "big") + wire)
             assert await asyncio.wait_for(reader.read(), 3) == b""
             writer.close()
-            assert proxy.stats.counters(proxy._io)["not_intercepted"] == 3
+            assert proxy.counters()["not_intercepted"] == 3
             text = generate_latest(registry_for(proxy)).decode()
             assert 'fqdnguard_interception_dropped_total{reason="not_intercepted"} 3.0' in text
             assert 'fqdnguard_interception_dropped_total{reason="reply_error"} 0.0' in text

@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import dns.message
 import dns.query
@@ -72,6 +73,17 @@ class Node:
         proc = spawn(cmd, self.log)
         self.procs.append(proc)
         return proc
+
+    def cache(self) -> list[dict[str, Any]]:
+        """The serving proxy's cache entries (GET /v1/cache)."""
+        code, body = request_sync(self.state / "control.sock", "GET", "/v1/cache")
+        assert code == 200, body
+        entries: list[dict[str, Any]] = body["entries"]
+        return entries
+
+    def learned(self) -> set[tuple[str, str]]:
+        """(name, ip) of every entry the serving proxy's cache holds."""
+        return {(e["name"], e["ip"]) for e in self.cache()}
 
     def digest(self) -> str | None:
         return ((status(self.state) or {}).get("policy") or {}).get("digest")
@@ -200,9 +212,7 @@ def test_restarted_proxy_serves_from_its_state_at_once(node: Node) -> None:
     assert time.monotonic() - started < 10
     st = status(node.state)
     assert st is not None and st["policy"]["source"] == "state"
-    code, body = request_sync(node.state / "control.sock", "GET", "/v1/cache")
-    assert code == 200, body
-    assert {("www.example.com.", "192.0.2.10")} <= {(e["name"], e["ip"]) for e in body["entries"]}
+    assert ("www.example.com.", "192.0.2.10") in node.learned()
 
 
 def test_corrupt_policy_state_starts_fail_closed(node: Node) -> None:
@@ -268,9 +278,7 @@ def test_what_the_old_proxy_learns_after_the_takeover_is_handed_to_the_new_one(n
     assert stop(old) == 0  # type: ignore[arg-type]
     assert status(node.state)["pid"] == new.pid  # type: ignore[attr-defined,index]
 
-    code, body = request_sync(node.state / "control.sock", "GET", "/v1/cache")
-    assert code == 200, body
-    learned = {(e["name"], e["ip"]) for e in body["entries"]}
+    learned = node.learned()
     assert ("short.example.com.", "192.0.2.30") in learned, "the old proxy's entry was lost"
     assert ("www.example.com.", "192.0.2.10") in learned
     # The new proxy adopted it as its own learning: its backend was told too.
@@ -306,9 +314,7 @@ def test_an_old_proxy_stopped_before_the_new_one_is_up_waits_and_hands_over(node
     new = node.proxy()
     assert old.wait(20) == 0  # type: ignore[attr-defined]
     assert status(node.state)["pid"] == new.pid  # type: ignore[attr-defined,index]
-    code, body = request_sync(node.state / "control.sock", "GET", "/v1/cache")
-    assert code == 200, body
-    assert ("short.example.com.", "192.0.2.30") in {(e["name"], e["ip"]) for e in body["entries"]}
+    assert ("short.example.com.", "192.0.2.30") in node.learned()
     assert "handed the cache over" in node.log.read_text()
 
 
@@ -317,8 +323,7 @@ def test_a_hand_over_nobody_adopted_is_merged_at_the_next_start(node: Node) -> N
     assert node.agent("--once").wait(30) == 0  # type: ignore[attr-defined]
     assert node.ask("www.example.com")[0] == dns.rcode.NOERROR
     digest = node.digest()
-    code, body = request_sync(node.state / "control.sock", "GET", "/v1/cache")
-    endpoint = next(e["endpoint"] for e in body["entries"] if e["name"] == "www.example.com.")
+    endpoint = next(e["endpoint"] for e in node.cache() if e["name"] == "www.example.com.")
     assert stop(first) == 0  # type: ignore[arg-type]
     # What an old proxy left when the one that took over died before adopting it, and one
     # saved under another policy state (its endpoint numbers may mean other pods).
@@ -329,9 +334,7 @@ def test_a_hand_over_nobody_adopted_is_merged_at_the_next_start(node: Node) -> N
         left.save(node.state / f"cache.handover.4242.{tag}")
 
     node.proxy()
-    code, body = request_sync(node.state / "control.sock", "GET", "/v1/cache")
-    assert code == 200, body
-    learned = {(e["name"], e["ip"]) for e in body["entries"]}
+    learned = node.learned()
     assert {("short.example.com.", "192.0.2.30"), ("www.example.com.", "192.0.2.10")} <= learned
     assert ("short.example.com.", "192.0.2.99") not in learned
     assert [p.name for p in node.state.glob("cache.handover.*")] == [

@@ -150,11 +150,10 @@ class Runner:
         return 200, {"entries": cache_entries(self.cache), "now": time.time()}
 
     async def _get_stats(self, _body: Any) -> tuple[int, Any]:
-        counters = self.proxy.stats.counters(self.proxy._io)
         return 200, {
             "engine": self.proxy.engine.stats(),
             "cache": self.cache.stats(),
-            "proxy": counters,
+            "proxy": self.proxy.counters(),
         }
 
 

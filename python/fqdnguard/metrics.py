@@ -107,8 +107,7 @@ class ProxyCollector(Collector):
         yield CounterMetricFamily(
             "fqdnguard_backend_errors", "Backend batches that failed", value=st.backend_errors
         )
-        io = self.proxy._io
-        counts = st.counters(io)
+        counts = self.proxy.counters()
         tcp = CounterMetricFamily(
             "fqdnguard_tcp_connections", "TCP client connections, by outcome", labels=["outcome"]
         )
@@ -127,15 +126,14 @@ class ProxyCollector(Collector):
         for reason, key in INTERCEPTION_DROPS:
             intercepted.add_metric([reason], counts[key])
         yield intercepted
-        if io is not None:  # the Rust UDP path's own counters (udp_io: rust)
-            u = io.stats()
+        if "udp_send_errors" in counts:  # the Rust UDP path's own counters (udp_io: rust)
             yield CounterMetricFamily(
                 "fqdnguard_udp_send_errors", "UDP datagrams the proxy could not send",
-                value=u["send_errors"],
+                value=counts["udp_send_errors"],
             )  # fmt: skip
             yield CounterMetricFamily(
                 "fqdnguard_udp_answers_client_gone", "Upstream answers whose UDP client was gone",
-                value=u["client_gone"],
+                value=counts["udp_client_gone"],
             )  # fmt: skip
         cache = self.proxy.cache.stats()
         yield GaugeMetricFamily("fqdnguard_cache_entries", "Cache entries", cache["entries"])

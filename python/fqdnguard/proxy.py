@@ -84,7 +84,23 @@ class ProxyStats:
             out["reply_errors"] += u["reply_errors"]
             out["not_intercepted"] += u["not_intercepted"]
             out["orig_upstream_refused"] += u["orig_refused"]
+            out["udp_send_errors"] = u["send_errors"]
+            out["udp_client_gone"] = u["client_gone"]
         return out
+
+
+def entries_as_answers(
+    entries: Iterable[tuple[int, str, str, float]], now: float
+) -> dict[int, list[tuple[str, list[tuple[str, int]]]]]:
+    """Cache entries ((endpoint, name, ip, expires_at), as ``DnsCache.entries`` lists them) as
+    answers to record again at ``now``: per endpoint, ``[(name, [(ip, ttl), ...])]`` with the
+    time left rounded up; entries already expired are left out."""
+    grouped: dict[int, dict[str, list[tuple[str, int]]]] = {}
+    for endpoint, name, ip, expires in entries:
+        ttl = math.ceil(expires - now)
+        if ttl > 0:
+            grouped.setdefault(endpoint, {}).setdefault(name, []).append((ip, ttl))
+    return {endpoint: list(names.items()) for endpoint, names in grouped.items()}
 
 
 # Socket buffers of the UDP sockets: a burst that arrives while the loop is busy waits in the
@@ -692,14 +708,8 @@ class Proxy:
         hot restart. What is new to this cache is programmed as answers are and goes to the
         backend; returns how many changes. Yields to the loop between chunks."""
         now = self.clock()
-        answers: dict[int, dict[str, list[tuple[str, int]]]] = {}
-        for endpoint, name, ip, expires in entries:
-            ttl = math.ceil(expires - now)
-            if ttl > 0:
-                answers.setdefault(endpoint, {}).setdefault(name, []).append((ip, ttl))
         count = 0
-        for endpoint, names in answers.items():
-            items = list(names.items())
+        for endpoint, items in entries_as_answers(entries, now).items():
             for i in range(0, len(items), ADOPT_CHUNK):
                 recorded = self.cache.record_many(endpoint, items[i : i + ADOPT_CHUNK], now)
                 changes = self.engine.program_changes(recorded, now) if recorded else recorded
@@ -708,6 +718,10 @@ class Proxy:
                     count += len(changes)
                 await asyncio.sleep(0)
         return count
+
+    def counters(self) -> dict[str, int]:
+        """The proxy's integer counters, the Rust UDP path's included (one read of them)."""
+        return self.stats.counters(self._io)
 
     # -- lifecycle ----------------------------------------------------------------------------
 

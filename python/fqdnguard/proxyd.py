@@ -33,7 +33,6 @@ import ctypes
 import gc
 import json
 import logging
-import math
 import os
 import re
 import signal
@@ -57,7 +56,7 @@ from fqdnguard.control import (
 )
 from fqdnguard.endpoints import Endpoints
 from fqdnguard.policy import Policy, PolicyError
-from fqdnguard.proxy import Proxy
+from fqdnguard.proxy import Proxy, entries_as_answers
 
 __all__ = ["POLICY_FILE", "ProxyDaemon", "load_policy_state", "run_proxy", "steer_to_newest"]
 
@@ -280,12 +279,7 @@ class ProxyDaemon:
                 log.error("cannot read %s (%s); ignoring it", path.name, e)
                 continue
             now = time.time()
-            by_endpoint: dict[int, list[tuple[str, list[tuple[str, int]]]]] = {}
-            for endpoint, name, ip, expires in left.entries():
-                if expires > now:
-                    ttl = math.ceil(expires - now)
-                    by_endpoint.setdefault(endpoint, []).append((name, [(ip, ttl)]))
-            for endpoint, answers in by_endpoint.items():
+            for endpoint, answers in entries_as_answers(left.entries(), now).items():
                 cache.record_many(endpoint, answers, now)
             path.unlink()
             log.info("merged %d entries left in %s", len(left), path.name)

@@ -501,41 +501,23 @@ fn programmed_state_lists_each_live_pair_once_with_its_latest_expiry() {
 fn changes_recorded_outside_the_engine_are_programmed_as_answers_are() {
     let (e, cache) = engine_with(config());
     let www = LabelBuf::from_presentation(b"www.example.com").expect("name");
-    let first = cache
-        .write()
-        .expect("lock")
-        .record(5, &www, &[(ip("192.0.2.1"), 100)], 0.0)
-        .expect("record");
+    // Records 192.0.2.1 for www at `now` straight into the cache, then programs what changed.
+    let adopt = |ttl: u32, now: f64| {
+        let recorded = cache
+            .write()
+            .expect("lock")
+            .record(5, &www, &[(ip("192.0.2.1"), ttl)], now)
+            .expect("record");
+        assert_eq!(recorded.len(), 1, "the cache added or extended it");
+        let got = e.program_changes(recorded, now).expect("program");
+        got.iter()
+            .map(|c| (c.kind, c.expires_at))
+            .collect::<Vec<_>>()
+    };
     // An addition: its lapse time doubled.
-    let got = e.program_changes(first, 0.0).expect("program");
-    assert_eq!(
-        got.iter()
-            .map(|c| (c.kind, c.expires_at))
-            .collect::<Vec<_>>(),
-        vec![(ChangeKind::Added, 200.0)]
-    );
-    // An extension the programmed lapse (200) already covers: nothing for the firewall.
-    let covered = cache
-        .write()
-        .expect("lock")
-        .record(5, &www, &[(ip("192.0.2.1"), 140)], 10.0)
-        .expect("record");
-    assert_eq!(covered.len(), 1, "the cache did extend it (to 150)");
-    assert!(e
-        .program_changes(covered, 10.0)
-        .expect("program")
-        .is_empty());
+    assert_eq!(adopt(100, 0.0), vec![(ChangeKind::Added, 200.0)]);
+    // An extension (to 150) the programmed lapse (200) already covers: nothing to program.
+    assert_eq!(adopt(140, 10.0), vec![]);
     // One past it: programmed, never shortened.
-    let longer = cache
-        .write()
-        .expect("lock")
-        .record(5, &www, &[(ip("192.0.2.1"), 290)], 10.0)
-        .expect("record");
-    let got = e.program_changes(longer, 10.0).expect("program");
-    assert_eq!(
-        got.iter()
-            .map(|c| (c.kind, c.expires_at))
-            .collect::<Vec<_>>(),
-        vec![(ChangeKind::Extended, 590.0)]
-    );
+    assert_eq!(adopt(290, 10.0), vec![(ChangeKind::Extended, 590.0)]);
 }
