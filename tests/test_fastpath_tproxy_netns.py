@@ -92,7 +92,7 @@ def _fake_upstream(sock: socket.socket, stop: threading.Event, answer_ip: str) -
         except TimeoutError:
             continue
         query = dns.message.from_wire(data)
-        if query.question[0].name.to_text().startswith("silent."):
+        if query.question[0].name.to_text().lower().startswith("silent."):  # 0x20: any case
             continue
         answer = dns.message.make_response(query)
         name = query.question[0].name

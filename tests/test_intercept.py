@@ -27,7 +27,6 @@ from fqdnguard.metrics import registry_for
 from fqdnguard.proxy import (
     IP_RECVORIGDSTADDR,
     IPV6_RECVORIGDSTADDR,
-    ORIG_CHANNEL_BASE,
     Proxy,
     _Client,
     _TransparentUdp,
@@ -241,9 +240,9 @@ def test_the_verdict_sees_the_server_and_port_asked(knot: KnotServer, override: 
             # though the upstream it would go to (with an override) is admitted.
             for orig in ((UPSTREAM_IP, knot.port + 1), (STRANGER_IP, knot.port)):
                 assert (await _ask(proxy, "www.example.com", orig)).rcode() == dns.rcode.REFUSED
-            # Forwarded to the server asked: a channel of its own; with the override: none.
-            channels = [u.channel for u in proxy._orig_upstreams.values()]
-            assert channels == ([] if override else [ORIG_CHANNEL_BASE])
+            # The server asked is the configured upstream: its answers are matched on that
+            # upstream's channel (one address, one channel), with or without the override.
+            assert [u.channel for u in proxy._orig_upstreams.values()] == []
         finally:
             await proxy.stop()
 
@@ -297,7 +296,11 @@ class QueuedSocket:
 
 
 def _cidr_proxy(
-    knot: KnotServer, cidr: str, override: bool, ports: tuple[int, ...] = (53,)
+    knot: KnotServer,
+    cidr: str,
+    override: bool,
+    ports: tuple[int, ...] = (53,),
+    upstream: str | None = None,
 ) -> Proxy:
     endpoints = Endpoints.from_yaml(LOOP_ENDPOINTS)
     entries = ", ".join(f'{{port: "{port}", protocol: ANY}}' for port in ports)
@@ -305,7 +308,7 @@ def _cidr_proxy(
     proxy = Proxy(
         policy,
         endpoints,
-        upstreams=[f"{UPSTREAM_IP}:{knot.port}"],
+        upstreams=[upstream or f"{UPSTREAM_IP}:{knot.port}"],
         listen=[f"127.0.0.1:{free_port()}"],
         # As in _proxy: the transparent path is driven directly, so Python's upstream sockets.
         config=ProxyConfig(log_queries="none", upstream_timeout=1.0, udp_io="asyncio"),
@@ -369,13 +372,17 @@ def test_answers_owed_survive_reply_sockets_being_recycled(
 def test_busy_upstream_channels_are_not_closed_for_a_new_server(
     knot: KnotServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With every upstream slot carrying a query, a new server asked gets no socket (its query
-    times out into SERVFAIL) instead of the busy one being closed under its pending answer."""
+    """With every upstream channel carrying a query, a new server asked gets none (its query
+    times out into SERVFAIL) instead of the busy one being taken under its pending answer."""
     monkeypatch.setattr(proxy_mod, "MAX_ORIG_UPSTREAMS", 1)
 
     async def scenario() -> None:
         nobody = ("127.0.0.98", free_port())  # nobody serves there
-        proxy = _cidr_proxy(knot, "127.0.0.0/8", override=False, ports=(knot.port, nobody[1]))
+        # The configured upstream is not a server asked (that one would share its channel).
+        proxy = _cidr_proxy(
+            knot, "127.0.0.0/8", override=False, ports=(knot.port, nobody[1]),
+            upstream="127.0.0.97:53",
+        )  # fmt: skip
         await proxy.start()
         try:
             first, second = Sink(), Sink()
@@ -402,9 +409,9 @@ def test_busy_upstream_channels_are_not_closed_for_a_new_server(
 
 
 def test_a_server_the_kernel_cannot_reach_does_not_break_the_reader(knot: KnotServer) -> None:
-    """A link-local server without a scope (or one without a route): no socket can be
-    connected to it. The query times out into SERVFAIL; nothing is raised into the reader
-    callback (which would lose the rest of its batch)."""
+    """A link-local server without a scope (or one without a route, or of a family no
+    upstream socket has): the query cannot be sent. It times out into SERVFAIL, counted;
+    nothing is raised into the reader callback (which would lose the rest of its batch)."""
 
     async def scenario() -> None:
         proxy = _cidr_proxy(knot, "fe80::/10", override=False)
@@ -416,7 +423,7 @@ def test_a_server_the_kernel_cannot_reach_does_not_break_the_reader(knot: KnotSe
                             ("fe80::1", 53))  # fmt: skip
             payload, _ = await asyncio.wait_for(sink.sent.get(), 3)
             assert dns.message.from_wire(payload).rcode() == dns.rcode.SERVFAIL
-            assert proxy.stats.orig_upstream_refused == 1
+            assert proxy.stats.upstream_send_errors == 1
         finally:
             await proxy.stop()
 

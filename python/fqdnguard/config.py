@@ -74,6 +74,16 @@ def resolv_conf_nameservers(path: str = "/etc/resolv.conf") -> list[tuple[str, i
     return out
 
 
+# Options that are positive whole numbers.
+_COUNTS = (
+    "max_inflight",
+    "max_inflight_per_client",
+    "max_tcp_connections",
+    "max_tcp_per_client",
+    "upstream_sockets",
+)
+
+
 @dataclass(frozen=True)
 class ProxyConfig:
     """Everything the proxy needs; defaults are what a node would want."""
@@ -90,9 +100,17 @@ class ProxyConfig:
     metrics: tuple[str, int] | None = None
     upstream_timeout: float = 2.0
     max_inflight: int = 10_000
+    # One client's share (an endpoint; a source no endpoint claims counts alone): one pod
+    # cannot take every slot. When all are taken, the client holding most gives one up.
+    max_inflight_per_client: int = 1_000
     hold_max: float = 0.100
     tcp_idle_timeout: float = 10.0
     max_tcp_connections: int = 1_000
+    max_tcp_per_client: int = 64
+    # RFC 5452: every UDP query leaves from one of this many sockets per address family, each
+    # on a random port (26 bits with the id at 1,024), and its name in random case (0x20).
+    upstream_sockets: int = 1_024
+    dns0x20: bool = True
     expire_interval: float = 1.0
     min_ttl: int = 0
     log_queries: str = "sampled"
@@ -117,9 +135,13 @@ class ProxyConfig:
         "metrics",
         "upstream_timeout",
         "max_inflight",
+        "max_inflight_per_client",
         "hold_max",
         "tcp_idle_timeout",
         "max_tcp_connections",
+        "max_tcp_per_client",
+        "upstream_sockets",
+        "dns0x20",
         "expire_interval",
         "min_ttl",
         "log_queries",
@@ -148,10 +170,16 @@ class ProxyConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigError(f"{name}: {value!r}: must be a positive number of seconds")
-        for name in ("max_inflight", "max_tcp_connections"):
+        for name in _COUNTS:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name}: {value!r}: must be a positive whole number")
+        if self.upstream_sockets > 16_384:
+            raise ConfigError(
+                f"upstream_sockets: {self.upstream_sockets}: at most 16384 (each is a descriptor)"
+            )
+        if not isinstance(self.dns0x20, bool):
+            raise ConfigError(f"dns0x20: {self.dns0x20!r}: must be true or false")
         if not isinstance(self.min_ttl, int) or self.min_ttl < 0:
             raise ConfigError(f"min_ttl: {self.min_ttl!r}: must be a whole number >= 0")
         if not isinstance(self.intercept, bool):
@@ -228,11 +256,11 @@ def _convert(name: str, value: Any, source: str) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{option}: {value!r} is not a number") from None
-    if name in ("max_inflight", "max_tcp_connections", "min_ttl", "intercept_port"):
+    if name in (*_COUNTS, "min_ttl", "intercept_port"):
         if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).isdigit():
             raise ConfigError(f"{option}: {value!r} is not a whole number")
         return int(value)
-    return _bool(value, option) if name == "intercept" else value
+    return _bool(value, option) if name in ("intercept", "dns0x20") else value
 
 
 def _bool(value: Any, option: str) -> bool:

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import functools
 import inspect
 import json
 import logging
 import math
 import os
+import resource
 import socket
 import time
 from collections import OrderedDict
@@ -41,7 +44,7 @@ __all__ = ["Proxy", "ProxyStats"]
 log = logging.getLogger("fqdnguard.proxy")
 query_log = logging.getLogger("fqdnguard.query")
 
-FORWARD, REPLY, DROP = 0, 1, 2
+FORWARD, REPLY, DROP, MERGED = 0, 1, 2, 3
 TCP_CHANNEL_BASE = 1 << 20
 #: The Rust UDP path's channels to the servers intercepted queries asked start here (its
 #: ORIGINAL_CHANNEL_BASE); TCP channels cycle below it.
@@ -71,9 +74,16 @@ class ProxyStats:
     #: that reached the transparent listener without interception (dropped).
     reply_errors: int = 0
     not_intercepted: int = 0
-    #: Intercepted queries to a server no upstream socket could be opened for (every slot
-    #: busy with queries in flight, or the kernel refused): they time out into SERVFAIL.
+    #: Intercepted queries to a server no channel could be given (every one busy with queries
+    #: in flight): they time out into SERVFAIL.
     orig_upstream_refused: int = 0
+    #: Datagrams on an upstream socket from an address no query went to (dropped).
+    unexpected_source: int = 0
+    #: UDP queries that could not be sent upstream (no route, no socket of that family): they
+    #: time out into SERVFAIL.
+    upstream_send_errors: int = 0
+    #: TCP connections closed to make room for a client holding fewer.
+    tcp_evicted: int = 0
 
     def counters(self, io: UdpIo | None = None) -> dict[str, int]:
         """The integer counters, with the Rust UDP path's share of the interception ones
@@ -84,6 +94,7 @@ class ProxyStats:
             out["reply_errors"] += u["reply_errors"]
             out["not_intercepted"] += u["not_intercepted"]
             out["orig_upstream_refused"] += u["orig_refused"]
+            out["unexpected_source"] += u["unexpected_source"]
             out["udp_send_errors"] = u["send_errors"]
             out["udp_client_gone"] = u["client_gone"]
         return out
@@ -161,19 +172,6 @@ class _UdpServer(asyncio.DatagramProtocol):
         log.debug("udp listener %s: %s", self.local, exc)
 
 
-class _UpstreamUdp(asyncio.DatagramProtocol):
-    def __init__(self, proxy: Proxy, channel: int) -> None:
-        self.proxy = proxy
-        self.channel = channel
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.proxy._on_answer(self.channel, data)
-
-    def error_received(self, exc: Exception) -> None:
-        # ICMP port unreachable and the like: the query will time out and fail over.
-        log.debug("upstream channel %d: %s", self.channel, exc)
-
-
 class _TcpFramer(asyncio.Protocol):
     """RFC 7766 framing: a 2-byte length before each message, pipelining allowed."""
 
@@ -213,6 +211,9 @@ class _TcpClient(_TcpFramer):
         self.tokens: set[int] = set()
         #: The server its upstream connection goes to, when it is the one the pod asked.
         self.upstream_addr: tuple[str, int] | None = None
+        #: Whose share it counts against, and when it was admitted (see Proxy._tcp_open).
+        self.client_key: tuple[str, Any] = ("", None)
+        self.opened = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -489,54 +490,166 @@ class _TransparentUdp:
 
 
 class _OriginalUpstream:
-    """A UDP socket connected to one server that intercepted queries asked (when no upstream
-    override is configured), marked so that interception skips it; its answers go to the engine
-    on its own channel, so RFC 5452 matching still checks the server answering."""
+    """A server that intercepted queries asked (when no upstream override is configured), on
+    its own channel, so RFC 5452 matching still checks the server answering."""
 
-    def __init__(self, proxy: Proxy, channel: int, server: tuple[str, int], mark: int) -> None:
-        self.proxy = proxy
+    def __init__(self, channel: int, server: tuple[str, int]) -> None:
         self.channel = channel
-        family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            sock.setblocking(False)
-            if mark:
-                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
-            _grow_socket_buffers(sock)
-            sock.connect(server)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(sock.fileno(), self._readable)
+        self.server = server
         #: When a query last went out (time.monotonic): an idle channel is one whose queries
         #: have all been answered or timed out.
         self.last_sent = 0.0
 
-    def sendto(self, payload: bytes) -> None:
-        self.last_sent = time.monotonic()
-        try:
-            self.sock.send(payload)
-        except OSError as e:  # the query times out and its client gets SERVFAIL
-            log.debug("upstream channel %d: %s", self.channel, e)
 
-    def _readable(self) -> None:
-        sock, on_answer, channel = self.sock, self.proxy._on_answer, self.channel
+#: How often one socket of each family of the upstream pool is re-drawn on a new port.
+REDRAW_EVERY = 0.05
+
+
+#: Descriptors below this are left to code that still uses select() (glibc aborts on an fd_set
+#: bit past 1024; libnftables, loaded by the nftables backend, is one).
+HIGH_FD = 1024
+
+
+def _high_fd(sock: socket.socket) -> socket.socket:
+    """``sock`` moved to a descriptor number of at least HIGH_FD when the process may have
+    one, so that a pool of upstream sockets never pushes other code's descriptors past it."""
+    try:
+        fd = fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, HIGH_FD)
+    except OSError:
+        return sock
+    high = socket.socket(fileno=fd)
+    sock.close()
+    return high
+
+
+def raise_open_files_limit() -> int:
+    """Raises this process's soft limit of open descriptors to its hard limit (the upstream
+    socket pool wants a couple of thousand); returns the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return soft
+
+
+class _UpstreamPool:
+    """The sockets UDP queries leave from (``udp_io: asyncio``): ``size`` per address family,
+    unconnected, each bound by the kernel to a random ephemeral port, re-drawn over time; the
+    engine picks one at random per query (RFC 5452: an off-path sender must guess the port as
+    well as the id). An answer is taken only from the address a query went to, on the socket it
+    left from; the old socket of a re-drawn slot is read for an upstream timeout more."""
+
+    def __init__(
+        self, proxy: Proxy, size: int, families: Iterable[int], mark: int, avoid: set[int]
+    ) -> None:
+        self.proxy = proxy
+        self.size = size
+        self.mark = mark
+        #: Ports the proxy is about to listen on (they may be ephemeral ones, in tests).
+        self.avoid = avoid
+        self._loop = asyncio.get_running_loop()
+        self.slots: dict[int, list[socket.socket]] = {}
+        self._retiring: list[tuple[float, socket.socket]] = []
+        self.redraws = 0
+        self._timer: asyncio.TimerHandle | None = None
+        families = list(families)
+        for family in families:
+            self.slots[family] = []
+        try:
+            for slot in range(size):
+                for family in families:
+                    self.slots[family].append(self._open(family, slot))
+        except OSError as e:
+            if e.errno not in (errno.EMFILE, errno.ENFILE) or not slot:
+                self.close()
+                raise
+            # Out of descriptors: fewer sockets (every family keeps the same number).
+            for family in families:
+                for sock in self.slots[family][slot:]:
+                    self._close_one(sock)
+                del self.slots[family][slot:]
+            self.size = slot
+        self._timer = self._loop.call_later(REDRAW_EVERY, self._redraw)
+
+    def _open(self, family: int, slot: int) -> socket.socket:
+        """A socket bound to a port the kernel draws at random (not one the proxy listens on),
+        read into ``slot``."""
+        for _ in range(8):
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                sock.setblocking(False)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                if self.mark:  # marked so that interception skips it
+                    sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
+                _grow_socket_buffers(sock)
+                sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+            except OSError:
+                sock.close()
+                raise
+            if sock.getsockname()[1] not in self.avoid:
+                sock = _high_fd(sock)
+                self._loop.add_reader(sock.fileno(), self._readable, sock, slot)
+                return sock
+            sock.close()
+        raise OSError("no free upstream port outside the listening ones")
+
+    def sendto(self, slot: int, payload: bytes, server: tuple[str, int]) -> None:
+        family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
+        socks = self.slots.get(family)
+        try:
+            if socks is None:
+                raise OSError(f"no upstream socket of family {family}")
+            socks[slot].sendto(payload, server)
+        except (OSError, IndexError) as e:  # the query times out and its client gets SERVFAIL
+            self.proxy.stats.upstream_send_errors += 1
+            log.debug("upstream %s:%d: %s", server[0], server[1], e)
+
+    def _readable(self, sock: socket.socket, slot: int) -> None:
+        on_answer = self.proxy._on_pool_answer
         for _ in range(READ_BATCH):
             try:
-                data = sock.recv(65535)
+                data, addr = sock.recvfrom(65535)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:  # ICMP unreachable and the like
-                log.debug("upstream channel %d: %s", channel, e)
+                log.debug("upstream socket: %s", e)
                 return
-            on_answer(channel, data)
+            on_answer(slot, data, addr)
+
+    def _redraw(self) -> None:
+        now = time.monotonic()
+        while self._retiring and self._retiring[0][0] <= now:
+            self._close_one(self._retiring.pop(0)[1])
+        owed = now + self.proxy.config.upstream_timeout + 1.0
+        for family, socks in self.slots.items():
+            slot = int.from_bytes(os.urandom(4), "big") * len(socks) >> 32
+            try:
+                fresh = self._open(family, slot)
+            except OSError as e:  # out of descriptors: the current socket still works
+                log.debug("upstream socket re-draw: %s", e)
+                continue
+            self._retiring.append((owed, socks[slot]))
+            socks[slot] = fresh
+            self.redraws += 1
+        self._timer = self._loop.call_later(REDRAW_EVERY, self._redraw)
+
+    def _close_one(self, sock: socket.socket) -> None:
+        if sock.fileno() >= 0:
+            self._loop.remove_reader(sock.fileno())
+            sock.close()
 
     def close(self) -> None:
-        if self.sock.fileno() >= 0:
-            self._loop.remove_reader(self.sock.fileno())
-            self.sock.close()
+        if self._timer is not None:
+            self._timer.cancel()
+        for socks in self.slots.values():
+            for sock in socks:
+                self._close_one(sock)
+        for _, sock in self._retiring:
+            self._close_one(sock)
+        self.slots, self._retiring = {}, []
 
 
 class _TransparentTcpClient(_TcpClient):
@@ -645,6 +758,8 @@ class Proxy:
             reject=self.config.reject,
             search_domains=list(self.config.search_domains),
             max_inflight=self.config.max_inflight,
+            max_inflight_per_client=self.config.max_inflight_per_client,
+            case_randomization=self.config.dns0x20,
             timeout=self.config.upstream_timeout,
             log_queries=self.config.log_queries,
             log_sample=self.config.log_sample,
@@ -654,7 +769,11 @@ class Proxy:
         self._clients: dict[int, _Client] = {}
         self._listeners: list[asyncio.BaseTransport] = []
         self._servers: list[asyncio.base_events.Server] = []
-        self._upstream_udp: list[asyncio.DatagramTransport] = []
+        self._pool: _UpstreamPool | None = None
+        #: Configured upstreams by (address, port): where their answers come from.
+        self._upstream_channels: dict[tuple[str, int], int] = {}
+        for channel, (host, port) in reversed(list(enumerate(self.upstreams))):
+            self._upstream_channels[(host, port)] = channel
         self._upstream_failures = [0] * len(self.upstreams)
         self._upstream_hosts = [host for host, _ in self.upstreams]
         # The upstream in use, and when to look again (0: none is failed over).
@@ -664,6 +783,8 @@ class Proxy:
         self._now: Callable[[], float | None] = (lambda: None) if clock is time.time else clock
         self._upstream_down_until = [0.0] * len(self.upstreams)
         self._tcp_clients: set[_TcpClient] = set()
+        #: The open connections of each client (an endpoint, or a source no endpoint claims).
+        self._tcp_by_client: dict[tuple[str, Any], set[_TcpClient]] = {}
         self._upstream_tcp: set[_UpstreamTcp] = set()
         self._tcp_channels = 0
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -689,6 +810,8 @@ class Proxy:
     def set_policy(self, policy: Any, endpoints: Any) -> None:
         """Swaps in a new compiled policy and endpoint set, atomically for the data path."""
         table = engine_table(policy, endpoints, self.config.unknown_endpoint)
+        #: Source address -> endpoint id: whose share a TCP connection counts against.
+        self._endpoint_ids = {ip: ref[0] for ip, ref in table[1].items()}
         # Backends that derive a ruleset from the policy (nftables) get it first: if the kernel
         # refuses it, the policy in force stays in force everywhere.
         if hasattr(self.backend, "set_policy"):
@@ -719,6 +842,12 @@ class Proxy:
                 await asyncio.sleep(0)
         return count
 
+    def upstream_sockets(self) -> int:
+        """Sockets per address family UDP queries leave from, each on a random port."""
+        if self._io is not None:
+            return self._io.source_ports()
+        return self._pool.size if self._pool is not None else 0
+
     def counters(self) -> dict[str, int]:
         """The proxy's integer counters, the Rust UDP path's included (one read of them)."""
         return self.stats.counters(self._io)
@@ -730,6 +859,7 @@ class Proxy:
         the same clients (a hot restart), so what the backend enforces beyond this proxy's
         cache is the other one's recent learning and is kept, not pruned."""
         loop = asyncio.get_running_loop()
+        raise_open_files_limit()
         await self.backend.start()
         # Bring the enforced state to what the engine has programmed (e.g. a restored cache).
         programmed_state = getattr(self.engine, "programmed_state", None)
@@ -759,6 +889,7 @@ class Proxy:
                 mark=self._mark or None,
                 transparent_listen=transparent,
                 forward_to_original=not self._override,
+                source_ports=self.config.upstream_sockets,
             )
             self._io.set_upstream(self._upstream)
             direct = len(bound)
@@ -770,18 +901,21 @@ class Proxy:
             ]
             loop.add_reader(self._io.fileno(), self._on_io_events)
             self._io.start()
-        # Python's own upstream sockets (asyncio UDP, with its transparent listeners too).
+        # Python's own upstream sockets (asyncio UDP, with its transparent listeners too): the
+        # families of the configured upstreams, and both when intercepted queries go to the
+        # server they asked.
         if self._io is None:
-            for channel, (host, port) in enumerate(self.upstreams):
-                transport, _ = await loop.create_datagram_endpoint(
-                    functools.partial(_UpstreamUdp, self, channel), remote_addr=(host, port)
-                )
-                _grow_buffers(transport)
-                if self._mark:  # marked so that interception skips it
-                    transport.get_extra_info("socket").setsockopt(
-                        socket.SOL_SOCKET, SO_MARK, self._mark
-                    )
-                self._upstream_udp.append(transport)
+            families = {
+                socket.AF_INET6 if ":" in host else socket.AF_INET for host, _ in self.upstreams
+            }
+            if self.intercept is not None and not self._override:
+                families |= {socket.AF_INET, socket.AF_INET6}
+            avoid = {port for _, port in self.config.listen}
+            if self.intercept is not None:
+                avoid.add(self.intercept.settings.port)
+            self._pool = _UpstreamPool(
+                self, self.config.upstream_sockets, sorted(families), self._mark, avoid
+            )
         try:
             for host, port in bound:
                 family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -817,6 +951,14 @@ class Proxy:
                 await self._close_sockets()
                 raise
             self._intercept_installed = True
+        sockets = self.upstream_sockets()
+        if sockets < self.config.upstream_sockets:
+            log.warning(
+                "only %d upstream sockets per address family (upstream_sockets: %d): the open "
+                "files limit is too low; random source ports guard less against forged answers",
+                sockets,
+                self.config.upstream_sockets,
+            )
         self._running = True
         self._spawn(self._sweeper())
         self._spawn(self._expirer())
@@ -907,12 +1049,11 @@ class Proxy:
                 c.transport.close()
         for up in list(self._upstream_tcp):
             up.close()
-        for u in self._upstream_udp:
-            u.close()
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
         for udp in self._transparent_udp:
             udp.close()
-        for orig in self._orig_upstreams.values():
-            orig.close()
         self._transparent_udp, self._orig_upstreams = [], OrderedDict()
         if self.intercept is not None:
             self.intercept.close()
@@ -924,7 +1065,7 @@ class Proxy:
             sock.close()
         self._udp_sockets = []
         await asyncio.sleep(0)  # let the transports deliver connection_lost
-        self._listeners, self._servers, self._upstream_udp = [], [], []
+        self._listeners, self._servers = [], []
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -967,30 +1108,40 @@ class Proxy:
         else:
             server, port = orig
             if not self._override:
+                # A server asked that is also a configured upstream shares its channel.
                 found = self._orig_upstreams.get(orig)
-                channel = found.channel if found is not None else self._orig_channel()
+                if orig in self._upstream_channels:
+                    channel = self._upstream_channels[orig]
+                else:
+                    channel = found.channel if found is not None else self._orig_channel()
         if tcp:
             assert client.tcp is not None
             if orig is not None and not self._override:
                 client.tcp.upstream_addr = orig
             channel = self._tcp_channel(client.tcp, channel)
-        action, payload, token, record = self.engine.query(
-            src_ip, server, port, tcp, data, channel, self._now()
+        slots = 1 if tcp or self._pool is None else self._pool.size
+        action, payload, token, record, slot = self.engine.query(
+            src_ip, server, port, tcp, data, channel, self._now(), slots
         )
         if record is not None:
             self._log_query(record)
-        if action == FORWARD:
+        if action in (FORWARD, MERGED):
             self._clients[token] = client
             if tcp:
                 assert client.tcp is not None
                 client.tcp.tokens.add(token)
+        if action == FORWARD:
+            if tcp:
+                assert client.tcp is not None
                 self._send_tcp_upstream(client.tcp, payload)
-            elif channel < ORIG_CHANNEL_BASE:
-                self._upstream_udp[channel].sendto(payload)
-            else:
-                upstream = self._orig_upstream(orig, channel)  # type: ignore[arg-type]
-                if upstream is not None:  # else the query times out: SERVFAIL
-                    upstream.sendto(payload)
+            elif self._pool is not None:
+                if channel < ORIG_CHANNEL_BASE:
+                    self._pool.sendto(slot, payload, self.upstreams[channel])
+                else:
+                    upstream = self._orig_upstream(orig, channel)  # type: ignore[arg-type]
+                    if upstream is not None:  # else the query times out: SERVFAIL
+                        upstream.last_sent = time.monotonic()
+                        self._pool.sendto(slot, payload, upstream.server)
         elif action == REPLY:
             client.send(payload)
 
@@ -999,12 +1150,11 @@ class Proxy:
         return ORIG_CHANNEL_BASE + self._orig_next % (TCP_CHANNEL_BASE - ORIG_CHANNEL_BASE)
 
     def _orig_upstream(self, orig: tuple[str, int], channel: int) -> _OriginalUpstream | None:
-        """The socket to the server ``orig``, opened on ``channel`` when there is none. At
-        most MAX_ORIG_UPSTREAMS: the least recently used one is closed only when it is idle
+        """The channel of the server ``orig``, taken on ``channel`` when it has none. At most
+        MAX_ORIG_UPSTREAMS: the least recently used one is replaced only when it is idle
         (nothing sent for an upstream timeout, so no answer is still owed on it); when every
         one is busy, the new server gets none (its query times out) rather than the queries
-        of the others being lost. None then, or when the kernel refuses the socket (a
-        link-local server without a scope, no route)."""
+        of the others being lost."""
         upstreams = self._orig_upstreams
         upstream = upstreams.get(orig)
         if upstream is not None:
@@ -1016,23 +1166,36 @@ class Proxy:
             if oldest.last_sent + self.config.upstream_timeout > time.monotonic():
                 self.stats.orig_upstream_refused += 1
                 return None
-            upstreams.popitem(last=False)[1].close()
-        try:
-            upstream = _OriginalUpstream(self, channel, orig, self._mark)
-        except OSError as e:
-            self.stats.orig_upstream_refused += 1
-            log.debug("upstream %s:%d: %s", orig[0], orig[1], e)
-            return None
+            upstreams.popitem(last=False)
+        upstream = _OriginalUpstream(channel, orig)
         upstreams[orig] = upstream
         return upstream
 
-    def _on_answer(self, channel: int, data: bytes) -> None:
-        result = self.engine.response(channel, data, self._now())
-        if result is None:
+    def _on_pool_answer(self, slot: int, data: bytes, addr: Any) -> None:
+        """A datagram on the upstream socket of ``slot``: an answer only if it comes from an
+        address a query went to (a configured upstream, or a server clients asked)."""
+        source = (addr[0].split("%")[0], addr[1])
+        channel = self._upstream_channels.get(source)
+        if channel is None:
+            orig = self._orig_upstreams.get(source)
+            if orig is None:
+                self.stats.unexpected_source += 1
+                return
+            channel = orig.channel
+        self._on_answer(channel, data, slot)
+
+    def _on_answer(self, channel: int, data: bytes, slot: int = 0) -> None:
+        answers = self.engine.response(channel, slot, data, self._now())
+        if not answers:
             return  # unmatched or malformed: dropped and counted by the engine
-        token, payload, changes, hold, has_addresses, record = result
         if channel < ORIG_CHANNEL_BASE:
             self._upstream_failures[channel] = 0
+        for answer in answers:
+            self._answer_client(answer)
+
+    def _answer_client(self, answer: tuple[int, bytes, Any, bool, bool, Any]) -> None:
+        """One waiting client's answer: sent, or held until the backend applied its changes."""
+        token, payload, changes, hold, has_addresses, record = answer
         if record is not None:
             self._log_query(record)
         client = self._clients.pop(token, None)
@@ -1070,16 +1233,51 @@ class Proxy:
 
     # -- TCP ----------------------------------------------------------------------------------
 
+    def _tcp_client(self, conn: _TcpClient) -> tuple[str, Any]:
+        """Whose share ``conn`` counts against: its endpoint, or its source address."""
+        ip = str(conn.peer[0]).split("%")[0] if conn.peer else ""
+        endpoint = self._endpoint_ids.get(ip)
+        return ("endpoint", endpoint) if endpoint is not None else ("source", ip)
+
     def _tcp_open(self, conn: _TcpClient) -> bool:
-        if not self._running or len(self._tcp_clients) >= self.config.max_tcp_connections:
+        """Admits a new connection within its client's share and the global cap. With every
+        connection taken, the client holding the most gives up its longest idle one, if it
+        holds more than this client would; else the new one is refused."""
+        if not self._running:
             self.stats.tcp_refused += 1
             return False
+        key = self._tcp_client(conn)
+        mine = self._tcp_by_client.get(key, set())
+        if len(mine) >= self.config.max_tcp_per_client:
+            self.stats.tcp_refused += 1
+            return False
+        if len(self._tcp_clients) >= self.config.max_tcp_connections:
+            heavy = max(self._tcp_by_client.values(), key=len, default=set())
+            if len(heavy) <= len(mine) + 1:
+                self.stats.tcp_refused += 1
+                return False
+            victim = min(heavy, key=lambda c: (bool(c.tokens), c.opened))
+            self.stats.tcp_evicted += 1
+            self._tcp_forget(victim)
+            if victim.transport is not None:
+                victim.transport.close()
+        conn.client_key = key
+        conn.opened = time.monotonic()
         self._tcp_clients.add(conn)
+        self._tcp_by_client.setdefault(key, set()).add(conn)
         self.stats.tcp_connections += 1
         return True
 
-    def _tcp_closed(self, conn: _TcpClient) -> None:
+    def _tcp_forget(self, conn: _TcpClient) -> None:
         self._tcp_clients.discard(conn)
+        mine = self._tcp_by_client.get(conn.client_key)
+        if mine is not None:
+            mine.discard(conn)
+            if not mine:
+                del self._tcp_by_client[conn.client_key]
+
+    def _tcp_closed(self, conn: _TcpClient) -> None:
+        self._tcp_forget(conn)
         for token in conn.tokens:
             self._clients.pop(token, None)
             self.engine.cancel(token)
@@ -1226,7 +1424,7 @@ class Proxy:
                     if client.tcp is not None:
                         client.tcp.tokens.discard(token)
                     client.send(payload)
-                if channel < ORIG_CHANNEL_BASE:
+                if channel is not None and channel < ORIG_CHANNEL_BASE:
                     self._upstream_failed(channel)
 
     def _upstream_failed(self, channel: int) -> None:

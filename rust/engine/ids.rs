@@ -35,4 +35,11 @@ impl IdSource {
         self.pos += 2;
         Ok(id)
     }
+
+    /// 32 random bits (source-port slots, 0x20 case bits).
+    pub(super) fn next_u32(&mut self) -> Result<u32, getrandom::Error> {
+        let hi = self.next_id()?;
+        let lo = self.next_id()?;
+        Ok(u32::from(hi) << 16 | u32::from(lo))
+    }
 }

@@ -43,7 +43,14 @@ pub struct EngineConfig {
     /// Denied names ending in one of these get NXDOMAIN whatever `reject` says, so resolvers
     /// that walk a search list (musl) go on to the next suffix instead of giving up.
     pub search_domains: Vec<LabelBuf>,
+    /// Client queries in flight at once, over all clients.
     pub max_inflight: usize,
+    /// Client queries in flight at once for one client (an endpoint; a source no endpoint
+    /// claims counts on its own), so that one pod cannot take every slot.
+    pub max_inflight_per_client: usize,
+    /// DNS 0x20 (draft-vixie-dnsext-dns0x20): the letters of a UDP query's name go upstream
+    /// in random case, and the answer must echo them exactly.
+    pub case_randomization: bool,
     /// Seconds an upstream has to answer before the client gets SERVFAIL.
     pub timeout: f64,
     pub log: LogMode,
@@ -106,9 +113,17 @@ pub struct LogRecord {
 /// What to do with a query.
 #[derive(Debug)]
 pub enum QueryAction {
-    /// Send `bytes` to the upstream on the channel the query came with; `token` names the
-    /// client until the answer (or the timeout) comes.
-    Forward { bytes: Vec<u8>, token: u64 },
+    /// Send `bytes` to the upstream on the channel the query came with, from source-port slot
+    /// `slot` (drawn at random, see [`Engine::query`]); `token` names the client until the
+    /// answer (or the timeout) comes.
+    Forward {
+        bytes: Vec<u8>,
+        token: u64,
+        slot: u16,
+    },
+    /// The same question is already on its way upstream (same channel, transport and
+    /// everything that can change the answer): `token` gets its own copy of that answer.
+    Merged { token: u64 },
     /// Send `bytes` back to the client.
     Reply { bytes: Vec<u8> },
     /// Send nothing (not a query at all).
@@ -131,37 +146,254 @@ pub struct Answer {
     pub log: Option<LogRecord>,
 }
 
-/// A query timed out: `bytes` is the SERVFAIL for its client.
+/// A query ended without an answer: `bytes` is the SERVFAIL for its client.
 #[derive(Debug)]
 pub struct Expired {
     pub token: u64,
     pub bytes: Vec<u8>,
-    pub channel: u32,
+    /// The upstream channel that failed to answer in time, once per upstream query (None for
+    /// the other clients of a merged query, and for a query evicted to make room).
+    pub channel: Option<u32>,
     pub log: Option<LogRecord>,
 }
 
+/// Who a limit counts against: the endpoint that owns the source address, or the address
+/// itself when no endpoint claims it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum ClientKey {
+    Endpoint(u32),
+    Source(IpAddr),
+}
+
+/// One client's query waiting for an upstream answer.
 #[derive(Debug)]
-struct Pending {
+struct Waiter {
     token: u64,
-    channel: u32,
-    upstream_id: u16,
     endpoint: u32,
+    client: ClientKey,
     /// The client's query as received (its id, question and OPT, for the answer and SERVFAIL).
     query: Vec<u8>,
-    started: f64,
     log: bool,
 }
 
+/// One query sent upstream, and every client waiting for its answer (the first is the one
+/// that sent it).
+#[derive(Debug)]
+struct Pending {
+    channel: u32,
+    slot: u16,
+    upstream_id: u16,
+    started: f64,
+    /// The question name exactly as sent (0x20: letters in random case), which the answer's
+    /// question must repeat byte for byte; None when the name was sent as the client wrote it.
+    sent_name: Option<Vec<u8>>,
+    /// What merges identical questions into this one (see [`merge_key`]).
+    key: Vec<u8>,
+    waiters: Vec<Waiter>,
+}
+
+/// A client's share of the in-flight slots: how many it holds, and its tokens oldest first
+/// (tokens no longer waiting are dropped lazily).
+#[derive(Debug, Default)]
+struct ClientUse {
+    count: usize,
+    tokens: VecDeque<u64>,
+}
+
+/// Answers in a row from a channel that matched a query in everything but the case of the
+/// name before 0x20 is turned off for that channel (an upstream that does not keep case).
+const CASE_FALLBACK: u32 = 8;
+/// The per-channel 0x20 bookkeeping is forgotten beyond this many channels (the channels of
+/// servers clients asked are recycled); forgetting only turns 0x20 back on.
+const CASE_CHANNELS: usize = 4096;
+
 #[derive(Debug, Default)]
 struct State {
+    /// Upstream queries, by the token of the client that sent them.
     pending: HashMap<u64, Pending>,
-    by_upstream: HashMap<(u32, u16), u64>,
+    /// (channel, source-port slot, upstream id) -> upstream query.
+    by_upstream: HashMap<(u32, u16, u16), u64>,
+    /// Merge key -> upstream query.
+    by_key: HashMap<Vec<u8>, u64>,
+    /// Every waiting client's token -> its upstream query.
+    waiting: HashMap<u64, u64>,
+    clients: HashMap<ClientKey, ClientUse>,
+    /// Upstream queries by deadline (answered ones are skipped when they come up).
     deadlines: VecDeque<(f64, u64)>,
+    /// Client queries ended to make room for others: SERVFAIL at the next sweep.
+    evicted: Vec<Expired>,
+    /// Channels with 0x20 off, and the case mismatches in a row of the others.
+    case_off: HashMap<u32, bool>,
+    case_misses: HashMap<u32, u32>,
     next_token: u64,
     log_counter: u64,
     stats: EngineStats,
     /// The lapse time each (endpoint, ip) firewall element was last programmed with.
     programmed: HashMap<(u32, IpAddr), f64>,
+}
+
+impl State {
+    /// Counts `token` against `client`'s share.
+    fn hold_slot(&mut self, client: ClientKey, token: u64) {
+        let u = self.clients.entry(client).or_default();
+        u.count += 1;
+        u.tokens.push_back(token);
+    }
+
+    /// Gives `token`'s slot back (it no longer waits).
+    fn free_slot(&mut self, client: ClientKey, token: u64) {
+        let Some(u) = self.clients.get_mut(&client) else {
+            return;
+        };
+        u.count = u.count.saturating_sub(1);
+        if u.count == 0 {
+            self.clients.remove(&client);
+            return;
+        }
+        if u.tokens.front() == Some(&token) {
+            u.tokens.pop_front();
+        } else if u.tokens.len() > 2 * u.count + 16 {
+            let waiting = &self.waiting;
+            u.tokens.retain(|t| *t != token && waiting.contains_key(t));
+        }
+    }
+
+    /// Takes `token` out of its upstream query (dropping the query when nobody else waits);
+    /// its slot is freed.
+    fn remove_waiter(&mut self, token: u64) -> Option<(Waiter, u32)> {
+        let leader = self.waiting.remove(&token)?;
+        let p = self.pending.get_mut(&leader)?;
+        let i = p.waiters.iter().position(|w| w.token == token)?;
+        let w = p.waiters.remove(i);
+        let channel = p.channel;
+        if p.waiters.is_empty() {
+            self.drop_pending(leader);
+        }
+        self.free_slot(w.client, w.token);
+        Some((w, channel))
+    }
+
+    /// Forgets upstream query `leader` (not its waiters: the caller has them).
+    fn drop_pending(&mut self, leader: u64) -> Option<Pending> {
+        let p = self.pending.remove(&leader)?;
+        self.by_upstream.remove(&(p.channel, p.slot, p.upstream_id));
+        if self.by_key.get(&p.key) == Some(&leader) {
+            self.by_key.remove(&p.key);
+        }
+        Some(p)
+    }
+
+    /// Ends the oldest query of the client holding the most slots, if it holds more than
+    /// `mine + 1` (so that the client asking now would still hold fewer): its SERVFAIL goes
+    /// out at the next sweep. False when no client holds more.
+    fn evict_heaviest(&mut self, mine: usize, now: f64) -> bool {
+        let Some((&heavy, count)) = self
+            .clients
+            .iter()
+            .map(|(k, u)| (k, u.count))
+            .max_by_key(|(_, c)| *c)
+        else {
+            return false;
+        };
+        if count <= mine + 1 {
+            return false;
+        }
+        while let Some(token) = self
+            .clients
+            .get_mut(&heavy)
+            .and_then(|u| u.tokens.pop_front())
+        {
+            if !self.waiting.contains_key(&token) {
+                continue;
+            }
+            // The token was popped already: put it back so free_slot finds the share intact.
+            if let Some(u) = self.clients.get_mut(&heavy) {
+                u.tokens.push_front(token);
+            }
+            if let Some((w, _)) = self.remove_waiter(token) {
+                self.stats.evicted += 1;
+                self.stats.record_rcode(types::SERVFAIL);
+                let bytes = error_reply(&w.query, types::SERVFAIL).unwrap_or_default();
+                let log = w.log.then(|| waiter_record(&w, now, Verdict::Overloaded));
+                self.evicted.push(Expired {
+                    token,
+                    bytes,
+                    channel: None,
+                    log,
+                });
+                return true;
+            }
+        }
+        false
+    }
+
+    fn case_on(&self, channel: u32) -> bool {
+        !self.case_off.get(&channel).copied().unwrap_or(false)
+    }
+}
+
+/// A log record for a waiter that got no answer.
+fn waiter_record(w: &Waiter, now: f64, verdict: Verdict) -> LogRecord {
+    let q = QueryView::parse(&w.query).ok();
+    LogRecord {
+        time: now,
+        endpoint: Some(w.endpoint),
+        qname: q.map(|q| q.qname.to_text()).unwrap_or_default(),
+        qtype: q.map(|q| q.qtype).unwrap_or_default(),
+        verdict,
+        rcode: types::SERVFAIL,
+        upstream_ms: None,
+        answers: Vec::new(),
+    }
+}
+
+/// Header flags a query may set that change the answer: RD, AD (RFC 6840 5.7), CD.
+const ANSWER_FLAGS: u16 = 0x0100 | 0x0020 | 0x0010;
+
+/// Everything about a query that can change its answer, as bytes: the channel (upstream) and
+/// transport, the RD/AD/CD flags, type, class, the name lower-cased, and the whole EDNS (buffer
+/// size, version, flags with DO, options). Queries with equal keys can share one upstream
+/// query.
+fn merge_key(view: &QueryView<'_>, channel: u32, proto: Proto) -> Vec<u8> {
+    let mut k = Vec::with_capacity(64);
+    k.extend_from_slice(&channel.to_be_bytes());
+    k.push(proto as u8);
+    k.extend_from_slice(&(view.header.flags & ANSWER_FLAGS).to_be_bytes());
+    k.extend_from_slice(&view.qtype.to_be_bytes());
+    k.extend_from_slice(&view.qclass.to_be_bytes());
+    for label in view.qname.labels() {
+        k.push(label.len() as u8); // <= 63
+        k.extend(label.iter().map(u8::to_ascii_lowercase));
+    }
+    k.push(0);
+    if let Some(edns) = view.edns {
+        k.push(1);
+        k.extend_from_slice(&edns.udp_size.to_be_bytes());
+        k.push(edns.version);
+        k.extend_from_slice(&edns.flags.to_be_bytes());
+        for (code, data) in edns.options {
+            k.extend_from_slice(&code.to_be_bytes());
+            k.extend_from_slice(&(data.len() as u16).to_be_bytes());
+            k.extend_from_slice(data);
+        }
+    }
+    k
+}
+
+/// Where a message's question name sits when it is written out at offset 12 without
+/// compression (what real clients and servers send): `12..end`. None otherwise.
+fn plain_question_name(msg: &[u8]) -> Option<std::ops::Range<usize>> {
+    let mut pos = 12;
+    loop {
+        let len = usize::from(*msg.get(pos)?);
+        if len == 0 {
+            return Some(12..pos + 1);
+        }
+        if len > 63 {
+            return None; // a compression pointer (or reserved label type)
+        }
+        pos += 1 + len;
+    }
 }
 
 /// The engine. All methods take `&self`: state sits behind locks inside.
@@ -187,6 +419,26 @@ impl std::fmt::Display for EngineError {
 impl std::error::Error for EngineError {}
 
 const POISONED: EngineError = EngineError("engine state poisoned by an earlier panic");
+const RANDOM_FAILED: EngineError = EngineError("the OS random source failed");
+
+/// Flips the case of each ASCII letter of a wire name at random (length bytes are never
+/// letters: they are at most 63, below `A`).
+fn randomize_case(name: &mut [u8], ids: &mut ids::IdSource) -> Result<(), getrandom::Error> {
+    let mut bits = 0u32;
+    let mut left = 0;
+    for b in name.iter_mut().filter(|b| b.is_ascii_alphabetic()) {
+        if left == 0 {
+            bits = ids.next_u32()?;
+            left = 32;
+        }
+        if bits & 1 == 1 {
+            *b ^= 0x20;
+        }
+        bits >>= 1;
+        left -= 1;
+    }
+    Ok(())
+}
 
 fn error_reply(query: &[u8], rcode: u16) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(query.len() + 16);
@@ -252,9 +504,7 @@ impl Engine {
             table: RwLock::new(Arc::new(table)),
             cache,
             state: Mutex::new(State::default()),
-            ids: Mutex::new(
-                ids::IdSource::new().map_err(|_| EngineError("the OS random source failed"))?,
-            ),
+            ids: Mutex::new(ids::IdSource::new().map_err(|_| RANDOM_FAILED)?),
         })
     }
 
@@ -271,7 +521,8 @@ impl Engine {
     pub fn stats(&self) -> Result<EngineStats, EngineError> {
         let st = self.state.lock().map_err(|_| POISONED)?;
         let mut s = st.stats.clone();
-        s.inflight = st.pending.len() as u64;
+        s.inflight = st.waiting.len() as u64;
+        s.upstream_inflight = st.pending.len() as u64;
         Ok(s)
     }
 
@@ -287,7 +538,10 @@ impl Engine {
     }
 
     /// A query from `src` for the DNS server `server`:`port` over `proto`, to be forwarded on
-    /// upstream `channel` if allowed.
+    /// upstream `channel` if allowed, from one of `slots` source ports (the slot is drawn from
+    /// the OS CSPRNG, so an off-path sender must guess the port as well as the id: RFC 5452
+    /// section 9.2). An identical question already in flight on the channel is not sent
+    /// again: the client waits for that answer ([`QueryAction::Merged`]).
     #[allow(clippy::too_many_arguments)]
     pub fn query(
         &self,
@@ -297,6 +551,7 @@ impl Engine {
         proto: Proto,
         data: &[u8],
         channel: u32,
+        slots: u16,
         now: f64,
     ) -> Result<(QueryAction, Option<LogRecord>), EngineError> {
         let view = match QueryView::parse(data) {
@@ -350,7 +605,18 @@ impl Engine {
                 log.then(|| record(Verdict::Denied, rcode, Some(endpoint.id))),
             ));
         }
-        if st.pending.len() >= self.config.max_inflight {
+        let client = if table.by_ip.contains_key(&src) {
+            ClientKey::Endpoint(endpoint.id)
+        } else {
+            ClientKey::Source(src)
+        };
+        let mine = st.clients.get(&client).map_or(0, |u| u.count);
+        let full = mine >= self.config.max_inflight_per_client
+            || (st.waiting.len() >= self.config.max_inflight && !st.evict_heaviest(mine, now));
+        if full {
+            if mine >= self.config.max_inflight_per_client {
+                st.stats.overloaded_client += 1;
+            }
             st.stats.overloaded += 1;
             let bytes = error_reply(data, types::SERVFAIL);
             return Ok(reply(
@@ -359,37 +625,71 @@ impl Engine {
             ));
         }
         st.stats.allowed += 1;
-        let upstream_id = {
+        st.next_token += 1;
+        let token = st.next_token;
+        let waiter = Waiter {
+            token,
+            endpoint: endpoint.id,
+            client,
+            query: data.to_vec(),
+            log,
+        };
+        let key = merge_key(&view, channel, proto);
+        if let Some(&leader) = st.by_key.get(&key) {
+            if let Some(p) = st.pending.get_mut(&leader) {
+                p.waiters.push(waiter);
+                st.waiting.insert(token, leader);
+                st.hold_slot(client, token);
+                st.stats.merged += 1;
+                return Ok((QueryAction::Merged { token }, None));
+            }
+        }
+        let (slot, upstream_id) = {
             let mut ids = self.ids.lock().map_err(|_| POISONED)?;
+            let slot = if slots > 1 {
+                let r = ids.next_u32().map_err(|_| RANDOM_FAILED)?;
+                ((u64::from(r) * u64::from(slots)) >> 32) as u16
+            } else {
+                0
+            };
             loop {
-                let id = ids
-                    .next_id()
-                    .map_err(|_| EngineError("the OS random source failed"))?;
-                if !st.by_upstream.contains_key(&(channel, id)) {
-                    break id;
+                let id = ids.next_id().map_err(|_| RANDOM_FAILED)?;
+                if !st.by_upstream.contains_key(&(channel, slot, id)) {
+                    break (slot, id);
                 }
             }
         };
         let mut bytes = data.to_vec();
         // The packet parsed as a query, so it has a header: this cannot fail.
         let _ = wire::set_id(&mut bytes, upstream_id);
-        st.next_token += 1;
-        let token = st.next_token;
-        st.by_upstream.insert((channel, upstream_id), token);
+        let mut sent_name = None;
+        if self.config.case_randomization && proto == Proto::Udp && st.case_on(channel) {
+            if let Some(range) = plain_question_name(&bytes) {
+                let mut ids = self.ids.lock().map_err(|_| POISONED)?;
+                if let Some(name) = bytes.get_mut(range) {
+                    randomize_case(name, &mut ids).map_err(|_| RANDOM_FAILED)?;
+                    sent_name = Some(name.to_vec());
+                }
+            }
+        }
+        st.by_upstream.insert((channel, slot, upstream_id), token);
+        st.by_key.insert(key.clone(), token);
+        st.waiting.insert(token, token);
+        st.hold_slot(client, token);
         st.deadlines.push_back((now + self.config.timeout, token));
         st.pending.insert(
             token,
             Pending {
-                token,
                 channel,
+                slot,
                 upstream_id,
-                endpoint: endpoint.id,
-                query: data.to_vec(),
                 started: now,
-                log,
+                sent_name,
+                key,
+                waiters: vec![waiter],
             },
         );
-        Ok((QueryAction::Forward { bytes, token }, None))
+        Ok((QueryAction::Forward { bytes, token, slot }, None))
     }
 
     fn malformed(
@@ -426,129 +726,181 @@ impl Engine {
         Ok(reply(bytes, log.then_some(record)))
     }
 
-    /// An answer that came in on upstream `channel`. None: dropped (no pending query with that
-    /// id on that channel, not the question asked, or malformed), counted by reason.
+    /// An answer that came in on upstream `channel`, source-port slot `slot`: one [`Answer`]
+    /// per client waiting for it (each with its own id and its own spelling of the name), or
+    /// none when it was dropped (no pending query with that id on that channel and slot, not
+    /// the question asked, the name not in the case it was sent in, or malformed), counted by
+    /// reason.
     pub fn response(
         &self,
         channel: u32,
+        slot: u16,
         data: &[u8],
         now: f64,
-    ) -> Result<Option<Answer>, EngineError> {
+    ) -> Result<Vec<Answer>, EngineError> {
         let mut st = self.state.lock().map_err(|_| POISONED)?;
         let Ok(header) = Header::parse(data) else {
             st.stats.dropped_malformed += 1;
-            return Ok(None);
+            return Ok(Vec::new());
         };
-        let Some(&token) = st.by_upstream.get(&(channel, header.id)) else {
+        let Some(&leader) = st.by_upstream.get(&(channel, slot, header.id)) else {
             st.stats.dropped_unmatched += 1;
-            return Ok(None);
+            return Ok(Vec::new());
         };
         if !header.qr() {
             st.stats.dropped_malformed += 1;
-            return Ok(None);
+            return Ok(Vec::new());
         }
         let Ok(resolution) = wire::resolve(data) else {
             // A forged or broken packet must not cost the real answer its place: keep waiting.
             st.stats.dropped_malformed += 1;
-            return Ok(None);
+            return Ok(Vec::new());
         };
-        let Some(p) = st.pending.get(&token) else {
+        let Some(p) = st.pending.get(&leader) else {
             st.stats.dropped_unmatched += 1;
-            return Ok(None);
+            return Ok(Vec::new());
         };
-        let same_question = QueryView::parse(&p.query).is_ok_and(|q| {
-            q.qtype == resolution.qtype
-                && q.qclass == resolution.qclass
-                && q.qname.eq_ignore_case(&resolution.qname)
+        let same_question = p.waiters.first().is_some_and(|w| {
+            QueryView::parse(&w.query).is_ok_and(|q| {
+                q.qtype == resolution.qtype
+                    && q.qclass == resolution.qclass
+                    && q.qname.eq_ignore_case(&resolution.qname)
+            })
         });
         if !same_question {
             st.stats.dropped_mismatch += 1;
-            return Ok(None);
+            return Ok(Vec::new());
         }
-        let Some(p) = st.pending.remove(&token) else {
-            return Ok(None);
-        };
-        st.by_upstream.remove(&(p.channel, p.upstream_id));
-        let rcode = u16::from(header.header_rcode());
-        st.stats.record_rcode(rcode);
-        st.stats.observe_latency(now - p.started);
-        let has_addresses = !resolution.addresses.is_empty();
-        let mut changes = Vec::new();
-        if has_addresses && rcode == types::NOERROR {
-            let name = resolution.qname.to_label_buf();
-            let recorded = self.cache.write().map_err(|_| POISONED)?.record(
-                p.endpoint,
-                &name,
-                &resolution.addresses,
-                now,
-            );
-            match recorded {
-                Ok(c) => changes = program(&mut st, c, now),
-                Err(_) => st.stats.cache_errors += 1,
+        if let Some(sent) = &p.sent_name {
+            if data.get(12..12 + sent.len()) == Some(&sent[..]) {
+                st.case_misses.remove(&channel);
+            } else {
+                // All else matched: an upstream that does not keep case, or a forger who
+                // guessed the port and id but not the case. A few in a row: the former.
+                let misses = st.case_misses.entry(channel).or_insert(0);
+                *misses += 1;
+                if *misses < CASE_FALLBACK {
+                    st.stats.dropped_case += 1;
+                    return Ok(Vec::new());
+                }
+                st.case_misses.remove(&channel);
+                if st.case_off.len() >= CASE_CHANNELS {
+                    st.case_off.clear();
+                }
+                st.case_off.insert(channel, true);
+                st.stats.case_fallbacks += 1;
             }
         }
-        let hold = changes.iter().any(|c| c.kind == ChangeKind::Added);
-        let mut bytes = data.to_vec();
-        let client_id = u16::from_be_bytes([p.query[0], p.query[1]]);
-        let _ = wire::set_id(&mut bytes, client_id);
-        let log = p.log.then(|| LogRecord {
-            time: now,
-            endpoint: Some(p.endpoint),
-            qname: QueryView::parse(&p.query)
-                .map(|q| q.qname.to_text())
-                .unwrap_or_default(),
-            qtype: resolution.qtype,
-            verdict: Verdict::Allowed,
-            rcode,
-            upstream_ms: Some((now - p.started) * 1000.0),
-            answers: resolution.addresses.iter().map(|(ip, _)| *ip).collect(),
-        });
-        Ok(Some(Answer {
-            token: p.token,
-            bytes,
-            changes,
-            hold,
-            has_addresses,
-            log,
-        }))
+        if st.case_misses.len() > CASE_CHANNELS {
+            st.case_misses.clear();
+        }
+        let Some(p) = st.drop_pending(leader) else {
+            return Ok(Vec::new());
+        };
+        for w in &p.waiters {
+            st.waiting.remove(&w.token);
+            st.free_slot(w.client, w.token);
+        }
+        let rcode = u16::from(header.header_rcode());
+        st.stats.observe_latency(now - p.started);
+        let has_addresses = !resolution.addresses.is_empty();
+        // Each endpoint among the waiters learns the answer once.
+        // (endpoint, an address is new to its firewall, its changes until handed out)
+        let mut learned: Vec<(u32, bool, Vec<Change>)> = Vec::new();
+        if has_addresses && rcode == types::NOERROR {
+            let name = resolution.qname.to_label_buf();
+            let mut cache = self.cache.write().map_err(|_| POISONED)?;
+            for w in &p.waiters {
+                if learned.iter().any(|(e, _, _)| *e == w.endpoint) {
+                    continue;
+                }
+                match cache.record(w.endpoint, &name, &resolution.addresses, now) {
+                    Ok(c) => {
+                        let c = program(&mut st, c, now);
+                        let adds = c.iter().any(|c| c.kind == ChangeKind::Added);
+                        learned.push((w.endpoint, adds, c));
+                    }
+                    Err(_) => {
+                        st.stats.cache_errors += 1;
+                        learned.push((w.endpoint, false, Vec::new()));
+                    }
+                }
+            }
+        }
+        let name_range = plain_question_name(data);
+        let answers: Vec<IpAddr> = resolution.addresses.iter().map(|(ip, _)| *ip).collect();
+        let mut out = Vec::with_capacity(p.waiters.len());
+        for w in p.waiters {
+            st.stats.record_rcode(rcode);
+            // Every waiter of an endpoint whose firewall gets a new address waits for it; the
+            // changes travel with the first.
+            let (hold, changes) = match learned.iter_mut().find(|(e, _, _)| *e == w.endpoint) {
+                Some((_, adds, c)) => (*adds, std::mem::take(c)),
+                None => (false, Vec::new()),
+            };
+            let mut bytes = data.to_vec();
+            let client_id = u16::from_be_bytes([w.query[0], w.query[1]]);
+            let _ = wire::set_id(&mut bytes, client_id);
+            // The client gets its question back as it wrote it (0x20, or another client's
+            // spelling of a merged question).
+            if let (Some(r), Some(mine)) = (name_range.clone(), plain_question_name(&w.query)) {
+                if r == mine && bytes[r.clone()].eq_ignore_ascii_case(&w.query[mine.clone()]) {
+                    bytes[r].copy_from_slice(&w.query[mine]);
+                }
+            }
+            let log = w.log.then(|| LogRecord {
+                time: now,
+                endpoint: Some(w.endpoint),
+                qname: QueryView::parse(&w.query)
+                    .map(|q| q.qname.to_text())
+                    .unwrap_or_default(),
+                qtype: resolution.qtype,
+                verdict: Verdict::Allowed,
+                rcode,
+                upstream_ms: Some((now - p.started) * 1000.0),
+                answers: answers.clone(),
+            });
+            out.push(Answer {
+                token: w.token,
+                bytes,
+                changes,
+                hold,
+                has_addresses,
+                log,
+            });
+        }
+        Ok(out)
     }
 
-    /// Ends the queries whose upstream did not answer in time: SERVFAIL for each client.
+    /// Ends the queries whose upstream did not answer in time (SERVFAIL for each waiting
+    /// client), and hands out the SERVFAILs of queries evicted to make room since the last
+    /// sweep.
     pub fn sweep(&self, now: f64) -> Result<Vec<Expired>, EngineError> {
         let mut st = self.state.lock().map_err(|_| POISONED)?;
-        let mut out = Vec::new();
-        while let Some(&(deadline, token)) = st.deadlines.front() {
+        let mut out = std::mem::take(&mut st.evicted);
+        while let Some(&(deadline, leader)) = st.deadlines.front() {
             if deadline > now {
                 break;
             }
             st.deadlines.pop_front();
-            let Some(p) = st.pending.remove(&token) else {
+            let Some(p) = st.drop_pending(leader) else {
                 continue; // answered or cancelled already
             };
-            st.by_upstream.remove(&(p.channel, p.upstream_id));
             st.stats.timeouts += 1;
-            st.stats.record_rcode(types::SERVFAIL);
-            let bytes = error_reply(&p.query, types::SERVFAIL).unwrap_or_default();
-            let log = p.log.then(|| LogRecord {
-                time: now,
-                endpoint: Some(p.endpoint),
-                qname: QueryView::parse(&p.query)
-                    .map(|q| q.qname.to_text())
-                    .unwrap_or_default(),
-                qtype: QueryView::parse(&p.query)
-                    .map(|q| q.qtype)
-                    .unwrap_or_default(),
-                verdict: Verdict::Timeout,
-                rcode: types::SERVFAIL,
-                upstream_ms: None,
-                answers: Vec::new(),
-            });
-            out.push(Expired {
-                token,
-                bytes,
-                channel: p.channel,
-                log,
-            });
+            let mut channel = Some(p.channel);
+            for w in p.waiters {
+                st.waiting.remove(&w.token);
+                st.free_slot(w.client, w.token);
+                st.stats.record_rcode(types::SERVFAIL);
+                let bytes = error_reply(&w.query, types::SERVFAIL).unwrap_or_default();
+                let log = w.log.then(|| waiter_record(&w, now, Verdict::Timeout));
+                out.push(Expired {
+                    token: w.token,
+                    bytes,
+                    channel: channel.take(),
+                    log,
+                });
+            }
         }
         Ok(out)
     }
@@ -604,12 +956,12 @@ impl Engine {
         Ok(program(&mut st, added, now))
     }
 
-    /// Forgets a pending query whose client went away (a closed TCP connection).
+    /// Forgets a pending query whose client went away (a closed TCP connection); the upstream
+    /// query stays while other clients wait for it.
     pub fn cancel(&self, token: u64) -> Result<bool, EngineError> {
         let mut st = self.state.lock().map_err(|_| POISONED)?;
-        match st.pending.remove(&token) {
-            Some(p) => {
-                st.by_upstream.remove(&(p.channel, p.upstream_id));
+        match st.remove_waiter(token) {
+            Some(_) => {
                 st.stats.cancelled += 1;
                 Ok(true)
             }

@@ -13,7 +13,18 @@ pub struct EngineStats {
     pub denied: u64,
     pub unknown_source: u64,
     pub malformed: u64,
+    /// Turned away with SERVFAIL: every in-flight slot taken (its own share, or all).
     pub overloaded: u64,
+    /// Of `overloaded`: the client had used up its own share.
+    pub overloaded_client: u64,
+    /// Queries ended early (SERVFAIL) to give their slot to a client holding fewer.
+    pub evicted: u64,
+    /// Queries that joined an identical one already in flight instead of going upstream.
+    pub merged: u64,
+    /// Answers dropped because the name was not in the case it was sent in (0x20).
+    pub dropped_case: u64,
+    /// Channels on which 0x20 was turned off (an upstream that does not keep case).
+    pub case_fallbacks: u64,
     pub timeouts: u64,
     pub cancelled: u64,
     pub dropped_unmatched: u64,
@@ -22,7 +33,10 @@ pub struct EngineStats {
     pub cache_errors: u64,
     /// Expiry extensions not sent to the backend (the element had over half the new TTL left).
     pub refreshes_skipped: u64,
+    /// Client queries waiting for an upstream answer.
     pub inflight: u64,
+    /// Queries sent upstream and not yet answered (merged ones count once).
+    pub upstream_inflight: u64,
     /// Answers relayed (and SERVFAILs for timeouts) by rcode 0..=15; higher rcodes in the last.
     pub rcodes: [u64; 17],
     /// Counts per bucket of [`LATENCY_BUCKETS`] (not cumulative), then +Inf.

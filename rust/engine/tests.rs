@@ -94,8 +94,29 @@ fn config() -> EngineConfig {
         reject: Reject::Refused,
         search_domains: vec![],
         max_inflight: 100,
+        max_inflight_per_client: 100,
+        case_randomization: false,
         timeout: 2.0,
         log: LogMode::All,
+    }
+}
+
+/// The engine's answers to one upstream answer, for tests where one client waits.
+trait OneAnswer {
+    fn response1(&self, channel: u32, data: &[u8], now: f64)
+        -> Result<Option<Answer>, EngineError>;
+}
+
+impl OneAnswer for Engine {
+    fn response1(
+        &self,
+        channel: u32,
+        data: &[u8],
+        now: f64,
+    ) -> Result<Option<Answer>, EngineError> {
+        let mut all = self.response(channel, 0, data, now)?;
+        assert!(all.len() <= 1, "one client waits: {all:?}");
+        Ok(all.pop())
     }
 }
 
@@ -154,7 +175,7 @@ fn answer(id: u16, name: &str, target: Option<&str>, addrs: &[[u8; 4]], ttl: u32
 }
 
 fn ask(e: &Engine, src: &str, data: &[u8], now: f64) -> (QueryAction, Option<LogRecord>) {
-    e.query(ip(src), ip(RESOLVER), 53, Proto::Udp, data, 0, now)
+    e.query(ip(src), ip(RESOLVER), 53, Proto::Udp, data, 0, 1, now)
         .expect("engine")
 }
 
@@ -164,7 +185,7 @@ fn rcode(bytes: &[u8]) -> u16 {
 
 fn forwarded(action: QueryAction) -> (Vec<u8>, u64) {
     match action {
-        QueryAction::Forward { bytes, token } => (bytes, token),
+        QueryAction::Forward { bytes, token, .. } => (bytes, token),
         other => panic!("expected a forward, got {other:?}"),
     }
 }
@@ -190,10 +211,14 @@ fn allowed_query_is_forwarded_with_a_fresh_id_and_the_answer_restored() {
         &[[192, 0, 2, 1], [192, 0, 2, 2]],
         60,
     );
-    let got = e.response(0, &a, 100.5).expect("engine").expect("matched");
+    let got = e.response1(0, &a, 100.5).expect("engine").expect("matched");
     assert_eq!(got.token, token);
     assert_eq!(&got.bytes[..2], &[0x12, 0x34]);
-    assert_eq!(&got.bytes[2..], &a[2..]);
+    // The rest as the upstream sent it, but for the question: the client's own spelling.
+    let qname_end = q.len() - 4;
+    assert_eq!(&got.bytes[12..qname_end], &q[12..qname_end]);
+    assert_eq!(&got.bytes[qname_end..], &a[qname_end..]);
+    assert_eq!(&got.bytes[2..12], &a[2..12]);
     assert!(got.has_addresses);
     // Programmed to lapse at twice the granted time (see `program`).
     let added: Vec<_> = got
@@ -219,7 +244,7 @@ fn allowed_query_is_forwarded_with_a_fresh_id_and_the_answer_restored() {
     );
     assert_eq!(log.answers, vec![ip("192.0.2.1"), ip("192.0.2.2")]);
     // The same answer again is not pending any more.
-    assert!(e.response(0, &a, 100.6).expect("engine").is_none());
+    assert!(e.response1(0, &a, 100.6).expect("engine").is_none());
     let s = e.stats().expect("stats");
     assert_eq!(
         (s.queries, s.allowed, s.dropped_unmatched, s.inflight),
@@ -242,6 +267,7 @@ fn denied_queries_are_refused_or_nxdomain() {
             Proto::Udp,
             &query(8, "www.example.com", 1),
             0,
+            1,
             1.0,
         )
         .expect("engine");
@@ -325,7 +351,7 @@ fn spoofed_and_mismatched_answers_are_dropped() {
     let id = u16::from_be_bytes([up[0], up[1]]);
     let good = answer(id, "www.example.com", None, &[[192, 0, 2, 7]], 30);
     assert!(e
-        .response(
+        .response1(
             0,
             &answer(id ^ 1, "www.example.com", None, &[[6, 6, 6, 6]], 30),
             1.1
@@ -333,11 +359,11 @@ fn spoofed_and_mismatched_answers_are_dropped() {
         .expect("e")
         .is_none());
     assert!(
-        e.response(1, &good, 1.1).expect("e").is_none(),
+        e.response1(1, &good, 1.1).expect("e").is_none(),
         "another channel"
     );
     assert!(e
-        .response(
+        .response1(
             0,
             &answer(id, "evil.example.com", None, &[[6, 6, 6, 6]], 30),
             1.1
@@ -345,13 +371,13 @@ fn spoofed_and_mismatched_answers_are_dropped() {
         .expect("e")
         .is_none());
     assert!(
-        e.response(0, &good[..good.len() - 2], 1.1)
+        e.response1(0, &good[..good.len() - 2], 1.1)
             .expect("e")
             .is_none(),
         "malformed"
     );
     let got = e
-        .response(0, &good, 1.2)
+        .response1(0, &good, 1.2)
         .expect("e")
         .expect("the real answer still matches");
     assert_eq!(got.token, token);
@@ -383,7 +409,7 @@ fn timeouts_answer_servfail_and_overload_is_refused_with_servfail() {
     assert_eq!(&expired[0].bytes[..2], &[0x42, 0x42]);
     let id = u16::from_be_bytes([up[0], up[1]]);
     assert!(e
-        .response(
+        .response1(
             0,
             &answer(id, "www.example.com", None, &[[1, 2, 3, 4]], 9),
             12.1
@@ -402,7 +428,7 @@ fn cancel_forgets_a_pending_query() {
     assert!(!e.cancel(token).expect("e"));
     let id = u16::from_be_bytes([up[0], up[1]]);
     assert!(e
-        .response(
+        .response1(
             0,
             &answer(id, "www.example.com", None, &[[1, 2, 3, 4]], 9),
             1.1
@@ -415,11 +441,14 @@ fn cancel_forgets_a_pending_query() {
 fn upstream_ids_do_not_repeat_while_pending() {
     let (e, _) = engine_with(EngineConfig {
         max_inflight: 70_000,
+        max_inflight_per_client: 70_000,
         ..config()
     });
     let mut seen = std::collections::HashSet::new();
     for i in 0..5000u16 {
-        let (up, _) = forwarded(ask(&e, FREE, &query(i, "x.org", 1), 1.0).0);
+        // Distinct names: identical questions in flight would be merged into one.
+        let name = format!("x{i}.org");
+        let (up, _) = forwarded(ask(&e, FREE, &query(i, &name, 1), 1.0).0);
         assert!(
             seen.insert(u16::from_be_bytes([up[0], up[1]])),
             "id reused while pending"
@@ -434,7 +463,7 @@ fn firewall_elements_are_refreshed_about_once_per_ttl() {
         let (up, _) = forwarded(ask(&e, POD, &query(1, "www.example.com", 1), now).0);
         let id = u16::from_be_bytes([up[0], up[1]]);
         let a = answer(id, "www.example.com", None, &[[192, 0, 2, 1]], ttl);
-        let got = e.response(0, &a, now).expect("engine").expect("matched");
+        let got = e.response1(0, &a, now).expect("engine").expect("matched");
         (
             got.hold,
             got.changes
@@ -520,4 +549,314 @@ fn changes_recorded_outside_the_engine_are_programmed_as_answers_are() {
     assert_eq!(adopt(140, 10.0), vec![]);
     // One past it: programmed, never shortened.
     assert_eq!(adopt(290, 10.0), vec![(ChangeKind::Extended, 590.0)]);
+}
+
+fn ask_on(e: &Engine, src: &str, data: &[u8], channel: u32, slots: u16, now: f64) -> QueryAction {
+    e.query(
+        ip(src),
+        ip(RESOLVER),
+        53,
+        Proto::Udp,
+        data,
+        channel,
+        slots,
+        now,
+    )
+    .expect("engine")
+    .0
+}
+
+fn forwarded_slot(action: QueryAction) -> (Vec<u8>, u64, u16) {
+    match action {
+        QueryAction::Forward { bytes, token, slot } => (bytes, token, slot),
+        other => panic!("expected a forward, got {other:?}"),
+    }
+}
+
+/// `q` with an OPT record: buffer size `size`, DO bit `dnssec_ok`.
+fn with_edns(mut q: Vec<u8>, size: u16, dnssec_ok: bool) -> Vec<u8> {
+    q[11] = 1; // ARCOUNT
+    q.push(0); // root owner
+    q.extend_from_slice(&41u16.to_be_bytes());
+    q.extend_from_slice(&size.to_be_bytes());
+    q.extend_from_slice(&[0, 0]);
+    q.extend_from_slice(&(if dnssec_ok { 0x8000u16 } else { 0 }).to_be_bytes());
+    q.extend_from_slice(&[0, 0]);
+    q
+}
+
+#[test]
+fn identical_questions_in_flight_share_one_upstream_query_and_each_client_gets_its_answer() {
+    let (e, cache) = engine_with(config());
+    let (up, first, _) = forwarded_slot(ask_on(
+        &e,
+        POD,
+        &query(0x0101, "www.example.com", 1),
+        0,
+        1,
+        1.0,
+    ));
+    // Another endpoint, its own id, another spelling of the name: it waits for the same answer.
+    let second = match ask_on(&e, FREE, &query(0x0202, "WWW.example.COM", 1), 0, 1, 1.0) {
+        QueryAction::Merged { token } => token,
+        other => panic!("expected a merge, got {other:?}"),
+    };
+    // Whatever can change the answer keeps questions apart.
+    let apart = [
+        query(3, "www.example.com", 28),                        // type
+        with_edns(query(4, "www.example.com", 1), 1232, false), // EDNS
+        with_edns(query(5, "www.example.com", 1), 1232, true),  // DO
+        with_edns(query(6, "www.example.com", 1), 4096, false), // buffer size
+    ];
+    for q in &apart {
+        forwarded(ask(&e, POD, q, 1.0).0);
+    }
+    forwarded_slot(ask_on(&e, POD, &query(7, "www.example.com", 1), 1, 1, 1.0)); // channel
+    let (_, tcp) = forwarded(
+        e.query(
+            ip(FREE),
+            ip(RESOLVER),
+            53,
+            Proto::Tcp,
+            &query(8, "www.example.com", 1),
+            0,
+            1,
+            1.0,
+        )
+        .expect("engine")
+        .0,
+    );
+    assert!(tcp > 0, "TCP is another transport");
+    let id = u16::from_be_bytes([up[0], up[1]]);
+    let a = answer(id, "www.example.com", None, &[[192, 0, 2, 9]], 60);
+    let got = e.response(0, 0, &a, 1.5).expect("engine");
+    assert_eq!(got.len(), 2);
+    let (one, two) = (&got[0], &got[1]);
+    assert_eq!((one.token, two.token), (first, second));
+    assert_eq!(
+        (&one.bytes[..2], &two.bytes[..2]),
+        (&[1u8, 1][..], &[2u8, 2][..])
+    );
+    assert_eq!(
+        &two.bytes[12..29],
+        &query(0x0202, "WWW.example.COM", 1)[12..29]
+    );
+    // Both endpoints learned the address, each held for its own firewall element.
+    assert!(one.hold && two.hold);
+    let learned: Vec<_> = got
+        .iter()
+        .flat_map(|a| a.changes.iter().map(|c| c.endpoint))
+        .collect();
+    assert_eq!(learned, vec![5, 9]);
+    let c = cache.read().expect("lock");
+    assert!(c.allowed(5, ip("192.0.2.9"), 2.0) && c.allowed(9, ip("192.0.2.9"), 2.0));
+    drop(c);
+    let s = e.stats().expect("stats");
+    assert_eq!((s.merged, s.inflight, s.upstream_inflight), (1, 6, 6));
+    // A second copy of the answer matches nothing any more.
+    assert!(e.response(0, 0, &a, 1.6).expect("engine").is_empty());
+}
+
+#[test]
+fn a_merged_client_that_goes_away_leaves_the_others_waiting() {
+    let (e, _) = engine_with(config());
+    let (up, first) = forwarded(ask(&e, POD, &query(1, "www.example.com", 1), 1.0).0);
+    let QueryAction::Merged { token: second } =
+        ask(&e, POD, &query(2, "www.example.com", 1), 1.0).0
+    else {
+        panic!("expected a merge");
+    };
+    assert!(e.cancel(first).expect("e"));
+    let id = u16::from_be_bytes([up[0], up[1]]);
+    let got = e
+        .response(
+            0,
+            0,
+            &answer(id, "www.example.com", None, &[[192, 0, 2, 1]], 9),
+            1.1,
+        )
+        .expect("e");
+    assert_eq!(
+        got.iter().map(|a| a.token).collect::<Vec<_>>(),
+        vec![second]
+    );
+    // Timeouts: every waiting client gets SERVFAIL; the upstream failure is counted once.
+    forwarded(ask(&e, POD, &query(3, "a.example.com", 1), 5.0).0);
+    ask(&e, FREE, &query(4, "a.example.com", 1), 5.0);
+    let expired = e.sweep(8.0).expect("sweep");
+    assert_eq!(expired.len(), 2);
+    assert_eq!(
+        expired.iter().map(|x| x.channel).collect::<Vec<_>>(),
+        vec![Some(0), None]
+    );
+    assert!(expired.iter().all(|x| rcode(&x.bytes) == 2));
+}
+
+#[test]
+fn answers_must_come_back_on_the_source_port_slot_the_query_left_from() {
+    let (e, _) = engine_with(EngineConfig {
+        max_inflight: 1000,
+        max_inflight_per_client: 1000,
+        ..config()
+    });
+    let mut slots = std::collections::HashSet::new();
+    for i in 0..200u16 {
+        let name = format!("n{i}.example.com");
+        let (_, _, slot) = forwarded_slot(ask_on(&e, POD, &query(i, &name, 1), 0, 1024, 1.0));
+        assert!(slot < 1024);
+        slots.insert(slot);
+    }
+    assert!(
+        slots.len() > 150,
+        "slots are drawn at random: {} distinct of 200",
+        slots.len()
+    );
+    let (up, token, slot) = forwarded_slot(ask_on(
+        &e,
+        POD,
+        &query(9, "www.example.com", 1),
+        0,
+        1024,
+        1.0,
+    ));
+    let id = u16::from_be_bytes([up[0], up[1]]);
+    let a = answer(id, "www.example.com", None, &[[192, 0, 2, 1]], 9);
+    let wrong = (slot + 1) % 1024;
+    assert!(
+        e.response(0, wrong, &a, 1.1).expect("e").is_empty(),
+        "another port"
+    );
+    let got = e.response(0, slot, &a, 1.1).expect("e");
+    assert_eq!(got[0].token, token);
+}
+
+#[test]
+fn query_names_go_upstream_in_random_case_and_answers_must_repeat_it() {
+    let (e, _) = engine_with(EngineConfig {
+        case_randomization: true,
+        ..config()
+    });
+    let name = "abcdefghijklmnopqrstuvwxyz.example.com";
+    let q = query(0x0505, name, 1);
+    let (up, token) = forwarded(ask(&e, POD, &q, 1.0).0);
+    assert!(up[12..].eq_ignore_ascii_case(&q[12..]));
+    assert_ne!(
+        &up[12..],
+        &q[12..],
+        "31 letters all kept their case: 1 in 2^31"
+    );
+    let id = u16::from_be_bytes([up[0], up[1]]);
+    // The right id and port, the name in another case: a forger who could not see the query.
+    let forged = answer(id, name, None, &[[6, 6, 6, 6]], 9);
+    assert!(e.response1(0, &forged, 1.1).expect("e").is_none());
+    assert_eq!(e.stats().expect("s").dropped_case, 1);
+    // The real upstream repeats the name as it was sent; the client gets its own spelling.
+    let mut real = answer(id, name, None, &[[192, 0, 2, 1]], 9);
+    let end = q.len() - 4;
+    real[12..end].copy_from_slice(&up[12..end]);
+    let got = e.response1(0, &real, 1.2).expect("e").expect("matched");
+    assert_eq!(got.token, token);
+    assert_eq!(&got.bytes[12..end], &q[12..end]);
+    // TCP queries keep their case (nobody off-path can answer on a connection).
+    let (tcp, _) = forwarded(
+        e.query(ip(FREE), ip(RESOLVER), 53, Proto::Tcp, &q, 0, 1, 1.3)
+            .expect("e")
+            .0,
+    );
+    assert_eq!(&tcp[2..], &q[2..]);
+}
+
+#[test]
+fn an_upstream_that_does_not_keep_case_turns_0x20_off_for_its_channel_only() {
+    let (e, _) = engine_with(EngineConfig {
+        case_randomization: true,
+        ..config()
+    });
+    let mut dropped = 0;
+    for i in 0..CASE_FALLBACK {
+        let name = format!("host{i}.example.com");
+        let (up, _) = forwarded(ask(&e, POD, &query(1, &name, 1), 1.0).0);
+        let id = u16::from_be_bytes([up[0], up[1]]);
+        // This upstream answers in lower case whatever it was asked.
+        let got = e
+            .response1(0, &answer(id, &name, None, &[[192, 0, 2, 1]], 9), 1.1)
+            .expect("e");
+        dropped += usize::from(got.is_none());
+    }
+    assert_eq!(
+        dropped,
+        CASE_FALLBACK as usize - 1,
+        "the last mismatch turns it off"
+    );
+    let s = e.stats().expect("s");
+    assert_eq!(
+        (s.dropped_case, s.case_fallbacks),
+        (u64::from(CASE_FALLBACK) - 1, 1)
+    );
+    let q = query(2, "mixed.example.com", 1);
+    let (up, _) = forwarded(ask(&e, POD, &q, 2.0).0);
+    assert_eq!(&up[2..], &q[2..], "channel 0 sends names as written now");
+    let (up1, _, _) = forwarded_slot(ask_on(
+        &e,
+        POD,
+        &query(3, "mixed.example.com", 1),
+        1,
+        1,
+        2.0,
+    ));
+    assert!(
+        up1[12..].eq_ignore_ascii_case(&q[12..]) && up1[12..] != q[12..],
+        "another channel still randomises"
+    );
+}
+
+#[test]
+fn one_client_cannot_take_every_in_flight_slot() {
+    let (e, _) = engine_with(EngineConfig {
+        max_inflight: 10,
+        max_inflight_per_client: 4,
+        ..config()
+    });
+    for i in 0..4u16 {
+        forwarded(ask(&e, POD, &query(i, &format!("n{i}.example.com"), 1), 1.0).0);
+    }
+    let refused = replied(ask(&e, POD, &query(9, "late.example.com", 1), 1.0).0);
+    assert_eq!(
+        rcode(&refused),
+        2,
+        "its own share is used up: SERVFAIL at once"
+    );
+    forwarded(ask(&e, FREE, &query(10, "other.org", 1), 1.0).0);
+    let s = e.stats().expect("s");
+    assert_eq!((s.overloaded, s.overloaded_client), (1, 1));
+}
+
+#[test]
+fn when_every_slot_is_taken_the_client_holding_most_gives_one_up() {
+    let (e, _) = engine_with(EngineConfig {
+        max_inflight: 4,
+        max_inflight_per_client: 4,
+        ..config()
+    });
+    let mut tokens = Vec::new();
+    for i in 0..4u16 {
+        let (_, t) = forwarded(ask(&e, POD, &query(i, &format!("n{i}.example.com"), 1), 1.0).0);
+        tokens.push(t);
+    }
+    // All four slots are POD's: FREE's query takes POD's oldest.
+    let (_, free) = forwarded(ask(&e, FREE, &query(20, "other.org", 1), 1.5).0);
+    let evicted = e.sweep(1.6).expect("sweep");
+    assert_eq!(evicted.len(), 1);
+    assert_eq!((evicted[0].token, evicted[0].channel), (tokens[0], None));
+    assert_eq!(rcode(&evicted[0].bytes), 2);
+    // FREE holds 1, POD 3: FREE's next query takes another of POD's (3 > 1 + 1) ...
+    forwarded(ask(&e, FREE, &query(21, "other2.org", 1), 1.7).0);
+    // ... but with 2 each, a third of FREE's would not: nobody holds more than it would.
+    let refused = replied(ask(&e, FREE, &query(22, "other3.org", 1), 1.8).0);
+    assert_eq!(rcode(&refused), 2);
+    let s = e.stats().expect("s");
+    assert_eq!((s.evicted, s.overloaded, s.inflight), (2, 1, 4));
+    assert!(free > 0);
+    // An evicted query's late answer is dropped.
+    assert!(e.cancel(tokens[0]).is_ok_and(|gone| !gone));
 }

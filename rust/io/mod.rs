@@ -8,16 +8,23 @@
 //! Timeouts go through [`UdpIo::sweep`], which answers the UDP clients it owns and hands the rest
 //! (TCP tokens, failover accounting) back, in the shape of [`Engine::sweep`].
 //!
+//! Queries leave from a pool of unconnected sockets per address family, each bound by the
+//! kernel to a random ephemeral port, one picked at random per query by the engine
+//! ([`Engine::query`]'s slot) and re-drawn over time: an off-path sender must guess the port
+//! as well as the id (RFC 5452 section 9.2; with 1,024 sockets, 26 bits). An answer is taken
+//! only from the address the query went to, on the socket it left from.
+//!
 //! Transparent interception (TPROXY) is built in: with `transparent`, the listeners read the
 //! original destination of every query (`IP_RECVORIGDSTADDR` / `IPV6_RECVORIGDSTADDR`), the
 //! engine's DNS verdict sees that server and port, and the answer leaves from that address and
 //! port (an `IP_TRANSPARENT` socket bound there, kept for the next answer).
 //!
-//! No `unsafe` here: the system calls go through `nix`.
+//! The system calls go through `nix`; the one `unsafe` line takes ownership of a descriptor
+//! that `fcntl(F_DUPFD_CLOEXEC)` just made ([`high_fd`]).
 
 use std::io::{IoSlice, IoSliceMut};
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -25,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use hashbrown::HashMap;
 use nix::errno::Errno;
-use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::{
     self, sockopt, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, MultiHeaders,
@@ -41,13 +48,17 @@ pub const BATCH: usize = 32;
 /// Engine channels of the servers clients asked (`forward_to_original`) start here, far above
 /// the configured upstreams' and the proxy's TCP channels (`1 << 20` up).
 pub const ORIGINAL_CHANNEL_BASE: u32 = 1 << 28;
-/// At most this many asked servers get a socket at a time. The least recently used one is
+/// At most this many asked servers have a channel at a time. The least recently used one is
 /// replaced only when idle (nothing sent to it for an upstream timeout, so no answer is owed on
-/// it); while all are busy, a query to yet another server gets none and times out (SERVFAIL).
+/// it); while all are busy, a query to yet another server is not sent and times out (SERVFAIL).
 const MAX_ORIGINALS: usize = 256;
-/// How many engine channels the asked servers' sockets cycle through (each new socket takes the
-/// next: an answer owed on a replaced socket can never match a query sent on its successor).
+/// How many engine channels the asked servers cycle through (each new server takes the next: an
+/// answer owed to a replaced server can never match a query sent to its successor).
 const ORIGINAL_CHANNELS: u32 = u32::MAX - ORIGINAL_CHANNEL_BASE;
+/// The source-port pool: one socket of each family is re-drawn (closed, and a new one bound to
+/// a new random port) this often; 1,024 sockets are all re-drawn in about a minute. The old
+/// socket is read for an upstream timeout more, for the answers still owed on it.
+const REDRAW_EVERY: Duration = Duration::from_millis(50);
 /// Batches read from one ready socket before the others get their turn.
 const ROUNDS: usize = 4;
 /// The largest UDP payload (an EDNS answer may be up to 64 KiB).
@@ -72,6 +83,8 @@ pub struct IoConfig {
     /// More listeners, always transparent, after the `listen` ones: one thread serves a
     /// proxy's direct listeners and its TPROXY listeners together (one table, one sweep).
     pub transparent_listen: Vec<SocketAddr>,
+    /// Upstream sockets per address family, each on its own random port (at least 1).
+    pub source_ports: u16,
 }
 
 /// What can go wrong setting the I/O up or driving it.
@@ -153,8 +166,12 @@ pub struct IoStats {
     /// Transparent answers that could not leave from the address asked (no socket could be
     /// bound there); a bound socket's failed sends count in `send_errors`.
     pub reply_errors: u64,
-    /// Queries to an asked server no socket could be opened for (all busy, or refused).
+    /// Queries to an asked server that could not be given a channel (all busy).
     pub orig_refused: u64,
+    /// Datagrams on an upstream socket from an address no query went to (dropped).
+    pub unexpected_source: u64,
+    /// Upstream sockets re-drawn on a new random port.
+    pub redraws: u64,
 }
 
 #[derive(Debug, Default)]
@@ -168,6 +185,8 @@ struct Counters {
     not_intercepted: AtomicU64,
     reply_errors: AtomicU64,
     orig_refused: AtomicU64,
+    unexpected_source: AtomicU64,
+    redraws: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -178,33 +197,36 @@ struct Listener {
     transparent: bool,
 }
 
+/// A configured upstream; its index is its engine channel.
 #[derive(Debug)]
 struct Upstream {
-    fd: OwnedFd,
     addr: SocketAddr,
     answers: AtomicU64,
 }
 
-/// The socket to one server clients asked, on its own engine channel.
+/// One server clients asked, on its own engine channel.
 #[derive(Debug)]
 struct Original {
-    up: Upstream,
+    addr: SocketAddr,
     channel: u32,
-    hdrs: MultiHeaders<SockaddrStorage>,
-    out: Vec<(Vec<u8>, Option<SockaddrStorage>)>,
     /// When a query last went out: idle (replaceable) an upstream timeout later.
     last_sent: Instant,
 }
 
-/// The servers clients asked, each with its connected, marked socket (`forward_to_original`).
-/// Only the I/O thread touches them: it makes one when a query the verdict allowed needs it
-/// (never before the verdict: a refused or dropped query opens nothing), polls and reads them.
+/// The servers clients asked (`forward_to_original`), each with its engine channel. Only the
+/// I/O thread touches them: a server gets its channel when a query the verdict allowed goes
+/// to it (never before the verdict: a refused or dropped query takes nothing).
 #[derive(Debug, Default)]
 struct Originals {
     slots: Vec<Original>,
     by_addr: HashMap<SocketAddr, usize>,
-    /// Sockets made so far: the next one's channel is `ORIGINAL_CHANNEL_BASE + next`.
+    /// Servers taken so far: the next one's channel is `ORIGINAL_CHANNEL_BASE + next`.
     next: u32,
+}
+
+/// Where answers may come from: (address, port) -> engine channel.
+fn addr_key(a: SocketAddr) -> (std::net::IpAddr, u16) {
+    (a.ip().to_canonical(), a.port())
 }
 
 impl Originals {
@@ -217,14 +239,13 @@ impl Originals {
         }
     }
 
-    /// The slot of `server`'s socket, made on `channel` (from [`Originals::channel`]) when
-    /// there is none. None when every slot is busy or the kernel refuses the socket: the
-    /// query then times out into SERVFAIL; the other servers' answers owed are never lost.
+    /// The slot of `server`, taken on `channel` (from [`Originals::channel`]) when it has
+    /// none. None when every slot is busy: the query then times out into SERVFAIL; the other
+    /// servers' answers owed are never lost.
     fn open(
         &mut self,
         server: SocketAddr,
         channel: u32,
-        config: &IoConfig,
         idle: Duration,
         now: Instant,
     ) -> Option<usize> {
@@ -246,18 +267,15 @@ impl Originals {
         } else {
             None
         };
-        let up = upstream(server, config).ok()?;
         let slot = Original {
-            up,
+            addr: server,
             channel,
-            hdrs: MultiHeaders::preallocate(BATCH, None),
-            out: Vec::new(),
             last_sent: now,
         };
         let i = match replace {
             Some(i) => {
                 let old = std::mem::replace(&mut self.slots[i], slot);
-                self.by_addr.remove(&old.up.addr);
+                self.by_addr.remove(&old.addr);
                 i
             }
             None => {
@@ -268,6 +286,171 @@ impl Originals {
         self.by_addr.insert(server, i);
         Some(i)
     }
+
+    /// The channel of the asked server `from`, if it is one.
+    fn channel_of(&self, from: SocketAddr) -> Option<u32> {
+        let key = addr_key(from);
+        self.by_addr
+            .iter()
+            .find(|(a, _)| addr_key(**a) == key)
+            .and_then(|(_, &i)| self.slots.get(i))
+            .map(|o| o.channel)
+    }
+}
+
+/// One upstream socket of the pool: its family and the engine slot queries on it carry.
+#[derive(Debug)]
+struct PoolSocket {
+    fd: OwnedFd,
+    v6: bool,
+    slot: u16,
+}
+
+/// The upstream sockets: `source_ports` per family, unconnected, each bound by the kernel to a
+/// random ephemeral port (Linux draws it at random in `ip_local_port_range`), plus the
+/// re-drawn ones still read until their answers are no longer owed. Only the I/O thread
+/// touches it after start. Sockets are keyed by a serial number, the epoll token.
+#[derive(Debug)]
+struct Pool {
+    sockets: HashMap<u64, PoolSocket>,
+    /// The serial of each slot's current socket, IPv4 then IPv6 (`u64::MAX`: none).
+    v4: Vec<u64>,
+    v6: Vec<u64>,
+    /// Re-drawn sockets, by when they may be closed.
+    retiring: std::collections::VecDeque<(Instant, u64)>,
+    next: u64,
+    mark: Option<u32>,
+    buffer: usize,
+}
+
+/// Epoll tokens: the wake eventfd, listeners from `LISTENER_TOKEN`, pool sockets below.
+const WAKE_TOKEN: u64 = u64::MAX;
+const LISTENER_TOKEN: u64 = 1 << 62;
+
+impl Pool {
+    /// `source_ports` sockets per family wanted; fewer when the process runs out of
+    /// descriptors (at least one each, else an error): [`Pool::slots`] says how many.
+    fn new(config: &IoConfig, v4: bool, v6: bool) -> Result<Pool, IoError> {
+        let n = usize::from(config.source_ports.max(1));
+        let mut pool = Pool {
+            sockets: HashMap::new(),
+            v4: Vec::new(),
+            v6: Vec::new(),
+            retiring: std::collections::VecDeque::new(),
+            next: 0,
+            mark: config.mark,
+            buffer: config.buffer,
+        };
+        let families: Vec<bool> = [(false, v4), (true, v6)]
+            .into_iter()
+            .filter_map(|(v6, wanted)| wanted.then_some(v6))
+            .collect();
+        'slots: for slot in 0..n {
+            let mut made = Vec::new();
+            for &v6 in &families {
+                match pool.open(v6, slot as u16) {
+                    Ok(serial) => made.push((v6, serial)),
+                    Err(IoError::Socket(_, Errno::EMFILE | Errno::ENFILE)) if slot > 0 => {
+                        for (_, serial) in made {
+                            pool.sockets.remove(&serial);
+                        }
+                        break 'slots;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            for (v6, serial) in made {
+                pool.slots_mut(v6).push(serial);
+            }
+        }
+        Ok(pool)
+    }
+
+    /// Sockets per family (the engine draws a slot among them).
+    fn slots(&self) -> u16 {
+        self.v4.len().max(self.v6.len()).max(1) as u16
+    }
+
+    fn slots_mut(&mut self, v6: bool) -> &mut Vec<u64> {
+        if v6 {
+            &mut self.v6
+        } else {
+            &mut self.v4
+        }
+    }
+
+    /// A new socket for `slot`, bound to a random port; its serial.
+    fn open(&mut self, v6: bool, slot: u16) -> Result<u64, IoError> {
+        let any: SocketAddr = if v6 {
+            SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
+        } else {
+            SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))
+        };
+        let fd = high_fd(udp_socket(&any)?);
+        let what = "upstream socket";
+        if v6 {
+            socket::setsockopt(&fd, sockopt::Ipv6V6Only, &true).map_err(sock_err(what))?;
+        }
+        if let Some(mark) = self.mark {
+            socket::setsockopt(&fd, sockopt::Mark, &mark).map_err(sock_err(what))?;
+        }
+        grow_buffers(&fd, self.buffer);
+        socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(any)).map_err(sock_err(what))?;
+        self.next += 1;
+        let serial = self.next;
+        self.sockets.insert(serial, PoolSocket { fd, v6, slot });
+        Ok(serial)
+    }
+
+    /// The socket a query to `to` leaves from, for engine slot `slot`.
+    fn socket_for(&self, to: SocketAddr, slot: u16) -> Option<&PoolSocket> {
+        let slots = if to.is_ipv4() { &self.v4 } else { &self.v6 };
+        slots
+            .get(usize::from(slot))
+            .and_then(|serial| self.sockets.get(serial))
+    }
+
+    /// Re-draws one socket of each family at random (the old one is read until `owed_until`),
+    /// and closes the re-drawn ones whose answers are no longer owed. Registers and
+    /// unregisters them with `epoll`.
+    fn redraw(&mut self, epoll: &Epoll, now: Instant, owed_until: Instant, counters: &Counters) {
+        while let Some(&(until, serial)) = self.retiring.front() {
+            if until > now {
+                break;
+            }
+            self.retiring.pop_front();
+            if let Some(old) = self.sockets.remove(&serial) {
+                let _ = epoll.delete(&old.fd);
+            }
+        }
+        for v6 in [false, true] {
+            let n = self.slots_mut(v6).len();
+            if n == 0 {
+                continue;
+            }
+            let mut r = [0u8; 4];
+            if getrandom::fill(&mut r).is_err() {
+                return;
+            }
+            let slot = ((u64::from(u32::from_ne_bytes(r)) * n as u64) >> 32) as usize;
+            // Out of descriptors or ports: keep the current socket (it still works).
+            let Ok(serial) = self.open(v6, slot as u16) else {
+                continue;
+            };
+            let registered = self.sockets.get(&serial).is_some_and(|s| {
+                epoll
+                    .add(&s.fd, EpollEvent::new(EpollFlags::EPOLLIN, serial))
+                    .is_ok()
+            });
+            if !registered {
+                self.sockets.remove(&serial);
+                continue;
+            }
+            let old = std::mem::replace(&mut self.slots_mut(v6)[slot], serial);
+            self.retiring.push_back((owed_until, old));
+            counters.redraws.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -276,6 +459,12 @@ struct Shared {
     config: IoConfig,
     listeners: Vec<Listener>,
     upstreams: Vec<Upstream>,
+    /// Configured upstreams by (address, port), for answers.
+    upstream_channels: HashMap<(std::net::IpAddr, u16), u32>,
+    /// The source-port pool, until the I/O thread takes it.
+    pool: Mutex<Option<Pool>>,
+    /// Its sockets per family: the engine draws each query's slot among them.
+    slots: u16,
     table: Mutex<Table>,
     events: Mutex<Events>,
     /// Transparent mode: sockets bound to the servers clients asked, to answer from them.
@@ -363,20 +552,21 @@ fn listener(addr: SocketAddr, transparent: bool, cfg: &IoConfig) -> Result<Liste
     })
 }
 
-fn upstream(addr: SocketAddr, cfg: &IoConfig) -> Result<Upstream, IoError> {
-    let fd = udp_socket(&addr)?;
-    let what = format!("upstream {addr}");
-    if let Some(mark) = cfg.mark {
-        socket::setsockopt(&fd, sockopt::Mark, &mark).map_err(sock_err(what.clone()))?;
+/// Descriptors below this are left to code that still uses `select()` (glibc aborts on an
+/// `fd_set` bit past 1024; libnftables is one such user in the same process).
+const HIGH_FD: i32 = 1024;
+
+/// `fd` moved to a descriptor number of at least [`HIGH_FD`] when the process may have one
+/// (else `fd` as it is): a pool of upstream sockets must not push other code's descriptors
+/// past `FD_SETSIZE`.
+#[allow(unsafe_code)]
+fn high_fd(fd: OwnedFd) -> OwnedFd {
+    use std::os::fd::FromRawFd;
+    match nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(HIGH_FD)) {
+        // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else owns.
+        Ok(raw) if raw >= 0 => unsafe { OwnedFd::from_raw_fd(raw) },
+        _ => fd,
     }
-    grow_buffers(&fd, cfg.buffer);
-    // Connected: the kernel drops datagrams from anyone but the upstream (RFC 5452).
-    socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(addr)).map_err(sock_err(what))?;
-    Ok(Upstream {
-        fd,
-        addr,
-        answers: AtomicU64::new(0),
-    })
 }
 
 /// An address as std sees it (v4-mapped IPv6 sources as IPv4: the endpoint table's keys).
@@ -661,12 +851,13 @@ impl Shared {
         }
     }
 
-    /// Queries from listener `l`: forwarded upstream, or answered at once.
+    /// Queries from listener `l`: forwarded upstream (queued in `to_upstream` as (slot,
+    /// server, bytes)), or answered at once.
     fn on_queries(
         &self,
         l: usize,
         io: &mut Scratch<'_>,
-        to_upstream: &mut [Vec<(Vec<u8>, Option<SockaddrStorage>)>],
+        to_upstream: &mut Vec<(u16, SocketAddr, Vec<u8>)>,
         originals: &mut Originals,
     ) -> Result<(), IoError> {
         let Scratch {
@@ -716,10 +907,18 @@ impl Shared {
                 Some(a) => (a.ip().to_canonical(), a.port()),
                 None => (up.addr.ip().to_canonical(), 53),
             };
-            // Where it goes: the server asked (forward_to_original), else the upstream. The
-            // socket to the server asked is made only once the verdict lets the query go.
-            let asked = local.filter(|_| self.config.forward_to_original);
-            let channel = asked.map_or(configured as u32, |a| originals.channel(a));
+            // Where it goes: the server asked (forward_to_original), else the upstream. A server
+            // asked gets its channel only once the verdict lets the query go; one that is also
+            // a configured upstream shares that upstream's channel (one address, one channel).
+            let forwarded_to = local.filter(|_| self.config.forward_to_original);
+            let channel = match forwarded_to {
+                Some(a) => match self.upstream_channels.get(&addr_key(a)) {
+                    Some(&c) => c,
+                    None => originals.channel(a),
+                },
+                None => configured as u32,
+            };
+            let asked = forwarded_to.filter(|_| channel >= ORIGINAL_CHANNEL_BASE);
             let (action, log) = self.engine.query(
                 src.ip().to_canonical(),
                 server,
@@ -727,6 +926,7 @@ impl Shared {
                 Proto::Udp,
                 &buf[..r.len],
                 channel,
+                self.slots,
                 now,
             )?;
             if let Some(rec) = log {
@@ -738,25 +938,28 @@ impl Shared {
                 local,
             };
             match action {
-                QueryAction::Forward { bytes, token } => {
+                QueryAction::Forward { bytes, token, slot } => {
                     // Even when it cannot be sent: the sweep answers it SERVFAIL.
                     table.clients.insert(token, client);
-                    let queue = match asked {
-                        Some(a) => match originals.open(a, channel, &self.config, idle, clock) {
+                    let to = match asked {
+                        Some(a) => match originals.open(a, channel, idle, clock) {
                             Some(i) => originals.slots.get_mut(i).map(|o| {
                                 o.last_sent = clock;
-                                &mut o.out
+                                o.addr
                             }),
                             None => {
                                 self.counters.orig_refused.fetch_add(1, Ordering::Relaxed);
                                 None
                             }
                         },
-                        None => to_upstream.get_mut(configured),
+                        None => self.upstreams.get(channel as usize).map(|u| u.addr),
                     };
-                    if let Some(q) = queue {
-                        q.push((bytes, None));
+                    if let Some(to) = to {
+                        to_upstream.push((slot, to, bytes));
                     }
+                }
+                QueryAction::Merged { token } => {
+                    table.clients.insert(token, client);
                 }
                 QueryAction::Reply { bytes } => outbox.push(&client, bytes),
                 QueryAction::Drop => {}
@@ -765,10 +968,13 @@ impl Shared {
         Ok(())
     }
 
-    /// Answers from upstream `channel`: to their clients, or held for the backend.
+    /// Answers read from the pool socket of engine slot `slot`: to their clients, or held for
+    /// the backend. Each is taken only from an address a query went to (a configured upstream
+    /// or a server clients asked), whose channel the engine then matches it on.
     fn on_answers(
         &self,
-        channel: u32,
+        slot: u16,
+        originals: &Originals,
         got: &[Received],
         bufs: &[Vec<u8>],
         outbox: &mut Outbox,
@@ -781,38 +987,65 @@ impl Shared {
                 self.counters.truncated.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let Some(a) = self.engine.response(channel, &buf[..r.len], now)? else {
-                continue; // unmatched or malformed: dropped and counted by the engine
+            let from = r.from.as_ref().and_then(socket_addr);
+            let channel = from.and_then(|f| {
+                self.upstream_channels
+                    .get(&addr_key(f))
+                    .copied()
+                    .or_else(|| originals.channel_of(f))
+            });
+            let Some(channel) = channel else {
+                self.counters
+                    .unexpected_source
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
             };
+            let answers = self.engine.response(channel, slot, &buf[..r.len], now)?;
+            if answers.is_empty() {
+                continue; // unmatched or malformed: dropped and counted by the engine
+            }
             self.counters.answers.fetch_add(1, Ordering::Relaxed);
             if let Some(up) = self.upstreams.get(channel as usize) {
                 up.answers.fetch_add(1, Ordering::Relaxed);
             }
-            if let Some(rec) = a.log {
-                batch.logs.push(rec);
-            }
-            let Some(client) = table.clients.remove(&a.token) else {
-                self.counters.client_gone.fetch_add(1, Ordering::Relaxed);
-                batch.changes.extend(a.changes);
-                continue;
-            };
-            // New addresses wait for the firewall; so does any answer with addresses while a
-            // batch of additions is on its way (it may be adding this answer's addresses).
-            if a.hold || (a.has_addresses && self.adds_pending()) {
-                if a.hold {
-                    batch.adds_seq = self.adds_queued.fetch_add(1, Ordering::AcqRel) + 1;
-                }
-                table.next_held += 1;
-                let id = table.next_held;
-                table.held.insert(id, (a.bytes, client));
-                batch.held.push(id);
-                batch.changes.extend(a.changes);
-            } else {
-                batch.changes.extend(a.changes);
-                outbox.push(&client, a.bytes);
+            for a in answers {
+                self.answer_client(a, &mut table, outbox, batch);
             }
         }
         Ok(())
+    }
+
+    /// One client's answer: sent, or held until the backend has applied its changes.
+    fn answer_client(
+        &self,
+        a: crate::engine::Answer,
+        table: &mut Table,
+        outbox: &mut Outbox,
+        batch: &mut Drained,
+    ) {
+        if let Some(rec) = a.log {
+            batch.logs.push(rec);
+        }
+        let Some(client) = table.clients.remove(&a.token) else {
+            self.counters.client_gone.fetch_add(1, Ordering::Relaxed);
+            batch.changes.extend(a.changes);
+            return;
+        };
+        // New addresses wait for the firewall; so does any answer with addresses while a
+        // batch of additions is on its way (it may be adding this answer's addresses).
+        if a.hold || (a.has_addresses && self.adds_pending()) {
+            if a.hold {
+                batch.adds_seq = self.adds_queued.fetch_add(1, Ordering::AcqRel) + 1;
+            }
+            table.next_held += 1;
+            let id = table.next_held;
+            table.held.insert(id, (a.bytes, client));
+            batch.held.push(id);
+            batch.changes.extend(a.changes);
+        } else {
+            batch.changes.extend(a.changes);
+            outbox.push(&client, a.bytes);
+        }
     }
 }
 
@@ -825,20 +1058,20 @@ struct Scratch<'a> {
     batch: &'a mut Drained,
 }
 
-/// Reads up to [`ROUNDS`] batches of answers from `up` (engine channel `channel`) and sends
-/// what may go; false when the engine is poisoned (the thread ends).
+/// Reads up to [`ROUNDS`] batches of answers from pool socket `sock` and sends what may go;
+/// false when the engine is poisoned (the thread ends).
 fn read_answers(
     sh: &Shared,
-    up: &Upstream,
+    sock: &PoolSocket,
     hdrs: &mut MultiHeaders<SockaddrStorage>,
-    channel: u32,
+    originals: &Originals,
     io: &mut Scratch<'_>,
 ) -> bool {
     for _ in 0..ROUNDS {
-        match recv_batch(up.fd.as_raw_fd(), hdrs, io.bufs, io.got) {
+        match recv_batch(sock.fd.as_raw_fd(), hdrs, io.bufs, io.got) {
             Ok(n) => {
                 if sh
-                    .on_answers(channel, io.got, io.bufs, io.outbox, io.batch)
+                    .on_answers(sock.slot, originals, io.got, io.bufs, io.outbox, io.batch)
                     .is_err()
                 {
                     return false;
@@ -849,7 +1082,7 @@ fn read_answers(
                 }
             }
             Err(Errno::EAGAIN | Errno::EINTR) => break,
-            // ECONNREFUSED and the like (ICMP): the queries time out and fail over.
+            // ICMP errors and the like: the queries time out and fail over.
             Err(_) => {
                 sh.counters.recv_errors.fetch_add(1, Ordering::Relaxed);
                 break;
@@ -859,25 +1092,73 @@ fn read_answers(
     true
 }
 
-/// The I/O thread: poll, read a batch per ready socket, process, send, publish.
-fn run(sh: &Shared) {
+/// Sends the queued queries, each from its slot's socket to its server; queries for the same
+/// socket go out together.
+fn send_queries(
+    sh: &Shared,
+    pool: &Pool,
+    queue: &mut Vec<(u16, SocketAddr, Vec<u8>)>,
+    hdrs: &mut MultiHeaders<SockaddrStorage>,
+) {
+    if queue.is_empty() {
+        return;
+    }
+    queue.sort_unstable_by_key(|(slot, to, _)| (to.is_ipv6(), *slot));
+    let mut run: Vec<(Vec<u8>, Option<SockaddrStorage>)> = Vec::new();
+    let mut items = queue.drain(..).peekable();
+    while let Some((slot, to, bytes)) = items.next() {
+        run.push((bytes, Some(SockaddrStorage::from(to))));
+        if items
+            .peek()
+            .is_some_and(|(s, t, _)| *s == slot && t.is_ipv6() == to.is_ipv6())
+        {
+            continue;
+        }
+        match pool.socket_for(to, slot) {
+            Some(sock) => send_batch(sock.fd.as_raw_fd(), hdrs, &run, &sh.counters),
+            // No socket of that family (no upstream of it was configured): lost, SERVFAIL.
+            None => {
+                sh.counters
+                    .send_errors
+                    .fetch_add(run.len() as u64, Ordering::Relaxed);
+            }
+        }
+        run.clear();
+    }
+}
+
+/// Adds or removes the listeners from `epoll` (a graceful stop stops reading them).
+fn watch_listeners(sh: &Shared, epoll: &Epoll, on: bool) {
+    for (l, lis) in sh.listeners.iter().enumerate() {
+        if on {
+            let _ = epoll.add(
+                &lis.fd,
+                EpollEvent::new(EpollFlags::EPOLLIN, LISTENER_TOKEN + l as u64),
+            );
+        } else {
+            let _ = epoll.delete(&lis.fd);
+        }
+    }
+}
+
+/// The I/O thread: wait, read answers then queries (a few batches per ready socket), process,
+/// send, publish; re-draw a source port now and then.
+fn run(sh: &Shared, mut pool: Pool, epoll: Epoll) {
     let mut bufs = vec![vec![0u8; MAX_DATAGRAM]; BATCH];
     let cmsg = nix::cmsg_space!(nix::libc::sockaddr_in6);
-    // One header set per socket: nix leaves each msg_namelen (and msg_controllen) as the kernel
-    // set it, so a set shared between an IPv4 and an IPv6 socket would truncate addresses. A
-    // socket's peers all have its family (IPv6 listeners are V6ONLY), so its own set stays right.
+    // One header set per socket family: nix leaves each msg_namelen (and msg_controllen) as
+    // the kernel set it, so a set shared between an IPv4 and an IPv6 socket would truncate
+    // addresses. A socket's peers all have its family (IPv6 sockets are V6ONLY).
     let fresh = || MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
     let mut listener_hdrs: Vec<_> = sh.listeners.iter().map(|_| fresh()).collect();
-    let mut upstream_hdrs: Vec<_> = sh.upstreams.iter().map(|_| fresh()).collect();
+    let mut answer_hdrs = [fresh(), fresh()];
     let mut send_hdrs = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
     let mut got = Vec::with_capacity(BATCH);
-    let mut to_upstream: Vec<Vec<(Vec<u8>, Option<SockaddrStorage>)>> =
-        vec![Vec::new(); sh.upstreams.len()];
+    let mut to_upstream: Vec<(u16, SocketAddr, Vec<u8>)> = Vec::new();
     let mut outbox = Outbox::new(sh.listeners.len());
     let mut batch = Drained::default();
-    let mut ready = Vec::new();
     let mut originals = Originals::default();
-    let mut polled_originals;
+    let mut events = vec![EpollEvent::empty(); 256];
     let mut io = Scratch {
         bufs: &mut bufs,
         got: &mut got,
@@ -885,73 +1166,53 @@ fn run(sh: &Shared) {
         send_hdrs: &mut send_hdrs,
         batch: &mut batch,
     };
+    let owed = Duration::try_from_secs_f64(sh.engine.config().timeout)
+        .unwrap_or(Duration::from_secs(5))
+        + Duration::from_secs(1);
+    let mut listening = false;
+    let mut next_redraw = Instant::now() + REDRAW_EVERY;
     while sh.running.load(Ordering::Acquire) {
-        let listening = sh.listening.load(Ordering::Acquire);
-        {
-            let mut fds = vec![PollFd::new(sh.wake.as_fd(), PollFlags::POLLIN)];
-            if listening {
-                fds.extend(
-                    sh.listeners
-                        .iter()
-                        .map(|l| PollFd::new(l.fd.as_fd(), PollFlags::POLLIN)),
-                );
-            }
-            fds.extend(
-                sh.upstreams
-                    .iter()
-                    .chain(originals.slots.iter().map(|o| &o.up))
-                    .map(|u| PollFd::new(u.fd.as_fd(), PollFlags::POLLIN)),
-            );
-            polled_originals = originals.slots.len();
-            match nix::poll::poll(&mut fds, PollTimeout::NONE) {
-                Ok(_) | Err(Errno::EINTR) => {}
-                Err(_) => {
-                    sh.counters.recv_errors.fetch_add(1, Ordering::Relaxed);
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-            }
-            ready.clear();
-            ready.extend(
-                fds.iter()
-                    .map(|f| f.revents().is_some_and(|r| !r.is_empty())),
-            );
+        let want = sh.listening.load(Ordering::Acquire);
+        if want != listening {
+            watch_listeners(sh, &epoll, want);
+            listening = want;
         }
-        if ready.first() == Some(&true) {
+        let n = match epoll.wait(&mut events, REDRAW_EVERY.as_millis() as u16) {
+            Ok(n) => n,
+            Err(Errno::EINTR) => 0,
+            Err(_) => {
+                sh.counters.recv_errors.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(10));
+                0
+            }
+        };
+        let ready = &events[..n];
+        if ready.iter().any(|e| e.data() == WAKE_TOKEN) {
             let _ = sh.wake.read();
         }
-        let nl = if listening { sh.listeners.len() } else { 0 };
         // Answers first: they finish work (and free pending slots) before new work comes in.
-        for ((c, up), hdrs) in sh.upstreams.iter().enumerate().zip(&mut upstream_hdrs) {
-            if ready.get(1 + nl + c) == Some(&true)
-                && !read_answers(sh, up, hdrs, c as u32, &mut io)
-            {
-                return;
+        for e in ready {
+            let token = e.data();
+            if token >= LISTENER_TOKEN {
+                continue;
             }
-        }
-        let base = 1 + nl + sh.upstreams.len();
-        for (i, o) in originals
-            .slots
-            .iter_mut()
-            .enumerate()
-            .take(polled_originals)
-        {
-            if ready.get(base + i) == Some(&true)
-                && !read_answers(sh, &o.up, &mut o.hdrs, o.channel, &mut io)
-            {
-                return;
+            if let Some(sock) = pool.sockets.get(&token) {
+                let hdrs = &mut answer_hdrs[usize::from(sock.v6)];
+                if !read_answers(sh, sock, hdrs, &originals, &mut io) {
+                    return;
+                }
             }
         }
         sh.publish(io.batch);
-        for ((l, lis), hdrs) in sh
-            .listeners
-            .iter()
-            .enumerate()
-            .take(nl)
-            .zip(&mut listener_hdrs)
-        {
-            if ready.get(1 + l) != Some(&true) {
+        for e in ready {
+            let token = e.data();
+            if token == WAKE_TOKEN || token < LISTENER_TOKEN || !listening {
                 continue;
             }
+            let l = (token - LISTENER_TOKEN) as usize;
+            let (Some(lis), Some(hdrs)) = (sh.listeners.get(l), listener_hdrs.get_mut(l)) else {
+                continue;
+            };
             for _ in 0..ROUNDS {
                 let res = if lis.transparent {
                     // A fresh header set per call: a datagram without the control message would
@@ -975,14 +1236,7 @@ fn run(sh: &Shared) {
                 {
                     return;
                 }
-                let queues = to_upstream.iter_mut().zip(&sh.upstreams);
-                let asked = originals.slots.iter_mut().map(|o| (&mut o.out, &o.up));
-                for (q, up) in queues.chain(asked) {
-                    if !q.is_empty() {
-                        send_batch(up.fd.as_raw_fd(), io.send_hdrs, q, &sh.counters);
-                        q.clear();
-                    }
-                }
+                send_queries(sh, &pool, &mut to_upstream, io.send_hdrs);
                 io.outbox.flush(sh, io.send_hdrs);
                 if n < BATCH {
                     break;
@@ -990,6 +1244,11 @@ fn run(sh: &Shared) {
             }
         }
         sh.publish(io.batch);
+        let now = Instant::now();
+        if now >= next_redraw {
+            next_redraw = now + REDRAW_EVERY;
+            pool.redraw(&epoll, now, now + owed, &sh.counters);
+        }
     }
 }
 
@@ -1015,11 +1274,33 @@ impl UdpIo {
                     .map(|a| listener(*a, true, config)),
             )
             .collect::<Result<Vec<_>, _>>()?;
-        let upstreams = config
+        let upstreams: Vec<Upstream> = config
             .upstreams
             .iter()
-            .map(|a| upstream(*a, config))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|a| Upstream {
+                addr: *a,
+                answers: AtomicU64::new(0),
+            })
+            .collect();
+        let mut upstream_channels = HashMap::new();
+        for (i, u) in upstreams.iter().enumerate() {
+            upstream_channels
+                .entry(addr_key(u.addr))
+                .or_insert(i as u32);
+        }
+        // Sockets for the families queries may go to: the configured upstreams', and (asked
+        // servers) the transparent listeners'.
+        let asked = |v6: bool| {
+            config.forward_to_original
+                && listeners
+                    .iter()
+                    .any(|l| l.transparent && l.local.is_ipv6() == v6)
+        };
+        let pool = Pool::new(
+            config,
+            upstreams.iter().any(|u| u.addr.is_ipv4()) || asked(false),
+            upstreams.iter().any(|u| u.addr.is_ipv6()) || asked(true),
+        )?;
         let flags = EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC;
         let notify = EventFd::from_flags(flags).map_err(sock_err("eventfd"))?;
         let wake = EventFd::from_flags(flags).map_err(sock_err("eventfd"))?;
@@ -1029,6 +1310,9 @@ impl UdpIo {
                 config: config.clone(),
                 listeners,
                 upstreams,
+                upstream_channels,
+                slots: pool.slots(),
+                pool: Mutex::new(Some(pool)),
                 table: Mutex::new(Table::default()),
                 events: Mutex::new(Events::default()),
                 reply_sockets: Mutex::new(Replies::default()),
@@ -1051,11 +1335,28 @@ impl UdpIo {
         if t.is_some() {
             return Ok(());
         }
+        let Some(pool) = self.shared.pool.lock().map_err(|_| POISONED)?.take() else {
+            return Err(IoError::Config(
+                "the UDP I/O thread cannot be started again".into(),
+            ));
+        };
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(sock_err("epoll"))?;
+        epoll
+            .add(
+                &self.shared.wake,
+                EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN),
+            )
+            .map_err(sock_err("epoll"))?;
+        for (&serial, sock) in &pool.sockets {
+            epoll
+                .add(&sock.fd, EpollEvent::new(EpollFlags::EPOLLIN, serial))
+                .map_err(sock_err("epoll"))?;
+        }
         self.shared.running.store(true, Ordering::Release);
         let sh = Arc::clone(&self.shared);
         let handle = std::thread::Builder::new()
             .name("fqdnguard-udp".into())
-            .spawn(move || run(&sh))
+            .spawn(move || run(&sh, pool, epoll))
             .map_err(|_| IoError::Config("cannot start the UDP I/O thread".into()))?;
         *t = Some(handle);
         Ok(())
@@ -1091,6 +1392,11 @@ impl UdpIo {
             .iter()
             .map(|l| l.fd.as_raw_fd())
             .collect()
+    }
+
+    /// Upstream sockets per address family (fewer than asked when descriptors ran out).
+    pub fn source_ports(&self) -> u16 {
+        self.shared.slots
     }
 
     /// The bound listen addresses (the real port when 0 was asked), in the same order.
@@ -1222,6 +1528,8 @@ impl UdpIo {
             not_intercepted: c.not_intercepted.load(Ordering::Relaxed),
             reply_errors: c.reply_errors.load(Ordering::Relaxed),
             orig_refused: c.orig_refused.load(Ordering::Relaxed),
+            unexpected_source: c.unexpected_source.load(Ordering::Relaxed),
+            redraws: c.redraws.load(Ordering::Relaxed),
         }
     }
 }

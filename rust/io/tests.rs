@@ -23,6 +23,8 @@ fn engine(unknown: Option<EndpointRef>, timeout: f64) -> Arc<Engine> {
         reject: Reject::Refused,
         search_domains: vec![],
         max_inflight: 100,
+        max_inflight_per_client: 100,
+        case_randomization: true,
         timeout,
         log: LogMode::All,
     };
@@ -86,6 +88,7 @@ fn setup(unknown: Option<EndpointRef>, timeout: f64) -> Setup {
         mark: None,
         buffer: 1 << 20,
         transparent_listen: Vec::new(),
+        source_ports: 4,
     };
     let io = UdpIo::new(engine(unknown, timeout), &config).expect("io");
     io.start().expect("start");
@@ -119,7 +122,10 @@ fn a_new_address_is_held_until_released_then_a_known_one_passes() {
     s.client.send_to(&q, s.proxy).expect("send");
     let mut buf = [0u8; 512];
     let (n, from) = s.upstream.recv_from(&mut buf).expect("forwarded upstream");
-    assert_eq!(&buf[2..n], &q[2..], "only the id changes");
+    assert!(
+        buf[2..n].eq_ignore_ascii_case(&q[2..]),
+        "only the id and the case of the name (0x20) change"
+    );
     s.upstream
         .send_to(&answer_to(&buf[..n]), from)
         .expect("answer");
@@ -197,7 +203,7 @@ fn sweep_answers_servfail_to_the_clients_it_owns() {
         s.io.sweep(crate::cache::now_seconds() + 1.0)
             .expect("sweep");
     assert_eq!(expired.len(), 1);
-    assert_eq!(expired[0].channel, 0);
+    assert_eq!(expired[0].channel, Some(0));
     let got = recv(&s.client).expect("servfail");
     assert_eq!(
         (got[1], got[3] & 0x0f),
@@ -250,6 +256,7 @@ fn ipv4_and_ipv6_listeners_each_answer_their_own_clients() {
         mark: None,
         buffer: 1 << 20,
         transparent_listen: Vec::new(),
+        source_ports: 4,
     };
     let io = UdpIo::new(engine(None, 2.0), &config).expect("io");
     io.start().expect("start");
@@ -268,21 +275,8 @@ fn ipv4_and_ipv6_listeners_each_answer_their_own_clients() {
     }
 }
 
-fn forwarding_config() -> IoConfig {
-    IoConfig {
-        listen: Vec::new(),
-        upstreams: Vec::new(),
-        transparent: false,
-        forward_to_original: true,
-        mark: None,
-        buffer: 1 << 16,
-        transparent_listen: Vec::new(),
-    }
-}
-
 #[test]
-fn asked_servers_get_sockets_after_the_verdict_and_busy_ones_are_never_replaced() {
-    let config = forwarding_config();
+fn asked_servers_get_channels_after_the_verdict_and_busy_ones_are_never_replaced() {
     let idle = Duration::from_secs(5);
     let now = Instant::now();
     let mut o = Originals::default();
@@ -291,17 +285,17 @@ fn asked_servers_get_sockets_after_the_verdict_and_busy_ones_are_never_replaced(
     let ch = o.channel(first);
     assert_eq!(ch, ORIGINAL_CHANNEL_BASE);
     assert!(o.slots.is_empty());
-    assert_eq!(o.open(first, ch, &config, idle, now), Some(0));
+    assert_eq!(o.open(first, ch, idle, now), Some(0));
     assert_eq!(o.channel(first), ch, "the same server keeps its channel");
     for i in 1..MAX_ORIGINALS {
         let server = SocketAddr::from(([127, 0, 2, (i % 250) as u8], 1000 + i as u16));
         let c = o.channel(server);
-        assert!(o.open(server, c, &config, idle, now).is_some());
+        assert!(o.open(server, c, idle, now).is_some());
     }
     // Full and all busy: a new server gets no socket, and nobody's socket is closed.
     let late: SocketAddr = "127.0.3.1:53".parse().expect("addr");
     let c = o.channel(late);
-    assert_eq!(o.open(late, c, &config, idle, now), None);
+    assert_eq!(o.open(late, c, idle, now), None);
     assert_eq!(o.slots.len(), MAX_ORIGINALS);
     assert_eq!(o.channel(first), ch);
     // Once idle, the least recently used is replaced, on a channel never used before.
@@ -311,18 +305,16 @@ fn asked_servers_get_sockets_after_the_verdict_and_busy_ones_are_never_replaced(
         c2, c,
         "the refused query's channel is not given to another server"
     );
-    assert_eq!(o.open(late, c2, &config, idle, now), Some(0));
+    assert_eq!(o.open(late, c2, idle, now), Some(0));
     assert_eq!(o.slots[0].channel, c2);
     assert_ne!(
         o.channel(first),
         ch,
         "the replaced server's channel is gone with it"
     );
-    // A server no socket can be connected to (link-local without a scope): none, no panic.
-    let scopeless: SocketAddr = "[fe80::1]:53".parse().expect("addr");
-    o.slots[1].last_sent = now - Duration::from_secs(6);
-    let c3 = o.channel(scopeless);
-    assert_eq!(o.open(scopeless, c3, &config, idle, now), None);
+    // Answers are told apart by the address they come from, port included.
+    assert_eq!(o.channel_of(late), Some(c2));
+    assert_eq!(o.channel_of(SocketAddr::from(([127, 0, 3, 1], 54))), None);
 }
 
 /// IP_TRANSPARENT needs CAP_NET_ADMIN: the reply socket tests are skipped without it.

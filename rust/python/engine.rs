@@ -91,12 +91,16 @@ impl PyEngine {
 impl PyEngine {
     #[new]
     #[pyo3(signature = (cache, *, reject = "refused", search_domains = Vec::new(), max_inflight = 10_000,
+                        max_inflight_per_client = 1_000, case_randomization = true,
                         timeout = 2.0, log_queries = "sampled", log_sample = 0.01))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         cache: &Bound<'_, PyDnsCache>,
         reject: &str,
         search_domains: Vec<String>,
         max_inflight: usize,
+        max_inflight_per_client: usize,
+        case_randomization: bool,
         timeout: f64,
         log_queries: &str,
         log_sample: f64,
@@ -143,6 +147,8 @@ impl PyEngine {
             reject,
             search_domains,
             max_inflight,
+            max_inflight_per_client,
+            case_randomization,
             timeout,
             log,
         };
@@ -171,7 +177,10 @@ impl PyEngine {
         self.inner.set_table(t).map_err(engine_err)
     }
 
-    /// A query: returns `(action, payload, token, log)`; action 0 forward, 1 reply, 2 drop.
+    /// A query: returns `(action, payload, token, log, slot)`; action 0 forward (from
+    /// source-port slot `slot`, one of `slots`), 1 reply, 2 drop, 3 merged (wait for the
+    /// answer of the same question already on its way).
+    #[pyo3(signature = (src, server, port, tcp, data, channel, now, slots = 1))]
     #[allow(clippy::too_many_arguments)]
     fn query<'py>(
         &self,
@@ -183,6 +192,7 @@ impl PyEngine {
         data: &[u8],
         channel: u32,
         now: Option<f64>,
+        slots: u16,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let now = now.unwrap_or_else(crate::cache::now_seconds);
         let src = ip_arg(src, "source")?;
@@ -190,13 +200,14 @@ impl PyEngine {
         let proto = if tcp { Proto::Tcp } else { Proto::Udp };
         let (action, log) = self
             .inner
-            .query(src, server, port, proto, data, channel, now)
+            .query(src, server, port, proto, data, channel, slots.max(1), now)
             .map_err(engine_err)?;
         let log = log_out(py, log)?;
-        let (kind, bytes, token): (u8, &[u8], u64) = match &action {
-            QueryAction::Forward { bytes, token } => (0, bytes, *token),
-            QueryAction::Reply { bytes } => (1, bytes, 0),
-            QueryAction::Drop => (2, &[], 0),
+        let (kind, bytes, token, slot): (u8, &[u8], u64, u16) = match &action {
+            QueryAction::Forward { bytes, token, slot } => (0, bytes, *token, *slot),
+            QueryAction::Reply { bytes } => (1, bytes, 0, 0),
+            QueryAction::Drop => (2, &[], 0, 0),
+            QueryAction::Merged { token } => (3, &[], *token, 0),
         };
         PyTuple::new(
             py,
@@ -205,45 +216,51 @@ impl PyEngine {
                 PyBytes::new(py, bytes).into_any(),
                 token.into_pyobject(py)?.into_any(),
                 log,
+                slot.into_pyobject(py)?.into_any(),
             ],
         )
     }
 
-    /// An answer from upstream `channel`: `(token, payload, changes, hold, has_addresses, log)`
-    /// (`hold`: an address is new to the firewall, so the answer waits for the backend), or
-    /// None when it was dropped (counted in `stats()`).
+    /// An answer from upstream `channel` on source-port slot `slot`: one
+    /// `(token, payload, changes, hold, has_addresses, log)` per client waiting for it (`hold`:
+    /// an address is new to the firewall, so the answer waits for the backend); empty when it
+    /// was dropped (counted in `stats()`).
     fn response<'py>(
         &self,
         py: Python<'py>,
         channel: u32,
+        slot: u16,
         data: &[u8],
         now: Option<f64>,
-    ) -> PyResult<Option<Bound<'py, PyTuple>>> {
+    ) -> PyResult<Bound<'py, PyList>> {
         let now = now.unwrap_or_else(crate::cache::now_seconds);
-        let Some(a) = self
+        let answers = self
             .inner
-            .response(channel, data, now)
-            .map_err(engine_err)?
-        else {
-            return Ok(None);
-        };
-        let log = log_out(py, a.log)?;
-        Ok(Some(PyTuple::new(
-            py,
-            [
-                a.token.into_pyobject(py)?.into_any(),
-                PyBytes::new(py, &a.bytes).into_any(),
-                changes_out(py, a.changes)?.into_any(),
-                pyo3::types::PyBool::new(py, a.hold).to_owned().into_any(),
-                pyo3::types::PyBool::new(py, a.has_addresses)
-                    .to_owned()
-                    .into_any(),
-                log,
-            ],
-        )?))
+            .response(channel, slot, data, now)
+            .map_err(engine_err)?;
+        let out = PyList::empty(py);
+        for a in answers {
+            let log = log_out(py, a.log)?;
+            out.append(PyTuple::new(
+                py,
+                [
+                    a.token.into_pyobject(py)?.into_any(),
+                    PyBytes::new(py, &a.bytes).into_any(),
+                    changes_out(py, a.changes)?.into_any(),
+                    pyo3::types::PyBool::new(py, a.hold).to_owned().into_any(),
+                    pyo3::types::PyBool::new(py, a.has_addresses)
+                        .to_owned()
+                        .into_any(),
+                    log,
+                ],
+            )?)?;
+        }
+        Ok(out)
     }
 
-    /// Queries whose upstream did not answer in time: `[(token, servfail, channel, log)]`.
+    /// Queries whose upstream did not answer in time, or evicted to make room:
+    /// `[(token, servfail, channel, log)]` (`channel`: the upstream that failed to answer, once
+    /// per upstream query; None for the other clients of a merged query and for evictions).
     fn sweep<'py>(&self, py: Python<'py>, now: f64) -> PyResult<Bound<'py, PyList>> {
         let expired = self.inner.sweep(now).map_err(engine_err)?;
         let out = PyList::empty(py);
@@ -302,6 +319,11 @@ impl PyEngine {
         d.set_item("unknown_source", s.unknown_source)?;
         d.set_item("malformed", s.malformed)?;
         d.set_item("overloaded", s.overloaded)?;
+        d.set_item("overloaded_client", s.overloaded_client)?;
+        d.set_item("evicted", s.evicted)?;
+        d.set_item("merged", s.merged)?;
+        d.set_item("dropped_case", s.dropped_case)?;
+        d.set_item("case_fallbacks", s.case_fallbacks)?;
         d.set_item("timeouts", s.timeouts)?;
         d.set_item("cancelled", s.cancelled)?;
         d.set_item("dropped_unmatched", s.dropped_unmatched)?;
@@ -310,6 +332,7 @@ impl PyEngine {
         d.set_item("cache_errors", s.cache_errors)?;
         d.set_item("refreshes_skipped", s.refreshes_skipped)?;
         d.set_item("inflight", s.inflight)?;
+        d.set_item("upstream_inflight", s.upstream_inflight)?;
         d.set_item("rcodes", s.rcodes.to_vec())?;
         d.set_item("latency_buckets", LATENCY_BUCKETS.to_vec())?;
         d.set_item("latency_counts", s.latency_counts.to_vec())?;

@@ -48,7 +48,7 @@ impl PyUdpIo {
     #[new]
     #[pyo3(signature = (engine, listen, upstreams, *, transparent = false,
                         forward_to_original = false, mark = None, buffer = 4 << 20,
-                        transparent_listen = Vec::new()))]
+                        transparent_listen = Vec::new(), source_ports = 1024))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         engine: &Bound<'_, PyEngine>,
@@ -59,7 +59,13 @@ impl PyUdpIo {
         mark: Option<u32>,
         buffer: usize,
         transparent_listen: Vec<(String, u16)>,
+        source_ports: u16,
     ) -> PyResult<Self> {
+        if source_ports == 0 {
+            return Err(pyo3::exceptions::PyValueError::new_err(
+                "source_ports: at least one upstream socket is needed",
+            ));
+        }
         let config = IoConfig {
             listen: listen
                 .iter()
@@ -77,6 +83,7 @@ impl PyUdpIo {
                 .iter()
                 .map(|a| addr_arg(a, "transparent_listen"))
                 .collect::<PyResult<_>>()?,
+            source_ports,
         };
         let inner = UdpIo::new(engine.get().shared(), &config).map_err(io_err)?;
         Ok(PyUdpIo { inner })
@@ -105,6 +112,11 @@ impl PyUdpIo {
     /// The listeners' file descriptors, in the order of `listen` then `transparent_listen`.
     fn listener_fds(&self) -> Vec<i32> {
         self.inner.listener_fds()
+    }
+
+    /// Upstream sockets per address family (fewer than asked when descriptors ran out).
+    fn source_ports(&self) -> u16 {
+        self.inner.source_ports()
     }
 
     /// The bound listen addresses, `[(host, port)]`, in the same order.
@@ -206,6 +218,8 @@ impl PyUdpIo {
         d.set_item("not_intercepted", s.not_intercepted)?;
         d.set_item("reply_errors", s.reply_errors)?;
         d.set_item("orig_refused", s.orig_refused)?;
+        d.set_item("unexpected_source", s.unexpected_source)?;
+        d.set_item("redraws", s.redraws)?;
         Ok(d)
     }
 }
