@@ -336,3 +336,25 @@ def test_endpoint_ports_are_checked_and_optional() -> None:
         with pytest.raises(PolicyError) as info:
             Endpoints.from_yaml(f"endpoints:\n  - name: a\n    ips: [10.0.0.1]\n    {ports}\n")
         assert info.value.path == path and reason in info.value.reason, info.value
+
+
+def test_the_options_in_config_files_and_flags(tmp_path: Path) -> None:
+    from fqdnguard.cli import main  # noqa: PLC0415
+    from fqdnguard.config import ConfigError, ProxyConfig  # noqa: PLC0415
+
+    config = ProxyConfig.from_mapping({"unenforced-l7": "allow-port", "allow_empty_policy": "yes"})
+    assert config.unenforced_l7 == "allow-port" and config.allow_empty_policy is True
+    assert ProxyConfig().unenforced_l7 == "deny" and ProxyConfig().allow_empty_policy is False
+    with pytest.raises(ConfigError, match="unenforced_l7: 'allow'"):
+        ProxyConfig.from_mapping({"unenforced_l7": "allow"})
+    with pytest.raises(ConfigError, match="allow_empty_policy"):
+        ProxyConfig.from_mapping({"allow_empty_policy": "maybe"})
+    (tmp_path / "p.yaml").write_text(L7_POLICY)
+    (tmp_path / "e.yaml").write_text(
+        "endpoints: [{name: w, ips: [10.0.0.5], labels: {app: web}},\n"
+        "  {name: d, namespace: kube-system, ips: [10.0.0.9], labels: {k8s-app: kube-dns}}]"
+    )
+    ask = ["check", "--policy", str(tmp_path / "p.yaml"), "--endpoints", str(tmp_path / "e.yaml"),
+           "--ip", "10.0.0.5", "--name", "a.org", "--port", "53/tcp"]  # fmt: skip
+    assert main(ask) == 1
+    assert main([*ask, "--unenforced-l7", "allow-port"]) == 0
