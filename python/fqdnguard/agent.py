@@ -23,6 +23,7 @@ from fqdnguard.control import ControlServer
 from fqdnguard.endpoints import Endpoints
 from fqdnguard.policy import Policy, PolicyError
 from fqdnguard.proxy import Proxy
+from fqdnguard.reloads import PolicyStatus
 
 __all__ = ["CACHE_FILE", "CONTROL_SOCKET", "Runner", "cache_entries", "run"]
 
@@ -36,7 +37,13 @@ def load_policy(config: ProxyConfig) -> tuple[Policy, Endpoints]:
     if not config.policy:
         raise ConfigError("policy: at least one policy file or directory is required")
     endpoints = Endpoints.load(config.endpoints) if config.endpoints else Endpoints()
-    return Policy.load(config.policy, endpoints=endpoints), endpoints
+    policy = Policy.load(
+        config.policy,
+        endpoints=endpoints,
+        allow_empty=config.allow_empty_policy,
+        unenforced_l7=config.unenforced_l7,
+    )
+    return policy, endpoints
 
 
 def cache_entries(cache: DnsCache) -> list[dict[str, Any]]:
@@ -53,6 +60,8 @@ class Runner:
     def __init__(self, config: ProxyConfig, backend: Backend | None = None) -> None:
         self.config = config
         self.policy, self.endpoints = load_policy(config)
+        self.status = PolicyStatus()
+        self.status.applied(None, self.policy, source="files", origin=list(config.policy))
         self.state_dir = Path(config.state_dir) if config.state_dir else None
         self.cache = self._restore_cache()
         self.backend = backend if backend is not None else make_backend(config.backend)
@@ -87,9 +96,18 @@ class Runner:
             policy, endpoints = load_policy(self.config)
             self.proxy.set_policy(policy, endpoints)
         except (PolicyError, ConfigError, OSError, BackendError) as e:
-            log.error("policy reload failed, keeping the policy in force: %s", e)
+            errors = e.errors if isinstance(e, PolicyError) else [e]
+            log.error(
+                "policy reload failed, keeping the policy in force: %s",
+                "; ".join(err.location() if isinstance(err, PolicyError) else str(err)
+                          for err in errors),
+            )  # fmt: skip
+            self.status.rejected("SIGHUP", str(e))
             return False
-        self.policy, self.endpoints = policy, endpoints
+        old, self.policy, self.endpoints = self.policy, policy, endpoints
+        self.status.applied(
+            old, policy, source="files", origin=list(self.config.policy), trigger="SIGHUP"
+        )
         log.info("policy reloaded: %d policies", len(policy))
         return True
 
@@ -104,12 +122,16 @@ class Runner:
             from fqdnguard.metrics import serve_metrics  # noqa: PLC0415
 
             host, port = self.config.metrics
-            self._metrics = serve_metrics(self.proxy, host, port)
+            self._metrics = serve_metrics(self.proxy, host, port, [self.status.collector()])
             log.info("metrics on http://%s:%d/metrics", host, port)
         if self.state_dir is not None:
             self._control = ControlServer(
                 self.state_dir / CONTROL_SOCKET,
-                {("GET", "/v1/cache"): self._get_cache, ("GET", "/v1/stats"): self._get_stats},
+                {
+                    ("GET", "/v1/cache"): self._get_cache,
+                    ("GET", "/v1/stats"): self._get_stats,
+                    ("GET", "/v1/policy"): self._get_policy,
+                },
             )
             await self._control.start()
         loop = asyncio.get_running_loop()
@@ -148,6 +170,9 @@ class Runner:
 
     async def _get_cache(self, _body: Any) -> tuple[int, Any]:
         return 200, {"entries": cache_entries(self.cache), "now": time.time()}
+
+    async def _get_policy(self, _body: Any) -> tuple[int, Any]:
+        return 200, self.status.to_json()
 
     async def _get_stats(self, _body: Any) -> tuple[int, Any]:
         return 200, {

@@ -40,6 +40,8 @@ class Agent:
         endpoints_path: str | None,
         socket_path: str | os.PathLike[str],
         interval: float = 1.0,
+        *,
+        allow_empty: bool = False,
     ) -> None:
         if not policy_paths:
             raise ValueError("policy: at least one policy file or directory is required")
@@ -49,6 +51,9 @@ class Agent:
         self.endpoints_path = endpoints_path
         self.socket_path = Path(socket_path)
         self.interval = interval
+        #: Push a set with an empty file or directory (by default it is refused here, and by
+        #: the proxy, so the policy in force stays).
+        self.allow_empty = allow_empty
         #: The last set that compiled: (sources, endpoints text, digest).
         self.good: tuple[list[tuple[str, str]], str | None, str] | None = None
         self.pushes = 0
@@ -82,7 +87,7 @@ class Agent:
         self._fingerprint = fingerprint
         try:
             sources: list[tuple[str, str]] = []
-            for f in _files(self.policy_paths):
+            for f in _files(self.policy_paths, allow_empty=self.allow_empty):
                 text = _read_text(f)
                 if isinstance(text, PolicyError):
                     raise text
@@ -91,7 +96,7 @@ class Agent:
             if self.endpoints_path:
                 with open(self.endpoints_path, encoding="utf-8") as fh:
                     endpoints_text = fh.read()
-            compile_policy(sources, endpoints_text)
+            compile_policy(sources, endpoints_text, allow_empty=self.allow_empty)
         except PolicyError as e:
             for err in e.errors:
                 log.error("policy not pushed: %s", err.location())
@@ -124,7 +129,11 @@ class Agent:
                 self.socket_path,
                 "PUT",
                 "/v1/policy",
-                {"sources": [list(s) for s in sources], "endpoints": endpoints_text},
+                {
+                    "sources": [list(s) for s in sources],
+                    "endpoints": endpoints_text,
+                    "allow_empty": self.allow_empty,
+                },
                 timeout=30,
             )
         except ControlError as e:
@@ -138,6 +147,13 @@ class Agent:
             return "rejected"
         self.pushes += 1
         log.info("pushed the policy to the proxy (digest %s)", digest[:12])
+        gone = (body or {}).get("unrestricted") or []
+        if gone:
+            log.warning(
+                "the push lifted every egress restriction from %d endpoint(s): %s",
+                len(gone),
+                ", ".join(gone),
+            )
         return "pushed"
 
     def _set_reachable(self, ok: bool, why: str = "") -> None:

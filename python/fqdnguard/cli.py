@@ -51,7 +51,12 @@ def _labels(text: str) -> dict[str, str]:
 
 def cmd_check(args: argparse.Namespace) -> int:
     endpoints = Endpoints.load(args.endpoints)
-    policy = Policy.load(args.policy, endpoints=endpoints)
+    policy = Policy.load(
+        args.policy,
+        endpoints=endpoints,
+        allow_empty=bool(args.allow_empty_policy),
+        unenforced_l7=args.unenforced_l7 or "deny",
+    )
     endpoint: Endpoint | None
     if args.ip is not None:
         endpoint = endpoints.by_ip(args.ip)
@@ -76,7 +81,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_lint(args: argparse.Namespace) -> int:
-    errors, warnings = lint(args.paths)
+    errors, warnings = lint(
+        args.paths,
+        allow_empty=bool(args.allow_empty_policy),
+        unenforced_l7=args.unenforced_l7 or "deny",
+    )
     for e in errors:
         print(f"{e.location()}")
     for w in warnings:
@@ -84,6 +93,54 @@ def cmd_policy_lint(args: argparse.Namespace) -> int:
     n_err, n_warn = len(errors), len(warnings)
     print(f"{n_err} error(s), {n_warn} warning(s)", file=sys.stderr)
     return EXIT_ERROR if errors else (EXIT_DENIED if args.strict and warnings else 0)
+
+
+def cmd_policy_status(args: argparse.Namespace) -> int:
+    """What the running ``fqdnguard run`` / ``proxy`` has in force, asked on its control
+    socket, and what its last reloads did."""
+    import json  # noqa: PLC0415
+    import time  # noqa: PLC0415
+    from typing import Any, cast  # noqa: PLC0415
+
+    from fqdnguard.control import ControlError  # noqa: PLC0415
+
+    try:
+        data = cast("dict[str, Any]", _control_get(args.state_dir, "/v1/policy"))
+    except (FileNotFoundError, ConnectionRefusedError, ControlError) as e:
+        raise _UsageError(
+            f"no running fqdnguard answers on the control socket in {args.state_dir} ({e})"
+        ) from None
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+
+    def when(t: object) -> str:
+        if not isinstance(t, (int, float)):
+            return "-"
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+    origin = ", ".join(map(str, data.get("origin") or [])) or "-"
+    print(f"Source:     {data.get('source')} ({origin})")
+    print(f"Loaded:     {when(data.get('loaded_at'))}")
+    if data.get("digest"):
+        print(f"Digest:     {data['digest']}")
+    print(f"Endpoints:  {data.get('endpoints')} ({data.get('restricted_endpoints')} restricted)")
+    policies = list(data.get("policies") or [])
+    print(f"Policies:   {len(policies)}")
+    for p in policies:
+        print(f"  {p['kind']} {p['policy']}  ({p['file']}:{p['line']})")
+    reloads = list(data.get("reloads") or [])
+    lifted = data.get("lifted_total")
+    print(f"Reloads:    {len(reloads)} recorded, {lifted} endpoint(s) left unrestricted")
+    for r in reloads:
+        head = f"  {when(r.get('at'))} {r.get('source')}: {r.get('outcome')}"
+        if r.get("outcome") == "rejected":
+            print(f"{head} ({r.get('error')}); the policy in force stayed")
+            continue
+        gone = r.get("unrestricted") or []
+        tail = f"; UNRESTRICTED: {', '.join(gone)}" if gone else ""
+        print(f"{head}, {r.get('policies')} policies{tail}")
+    return 0
 
 
 def _setup_logging(level: str) -> None:
@@ -116,6 +173,8 @@ def _proxy_config(args: argparse.Namespace) -> ProxyConfig:
         intercept=getattr(args, "intercept", None) or None,
         intercept_port=getattr(args, "intercept_port", None),
         udp_io=args.udp_io,
+        allow_empty_policy=args.allow_empty_policy,
+        unenforced_l7=args.unenforced_l7,
     )
 
 
@@ -150,7 +209,13 @@ def cmd_agent(args: argparse.Namespace) -> int:
     if args.socket is None and args.state_dir is None:
         raise _UsageError("give the proxy's --state-dir (or its control --socket)")
     socket_path = args.socket or os.path.join(args.state_dir, "control.sock")
-    agent = Agent(args.policy, args.endpoints, socket_path, interval=args.interval)
+    agent = Agent(
+        args.policy,
+        args.endpoints,
+        socket_path,
+        interval=args.interval,
+        allow_empty=args.allow_empty_policy,
+    )
     if args.once:
         import asyncio  # noqa: PLC0415
 
@@ -292,7 +357,25 @@ def _data_plane_options(p: argparse.ArgumentParser, *, policy: bool) -> None:
         choices=["rust", "asyncio"],
         help="who serves the UDP sockets: a Rust thread (default) or asyncio transports",
     )
+    _policy_meaning_options(p, empty=True)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _policy_meaning_options(p: argparse.ArgumentParser, *, empty: bool) -> None:
+    if empty:
+        p.add_argument(
+            "--allow-empty-policy",
+            action="store_true",
+            default=None,
+            help="accept a policy file with no policy document or a directory with no policy "
+            "file (by default an error: the policy in force stays)",
+        )
+    p.add_argument(
+        "--unenforced-l7",
+        choices=["deny", "allow-port"],
+        help="what a port rule with L7 rules fqdnguard cannot enforce (HTTP, Kafka, "
+        "serverNames) admits: nothing (deny, the default) or the whole port at L4",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -369,6 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="sync once, print the outcome, exit 0 when the proxy has the policy",
     )
+    agent.add_argument(
+        "--allow-empty-policy",
+        action="store_true",
+        help="push a policy file with no policy document or a directory with no policy file "
+        "(by default such a set is not pushed: the proxy keeps the policy in force)",
+    )
     agent.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     agent.set_defaults(func=cmd_agent)
 
@@ -419,6 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--server", metavar="IP", help="the DNS server asked (default: any server a rule admits)"
     )
+    _policy_meaning_options(check, empty=True)
     check.set_defaults(func=cmd_check)
 
     intercept = sub.add_parser(
@@ -450,7 +540,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="exit 1 when some feature is not enforced by fqdnguard",
     )
+    _policy_meaning_options(plint, empty=True)
     plint.set_defaults(func=cmd_policy_lint)
+    pstatus = psub.add_parser(
+        "status",
+        help="the policy a running fqdnguard has in force, and its last reloads",
+        description="Asks the running 'fqdnguard run' or 'fqdnguard proxy' on its control "
+        "socket (STATE_DIR/control.sock): the policy in force, where it came from, when it "
+        "was loaded, and the last reloads (refused ones, and the endpoints each left with no "
+        "egress restriction).",
+    )
+    pstatus.add_argument("--state-dir", required=True, metavar="DIR", help="its state directory")
+    pstatus.add_argument("--json", action="store_true", help="JSON output")
+    pstatus.set_defaults(func=cmd_policy_status)
     return parser
 
 

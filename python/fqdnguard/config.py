@@ -74,6 +74,8 @@ def resolv_conf_nameservers(path: str = "/etc/resolv.conf") -> list[tuple[str, i
     return out
 
 
+# Options that are true or false.
+_FLAGS = ("intercept", "dns0x20", "allow_empty_policy")
 # Options that are positive whole numbers.
 _COUNTS = (
     "max_inflight",
@@ -121,6 +123,12 @@ class ProxyConfig:
     # Who serves the UDP sockets: a Rust thread (recvmmsg/sendmmsg, no Python per packet) or
     # asyncio datagram transports. See docs/fastpath.md.
     udp_io: str = "rust"
+    # A policy file with no policy document, or a policy directory with no file, is an error
+    # (the policy in force stays) unless this says an empty policy is meant.
+    allow_empty_policy: bool = False
+    # What a port rule with L7 rules fqdnguard cannot enforce (HTTP, Kafka, serverNames) admits:
+    # nothing ("deny") or the whole port at L4 ("allow-port"). See docs/policy.md.
+    unenforced_l7: str = "deny"
 
     OPTIONS: ClassVar[tuple[str, ...]] = (
         "listen",
@@ -150,6 +158,8 @@ class ProxyConfig:
         "intercept",
         "intercept_port",
         "udp_io",
+        "allow_empty_policy",
+        "unenforced_l7",
     )
 
     def __post_init__(self) -> None:
@@ -162,6 +172,12 @@ class ProxyConfig:
             raise ConfigError(f"backend: {self.backend!r}: choose callback, log or nftables")
         if self.reject not in ("refused", "nxdomain"):
             raise ConfigError(f"reject: {self.reject!r}: choose refused or nxdomain")
+        if self.unenforced_l7 not in ("deny", "allow-port"):
+            raise ConfigError(f"unenforced_l7: {self.unenforced_l7!r}: choose deny or allow-port")
+        if not isinstance(self.allow_empty_policy, bool):
+            raise ConfigError(
+                f"allow_empty_policy: {self.allow_empty_policy!r}: must be true or false"
+            )
         if self.udp_io not in ("rust", "asyncio"):
             raise ConfigError(f"udp_io: {self.udp_io!r}: choose rust or asyncio")
         if self.log_queries not in ("all", "sampled", "none"):
@@ -260,7 +276,7 @@ def _convert(name: str, value: Any, source: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).isdigit():
             raise ConfigError(f"{option}: {value!r} is not a whole number")
         return int(value)
-    return _bool(value, option) if name in ("intercept", "dns0x20") else value
+    return _bool(value, option) if name in _FLAGS else value
 
 
 def _bool(value: Any, option: str) -> bool:

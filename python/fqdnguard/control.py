@@ -9,9 +9,12 @@ Routes served by the proxy (every body is JSON; errors are ``{"error": "...", ..
 
     GET  /v1/status   {"pid", "policy": {"digest", "source", "policies", "endpoints",
                        "loaded_at"}, "cache": {...}, "engine": {...}, "listen": [...]}
-    PUT  /v1/policy   body {"sources": [[name, yaml text], ...], "endpoints": yaml text | null}
-                      200 {"digest", "changed"}; 422 {"error", "errors": [file:line: ...]}
-                      when the set does not compile (the policy in force stays in force)
+    PUT  /v1/policy   body {"sources": [[name, yaml text], ...], "endpoints": yaml text | null,
+                      "allow_empty": false}
+                      200 {"digest", "changed", "unrestricted": [ns/name, ...]}; 422 {"error",
+                      "errors": [file:line: ...]} when the set does not compile, or has no file
+                      or an empty one without allow_empty (the policy in force stays in force)
+    GET  /v1/policy   the policy in force and the last reloads (``fqdnguard policy status``)
     POST /v1/save     writes the cache and the policy to the state directory now: 200 {}
     GET  /v1/cache    {"entries": [{"endpoint", "name", "ip", "expires_at"}, ...], "now"}
     GET  /v1/stats    {"engine": {...}, "cache": {...}}

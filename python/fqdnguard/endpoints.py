@@ -9,6 +9,8 @@ For hosts without Kubernetes the registry comes from a YAML file::
         labels: {app: web}
         serviceAccount: web        # optional: io.cilium.k8s.policy.serviceaccount
         id: 7                      # optional: defaults to the position in the list (1-based)
+        ports:                     # optional: named container ports (policies' `port: dns`)
+          - {name: dns, port: 53, protocol: UDP}   # protocol: TCP (default), UDP or SCTP
 
 Labels are Kubernetes labels (a ``k8s:`` prefix is accepted and dropped). Every endpoint also
 carries ``io.kubernetes.pod.namespace`` (and the service account label when given), as Cilium's
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -29,6 +32,9 @@ from fqdnguard._schema import PolicyError, Reader
 NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
 SERVICEACCOUNT_LABEL = "io.cilium.k8s.policy.serviceaccount"
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
+PORT_PROTOCOLS = ("TCP", "UDP", "SCTP")
+#: An IANA service name, as Kubernetes requires of a container port's name.
+PORT_NAME = re.compile(r"(?=.{1,15}$)(?=.*[a-zA-Z])[a-zA-Z0-9](?:-?[a-zA-Z0-9])*")
 
 
 def label_name(key: str) -> str | None:
@@ -99,6 +105,8 @@ class Endpoint:
     ipv4: tuple[str, ...] = ()
     ipv6: tuple[str, ...] = ()
     labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    #: Named container ports: (lower-cased name, port, protocol TCP/UDP/SCTP).
+    ports: tuple[tuple[str, int, str], ...] = ()
     #: Hashable form of (namespace, labels): endpoints with equal keys are selected alike.
     key: tuple[str, frozenset[tuple[str, str]]] = field(init=False, repr=False, compare=False)
 
@@ -116,6 +124,11 @@ class Endpoint:
     def display(self) -> str:
         return f"{self.namespace}/{self.name}"
 
+    def named_ports(self, name: str, protocol: str) -> list[int]:
+        """The port numbers this endpoint declares under ``name`` (any case) for ``protocol``."""
+        name = name.lower()
+        return [port for n, port, proto in self.ports if n == name and proto == protocol]
+
     @classmethod
     def create(
         cls,
@@ -126,9 +139,11 @@ class Endpoint:
         ips: Iterable[str] = (),
         labels: Mapping[str, str] | None = None,
         service_account: str | None = None,
+        ports: Iterable[tuple[str, int, str]] = (),
     ) -> Endpoint:
         """Builds an endpoint, normalising addresses and label keys. The namespace defaults to
-        the ``io.kubernetes.pod.namespace`` label, then to ``default``."""
+        the ``io.kubernetes.pod.namespace`` label, then to ``default``. ``ports`` are named
+        container ports, (name, port, protocol)."""
         norm: dict[str, str] = {}
         for key, value in (labels or {}).items():
             n = key.removeprefix("k8s:")
@@ -143,10 +158,18 @@ class Endpoint:
         for ip in ips:
             addr = ipaddress.ip_address(ip)
             (v4 if addr.version == 4 else v6).append(str(addr))
-        return cls(id, name, ns, tuple(v4), tuple(v6), norm)
+        named: list[tuple[str, int, str]] = []
+        for pname, port, proto in ports:
+            if not PORT_NAME.fullmatch(pname):
+                raise ValueError(f"port name {pname!r} is not an IANA service name")
+            if not 0 < port < 65536 or proto not in PORT_PROTOCOLS:
+                raise ValueError(f"port {pname!r}: {port}/{proto} is not a port and TCP/UDP/SCTP")
+            named.append((pname.lower(), port, proto))
+        return cls(id, name, ns, tuple(v4), tuple(v6), norm, tuple(named))
 
 
-_ENTRY_FIELDS = frozenset({"id", "name", "namespace", "ips", "labels", "serviceAccount"})
+_ENTRY_FIELDS = frozenset({"id", "name", "namespace", "ips", "labels", "serviceAccount", "ports"})
+_PORT_FIELDS = frozenset({"name", "port", "protocol"})
 
 
 class Endpoints:
@@ -251,9 +274,57 @@ def _read_endpoint(r: Reader, node: YamlNode, path: str, default_id: int) -> End
         if ":" in key.removeprefix("k8s:"):
             r.error(f["labels"], f"{path}.labels.{key}", "only Kubernetes labels (k8s:) allowed")
     sa = r.string(f["serviceAccount"], f"{path}.serviceAccount") if "serviceAccount" in f else None
+    ports = _read_ports(r, f["ports"], f"{path}.ports") if "ports" in f else []
     if len(r.errors) > errors:
         return None
     assert name is not None and namespace is not None and ident is not None
     return Endpoint.create(
-        id=ident, name=name, namespace=namespace, ips=ips or (), labels=labels, service_account=sa
+        id=ident,
+        name=name,
+        namespace=namespace,
+        ips=ips or (),
+        labels=labels,
+        service_account=sa,
+        ports=ports,
     )
+
+
+def _read_ports(r: Reader, node: YamlNode, path: str) -> list[tuple[str, int, str]]:
+    """An endpoint's named ports: ``[{name: dns, port: 53, protocol: UDP}, ...]``."""
+    out: list[tuple[str, int, str]] = []
+    for i, item in enumerate(r.sequence(node, path) or []):
+        ipath = f"{path}[{i}]"
+        f = r.mapping(item, ipath, _PORT_FIELDS)
+        if f is None:
+            continue
+        for req in ("name", "port"):
+            if req not in f:
+                r.error(item, f"{ipath}.{req}", "required field is missing")
+        name = r.string(f["name"], f"{ipath}.name") if "name" in f else None
+        port = r.integer(f["port"], f"{ipath}.port") if "port" in f else None
+        proto = r.string(f["protocol"], f"{ipath}.protocol") if "protocol" in f else "TCP"
+        if name is not None and not PORT_NAME.fullmatch(name):
+            r.error(
+                f["name"],
+                f"{ipath}.name",
+                f"{name!r} is not a port name (an IANA service name: at most 15 letters, "
+                "digits and single hyphens, with a letter)",
+            )
+            name = None
+        if port is not None and not 0 < port < 65536:
+            r.error(f["port"], f"{ipath}.port", f"{port} is not between 1 and 65535")
+            port = None
+        if proto is not None and proto not in PORT_PROTOCOLS:
+            r.error(
+                f["protocol"],
+                f"{ipath}.protocol",
+                f"unsupported protocol {proto!r} (expected one of: {', '.join(PORT_PROTOCOLS)})",
+            )
+            proto = None
+        if name is None or port is None or proto is None:
+            continue
+        if any(n == name.lower() and p == proto for n, _, p in out):
+            r.error(item, f"{ipath}.name", f"port name {name!r} is declared twice for {proto}")
+            continue
+        out.append((name.lower(), port, proto))
+    return out

@@ -7,7 +7,7 @@ data path.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import (
@@ -144,15 +144,18 @@ class ProxyCollector(Collector):
         )  # fmt: skip
 
 
-def registry_for(proxy: Proxy) -> CollectorRegistry:
+def registry_for(proxy: Proxy, extra: Iterable[Collector] = ()) -> CollectorRegistry:
+    """The proxy's metrics, and those of ``extra`` collectors (e.g. the policy status)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ProxyCollector(proxy))
+    for collector in extra:
+        registry.register(collector)
     return registry
 
 
-def serve_metrics(proxy: Proxy, host: str, port: int) -> Any:
+def serve_metrics(proxy: Proxy, host: str, port: int, extra: Iterable[Collector] = ()) -> Any:
     """Serves /metrics on host:port in a background thread; returns the server."""
     from prometheus_client import start_http_server  # noqa: PLC0415
 
-    server, _thread = start_http_server(port, addr=host, registry=registry_for(proxy))
+    server, _thread = start_http_server(port, addr=host, registry=registry_for(proxy, extra))
     return server

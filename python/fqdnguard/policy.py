@@ -42,7 +42,15 @@ from fqdnguard._schema import (
 )
 from fqdnguard.endpoints import NAMESPACE_LABEL, OPERATORS, Endpoint, Endpoints, Selector
 
-__all__ = ["EgressPlan", "Policy", "PolicyError", "PolicyWarning", "lint"]
+__all__ = [
+    "UNENFORCED_L7",
+    "EgressPlan",
+    "Policy",
+    "PolicyError",
+    "PolicyWarning",
+    "lifted",
+    "lint",
+]
 
 log = logging.getLogger("fqdnguard.policy")
 
@@ -128,6 +136,14 @@ _ENTITIES = frozenset(
     }
 )
 _MAX_PORTS = 40
+#: What a port rule with L7 rules fqdnguard cannot enforce (``rules.http``, ``rules.kafka``,
+#: ``rules.l7proto``, ``serverNames``, ``listener``) admits: nothing (``deny``, the default: Cilium
+#: would restrict the port in its L7 proxy, which fqdnguard does not have), or the whole port at
+#: L4 (``allow-port``).
+UNENFORCED_L7 = ("deny", "allow-port")
+_EMPTY_HINT = (
+    "the policy in force stays; set allow_empty_policy (--allow-empty-policy) if that is meant"
+)
 _SVC_NAME = re.compile(r"(?=.{1,15}$)(?=.*[a-zA-Z])[a-zA-Z0-9](?:-?[a-zA-Z0-9])*")
 
 
@@ -158,8 +174,12 @@ class DnsVerdict(Protocol):
 class _PortEntry:
     ranges: list[tuple[int, int, str]]
     dns: list[tuple[bool, str]] | None
-    #: It listed ports, none of which fqdnguard can enforce: it admits nothing.
+    #: It admits nothing: it listed ports, none of which fqdnguard can enforce, or it has L7
+    #: rules fqdnguard cannot enforce (under ``unenforced_l7: deny``).
     inert: bool = False
+    #: Named ports as (lower-cased name, protocol): resolved at compile time against the named
+    #: ports the rule's destination endpoints declare.
+    named: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -259,7 +279,7 @@ class Policy:
         put(self, "_endpoints", endpoints)
         put(self, "policies", tuple(infos))
         put(self, "warnings", tuple(warnings))
-        resolved: dict[Selector, list[str]] = {}
+        resolved: dict[Selector, list[Endpoint]] = {}
         lowered = [_lower(s, endpoints, resolved) for s in specs]
         # The registry's endpoints get their identity kept in the compiled policy (looked up by
         # object, on first use); any other endpoint object is resolved through its labels.
@@ -276,26 +296,61 @@ class Policy:
         cls,
         paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
         endpoints: Endpoints | None = None,
+        *,
+        allow_empty: bool = False,
+        unenforced_l7: str = "deny",
     ) -> Policy:
         """Loads every policy file under ``paths`` (files or directories, ``*.yaml``, ``*.yml``,
-        ``*.json``). ``endpoints`` resolves ``toEndpoints`` (e.g. kube-dns) to addresses.
-        Raises :class:`PolicyError` listing every problem; nothing is half-loaded."""
-        sources = [(f, _read_text(f)) for f in _files(paths)]
-        return cls._from_sources(sources, endpoints)
+        ``*.json``). ``endpoints`` resolves ``toEndpoints`` (e.g. kube-dns) and named ports.
+        Raises :class:`PolicyError` listing every problem; nothing is half-loaded. A file with
+        no policy document, or a directory with no policy file, is an error (an emptied or
+        truncated file must not lift restrictions) unless ``allow_empty``. ``unenforced_l7``
+        (one of :data:`UNENFORCED_L7`) says what a port rule with L7 rules fqdnguard cannot
+        enforce admits."""
+        sources = [(f, _read_text(f)) for f in _files(paths, allow_empty=allow_empty)]
+        return cls._from_sources(
+            sources, endpoints, allow_empty=allow_empty, unenforced_l7=unenforced_l7
+        )
 
     @classmethod
     def from_yaml(
-        cls, text: str, endpoints: Endpoints | None = None, filename: str = "<string>"
+        cls,
+        text: str,
+        endpoints: Endpoints | None = None,
+        filename: str = "<string>",
+        *,
+        allow_empty: bool = False,
+        unenforced_l7: str = "deny",
     ) -> Policy:
-        """Compiles the policies in one YAML text (one or more documents)."""
-        return cls._from_sources([(filename, text)], endpoints)
+        """Compiles the policies in one YAML text (one or more documents); see :meth:`load`."""
+        return cls._from_sources(
+            [(filename, text)], endpoints, allow_empty=allow_empty, unenforced_l7=unenforced_l7
+        )
+
+    @classmethod
+    def empty(cls, endpoints: Endpoints | None = None) -> Policy:
+        """A set with no policy (every endpoint of ``endpoints`` unrestricted)."""
+        return cls._make([], [], [], endpoints)
 
     @classmethod
     def _from_sources(
-        cls, sources: list[tuple[str, str | PolicyError]], endpoints: Endpoints | None
+        cls,
+        sources: list[tuple[str, str | PolicyError]],
+        endpoints: Endpoints | None,
+        *,
+        allow_empty: bool = False,
+        unenforced_l7: str = "deny",
     ) -> Policy:
+        if unenforced_l7 not in UNENFORCED_L7:
+            raise ValueError(
+                f"unenforced_l7: {unenforced_l7!r}: choose one of {', '.join(UNENFORCED_L7)}"
+            )
+        if not sources and not allow_empty:
+            raise PolicyError("<policy set>", 0, "", f"no policy file at all; {_EMPTY_HINT}")
         with gc_paused():
-            specs, infos, errors, warnings = _read_sources(sources)
+            specs, infos, errors, warnings = _read_sources(
+                sources, unenforced_l7=unenforced_l7, allow_empty=allow_empty
+            )
             if errors:
                 raise PolicyError.of(errors)
             return cls._make(specs, infos, warnings, endpoints)
@@ -303,6 +358,16 @@ class Policy:
     def with_endpoints(self, endpoints: Endpoints | None) -> Policy:
         """The same policies resolved against another endpoint registry."""
         return Policy._make(list(self._specs), list(self.policies), [], endpoints)
+
+    def restricted(self) -> frozenset[tuple[str, str]]:
+        """(namespace, name) of the registry's endpoints whose egress some policy restricts
+        (a spec with egress default-deny selects them)."""
+        compiled = self._compiled
+        return frozenset(
+            (ep.namespace, ep.name)
+            for ep in self._endpoints or ()
+            if compiled.is_restricted(compiled.identity_of(ep))
+        )
 
     def egress_verdict(
         self, endpoint: Endpoint | None, ip: str, port: int, protocol: str, cache: NamesFor
@@ -385,26 +450,23 @@ class Policy:
         registry = endpoints if endpoints is not None else self._endpoints
         fqdn: list[tuple[Ports, tuple[tuple[bool, str], ...]]] = []
         peers: list[tuple[Peers, Ports]] = []
+        resolved: dict[Selector, list[Endpoint]] = {}
         for spec in selecting:
             for rule in spec.egress:
-                entries = [e for e in rule.ports if not e.inert]
-                if rule.has_ports and not entries:
-                    continue  # every port entry unenforceable: admits nothing
+                dests = _destinations(rule, registry, resolved)
+                entries = _effective_ports(rule, dests)
+                if entries is None:
+                    continue  # no port entry admits anything
                 ports: Ports = None
-                if rule.has_ports and all(e.ranges for e in entries):
-                    ports = tuple(sorted({r for e in entries for r in e.ranges}))
+                if entries and all(ranges for ranges, _ in entries):
+                    ports = tuple(sorted({r for ranges, _ in entries for r in ranges}))
                 if rule.fqdns:
                     fqdn.append((ports, tuple(rule.fqdns)))
                 elif not rule.has_l3:
                     if rule.has_ports:
                         peers.append((None, ports))  # no L3 selector: any destination
                 else:
-                    ips = {
-                        ip
-                        for sel in rule.to_endpoints
-                        for ep in (registry.select(sel) if registry is not None else [])
-                        for ip in ep.ips
-                    }
+                    ips = {ip for ep in dests or () for ip in ep.ips}
                     cidrs = tuple((a, b, tuple(x)) for a, b, x, _ in rule.cidrs)
                     if ips or cidrs:
                         peers.append(((tuple(sorted(ips)), cidrs), ports))
@@ -419,15 +481,33 @@ class Policy:
 
 def lint(
     paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+    *,
+    allow_empty: bool = False,
+    unenforced_l7: str = "deny",
 ) -> tuple[list[PolicyError], list[PolicyWarning]]:
-    """Every problem and every not-enforced feature under ``paths``, as Cilium would see them."""
+    """Every problem and every not-enforced feature under ``paths``, as Cilium would see them
+    (and as :meth:`Policy.load` with the same options would report them)."""
     try:
-        files = _files(paths)
+        files = _files(paths, allow_empty=allow_empty)
     except PolicyError as e:
         return list(e.errors), []
     with gc_paused():
-        _, _, errors, warnings = _read_sources([(f, _read_text(f)) for f in files])
+        _, _, errors, warnings = _read_sources(
+            [(f, _read_text(f)) for f in files],
+            unenforced_l7=unenforced_l7,
+            allow_empty=allow_empty,
+        )
     return errors, warnings
+
+
+def lifted(old: Policy | None, new: Policy) -> list[str]:
+    """``namespace/name`` of the endpoints that ``old`` restricted and ``new`` leaves
+    unrestricted (endpoints ``new``'s registry no longer has are not counted: they are gone)."""
+    if old is None:
+        return []
+    now = new.restricted()
+    present = {(ep.namespace, ep.name) for ep in new._endpoints or ()}
+    return sorted(f"{ns}/{name}" for ns, name in old.restricted() - now if (ns, name) in present)
 
 
 def _selects(specs: list[_Spec]) -> Callable[[Endpoint], list[int]]:
@@ -467,10 +547,15 @@ def _endpoint_named(endpoints: Endpoints | None, name: str) -> Endpoint:
 # -- files -------------------------------------------------------------------------------------
 
 
-def _files(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[str]:
+def _files(
+    paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *, allow_empty: bool = True
+) -> list[str]:
+    """The policy files under ``paths``. Without ``allow_empty``, a directory holding none is an
+    error (emptied by mistake, its endpoints would lose every restriction)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     out: list[str] = []
+    empty: list[PolicyError] = []
     for given in paths:
         p = os.fspath(given)
         if os.path.isdir(p):
@@ -482,11 +567,17 @@ def _files(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> 
                     for n in names
                     if n.endswith(_SUFFIXES) and not n.startswith(".")
                 ]
+            if not found and not allow_empty:
+                empty.append(
+                    PolicyError(p, 0, "", f"no policy file (*.yaml, *.yml, *.json); {_EMPTY_HINT}")
+                )
             out += sorted(found)
         elif os.path.exists(p):
             out.append(p)
         else:
             raise PolicyError(p, 0, "", "no such file or directory")
+    if empty:
+        raise PolicyError.of(empty)
     return out
 
 
@@ -498,8 +589,19 @@ def _read_text(path: str) -> str | PolicyError:
         return PolicyError(path, 0, "", f"cannot read: {e}")
 
 
+class _Reader(Reader):
+    """A policy file's reader: the options that change what a rule means."""
+
+    def __init__(self, file: str, unenforced_l7: str) -> None:
+        super().__init__(file)
+        self.unenforced_l7 = unenforced_l7
+
+
 def _read_sources(
     sources: list[tuple[str, str | PolicyError]],
+    *,
+    unenforced_l7: str = "deny",
+    allow_empty: bool = True,
 ) -> tuple[list[_Spec], list[PolicyInfo], list[PolicyError], list[PolicyWarning]]:
     specs: list[_Spec] = []
     infos: list[PolicyInfo] = []
@@ -510,10 +612,14 @@ def _read_sources(
         if isinstance(text, PolicyError):
             errors.append(text)
             continue
-        r = Reader(filename)
+        r = _Reader(filename, unenforced_l7)
+        before = len(infos)
         for doc in r.documents(text):
             if doc is not None and not is_null(doc):
                 _read_document(r, doc, "", specs, infos, seen)
+        if len(infos) == before and not r.errors and not allow_empty:
+            # Emptied, reduced to `---`, or cut before its first document was whole.
+            r.error(1, "", f"no policy document in the file (empty or truncated?); {_EMPTY_HINT}")
         errors += r.errors
         warnings += r.warnings
     return specs, infos, errors, warnings
@@ -558,8 +664,9 @@ def _read_document(  # noqa: PLR0911, PLR0917
     elif api is not None and api != API_VERSION:
         r.error(fields["apiVersion"], f"{p}apiVersion", f"must be {API_VERSION!r}, not {api!r}")
     name, namespace = _read_metadata(r, doc, fields, p, kind)
-    if "spec" not in fields and "specs" not in fields:
-        r.error(doc, f"{p}spec", "a policy needs spec or specs")
+    if is_null(fields.get("spec")) and is_null(fields.get("specs")):
+        # Cilium: "empty policy" (ErrEmptyCNP); `spec:` with nothing after it reads as absent.
+        r.error(doc, f"{p}spec", "a policy needs spec or specs (a null spec counts as none)")
     if name is None:
         return
     key = (kind, namespace, name)
@@ -642,8 +749,11 @@ def _read_spec(  # noqa: PLR0917
     if has_ns:
         _read_selector(r, f["nodeSelector"], f"{path}.nodeSelector")
         r.warn(f["nodeSelector"], f"{path}.nodeSelector", "host policies (nodeSelector)")
+    has_ingress = False
     for key in ("ingress", "ingressDeny"):
-        if key in f and r.sequence(f[key], f"{path}.{key}"):
+        items = r.sequence(f[key], f"{path}.{key}") if key in f else []
+        has_ingress = has_ingress or items != []  # rules, or an error already reported
+        if items:
             r.warn(f[key], f"{path}.{key}", f"{key} rules")
     deny = r.sequence(f["egressDeny"], f"{path}.egressDeny") if "egressDeny" in f else []
     if deny:
@@ -659,6 +769,16 @@ def _read_spec(  # noqa: PLR0917
     if "labels" in f:
         r.sequence(f["labels"], f"{path}.labels")
     egress_nodes = r.sequence(f["egress"], f"{path}.egress") if "egress" in f else []
+    if egress_nodes == [] and deny == [] and not has_ingress:
+        # Cilium (1.19+) rejects such a rule; it is also what a file cut at or inside `egress:`
+        # reads as, which must not lift the restrictions the whole file put in force.
+        r.error(
+            node,
+            path,
+            "a rule must have at least one of ingress, ingressDeny, egress and egressDeny "
+            "(empty or null counts as absent: a truncated file?); write `egress: [{}]` to deny "
+            "all egress",
+        )
     default_deny = bool(egress_nodes) or bool(deny)
     if "enableDefaultDeny" in f:
         dd = r.mapping(f["enableDefaultDeny"], f"{path}.enableDefaultDeny", _DEFAULT_DENY)
@@ -889,15 +1009,24 @@ def _read_port_rule(r: Reader, node: YamlNode, path: str) -> _PortEntry | None:
     if f is None:
         return None
     errors = len(r.errors)
-    for k in ("terminatingTLS", "originatingTLS", "serverNames", "listener"):
+    for k in ("terminatingTLS", "originatingTLS"):
         if k in f:
             r.warn(f[k], f"{path}.{k}", k)
+    server_names = r.strings(f["serverNames"], f"{path}.serverNames") if "serverNames" in f else []
+    if server_names and "" in server_names:
+        r.error(f["serverNames"], f"{path}.serverNames", "an empty server name is not allowed")
     items = r.sequence(f["ports"], f"{path}.ports") if "ports" in f else []
     if items is not None and len(items) > _MAX_PORTS:
         r.error(f["ports"], f"{path}.ports", f"too many ports, the max is {_MAX_PORTS}")
     ports = [_read_port(r, n, f"{path}.ports[{i}]") for i, n in enumerate(items or [])]
     rules = r.mapping(f["rules"], f"{path}.rules", _L7) if "rules" in f else {}
     dns: list[tuple[bool, str]] | None = None
+    #: The L7 features present that only an L7 proxy could enforce: (what, node, path).
+    unenforced: list[tuple[str, YamlNode, str]] = []
+    if server_names:
+        unenforced.append(("serverNames (TLS SNI)", f["serverNames"], f"{path}.serverNames"))
+    if "listener" in f:
+        unenforced.append(("listener (an Envoy listener)", f["listener"], f"{path}.listener"))
     if rules:
         kinds = [k for k in ("http", "kafka", "dns", "l7proto") if k in rules]
         if "l7" in rules and "l7proto" not in rules:
@@ -906,21 +1035,22 @@ def _read_port_rule(r: Reader, node: YamlNode, path: str) -> _PortEntry | None:
             r.error(node, f"{path}.rules", "multiple L7 protocol rule types in one port rule")
         if any(p is not None and p[0] == 0 for p in ports):
             r.error(node, f"{path}.rules", "L7 rules can not be used when a port is 0")
+        if server_names and "terminatingTLS" not in f:
+            r.error(
+                f["serverNames"],
+                f"{path}.serverNames",
+                "serverNames are not allowed with L7 rules without terminatingTLS",
+            )
         if "dns" in rules:
             dpath = f"{path}.rules.dns"
             if not items:
                 r.error(rules["dns"], dpath, "Port 53 must be specified for DNS rules (add ports)")
             for p, n in zip(ports, items or [], strict=True):
-                if p is not None and p[1] > p[0]:
+                if p is not None and p[3] is None and p[1] > p[0]:
                     r.error(n, f"{path}.ports", "DNS rules do not support port ranges (endPort)")
             dns = _read_name_selectors(r, r.sequence(rules["dns"], dpath) or [], dpath)
         else:
-            for k in kinds:
-                r.warn(
-                    rules[k],
-                    f"{path}.rules.{k}",
-                    f"L7 {k} rules (the port is allowed without them)",
-                )
+            unenforced += [(f"{k} rules", rules[k], f"{path}.rules.{k}") for k in kinds]
             for p, n in zip(ports, items or [], strict=True):
                 if p is not None and p[2] != "TCP":
                     r.error(
@@ -928,15 +1058,31 @@ def _read_port_rule(r: Reader, node: YamlNode, path: str) -> _PortEntry | None:
                         f"{path}.ports",
                         f"L7 rules can only apply to TCP (not {p[2]}) except for DNS rules",
                     )
+    deny_l7 = bool(unenforced) and getattr(r, "unenforced_l7", "deny") == "deny"
+    for what, at, where in unenforced:
+        r.warn(
+            at,
+            where,
+            f"L7 {what}: this port rule allows nothing, as fqdnguard has no L7 proxy to enforce "
+            "them (unenforced_l7: allow-port opens the port at L4 instead)"
+            if deny_l7
+            else f"L7 {what}: the port is allowed at L4 without them (unenforced_l7: allow-port)",
+        )
     if len(r.errors) > errors:
         return None
-    ranges = [(lo, hi, proto) for p in ports if p is not None for lo, hi, proto in [p]
-              if proto in _PROTOCOLS and lo >= 0]  # fmt: skip
-    return _PortEntry(ranges, dns, inert=bool(items) and not ranges)
+    ranges = [(lo, hi, proto) for p in ports if p is not None for lo, hi, proto, name in [p]
+              if name is None and proto in _PROTOCOLS and lo >= 0]  # fmt: skip
+    named = [(name, proto) for p in ports if p is not None for _, _, proto, name in [p]
+             if name is not None and proto in _PROTOCOLS]  # fmt: skip
+    inert = deny_l7 or (bool(items) and not ranges and not named)
+    return _PortEntry(ranges, dns, inert=inert, named=named)
 
 
-def _read_port(r: Reader, node: YamlNode, path: str) -> tuple[int, int, str] | None:  # noqa: PLR0911
-    """(port, endPort, protocol); port -1 for a named port (not enforced)."""
+def _read_port(  # noqa: PLR0911
+    r: Reader, node: YamlNode, path: str
+) -> tuple[int, int, str, str | None] | None:
+    """(port, endPort, protocol, None), or (-1, 0, protocol, lower-cased name) for a named
+    port."""
     f = r.mapping(node, path, _PORT)
     if f is None:
         return None
@@ -966,10 +1112,10 @@ def _read_port(r: Reader, node: YamlNode, path: str) -> tuple[int, int, str] | N
         if port > 65535:
             r.error(f["port"], f"{path}.port", f"{text} is not between 0 and 65535")
             return None
-        return port, end, proto
+        return port, end, proto, None
     if _SVC_NAME.fullmatch(text):
-        r.warn(f["port"], f"{path}.port", f"named port {text!r} (this port allows nothing)")
-        return -1, 0, proto
+        # Cilium compares port names case-insensitively.
+        return -1, 0, proto, text.lower()
     r.error(f["port"], f"{path}.port", f"{text!r} is neither a port number nor a port name")
     return None
 
@@ -977,28 +1123,76 @@ def _read_port(r: Reader, node: YamlNode, path: str) -> tuple[int, int, str] | N
 # -- compile -----------------------------------------------------------------------------------
 
 
+def _destinations(
+    rule: _Rule, endpoints: Endpoints | None, resolved: dict[Selector, list[Endpoint]]
+) -> list[Endpoint] | None:
+    """The registry's endpoints a rule's L3 part selects (``resolved`` caches them per
+    selector): those of its ``toEndpoints``, every endpoint for a rule with no L3 selector
+    (any destination), and None for the others (``toFQDNs``, ``toCIDR``...: no endpoint)."""
+    if rule.fqdns or (rule.has_l3 and not rule.to_endpoints):
+        return None
+    if not rule.has_l3:
+        return list(endpoints or ())
+    found: dict[int, Endpoint] = {}
+    for sel in rule.to_endpoints:
+        if sel not in resolved:
+            resolved[sel] = endpoints.select(sel) if endpoints is not None else []
+        found.update((ep.id, ep) for ep in resolved[sel])
+    return list(found.values())
+
+
+def _named_port(dests: list[Endpoint] | None, name: str, proto: str) -> list[tuple[int, int, str]]:
+    """A named port resolved as Cilium does: per concrete protocol (ANY: TCP, UDP and SCTP), the
+    one port number the destination endpoints declaring ``name`` for it agree on; nothing when
+    none declares it, or when they declare different numbers (Cilium: duplicate named ports)."""
+    out: list[tuple[int, int, str]] = []
+    for p in ("TCP", "UDP", "SCTP") if proto == "ANY" else (proto,):
+        numbers = {n for ep in dests or () for n in ep.named_ports(name, p)}
+        if len(numbers) == 1:
+            (n,) = numbers
+            out.append((n, n, p))
+    return out
+
+
+def _effective_ports(
+    rule: _Rule, dests: list[Endpoint] | None
+) -> list[tuple[list[tuple[int, int, str]], list[tuple[bool, str]] | None]] | None:
+    """The rule's port entries as (ranges, rules.dns) with named ports resolved against
+    ``dests``; an empty list of ranges is every port. [] for a rule with no ``toPorts`` (every
+    port); None when it has some but none admits anything (unenforceable, L7 denied, names
+    that resolve to no port): the rule then allows nothing."""
+    out = []
+    for e in rule.ports:
+        if e.inert:
+            continue
+        if not e.named:
+            out.append((list(e.ranges), e.dns))
+            continue
+        ranges = e.ranges + [r for name, proto in e.named for r in _named_port(dests, name, proto)]
+        if ranges:  # a listed port that resolves to nothing must never read as "every port"
+            out.append((ranges, e.dns))
+    if rule.has_ports and not out:
+        return None
+    return out
+
+
 def _lower(
-    spec: _Spec, endpoints: Endpoints | None, resolved: dict[Selector, list[str]]
+    spec: _Spec, endpoints: Endpoints | None, resolved: dict[Selector, list[Endpoint]]
 ) -> tuple[str, str, bool, list[object]]:
-    """A spec in the shape ``CompiledPolicy`` takes; ``resolved`` caches the addresses each
+    """A spec in the shape ``CompiledPolicy`` takes; ``resolved`` caches the endpoints each
     distinct ``toEndpoints`` selector selects."""
     rules: list[object] = []
     for rule in spec.egress:
-        entries = [e for e in rule.ports if not e.inert]
-        if rule.has_ports and not entries:
-            rules.append((rule.index, [], ([], []), []))  # every port entry unenforceable
+        dests = _destinations(rule, endpoints, resolved)
+        ports = _effective_ports(rule, dests)
+        if ports is None:
+            rules.append((rule.index, [], ([], []), []))  # no port entry admits anything
             continue
-        ports = [(list(e.ranges), e.dns) for e in entries]
         if rule.fqdns:
             rules.append((rule.index, rule.fqdns, ([], []), ports))
             continue
         if rule.has_l3:
-            ips: dict[str, None] = {}
-            for sel in rule.to_endpoints:
-                if sel not in resolved:
-                    found = endpoints.select(sel) if endpoints is not None else []
-                    resolved[sel] = [ip for ep in found for ip in ep.ips]
-                ips.update(dict.fromkeys(resolved[sel]))
+            ips = dict.fromkeys(ip for ep in dests or () for ip in ep.ips)
             peers: object = (list(ips), rule.cidrs)
         else:
             # No L3 selector: any destination when toPorts says which ports; nothing for `{}`.

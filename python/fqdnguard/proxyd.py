@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import gc
 import json
 import logging
@@ -57,6 +58,7 @@ from fqdnguard.control import (
 from fqdnguard.endpoints import Endpoints
 from fqdnguard.policy import Policy, PolicyError
 from fqdnguard.proxy import Proxy, entries_as_answers
+from fqdnguard.reloads import PolicyStatus
 
 __all__ = ["POLICY_FILE", "ProxyDaemon", "load_policy_state", "run_proxy", "steer_to_newest"]
 
@@ -131,15 +133,23 @@ def parse_push(body: Any) -> tuple[list[tuple[str, str]], str | None]:
 
 
 def compile_policy(
-    sources: list[tuple[str, str]], endpoints_text: str | None
+    sources: list[tuple[str, str]],
+    endpoints_text: str | None,
+    *,
+    allow_empty: bool = False,
+    unenforced_l7: str = "deny",
 ) -> tuple[Policy, Endpoints]:
-    """Compiles a pushed set whole; raises PolicyError (every problem) or ValueError."""
+    """Compiles a pushed set whole; raises PolicyError (every problem) or ValueError. A set
+    with no file, or a file with no policy document, is an error unless ``allow_empty``."""
     endpoints = (
         Endpoints.from_yaml(endpoints_text, filename="endpoints")
         if endpoints_text is not None
         else Endpoints()
     )
-    return Policy._from_sources(list(sources), endpoints), endpoints
+    policy = Policy._from_sources(
+        list(sources), endpoints, allow_empty=allow_empty, unenforced_l7=unenforced_l7
+    )
+    return policy, endpoints
 
 
 def load_policy_state(path: Path) -> tuple[list[tuple[str, str]], str | None] | None:
@@ -222,8 +232,10 @@ class ProxyDaemon:
                 ("POST", "/v1/adopt"): self._post_adopt,
                 ("GET", "/v1/cache"): self._get_cache,
                 ("GET", "/v1/stats"): self._get_stats,
+                ("GET", "/v1/policy"): self._get_policy,
             },
         )
+        self.status = PolicyStatus()
         self.policy_state: _PolicyState | None = None
         self._stop = asyncio.Event()
         self._push_lock = asyncio.Lock()
@@ -295,8 +307,18 @@ class ProxyDaemon:
         try:
             saved = load_policy_state(self.policy_path)
             if saved is not None:
-                policy, endpoints = compile_policy(*saved)
+                # It was accepted when pushed (an empty set only when that was allowed).
+                policy, endpoints = compile_policy(
+                    *saved, allow_empty=True, unenforced_l7=self.config.unenforced_l7
+                )
                 self.policy_state = _PolicyState(*saved, source="state", loaded_at=time.time())
+                self.status.applied(
+                    None,
+                    policy,
+                    source="state",
+                    origin=[name for name, _ in saved[0]],
+                    digest=self.policy_state.digest,
+                )
                 log.info(
                     "serving the saved policy (%d policies, %d endpoints) until an agent pushes",
                     len(policy),
@@ -307,7 +329,7 @@ class ProxyDaemon:
             log.error("cannot use the saved policy (%s); refusing every query until a push", e)
         else:
             log.warning("no saved policy: refusing every query until an agent pushes one")
-        return Policy.from_yaml(""), Endpoints(), cache
+        return Policy.empty(), Endpoints(), cache
 
     async def start(self) -> None:
         handed_over = await self._hand_over()
@@ -325,7 +347,7 @@ class ProxyDaemon:
             from fqdnguard.metrics import serve_metrics  # noqa: PLC0415
 
             host, port = self.config.metrics
-            self._metrics = serve_metrics(self.proxy, host, port)
+            self._metrics = serve_metrics(self.proxy, host, port, [self.status.collector()])
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -453,6 +475,9 @@ class ProxyDaemon:
         except ValueError as e:
             return 400, {"error": str(e)}
         digest = policy_digest(sources, endpoints_text)
+        allow_empty = self.config.allow_empty_policy or (
+            isinstance(body, dict) and body.get("allow_empty") is True
+        )
         async with self._push_lock:
             if self.policy_state is not None and self.policy_state.digest == digest:
                 self.policy_state.source = "agent"
@@ -460,21 +485,41 @@ class ProxyDaemon:
             loop = asyncio.get_running_loop()
             try:
                 policy, endpoints = await loop.run_in_executor(
-                    None, compile_policy, sources, endpoints_text
+                    None,
+                    functools.partial(
+                        compile_policy,
+                        sources,
+                        endpoints_text,
+                        allow_empty=allow_empty,
+                        unenforced_l7=self.config.unenforced_l7,
+                    ),
                 )
             except PolicyError as e:
+                self.status.rejected("push", str(e))
+                log.error("policy push refused, keeping the policy in force: %s", e)
                 return 422, {
                     "error": f"the policy set does not compile: {e}",
                     "errors": [err.location() for err in e.errors],
                 }
             except ValueError as e:
+                self.status.rejected("push", str(e))
                 return 422, {"error": f"the policy set does not compile: {e}", "errors": [str(e)]}
+            old = self.proxy.policy
             try:
                 self.proxy.set_policy(policy, endpoints)
             except (ConfigError, BackendError) as e:
+                self.status.rejected("push", str(e))
                 return 409, {"error": f"the policy cannot be put in force: {e}"}
             state = _PolicyState(sources, endpoints_text, "agent", time.time())
             self.policy_state = state
+            gone = self.status.applied(
+                old,
+                policy,
+                source="agent",
+                origin=[name for name, _ in sources],
+                digest=digest,
+                trigger="push",
+            )
             await loop.run_in_executor(None, atomic_write, self.policy_path, state.to_json())
         log.info(
             "policy pushed: %d policies, %d endpoints (digest %s)",
@@ -482,7 +527,10 @@ class ProxyDaemon:
             len(endpoints),
             digest[:12],
         )
-        return 200, {"digest": digest, "changed": True}
+        return 200, {"digest": digest, "changed": True, "unrestricted": gone}
+
+    async def _get_policy(self, _body: Any) -> tuple[int, Any]:
+        return 200, self.status.to_json()
 
     async def _post_save(self, body: Any) -> tuple[int, Any]:
         if isinstance(body, dict) and body.get("successor") is not None:
