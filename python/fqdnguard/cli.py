@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fqdnguard._core import FqdnGuardError
@@ -19,6 +20,7 @@ from fqdnguard.endpoints import Endpoint, Endpoints
 from fqdnguard.policy import Policy, PolicyError, lint
 
 if TYPE_CHECKING:
+    from fqdnguard._core import DnsCache
     from fqdnguard.config import ProxyConfig
 
 EXIT_ALLOWED = 0
@@ -232,8 +234,7 @@ def cmd_cache_list(args: argparse.Namespace) -> int:
     import json  # noqa: PLC0415
     import time  # noqa: PLC0415
 
-    from fqdnguard._core import DnsCache  # noqa: PLC0415
-    from fqdnguard.agent import CACHE_FILE, cache_entries  # noqa: PLC0415
+    from fqdnguard.agent import cache_entries  # noqa: PLC0415
     from fqdnguard.control import ControlError  # noqa: PLC0415
 
     source = "live"
@@ -242,12 +243,7 @@ def cmd_cache_list(args: argparse.Namespace) -> int:
         entries = list(data["entries"])  # type: ignore[call-overload]
         now = float(data["now"])  # type: ignore[arg-type]
     except (FileNotFoundError, ConnectionRefusedError, ControlError):
-        snapshot = os.path.join(args.state_dir, CACHE_FILE)
-        if not os.path.exists(snapshot):
-            raise _UsageError(
-                f"no running fqdnguard (no control socket) and no snapshot in {args.state_dir}"
-            ) from None
-        entries, now, source = cache_entries(DnsCache.load(snapshot)), time.time(), "snapshot"
+        entries, now, source = cache_entries(_saved_cache(args.state_dir)), time.time(), "saved"
     if args.endpoint is not None:
         entries = [e for e in entries if e["endpoint"] == args.endpoint]
     if args.name:
@@ -263,6 +259,31 @@ def cmd_cache_list(args: argparse.Namespace) -> int:
         print(f"{e['endpoint']:<10}{e['name']:<40}{ttl:>7}  {when:<22}{e['ip']}")
     print(f"{len(entries)} entries ({source})", file=sys.stderr)
     return 0
+
+
+def _saved_cache(state_dir: str) -> DnsCache:
+    """What a stopped (or crashed) fqdnguard left in ``state_dir``: the snapshot and the
+    journals written since, as its next start would restore them."""
+    from fqdnguard._core import DnsCache  # noqa: PLC0415
+    from fqdnguard.agent import CACHE_FILE  # noqa: PLC0415
+    from fqdnguard.control import policy_digest  # noqa: PLC0415
+    from fqdnguard.proxyd import POLICY_FILE, load_policy_state  # noqa: PLC0415
+    from fqdnguard.state import StateDir, journal_files  # noqa: PLC0415
+
+    snapshot = os.path.join(state_dir, CACHE_FILE)
+    directory = Path(state_dir)
+    if not os.path.exists(snapshot) and not journal_files(directory):
+        raise _UsageError(f"no running fqdnguard (no control socket) and no state in {state_dir}")
+    state = StateDir(directory)
+    if not state.open():
+        raise _UsageError(f"{state_dir}: the state cannot be read (see the message above)")
+    cache = DnsCache.load(snapshot) if os.path.exists(snapshot) else DnsCache()
+    try:
+        saved = load_policy_state(directory / POLICY_FILE)
+    except ValueError:
+        saved = None
+    state.replay(cache, policy_digest(*saved) if saved is not None else None)
+    return cache
 
 
 def _data_plane_options(p: argparse.ArgumentParser, *, policy: bool) -> None:

@@ -35,6 +35,7 @@ from fqdnguard.intercept import (
     InterceptSettings,
     policed_sources,
 )
+from fqdnguard.state import Journal, journal_entries
 
 __all__ = ["Proxy", "ProxyStats"]
 
@@ -74,6 +75,8 @@ class ProxyStats:
     #: Intercepted queries to a server no upstream socket could be opened for (every slot
     #: busy with queries in flight, or the kernel refused): they time out into SERVFAIL.
     orig_upstream_refused: int = 0
+    #: Batches whose learning could not be written to the state directory's journal.
+    journal_errors: int = 0
 
     def counters(self, io: UdpIo | None = None) -> dict[str, int]:
         """The integer counters, with the Rust UDP path's share of the interception ones
@@ -674,6 +677,9 @@ class Proxy:
         self._next_adds = False
         self._adds_inflight = False
         self._applier: asyncio.Task[None] | None = None
+        #: Where applied changes are written before their answers are released (the state
+        #: directory's journal, see fqdnguard.state); None: nowhere.
+        self.journal: Journal | None = None
         self._running = False
         self._stopping = False
         # udp_io "rust": the UDP sockets are served by a Rust thread (see `_core.UdpIo`); what
@@ -1170,6 +1176,8 @@ class Proxy:
                     )
                 finally:
                     timer.cancel()
+                if changes and self.journal is not None:
+                    self._write_journal(changes)
                 self.stats.batches += 1
                 self.stats.hold_seconds.append(loop.time() - started)
                 if len(self.stats.hold_seconds) > 4096:
@@ -1181,6 +1189,17 @@ class Proxy:
         finally:
             self._applier = None
             self._adds_inflight = False
+
+    def _write_journal(self, changes: Sequence[Any]) -> None:
+        """Journals what a batch taught, before its answers go out: a crash loses none of it.
+        A failed write is logged and counted; the answers are released all the same (the
+        firewall has the addresses; the next save holds them)."""
+        assert self.journal is not None
+        try:
+            self.journal.append(journal_entries(self.cache, changes))
+        except (OSError, ValueError) as e:
+            self.stats.journal_errors += 1
+            log.error("journal %s: %s", self.journal.path, e)
 
     @property
     def _adds_pending(self) -> bool:
