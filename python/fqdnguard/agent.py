@@ -57,7 +57,11 @@ class Runner:
         self.state_dir = Path(config.state_dir) if config.state_dir else None
         self.state = StateDir(self.state_dir) if self.state_dir is not None else None
         self.cache = self._restore_cache()
-        self.backend = backend if backend is not None else make_backend(config.backend)
+        self.backend = (
+            backend
+            if backend is not None
+            else make_backend(config.backend, reverse_path_check=config.reverse_path_check)
+        )
         self.proxy = Proxy(
             self.policy, self.endpoints, backend=self.backend, cache=self.cache, config=config
         )

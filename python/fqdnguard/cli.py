@@ -118,6 +118,7 @@ def _proxy_config(args: argparse.Namespace) -> ProxyConfig:
         intercept=getattr(args, "intercept", None) or None,
         intercept_port=getattr(args, "intercept_port", None),
         udp_io=args.udp_io,
+        reverse_path_check=False if args.no_reverse_path_check else None,
     )
 
 
@@ -169,7 +170,7 @@ def _dry_run(config: ProxyConfig) -> int:
     from fqdnguard.backends import make_backend  # noqa: PLC0415
 
     policy, endpoints = load_policy(config)
-    backend = make_backend(config.backend)
+    backend = make_backend(config.backend, reverse_path_check=config.reverse_path_check)
     ruleset = getattr(backend, "ruleset", None)
     if ruleset is None:
         print(f"# the {backend.name} backend installs no ruleset")
@@ -184,7 +185,10 @@ def _dry_run(config: ProxyConfig) -> int:
         )
 
         interceptor = Interceptor(
-            InterceptSettings(port=config.intercept_port), exclude=config.listen
+            InterceptSettings(
+                port=config.intercept_port, reverse_path_check=config.reverse_path_check
+            ),
+            exclude=config.listen,
         )
         interceptor.sources = policed_sources(policy, endpoints)
         print(interceptor.ruleset(), end="")
@@ -312,6 +316,12 @@ def _data_plane_options(p: argparse.ArgumentParser, *, policy: bool) -> None:
         "--udp-io",
         choices=["rust", "asyncio"],
         help="who serves the UDP sockets: a Rust thread (default) or asyncio transports",
+    )
+    p.add_argument(
+        "--no-reverse-path-check",
+        action="store_true",
+        help="do not drop packets whose source address does not route back through the "
+        "interface they came in on (for asymmetric routing; see docs/nftables.md)",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 

@@ -103,6 +103,10 @@ class ProxyConfig:
     # Who serves the UDP sockets: a Rust thread (recvmmsg/sendmmsg, no Python per packet) or
     # asyncio datagram transports. See docs/fastpath.md.
     udp_io: str = "rust"
+    # Drop packets whose source address does not route back through the interface they came
+    # in on (nftables backend, interception): a pod cannot borrow another's identity. Off only
+    # where routing is asymmetric. See docs/nftables.md.
+    reverse_path_check: bool = True
 
     OPTIONS: ClassVar[tuple[str, ...]] = (
         "listen",
@@ -128,6 +132,7 @@ class ProxyConfig:
         "intercept",
         "intercept_port",
         "udp_io",
+        "reverse_path_check",
     )
 
     def __post_init__(self) -> None:
@@ -154,8 +159,9 @@ class ProxyConfig:
                 raise ConfigError(f"{name}: {value!r}: must be a positive whole number")
         if not isinstance(self.min_ttl, int) or self.min_ttl < 0:
             raise ConfigError(f"min_ttl: {self.min_ttl!r}: must be a whole number >= 0")
-        if not isinstance(self.intercept, bool):
-            raise ConfigError(f"intercept: {self.intercept!r}: must be true or false")
+        for name in ("intercept", "reverse_path_check"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}: {getattr(self, name)!r}: must be true or false")
         if not isinstance(self.intercept_port, int) or not 0 < self.intercept_port < 65536:
             raise ConfigError(
                 f"intercept_port: {self.intercept_port!r}: must be a port from 1 to 65535"
@@ -232,7 +238,7 @@ def _convert(name: str, value: Any, source: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).isdigit():
             raise ConfigError(f"{option}: {value!r} is not a whole number")
         return int(value)
-    return _bool(value, option) if name == "intercept" else value
+    return _bool(value, option) if name in ("intercept", "reverse_path_check") else value
 
 
 def _bool(value: Any, option: str) -> bool:

@@ -630,9 +630,10 @@ class Proxy:
         self.endpoints = endpoints
         #: Transparent interception (``config.intercept``): the node's rules and their sources.
         if intercept is None and self.config.intercept:
-            intercept = Interceptor(
-                InterceptSettings(port=self.config.intercept_port), exclude=self.config.listen
+            settings = InterceptSettings(
+                port=self.config.intercept_port, reverse_path_check=self.config.reverse_path_check
             )
+            intercept = Interceptor(settings, exclude=self.config.listen)
         self.intercept = intercept
         #: Intercepted queries go to the server the pod asked unless upstreams are configured.
         self._override = bool(self.config.upstreams)

@@ -213,7 +213,11 @@ class ProxyDaemon:
         self.config = config
         self.state_dir = ensure_private_dir(config.state_dir)
         self.state = StateDir(self.state_dir)
-        self.backend = backend if backend is not None else make_backend(config.backend)
+        self.backend = (
+            backend
+            if backend is not None
+            else make_backend(config.backend, reverse_path_check=config.reverse_path_check)
+        )
         self.proxy: Proxy | None = None
         self.control = ControlServer(
             self.state_dir / "control.sock",
