@@ -454,7 +454,8 @@ def _installed(status: dict[str, Any]) -> dict[str, Any]:
     return {k: status[k] for k in NONE}
 
 
-FULL = {"table": True, "rules": 6, "ip_rules4": 1, "ip_rules6": 1, "routes4": 1, "routes6": 1}
+#: Rules: the mark, the listen address, two reverse path drops, two TPROXY, two drops.
+FULL = {"table": True, "rules": 8, "ip_rules4": 1, "ip_rules6": 1, "routes4": 1, "routes6": 1}
 NONE = {"table": False, "rules": 0, "ip_rules4": 0, "ip_rules6": 0, "routes4": 0, "routes6": 0}
 
 
@@ -529,6 +530,8 @@ def _wait(cond: Any, what: str, timeout: float = 10.0) -> None:
 def test_a_pod_sending_with_another_pods_or_the_servers_address_is_dropped(env: Env) -> None:
     """The free pod takes the policed pod's addresses (and the cluster DNS server's) on its own
     interface and asks with them, intercepted (to the server) and directly (to fqdnguard)."""
+    if env.proxy is None:  # after the kill -9 test
+        env.start()
     topo, dev = env.topo, "fif0"
     borrowed = [(POLICED4, "32"), (POLICED6, "128"), (CLUSTER_DNS4, "32")]
     for addr, bits in borrowed:
