@@ -62,6 +62,8 @@ other.allowed   A   10.79.2.11
 other.allowed   AAAA fd79:2::11
 denied.blocked  A   10.79.2.12
 denied.blocked  AAAA fd79:2::12
+spoof.allowed   A   10.79.2.13
+spoof.allowed   AAAA fd79:2::13
 """
 
 POLICY = """
@@ -199,6 +201,11 @@ class Env:
 
     def queries(self) -> int:
         return int(self.stats()["engine"]["queries"])
+
+    def cached_names(self) -> set[str]:
+        status, body = request_sync(str(self.state / "run" / "control.sock"), "GET", "/v1/cache")
+        assert status == 200
+        return {e["name"] for e in body["entries"]}
 
     def logged(self) -> list[dict[str, Any]]:
         """Query log lines written since the last call."""
@@ -447,7 +454,8 @@ def _installed(status: dict[str, Any]) -> dict[str, Any]:
     return {k: status[k] for k in NONE}
 
 
-FULL = {"table": True, "rules": 6, "ip_rules4": 1, "ip_rules6": 1, "routes4": 1, "routes6": 1}
+#: Rules: the mark, the listen address, two reverse path drops, two TPROXY, two drops.
+FULL = {"table": True, "rules": 8, "ip_rules4": 1, "ip_rules6": 1, "routes4": 1, "routes6": 1}
 NONE = {"table": False, "rules": 0, "ip_rules4": 0, "ip_rules6": 0, "routes4": 0, "routes6": 0}
 
 
@@ -517,3 +525,43 @@ def _wait(cond: Any, what: str, timeout: float = 10.0) -> None:
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.1)
+
+
+def test_a_pod_sending_with_another_pods_or_the_servers_address_is_dropped(env: Env) -> None:
+    """The free pod takes the policed pod's addresses (and the cluster DNS server's) on its own
+    interface and asks with them, intercepted (to the server) and directly (to fqdnguard)."""
+    if env.proxy is None:  # after the kill -9 test
+        env.start()
+    topo, dev = env.topo, "fif0"
+    borrowed = [(POLICED4, "32"), (POLICED6, "128"), (CLUSTER_DNS4, "32")]
+    for addr, bits in borrowed:
+        extra = ["nodad"] if ":" in addr else []
+        topo.ns(topo.free, "ip", "addr", "add", f"{addr}/{bits}", "dev", dev, *extra)
+    try:
+        before = env.queries()
+        wire = dns.message.make_query("spoof.allowed.e2e.test", "A").to_wire()
+        for source, server in (
+            (POLICED4, CLUSTER_DNS4),
+            (POLICED6, CLUSTER_DNS6),
+            (POLICED4, NODE_POLICED4),
+            (CLUSTER_DNS4, NODE_POLICED4),
+        ):
+            family = socket.AF_INET6 if ":" in server else socket.AF_INET
+            with topo.open_socket(topo.free, family, socket.SOCK_DGRAM) as s:
+                s.bind((source, 0))
+                s.settimeout(0.5)
+                s.sendto(wire, (server, 53))
+                with pytest.raises(TimeoutError):
+                    s.recvfrom(65535)
+        time.sleep(0.2)
+        assert env.queries() == before, "a spoofed query reached fqdnguard"
+        assert "spoof.allowed.e2e.test." not in env.cached_names()
+    finally:
+        for addr, bits in borrowed:
+            topo.ns(topo.free, "ip", "addr", "del", f"{addr}/{bits}", "dev", dev)
+    # The honest pods are unaffected, each with its own address.
+    assert env.ask(topo.pod, "web.allowed.e2e.test", CLUSTER_DNS4).rcode == dns.rcode.NOERROR
+    assert env.ask(topo.pod, "web.allowed.e2e.test", NODE_POLICED4).rcode == dns.rcode.NOERROR
+    got = env.ask(topo.free, "web.allowed.e2e.test", CLUSTER_DNS6, rdtype="AAAA")
+    assert got.addrs == ["fd79:2::10"]
+    assert env.reaches("10.79.2.10")

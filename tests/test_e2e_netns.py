@@ -46,7 +46,7 @@ denied.blocked  A   10.77.2.12
 short.allowed   2 A 10.77.2.13
 short6.allowed  2 AAAA fd77:2::13
 alt.allowed     A   10.77.2.14
-"""
+""" + "".join(f"burst-{i}.allowed A 10.77.3.{i}\n" for i in range(1, 61))
 
 POLICY = """
 apiVersion: cilium.io/v2

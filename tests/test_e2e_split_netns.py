@@ -114,6 +114,26 @@ class World:
                 return str(item["set"]["name"])
         return None
 
+    def kernel_addresses(self) -> set[str]:
+        """Every address in the fqdnguard table's learned-address sets."""
+        listing = json.loads(self.nft("-j", "list", "table", "inet", "fqdnguard"))
+        out: set[str] = set()
+        for item in listing["nftables"]:
+            if item.get("set", {}).get("name", "").startswith("ep_"):
+                for e in item["set"].get("elem", []):
+                    out.add(str(e["elem"]["val"] if isinstance(e, dict) else e))
+        return out
+
+    def cache_list(self) -> set[str]:
+        """The addresses ``fqdnguard cache list`` shows for the state dir."""
+        out = subprocess.run(
+            fqdnguard_cmd("cache", "list", "--json", "--state-dir", str(self.state)),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return {e["ip"] for e in json.loads(out)}
+
     def reaches(self, ip: str, port: int = 443) -> bool:
         s = self.topo.connect(self.topo.pod, ip, port)
         if s is None:
@@ -264,3 +284,29 @@ def test_taking_over_prunes_nothing_the_old_proxy_added_after_its_save(w: World)
     w.proxy()
     assert not w.reaches("10.77.2.11")
     assert w.reaches("10.77.2.10")
+
+
+def test_kill_9_under_load_loses_no_allowed_pair(w: World) -> None:
+    proxy = w.proxy()  # the default save interval (60 s): nothing is saved before the kill
+    assert w.agent("--once").wait(30) == 0
+    names = [f"burst-{i}.allowed.e2e.test" for i in range(1, 61)]
+    stream = w.stream([*names, "denied.blocked.e2e.test"], rate=250)
+    time.sleep(1.0)
+    assert w.resolve("web.allowed.e2e.test")[1] == ["10.77.2.10"]
+    proxy.send_signal(signal.SIGKILL)  # under load: the stream is still sending
+    proxy.wait()
+    stream.stop(grace=0.5)
+    allowed = {
+        f"10.77.3.{stream.sent[q].split('.')[0].removeprefix('burst-')}"
+        for q, rcode in stream.answered.items()
+        if rcode == dns.rcode.NOERROR
+    }
+    assert len(allowed) >= 50, stream.summary()
+    allowed.add("10.77.2.10")
+
+    w.proxy()  # a cold start: no peer to hand over, the kernel reconciled to what it restored
+    missing = allowed - w.kernel_addresses()
+    assert not missing, f"no longer enforced after the restart: {sorted(missing)}"
+    assert w.reaches("10.77.2.10")
+    assert not w.reaches("10.77.2.11")
+    assert allowed <= w.cache_list()

@@ -328,3 +328,27 @@ def test_element_batches_are_atomic_big_and_name_what_failed() -> None:
         "error"
     ]
     assert out["partial"] is False
+
+
+def test_the_reverse_path_check_is_on_by_default_and_can_be_turned_off(tmp_path: Path) -> None:
+    text = backend()[0].ruleset()
+    chain = text.split("chain antispoof {")[1].split("}")[0]
+    assert "type filter hook prerouting priority raw; policy accept;" in chain
+    assert "ip saddr != 0.0.0.0 fib saddr . iif oif missing counter drop" in chain
+    assert "ip6 saddr != :: fib saddr . iif oif missing counter drop" in chain
+    eps = Endpoints.from_yaml(ENDPOINTS)
+    off = Nftables(reverse_path_check=False)
+    off.set_policy(Policy.from_yaml(POLICY, endpoints=eps), eps, listen=[("10.0.0.1", 53)])
+    assert "antispoof" not in off.ruleset() and "fib saddr" not in off.ruleset()
+    # The flag reaches the dry run (and so the backend `run` and `proxy` make).
+    (tmp_path / "p.yaml").write_text(POLICY)
+    (tmp_path / "e.yaml").write_text(ENDPOINTS)
+    base = [sys.executable, "-m", "fqdnguard.cli", "run", "--backend", "nftables", "--dry-run",
+            "--policy", str(tmp_path / "p.yaml"), "--endpoints", str(tmp_path / "e.yaml"),
+            "--listen", "10.0.0.1:53", "--intercept"]  # fmt: skip
+    on = subprocess.run(base, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert on.count("fib saddr . iif oif missing counter drop") == 4  # 2 in each table
+    out = subprocess.run(
+        [*base, "--no-reverse-path-check"], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout
+    assert "fib saddr" not in out

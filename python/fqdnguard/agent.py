@@ -24,6 +24,7 @@ from fqdnguard.endpoints import Endpoints
 from fqdnguard.policy import Policy, PolicyError
 from fqdnguard.proxy import Proxy
 from fqdnguard.reloads import PolicyStatus
+from fqdnguard.state import StateDir, StateError
 
 __all__ = ["CACHE_FILE", "CONTROL_SOCKET", "Runner", "cache_entries", "run"]
 
@@ -63,8 +64,13 @@ class Runner:
         self.status = PolicyStatus()
         self.status.applied(None, self.policy, source="files", origin=list(config.policy))
         self.state_dir = Path(config.state_dir) if config.state_dir else None
+        self.state = StateDir(self.state_dir) if self.state_dir is not None else None
         self.cache = self._restore_cache()
-        self.backend = backend if backend is not None else make_backend(config.backend)
+        self.backend = (
+            backend
+            if backend is not None
+            else make_backend(config.backend, reverse_path_check=config.reverse_path_check)
+        )
         self.proxy = Proxy(
             self.policy, self.endpoints, backend=self.backend, cache=self.cache, config=config
         )
@@ -73,22 +79,28 @@ class Runner:
         self._metrics: Any = None
 
     def _restore_cache(self) -> DnsCache:
-        if self.state_dir is None:
-            return DnsCache(min_ttl=self.config.min_ttl)
+        cache = DnsCache(min_ttl=self.config.min_ttl)
+        if self.state_dir is None or self.state is None:
+            return cache
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not self.state.open():
+            return cache
         path = self.state_dir / CACHE_FILE
         if path.exists():
             try:
                 cache = DnsCache.load(path)
                 log.info("restored %d cache entries from %s", len(cache), path)
-                return cache
             except CacheError as e:
                 log.error("cannot restore the cache (%s); starting empty", e)
-        return DnsCache(min_ttl=self.config.min_ttl)
+        self.state.replay(cache, None)
+        return cache
 
     def save_cache(self) -> None:
-        if self.state_dir is not None:
-            self.cache.save(self.state_dir / CACHE_FILE)
+        """Saves the cache as the state directory's next sequence (StateError when the
+        directory is a newer release's, or another process has written it since)."""
+        if self.state_dir is not None and self.state is not None:
+            path = self.state_dir / CACHE_FILE
+            self.state.commit(lambda: self.cache.save(path))
 
     def reload(self) -> bool:
         """Reloads policy and endpoints; the old set stays in force when the new one is bad."""
@@ -113,6 +125,12 @@ class Runner:
 
     async def start(self) -> None:
         await self.proxy.start()
+        if self.state is not None and self.state.writable:
+            try:
+                self.state.claim()
+                self.proxy.journal = self.state.start_journal(None)
+            except (StateError, OSError) as e:
+                log.error("cannot claim the state directory: %s", e)
         # A long-running server with few cyclic objects: move what start-up built out of the
         # collector's sight and collect young objects less often (fewer pauses on the data path).
         gc.collect()
@@ -157,7 +175,12 @@ class Runner:
         await self.proxy.stop()
         if self._metrics is not None:
             self._metrics.shutdown()
-        self.save_cache()
+        try:
+            self.save_cache()
+        except (StateError, CacheError, OSError) as e:
+            log.error("saving the cache failed: %s", e)
+        if self.state is not None and self.state.journal is not None:
+            self.state.journal.close()
         log.info("stopped")
 
     async def _save_periodically(self) -> None:
@@ -165,7 +188,7 @@ class Runner:
             await asyncio.sleep(self.config.cache_save_interval)
             try:
                 await asyncio.get_running_loop().run_in_executor(None, self.save_cache)
-            except CacheError as e:
+            except (CacheError, OSError, StateError) as e:
                 log.error("saving the cache failed: %s", e)
 
     async def _get_cache(self, _body: Any) -> tuple[int, Any]:

@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fqdnguard._core import FqdnGuardError
@@ -19,6 +20,7 @@ from fqdnguard.endpoints import Endpoint, Endpoints
 from fqdnguard.policy import Policy, PolicyError, lint
 
 if TYPE_CHECKING:
+    from fqdnguard._core import DnsCache
     from fqdnguard.config import ProxyConfig
 
 EXIT_ALLOWED = 0
@@ -175,6 +177,7 @@ def _proxy_config(args: argparse.Namespace) -> ProxyConfig:
         udp_io=args.udp_io,
         allow_empty_policy=args.allow_empty_policy,
         unenforced_l7=args.unenforced_l7,
+        reverse_path_check=False if args.no_reverse_path_check else None,
     )
 
 
@@ -232,7 +235,7 @@ def _dry_run(config: ProxyConfig) -> int:
     from fqdnguard.backends import make_backend  # noqa: PLC0415
 
     policy, endpoints = load_policy(config)
-    backend = make_backend(config.backend)
+    backend = make_backend(config.backend, reverse_path_check=config.reverse_path_check)
     ruleset = getattr(backend, "ruleset", None)
     if ruleset is None:
         print(f"# the {backend.name} backend installs no ruleset")
@@ -247,7 +250,10 @@ def _dry_run(config: ProxyConfig) -> int:
         )
 
         interceptor = Interceptor(
-            InterceptSettings(port=config.intercept_port), exclude=config.listen
+            InterceptSettings(
+                port=config.intercept_port, reverse_path_check=config.reverse_path_check
+            ),
+            exclude=config.listen,
         )
         interceptor.sources = policed_sources(policy, endpoints)
         print(interceptor.ruleset(), end="")
@@ -297,8 +303,7 @@ def cmd_cache_list(args: argparse.Namespace) -> int:
     import json  # noqa: PLC0415
     import time  # noqa: PLC0415
 
-    from fqdnguard._core import DnsCache  # noqa: PLC0415
-    from fqdnguard.agent import CACHE_FILE, cache_entries  # noqa: PLC0415
+    from fqdnguard.agent import cache_entries  # noqa: PLC0415
     from fqdnguard.control import ControlError  # noqa: PLC0415
 
     source = "live"
@@ -307,12 +312,7 @@ def cmd_cache_list(args: argparse.Namespace) -> int:
         entries = list(data["entries"])  # type: ignore[call-overload]
         now = float(data["now"])  # type: ignore[arg-type]
     except (FileNotFoundError, ConnectionRefusedError, ControlError):
-        snapshot = os.path.join(args.state_dir, CACHE_FILE)
-        if not os.path.exists(snapshot):
-            raise _UsageError(
-                f"no running fqdnguard (no control socket) and no snapshot in {args.state_dir}"
-            ) from None
-        entries, now, source = cache_entries(DnsCache.load(snapshot)), time.time(), "snapshot"
+        entries, now, source = cache_entries(_saved_cache(args.state_dir)), time.time(), "saved"
     if args.endpoint is not None:
         entries = [e for e in entries if e["endpoint"] == args.endpoint]
     if args.name:
@@ -328,6 +328,31 @@ def cmd_cache_list(args: argparse.Namespace) -> int:
         print(f"{e['endpoint']:<10}{e['name']:<40}{ttl:>7}  {when:<22}{e['ip']}")
     print(f"{len(entries)} entries ({source})", file=sys.stderr)
     return 0
+
+
+def _saved_cache(state_dir: str) -> DnsCache:
+    """What a stopped (or crashed) fqdnguard left in ``state_dir``: the snapshot and the
+    journals written since, as its next start would restore them."""
+    from fqdnguard._core import DnsCache  # noqa: PLC0415
+    from fqdnguard.agent import CACHE_FILE  # noqa: PLC0415
+    from fqdnguard.control import policy_digest  # noqa: PLC0415
+    from fqdnguard.proxyd import POLICY_FILE, load_policy_state  # noqa: PLC0415
+    from fqdnguard.state import StateDir, journal_files  # noqa: PLC0415
+
+    snapshot = os.path.join(state_dir, CACHE_FILE)
+    directory = Path(state_dir)
+    if not os.path.exists(snapshot) and not journal_files(directory):
+        raise _UsageError(f"no running fqdnguard (no control socket) and no state in {state_dir}")
+    state = StateDir(directory)
+    if not state.open():
+        raise _UsageError(f"{state_dir}: the state cannot be read (see the message above)")
+    cache = DnsCache.load(snapshot) if os.path.exists(snapshot) else DnsCache()
+    try:
+        saved = load_policy_state(directory / POLICY_FILE)
+    except ValueError:
+        saved = None
+    state.replay(cache, policy_digest(*saved) if saved is not None else None)
+    return cache
 
 
 def _data_plane_options(p: argparse.ArgumentParser, *, policy: bool) -> None:
@@ -358,6 +383,12 @@ def _data_plane_options(p: argparse.ArgumentParser, *, policy: bool) -> None:
         help="who serves the UDP sockets: a Rust thread (default) or asyncio transports",
     )
     _policy_meaning_options(p, empty=True)
+    p.add_argument(
+        "--no-reverse-path-check",
+        action="store_true",
+        help="do not drop packets whose source address does not route back through the "
+        "interface they came in on (for asymmetric routing; see docs/nftables.md)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 

@@ -75,7 +75,7 @@ def resolv_conf_nameservers(path: str = "/etc/resolv.conf") -> list[tuple[str, i
 
 
 # Options that are true or false.
-_FLAGS = ("intercept", "dns0x20", "allow_empty_policy")
+_FLAGS = ("intercept", "dns0x20", "allow_empty_policy", "reverse_path_check")
 # Options that are positive whole numbers.
 _COUNTS = (
     "max_inflight",
@@ -129,6 +129,10 @@ class ProxyConfig:
     # What a port rule with L7 rules fqdnguard cannot enforce (HTTP, Kafka, serverNames) admits:
     # nothing ("deny") or the whole port at L4 ("allow-port"). See docs/policy.md.
     unenforced_l7: str = "deny"
+    # Drop packets whose source address does not route back through the interface they came
+    # in on (nftables backend, interception): a pod cannot borrow another's identity. Off only
+    # where routing is asymmetric. See docs/nftables.md.
+    reverse_path_check: bool = True
 
     OPTIONS: ClassVar[tuple[str, ...]] = (
         "listen",
@@ -160,6 +164,7 @@ class ProxyConfig:
         "udp_io",
         "allow_empty_policy",
         "unenforced_l7",
+        "reverse_path_check",
     )
 
     def __post_init__(self) -> None:
@@ -198,8 +203,9 @@ class ProxyConfig:
             raise ConfigError(f"dns0x20: {self.dns0x20!r}: must be true or false")
         if not isinstance(self.min_ttl, int) or self.min_ttl < 0:
             raise ConfigError(f"min_ttl: {self.min_ttl!r}: must be a whole number >= 0")
-        if not isinstance(self.intercept, bool):
-            raise ConfigError(f"intercept: {self.intercept!r}: must be true or false")
+        for name in ("intercept", "reverse_path_check"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}: {getattr(self, name)!r}: must be true or false")
         if not isinstance(self.intercept_port, int) or not 0 < self.intercept_port < 65536:
             raise ConfigError(
                 f"intercept_port: {self.intercept_port!r}: must be a port from 1 to 65535"

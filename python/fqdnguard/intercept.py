@@ -11,6 +11,10 @@ What ``fqdnguard run --intercept`` installs, all of it owned by fqdnguard::
         type filter hook prerouting priority mangle; policy accept;
         meta mark & 0x2000 == 0x2000 return  # the proxy's own upstream traffic: never again
         ip daddr 10.0.0.1 meta l4proto { tcp, udp } th dport 53 return  # its own --listen
+        meta l4proto { tcp, udp } ip saddr . th dport @policed4    # reverse_path_check:
+            fib saddr . iif oif missing counter drop               # a borrowed source
+        meta l4proto { tcp, udp } ip6 saddr . th dport @policed6
+            fib saddr . iif oif missing counter drop
         meta l4proto { tcp, udp } ip saddr . th dport @policed4
             tproxy ip to 127.0.0.1:10053 meta mark set meta mark | 0x1000 accept
         meta l4proto { tcp, udp } ip6 saddr . th dport @policed6
@@ -94,6 +98,9 @@ class InterceptSettings:
     route_table: int = 153
     rule_priority: int = 153
     table: str = TABLE
+    #: Drop policed-looking DNS whose source does not route back through the interface it came
+    #: in on (another pod borrowing a policed pod's address), before it is intercepted.
+    reverse_path_check: bool = True
 
 
 #: The DNS port every policed endpoint has intercepted, whatever ports its DNS rules name.
@@ -149,9 +156,18 @@ class Interceptor:
                 else f"{'ip6' if addr.version == 6 else 'ip'} daddr {addr}"
             )
             own.append(f"{where} meta l4proto {{ tcp, udp }} th dport {port} return")
+        spoofed = (
+            [
+                f"{dns} ip saddr . th dport @policed4 fib saddr . iif oif missing counter drop",
+                f"{dns} ip6 saddr . th dport @policed6 fib saddr . iif oif missing counter drop",
+            ]
+            if s.reverse_path_check
+            else []
+        )
         return [
             f"meta mark & {s.proxy_mark:#x} == {s.proxy_mark:#x} return",
             *own,
+            *spoofed,
             f"{dns} ip saddr . th dport @policed4 tproxy ip to {LISTEN4}:{s.port} {mark}",
             f"{dns} ip6 saddr . th dport @policed6 tproxy ip6 to [{LISTEN6}]:{s.port} {mark}",
             # tproxy found no listener (fqdnguard is not running): no way around the proxy.

@@ -38,6 +38,7 @@ from fqdnguard.intercept import (
     InterceptSettings,
     policed_sources,
 )
+from fqdnguard.state import Journal, journal_entries
 
 __all__ = ["Proxy", "ProxyStats"]
 
@@ -84,6 +85,8 @@ class ProxyStats:
     upstream_send_errors: int = 0
     #: TCP connections closed to make room for a client holding fewer.
     tcp_evicted: int = 0
+    #: Batches whose learning could not be written to the state directory's journal.
+    journal_errors: int = 0
 
     def counters(self, io: UdpIo | None = None) -> dict[str, int]:
         """The integer counters, with the Rust UDP path's share of the interception ones
@@ -740,9 +743,10 @@ class Proxy:
         self.endpoints = endpoints
         #: Transparent interception (``config.intercept``): the node's rules and their sources.
         if intercept is None and self.config.intercept:
-            intercept = Interceptor(
-                InterceptSettings(port=self.config.intercept_port), exclude=self.config.listen
+            settings = InterceptSettings(
+                port=self.config.intercept_port, reverse_path_check=self.config.reverse_path_check
             )
+            intercept = Interceptor(settings, exclude=self.config.listen)
         self.intercept = intercept
         #: Intercepted queries go to the server the pod asked unless upstreams are configured.
         self._override = bool(self.config.upstreams)
@@ -795,6 +799,9 @@ class Proxy:
         self._next_adds = False
         self._adds_inflight = False
         self._applier: asyncio.Task[None] | None = None
+        #: Where applied changes are written before their answers are released (the state
+        #: directory's journal, see fqdnguard.state); None: nowhere.
+        self.journal: Journal | None = None
         self._running = False
         self._stopping = False
         # udp_io "rust": the UDP sockets are served by a Rust thread (see `_core.UdpIo`); what
@@ -1368,6 +1375,8 @@ class Proxy:
                     )
                 finally:
                     timer.cancel()
+                if changes and self.journal is not None:
+                    self._write_journal(changes)
                 self.stats.batches += 1
                 self.stats.hold_seconds.append(loop.time() - started)
                 if len(self.stats.hold_seconds) > 4096:
@@ -1379,6 +1388,17 @@ class Proxy:
         finally:
             self._applier = None
             self._adds_inflight = False
+
+    def _write_journal(self, changes: Sequence[Any]) -> None:
+        """Journals what a batch taught, before its answers go out: a crash loses none of it.
+        A failed write is logged and counted; the answers are released all the same (the
+        firewall has the addresses; the next save holds them)."""
+        assert self.journal is not None
+        try:
+            self.journal.append(journal_entries(self.cache, changes))
+        except (OSError, ValueError) as e:
+            self.stats.journal_errors += 1
+            log.error("journal %s: %s", self.journal.path, e)
 
     @property
     def _adds_pending(self) -> bool:

@@ -59,6 +59,7 @@ from fqdnguard.endpoints import Endpoints
 from fqdnguard.policy import Policy, PolicyError
 from fqdnguard.proxy import Proxy, entries_as_answers
 from fqdnguard.reloads import PolicyStatus
+from fqdnguard.state import FORMAT, StateDir, StateError
 
 __all__ = ["POLICY_FILE", "ProxyDaemon", "load_policy_state", "run_proxy", "steer_to_newest"]
 
@@ -221,7 +222,12 @@ class ProxyDaemon:
             )
         self.config = config
         self.state_dir = ensure_private_dir(config.state_dir)
-        self.backend = backend if backend is not None else make_backend(config.backend)
+        self.state = StateDir(self.state_dir)
+        self.backend = (
+            backend
+            if backend is not None
+            else make_backend(config.backend, reverse_path_check=config.reverse_path_check)
+        )
         self.proxy: Proxy | None = None
         self.control = ControlServer(
             self.state_dir / "control.sock",
@@ -273,8 +279,12 @@ class ProxyDaemon:
         return self.policy_state.digest[:16] if self.policy_state is not None else "none"
 
     def _restore(self) -> tuple[Policy, Endpoints, DnsCache]:
+        if not self.state.open():
+            return Policy.empty(), Endpoints(), DnsCache(min_ttl=self.config.min_ttl)
         policy, endpoints, cache = self._restore_saved()
         self._merge_leftovers(cache)
+        digest = self.policy_state.digest if self.policy_state is not None else None
+        self.state.replay(cache, digest)
         return policy, endpoints, cache
 
     def _merge_leftovers(self, cache: DnsCache) -> None:
@@ -340,6 +350,7 @@ class ProxyDaemon:
         await self.control.start()
         if handed_over:
             log.info("took over the control socket %s", self.control.path)
+        self._claim_state()
         gc.collect()
         gc.freeze()
         gc.set_threshold(50_000, 20, 20)
@@ -351,6 +362,21 @@ class ProxyDaemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+
+    def _claim_state(self) -> None:
+        """Makes this process the state directory's writer (a proxy that wrote before can no
+        longer save over it) and starts its journal."""
+        assert self.proxy is not None
+        if not self.state.writable:
+            return
+        try:
+            sequence = self.state.claim()
+        except (StateError, OSError) as e:
+            log.error("cannot claim the state directory: %s", e)
+            return
+        ps = self.policy_state
+        self.proxy.journal = self.state.start_journal(ps.digest if ps is not None else None)
+        log.info("state directory %s: format %d.%d, sequence %d", self.state_dir, *FORMAT, sequence)
 
     async def run(self) -> None:
         await self.start()
@@ -401,7 +427,12 @@ class ProxyDaemon:
         if superseded:
             await self._hand_cache_over()
         else:
-            self.save()
+            try:
+                self.save()
+            except (StateError, CacheError, OSError) as e:
+                log.error("saving the state failed: %s", e)
+        if self.state.journal is not None:
+            self.state.journal.close()
         log.info("stopped")
 
     # -- state ------------------------------------------------------------------------------
@@ -428,15 +459,21 @@ class ProxyDaemon:
         log.info("handed the cache over: %s changes for the new proxy", changes)
 
     def save(self) -> None:
-        """Saves the cache and the policy in force (each atomically); nothing once another
-        proxy has taken the control socket over (its state is the newer)."""
+        """Saves the cache and the policy in force (each atomically) as the state directory's
+        next sequence; nothing once another proxy has taken the control socket over (its state
+        is the newer). Raises StaleWriter when one has written the state since this one did,
+        NewerState when the directory is a newer release's."""
         with self._save_lock:  # the periodic saver, /v1/save and /v1/adopt use threads
             if self.control.superseded():
                 return
-            if self.proxy is not None:
-                self.proxy.cache.save(self.cache_path)
-            if self.policy_state is not None:
-                atomic_write(self.policy_path, self.policy_state.to_json())
+            ps = self.policy_state
+            self.state.commit(self._write_state, ps.digest if ps is not None else None)
+
+    def _write_state(self) -> None:
+        if self.proxy is not None:
+            self.proxy.cache.save(self.cache_path)
+        if self.policy_state is not None:
+            atomic_write(self.policy_path, self.policy_state.to_json())
 
     async def _save_periodically(self) -> None:
         loop = asyncio.get_running_loop()
@@ -444,7 +481,7 @@ class ProxyDaemon:
             await asyncio.sleep(self.config.cache_save_interval)
             try:
                 await loop.run_in_executor(None, self.save)
-            except (CacheError, OSError) as e:
+            except (CacheError, OSError, StateError) as e:
                 log.error("saving the state failed: %s", e)
 
     # -- control routes ---------------------------------------------------------------------
@@ -466,6 +503,12 @@ class ProxyDaemon:
             },
             "cache": self.proxy.cache.stats(),
             "engine": {k: v for k, v in self.proxy.engine.stats().items() if isinstance(v, int)},
+            "state": {
+                "format": list(FORMAT),
+                "found": list(self.state.found),
+                "sequence": self.state.sequence,
+                "writable": self.state.writable,
+            },
         }
 
     async def _put_policy(self, body: Any) -> tuple[int, Any]:
@@ -505,11 +548,14 @@ class ProxyDaemon:
                 self.status.rejected("push", str(e))
                 return 422, {"error": f"the policy set does not compile: {e}", "errors": [str(e)]}
             old = self.proxy.policy
+            journal = self.state.journal
             try:
                 self.proxy.set_policy(policy, endpoints)
             except (ConfigError, BackendError) as e:
                 self.status.rejected("push", str(e))
                 return 409, {"error": f"the policy cannot be put in force: {e}"}
+            if journal is not None:  # what is learned from now on is under the new policy
+                journal.rotate(digest)
             state = _PolicyState(sources, endpoints_text, "agent", time.time())
             self.policy_state = state
             gone = self.status.applied(
@@ -520,7 +566,10 @@ class ProxyDaemon:
                 digest=digest,
                 trigger="push",
             )
-            await loop.run_in_executor(None, atomic_write, self.policy_path, state.to_json())
+            try:  # the cache too: the journals written under the old policy are then covered
+                await loop.run_in_executor(None, self.save)
+            except (StateError, CacheError, OSError) as e:
+                log.error("the pushed policy is in force but not saved: %s", e)
         log.info(
             "policy pushed: %d policies, %d endpoints (digest %s)",
             len(policy),
@@ -535,8 +584,11 @@ class ProxyDaemon:
     async def _post_save(self, body: Any) -> tuple[int, Any]:
         if isinstance(body, dict) and body.get("successor") is not None:
             self._successor_asked = time.monotonic()
-        await asyncio.get_running_loop().run_in_executor(None, self.save)
-        return 200, {}
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.save)
+        except (StateError, CacheError, OSError) as e:
+            return 409, {"error": f"not saved: {e}"}
+        return 200, {"sequence": self.state.sequence}
 
     async def _post_adopt(self, body: Any) -> tuple[int, Any]:
         """The proxy this one took over from hands its cache over (see the module's text)."""
@@ -560,7 +612,7 @@ class ProxyDaemon:
             path.unlink()
         try:
             await loop.run_in_executor(None, self.save)
-        except (CacheError, OSError) as e:
+        except (CacheError, OSError, StateError) as e:
             log.error("saving the state failed: %s", e)
         log.info("adopted %d cache entries (%d changes) from %s", len(cache), changes, path.name)
         return 200, {"entries": len(cache), "changes": changes}

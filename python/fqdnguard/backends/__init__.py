@@ -90,7 +90,7 @@ class Log(Backend):
 
 def make_backend(name: str, **options: Any) -> Backend:
     """The backend called ``name`` (callback needs ``fn=``)."""
-    if name == "log":
+    if name == "log":  # enforces nothing: reverse_path_check has nothing to apply to
         return Log(options.get("stream"))
     if name == "callback":
         fn = options.get("fn")
@@ -100,5 +100,5 @@ def make_backend(name: str, **options: Any) -> Backend:
     if name == "nftables":
         from fqdnguard.backends.nftables import Nftables  # noqa: PLC0415
 
-        return Nftables(**{k: v for k, v in options.items() if k != "fn"})
+        return Nftables(**{k: v for k, v in options.items() if k not in ("fn", "stream")})
     raise BackendError(f"unknown backend {name!r}: choose callback, log or nftables")

@@ -12,6 +12,11 @@ The ruleset lives in one table, ``inet fqdnguard``, and never needs flushing::
       }                                               # sources no policy restricts: untouched
       chain forward { type filter hook forward priority filter; policy accept; jump egress }
       chain output  { type filter hook output priority filter; policy accept; jump egress }
+      chain antispoof {                               # reverse_path_check (the default)
+        type filter hook prerouting priority raw; policy accept;
+        ip saddr != 0.0.0.0 fib saddr . iif oif missing counter drop
+        ip6 saddr != :: fib saddr . iif oif missing counter drop
+      }
       chain ep_7 {                                    # one per restricted endpoint
         meta l4proto { tcp, udp } ip daddr 10.0.0.1 th dport 53 accept        # DNS to the proxy
         ip daddr @ep_7_f0_4 meta l4proto . th dport { tcp . 443 } accept        # toFQDNs rule 0
@@ -22,6 +27,15 @@ The ruleset lives in one table, ``inet fqdnguard``, and never needs flushing::
       set ep_7_f0_4 { type ipv4_addr; flags timeout; }  # learned IPs, each with its own timeout
       set ep_7_f0_6 { type ipv6_addr; flags timeout; }
     }
+
+Sources: endpoints are known by their source address, so a pod sending with another's (or the
+DNS server's) would get its policy, at the DNS proxy and in ``egress``. ``antispoof`` drops, before
+anything else sees them (conntrack, interception, the proxy's sockets), packets whose source does
+not route back through the interface they came in on (strict reverse path, as ``rp_filter=1``
+does for IPv4 only). Packets from the unspecified address (DHCP, duplicate address detection)
+are left alone: nothing can answer them. Loopback traffic always passes (the kernel's fib
+expression treats it so). ``reverse_path_check=False`` leaves the chain out, for nodes with
+asymmetric routing.
 
 Ports: one address set per (endpoint, distinct port list of its ``toFQDNs`` rules), matched by a
 rule that also checks protocol and destination port against the rule's ``toPorts`` (an anonymous
@@ -76,6 +90,13 @@ FAMILY = "inet"
 _OUTPUT_JSON = 1 << 4
 #: Batches with more elements than this go to a worker thread so the event loop keeps serving.
 INLINE_ELEMENTS = 512
+#: The reverse path check (see the module docstring): its chain, hook and rules.
+ANTISPOOF = "antispoof"
+ANTISPOOF_HOOK = "type filter hook prerouting priority raw; policy accept;"
+ANTISPOOF_RULES = (
+    "ip saddr != 0.0.0.0 fib saddr . iif oif missing counter drop",
+    "ip6 saddr != :: fib saddr . iif oif missing counter drop",
+)
 _PROTOS = {"TCP": ("tcp",), "UDP": ("udp",), "SCTP": ("sctp",), "ANY": ("tcp", "udp", "sctp")}
 
 
@@ -491,8 +512,10 @@ class Nftables(Backend):
         table: str = TABLE,
         clock: Callable[[], float] = time.time,
         inline_elements: int = INLINE_ELEMENTS,
+        reverse_path_check: bool = True,
     ) -> None:
         self.library = library
+        self.reverse_path_check = reverse_path_check
         self.table = table
         self.clock = clock
         self.inline_elements = inline_elements
@@ -561,6 +584,10 @@ class Nftables(Backend):
                 f"\tchain {hook} {{\n\t\ttype filter hook {hook} priority filter; policy accept;"
                 "\n\t\tjump egress\n\t}"
             )
+        if self.reverse_path_check:
+            lines.append(f"\tchain {ANTISPOOF} {{\n\t\t{ANTISPOOF_HOOK}")
+            lines += [f"\t\t{r}" for r in ANTISPOOF_RULES]
+            lines.append("\t}")
         for ep in self._endpoints.values():
             lines.append(f"\tchain {ep.chain} {{")
             lines += [f"\t\t{r}" for r in ep.rules(self._listen)]
@@ -599,6 +626,12 @@ class Nftables(Backend):
                 f"add chain {t} {hook} "
                 f"{{ type filter hook {hook} priority filter; policy accept; }}"
             )
+        if self.reverse_path_check:
+            cmds += [
+                f"add chain {t} {ANTISPOOF} {{ {ANTISPOOF_HOOK} }}",
+                f"flush chain {t} {ANTISPOOF}",
+                *(f"add rule {t} {ANTISPOOF} {r}" for r in ANTISPOOF_RULES),
+            ]
         for ep in self._endpoints.values():
             cmds.append(f"add chain {t} {ep.chain}")
             for set_name, family in ep.sets():
@@ -619,6 +652,8 @@ class Nftables(Backend):
         wanted_chains = {"egress", "forward", "output"} | {
             ep.chain for ep in self._endpoints.values()
         }
+        if self.reverse_path_check:
+            wanted_chains.add(ANTISPOOF)
         wanted_sets = {"src4", "src6"} | {
             s for ep in self._endpoints.values() for s, _ in ep.sets()
         }
