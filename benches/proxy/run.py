@@ -4,6 +4,8 @@
   (b) relay      a bare uvloop UDP relay that parses nothing (the ceiling for a Python proxy)
   (c) fqdnguard  `fqdnguard run` with a 1,000-pattern policy over 250 endpoints, as shipped (UDP
                  served by a Rust thread: recvmmsg/sendmmsg)
+  (c1) one socket the same with one upstream socket and query names sent as written (as before
+                 the RFC 5452 pool of 1,024 random-port sockets and 0x20): what they cost
   (c2) asyncio   the same with `--udp-io asyncio`: UDP sockets on the Python event loop
   (d) dnsdist    dnsdist forwarding, no cache (the C++ peer)
   (e) pyproxy    the same job in plain Python with dnspython and `re` (the Python peer)
@@ -278,7 +280,14 @@ def targets(
             p,
         )
     )
-    for name, udp_io in (("c fqdnguard", "rust"), ("c2 asyncio", "asyncio")):
+    # (c1): as before the RFC 5452 pool, one upstream socket and names sent as written.
+    one_socket = tmp / "one-socket.yaml"
+    one_socket.write_text("upstream_sockets: 1\ndns0x20: false\n")
+    for name, udp_io, extra in (
+        ("c fqdnguard", "rust", []),
+        ("c1 one socket", "rust", ["--config", str(one_socket)]),
+        ("c2 asyncio", "asyncio", []),
+    ):
         p = free_port()
         out.append(
             (
@@ -304,6 +313,7 @@ def targets(
                     "warning",
                     "--udp-io",
                     udp_io,
+                    *extra,
                 ],
                 p,
             )
@@ -410,7 +420,7 @@ def main() -> int:
     return intercepted_mode(files, args)
 
 
-AT_RATE = ("a upstream", "b relay", "c fqdnguard", "c2 asyncio", "d dnsdist")
+AT_RATE = ("a upstream", "b relay", "c fqdnguard", "c1 one socket", "c2 asyncio", "d dnsdist")
 
 
 def at_rate(
@@ -497,6 +507,15 @@ def report(results: dict[str, dict[str, float]], rate: float, out: Path, knot_cp
             0,
         ),
     ]
+    if "c1 one socket" in results:
+        checks.append(
+            (
+                "(c) / (c1) one upstream socket: the cost of random ports and 0x20 (no target)",
+                c["qps"] / results["c1 one socket"]["qps"],
+                "",
+                0,
+            )
+        )
     if "c2 asyncio" in results:
         checks.append(
             ("(c) / (c2) asyncio (no target)", c["qps"] / results["c2 asyncio"]["qps"], "", 0)
