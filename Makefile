@@ -86,6 +86,7 @@ bench-quick: build-dev ## Every benchmark once in a short mode (what CI runs so 
 	done
 	$(PYTHON) benches/proxy/run.py --quick
 	$(PYTHON) benches/proxy/nft_vs_log.py --quick
+	$(PYTHON) benches/forgery.py --quick
 
 .PHONY: bench-proxy
 bench-proxy: system-deps build-dev ## dnsperf: upstream, bare relay, fqdnguard, dnsdist, dnspython proxy side by side
