@@ -212,6 +212,10 @@ class _TcpClient(_TcpFramer):
         self.channel = 0
         self.idle: asyncio.TimerHandle | None = None
         self.tokens: set[int] = set()
+        #: Answers received from upstream but held for the backend (sent when released).
+        self.held = 0
+        #: The client shut its write side: answer what came before, then close.
+        self.eof = False
         #: The server its upstream connection goes to, when it is the one the pod asked.
         self.upstream_addr: tuple[str, int] | None = None
         #: Whose share it counts against, and when it was admitted (see Proxy._tcp_open).
@@ -234,7 +238,7 @@ class _TcpClient(_TcpFramer):
         self.idle = loop.call_later(self.proxy.config.tcp_idle_timeout, self._idle_timeout)
 
     def _idle_timeout(self) -> None:
-        if self.tokens:  # answers still owed: wait for them
+        if self._owed():  # answers still owed: wait for them
             self._arm_idle()
         elif self.transport is not None:
             self.transport.close()
@@ -242,6 +246,22 @@ class _TcpClient(_TcpFramer):
     def message_received(self, message: bytes) -> None:
         self._arm_idle()
         self.proxy._on_query(message, _Client(self.transport, self.peer, self), self.peer[0], True)
+
+    def eof_received(self) -> bool:
+        """The client shut its write side after its queries (``nc -q``, some stub resolvers):
+        as BIND and Knot do, the queries received before are answered, and the connection
+        closes after the last answer (or at the idle timeout). An unfinished message is
+        dropped."""
+        self.eof = True
+        return self._owed()
+
+    def _owed(self) -> bool:
+        return bool(self.tokens or self.held)
+
+    def send(self, payload: bytes) -> None:
+        super().send(payload)
+        if self.eof and not self._owed() and self.transport is not None:
+            self.transport.close()  # after what is written is flushed
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.idle is not None:
@@ -1340,6 +1360,8 @@ class Proxy:
     def _hold(self, payload: bytes, client: _Client, changes: Sequence[Any], adds: bool) -> None:
         self._held_seq += 1
         self._held[self._held_seq] = (payload, client)
+        if client.tcp is not None:  # owed: its connection stays open for it
+            client.tcp.held += 1
         self._next_held.append(self._held_seq)
         self.stats.held += 1
         if adds:
@@ -1420,7 +1442,10 @@ class Proxy:
         for h in held:
             entry = self._held.pop(h, None)
             if entry is not None:
-                entry[1].send(entry[0])
+                payload, client = entry
+                if client.tcp is not None:
+                    client.tcp.held -= 1
+                client.send(payload)
         if held_io and self._io is not None:
             self._io.release(list(held_io))
 
