@@ -123,6 +123,16 @@ class ProxyCollector(Collector):
             "fqdnguard_upstream_failovers", "Switches to the next upstream after failures",
             value=counts["upstream_failovers"],
         )  # fmt: skip
+        yield CounterMetricFamily(
+            "fqdnguard_upstream_unreachable",
+            "Route checks that found an upstream unreachable (its queries get SERVFAIL)",
+            value=counts["upstream_unreachable"],
+        )
+        yield CounterMetricFamily(
+            "fqdnguard_upstream_send_errors",
+            "UDP queries the asyncio path could not send upstream (no route, no socket)",
+            value=counts["upstream_send_errors"],
+        )
         intercepted = CounterMetricFamily(
             "fqdnguard_interception_dropped",
             "Intercepted (transparent) traffic dropped, by reason",
