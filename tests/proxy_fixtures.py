@@ -121,3 +121,26 @@ async def tcp_ask(
         return out
     finally:
         writer.close()
+
+
+async def tcp_ask_half_closed(
+    server: tuple[str, int], wires: list[bytes], source: str = POD_IP, timeout: float = 3.0
+) -> list[bytes]:
+    """Sends the messages pipelined on one TCP connection, then shuts its write side (as
+    ``nc -q`` and some stub resolvers do); returns every answer read until the server closes."""
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(server[0], server[1], local_addr=(source, 0)), timeout
+    )
+    try:
+        writer.write(b"".join(len(w).to_bytes(2, "big") + w for w in wires))
+        writer.write_eof()
+        await writer.drain()
+        rest = await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+    out = []
+    while len(rest) >= 2:
+        size = int.from_bytes(rest[:2], "big")
+        out.append(rest[2 : 2 + size])
+        rest = rest[2 + size :]
+    return out

@@ -312,6 +312,42 @@ def test_policed_pod_denied_name_refused(
     assert (got.rcode, got.addrs, got.source) == (dns.rcode.REFUSED, [], (server, 53))
 
 
+@pytest.mark.parametrize("server", [CLUSTER_DNS4, CLUSTER_DNS6])
+def test_intercepted_tcp_queries_before_a_half_close_are_all_answered(
+    env: Env, server: str
+) -> None:
+    """The policed pod sends pipelined queries over intercepted TCP, then shuts its write side
+    (``nc -q``, some stub resolvers): every query is answered, then fqdnguard closes."""
+    family = socket.AF_INET6 if ":" in server else socket.AF_INET
+    # Only web.allowed: other tests check what other.allowed's addresses reach before and after.
+    asked = [("web.allowed.e2e.test", "A"), ("denied.blocked.e2e.test", "A")]
+    asked.append(("web.allowed.e2e.test", "AAAA"))
+    for i in range(25):
+        queries = [dns.message.make_query(n, t) for n, t in asked]
+        s = env.topo.open_socket(env.topo.pod, family, socket.SOCK_STREAM)
+        with s:
+            s.settimeout(3)
+            s.connect((server, 53))
+            s.sendall(
+                b"".join(len(w).to_bytes(2, "big") + w for w in (m.to_wire() for m in queries))
+            )
+            s.shutdown(socket.SHUT_WR)
+            got = b""
+            while chunk := s.recv(65535):  # until fqdnguard closes
+                got += chunk
+        answers = {}
+        while got:
+            size = int.from_bytes(got[:2], "big")
+            answer = dns.message.from_wire(got[2 : 2 + size])
+            answers[answer.id] = answer.rcode()
+            got = got[2 + size :]
+        assert answers == {
+            queries[0].id: dns.rcode.NOERROR,
+            queries[1].id: dns.rcode.REFUSED,
+            queries[2].id: dns.rcode.NOERROR,
+        }, f"connection {i}"
+
+
 @pytest.mark.parametrize(
     ("server", "tcp"),
     [(OTHER_DNS4, False), (OTHER_DNS4, True), (OTHER_DNS6, False), (OTHER_DNS6, True)],

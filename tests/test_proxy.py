@@ -33,6 +33,7 @@ from tests.proxy_fixtures import (
     UPSTREAM_IP,
     run,
     tcp_ask,
+    tcp_ask_half_closed,
     udp_ask,
 )
 
@@ -211,6 +212,39 @@ def test_tcp_pipelined_and_truncation_fallback(
             text = generate_latest(registry_for(proxy)).decode()
             assert 'fqdnguard_tcp_connections_total{outcome="accepted"} 2.0' in text
             assert 'fqdnguard_tcp_connections_total{outcome="refused"} 0.0' in text
+
+    run(scenario)
+
+
+def test_tcp_queries_sent_before_a_half_close_are_all_answered(
+    knot: KnotServer, proxy_policy: Policy, proxy_endpoints: Endpoints
+) -> None:
+    """A client that shuts its write side after its queries (``nc -q``, some stub resolvers)
+    gets every answer, those held for the backend included, then the proxy closes at once (the
+    idle timeout is far longer than the wait allowed here)."""
+    policy, endpoints = proxy_policy, proxy_endpoints
+
+    async def scenario() -> None:
+        backend = Recorder(delay=0.02)  # answers with new addresses wait for it
+        proxy = make_proxy(knot, policy, endpoints, backend, tcp_idle_timeout=60.0)
+        async with running(proxy):
+            server = ("127.0.0.1", proxy.config.listen[0][1])
+            names = ["www.example.com", "evil.org", "alias.example.com", "short.example.com"]
+
+            async def one_connection(i: int) -> None:
+                queries = [q(n, "AAAA" if i % 2 else "A") for n in names]
+                wires = await tcp_ask_half_closed(server, [m.to_wire() for m in queries])
+                got = {dns.message.from_wire(w).id: dns.message.from_wire(w) for w in wires}
+                assert sorted(got) == sorted(m.id for m in queries), f"connection {i}"
+                assert got[queries[1].id].rcode() == dns.rcode.REFUSED
+                assert got[queries[0].id].rcode() == dns.rcode.NOERROR
+
+            for start in range(0, 60, 10):  # 60 connections, 10 at a time
+                await asyncio.gather(*(one_connection(i) for i in range(start, start + 10)))
+            # Nothing sent at all before the FIN: closed at once too.
+            assert await tcp_ask_half_closed(server, []) == []
+            assert proxy.stats.held >= 1
+            assert not proxy._tcp_clients
 
     run(scenario)
 

@@ -140,7 +140,7 @@ class Runner:
             from fqdnguard.metrics import serve_metrics  # noqa: PLC0415
 
             host, port = self.config.metrics
-            self._metrics = serve_metrics(self.proxy, host, port, [self.status.collector()])
+            self._metrics = await serve_metrics(self.proxy, host, port, [self.status.collector()])
             log.info("metrics on http://%s:%d/metrics", host, port)
         if self.state_dir is not None:
             self._control = ControlServer(
@@ -174,7 +174,7 @@ class Runner:
             await self._control.close()
         await self.proxy.stop()
         if self._metrics is not None:
-            self._metrics.shutdown()
+            await self._metrics.close()
         try:
             self.save_cache()
         except (StateError, CacheError, OSError) as e:

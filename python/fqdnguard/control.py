@@ -22,7 +22,8 @@ Routes served by the proxy (every body is JSON; errors are ``{"error": "...", ..
 ``digest`` is :func:`policy_digest` of what was pushed: the agent compares it with its own to
 decide whether a push is needed (after either side restarted), so a resync is one GET when
 nothing changed. Bodies are limited to ``MAX_BODY`` bytes; a request must arrive within
-``READ_TIMEOUT`` seconds.
+``READ_TIMEOUT`` seconds and its answer be taken within ``WRITE_TIMEOUT``; at most
+``MAX_CONNECTIONS`` are open at once (see ``fqdnguard._http.ConnectionCap``).
 """
 
 from __future__ import annotations
@@ -37,11 +38,11 @@ import socket
 import stat
 import struct
 from collections.abc import Awaitable, Callable, Sequence
-from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 from fqdnguard._core import FqdnGuardError
+from fqdnguard._http import BadRequest, ConnectionCap, read_request, respond
 
 __all__ = [
     "ControlError",
@@ -56,9 +57,12 @@ __all__ = [
 
 log = logging.getLogger("fqdnguard.control")
 
-MAX_HEADER = 16 * 1024
 MAX_BODY = 64 * 1024 * 1024
 READ_TIMEOUT = 10.0
+#: Seconds a peer has to take an answer (the cache listing can be large).
+WRITE_TIMEOUT = 30.0
+#: Connections open at once; at the cap, the oldest one still sending its request is closed.
+MAX_CONNECTIONS = 64
 
 #: A route handler: the decoded JSON body (None without one) -> (status, JSON-able body).
 Handler = Callable[[Any], Awaitable[tuple[int, Any]]]
@@ -140,6 +144,7 @@ class ControlServer:
         self.routes = routes
         self._server: asyncio.base_events.Server | None = None
         self._inode: int | None = None
+        self.connections = ConnectionCap(MAX_CONNECTIONS)
 
     async def start(self) -> None:
         ensure_private_dir(self.path.parent)
@@ -173,6 +178,9 @@ class ControlServer:
                 self.path.unlink()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.connections.admit(writer):
+            writer.transport.abort()
+            return
         try:
             uid = _peer_uid(writer.get_extra_info("socket"))
             if uid is not None and uid not in (0, os.geteuid()):
@@ -180,9 +188,11 @@ class ControlServer:
                 return
             try:
                 method, path, body = await asyncio.wait_for(_read_request(reader), READ_TIMEOUT)
-            except _BadRequest as e:
+            except BadRequest as e:
                 await _respond(writer, e.status, {"error": str(e)})
                 return
+            finally:
+                self.connections.request_read(writer)
             handler = self.routes.get((method, path))
             if handler is None:
                 allowed = [m for m, p in self.routes if p == path]
@@ -198,61 +208,23 @@ class ControlServer:
         except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
+            self.connections.release(writer)
             writer.close()
 
 
-class _BadRequest(Exception):
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, Any]:
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.LimitOverrunError:
-        raise _BadRequest("request header too large", 431) from None
-    if len(head) > MAX_HEADER:
-        raise _BadRequest("request header too large", 431)
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise _BadRequest(f"not an HTTP/1.x request line: {lines[0][:80]!r}")
-    method, path = parts[0], parts[1]
-    headers = {}
-    for line in lines[1:]:
-        if line:
-            name, sep, value = line.partition(":")
-            if not sep:
-                raise _BadRequest(f"malformed header line {line[:80]!r}")
-            headers[name.strip().lower()] = value.strip()
-    length_text = headers.get("content-length", "0")
-    if not length_text.isdigit():
-        raise _BadRequest(f"Content-Length {length_text!r} is not a number")
-    length = int(length_text)
-    if length > MAX_BODY:
-        raise _BadRequest(f"body of {length} bytes is over the limit of {MAX_BODY}", 413)
-    if length == 0:
+    method, path, _headers, raw = await read_request(reader, MAX_BODY)
+    if not raw:
         return method, path, None
-    raw = await reader.readexactly(length)
     try:
         return method, path, json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
-        raise _BadRequest(f"body is not JSON: {e}") from None
+        raise BadRequest(f"body is not JSON: {e}") from None
 
 
 async def _respond(writer: asyncio.StreamWriter, status: int, body: Any) -> None:
     payload = json.dumps(body, separators=(",", ":")).encode()
-    try:
-        reason = HTTPStatus(status).phrase
-    except ValueError:
-        reason = "Status"
-    writer.write(
-        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
-        + payload
-    )
-    await writer.drain()
+    await respond(writer, status, "application/json", payload, WRITE_TIMEOUT)
 
 
 def _encode(method: str, path: str, body: Any) -> bytes:

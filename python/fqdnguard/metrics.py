@@ -2,14 +2,17 @@
 
 The per-query counters live in the Rust engine (no Python work per query); a custom collector
 turns them into metric families when Prometheus scrapes, so observability costs nothing on the
-data path.
+data path. They are served on the event loop (:class:`MetricsServer`), not a thread per
+connection.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -17,10 +20,12 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from fqdnguard._http import BadRequest, ConnectionCap, read_request, respond
+
 if TYPE_CHECKING:
     from fqdnguard.proxy import Proxy
 
-__all__ = ["ProxyCollector", "registry_for", "serve_metrics"]
+__all__ = ["MetricsServer", "ProxyCollector", "registry_for", "serve_metrics"]
 
 RCODES = [
     "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "YXDOMAIN", "YXRRSET",
@@ -118,6 +123,16 @@ class ProxyCollector(Collector):
             "fqdnguard_upstream_failovers", "Switches to the next upstream after failures",
             value=counts["upstream_failovers"],
         )  # fmt: skip
+        yield CounterMetricFamily(
+            "fqdnguard_upstream_unreachable",
+            "Route checks that found an upstream unreachable (its queries get SERVFAIL)",
+            value=counts["upstream_unreachable"],
+        )
+        yield CounterMetricFamily(
+            "fqdnguard_upstream_send_errors",
+            "UDP queries the asyncio path could not send upstream (no route, no socket)",
+            value=counts["upstream_send_errors"],
+        )
         intercepted = CounterMetricFamily(
             "fqdnguard_interception_dropped",
             "Intercepted (transparent) traffic dropped, by reason",
@@ -153,9 +168,85 @@ def registry_for(proxy: Proxy, extra: Iterable[Collector] = ()) -> CollectorRegi
     return registry
 
 
-def serve_metrics(proxy: Proxy, host: str, port: int, extra: Iterable[Collector] = ()) -> Any:
-    """Serves /metrics on host:port in a background thread; returns the server."""
-    from prometheus_client import start_http_server  # noqa: PLC0415
+#: Seconds a scraper has to send its request, and to take the answer.
+READ_TIMEOUT = 5.0
+WRITE_TIMEOUT = 10.0
+#: Connections open at once; at the cap, the oldest one still sending its request is closed.
+MAX_CONNECTIONS = 64
+PATH = "/metrics"
 
-    server, _thread = start_http_server(port, addr=host, registry=registry_for(proxy, extra))
+
+class MetricsServer:
+    """``GET /metrics`` on the event loop: the registry's text exposition, 404 for any other
+    path. No thread per connection; each request must arrive within ``read_timeout`` and at
+    most ``max_connections`` are open at once (see ``fqdnguard._http.ConnectionCap``), so idle
+    or half-sent connections cost neither threads nor a scraper its answer."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        host: str,
+        port: int,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        read_timeout: float = READ_TIMEOUT,
+    ) -> None:
+        self.registry = registry
+        self.host, self.port = host, port
+        self.read_timeout = read_timeout
+        self.connections = ConnectionCap(max_connections)
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound address (with the real port when 0 was asked)."""
+        assert self._server is not None, "not started"
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return host, port
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        self.connections.abort_all()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.connections.admit(writer):
+            writer.transport.abort()
+            return
+        try:
+            try:
+                method, target, _headers, _body = await asyncio.wait_for(
+                    read_request(reader, max_body=0), self.read_timeout
+                )
+            except BadRequest as e:
+                await respond(writer, e.status, "text/plain", f"{e}\n".encode(), WRITE_TIMEOUT)
+                return
+            finally:
+                self.connections.request_read(writer)
+            path = target.split("?", 1)[0]
+            if path != PATH:
+                status, ctype, body = 404, "text/plain", f"no {path}; try {PATH}\n".encode()
+            elif method != "GET":
+                status, ctype, body = 405, "text/plain", f"{method} {PATH}: GET only\n".encode()
+            else:
+                status, ctype, body = 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
+            await respond(writer, status, ctype, body, WRITE_TIMEOUT)
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.connections.release(writer)
+            writer.close()
+
+
+async def serve_metrics(
+    proxy: Proxy, host: str, port: int, extra: Iterable[Collector] = ()
+) -> MetricsServer:
+    """Serves the proxy's metrics (and ``extra`` collectors') at http://host:port/metrics on
+    the running loop."""
+    server = MetricsServer(registry_for(proxy, extra), host, port)
+    await server.start()
     return server

@@ -56,6 +56,9 @@ MAX_TCP_MESSAGE = 65535
 # Consecutive timeouts after which an upstream is skipped for UPSTREAM_RETRY seconds.
 UPSTREAM_FAILURES = 3
 UPSTREAM_RETRY = 5.0
+#: Seconds between route checks of an upstream the kernel cannot reach (see
+#: ``Proxy._check_routes``).
+UPSTREAM_RECHECK = 1.0
 
 
 @dataclass
@@ -83,6 +86,9 @@ class ProxyStats:
     #: UDP queries that could not be sent upstream (no route, no socket of that family): they
     #: time out into SERVFAIL.
     upstream_send_errors: int = 0
+    #: Route checks that found a configured upstream unreachable (no route from this node):
+    #: at start, after upstream timeouts, and every UPSTREAM_RECHECK seconds while one is.
+    upstream_unreachable: int = 0
     #: TCP connections closed to make room for a client holding fewer.
     tcp_evicted: int = 0
     #: Batches whose learning could not be written to the state directory's journal.
@@ -212,6 +218,10 @@ class _TcpClient(_TcpFramer):
         self.channel = 0
         self.idle: asyncio.TimerHandle | None = None
         self.tokens: set[int] = set()
+        #: Answers received from upstream but held for the backend (sent when released).
+        self.held = 0
+        #: The client shut its write side: answer what came before, then close.
+        self.eof = False
         #: The server its upstream connection goes to, when it is the one the pod asked.
         self.upstream_addr: tuple[str, int] | None = None
         #: Whose share it counts against, and when it was admitted (see Proxy._tcp_open).
@@ -234,7 +244,7 @@ class _TcpClient(_TcpFramer):
         self.idle = loop.call_later(self.proxy.config.tcp_idle_timeout, self._idle_timeout)
 
     def _idle_timeout(self) -> None:
-        if self.tokens:  # answers still owed: wait for them
+        if self._owed():  # answers still owed: wait for them
             self._arm_idle()
         elif self.transport is not None:
             self.transport.close()
@@ -242,6 +252,22 @@ class _TcpClient(_TcpFramer):
     def message_received(self, message: bytes) -> None:
         self._arm_idle()
         self.proxy._on_query(message, _Client(self.transport, self.peer, self), self.peer[0], True)
+
+    def eof_received(self) -> bool:
+        """The client shut its write side after its queries (``nc -q``, some stub resolvers):
+        as BIND and Knot do, the queries received before are answered, and the connection
+        closes after the last answer (or at the idle timeout). An unfinished message is
+        dropped."""
+        self.eof = True
+        return self._owed()
+
+    def _owed(self) -> bool:
+        return bool(self.tokens or self.held)
+
+    def send(self, payload: bytes) -> None:
+        super().send(payload)
+        if self.eof and not self._owed() and self.transport is not None:
+            self.transport.close()  # after what is written is flushed
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.idle is not None:
@@ -779,6 +805,10 @@ class Proxy:
         for channel, (host, port) in reversed(list(enumerate(self.upstreams))):
             self._upstream_channels[(host, port)] = channel
         self._upstream_failures = [0] * len(self.upstreams)
+        #: Upstreams the last route check found unreachable, and when to check again (0: no
+        #: check due).
+        self._unroutable: set[int] = set()
+        self._route_check_at = 0.0
         self._upstream_hosts = [host for host, _ in self.upstreams]
         # The upstream in use, and when to look again (0: none is failed over).
         self._upstream = 0
@@ -974,6 +1004,7 @@ class Proxy:
             ", ".join(f"{h}:{p}" for h, p in self.config.listen),
             ", ".join(f"{h}:{p}" for h, p in self.upstreams),
         )
+        self._check_routes()  # an upstream without a route is named now, not at a timeout
 
     async def _listen_transparent(
         self, loop: asyncio.AbstractEventLoop, local: tuple[str, int]
@@ -1340,6 +1371,8 @@ class Proxy:
     def _hold(self, payload: bytes, client: _Client, changes: Sequence[Any], adds: bool) -> None:
         self._held_seq += 1
         self._held[self._held_seq] = (payload, client)
+        if client.tcp is not None:  # owed: its connection stays open for it
+            client.tcp.held += 1
         self._next_held.append(self._held_seq)
         self.stats.held += 1
         if adds:
@@ -1420,7 +1453,10 @@ class Proxy:
         for h in held:
             entry = self._held.pop(h, None)
             if entry is not None:
-                entry[1].send(entry[0])
+                payload, client = entry
+                if client.tcp is not None:
+                    client.tcp.held -= 1
+                client.send(payload)
         if held_io and self._io is not None:
             self._io.release(list(held_io))
 
@@ -1434,6 +1470,8 @@ class Proxy:
             recheck = self._upstream_recheck
             if self._io is not None and recheck and time.monotonic() >= recheck:
                 self._choose_upstream()
+            if self._route_check_at and time.monotonic() >= self._route_check_at:
+                self._check_routes()
             # The Rust UDP path answers its own timed-out clients and returns them all.
             sweep = self._io.sweep if self._io is not None else self.engine.sweep
             for token, payload, channel, record in sweep(self.clock()):
@@ -1447,7 +1485,43 @@ class Proxy:
                 if channel is not None and channel < ORIG_CHANNEL_BASE:
                     self._upstream_failed(channel)
 
+    def _check_routes(self) -> None:
+        """Asks the kernel for a route to each configured upstream (a UDP ``connect`` on a
+        throwaway socket: a route lookup, nothing sent). The query sockets are unconnected, so
+        an upstream without a route is never fatal, at start or later: its queries cannot be
+        sent and time out into SERVFAIL (fail closed). This check names it: logged once per
+        outage, counted (``upstream_unreachable``), skipped by failover while another upstream
+        is usable, checked again every UPSTREAM_RECHECK seconds; forwarding resumes by itself
+        when a route appears."""
+        now = time.monotonic()
+        for channel, (host, port) in enumerate(self.upstreams):
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            try:
+                with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                    if self._mark:
+                        probe.setsockopt(socket.SOL_SOCKET, SO_MARK, self._mark)
+                    probe.connect((host, port))
+            except OSError as e:
+                self.stats.upstream_unreachable += 1
+                if channel not in self._unroutable:
+                    self._unroutable.add(channel)
+                    log.warning(
+                        "upstream %s:%d unreachable (%s): its queries get SERVFAIL until it is",
+                        host, port, e.strerror or e,
+                    )  # fmt: skip
+                if len(self.upstreams) > 1:
+                    self._upstream_down_until[channel] = now + UPSTREAM_RECHECK
+                continue
+            if channel in self._unroutable:
+                self._unroutable.discard(channel)
+                self._upstream_down_until[channel] = 0.0
+                log.warning("upstream %s:%d reachable again", host, port)
+        self._route_check_at = now + UPSTREAM_RECHECK if self._unroutable else 0.0
+        self._choose_upstream()
+
     def _upstream_failed(self, channel: int) -> None:
+        if not self._route_check_at:  # a route lost shows first as timeouts
+            self._route_check_at = time.monotonic()
         if self._io is not None:  # answers since the last timeout: the failures were not in a row
             seen = self._io.answers(channel)
             if seen != self._io_answers[channel]:

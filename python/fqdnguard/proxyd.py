@@ -358,7 +358,7 @@ class ProxyDaemon:
             from fqdnguard.metrics import serve_metrics  # noqa: PLC0415
 
             host, port = self.config.metrics
-            self._metrics = serve_metrics(self.proxy, host, port, [self.status.collector()])
+            self._metrics = await serve_metrics(self.proxy, host, port, [self.status.collector()])
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -423,7 +423,7 @@ class ProxyDaemon:
         if self.proxy is not None:
             await self.proxy.stop()
         if self._metrics is not None:
-            self._metrics.shutdown()
+            await self._metrics.close()
         if superseded:
             await self._hand_cache_over()
         else:
