@@ -23,7 +23,9 @@ import dns.rrset
 import pytest
 from fqdnguard import Endpoints, Policy, Proxy
 from fqdnguard.config import ProxyConfig
+from fqdnguard.metrics import registry_for
 from fqdnguard.testing import free_port
+from prometheus_client import generate_latest
 
 from tests.proxy_fixtures import FREE_IP, POD_IP, SECOND_UPSTREAM_IP, run, tcp_ask, udp_ask
 
@@ -186,6 +188,9 @@ def test_identical_questions_in_flight_go_upstream_once(
             upstream_asked = [n for n, _ in upstream.seen if n.lower() == "merged.example.com."]
             assert len(upstream_asked) == 1
             assert proxy.engine.stats()["merged"] == 29
+            text = generate_latest(registry_for(proxy)).decode()
+            assert "fqdnguard_queries_merged_total 29.0" in text
+            assert "fqdnguard_upstream_sockets 1024.0" in text
 
     run(scenario)
 
@@ -307,6 +312,9 @@ def test_pipelined_queries_never_read_leave_the_others_their_answers(
                 assert await victim_rate(proxy, n=60, tcp=True) >= 0.99
                 stats = proxy.engine.stats()
                 assert stats["overloaded_client"] > 0 and stats["denied"] == 0, stats
+                text = generate_latest(registry_for(proxy)).decode()
+                limited = 'fqdnguard_queries_limited_total{limit="client"} '
+                assert float(text.split(limited)[1].split()[0]) == stats["overloaded_client"]
             finally:
                 for writer in writers:
                     writer.close()

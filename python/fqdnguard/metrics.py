@@ -33,7 +33,7 @@ RCODES = [
     "OTHER",
 ]  # fmt: skip
 VERDICTS = ["allowed", "denied", "unknown_source", "malformed", "overloaded"]
-DROPS = ["dropped_unmatched", "dropped_mismatch", "dropped_malformed"]
+DROPS = ["dropped_unmatched", "dropped_mismatch", "dropped_malformed", "dropped_case"]
 # (label, ProxyStats counter): queries that reached a transparent listener without being
 # intercepted (a loop), answers that could not leave from the address the client asked, and
 # queries whose server asked got no upstream socket (they time out into SERVFAIL).
@@ -73,7 +73,35 @@ class ProxyCollector(Collector):
         )
         for d in DROPS:
             drops.add_metric([d.removeprefix("dropped_")], s[d])
+        counts = self.proxy.counters()
+        drops.add_metric(["unexpected_source"], counts["unexpected_source"])
         yield drops
+        yield CounterMetricFamily(
+            "fqdnguard_queries_merged",
+            "Queries that joined an identical one in flight instead of going upstream",
+            value=s["merged"],
+        )
+        limited = CounterMetricFamily(
+            "fqdnguard_queries_limited",
+            "Queries turned away (SERVFAIL) by a limit: the client's own share of in-flight "
+            "slots, or all slots taken; and queries evicted to give a slot to a client holding "
+            "fewer",
+            labels=["limit"],
+        )
+        limited.add_metric(["client"], s["overloaded_client"])
+        limited.add_metric(["global"], s["overloaded"] - s["overloaded_client"])
+        limited.add_metric(["evicted"], s["evicted"])
+        yield limited
+        yield CounterMetricFamily(
+            "fqdnguard_dns0x20_fallbacks",
+            "Upstreams (channels) on which 0x20 was turned off: they do not keep the name's case",
+            value=s["case_fallbacks"],
+        )
+        yield GaugeMetricFamily(
+            "fqdnguard_upstream_sockets",
+            "UDP sockets per address family queries leave from, each on a random port",
+            value=self.proxy.upstream_sockets(),
+        )
         yield CounterMetricFamily(
             "fqdnguard_upstream_timeouts", "Queries answered SERVFAIL after the upstream timeout",
             value=s["timeouts"],
@@ -112,12 +140,12 @@ class ProxyCollector(Collector):
         yield CounterMetricFamily(
             "fqdnguard_backend_errors", "Backend batches that failed", value=st.backend_errors
         )
-        counts = self.proxy.counters()
         tcp = CounterMetricFamily(
             "fqdnguard_tcp_connections", "TCP client connections, by outcome", labels=["outcome"]
         )
         tcp.add_metric(["accepted"], counts["tcp_connections"])
         tcp.add_metric(["refused"], counts["tcp_refused"])
+        tcp.add_metric(["evicted"], counts["tcp_evicted"])
         yield tcp
         yield CounterMetricFamily(
             "fqdnguard_upstream_failovers", "Switches to the next upstream after failures",

@@ -551,6 +551,16 @@ def _high_fd(sock: socket.socket) -> socket.socket:
     return high
 
 
+def _family_works(family: int) -> bool:
+    """Can this node make a UDP socket of ``family`` (IPv6 may be turned off)?"""
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+    except OSError:
+        return False
+    return True
+
+
 def raise_open_files_limit() -> int:
     """Raises this process's soft limit of open descriptors to its hard limit (the upstream
     socket pool wants a couple of thousand); returns the soft limit in force."""
@@ -946,7 +956,9 @@ class Proxy:
                 socket.AF_INET6 if ":" in host else socket.AF_INET for host, _ in self.upstreams
             }
             if self.intercept is not None and not self._override:
-                families |= {socket.AF_INET, socket.AF_INET6}
+                # Servers pods ask may be of either family; one the node cannot make sockets
+                # of (IPv6 turned off) is left out, and queries to such servers time out.
+                families |= {f for f in (socket.AF_INET, socket.AF_INET6) if _family_works(f)}
             avoid = {port for _, port in self.config.listen}
             if self.intercept is not None:
                 avoid.add(self.intercept.settings.port)

@@ -329,21 +329,19 @@ const LISTENER_TOKEN: u64 = 1 << 62;
 
 impl Pool {
     /// `source_ports` sockets per family wanted; fewer when the process runs out of
-    /// descriptors (at least one each, else an error): [`Pool::slots`] says how many.
-    fn new(config: &IoConfig, v4: bool, v6: bool) -> Result<Pool, IoError> {
+    /// descriptors (at least one each, else an error): [`Pool::slots`] says how many. A family
+    /// `optional` (only for servers clients may ask, not for a configured upstream) is left
+    /// out when the node cannot make its sockets (IPv6 turned off): queries to such servers
+    /// then fail to send and time out into SERVFAIL.
+    fn new(config: &IoConfig, v4: bool, v6: bool, optional: [bool; 2]) -> Result<Pool, IoError> {
         let n = usize::from(config.source_ports.max(1));
-        let mut pool = Pool {
-            sockets: HashMap::new(),
-            v4: Vec::new(),
-            v6: Vec::new(),
-            retiring: std::collections::VecDeque::new(),
-            next: 0,
-            mark: config.mark,
-            buffer: config.buffer,
-        };
+        let mut pool = Pool::empty(config);
         let families: Vec<bool> = [(false, v4), (true, v6)]
             .into_iter()
-            .filter_map(|(v6, wanted)| wanted.then_some(v6))
+            .filter(|&(v6, wanted)| {
+                wanted && (!optional[usize::from(v6)] || Pool::family_works(v6, config))
+            })
+            .map(|(v6, _)| v6)
             .collect();
         'slots: for slot in 0..n {
             let mut made = Vec::new();
@@ -364,6 +362,23 @@ impl Pool {
             }
         }
         Ok(pool)
+    }
+
+    fn empty(config: &IoConfig) -> Pool {
+        Pool {
+            sockets: HashMap::new(),
+            v4: Vec::new(),
+            v6: Vec::new(),
+            retiring: std::collections::VecDeque::new(),
+            next: 0,
+            mark: config.mark,
+            buffer: config.buffer,
+        }
+    }
+
+    /// Can this node make an upstream socket of the family (IPv6 may be turned off)?
+    fn family_works(v6: bool, config: &IoConfig) -> bool {
+        Pool::empty(config).open(v6, 0).is_ok()
     }
 
     /// Sockets per family (the engine draws a slot among them).
@@ -1296,10 +1311,12 @@ impl UdpIo {
                     .iter()
                     .any(|l| l.transparent && l.local.is_ipv6() == v6)
         };
+        let configured = |v6: bool| upstreams.iter().any(|u| u.addr.is_ipv6() == v6);
         let pool = Pool::new(
             config,
-            upstreams.iter().any(|u| u.addr.is_ipv4()) || asked(false),
-            upstreams.iter().any(|u| u.addr.is_ipv6()) || asked(true),
+            configured(false) || asked(false),
+            configured(true) || asked(true),
+            [!configured(false), !configured(true)],
         )?;
         let flags = EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC;
         let notify = EventFd::from_flags(flags).map_err(sock_err("eventfd"))?;
