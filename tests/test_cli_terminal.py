@@ -72,3 +72,123 @@ def test_readme_names_the_prerequisites_and_what_the_demo_installs() -> None:
     assert pairs is not None
     for pkg in [p.split(":")[1] for p in pairs.group(1).split()]:
         assert f"`{pkg}`" in section, pkg
+
+
+# -- configuration and policy errors: file, line, every problem at once ------------------------
+
+BAD_CONFIG = """\
+listen: ["127.0.0.1:5353"]
+upstreams: ["nope:53"]
+backend: iptables
+max-inflight: -3
+colour: blue
+hold_max: soon
+reject: refused
+reject: nxdomain
+"""
+
+
+def test_config_errors_name_the_file_and_line_and_come_all_at_once(tmp_path: pathlib.Path) -> None:
+    cfg = tmp_path / "fqdnguard.yaml"
+    cfg.write_text(BAD_CONFIG)
+    r = run("run", "--config", str(cfg))
+    assert r.returncode == 2
+    lines = r.stderr.splitlines()
+    expected = [
+        f"fqdnguard: error: {cfg}:2: upstreams: 'nope:53': 'nope' is not an IP address",
+        f"fqdnguard: error: {cfg}:3: backend: 'iptables': choose callback, log or nftables",
+        f"fqdnguard: error: {cfg}:4: max_inflight: -3 is not a whole number",
+        f"fqdnguard: error: {cfg}:5: unknown option 'colour'",
+        f"fqdnguard: error: {cfg}:6: hold_max: 'soon' is not a number",
+        f"fqdnguard: error: {cfg}:8: reject: given twice",
+    ]
+    assert len(lines) == len(expected), r.stderr
+    for line, want in zip(lines, expected, strict=True):
+        assert line.startswith(want), (line, want)
+
+
+def test_config_checks_of_valid_types_are_reported_with_conversion_errors() -> None:
+    from fqdnguard.config import ConfigError, ProxyConfig  # noqa: PLC0415
+
+    with pytest.raises(ConfigError) as e:
+        ProxyConfig.from_mapping(
+            {"reject": "maybe", "upstream_sockets": 20_000, "log_sample": "x"},
+            source="f.yaml",
+            lines={"reject": 3, "upstream_sockets": 4, "log_sample": 5},
+        )
+    assert e.value.problems == [
+        "f.yaml:5: log_sample: 'x' is not a number",
+        "f.yaml:3: reject: 'maybe': choose refused or nxdomain",
+        "f.yaml:4: upstream_sockets: 20000: at most 16384 (each is a descriptor)",
+    ]
+
+
+BAD_ENTRIES = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: p}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  egress:
+  - toFQDNs:
+    - matchName: "bad name"
+      matchPatern: "*.x.com"
+    - matchPattern: "a..b"
+      matchName: "x.com"
+    toPorts:
+    - ports:
+      - port: "99999"
+        protocol: ICMPX
+        bogus: 1
+"""
+
+
+def test_lint_reports_every_problem_of_an_entry(tmp_path: pathlib.Path) -> None:
+    pol = tmp_path / "p.yaml"
+    pol.write_text(BAD_ENTRIES)
+    r = run("policy", "lint", str(pol))
+    assert r.returncode == 2
+    got = [ln.removeprefix(f"{pol}:") for ln in r.stdout.splitlines()]
+    e = "spec.egress[0]"
+    assert [ln.split(" ", 2)[:2] for ln in got] == [
+        ["8:", f"{e}.toFQDNs[0].matchName:"],
+        ["9:", f"{e}.toFQDNs[0].matchPatern:"],
+        ["10:", f"{e}.toFQDNs[1]:"],
+        ["10:", f"{e}.toFQDNs[1].matchPattern:"],
+        ["14:", f"{e}.toPorts[0].ports[0].port:"],
+        ["15:", f"{e}.toPorts[0].ports[0].protocol:"],
+        ["16:", f"{e}.toPorts[0].ports[0].bogus:"],
+    ], r.stdout
+    assert "8 error(s)" not in r.stderr and "7 error(s), 0 warning(s)" in r.stderr
+
+
+# -- a missing file: named, with no `:0:` and no errno text ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["policy", "lint", "{d}/nope.yaml"], "{d}/nope.yaml: no such file or directory"),
+        (["check", "--policy", "{d}/nope", "--endpoints", "{e}", "--ip", "10.244.1.5", "--name",
+          "a.b"], "{d}/nope: no such file or directory"),
+        (["check", "--policy", "{p}", "--endpoints", "{d}/eps.yaml", "--ip", "10.244.1.5",
+          "--name", "a.b"], "{d}/eps.yaml: no such file or directory"),
+        (["check", "--policy", "{p}", "--endpoints", "{d}", "--ip", "10.244.1.5", "--name", "a.b"],
+         "{d}: is a directory, not a file"),
+        (["run", "--config", "{d}/cfg.yaml"], "--config {d}/cfg.yaml: no such file or directory"),
+        (["cache", "list", "--state-dir", "{d}/state"],
+         "state directory {d}/state: no such directory"),
+        (["policy", "status", "--state-dir", "{d}/state"],
+         "state directory {d}/state: no such directory"),
+    ],
+)  # fmt: skip
+def test_a_missing_file_gets_a_clear_error(
+    tmp_path: pathlib.Path, args: list[str], message: str
+) -> None:
+    fill = {"d": str(tmp_path), "e": str(ROOT / "examples/endpoints.yaml"),
+            "p": str(ROOT / "examples/policies")}  # fmt: skip
+    r = run(*[a.format(**fill) for a in args])
+    assert r.returncode == 2
+    out = r.stdout + r.stderr
+    assert message.format(**fill) in out, out
+    assert ":0:" not in out and "Errno" not in out, out

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from fqdnguard._core import FqdnGuardError
 from fqdnguard.backends import BackendError
+from fqdnguard.config import ConfigError
 from fqdnguard.endpoints import Endpoint, Endpoints
 from fqdnguard.policy import Policy, PolicyError, lint
 
@@ -88,7 +89,8 @@ def cmd_policy_lint(args: argparse.Namespace) -> int:
         allow_empty=bool(args.allow_empty_policy),
         unenforced_l7=args.unenforced_l7 or "deny",
     )
-    for e in errors:
+    order = {f: i for i, f in enumerate(dict.fromkeys(e.file for e in errors))}
+    for e in sorted(errors, key=lambda e: (order[e.file], e.line)):
         print(f"{e.location()}")
     for w in warnings:
         print(f"{w.file}:{w.line}: warning: {w.path}: not enforced by fqdnguard: {w.message}")
@@ -290,6 +292,9 @@ def _control_get(state_dir: str, path: str) -> dict[str, object]:
     from fqdnguard.agent import CONTROL_SOCKET  # noqa: PLC0415
     from fqdnguard.control import request_sync  # noqa: PLC0415
 
+    if not os.path.isdir(state_dir):
+        what = "is not a directory" if os.path.exists(state_dir) else "no such directory"
+        raise _UsageError(f"state directory {state_dir}: {what}")
     sock = os.path.join(state_dir, CONTROL_SOCKET)
     if not os.path.exists(sock):
         raise FileNotFoundError(sock)
@@ -595,6 +600,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PolicyError as e:
         for err in e.errors:
             print(f"fqdnguard: error: {err.location()}", file=sys.stderr)
+        return EXIT_ERROR
+    except ConfigError as e:
+        for problem in e.problems:
+            print(f"fqdnguard: error: {problem}", file=sys.stderr)
         return EXIT_ERROR
     except (FqdnGuardError, ValueError, OSError, _UsageError, BackendError) as e:
         print(f"fqdnguard: error: {e}", file=sys.stderr)
