@@ -4,6 +4,7 @@ prerequisites, configuration and file errors, start-up warnings, ``check --to``,
 
 from __future__ import annotations
 
+import logging
 import pathlib
 import re
 import shutil
@@ -192,3 +193,49 @@ def test_a_missing_file_gets_a_clear_error(
     out = r.stdout + r.stderr
     assert message.format(**fill) in out, out
     assert ":0:" not in out and "Errno" not in out, out
+
+
+# -- start-up: what the log says about how queries will be decided ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("endpoints", "unknown", "warned"),
+    [("none", None, True), ("some", None, False), ("fallback", "default/pod", False)],
+)
+def test_start_says_how_queries_will_be_decided(
+    caplog: pytest.LogCaptureFixture, endpoints: str, unknown: str | None, warned: bool
+) -> None:
+    from fqdnguard import Endpoints, Policy  # noqa: PLC0415
+    from fqdnguard.backends import make_backend  # noqa: PLC0415
+    from fqdnguard.config import ProxyConfig  # noqa: PLC0415
+    from fqdnguard.proxy import Proxy  # noqa: PLC0415
+    from fqdnguard.testing import free_port  # noqa: PLC0415
+
+    from tests.proxy_fixtures import ENDPOINTS, POLICY  # noqa: PLC0415
+    from tests.proxy_fixtures import run as run_loop  # noqa: PLC0415
+
+    texts = {
+        "none": "endpoints: []",
+        "some": ENDPOINTS,
+        # An endpoint with no address: unknown sources are treated as it, none is refused.
+        "fallback": "endpoints: [{name: pod, namespace: default, labels: {app: pod}}]",
+    }
+    eps = Endpoints.from_yaml(texts[endpoints])
+    policy = Policy.from_yaml(POLICY, endpoints=eps)
+    port = free_port()
+    config = ProxyConfig(listen=[("127.0.0.1", port)], upstreams=[("127.0.0.53", 5399)],
+                         unknown_endpoint=unknown, log_queries="none")  # fmt: skip
+    proxy = Proxy(policy, eps, backend=make_backend("log"), config=config)
+
+    async def scenario() -> None:
+        with caplog.at_level(logging.INFO, logger="fqdnguard.proxy"):
+            await proxy.start()
+            await proxy.stop()
+
+    run_loop(scenario)
+    text = [r.getMessage() for r in caplog.records if r.name == "fqdnguard.proxy"]
+    warning = [t for t in text if "every query will be refused" in t]
+    assert bool(warning) == warned, text
+    if warned:
+        assert "unknown source" in warning[0] and "--unknown-endpoint" in warning[0]
+    assert any("direct-listen mode" in t and "127.0.0.53 port 53" in t for t in text), text
