@@ -239,3 +239,54 @@ def test_start_says_how_queries_will_be_decided(
     if warned:
         assert "unknown source" in warning[0] and "--unknown-endpoint" in warning[0]
     assert any("direct-listen mode" in t and "127.0.0.53 port 53" in t for t in text), text
+
+
+# -- check --to: egress verdicts from the command line -----------------------------------------
+
+WEB = ["--ip", "10.244.1.5"]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "first", "reason"),
+    [
+        ([*WEB, "--to", "140.82.112.3:443", "--name", "api.github.com"], 0,
+         "ALLOWED: traffic from default/web-6d4cf56db6-abcde (10.244.1.5) to 140.82.112.3 (known "
+         "as api.github.com) port 443/TCP",
+         'toFQDNs[0].matchName: "api.github.com" matches api.github.com'),
+        ([*WEB, "--to", "140.82.112.3:443"], 1,
+         "DENIED: traffic from default/web-6d4cf56db6-abcde (10.244.1.5) to 140.82.112.3 port "
+         "443/TCP", "the DNS cache holds no name for the address"),
+        ([*WEB, "--to", "140.82.112.3:443", "--name", "evil.com"], 1, "DENIED",
+         "(evil.com) match no toFQDNs selector"),
+        ([*WEB, "--to", "140.82.112.3:80/tcp", "--name", "api.github.com"], 1, "DENIED", "port 80"),
+        ([*WEB, "--to", "10.96.0.10:53/udp"], 0,
+         "ALLOWED: traffic from default/web-6d4cf56db6-abcde (10.244.1.5) to 10.96.0.10 port "
+         "53/UDP", "toEndpoints admits traffic to 10.96.0.10 port 53/UDP"),
+        (["--labels", "app=web,io.kubernetes.pod.namespace=default", "--to", "[2001:db8::1]:443",
+          "--name", "api.github.com"], 0, "ALLOWED: traffic from labels", "matches api.github.com"),
+    ],
+)  # fmt: skip
+def test_check_to_gives_egress_verdicts(
+    args: list[str], code: int, first: str, reason: str
+) -> None:
+    r = run("check", "--policy", str(ROOT / "examples/policies"), "--endpoints",
+            str(ROOT / "examples/endpoints.yaml"), *args)  # fmt: skip
+    assert r.returncode == code, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith(first), lines
+    assert reason in lines[1], lines
+
+
+@pytest.mark.parametrize(
+    ("to", "message"),
+    [
+        ("1.2.3.4", "'1.2.3.4': a port is required"),
+        ("1.2.3.4:5/icmp", "protocol must be tcp, udp or sctp"),
+        ("host:443", "'host' is not an IP address"),
+    ],
+)
+def test_check_to_names_a_bad_destination(to: str, message: str) -> None:
+    r = run("check", "--policy", str(ROOT / "examples/policies"), "--endpoints",
+            str(ROOT / "examples/endpoints.yaml"), *WEB, "--to", to)  # fmt: skip
+    assert r.returncode == 2
+    assert "argument --to: " in r.stderr and message in r.stderr, r.stderr

@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fqdnguard._core import FqdnGuardError
 from fqdnguard.backends import BackendError
@@ -40,6 +40,36 @@ def _port(text: str) -> tuple[int, str]:
     if not num.isdigit() or not 0 < int(num) <= 65535 or proto not in ("UDP", "TCP", "SCTP"):
         raise argparse.ArgumentTypeError(f"{text!r} is not PORT[/udp|/tcp|/sctp]")
     return int(num), proto
+
+
+def _destination(text: str) -> tuple[str, int, str]:
+    """``IP:PORT``, ``[V6]:PORT``, with ``/tcp`` (the default), ``/udp`` or ``/sctp`` ->
+    (ip, port, protocol)."""
+    from fqdnguard.config import ConfigError, parse_hostport  # noqa: PLC0415
+
+    hostport, _, proto = text.partition("/")
+    proto = (proto or "tcp").upper()
+    if proto not in ("UDP", "TCP", "SCTP"):
+        raise argparse.ArgumentTypeError(f"{text!r}: protocol must be tcp, udp or sctp")
+    try:
+        ip, port = parse_hostport(hostport, "--to")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--to: ")) from None
+    return ip, port, proto
+
+
+class _Names:
+    """What ``check --to`` assumes the DNS cache holds for the address: the ``--name`` given,
+    and with ``--state-dir`` what the proxy learned for the endpoint."""
+
+    def __init__(self, names: list[str], learned: list[dict[str, object]]) -> None:
+        self.names = names
+        self.learned = learned
+
+    def names_for(self, ip: str, endpoint: int | None = None) -> list[str]:
+        found = [str(e["name"]) for e in self.learned
+                 if e["ip"] == ip and (endpoint is None or e["endpoint"] == endpoint)]  # fmt: skip
+        return sorted({*self.names, *found})
 
 
 def _labels(text: str) -> dict[str, str]:
@@ -72,11 +102,33 @@ def cmd_check(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise _UsageError(str(e)) from e
         who = "labels " + ",".join(f"{k}={v}" for k, v in sorted(endpoint.labels.items()))
+    if args.to is not None:
+        return _check_egress(args, policy, endpoint, who)
+    if args.name is None:
+        raise _UsageError("give --name NAME (a DNS verdict) or --to IP:PORT (an egress verdict)")
     port, proto = args.port
     verdict = policy.dns_verdict(endpoint, args.server, port, proto, args.name)
     to = f"to {args.server} " if args.server else ""
     word = "ALLOWED" if verdict.allowed else "DENIED"
     print(f"{word}: DNS query for {args.name} from {who} {to}on port {port}/{proto}")
+    print(f"  {verdict.reason}")
+    for w in policy.warnings:
+        print(f"  warning: {w}", file=sys.stderr)
+    return EXIT_ALLOWED if verdict.allowed else EXIT_DENIED
+
+
+def _check_egress(args: argparse.Namespace, policy: Policy, endpoint: Endpoint, who: str) -> int:
+    """``check --to``: may the endpoint open a connection to (send to) IP:PORT/PROTO?"""
+    ip, port, proto = args.to
+    learned: list[dict[str, object]] = []
+    if args.state_dir is not None:
+        learned, _, _ = _cache_entries(args.state_dir)
+    names = _Names([args.name] if args.name else [], learned)
+    verdict = policy.egress_verdict(endpoint, ip, port, proto, names)
+    word = "ALLOWED" if verdict.allowed else "DENIED"
+    known = names.names_for(ip, endpoint.id)
+    under = f" (known as {', '.join(known)})" if known else ""
+    print(f"{word}: traffic from {who} to {ip}{under} port {port}/{proto}")
     print(f"  {verdict.reason}")
     for w in policy.warnings:
         print(f"  warning: {w}", file=sys.stderr)
@@ -104,7 +156,7 @@ def cmd_policy_status(args: argparse.Namespace) -> int:
     socket, and what its last reloads did."""
     import json  # noqa: PLC0415
     import time  # noqa: PLC0415
-    from typing import Any, cast  # noqa: PLC0415
+    from typing import cast  # noqa: PLC0415
 
     from fqdnguard.control import ControlError  # noqa: PLC0415
 
@@ -308,16 +360,7 @@ def cmd_cache_list(args: argparse.Namespace) -> int:
     import json  # noqa: PLC0415
     import time  # noqa: PLC0415
 
-    from fqdnguard.agent import cache_entries  # noqa: PLC0415
-    from fqdnguard.control import ControlError  # noqa: PLC0415
-
-    source = "live"
-    try:
-        data = _control_get(args.state_dir, "/v1/cache")
-        entries = list(data["entries"])  # type: ignore[call-overload]
-        now = float(data["now"])  # type: ignore[arg-type]
-    except (FileNotFoundError, ConnectionRefusedError, ControlError):
-        entries, now, source = cache_entries(_saved_cache(args.state_dir)), time.time(), "saved"
+    entries, now, source = _cache_entries(args.state_dir)
     if args.endpoint is not None:
         entries = [e for e in entries if e["endpoint"] == args.endpoint]
     if args.name:
@@ -333,6 +376,21 @@ def cmd_cache_list(args: argparse.Namespace) -> int:
         print(f"{e['endpoint']:<10}{e['name']:<40}{ttl:>7}  {when:<22}{e['ip']}")
     print(f"{len(entries)} entries ({source})", file=sys.stderr)
     return 0
+
+
+def _cache_entries(state_dir: str) -> tuple[list[dict[str, Any]], float, str]:
+    """The cache entries of the fqdnguard running with ``state_dir`` (asked on its control
+    socket), or without one what it left there; with the time they count from, and which."""
+    import time  # noqa: PLC0415
+
+    from fqdnguard.agent import cache_entries  # noqa: PLC0415
+    from fqdnguard.control import ControlError  # noqa: PLC0415
+
+    try:
+        data = _control_get(state_dir, "/v1/cache")
+        return list(data["entries"]), float(data["now"]), "live"  # type: ignore[call-overload, arg-type]
+    except (FileNotFoundError, ConnectionRefusedError, ControlError):
+        return cache_entries(_saved_cache(state_dir)), time.time(), "saved"
 
 
 def _saved_cache(state_dir: str) -> DnsCache:
@@ -513,9 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser(
         "check",
-        help="decide whether an endpoint may resolve a name",
-        description="Prints the DNS verdict and its explanation. Exit 0: allowed, 1: denied, "
-        "2: error.",
+        help="decide whether an endpoint may resolve a name, or reach an address (--to)",
+        description="Prints the DNS verdict (--name) or the egress verdict (--to) and its "
+        "explanation. Exit 0: allowed, 1: denied, 2: error.",
     )
     check.add_argument(
         "--policy",
@@ -533,7 +591,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K=V,...",
         help="labels of the endpoint (namespace: io.kubernetes.pod.namespace=NS)",
     )
-    check.add_argument("--name", required=True, help="the DNS name queried")
+    check.add_argument(
+        "--name",
+        help="the DNS name queried; with --to, a name the address is taken to have resolved from",
+    )
+    check.add_argument(
+        "--to",
+        type=_destination,
+        metavar="IP:PORT[/PROTO]",
+        help="give the egress verdict for traffic to IP:PORT ([V6]:PORT; /tcp by default, /udp, "
+        "/sctp) instead of a DNS verdict",
+    )
+    check.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="with --to: also the names the proxy with this state directory learned for the "
+        "address (asked live, or read from what it saved)",
+    )
     check.add_argument(
         "--port",
         type=_port,
