@@ -4,14 +4,26 @@ prerequisites, configuration and file errors, start-up warnings, ``check --to``,
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import pathlib
 import re
 import shutil
 import subprocess
+import sys
 
+import dns.message
 import pytest
+from fqdnguard import Endpoints, Policy
+from fqdnguard.agent import Runner
+from fqdnguard.backends import make_backend
+from fqdnguard.config import ConfigError, ProxyConfig
+from fqdnguard.proxy import Proxy
+from fqdnguard.testing import KnotServer, free_port
 
+from tests.proxy_fixtures import ENDPOINTS, FREE_IP, POLICY, files_config, udp_ask
+from tests.proxy_fixtures import run as run_loop
 from tests.test_policy_cli import run
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -109,7 +121,6 @@ def test_config_errors_name_the_file_and_line_and_come_all_at_once(tmp_path: pat
 
 
 def test_config_checks_of_valid_types_are_reported_with_conversion_errors() -> None:
-    from fqdnguard.config import ConfigError, ProxyConfig  # noqa: PLC0415
 
     with pytest.raises(ConfigError) as e:
         ProxyConfig.from_mapping(
@@ -205,14 +216,6 @@ def test_a_missing_file_gets_a_clear_error(
 def test_start_says_how_queries_will_be_decided(
     caplog: pytest.LogCaptureFixture, endpoints: str, unknown: str | None, warned: bool
 ) -> None:
-    from fqdnguard import Endpoints, Policy  # noqa: PLC0415
-    from fqdnguard.backends import make_backend  # noqa: PLC0415
-    from fqdnguard.config import ProxyConfig  # noqa: PLC0415
-    from fqdnguard.proxy import Proxy  # noqa: PLC0415
-    from fqdnguard.testing import free_port  # noqa: PLC0415
-
-    from tests.proxy_fixtures import ENDPOINTS, POLICY  # noqa: PLC0415
-    from tests.proxy_fixtures import run as run_loop  # noqa: PLC0415
 
     texts = {
         "none": "endpoints: []",
@@ -290,3 +293,67 @@ def test_check_to_names_a_bad_destination(to: str, message: str) -> None:
             str(ROOT / "examples/endpoints.yaml"), *WEB, "--to", to)  # fmt: skip
     assert r.returncode == 2
     assert "argument --to: " in r.stderr and message in r.stderr, r.stderr
+
+
+# -- cache list: endpoints by namespace/name, filters by endpoint and name ----------------------
+
+
+async def _cli(*args: str) -> tuple[int, str, str]:
+    """The CLI in a subprocess, the event loop serving the proxy meanwhile."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fqdnguard.cli", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def _rows(out: str) -> list[tuple[str, str, str]]:
+    """(endpoint, name, ip) of each row of the table."""
+    return [(r.split()[0], r.split()[1], r.split()[-1]) for r in out.splitlines()[1:]]
+
+
+def test_cache_list_names_endpoints_and_filters(knot: KnotServer, tmp_path: pathlib.Path) -> None:
+    config = files_config(tmp_path, knot.port)
+    port, state = config.listen[0][1], str(config.state_dir)
+    www = {("default/pod", "www.example.com.", "192.0.2.10"),
+           ("default/pod", "www.example.com.", "192.0.2.11")}  # fmt: skip
+    short = ("default/free", "short.example.com.", "192.0.2.30")
+
+    async def scenario() -> None:
+        runner = Runner(config)
+        await runner.start()
+        try:
+            server = ("127.0.0.1", port)
+            await udp_ask(server, dns.message.make_query("www.example.com", "A").to_wire())
+            query = dns.message.make_query("short.example.com", "A").to_wire()
+            await udp_ask(server, query, source=FREE_IP)
+            code, out, err = await _cli("cache", "list", "--state-dir", state)
+            assert code == 0, err
+            assert set(_rows(out)) == {*www, short}, out
+            assert out.splitlines()[0].split()[0] == "Endpoint"
+            for args, want in [
+                (["--endpoint", "default/pod"], www),
+                (["--endpoint", "free"], {short}),
+                (["--name", "short"], {short}),
+                (["--name", "*.example.com"], {*www, short}),
+                (["--name", "WWW.example"], www),
+                (["--endpoint", "default/pod", "--name", "short"], set()),
+            ]:
+                code, out, err = await _cli("cache", "list", "--state-dir", state, *args)
+                assert code == 0, err
+                assert set(_rows(out)) == want, (args, out)
+            code, out, err = await _cli("cache", "list", "--state-dir", state, "--endpoint", "x/y")
+            assert code == 2
+            assert "--endpoint x/y: no such endpoint (endpoints: default/free" in err
+        finally:
+            await runner.stop()
+
+    run_loop(scenario)
+    # Stopped: the saved cache, named by the endpoints file, or else by id.
+    r = run("cache", "list", "--state-dir", state, "--endpoints", str(tmp_path / "endpoints.yaml"))
+    assert r.returncode == 0 and set(_rows(r.stdout)) == {*www, short}, r.stderr
+    r = run("cache", "list", "--state-dir", state, "--json", "--name", "short")
+    assert r.returncode == 0, r.stderr
+    assert [(e["endpoint"], e["endpoint_name"]) for e in json.loads(r.stdout)] == [(3, None)]

@@ -509,20 +509,10 @@ def test_run_serves_its_cache_on_the_control_socket_and_saves_it(
     from fqdnguard.agent import CACHE_FILE, CONTROL_SOCKET, Runner  # noqa: PLC0415
     from fqdnguard.control import request  # noqa: PLC0415
 
-    from tests.proxy_fixtures import ENDPOINTS, POLICY  # noqa: PLC0415
+    from tests.proxy_fixtures import files_config  # noqa: PLC0415
 
-    (tmp_path / "policy.yaml").write_text(POLICY)
-    (tmp_path / "endpoints.yaml").write_text(ENDPOINTS)
-    state = tmp_path / "state"
-    port = free_port()
-    config = ProxyConfig(
-        listen=[("127.0.0.1", port)],
-        upstreams=[(UPSTREAM_IP, knot.port)],
-        policy=[str(tmp_path / "policy.yaml")],
-        endpoints=str(tmp_path / "endpoints.yaml"),
-        state_dir=str(state),
-        log_queries="none",
-    )
+    config = files_config(tmp_path, knot.port)
+    state, port = tmp_path / "state", config.listen[0][1]
 
     async def scenario() -> None:
         runner = Runner(config)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -361,21 +361,83 @@ def cmd_cache_list(args: argparse.Namespace) -> int:
     import time  # noqa: PLC0415
 
     entries, now, source = _cache_entries(args.state_dir)
+    names = _endpoint_names(args.state_dir, args.endpoints)
     if args.endpoint is not None:
-        entries = [e for e in entries if e["endpoint"] == args.endpoint]
+        wanted = _endpoint_ids(args.endpoint, names)
+        entries = [e for e in entries if e["endpoint"] in wanted]
     if args.name:
-        want = args.name.lower().rstrip(".") + "."
-        entries = [e for e in entries if e["name"] == want]
+        entries = [e for e in entries if _name_filter(args.name)(e["name"])]
+    for e in entries:
+        e["endpoint_name"] = names.get(e["endpoint"])
     if args.json:
         print(json.dumps(entries, indent=2))
         return 0
-    print(f"{'Endpoint':<10}{'FQDN':<40}{'TTL':>7}  {'ExpirationTime':<22}IP")
-    for e in sorted(entries, key=lambda e: (e["endpoint"], e["name"], e["ip"])):
+
+    def who(e: dict[str, Any]) -> str:
+        return str(e["endpoint_name"] or f"#{e['endpoint']}")
+
+    width = max([len("Endpoint"), *(len(who(e)) for e in entries)]) + 2
+    print(f"{'Endpoint':<{width}}{'FQDN':<40}{'TTL':>7}  {'ExpirationTime':<22}IP")
+    for e in sorted(entries, key=lambda e: (who(e), e["name"], e["ip"])):
         ttl = max(0, int(e["expires_at"] - now))
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(e["expires_at"]))
-        print(f"{e['endpoint']:<10}{e['name']:<40}{ttl:>7}  {when:<22}{e['ip']}")
+        print(f"{who(e):<{width}}{e['name']:<40}{ttl:>7}  {when:<22}{e['ip']}")
     print(f"{len(entries)} entries ({source})", file=sys.stderr)
     return 0
+
+
+def _endpoint_names(state_dir: str, endpoints_file: str | None) -> dict[int, str]:
+    """Endpoint id -> ``namespace/name``: from the running fqdnguard, else from the policy an
+    agent last pushed to the state directory, else from ``--endpoints``; empty when none
+    knows (the listing then shows ids)."""
+    from fqdnguard.control import ControlError  # noqa: PLC0415
+    from fqdnguard.proxyd import POLICY_FILE, load_policy_state  # noqa: PLC0415
+
+    if endpoints_file is not None:
+        return {ep.id: ep.display for ep in Endpoints.load(endpoints_file)}
+    try:
+        data = _control_get(state_dir, "/v1/endpoints")
+        listed = data.get("endpoints")
+        if isinstance(listed, dict):
+            return {int(k): str(v) for k, v in listed.items()}
+    except (FileNotFoundError, ConnectionRefusedError, ControlError, _UsageError):
+        pass  # not running, or a release without the endpoint listing
+    try:
+        saved = load_policy_state(Path(state_dir) / POLICY_FILE)
+    except ValueError:
+        saved = None
+    if saved is None or saved[1] is None:
+        return {}
+    try:
+        return {ep.id: ep.display for ep in Endpoints.from_yaml(saved[1])}
+    except ValueError:
+        return {}
+
+
+def _endpoint_ids(given: str, names: dict[int, str]) -> set[int]:
+    """The ids ``--endpoint`` means: ``NS/NAME``, a ``NAME`` (in any namespace) or an id."""
+    if given.isdigit():
+        return {int(given)}
+    found = {i for i, n in names.items() if n == given or n.split("/", 1)[1] == given}
+    if not found:
+        known = ", ".join(sorted(names.values())) or "none known (give --endpoints FILE)"
+        raise _UsageError(f"--endpoint {given}: no such endpoint (endpoints: {known})")
+    return found
+
+
+def _name_filter(given: str) -> Callable[[str], bool]:
+    """``--name``: a pattern with ``*`` matches as a policy's matchPattern does; other text
+    matches every name that contains it (any case)."""
+    if "*" in given:
+        from fqdnguard._core import PatternError, PatternSet  # noqa: PLC0415
+
+        try:
+            patterns = PatternSet([given])
+        except PatternError as e:
+            raise _UsageError(f"--name {given}: {e}") from None
+        return patterns.matches
+    part = given.lower()
+    return lambda name: part in name.lower()
 
 
 def _cache_entries(state_dir: str) -> tuple[list[dict[str, Any]], float, str]:
@@ -564,8 +626,23 @@ def build_parser() -> argparse.ArgumentParser:
         "last snapshot in the state directory.",
     )
     clist.add_argument("--state-dir", default="/var/lib/fqdnguard", metavar="DIR")
-    clist.add_argument("--endpoint", type=int, help="only this endpoint id")
-    clist.add_argument("--name", help="only this name")
+    clist.add_argument(
+        "--endpoint",
+        metavar="NS/NAME",
+        help="only this endpoint (namespace/name, a name, or an id)",
+    )
+    clist.add_argument(
+        "--name",
+        metavar="PATTERN",
+        help="only names matching PATTERN (with '*', as a matchPattern: '*.example.com'), or "
+        "containing it",
+    )
+    clist.add_argument(
+        "--endpoints",
+        metavar="FILE",
+        help="endpoints YAML file naming the endpoints (default: asked of the running "
+        "fqdnguard, or the policy saved in the state directory)",
+    )
     clist.add_argument("--json", action="store_true", help="JSON output")
     clist.set_defaults(func=cmd_cache_list)
 
