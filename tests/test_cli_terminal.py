@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import pathlib
 import re
 import shutil
@@ -357,3 +358,32 @@ def test_cache_list_names_endpoints_and_filters(knot: KnotServer, tmp_path: path
     r = run("cache", "list", "--state-dir", state, "--json", "--name", "short")
     assert r.returncode == 0, r.stderr
     assert [(e["endpoint"], e["endpoint_name"]) for e in json.loads(r.stdout)] == [(3, None)]
+
+
+# -- intercept status / cleanup on a node where interception was never installed ---------------
+
+
+def test_intercept_status_and_cleanup_on_a_clean_node() -> None:
+    from tests.netns import netns_unavailable, sh  # noqa: PLC0415
+
+    why = netns_unavailable()
+    if why is not None:
+        pytest.skip(why)
+    ns = f"fgclean{os.getpid()}"
+    sh("ip", "netns", "add", ns)
+    try:
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+
+        def node(*args: str) -> subprocess.CompletedProcess[str]:
+            cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "fqdnguard.cli", *args]
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+
+        r = node("intercept", "status")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout) == {"table": False, "rules": 0, "policed4": 0,
+            "policed6": 0, "ip_rules4": 0, "routes4": 0, "ip_rules6": 0, "routes6": 0}  # fmt: skip
+        r = node("intercept", "cleanup")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith("removed: table absent, ip rules 0 (IPv4) 0 (IPv6)"), r.stdout
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
