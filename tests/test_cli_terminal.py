@@ -387,3 +387,33 @@ def test_intercept_status_and_cleanup_on_a_clean_node() -> None:
         assert r.stdout.startswith("removed: table absent, ip rules 0 (IPv4) 0 (IPv6)"), r.stdout
     finally:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+
+
+# -- the demo: why each refusal happened; enforcement as root -----------------------------------
+
+
+def test_demo_explains_refusals_and_shows_enforcement() -> None:
+    from tests.netns import netns_unavailable  # noqa: PLC0415
+    from tests.proxy_fixtures import require_knot  # noqa: PLC0415
+
+    require_knot()
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "examples/demo.py")],
+        capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    table = lines[lines.index(next(ln for ln in lines if ln.startswith("who "))) :]
+    refused = [i for i, ln in enumerate(table) if re.search(r"udp  (REFUSED|NXDOMAIN)$", ln)]
+    assert len(refused) == 5, r.stdout
+    for i in refused:
+        assert table[i + 1].strip().startswith("why: denied: "), table[i : i + 2]
+    assert "why: denied: the source is not a known endpoint" in r.stdout
+    assert "under the search domain svc.cluster.local" in r.stdout
+    if netns_unavailable() is not None:
+        assert "== enforcement: skipped" in r.stdout
+        return
+    assert "pod -> 10.77.2.10:443 (the resolved IP): connected" in r.stdout
+    assert "pod -> 10.77.2.11:443 (another IP): no connection (dropped by nftables)" in r.stdout
+    assert "pod -> 10.77.2.10:443 before resolving anything: no connection" in r.stdout
+    assert "DENIED: traffic from default/web (10.77.1.2) to 10.77.2.11 port 443/TCP" in r.stdout
