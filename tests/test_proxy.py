@@ -597,3 +597,51 @@ def test_udp_io_option_is_checked() -> None:
         ProxyConfig(udp_io="kernel")
     with pytest.raises(ConfigError, match="udp_io: the rust UDP path reads the system clock"):
         Proxy(None, None, upstreams=["127.0.0.1:53"], clock=lambda: 0.0)
+
+
+def test_huge_ttls_are_capped_for_the_client_and_the_cache(
+    knot: KnotServer, proxy_policy: Policy, proxy_endpoints: Endpoints
+) -> None:
+    """The zone gives forever.example.com (a CNAME) and its target TTL 2^31-1: 68 years."""
+    policy, endpoints = proxy_policy, proxy_endpoints
+
+    async def scenario() -> None:
+        for cfg, cap in [({}, 86_400), ({"max_ttl": 600, "min_ttl": 600}, 600)]:
+            backend = Recorder()
+            async with running(make_proxy(knot, policy, endpoints, backend, **cfg)) as proxy:
+                port = proxy.config.listen[0][1]
+                query = q("forever.example.com", use_edns=0, want_dnssec=True)
+                for transport in ("udp", "tcp"):
+                    before = time.time()
+                    if transport == "udp":
+                        wire = await ask(proxy, query)
+                    else:
+                        (wire,) = await tcp_ask(("127.0.0.1", port), [query.to_wire()])
+                    answer = dns.message.from_wire(wire)
+                    assert answer.rcode() == dns.rcode.NOERROR, transport
+                    assert [(r.rdtype, r.ttl) for r in answer.answer] == [
+                        (dns.rdatatype.CNAME, cap),
+                        (dns.rdatatype.A, cap),
+                    ], (cfg, transport)
+                    # The OPT record's TTL field (EDNS version and flags) is not a TTL.
+                    assert answer.edns == 0 and answer.ednsflags & dns.flags.DO, transport
+                    ((ip, expires),) = proxy.cache.lookup("forever.example.com")
+                    assert ip == "192.0.2.40"
+                    assert before + cap - 1 <= expires <= time.time() + cap, (cfg, transport)
+                assert backend.ips() == {"192.0.2.40"}
+
+    run(scenario)
+
+
+def test_max_ttl_option_is_checked() -> None:
+    assert ProxyConfig().max_ttl == 86_400
+    assert ProxyConfig.from_mapping({"max-ttl": "3600"}).max_ttl == 3600
+    for bad, message in [
+        ({"max_ttl": 0}, "max_ttl: 0: must be a whole number of seconds from 1 to 2147483647"),
+        ({"max_ttl": 2**31}, "max_ttl: 2147483648: must be a whole number"),
+        ({"min_ttl": 601, "max_ttl": 600}, "min_ttl 601 is above max_ttl 600"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            ProxyConfig(**bad)
+    with pytest.raises(ConfigError, match="config: max_ttl: 'a day' is not a whole number"):
+        ProxyConfig.from_mapping({"max_ttl": "a day"})

@@ -328,6 +328,7 @@ class Engine:
         timeout: float = 2.0,
         log_queries: str = "sampled",
         log_sample: float = 0.01,
+        max_ttl: int = 86400,
     ) -> Engine: ...
     def set_policy(
         self,

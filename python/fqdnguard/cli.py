@@ -171,6 +171,7 @@ def _proxy_config(args: argparse.Namespace) -> ProxyConfig:
         metrics=args.metrics,
         unknown_endpoint=args.unknown_endpoint,
         upstream_timeout=args.upstream_timeout,
+        max_ttl=args.max_ttl,
         log_queries=args.log_queries,
         intercept=getattr(args, "intercept", None) or None,
         intercept_port=getattr(args, "intercept_port", None),
@@ -376,6 +377,12 @@ def _data_plane_options(p: argparse.ArgumentParser, *, policy: bool) -> None:
     p.add_argument("--metrics", metavar="ADDR:PORT", help="serve Prometheus metrics")
     p.add_argument("--unknown-endpoint", metavar="NS/NAME", help="treat unknown sources as it")
     p.add_argument("--upstream-timeout", type=float, metavar="SECONDS")
+    p.add_argument(
+        "--max-ttl",
+        type=int,
+        metavar="SECONDS",
+        help="cap the TTLs of answers, in the cache and for the client (default 86400)",
+    )
     p.add_argument("--log-queries", choices=["all", "sampled", "none"])
     p.add_argument(
         "--udp-io",
