@@ -8,6 +8,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import dns.edns
@@ -503,26 +504,31 @@ def test_an_empty_cache_given_is_the_cache_used(
     assert sorted(ip for ip, _ in cache.lookup("www.example.com")) == ["192.0.2.10", "192.0.2.11"]
 
 
+def runner_config(knot: KnotServer, tmp_path: Path, **extra: Any) -> ProxyConfig:
+    """`fqdnguard run`'s options for the test policy and endpoints, with a state directory."""
+    from tests.proxy_fixtures import ENDPOINTS, POLICY  # noqa: PLC0415
+
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    (tmp_path / "endpoints.yaml").write_text(ENDPOINTS)
+    return ProxyConfig(
+        listen=[("127.0.0.1", free_port())],
+        upstreams=[(UPSTREAM_IP, knot.port)],
+        policy=[str(tmp_path / "policy.yaml")],
+        endpoints=str(tmp_path / "endpoints.yaml"),
+        state_dir=str(tmp_path / "state"),
+        log_queries="none",
+        **extra,
+    )
+
+
 def test_run_serves_its_cache_on_the_control_socket_and_saves_it(
     knot: KnotServer, tmp_path: Any
 ) -> None:
     from fqdnguard.agent import CACHE_FILE, CONTROL_SOCKET, Runner  # noqa: PLC0415
     from fqdnguard.control import request  # noqa: PLC0415
 
-    from tests.proxy_fixtures import ENDPOINTS, POLICY  # noqa: PLC0415
-
-    (tmp_path / "policy.yaml").write_text(POLICY)
-    (tmp_path / "endpoints.yaml").write_text(ENDPOINTS)
-    state = tmp_path / "state"
-    port = free_port()
-    config = ProxyConfig(
-        listen=[("127.0.0.1", port)],
-        upstreams=[(UPSTREAM_IP, knot.port)],
-        policy=[str(tmp_path / "policy.yaml")],
-        endpoints=str(tmp_path / "endpoints.yaml"),
-        state_dir=str(state),
-        log_queries="none",
-    )
+    config = runner_config(knot, tmp_path)
+    state, port = Path(str(config.state_dir)), config.listen[0][1]
 
     async def scenario() -> None:
         runner = Runner(config)
@@ -531,7 +537,7 @@ def test_run_serves_its_cache_on_the_control_socket_and_saves_it(
             await udp_ask(("127.0.0.1", port), q("www.example.com").to_wire())
             status, body = await request(state / CONTROL_SOCKET, "GET", "/v1/cache")
             assert status == 200
-            assert sorted(e["ip"] for e in body["entries"]) == ["192.0.2.10", "192.0.2.11"]
+            assert sorted(e["ip"] for e in body[1:]) == ["192.0.2.10", "192.0.2.11"]
             assert (await request(state / CONTROL_SOCKET, "GET", "/v1/nope"))[0] == 404
         finally:
             await runner.stop()
@@ -645,3 +651,85 @@ def test_max_ttl_option_is_checked() -> None:
             ProxyConfig(**bad)
     with pytest.raises(ConfigError, match="config: max_ttl: 'a day' is not a whole number"):
         ProxyConfig.from_mapping({"max_ttl": "a day"})
+
+
+def test_cache_listing_is_streamed_filtered_and_printed_as_it_arrives(
+    knot: KnotServer, tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """GET /v1/cache is NDJSON in chunks (a header line with the TTL limits, then one entry per
+    line), filtered by the proxy; ``fqdnguard cache list`` prints it, or the last snapshot."""
+    from fqdnguard.agent import CACHE_FILE, CONTROL_SOCKET, Runner  # noqa: PLC0415
+    from fqdnguard.cli import main  # noqa: PLC0415
+    from fqdnguard.control import ControlError, stream_sync  # noqa: PLC0415
+
+    config = runner_config(knot, tmp_path, max_ttl=3600)
+    state, port = Path(str(config.state_dir)), config.listen[0][1]
+    sock = state / CONTROL_SOCKET
+
+    def raw_get(url: str) -> bytes:
+        import socket  # noqa: PLC0415
+
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(sock))
+            s.sendall(f"GET {url} HTTP/1.1\r\nConnection: close\r\n\r\n".encode())
+            return b"".join(iter(lambda: s.recv(65536), b""))
+
+    async def scenario() -> None:
+        runner = Runner(config)
+        await runner.start()
+        loop = asyncio.get_running_loop()
+        try:
+            for name in ("www.example.com", "short.example.com", "forever.example.com"):
+                await udp_ask(("127.0.0.1", port), q(name).to_wire())
+            raw = await loop.run_in_executor(None, raw_get, "/v1/cache")
+            head, _, body = raw.partition(b"\r\n\r\n")
+            assert b"Transfer-Encoding: chunked" in head
+            assert b"Content-Type: application/x-ndjson" in head
+            assert body.endswith(b"\r\n0\r\n\r\n")
+            lines = await loop.run_in_executor(
+                None, lambda: list(stream_sync(sock, "GET", "/v1/cache"))
+            )
+            header, entries = lines[0], lines[1:]
+            assert header["max_ttl"] == 3600 and header["entries"] == 4
+            assert sorted((e["name"], e["ip"]) for e in entries) == [
+                ("forever.example.com.", "192.0.2.40"),
+                ("short.example.com.", "192.0.2.30"),
+                ("www.example.com.", "192.0.2.10"),
+                ("www.example.com.", "192.0.2.11"),
+            ]
+            assert all(e["expires_at"] <= header["now"] + 3600 for e in entries)
+            only = await loop.run_in_executor(
+                None, lambda: list(stream_sync(sock, "GET", "/v1/cache?name=WWW.example.com"))
+            )
+            assert sorted(e["ip"] for e in only[1:]) == ["192.0.2.10", "192.0.2.11"]
+            other = await loop.run_in_executor(
+                None, lambda: list(stream_sync(sock, "GET", "/v1/cache?endpoint=999"))
+            )
+            assert other[1:] == []
+            for bad, message in [("endpoint=x", "endpoint: 'x'"), ("name=a..b", "name: ")]:
+                with pytest.raises(ControlError, match=f"400: .*{message}"):
+                    await loop.run_in_executor(
+                        None, lambda b=bad: list(stream_sync(sock, "GET", f"/v1/cache?{b}"))
+                    )
+            capsys.readouterr()
+            args = ["cache", "list", "--state-dir", str(state), "--name", "forever.example.com"]
+            assert await loop.run_in_executor(None, main, args) == 0
+            out, err = capsys.readouterr()
+            assert "TTLs are capped at max_ttl 3600 s" in err and "1 entries (live)" in err
+            (row,) = out.splitlines()[1:]
+            assert row.split()[1] == "forever.example.com." and row.split()[-1] == "192.0.2.40"
+            assert 3590 <= int(row.split()[2]) <= 3600
+        finally:
+            await runner.stop()
+
+    run(scenario)
+    assert (state / CACHE_FILE).exists() and not sock.exists()
+    assert main(["cache", "list", "--state-dir", str(state), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "4 entries (saved)" in err
+    assert sorted(json.loads(line)["ip"] for line in out.splitlines()) == [
+        "192.0.2.10",
+        "192.0.2.11",
+        "192.0.2.30",
+        "192.0.2.40",
+    ]

@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fqdnguard._core import FqdnGuardError
 from fqdnguard.backends import BackendError
@@ -102,7 +102,7 @@ def cmd_policy_status(args: argparse.Namespace) -> int:
     socket, and what its last reloads did."""
     import json  # noqa: PLC0415
     import time  # noqa: PLC0415
-    from typing import Any, cast  # noqa: PLC0415
+    from typing import cast  # noqa: PLC0415
 
     from fqdnguard.control import ControlError  # noqa: PLC0415
 
@@ -301,33 +301,47 @@ def _control_get(state_dir: str, path: str) -> dict[str, object]:
 
 
 def cmd_cache_list(args: argparse.Namespace) -> int:
+    """Prints the entries as they arrive from the proxy (or from the last snapshot): a listing
+    of a million entries is never held whole, here or in the proxy."""
     import json  # noqa: PLC0415
     import time  # noqa: PLC0415
+    from urllib.parse import urlencode  # noqa: PLC0415
 
-    from fqdnguard.agent import cache_entries  # noqa: PLC0415
-    from fqdnguard.control import ControlError  # noqa: PLC0415
+    from fqdnguard.agent import CONTROL_SOCKET  # noqa: PLC0415
+    from fqdnguard.control import ControlError, stream_sync  # noqa: PLC0415
 
+    filters = {k: v for k, v in (("endpoint", args.endpoint), ("name", args.name)) if v is not None}
+    sock = os.path.join(args.state_dir, CONTROL_SOCKET)
     source = "live"
     try:
-        data = _control_get(args.state_dir, "/v1/cache")
-        entries = list(data["entries"])  # type: ignore[call-overload]
-        now = float(data["now"])  # type: ignore[arg-type]
-    except (FileNotFoundError, ConnectionRefusedError, ControlError):
-        entries, now, source = cache_entries(_saved_cache(args.state_dir)), time.time(), "saved"
-    if args.endpoint is not None:
-        entries = [e for e in entries if e["endpoint"] == args.endpoint]
-    if args.name:
-        want = args.name.lower().rstrip(".") + "."
-        entries = [e for e in entries if e["name"] == want]
-    if args.json:
-        print(json.dumps(entries, indent=2))
-        return 0
-    print(f"{'Endpoint':<10}{'FQDN':<40}{'TTL':>7}  {'ExpirationTime':<22}IP")
-    for e in sorted(entries, key=lambda e: (e["endpoint"], e["name"], e["ip"])):
-        ttl = max(0, int(e["expires_at"] - now))
-        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(e["expires_at"]))
-        print(f"{e['endpoint']:<10}{e['name']:<40}{ttl:>7}  {when:<22}{e['ip']}")
-    print(f"{len(entries)} entries ({source})", file=sys.stderr)
+        if not os.path.exists(sock):
+            raise FileNotFoundError(sock)
+        url = "/v1/cache" + (f"?{urlencode(filters)}" if filters else "")
+        lines = stream_sync(sock, "GET", url, timeout=30)
+        header = next(lines)
+    except (FileNotFoundError, ConnectionRefusedError, ControlError) as e:
+        if isinstance(e, ControlError) and "cut short" in str(e):
+            raise
+        cache = _saved_cache(args.state_dir)
+        header = {"now": time.time(), "max_ttl": None, "min_ttl": cache.min_ttl}
+        lines = _saved_lines(cache, args.endpoint, args.name)
+        source = "saved"
+    now = float(header["now"])
+    max_ttl = header.get("max_ttl")
+    if max_ttl is not None:
+        print(f"TTLs are capped at max_ttl {max_ttl} s", file=sys.stderr)
+    if not args.json:
+        print(f"{'Endpoint':<10}{'FQDN':<40}{'TTL':>7}  {'ExpirationTime':<22}IP")
+    count = 0
+    for entry in lines:
+        count += 1
+        if args.json:
+            print(json.dumps(entry))
+            continue
+        ttl = max(0, int(entry["expires_at"] - now))
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry["expires_at"]))
+        print(f"{entry['endpoint']:<10}{entry['name']:<40}{ttl:>7}  {when:<22}{entry['ip']}")
+    print(f"{count} entries ({source})", file=sys.stderr)
     return 0
 
 
@@ -354,6 +368,17 @@ def _saved_cache(state_dir: str) -> DnsCache:
         saved = None
     state.replay(cache, policy_digest(*saved) if saved is not None else None)
     return cache
+
+
+def _saved_lines(cache: DnsCache, endpoint: int | None, name: str | None) -> Iterator[Any]:
+    """The entries of a saved cache, as the proxy's listing gives them."""
+    import json  # noqa: PLC0415
+
+    cursor: int | None = 0
+    while cursor is not None:
+        data, cursor = cache.listing(cursor, endpoint=endpoint, name=name)
+        for line in data.splitlines():
+            yield json.loads(line)
 
 
 def _data_plane_options(p: argparse.ArgumentParser, *, policy: bool) -> None:
@@ -505,12 +530,15 @@ def build_parser() -> argparse.ArgumentParser:
         "list",
         help="print the names and IPs learned (like 'cilium fqdn cache list')",
         description="Asks the running proxy over its control socket; without one, reads the "
-        "last snapshot in the state directory.",
+        "last snapshot in the state directory. Entries are printed as they arrive, grouped by "
+        "endpoint and name but not sorted (pipe through sort).",
     )
     clist.add_argument("--state-dir", default="/var/lib/fqdnguard", metavar="DIR")
     clist.add_argument("--endpoint", type=int, help="only this endpoint id")
     clist.add_argument("--name", help="only this name")
-    clist.add_argument("--json", action="store_true", help="JSON output")
+    clist.add_argument(
+        "--json", action="store_true", help="one JSON object per entry and line (NDJSON)"
+    )
     clist.set_defaults(func=cmd_cache_list)
 
     check = sub.add_parser(
