@@ -14,7 +14,6 @@ import functools
 import gc
 import json
 import logging
-import os
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -60,20 +59,13 @@ def cache_entries(cache: DnsCache) -> list[dict[str, Any]]:
     ]
 
 
-def _lower_priority() -> None:
-    """The background thread runs only when the cores have nothing else to do (SCHED_IDLE,
-    per thread on Linux): it shares them with the Rust UDP thread, which must win every
-    wake-up race. A chunk it holds the cache's lock for is a few hundred microseconds."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (OSError, AttributeError) as e:  # not fatal: the work is the same, only less polite
-        log.warning("cannot lower the background thread's priority: %s", e)
-
-
-#: One thread, at the lowest priority, for the periodic saves and the listings: work that reads
-#: the whole cache and that nobody waits for.
+#: One thread for the periodic saves and the listings: work that reads the whole cache and that
+#: nobody waits for, kept off the executor that policy compiles and hand-overs use. It runs at
+#: the data path's priority on purpose: it takes the cache's lock (briefly, a chunk at a time),
+#: and a thread of lower priority preempted while holding it would make the packet path wait
+#: for whatever else the node runs (a SCHED_IDLE or nice thread measured no better anyway).
 BACKGROUND = concurrent.futures.ThreadPoolExecutor(
-    max_workers=1, thread_name_prefix="fqdnguard-background", initializer=_lower_priority
+    max_workers=1, thread_name_prefix="fqdnguard-background"
 )
 
 #: Entries read per call into the cache while a listing streams (each call takes the cache's
