@@ -37,6 +37,8 @@ chain2  CNAME www.example.com.
 short   30 A 192.0.2.30
 big     TXT {BIG_TXT}
 outside CNAME host.other.org.
+forever 2147483647 CNAME forever-host
+forever-host 2147483647 A 192.0.2.40
 """
 
 ENDPOINTS = f"""

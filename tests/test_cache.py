@@ -375,3 +375,51 @@ def test_entries_lists_every_live_entry_soonest_first() -> None:
     c.expire(now=1015.0)
     assert [e[2] for e in c.entries()] == ["2001:db8::1", "192.0.2.1"]
     assert DnsCache().entries() == []
+
+
+SAVE_PEAK = """
+import sys
+from fqdnguard import DnsCache
+
+def peak_kb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+
+c = DnsCache(max_entries=1_000_000)
+for block in range(40):
+    c.record_many(
+        block % 4,
+        [
+            (f"host{block}-{i}.example{i % 97}.com", [(f"10.{block}.{i >> 8}.{i & 255}", 300 + i)])
+            for i in range(10_000)
+        ],
+        now=1000.0,
+    )
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak RSS starts again from the RSS now
+before = peak_kb()
+c.save(sys.argv[1])
+print(before, peak_kb(), c.stats()["memory_bytes"] // 1024)
+"""
+
+
+def test_saving_never_doubles_the_memory(tmp_path: Path) -> None:
+    """A snapshot is streamed to its file: the save's peak memory is a fraction of the cache's
+    (it was more than the cache again: the whole file and a sorted copy of every entry)."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    path = tmp_path / "cache.snapshot"
+    out = subprocess.run(
+        [sys.executable, "-c", SAVE_PEAK, str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout
+    before, peak, cache_kb = map(int, out.split())
+    assert peak - before < cache_kb * 0.5, (before, peak, cache_kb)
+    loaded = DnsCache.load(path, now=1000.0)
+    assert len(loaded) == 400_000
+    assert loaded.lookup("host7-9.example9.com") == [("10.7.0.9", 1309.0)]

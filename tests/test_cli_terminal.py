@@ -357,7 +357,8 @@ def test_cache_list_names_endpoints_and_filters(knot: KnotServer, tmp_path: path
     assert r.returncode == 0 and set(_rows(r.stdout)) == {*www, short}, r.stderr
     r = run("cache", "list", "--state-dir", state, "--json", "--name", "short")
     assert r.returncode == 0, r.stderr
-    assert [(e["endpoint"], e["endpoint_name"]) for e in json.loads(r.stdout)] == [(3, None)]
+    listed = [json.loads(line) for line in r.stdout.splitlines()]  # NDJSON: one per line
+    assert [(e["endpoint"], e["endpoint_name"]) for e in listed] == [(3, None)]
 
 
 # -- intercept status / cleanup on a node where interception was never installed ---------------

@@ -205,7 +205,7 @@ class Env:
     def cached_names(self) -> set[str]:
         status, body = request_sync(str(self.state / "run" / "control.sock"), "GET", "/v1/cache")
         assert status == 200
-        return {e["name"] for e in body["entries"]}
+        return {e["name"] for e in body[1:]}  # NDJSON: a header line, then the entries
 
     def logged(self) -> list[dict[str, Any]]:
         """Query log lines written since the last call."""

@@ -132,7 +132,7 @@ class World:
             text=True,
             check=True,
         ).stdout
-        return {e["ip"] for e in json.loads(out)}
+        return {e["ip"] for e in map(json.loads, out.splitlines())}  # NDJSON
 
     def reaches(self, ip: str, port: int = 443) -> bool:
         s = self.topo.connect(self.topo.pod, ip, port)

@@ -8,6 +8,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import dns.edns
@@ -521,7 +522,7 @@ def test_run_serves_its_cache_on_the_control_socket_and_saves_it(
             await udp_ask(("127.0.0.1", port), q("www.example.com").to_wire())
             status, body = await request(state / CONTROL_SOCKET, "GET", "/v1/cache")
             assert status == 200
-            assert sorted(e["ip"] for e in body["entries"]) == ["192.0.2.10", "192.0.2.11"]
+            assert sorted(e["ip"] for e in body[1:]) == ["192.0.2.10", "192.0.2.11"]
             assert (await request(state / CONTROL_SOCKET, "GET", "/v1/nope"))[0] == 404
         finally:
             await runner.stop()
@@ -595,3 +596,135 @@ def test_udp_io_option_is_checked() -> None:
         ProxyConfig(udp_io="kernel")
     with pytest.raises(ConfigError, match="udp_io: the rust UDP path reads the system clock"):
         Proxy(None, None, upstreams=["127.0.0.1:53"], clock=lambda: 0.0)
+
+
+def test_huge_ttls_are_capped_for_the_client_and_the_cache(
+    knot: KnotServer, proxy_policy: Policy, proxy_endpoints: Endpoints
+) -> None:
+    """The zone gives forever.example.com (a CNAME) and its target TTL 2^31-1: 68 years."""
+    policy, endpoints = proxy_policy, proxy_endpoints
+
+    async def scenario() -> None:
+        for cfg, cap in [({}, 86_400), ({"max_ttl": 600, "min_ttl": 600}, 600)]:
+            backend = Recorder()
+            async with running(make_proxy(knot, policy, endpoints, backend, **cfg)) as proxy:
+                port = proxy.config.listen[0][1]
+                query = q("forever.example.com", use_edns=0, want_dnssec=True)
+                for transport in ("udp", "tcp"):
+                    before = time.time()
+                    if transport == "udp":
+                        wire = await ask(proxy, query)
+                    else:
+                        (wire,) = await tcp_ask(("127.0.0.1", port), [query.to_wire()])
+                    answer = dns.message.from_wire(wire)
+                    assert answer.rcode() == dns.rcode.NOERROR, transport
+                    assert [(r.rdtype, r.ttl) for r in answer.answer] == [
+                        (dns.rdatatype.CNAME, cap),
+                        (dns.rdatatype.A, cap),
+                    ], (cfg, transport)
+                    # The OPT record's TTL field (EDNS version and flags) is not a TTL.
+                    assert answer.edns == 0 and answer.ednsflags & dns.flags.DO, transport
+                    ((ip, expires),) = proxy.cache.lookup("forever.example.com")
+                    assert ip == "192.0.2.40"
+                    assert before + cap - 1 <= expires <= time.time() + cap, (cfg, transport)
+                assert backend.ips() == {"192.0.2.40"}
+
+    run(scenario)
+
+
+def test_max_ttl_option_is_checked() -> None:
+    assert ProxyConfig().max_ttl == 86_400
+    assert ProxyConfig.from_mapping({"max-ttl": "3600"}).max_ttl == 3600
+    for bad, message in [
+        ({"max_ttl": 0}, "max_ttl: 0: must be a whole number of seconds from 1 to 2147483647"),
+        ({"max_ttl": 2**31}, "max_ttl: 2147483648: must be a whole number"),
+        ({"min_ttl": 601, "max_ttl": 600}, "min_ttl 601 is above max_ttl 600"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            ProxyConfig(**bad)
+    with pytest.raises(ConfigError, match="config: max_ttl: 'a day' is not a whole number"):
+        ProxyConfig.from_mapping({"max_ttl": "a day"})
+
+
+def test_cache_listing_is_streamed_filtered_and_printed_as_it_arrives(
+    knot: KnotServer, tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """GET /v1/cache is NDJSON in chunks (a header line with the TTL limits, then one entry per
+    line), filtered by the proxy; ``fqdnguard cache list`` prints it, or the last snapshot."""
+    from fqdnguard.agent import CACHE_FILE, CONTROL_SOCKET, Runner  # noqa: PLC0415
+    from fqdnguard.cli import main  # noqa: PLC0415
+    from fqdnguard.control import ControlError, stream_sync  # noqa: PLC0415
+
+    from tests.proxy_fixtures import files_config  # noqa: PLC0415
+
+    config = files_config(tmp_path, knot.port, max_ttl=3600)
+    state, port = Path(str(config.state_dir)), config.listen[0][1]
+    sock = state / CONTROL_SOCKET
+
+    def raw_get(url: str) -> bytes:
+        import socket  # noqa: PLC0415
+
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(sock))
+            s.sendall(f"GET {url} HTTP/1.1\r\nConnection: close\r\n\r\n".encode())
+            return b"".join(iter(lambda: s.recv(65536), b""))
+
+    async def scenario() -> None:
+        runner = Runner(config)
+        await runner.start()
+        loop = asyncio.get_running_loop()
+        try:
+            for name in ("www.example.com", "short.example.com", "forever.example.com"):
+                await udp_ask(("127.0.0.1", port), q(name).to_wire())
+            raw = await loop.run_in_executor(None, raw_get, "/v1/cache")
+            head, _, body = raw.partition(b"\r\n\r\n")
+            assert b"Transfer-Encoding: chunked" in head
+            assert b"Content-Type: application/x-ndjson" in head
+            assert body.endswith(b"\r\n0\r\n\r\n")
+            lines = await loop.run_in_executor(
+                None, lambda: list(stream_sync(sock, "GET", "/v1/cache"))
+            )
+            header, entries = lines[0], lines[1:]
+            assert header["max_ttl"] == 3600 and header["entries"] == 4
+            assert sorted((e["name"], e["ip"]) for e in entries) == [
+                ("forever.example.com.", "192.0.2.40"),
+                ("short.example.com.", "192.0.2.30"),
+                ("www.example.com.", "192.0.2.10"),
+                ("www.example.com.", "192.0.2.11"),
+            ]
+            assert all(e["expires_at"] <= header["now"] + 3600 for e in entries)
+            only = await loop.run_in_executor(
+                None, lambda: list(stream_sync(sock, "GET", "/v1/cache?name=WWW.example.com"))
+            )
+            assert sorted(e["ip"] for e in only[1:]) == ["192.0.2.10", "192.0.2.11"]
+            other = await loop.run_in_executor(
+                None, lambda: list(stream_sync(sock, "GET", "/v1/cache?endpoint=999"))
+            )
+            assert other[1:] == []
+            for bad, message in [("endpoint=x", "endpoint: 'x'"), ("name=a..b", "name: ")]:
+                with pytest.raises(ControlError, match=f"400: .*{message}"):
+                    await loop.run_in_executor(
+                        None, lambda b=bad: list(stream_sync(sock, "GET", f"/v1/cache?{b}"))
+                    )
+            capsys.readouterr()
+            args = ["cache", "list", "--state-dir", str(state), "--name", "forever.example.com"]
+            assert await loop.run_in_executor(None, main, args) == 0
+            out, err = capsys.readouterr()
+            assert "TTLs are capped at max_ttl 3600 s" in err and "1 entries (live)" in err
+            (row,) = out.splitlines()[1:]
+            assert row.split()[1] == "forever.example.com." and row.split()[-1] == "192.0.2.40"
+            assert 3590 <= int(row.split()[2]) <= 3600
+        finally:
+            await runner.stop()
+
+    run(scenario)
+    assert (state / CACHE_FILE).exists() and not sock.exists()
+    assert main(["cache", "list", "--state-dir", str(state), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "4 entries (saved)" in err
+    assert sorted(json.loads(line)["ip"] for line in out.splitlines()) == [
+        "192.0.2.10",
+        "192.0.2.11",
+        "192.0.2.30",
+        "192.0.2.40",
+    ]

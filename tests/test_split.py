@@ -78,7 +78,7 @@ class Node:
         """The serving proxy's cache entries (GET /v1/cache)."""
         code, body = request_sync(self.state / "control.sock", "GET", "/v1/cache")
         assert code == 200, body
-        entries: list[dict[str, Any]] = body["entries"]
+        entries: list[dict[str, Any]] = body[1:]  # NDJSON: a header line, then the entries
         return entries
 
     def learned(self) -> set[tuple[str, str]]:

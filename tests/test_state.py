@@ -65,7 +65,7 @@ def cache_list(state: Path) -> set[tuple[str, str]]:
         text=True,
         check=True,
     ).stdout
-    return {(e["name"], e["ip"]) for e in json.loads(out)}
+    return {(e["name"], e["ip"]) for e in map(json.loads, out.splitlines())}  # NDJSON
 
 
 # -- versions ------------------------------------------------------------------------------------

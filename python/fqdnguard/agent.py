@@ -9,24 +9,36 @@ wait for SIGTERM/SIGINT (stop accepting, finish in-flight queries, save the cach
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import gc
+import json
 import logging
 import signal
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from fqdnguard._core import CacheError, DnsCache
 from fqdnguard.backends import Backend, BackendError, make_backend
 from fqdnguard.config import ConfigError, ProxyConfig
-from fqdnguard.control import ControlServer
+from fqdnguard.control import ControlServer, Stream
 from fqdnguard.endpoints import Endpoints
 from fqdnguard.policy import Policy, PolicyError
 from fqdnguard.proxy import Proxy
 from fqdnguard.reloads import PolicyStatus
 from fqdnguard.state import StateDir, StateError
 
-__all__ = ["CACHE_FILE", "CONTROL_SOCKET", "Runner", "cache_entries", "endpoint_names", "run"]
+__all__ = [
+    "CACHE_FILE",
+    "CONTROL_SOCKET",
+    "Runner",
+    "cache_entries",
+    "cache_listing",
+    "endpoint_names",
+    "run",
+]
 
 log = logging.getLogger("fqdnguard.agent")
 
@@ -59,6 +71,61 @@ def endpoint_names(endpoints: Endpoints) -> dict[str, Any]:
     """``GET /v1/endpoints``: each endpoint's ``namespace/name`` by its id (the number the cache
     lists), so that ``cache list`` can show names."""
     return {"endpoints": {str(ep.id): ep.display for ep in endpoints}}
+
+
+#: One thread for the periodic saves and the listings: work that reads the whole cache and that
+#: nobody waits for, kept off the executor that policy compiles and hand-overs use. It runs at
+#: the data path's priority on purpose: it takes the cache's lock (briefly, a chunk at a time),
+#: and a thread of lower priority preempted while holding it would make the packet path wait
+#: for whatever else the node runs (a SCHED_IDLE or nice thread measured no better anyway).
+BACKGROUND = concurrent.futures.ThreadPoolExecutor(
+    max_workers=1, thread_name_prefix="fqdnguard-background"
+)
+
+#: Entries read per call into the cache while a listing streams (each call takes the cache's
+#: lock a few hundred entries at a time, off the event loop, without the GIL).
+LISTING_BUDGET = 8192
+#: Seconds the event loop rests between two pieces of a listing: sending ~0.8 MB a piece is
+#: work on the thread that serves TCP and shares a core with the Rust UDP thread. A million
+#: entries then take about a second instead of 0.4 s, and the data path keeps its p99.
+LISTING_PAUSE = 0.004
+
+
+def cache_listing(cache: DnsCache, config: ProxyConfig, query: Any) -> tuple[int, Any]:
+    """``GET /v1/cache``: the cache as NDJSON, streamed (see :mod:`fqdnguard.control`). The
+    first line says when it was taken and the TTL limits in force (``max_ttl``: no entry's TTL
+    goes above it); the entries follow in the cache's order, each read off the event loop."""
+    params = query if isinstance(query, dict) else {}
+    endpoint: int | None = None
+    if params.get("endpoint") is not None:
+        text = str(params["endpoint"])
+        if not text.isdigit():
+            return 400, {"error": f"endpoint: {text!r} is not an endpoint id"}
+        endpoint = int(text)
+    name = params.get("name")
+    if name is not None:
+        try:
+            cache.listing(0, name=str(name), budget=0)  # checks the name, reads nothing
+        except ValueError as e:
+            return 400, {"error": f"name: {e}"}
+    header = {
+        "now": time.time(),
+        "max_ttl": config.max_ttl,
+        "min_ttl": cache.min_ttl,
+        "entries": len(cache),
+    }
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield json.dumps(header).encode() + b"\n"
+        loop = asyncio.get_running_loop()
+        cursor: int | None = 0
+        read = functools.partial(cache.listing, endpoint=endpoint, name=name, budget=LISTING_BUDGET)
+        while cursor is not None:
+            data, cursor = await loop.run_in_executor(BACKGROUND, read, cursor)
+            yield data
+            await asyncio.sleep(LISTING_PAUSE)
+
+    return 200, Stream(chunks())
 
 
 class Runner:
@@ -194,12 +261,12 @@ class Runner:
         while True:
             await asyncio.sleep(self.config.cache_save_interval)
             try:
-                await asyncio.get_running_loop().run_in_executor(None, self.save_cache)
+                await asyncio.get_running_loop().run_in_executor(BACKGROUND, self.save_cache)
             except (CacheError, OSError, StateError) as e:
                 log.error("saving the cache failed: %s", e)
 
-    async def _get_cache(self, _body: Any) -> tuple[int, Any]:
-        return 200, {"entries": cache_entries(self.cache), "now": time.time()}
+    async def _get_cache(self, query: Any) -> tuple[int, Any]:
+        return cache_listing(self.cache, self.config, query)
 
     async def _get_policy(self, _body: Any) -> tuple[int, Any]:
         return 200, self.status.to_json()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -122,7 +122,8 @@ def _check_egress(args: argparse.Namespace, policy: Policy, endpoint: Endpoint, 
     ip, port, proto = args.to
     learned: list[dict[str, object]] = []
     if args.state_dir is not None:
-        learned, _, _ = _cache_entries(args.state_dir)
+        _, lines, _ = _cache_lines(args.state_dir, None)
+        learned = list(lines)
     names = _Names([args.name] if args.name else [], learned)
     verdict = policy.egress_verdict(endpoint, ip, port, proto, names)
     word = "ALLOWED" if verdict.allowed else "DENIED"
@@ -225,6 +226,7 @@ def _proxy_config(args: argparse.Namespace) -> ProxyConfig:
         metrics=args.metrics,
         unknown_endpoint=args.unknown_endpoint,
         upstream_timeout=args.upstream_timeout,
+        max_ttl=args.max_ttl,
         log_queries=args.log_queries,
         intercept=getattr(args, "intercept", None) or None,
         intercept_port=getattr(args, "intercept_port", None),
@@ -340,9 +342,10 @@ def cmd_intercept(args: argparse.Namespace) -> int:
         interceptor.close()
 
 
-def _control_get(state_dir: str, path: str) -> dict[str, object]:
+def _control_socket(state_dir: str) -> str:
+    """The control socket of the fqdnguard serving from ``state_dir``; FileNotFoundError when
+    none is there, a usage error when the state directory itself is missing."""
     from fqdnguard.agent import CONTROL_SOCKET  # noqa: PLC0415
-    from fqdnguard.control import request_sync  # noqa: PLC0415
 
     if not os.path.isdir(state_dir):
         what = "is not a directory" if os.path.exists(state_dir) else "no such directory"
@@ -350,6 +353,13 @@ def _control_get(state_dir: str, path: str) -> dict[str, object]:
     sock = os.path.join(state_dir, CONTROL_SOCKET)
     if not os.path.exists(sock):
         raise FileNotFoundError(sock)
+    return sock
+
+
+def _control_get(state_dir: str, path: str) -> dict[str, object]:
+    from fqdnguard.control import request_sync  # noqa: PLC0415
+
+    sock = _control_socket(state_dir)
     status, body = request_sync(sock, "GET", path, timeout=5)
     if status != 200 or not isinstance(body, dict):
         raise _UsageError(f"control socket answered {status}: {body}")
@@ -357,32 +367,40 @@ def _control_get(state_dir: str, path: str) -> dict[str, object]:
 
 
 def cmd_cache_list(args: argparse.Namespace) -> int:
+    """Prints the entries as they arrive from the proxy (or from the last snapshot): a listing
+    of a million entries is never held whole, here or in the proxy."""
     import json  # noqa: PLC0415
     import time  # noqa: PLC0415
 
-    entries, now, source = _cache_entries(args.state_dir)
     names = _endpoint_names(args.state_dir, args.endpoints)
-    if args.endpoint is not None:
-        wanted = _endpoint_ids(args.endpoint, names)
-        entries = [e for e in entries if e["endpoint"] in wanted]
-    if args.name:
-        entries = [e for e in entries if _name_filter(args.name)(e["name"])]
-    for e in entries:
-        e["endpoint_name"] = names.get(e["endpoint"])
-    if args.json:
-        print(json.dumps(entries, indent=2))
-        return 0
-
-    def who(e: dict[str, Any]) -> str:
-        return str(e["endpoint_name"] or f"#{e['endpoint']}")
-
-    width = max([len("Endpoint"), *(len(who(e)) for e in entries)]) + 2
-    print(f"{'Endpoint':<{width}}{'FQDN':<40}{'TTL':>7}  {'ExpirationTime':<22}IP")
-    for e in sorted(entries, key=lambda e: (who(e), e["name"], e["ip"])):
-        ttl = max(0, int(e["expires_at"] - now))
-        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(e["expires_at"]))
-        print(f"{who(e):<{width}}{e['name']:<40}{ttl:>7}  {when:<22}{e['ip']}")
-    print(f"{len(entries)} entries ({source})", file=sys.stderr)
+    wanted = _endpoint_ids(args.endpoint, names) if args.endpoint is not None else None
+    name_ok = _name_filter(args.name) if args.name else None
+    # The proxy filters by one endpoint id; names (patterns, parts) are filtered here.
+    one = next(iter(wanted)) if wanted is not None and len(wanted) == 1 else None
+    header, lines, source = _cache_lines(args.state_dir, one)
+    now = float(header["now"])
+    max_ttl = header.get("max_ttl")
+    if max_ttl is not None:
+        print(f"TTLs are capped at max_ttl {max_ttl} s", file=sys.stderr)
+    width = max([len("Endpoint"), *(len(n) for n in names.values())]) + 2
+    if not args.json:
+        print(f"{'Endpoint':<{width}}{'FQDN':<40}{'TTL':>7}  {'ExpirationTime':<22}IP")
+    count = 0
+    for entry in lines:
+        if wanted is not None and entry["endpoint"] not in wanted:
+            continue
+        if name_ok is not None and not name_ok(entry["name"]):
+            continue
+        count += 1
+        entry["endpoint_name"] = names.get(entry["endpoint"])
+        if args.json:
+            print(json.dumps(entry))
+            continue
+        who = entry["endpoint_name"] or f"#{entry['endpoint']}"
+        ttl = max(0, int(entry["expires_at"] - now))
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry["expires_at"]))
+        print(f"{who:<{width}}{entry['name']:<40}{ttl:>7}  {when:<22}{entry['ip']}")
+    print(f"{count} entries ({source})", file=sys.stderr)
     return 0
 
 
@@ -440,19 +458,27 @@ def _name_filter(given: str) -> Callable[[str], bool]:
     return lambda name: part in name.lower()
 
 
-def _cache_entries(state_dir: str) -> tuple[list[dict[str, Any]], float, str]:
-    """The cache entries of the fqdnguard running with ``state_dir`` (asked on its control
-    socket), or without one what it left there; with the time they count from, and which."""
+def _cache_lines(state_dir: str, endpoint: int | None) -> tuple[dict[str, Any], Iterator[Any], str]:
+    """The cache of the fqdnguard running with ``state_dir``, streamed from its control socket
+    (only ``endpoint``'s entries when given), or without one what it left there: the listing's
+    header, its entries as they arrive, and which of the two."""
     import time  # noqa: PLC0415
+    from urllib.parse import urlencode  # noqa: PLC0415
 
-    from fqdnguard.agent import cache_entries  # noqa: PLC0415
-    from fqdnguard.control import ControlError  # noqa: PLC0415
+    from fqdnguard.control import ControlError, stream_sync  # noqa: PLC0415
 
+    filters = {"endpoint": endpoint} if endpoint is not None else {}
     try:
-        data = _control_get(state_dir, "/v1/cache")
-        return list(data["entries"]), float(data["now"]), "live"  # type: ignore[call-overload, arg-type]
-    except (FileNotFoundError, ConnectionRefusedError, ControlError):
-        return cache_entries(_saved_cache(state_dir)), time.time(), "saved"
+        sock = _control_socket(state_dir)
+        url = "/v1/cache" + (f"?{urlencode(filters)}" if filters else "")
+        lines = stream_sync(sock, "GET", url, timeout=30)
+        return next(lines), lines, "live"
+    except (FileNotFoundError, ConnectionRefusedError, ControlError) as e:
+        if isinstance(e, ControlError) and "cut short" in str(e):
+            raise
+    cache = _saved_cache(state_dir)
+    header = {"now": time.time(), "max_ttl": None, "min_ttl": cache.min_ttl}
+    return header, _saved_lines(cache, endpoint, None), "saved"
 
 
 def _saved_cache(state_dir: str) -> DnsCache:
@@ -480,6 +506,17 @@ def _saved_cache(state_dir: str) -> DnsCache:
     return cache
 
 
+def _saved_lines(cache: DnsCache, endpoint: int | None, name: str | None) -> Iterator[Any]:
+    """The entries of a saved cache, as the proxy's listing gives them."""
+    import json  # noqa: PLC0415
+
+    cursor: int | None = 0
+    while cursor is not None:
+        data, cursor = cache.listing(cursor, endpoint=endpoint, name=name)
+        for line in data.splitlines():
+            yield json.loads(line)
+
+
 def _data_plane_options(p: argparse.ArgumentParser, *, policy: bool) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML file of options (see README)")
     p.add_argument("--listen", action="append", metavar="ADDR:PORT", help="repeatable; [V6]:PORT")
@@ -501,6 +538,12 @@ def _data_plane_options(p: argparse.ArgumentParser, *, policy: bool) -> None:
     p.add_argument("--metrics", metavar="ADDR:PORT", help="serve Prometheus metrics")
     p.add_argument("--unknown-endpoint", metavar="NS/NAME", help="treat unknown sources as it")
     p.add_argument("--upstream-timeout", type=float, metavar="SECONDS")
+    p.add_argument(
+        "--max-ttl",
+        type=int,
+        metavar="SECONDS",
+        help="cap the TTLs of answers, in the cache and for the client (default 86400)",
+    )
     p.add_argument("--log-queries", choices=["all", "sampled", "none"])
     p.add_argument(
         "--udp-io",
@@ -623,7 +666,8 @@ def build_parser() -> argparse.ArgumentParser:
         "list",
         help="print the names and IPs learned (like 'cilium fqdn cache list')",
         description="Asks the running proxy over its control socket; without one, reads the "
-        "last snapshot in the state directory.",
+        "last snapshot in the state directory. Entries are printed as they arrive, grouped by "
+        "endpoint and name but not sorted (pipe through sort).",
     )
     clist.add_argument("--state-dir", default="/var/lib/fqdnguard", metavar="DIR")
     clist.add_argument(
@@ -643,7 +687,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="endpoints YAML file naming the endpoints (default: asked of the running "
         "fqdnguard, or the policy saved in the state directory)",
     )
-    clist.add_argument("--json", action="store_true", help="JSON output")
+    clist.add_argument(
+        "--json", action="store_true", help="one JSON object per entry and line (NDJSON)"
+    )
     clist.set_defaults(func=cmd_cache_list)
 
     check = sub.add_parser(

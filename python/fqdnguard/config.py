@@ -23,6 +23,10 @@ __all__ = [
 ]
 
 
+#: The largest TTL DNS has (RFC 2181 8: 2^31 - 1 seconds).
+MAX_TTL = 2**31 - 1
+
+
 class ConfigError(FqdnGuardError, ValueError):
     """A configuration value is invalid; the message names the option (and, for a file, the
     file and line). When several are, ``problems`` lists each one's message and the exception's
@@ -127,6 +131,9 @@ class ProxyConfig:
     dns0x20: bool = True
     expire_interval: float = 1.0
     min_ttl: int = 0
+    # The longest TTL an answer keeps, in the cache and in what the client receives (see
+    # docs/cache.md, "max_ttl", for why one day).
+    max_ttl: int = 86_400
     log_queries: str = "sampled"
     log_sample: float = 0.01
     cache_save_interval: float = 60.0
@@ -168,6 +175,7 @@ class ProxyConfig:
         "dns0x20",
         "expire_interval",
         "min_ttl",
+        "max_ttl",
         "log_queries",
         "log_sample",
         "cache_save_interval",
@@ -219,6 +227,13 @@ class ProxyConfig:
             bad(f"dns0x20: {self.dns0x20!r}: must be true or false")
         if not isinstance(self.min_ttl, int) or self.min_ttl < 0:
             bad(f"min_ttl: {self.min_ttl!r}: must be a whole number >= 0")
+        if not isinstance(self.max_ttl, int) or not 1 <= self.max_ttl <= MAX_TTL:
+            bad(f"max_ttl: {self.max_ttl!r}: must be a whole number of seconds from 1 to {MAX_TTL}")
+        elif isinstance(self.min_ttl, int) and self.min_ttl > self.max_ttl:
+            bad(
+                f"min_ttl {self.min_ttl} is above max_ttl {self.max_ttl}: every entry would "
+                "outlive the longest TTL allowed; lower min_ttl or raise max_ttl"
+            )
         for name in ("intercept", "reverse_path_check"):
             if not isinstance(getattr(self, name), bool):
                 bad(f"{name}: {getattr(self, name)!r}: must be true or false")
@@ -327,7 +342,7 @@ def _convert(name: str, value: Any, source: str) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{option}: {value!r} is not a number") from None
-    if name in (*_COUNTS, "min_ttl", "intercept_port"):
+    if name in (*_COUNTS, "min_ttl", "max_ttl", "intercept_port"):
         if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).isdigit():
             raise ConfigError(f"{option}: {value!r} is not a whole number")
         return int(value)

@@ -16,14 +16,20 @@ Routes served by the proxy (every body is JSON; errors are ``{"error": "...", ..
                       or an empty one without allow_empty (the policy in force stays in force)
     GET  /v1/policy   the policy in force and the last reloads (``fqdnguard policy status``)
     POST /v1/save     writes the cache and the policy to the state directory now: 200 {}
-    GET  /v1/cache    {"entries": [{"endpoint", "name", "ip", "expires_at"}, ...], "now"}
+    GET  /v1/cache    NDJSON, streamed (chunked transfer encoding): first {"now", "max_ttl",
+                      "min_ttl", "entries"}, then one {"endpoint", "name", "ip", "expires_at"}
+                      per line; ``?endpoint=ID&name=NAME`` filter it
     GET  /v1/stats    {"engine": {...}, "cache": {...}}
 
 ``digest`` is :func:`policy_digest` of what was pushed: the agent compares it with its own to
 decide whether a push is needed (after either side restarted), so a resync is one GET when
 nothing changed. Bodies are limited to ``MAX_BODY`` bytes; a request must arrive within
 ``READ_TIMEOUT`` seconds and its answer be taken within ``WRITE_TIMEOUT``; at most
-``MAX_CONNECTIONS`` are open at once (see ``fqdnguard._http.ConnectionCap``).
+``MAX_CONNECTIONS`` are open at once (see ``fqdnguard._http.ConnectionCap``). A handler may
+answer a :class:`Stream` instead of a JSON body: its chunks are sent as they come
+(``Transfer-Encoding: chunked``), each within ``WRITE_TIMEOUT``, so a listing of a million
+entries is never built in memory; :func:`stream_sync` reads one line by line, and
+:func:`request` / :func:`request_sync` return an NDJSON answer as the list of its objects.
 """
 
 from __future__ import annotations
@@ -37,22 +43,27 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 from fqdnguard._core import FqdnGuardError
-from fqdnguard._http import BadRequest, ConnectionCap, read_request, respond
+from fqdnguard._http import MAX_HEADER, BadRequest, ConnectionCap, read_request, respond
 
 __all__ = [
     "ControlError",
     "ControlServer",
     "Handler",
+    "Stream",
     "atomic_write",
     "ensure_private_dir",
     "policy_digest",
     "request",
     "request_sync",
+    "stream_sync",
 ]
 
 log = logging.getLogger("fqdnguard.control")
@@ -64,8 +75,20 @@ WRITE_TIMEOUT = 30.0
 #: Connections open at once; at the cap, the oldest one still sending its request is closed.
 MAX_CONNECTIONS = 64
 
-#: A route handler: the decoded JSON body (None without one) -> (status, JSON-able body).
+#: A route handler: the decoded JSON body (None without one; for a request without a body, the
+#: query string's parameters as a dict, if any) -> (status, JSON-able body or a Stream).
 Handler = Callable[[Any], Awaitable[tuple[int, Any]]]
+
+NDJSON = "application/x-ndjson"
+
+
+@dataclass
+class Stream:
+    """An answer sent as it is produced: each chunk (bytes, NDJSON lines) goes out as one chunk
+    of a ``Transfer-Encoding: chunked`` body, after the previous one was taken by the peer."""
+
+    chunks: AsyncIterator[bytes]
+    content_type: str = NDJSON
 
 
 class ControlError(FqdnGuardError):
@@ -193,6 +216,9 @@ class ControlServer:
                 return
             finally:
                 self.connections.request_read(writer)
+            path, _, query = path.partition("?")
+            if body is None and query:
+                body = dict(parse_qsl(query))
             handler = self.routes.get((method, path))
             if handler is None:
                 allowed = [m for m, p in self.routes if p == path]
@@ -204,7 +230,10 @@ class ControlServer:
             except Exception as e:
                 log.exception("control %s %s failed", method, path)
                 status, result = 500, {"error": f"{type(e).__name__}: {e}"}
-            await _respond(writer, status, result)
+            if isinstance(result, Stream):
+                await _respond_stream(writer, status, result)
+            else:
+                await _respond(writer, status, result)
         except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -227,6 +256,27 @@ async def _respond(writer: asyncio.StreamWriter, status: int, body: Any) -> None
     await respond(writer, status, "application/json", payload, WRITE_TIMEOUT)
 
 
+async def _respond_stream(writer: asyncio.StreamWriter, status: int, stream: Stream) -> None:
+    writer.write(
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: {stream.content_type}"
+        "\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".encode()
+    )
+    try:
+        async for chunk in stream.chunks:
+            if chunk:
+                writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+    except (TimeoutError, ConnectionError):
+        raise
+    except Exception:
+        # The status line is out: end the connection without the last chunk, which tells the
+        # reader the answer is incomplete.
+        log.exception("streaming an answer failed")
+        return
+    writer.write(b"0\r\n\r\n")
+    await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+
+
 def _encode(method: str, path: str, body: Any) -> bytes:
     payload = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
     head = f"{method} {path} HTTP/1.1\r\nHost: fqdnguard\r\nConnection: close\r\n"
@@ -236,14 +286,56 @@ def _encode(method: str, path: str, body: Any) -> bytes:
     return head.encode() + payload
 
 
+def _head(head: bytes, where: str) -> tuple[int, dict[str, str]]:
+    """The status and the (lower-cased) headers of an answer's head."""
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[1].isdigit():
+        raise ControlError(f"{where}: not an HTTP answer: {lines[0][:80]!r}")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(parts[1]), headers
+
+
+def _dechunk(data: bytes, where: str) -> Iterator[bytes]:
+    """The chunks of a complete chunked body; ControlError if it ends early."""
+    pos = 0
+    while True:
+        end = data.find(b"\r\n", pos)
+        size_text = data[pos:end].split(b";")[0].strip() if end >= 0 else b""
+        try:
+            size = int(size_text, 16)
+        except ValueError:
+            raise ControlError(f"{where}: the answer was cut short (bad chunk)") from None
+        start = end + 2
+        if size == 0:
+            return
+        if len(data) < start + size + 2:
+            raise ControlError(f"{where}: the answer was cut short")
+        yield data[start : start + size]
+        pos = start + size + 2
+
+
+def _json_lines(data: bytes, where: str) -> list[Any]:
+    try:
+        return [json.loads(line) for line in data.splitlines() if line]
+    except ValueError as e:
+        raise ControlError(f"{where}: answer line is not JSON: {e}") from None
+
+
 def _decode(raw: bytes, where: str) -> tuple[int, Any]:
     head, sep, payload = raw.partition(b"\r\n\r\n")
-    status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-    parts = status_line.split(" ", 2)
-    if not sep or len(parts) < 2 or not parts[1].isdigit():
-        raise ControlError(f"{where}: not an HTTP answer: {status_line[:80]!r}")
+    if not sep:
+        raise ControlError(f"{where}: not an HTTP answer: {head[:80]!r}")
+    status, headers = _head(head, where)
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        payload = b"".join(_dechunk(payload, where))
+    if headers.get("content-type") == NDJSON:
+        return status, _json_lines(payload, where)
     try:
-        return int(parts[1]), json.loads(payload) if payload else None
+        return status, json.loads(payload) if payload else None
     except ValueError as e:
         raise ControlError(f"{where}: answer body is not JSON: {e}") from None
 
@@ -285,3 +377,53 @@ def request_sync(
         except OSError as e:
             raise ControlError(f"{where}: {method} {url}: {e}") from None
     return _decode(b"".join(chunks), where)
+
+
+def stream_sync(
+    path: str | os.PathLike[str], method: str, url: str, timeout: float = 10.0
+) -> Iterator[Any]:
+    """One request whose answer is NDJSON: yields its objects as they arrive (for the command
+    line, which prints as it reads). Raises :class:`ControlError` when the socket is missing,
+    refuses, answers an error (its message), or the answer is cut short."""
+    where = os.fspath(path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(where)
+            s.sendall(_encode(method, url, None))
+            reader = s.makefile("rb")
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                line = reader.readline(MAX_HEADER)
+                if not line:
+                    raise ControlError(f"{where}: {method} {url}: no answer")
+                head += line
+            status, headers = _head(head[:-4], where)
+            if status != 200 or headers.get("content-type") != NDJSON:
+                status, body = _decode(head + reader.read(), where)
+                raise ControlError(f"{where}: {method} {url}: {status}: {body}")
+            chunked = headers.get("transfer-encoding", "").lower() == "chunked"
+            pending = b""
+            while True:
+                if chunked:
+                    size_line = reader.readline(64)
+                    try:
+                        size = int(size_line.split(b";")[0].strip(), 16)
+                    except ValueError:
+                        raise ControlError(f"{where}: the answer was cut short") from None
+                    if size == 0:
+                        break
+                    chunk = reader.read(size + 2)
+                    if len(chunk) != size + 2:
+                        raise ControlError(f"{where}: the answer was cut short")
+                    chunk = chunk[:-2]
+                else:
+                    chunk = reader.read(65536)
+                    if not chunk:
+                        break
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                yield from _json_lines(b"\n".join(lines), where)
+            yield from _json_lines(pending, where)
+        except OSError as e:
+            raise ControlError(f"{where}: {method} {url}: {e}") from None

@@ -803,6 +803,7 @@ class Proxy:
             timeout=self.config.upstream_timeout,
             log_queries=self.config.log_queries,
             log_sample=self.config.log_sample,
+            max_ttl=self.config.max_ttl,
         )
         self.set_policy(policy, endpoints)
         self.stats = ProxyStats()

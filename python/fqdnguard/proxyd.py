@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from fqdnguard._core import CacheError, DnsCache
+from fqdnguard.agent import BACKGROUND, cache_listing
 from fqdnguard.backends import Backend, BackendError, make_backend
 from fqdnguard.config import ConfigError, ProxyConfig
 from fqdnguard.control import (
@@ -481,7 +482,7 @@ class ProxyDaemon:
         while True:
             await asyncio.sleep(self.config.cache_save_interval)
             try:
-                await loop.run_in_executor(None, self.save)
+                await loop.run_in_executor(BACKGROUND, self.save)
             except (CacheError, OSError, StateError) as e:
                 log.error("saving the state failed: %s", e)
 
@@ -618,11 +619,9 @@ class ProxyDaemon:
         log.info("adopted %d cache entries (%d changes) from %s", len(cache), changes, path.name)
         return 200, {"entries": len(cache), "changes": changes}
 
-    async def _get_cache(self, _body: Any) -> tuple[int, Any]:
-        from fqdnguard.agent import cache_entries  # noqa: PLC0415
-
+    async def _get_cache(self, query: Any) -> tuple[int, Any]:
         assert self.proxy is not None
-        return 200, {"entries": cache_entries(self.proxy.cache), "now": time.time()}
+        return cache_listing(self.proxy.cache, self.config, query)
 
     async def _get_endpoints(self, _body: Any) -> tuple[int, Any]:
         from fqdnguard.agent import endpoint_names  # noqa: PLC0415

@@ -28,6 +28,8 @@ pub enum CacheError {
     },
     /// A snapshot file is not one this build can load: corrupt, truncated, other version.
     Snapshot { path: String, reason: String },
+    /// The cache's lock was poisoned by a panic while it was held.
+    Poisoned,
 }
 
 impl fmt::Display for CacheError {
@@ -69,6 +71,7 @@ impl fmt::Display for CacheError {
             CacheError::Snapshot { path, reason } => {
                 write!(f, "cache snapshot {path:?} not loaded: {reason}")
             }
+            CacheError::Poisoned => f.write_str("the cache's lock was poisoned by an earlier panic"),
         }
     }
 }

@@ -3,11 +3,13 @@
 //!
 //! * [`Cache`]: record, expire, caps, lookups and the change stream for the firewall.
 //! * [`snapshot`]: save and restore, versioned and checksummed, written atomically.
+//! * [`listing`]: the entries as NDJSON, a piece at a time.
 //! * Names are stored in wire form, lower-cased; see [`names`] for why and how they come out.
 //!
 //! No PyO3 here: the binding layer (`crate::python::cache`) wraps a [`Cache`] in a lock.
 
 mod error;
+pub mod listing;
 pub mod names;
 pub mod snapshot;
 mod store;
@@ -15,7 +17,7 @@ mod store;
 pub use error::CacheError;
 pub use store::{
     check_ttl, now_seconds, parse_ip, parse_packed_ip, Batch, Cache, Change, ChangeKind, Config,
-    Endpoint, Stats,
+    Endpoint, EntryView, Stats,
 };
 
 #[cfg(test)]

@@ -207,6 +207,8 @@ pub struct Names {
     live: usize,
     map: HashTable<u32>,
     garbage: usize,
+    /// Times the arena was compacted: name keys ([`Names::name_key`]) hold between two.
+    compactions: u64,
 }
 
 impl Names {
@@ -233,9 +235,20 @@ impl Names {
         at(&self.arena, self.groups[g as usize].off)
     }
 
-    /// A number that two live groups share exactly when they hold the same name.
+    /// A number that two live groups share exactly when they hold the same name. It holds
+    /// until the arena is compacted ([`Names::compactions`] changes).
     pub fn name_key(&self, g: u32) -> u32 {
         self.groups[g as usize].off
+    }
+
+    /// Times the arena was compacted so far.
+    pub fn compactions(&self) -> u64 {
+        self.compactions
+    }
+
+    /// Number of group slots, live or free.
+    pub fn group_slots(&self) -> usize {
+        self.groups.len()
     }
 
     fn head_hashed(&self, h: u64, bytes: &[u8]) -> Option<u32> {
@@ -426,6 +439,7 @@ impl Names {
         }
         self.arena.truncate(to as usize);
         self.garbage = 0;
+        self.compactions += 1;
     }
 
     pub fn memory(&self) -> usize {

@@ -127,6 +127,21 @@ pub struct Stats {
     pub memory_bytes: usize,
 }
 
+/// One entry as [`Cache::visit`] shows it.
+#[derive(Debug, Clone, Copy)]
+pub struct EntryView<'a> {
+    pub endpoint: Endpoint,
+    /// Wire form without the root byte, lower-cased (see [`names`]).
+    pub name: &'a [u8],
+    /// Equal for two entries exactly when their names are, until the epoch
+    /// ([`Cache::name_key_epoch`]) changes.
+    pub name_key: u32,
+    pub ip: IpAddr,
+    pub expires: f64,
+    /// Orders entries of equal expiry: the one whose expiry was set first comes first.
+    pub stamp: u32,
+}
+
 /// A batch of answers for one endpoint: names in wire form and their (ip, ttl) lists, flat.
 #[derive(Debug, Default, Clone)]
 pub struct Batch {
@@ -1169,6 +1184,55 @@ impl Cache {
                 )
             })
             .collect()
+    }
+
+    /// Reads the entries of the (endpoint, name) groups from group slot `from` on, whole groups
+    /// at a time, until at least `budget` entries were read; returns the slot to go on from, or
+    /// None after the last group. Slots do not move, so a caller that releases the cache's lock
+    /// between calls sees every entry that lives through its whole walk exactly once; entries
+    /// made or changed meanwhile may or may not be seen. A group holds at most
+    /// `max_ips_per_name` entries, which bounds the overshoot.
+    pub fn visit(&self, from: u32, budget: usize, mut f: impl FnMut(EntryView<'_>)) -> Option<u32> {
+        let slots = self.names.group_slots();
+        let mut g = from as usize;
+        let mut seen = 0usize;
+        while g < slots {
+            if seen >= budget {
+                return Some(g as u32);
+            }
+            let gi = g as u32;
+            g += 1;
+            if !self.names.is_live(gi) {
+                continue;
+            }
+            let group = self.names.groups[gi as usize];
+            let (name, name_key) = (self.names.bytes(gi), self.names.name_key(gi));
+            let mut e = group.head;
+            while e != NIL {
+                let r = self.entries[e as usize];
+                let item = self.heap[r.pos as usize];
+                f(EntryView {
+                    endpoint: group.ep,
+                    name,
+                    name_key,
+                    ip: self.pair_ip(r.pair),
+                    expires: item.expires,
+                    stamp: item.stamp,
+                });
+                seen += 1;
+                e = r.g_next;
+            }
+        }
+        None
+    }
+
+    /// Changes each time name keys ([`EntryView::name_key`]) may have been reassigned.
+    pub fn name_key_epoch(&self) -> u64 {
+        self.names.compactions()
+    }
+
+    pub(crate) fn counters(&self) -> (u64, u64) {
+        (self.evictions, self.name_evictions)
     }
 
     /// Adds an entry read back from a snapshot (no changes are reported).

@@ -488,3 +488,301 @@ fn a_pair_freed_and_made_again_in_one_call_reports_its_net_change_once() {
         ]
     );
 }
+
+/// The snapshot encoder as it was before snapshots were streamed (the whole file built in
+/// memory under one hold of the lock): the reference the streamed files must stay compatible
+/// with. Names are numbered by first appearance in eviction order.
+fn encode_in_one_piece(cache: &Cache) -> Vec<u8> {
+    let entries = cache.entries_ordered();
+    let cfg = cache.config();
+    let stats = cache.stats();
+    let mut ids: std::collections::HashMap<&[u8], u32> = std::collections::HashMap::new();
+    let mut list: Vec<&[u8]> = Vec::new();
+    for &(_, wire, _, _) in &entries {
+        ids.entry(wire).or_insert_with(|| {
+            list.push(wire);
+            (list.len() - 1) as u32
+        });
+    }
+    let mut out = b"FQDNGCS\0".to_vec();
+    for v in [1, cfg.min_ttl, cfg.max_ips_per_name, cfg.max_entries] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out.extend_from_slice(&stats.evictions.to_le_bytes());
+    out.extend_from_slice(&stats.name_evictions.to_le_bytes());
+    out.extend_from_slice(&(list.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    for n in &list {
+        out.push(n.len() as u8);
+        out.extend_from_slice(n);
+    }
+    for &(ep, wire, ip, expires) in &entries {
+        out.extend_from_slice(&ep.to_le_bytes());
+        out.extend_from_slice(&ids[wire].to_le_bytes());
+        match ip {
+            IpAddr::V4(a) => {
+                out.push(4);
+                out.extend_from_slice(&a.octets());
+            }
+            IpAddr::V6(a) => {
+                out.push(6);
+                out.extend_from_slice(&a.octets());
+            }
+        }
+        out.extend_from_slice(&expires.to_le_bytes());
+    }
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// (endpoint, wire name, ip, expiry) as a snapshot file holds an entry.
+type SavedEntry = (u32, Vec<u8>, IpAddr, f64);
+
+/// (endpoint, wire name, ip, expiry) of every entry of a snapshot, in file order, and the
+/// number of names it lists.
+fn snapshot_entries(bytes: &[u8]) -> (Vec<SavedEntry>, usize) {
+    let u32_at = |p: usize| u32::from_le_bytes(bytes[p..p + 4].try_into().expect("4 bytes"));
+    let (names, entries) = (u32_at(40) as usize, u32_at(44) as usize);
+    let mut p = 48;
+    let mut list = Vec::new();
+    for _ in 0..names {
+        let n = bytes[p] as usize;
+        list.push(bytes[p + 1..p + 1 + n].to_vec());
+        p += 1 + n;
+    }
+    let mut out = Vec::new();
+    for _ in 0..entries {
+        let (ep, name) = (u32_at(p), u32_at(p + 4) as usize);
+        let (ip, len) = if bytes[p + 8] == 4 {
+            let a: [u8; 4] = bytes[p + 9..p + 13].try_into().expect("4 bytes");
+            (IpAddr::from(a), 4)
+        } else {
+            let a: [u8; 16] = bytes[p + 9..p + 25].try_into().expect("16 bytes");
+            (IpAddr::from(a), 16)
+        };
+        let at = p + 9 + len;
+        let expires = f64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        out.push((ep, list[name].clone(), ip, expires));
+        p = at + 8;
+    }
+    assert_eq!(p + 4, bytes.len(), "the checksum ends the file");
+    (out, names)
+}
+
+#[test]
+fn streamed_snapshot_is_the_one_piece_format() {
+    // Names shared between endpoints, IPv4 and IPv6 interleaved in expiry order, equal
+    // expiries (ordered by stamp), evictions counted, an escaped name.
+    let mut c = cache(5, 3, 40);
+    for i in 0..30u32 {
+        let n = format!("n{}.example.com", i % 7);
+        let v6 = format!("2001:db8::{i:x}");
+        let v4 = format!("192.0.2.{i}");
+        rec(
+            &mut c,
+            i % 3,
+            &n,
+            &[(&v4, 10 + i % 5), (&v6, 12)],
+            f64::from(i),
+        );
+    }
+    rec(&mut c, 9, "we\\\"ird\\.name.com", &[("10.0.0.1", 99)], 0.0);
+    assert!(c.stats().evictions > 0);
+    let streamed = snapshot::encode(&c);
+    let reference = encode_in_one_piece(&c);
+    assert_eq!(streamed.len(), reference.len());
+    assert_eq!(
+        streamed[..40],
+        reference[..40],
+        "magic, version, limits, counters"
+    );
+    assert_eq!(streamed[40..48], reference[40..48], "name and entry counts");
+    let (got, names) = snapshot_entries(&streamed);
+    let (want, want_names) = snapshot_entries(&reference);
+    assert_eq!(got, want, "the same entries in the same order");
+    assert_eq!(names, want_names, "each name once");
+    assert_eq!(names, c.stats().names);
+    let back = snapshot::decode(&streamed, 0.0).expect("loads");
+    back.check();
+    assert_eq!(back.entries(), c.entries());
+}
+
+/// What a [`Meddler`] does to the cache before chunk `k`.
+type Meddle<'a> = dyn FnMut(&mut Cache, usize) + 'a;
+
+/// A source that, before every chunk but the first, changes the cache: it needs the write lock,
+/// which it takes with `try_write`, so the test fails if a chunk kept the lock.
+struct Meddler<'a> {
+    lock: &'a std::sync::RwLock<Cache>,
+    chunks: std::cell::Cell<usize>,
+    meddle: std::cell::RefCell<Box<Meddle<'a>>>,
+}
+
+impl snapshot::Source for &Meddler<'_> {
+    fn with<R>(&self, f: impl FnOnce(&Cache) -> R) -> Result<R, CacheError> {
+        let k = self.chunks.get();
+        self.chunks.set(k + 1);
+        if k > 0 {
+            let mut c = self
+                .lock
+                .try_write()
+                .expect("no lock is held between chunks");
+            (self.meddle.borrow_mut())(&mut c, k);
+        }
+        let c = self.lock.read().expect("lock");
+        Ok(f(&c))
+    }
+}
+
+#[test]
+fn snapshot_taken_while_the_cache_changes_keeps_what_lived_through_it() {
+    let mut c = cache(0, 1000, 1_000_000);
+    let stable = 3000u32;
+    for i in 0..stable {
+        let ip = if i % 4 == 0 {
+            format!("2001:db8::{i:x}")
+        } else {
+            format!("10.0.{}.{}", i / 256, i % 256)
+        };
+        rec(
+            &mut c,
+            1,
+            &format!("s{i}.example.com"),
+            &[(&ip, 1000 + i % 50)],
+            0.0,
+        );
+    }
+    // Long names that go away during the save: enough garbage to compact the name arena,
+    // which renumbers the name keys the snapshot dedupes names by.
+    let long = "x".repeat(55);
+    for i in 0..2000u32 {
+        let ip = format!("10.9.{}.{}", i / 256, i % 256);
+        rec(
+            &mut c,
+            2,
+            &format!("{long}{i}.doomed.org"),
+            &[(&ip, 5)],
+            0.0,
+        );
+    }
+    let compactions = c.name_key_epoch();
+    let lock = std::sync::RwLock::new(c);
+    let meddler = Meddler {
+        lock: &lock,
+        chunks: std::cell::Cell::new(0),
+        meddle: std::cell::RefCell::new(Box::new(|c: &mut Cache, k: usize| {
+            if k == 2 {
+                c.expire(6.0).expect("expire"); // every doomed entry
+            }
+            // New entries and extensions of stable ones, between every chunk.
+            let ip = format!("10.8.{}.{}", k / 256, k % 256);
+            let n = name(&format!("new{k}.example.net"));
+            c.record(3, &n, &[(ip.parse().expect("ip"), 2000)], 0.0)
+                .expect("recorded");
+            let s = name(&format!("s{}.example.com", k * 7 % 3000));
+            let addrs: Vec<(IpAddr, u32)> = c
+                .lookup(&s, Some(1))
+                .iter()
+                .map(|&(a, _)| (a, 5000))
+                .collect();
+            c.record(1, &s, &addrs, 0.0).expect("recorded");
+        })),
+    };
+    let bytes = snapshot::write_to(&meddler, std::io::Cursor::new(Vec::new()))
+        .expect("written")
+        .into_inner();
+    let chunks = meddler.chunks.get();
+    drop(meddler);
+    assert!(chunks > 3000 / snapshot::CHUNK, "read in {chunks} chunks");
+    let c = lock.into_inner().expect("lock");
+    assert!(
+        c.name_key_epoch() > compactions,
+        "the names were compacted during the save"
+    );
+    let back = snapshot::decode(&bytes, 0.0).expect("a valid snapshot");
+    back.check();
+    // Every stable entry, exactly once, under its own name, with its expiry then or now.
+    let (entries, _) = snapshot_entries(&bytes);
+    let mut seen = std::collections::HashMap::new();
+    for (ep, wire, ip, expires) in &entries {
+        if *ep == 1 {
+            *seen.entry((names::display(wire), *ip)).or_insert(0) += 1;
+            assert!(*expires >= 1000.0, "{expires}");
+        }
+    }
+    assert_eq!(seen.len(), stable as usize);
+    assert!(seen.values().all(|&n| n == 1), "each stable entry once");
+    for i in 0..stable {
+        let n = name(&format!("s{i}.example.com"));
+        let now_held = c.lookup(&n, Some(1));
+        let saved = back.lookup(&n, Some(1));
+        assert_eq!(saved.len(), 1, "s{i}");
+        assert_eq!(saved[0].0, now_held[0].0, "s{i}: same address");
+        assert!(
+            saved[0].1 <= now_held[0].1,
+            "s{i}: never later than the cache"
+        );
+    }
+}
+
+#[test]
+fn listing_pieces_cover_every_entry_once_and_filter() {
+    let mut c = cache(0, 1000, 1_000_000);
+    for i in 0..2000u32 {
+        let ip = format!("10.0.{}.{}", i / 256, i % 256);
+        rec(
+            &mut c,
+            i % 4,
+            &format!("h{}.example.com", i % 500),
+            &[(&ip, 60)],
+            100.0,
+        );
+    }
+    rec(
+        &mut c,
+        7,
+        "we\\\"ird\\\\.example.com",
+        &[("2001:db8::1", 30)],
+        100.0,
+    );
+    let lock = std::sync::RwLock::new(c);
+    let all = |filter: &listing::Filter, budget: usize| {
+        let (mut out, mut cursor, mut calls) = (Vec::new(), Some(0), 0);
+        while let Some(at) = cursor {
+            cursor = listing::list(&lock, at, filter, budget, &mut out).expect("listed");
+            calls += 1;
+        }
+        (String::from_utf8(out).expect("utf-8"), calls)
+    };
+    let (text, calls) = all(&listing::Filter::default(), 300);
+    assert!(calls >= 2001 / 300, "{calls} pieces");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2001);
+    let unique: std::collections::HashSet<&str> = lines.iter().copied().collect();
+    assert_eq!(unique.len(), 2001, "each entry once");
+    assert!(lines.contains(
+        &r#"{"endpoint":7,"name":"we\"ird\\\\.example.com.","ip":"2001:db8::1","expires_at":130.000}"#
+    ), "JSON escapes of the presentation form");
+    assert!(lines.contains(
+        &r#"{"endpoint":1,"name":"h1.example.com.","ip":"10.0.0.1","expires_at":160.000}"#
+    ));
+    let one = listing::Filter {
+        endpoint: Some(1),
+        name: Some({
+            let mut w = Vec::new();
+            names::wire_from_presentation(b"H1.example.com.", &mut w).expect("name");
+            w
+        }),
+    };
+    let (text, _) = all(&one, 300);
+    assert_eq!(text.lines().count(), 4, "{text}"); // h1 for i = 1, 501, 1001, 1501
+    let (text, _) = all(
+        &listing::Filter {
+            endpoint: Some(7),
+            name: None,
+        },
+        10,
+    );
+    assert_eq!(text.lines().count(), 1);
+}

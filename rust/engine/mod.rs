@@ -54,6 +54,9 @@ pub struct EngineConfig {
     /// Seconds an upstream has to answer before the client gets SERVFAIL.
     pub timeout: f64,
     pub log: LogMode,
+    /// The longest TTL an answer keeps: the cache's expiry and the TTLs the client receives
+    /// are capped at it (see [`wire::cap_ttls`]).
+    pub max_ttl: u32,
 }
 
 /// An endpoint as the data path needs it: its id (cache key) and its policy identity (None
@@ -753,7 +756,7 @@ impl Engine {
             st.stats.dropped_malformed += 1;
             return Ok(Vec::new());
         }
-        let Ok(resolution) = wire::resolve(data) else {
+        let Ok(mut resolution) = wire::resolve(data) else {
             // A forged or broken packet must not cost the real answer its place: keep waiting.
             st.stats.dropped_malformed += 1;
             return Ok(Vec::new());
@@ -806,6 +809,9 @@ impl Engine {
         let rcode = u16::from(header.header_rcode());
         st.stats.observe_latency(now - p.started);
         let has_addresses = !resolution.addresses.is_empty();
+        for a in &mut resolution.addresses {
+            a.1 = a.1.min(self.config.max_ttl);
+        }
         // Each endpoint among the waiters learns the answer once.
         // (endpoint, an address is new to its firewall, its changes until handed out)
         let mut learned: Vec<(u32, bool, Vec<Change>)> = Vec::new();
@@ -841,6 +847,8 @@ impl Engine {
                 None => (false, Vec::new()),
             };
             let mut bytes = data.to_vec();
+            // `resolve` accepted the packet, so its framing is sound and the cap cannot fail.
+            let _ = wire::cap_ttls(&mut bytes, self.config.max_ttl);
             let client_id = u16::from_be_bytes([w.query[0], w.query[1]]);
             let _ = wire::set_id(&mut bytes, client_id);
             // The client gets its question back as it wrote it (0x20, or another client's

@@ -98,6 +98,7 @@ fn config() -> EngineConfig {
         case_randomization: false,
         timeout: 2.0,
         log: LogMode::All,
+        max_ttl: 0x7fff_ffff,
     }
 }
 
@@ -859,4 +860,46 @@ fn when_every_slot_is_taken_the_client_holding_most_gives_one_up() {
     assert!(free > 0);
     // An evicted query's late answer is dropped.
     assert!(e.cancel(tokens[0]).is_ok_and(|gone| !gone));
+}
+
+#[test]
+fn ttls_are_capped_at_max_ttl_in_the_answer_and_the_cache() {
+    // (TTL from the upstream, max_ttl, TTL the client and the cache get)
+    let cases = [
+        (0x7fff_ffff, 86_400, 86_400),
+        (0x7fff_ffff, 3_600, 3_600),
+        (60, 3_600, 60),
+        (3_600, 3_600, 3_600),
+        (0x8000_0000, 3_600, 0),
+    ];
+    for (ttl, max_ttl, want) in cases {
+        let (e, cache) = engine_with(EngineConfig {
+            max_ttl,
+            ..config()
+        });
+        let (up, _) = forwarded(ask(&e, POD, &query(7, "www.example.com", 1), 100.0).0);
+        let upstream_id = u16::from_be_bytes([up[0], up[1]]);
+        let a = answer(
+            upstream_id,
+            "www.example.com",
+            Some("edge.example.net"),
+            &[[192, 0, 2, 1]],
+            ttl,
+        );
+        let got = e.response1(0, &a, 100.0).expect("engine").expect("matched");
+        let m = wire::Message::parse(&got.bytes).expect("the client's answer parses");
+        let ttls: Vec<u32> = m.answers.iter().map(|r| r.ttl).collect();
+        assert_eq!(
+            ttls,
+            [want, want],
+            "ttl {ttl}, max_ttl {max_ttl}: CNAME and A"
+        );
+        let name = LabelBuf::from_presentation(b"www.example.com").expect("name");
+        let held = cache.read().expect("lock").lookup(&name, Some(5));
+        assert_eq!(
+            held,
+            [(ip("192.0.2.1"), 100.0 + f64::from(want))],
+            "ttl {ttl}, max_ttl {max_ttl}: cache expiry"
+        );
+    }
 }

@@ -27,6 +27,7 @@ fn engine(unknown: Option<EndpointRef>, timeout: f64) -> Arc<Engine> {
         case_randomization: true,
         timeout,
         log: LogMode::All,
+        max_ttl: 0x7fff_ffff,
     };
     Arc::new(Engine::new(config, cache, table).expect("engine"))
 }

@@ -14,8 +14,8 @@ use pyo3::types::{PyBool, PyBytes, PyDict, PyList, PySlice, PyString, PyTuple};
 
 use super::pattern::name_arg;
 use crate::cache::{
-    check_ttl, names, now_seconds, parse_ip, parse_packed_ip, snapshot, Batch, Cache, Change,
-    ChangeKind, Config,
+    check_ttl, listing, names, now_seconds, parse_ip, parse_packed_ip, snapshot, Batch, Cache,
+    Change, ChangeKind, Config,
 };
 use crate::error::Error;
 
@@ -503,12 +503,10 @@ impl PyDnsCache {
         changes_out(py, changes)
     }
 
-    /// Writes a snapshot atomically.
+    /// Writes a snapshot atomically, streamed; the lock is taken one chunk at a time.
     fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
-        py.detach(|| {
-            let bytes = snapshot::encode(&*self.inner.read().map_err(|_| poisoned())?);
-            snapshot::write_atomic(&path, &bytes).map_err(|e| Error::from(e).into())
-        })
+        py.detach(|| snapshot::save(&*self.inner, &path))
+            .map_err(|e| Error::from(e).into())
     }
 
     /// Reads a snapshot, dropping entries expired at `now`.
@@ -522,6 +520,33 @@ impl PyDnsCache {
         Ok(PyDnsCache {
             inner: Arc::new(RwLock::new(cache)),
         })
+    }
+
+    /// A piece of the listing as NDJSON bytes, one entry per line (see `cache::listing`), and
+    /// where to go on from (None: done). The lock is taken a chunk at a time, without the GIL.
+    #[pyo3(signature = (cursor = 0, *, endpoint = None, name = None, budget = 8192))]
+    fn listing<'py>(
+        &self,
+        py: Python<'py>,
+        cursor: u32,
+        endpoint: Option<u32>,
+        name: Option<&Bound<'py, PyAny>>,
+        budget: usize,
+    ) -> PyResult<(Bound<'py, PyBytes>, Option<u32>)> {
+        let name = match name {
+            Some(n) => {
+                let mut wire = Vec::with_capacity(64);
+                names::wire_from_presentation(name_text(n)?, &mut wire).map_err(Error::from)?;
+                Some(wire)
+            }
+            None => None,
+        };
+        let filter = listing::Filter { endpoint, name };
+        let mut out = Vec::with_capacity(budget.min(1 << 16) * 80);
+        let next = py
+            .detach(|| listing::list(&*self.inner, cursor, &filter, budget, &mut out))
+            .map_err(Error::from)?;
+        Ok((PyBytes::new(py, &out), next))
     }
 
     /// Every live entry as `(endpoint, name, ip, expires_at)`, soonest expiry first.

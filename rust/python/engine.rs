@@ -92,7 +92,7 @@ impl PyEngine {
     #[new]
     #[pyo3(signature = (cache, *, reject = "refused", search_domains = Vec::new(), max_inflight = 10_000,
                         max_inflight_per_client = 1_000, case_randomization = true,
-                        timeout = 2.0, log_queries = "sampled", log_sample = 0.01))]
+                        timeout = 2.0, log_queries = "sampled", log_sample = 0.01, max_ttl = 86_400))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         cache: &Bound<'_, PyDnsCache>,
@@ -104,6 +104,7 @@ impl PyEngine {
         timeout: f64,
         log_queries: &str,
         log_sample: f64,
+        max_ttl: u32,
     ) -> PyResult<Self> {
         let reject = match reject {
             "refused" => Reject::Refused,
@@ -136,6 +137,11 @@ impl PyEngine {
                 "timeout: must be a positive number of seconds",
             ));
         }
+        if !(1..=0x7fff_ffff).contains(&max_ttl) {
+            return Err(PyValueError::new_err(format!(
+                "max_ttl: {max_ttl}: must be from 1 to 2147483647 seconds"
+            )));
+        }
         let search_domains = search_domains
             .iter()
             .map(|s| {
@@ -151,6 +157,7 @@ impl PyEngine {
             case_randomization,
             timeout,
             log,
+            max_ttl,
         };
         let empty = Arc::new(PolicySet::new(Vec::new()).map_err(crate::error::Error::from)?);
         let inner = engine::Engine::new(

@@ -16,7 +16,8 @@
 //!   from the question name and the addresses on it with their TTLs, without building a
 //!   [`Message`].
 //! * [`Message::parse`] — everything: header, sections with decoded RDATA, EDNS.
-//! * [`set_id`], [`error_response`] — builders.
+//! * [`set_id`], [`error_response`] — builders; [`cap_ttls`] — the TTLs of an answer capped in
+//!   place (the proxy's `max_ttl`).
 //!
 //! We parse ourselves rather than use `domain`, `simple-dns` or `hickory-proto`: see
 //! `benches/README.wire.md` for the measurement and the reasons.
@@ -29,6 +30,7 @@ mod query;
 mod resolve;
 #[cfg(test)]
 mod tests;
+mod ttl;
 pub mod types;
 
 pub use build::{bad_rcode, error_response, set_id, EDNS_UDP_SIZE};
@@ -37,3 +39,4 @@ pub use message::{Edns, EdnsOptions, Header, Message, Question, RData, Record, T
 pub use name::{escape_label, Labels, Name, MAX_POINTER_HOPS};
 pub use query::QueryView;
 pub use resolve::{resolve, Resolution, MAX_CHAIN};
+pub use ttl::{cap_ttls, capped_ttl};

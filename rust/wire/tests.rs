@@ -905,3 +905,145 @@ fn errors_name_the_offset() {
         "malformed DNS message: compression pointer to 40 does not point strictly before the name (at byte 12)"
     );
 }
+
+/// Per section, the TTL of every record; then the EDNS fields (ext rcode, version, flags).
+type Ttls = (Vec<u32>, Vec<u32>, Vec<u32>, Option<(u8, u8, u16)>);
+
+/// The TTL of every record as `Message::parse` reads it, section by section, and the EDNS
+/// fields (which live in the OPT record's TTL).
+fn ttls_and_edns(buf: &[u8]) -> Ttls {
+    let m = Message::parse(buf).expect("valid");
+    let t = |rs: &[Record<'_>]| rs.iter().map(|r| r.ttl).collect::<Vec<_>>();
+    (
+        t(&m.answers),
+        t(&m.authority),
+        t(&m.additional),
+        m.edns.map(|e| (e.ext_rcode, e.version, e.flags)),
+    )
+}
+
+#[test]
+fn ttls_capped() {
+    let huge = 0x7fff_ffff;
+    let a = |x: u8| rr(&n("www.example.com"), 1, 1, huge, &[192, 0, 2, x]);
+    let question = q(&n("alias.example.com"), 1);
+    // alias -> www (compressed target pointing at the question), two addresses, NS in the
+    // authority, glue in the additional section, OPT with DO, version 0 and extended rcode 1.
+    let cname = rr(&[0xc0, 12], 5, 1, huge, &[3, b'w', b'w', b'w', 0xc0, 18]);
+    let ns = rr(&n("example.com"), 2, 1, 172_800, &n("ns.example.com"));
+    let glue = rr(&n("ns.example.com"), 1, 1, 0x8000_0001, &[192, 0, 2, 53]);
+    let edns = opt(1232, 0x0100_8000, &[]);
+    let full = msg(
+        7,
+        0x8180,
+        [1, 3, 1, 2],
+        &[&question, &cname, &a(1), &a(2), &ns, &glue, &edns],
+    );
+    // (max_ttl, answer TTLs, authority TTLs, additional TTLs, TTLs changed)
+    type Case = (u32, [u32; 3], [u32; 1], [u32; 1], usize);
+    let cases: &[Case] = &[
+        (86_400, [86_400; 3], [86_400], [0], 5),
+        (300, [300; 3], [300], [0], 5),
+        (172_800, [172_800; 3], [172_800], [0], 4),
+        (huge, [huge; 3], [172_800], [0], 1),
+        (0, [0; 3], [0], [0], 5),
+    ];
+    for &(max, answers, authority, additional, changed) in cases {
+        let mut buf = full.clone();
+        assert_eq!(cap_ttls(&mut buf, max), Ok(changed), "max_ttl {max}");
+        let (an, ns, ar, edns) = ttls_and_edns(&buf);
+        assert_eq!(an, answers, "max_ttl {max}: answer");
+        assert_eq!(ns, authority, "max_ttl {max}: authority");
+        assert_eq!(ar, additional, "max_ttl {max}: additional");
+        assert_eq!(edns, Some((1, 0, 0x8000)), "max_ttl {max}: OPT untouched");
+        // Only TTL fields changed: the rest of the packet is byte for byte the same.
+        let diff: Vec<usize> = (0..buf.len()).filter(|&i| buf[i] != full[i]).collect();
+        assert!(diff.len() <= 4 * changed, "max_ttl {max}: {diff:?}");
+        assert_eq!(resolve(&buf).map(|r| r.chain.len()), Ok(2));
+        // Capping again changes nothing.
+        let again = buf.clone();
+        assert_eq!(cap_ttls(&mut buf, max), Ok(0));
+        assert_eq!(buf, again);
+    }
+}
+
+#[test]
+fn capped_ttl_values() {
+    // (ttl, max_ttl, capped): RFC 2181 8 first (top bit set reads as 0), then the cap.
+    let cases = [
+        (0, 86_400, 0),
+        (300, 86_400, 300),
+        (86_400, 86_400, 86_400),
+        (86_401, 86_400, 86_400),
+        (0x7fff_ffff, 86_400, 86_400),
+        (0x7fff_ffff, 0x7fff_ffff, 0x7fff_ffff),
+        (0x8000_0000, 86_400, 0),
+        (u32::MAX, u32::MAX, 0),
+    ];
+    for (ttl, max, want) in cases {
+        assert_eq!(capped_ttl(ttl, max), want, "capped_ttl({ttl}, {max})");
+    }
+}
+
+#[test]
+fn ttl_cap_refuses_bad_framing_and_leaves_the_packet_alone() {
+    let a = rr(&n("a"), 1, 1, 999_999, &[1, 2, 3, 4]);
+    let question = q(&n("a"), 1);
+    let good = msg(1, 0x8180, [1, 1, 0, 0], &[&question, &a]);
+    let cases: Vec<(&str, Vec<u8>, WireErrorKind)> = vec![
+        ("short header", vec![0; 11], ShortHeader { len: 11 }),
+        (
+            "answer count too large",
+            msg(1, 0x8180, [1, 2, 0, 0], &[&question, &a]),
+            CountTooLarge {
+                section: Section::Answer,
+                claimed: 2,
+                found: 1,
+            },
+        ),
+        (
+            "question cut short",
+            msg(1, 0x8180, [1, 0, 0, 0], &[&question[..question.len() - 1]]),
+            Truncated {
+                what: "question type and class",
+            },
+        ),
+        (
+            "record header cut short",
+            msg(1, 0x8180, [1, 1, 0, 0], &[&question, &a[..7]]),
+            Truncated {
+                what: "record header",
+            },
+        ),
+        (
+            "RDATA past the end",
+            msg(1, 0x8180, [1, 1, 0, 0], &[&question, &a[..a.len() - 1]]),
+            Truncated { what: "RDATA" },
+        ),
+        (
+            "trailing bytes",
+            msg(1, 0x8180, [1, 1, 0, 0], &[&question, &a, &[0]]),
+            TrailingBytes { count: 1 },
+        ),
+        (
+            "pointer loop in an owner name",
+            msg(
+                1,
+                0x8180,
+                [1, 1, 0, 0],
+                &[&question, &rr(&[0xc0, 19], 1, 1, 999_999, &[1, 2, 3, 4])],
+            ),
+            BadPointer { target: 19 },
+        ),
+    ];
+    for (what, bad, want) in cases {
+        let mut buf = bad.clone();
+        let err = cap_ttls(&mut buf, 60).expect_err(what);
+        assert_eq!(err.kind, want, "{what}");
+        assert_eq!(buf, bad, "{what}: untouched");
+        // Whatever the cap refuses, the parser refuses too.
+        assert!(Message::parse(&bad).is_err(), "{what}");
+    }
+    let mut buf = good.clone();
+    assert_eq!(cap_ttls(&mut buf, 60), Ok(1));
+}
