@@ -27,7 +27,7 @@ system-deps: ## Install the Debian packages the tests, demo and benchmarks use (
 deps: ## Install the Python tools the build, tests and benchmarks use
 	$(PIP) install -q --disable-pip-version-check 'maturin>=1.7,<2' 'pytest>=8' 'hypothesis>=6.100' \
 		'pytest-benchmark>=4' 'dnspython>=2.6' 'ruff>=0.6' 'mypy>=1.10' 'pyyaml>=6' 'uvloop>=0.19' \
-		'prometheus_client>=0.20' 'matplotlib>=3.7'
+		'prometheus_client>=0.20' 'matplotlib>=3.7' 'cryptography>=42'
 
 .PHONY: build-dev
 build-dev: ## Build the extension in release mode and install the package (editable)
@@ -47,21 +47,40 @@ test: system-deps deps build-dev ## Build, then run the Rust and Python tests
 	cargo test --all-targets
 	$(PYTHON) -m pytest tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
+# The local Kubernetes control plane (tools/kube, docs/kubernetes.md): etcd, kube-apiserver,
+# kube-controller-manager and kube-scheduler built from the Go module proxy once per machine and
+# cached under ${XDG_CACHE_HOME:-~/.cache}/fqdnguard/kube/, keyed by the versions.
+KUBE := $(PYTHON) tools/kube/localkube.py
+
+.PHONY: kube-build
+kube-build: ## Build the local control plane's binaries from the Go module proxy (once per machine)
+	$(KUBE) build
+
+.PHONY: kube-up
+kube-up: kube-build ## Start etcd, kube-apiserver, kube-controller-manager on loopback: KUBE_DIR=D (D/admin.kubeconfig)
+	@test -n "$(KUBE_DIR)" || { echo "usage: make kube-up KUBE_DIR=DIR" >&2; exit 2; }
+	$(KUBE) up $(KUBE_DIR)
+
+.PHONY: kube-down
+kube-down: ## Stop the control plane started with the same KUBE_DIR (its data stays there)
+	@test -n "$(KUBE_DIR)" || { echo "usage: make kube-down KUBE_DIR=DIR" >&2; exit 2; }
+	$(KUBE) down $(KUBE_DIR)
+
 .PHONY: lint
 lint: ## clippy, rustfmt, ruff, and stubtest of the compiled module
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --all-targets --features python -- -D warnings
 	cargo fmt --check
-	ruff check python tests benches examples
-	ruff format --check python tests benches examples
+	ruff check python tests benches examples tools
+	ruff format --check python tests benches examples tools
 	$(PYTHON) -m mypy.stubtest fqdnguard._core
-	$(PYTHON) -m mypy python/fqdnguard
+	$(PYTHON) -m mypy python/fqdnguard tools/kube/localkube.py
 
 .PHONY: format
 format: ## Format Rust and Python sources
 	cargo fmt
-	ruff format python tests benches
-	ruff check --fix python tests benches
+	ruff format python tests benches tools
+	ruff check --fix python tests benches tools
 
 # One interpreter per bench module, so that no module measures another's leftovers. (Three
 # runs with the cache module first in the same process had the pattern module at half speed,

@@ -1,5 +1,6 @@
 """Shared test configuration: hypothesis profiles chosen by HYPOTHESIS_PROFILE (dev, ci), and the
-fixtures of the proxy integration tests (a real Knot upstream, a policy and its endpoints)."""
+fixtures of the proxy integration tests (a real Knot upstream, a policy and its endpoints), and
+the session's local Kubernetes control plane (``kube``)."""
 
 import os
 from collections.abc import Iterator
@@ -9,7 +10,9 @@ from fqdnguard import Endpoints, Policy
 from fqdnguard.testing import KnotServer
 from hypothesis import HealthCheck, settings
 
+from tests.kube import require_kube_binaries
 from tests.proxy_fixtures import ENDPOINTS, POLICY, UPSTREAM_IP, ZONE, require_knot
+from tools.kube.localkube import KubeControlPlane
 
 settings.register_profile("dev", max_examples=100, deadline=None)
 settings.register_profile(
@@ -37,3 +40,12 @@ def proxy_endpoints() -> Endpoints:
 @pytest.fixture(scope="module")
 def proxy_policy(proxy_endpoints: Endpoints) -> Policy:
     return Policy.from_yaml(POLICY, endpoints=proxy_endpoints)
+
+
+@pytest.fixture(scope="session")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeControlPlane]:
+    """A real control plane (etcd, kube-apiserver, kube-controller-manager) on loopback, shared by
+    the session: each test uses its own namespaces and object names."""
+    require_kube_binaries()
+    with KubeControlPlane(tmp_path_factory.mktemp("kube")) as plane:
+        yield plane

@@ -1,0 +1,277 @@
+"""The local control plane is a real cluster: what the later Kubernetes tests rely on, shown
+against etcd, kube-apiserver and kube-controller-manager (tools/kube/localkube.py)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from pathlib import Path
+
+from tests.kube import (
+    apply,
+    create_namespace,
+    create_pod,
+    get,
+    register_node,
+    set_pod_running,
+    wait_until,
+)
+from tools.kube.localkube import (
+    DEFAULT_ADVERTISE_ADDRESS,
+    DEFAULT_SERVICE_CIDR,
+    KubeControlPlane,
+    kubernetes_version,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CRDS = ROOT / "deploy" / "crds"
+
+
+def test_kubectl_talks_to_the_api_server_as_admin(kube: KubeControlPlane) -> None:
+    version = json.loads(kube.kubectl("version", "-o", "json").stdout)
+    assert version["serverVersion"]["gitVersion"] == kubernetes_version()  # not v0.0.0-master
+    kube.kubectl("create", "configmap", "hello", "-n", "default", "--from-literal=greeting=hi")
+    assert get(kube, "configmap", "hello", "-n", "default")["data"] == {"greeting": "hi"}
+    whoami = json.loads(kube.kubectl("auth", "whoami", "-o", "json").stdout)
+    assert "system:masters" in whoami["status"]["userInfo"]["groups"]
+
+
+def test_kubernetes_service_names_the_advertised_address(kube: KubeControlPlane) -> None:
+    slice_ = wait_until(
+        "the kubernetes Service's EndpointSlice",
+        lambda: get(kube, "endpointslice", "kubernetes", "-n", "default"),
+    )
+    assert slice_["endpoints"][0]["addresses"] == [DEFAULT_ADVERTISE_ADDRESS]
+    assert slice_["ports"][0]["port"] == int(kube.server.rsplit(":", 1)[1])
+
+
+def test_two_nodes_can_be_registered(kube: KubeControlPlane) -> None:
+    register_node(kube, "node-a", "10.250.0.1")
+    register_node(kube, "node-b", "10.250.0.2")
+    nodes = {n["metadata"]["name"]: n for n in get(kube, "nodes")["items"]}
+    assert {"node-a", "node-b"} <= set(nodes)
+    for name, address in (("node-a", "10.250.0.1"), ("node-b", "10.250.0.2")):
+        status = nodes[name]["status"]
+        assert status["addresses"] == [{"type": "InternalIP", "address": address}]
+        assert [c["status"] for c in status["conditions"] if c["type"] == "Ready"] == ["True"]
+
+
+def test_service_with_a_ready_pod_gets_an_endpointslice(kube: KubeControlPlane) -> None:
+    create_namespace(kube, "eps")
+    register_node(kube, "node-a", "10.250.0.1")
+    apply(
+        kube,
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "web", "namespace": "eps"},
+            "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "protocol": "TCP"}]},
+        },
+    )
+    create_pod(kube, "eps", "web-1", "node-a", {"app": "web"})
+    set_pod_running(kube, "eps", "web-1", ["10.244.1.5", "fd00:244:1::5"])
+
+    pod = get(kube, "pod", "web-1", "-n", "eps")
+    assert pod["status"]["podIPs"] == [{"ip": "10.244.1.5"}, {"ip": "fd00:244:1::5"}]
+    service = get(kube, "service", "web", "-n", "eps")
+    assert ipaddress.ip_address(service["spec"]["clusterIP"]) in ipaddress.ip_network(
+        DEFAULT_SERVICE_CIDR
+    )
+
+    def ready_slice() -> dict[str, object] | None:
+        items = get(kube, "endpointslices", "-n", "eps", "-l", "kubernetes.io/service-name=web")
+        for item in items["items"]:
+            for endpoint in item.get("endpoints") or []:
+                if endpoint["conditions"].get("ready"):
+                    return {"slice": item, "endpoint": endpoint}
+        return None
+
+    found = wait_until("an EndpointSlice with the ready pod", ready_slice)
+    slice_, endpoint = found["slice"], found["endpoint"]
+    assert isinstance(slice_, dict) and isinstance(endpoint, dict)
+    assert slice_["metadata"]["labels"]["endpointslice.kubernetes.io/managed-by"] == (
+        "endpointslice-controller.k8s.io"
+    )
+    assert slice_["addressType"] == "IPv4"
+    assert endpoint["addresses"] == ["10.244.1.5"]
+    assert endpoint["nodeName"] == "node-a"
+    assert endpoint["targetRef"]["name"] == "web-1"
+
+
+def test_service_account_token_is_denied_until_rbac_grants(
+    kube: KubeControlPlane, tmp_path: Path
+) -> None:
+    create_namespace(kube, "rbac")
+    apply(
+        kube,
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": "reader", "namespace": "rbac"},
+        },
+    )
+    token = kube.kubectl("create", "token", "reader", "-n", "rbac").stdout.strip()
+    as_reader = kube.token_kubeconfig(tmp_path / "reader.kubeconfig", token, user="reader")
+
+    denied = kube.kubectl("get", "configmaps", "-n", "rbac", kubeconfig=as_reader, check=False)
+    assert denied.returncode != 0
+    assert "Forbidden" in denied.stderr
+    assert "system:serviceaccount:rbac:reader" in denied.stderr
+
+    apply(
+        kube,
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {"name": "read-configmaps", "namespace": "rbac"},
+            "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list"]}],
+        },
+    )
+    apply(
+        kube,
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": "reader", "namespace": "rbac"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "Role",
+                "name": "read-configmaps",
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": "rbac"}],
+        },
+    )
+    wait_until(
+        "the RoleBinding to let the token list configmaps",
+        lambda: (
+            kube.kubectl(
+                "get", "configmaps", "-n", "rbac", kubeconfig=as_reader, check=False
+            ).returncode
+            == 0
+        ),
+    )
+    # Still nothing beyond the grant.
+    secrets = kube.kubectl("get", "secrets", "-n", "rbac", kubeconfig=as_reader, check=False)
+    assert "Forbidden" in secrets.stderr
+
+
+def test_token_controller_fills_a_service_account_token_secret(kube: KubeControlPlane) -> None:
+    create_namespace(kube, "tokens")
+    apply(
+        kube,
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": "legacy", "namespace": "tokens"},
+        },
+    )
+    apply(
+        kube,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "kubernetes.io/service-account-token",
+            "metadata": {
+                "name": "legacy-token",
+                "namespace": "tokens",
+                "annotations": {"kubernetes.io/service-account.name": "legacy"},
+            },
+        },
+    )
+    secret = wait_until(
+        "the token controller to fill the secret",
+        lambda: (
+            (s := get(kube, "secret", "legacy-token", "-n", "tokens"))
+            and "token" in s.get("data", {})
+            and s
+        ),
+    )
+    assert {"token", "ca.crt", "namespace"} <= set(secret["data"])
+
+
+def test_garbage_collection_and_namespace_deletion(kube: KubeControlPlane) -> None:
+    create_namespace(kube, "gc")
+    kube.kubectl("create", "configmap", "owner", "-n", "gc")
+    owner_uid = get(kube, "configmap", "owner", "-n", "gc")["metadata"]["uid"]
+    apply(
+        kube,
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": "dependent",
+                "namespace": "gc",
+                "ownerReferences": [
+                    {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner_uid}
+                ],
+            },
+        },
+    )
+    kube.kubectl("create", "configmap", "other", "-n", "gc")
+    kube.kubectl("delete", "configmap", "owner", "-n", "gc", "--wait=false")
+    wait_until(
+        "the garbage collector to delete the dependent",
+        lambda: get(kube, "configmap", "dependent", "-n", "gc") is None,
+    )
+    assert get(kube, "configmap", "other", "-n", "gc") is not None
+
+    kube.kubectl("delete", "namespace", "gc", "--wait=false")
+    wait_until(
+        "the namespace controller to empty and remove the namespace",
+        lambda: get(kube, "namespace", "gc") is None,
+    )
+
+
+def test_cilium_crds_take_the_examples_and_refuse_an_invalid_policy(
+    kube: KubeControlPlane,
+) -> None:
+    kube.kubectl("apply", "--server-side", "-f", str(CRDS))
+    kube.kubectl(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/ciliumnetworkpolicies.cilium.io",
+        "crd/ciliumclusterwidenetworkpolicies.cilium.io",
+    )
+    create_namespace(kube, "batch")
+    examples = sorted((ROOT / "examples" / "policies").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        kube.kubectl("apply", "-f", str(path))
+    cnps = get(kube, "cnp", "-A")["items"]
+    assert {"web-github", "crawler"} <= {p["metadata"]["name"] for p in cnps}
+    web = get(kube, "cnp", "web-github", "-n", "default")
+    rules = web["spec"]["egress"][0]["toPorts"][0]["rules"]["dns"]
+    assert {"matchName": "api.github.com"} in rules
+    assert get(kube, "ccnp", "-A")["items"], "an example CiliumClusterwideNetworkPolicy"
+
+    invalid = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: ping-only, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  egress:
+    - toPorts:
+        - ports: [{port: "53", protocol: ICMP}]
+"""
+    refused = kube.kubectl("apply", "-f", "-", input=invalid, check=False)
+    assert refused.returncode != 0
+    assert "protocol" in refused.stderr
+    assert 'Unsupported value: "ICMP"' in refused.stderr
+    assert get(kube, "cnp", "ping-only", "-n", "default") is None
+
+
+def test_data_survives_a_restart_of_etcd_and_the_api_server(kube: KubeControlPlane) -> None:
+    create_namespace(kube, "persist")
+    kube.kubectl("create", "configmap", "kept", "-n", "persist", "--from-literal=n=42")
+    before = get(kube, "configmap", "kept", "-n", "persist")
+    kube.stop("kube-apiserver")
+    kube.restart("etcd")
+    kube.start("kube-apiserver")
+    after = get(kube, "configmap", "kept", "-n", "persist")
+    assert after["data"] == {"n": "42"}
+    assert after["metadata"]["uid"] == before["metadata"]["uid"]
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+    # The controller manager kept running through it and still reconciles.
+    create_namespace(kube, "after-restart")
