@@ -226,13 +226,15 @@ def test_cilium_crds_take_the_examples_and_refuse_an_invalid_policy(
     kube: KubeControlPlane,
 ) -> None:
     kube.kubectl("apply", "--server-side", "-f", str(CRDS))
-    kube.kubectl(
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/ciliumnetworkpolicies.cilium.io",
-        "crd/ciliumclusterwidenetworkpolicies.cilium.io",
-    )
+    # (kubectl wait fails outright on a CRD that has no conditions yet, so poll.)
+    for crd in ("ciliumnetworkpolicies.cilium.io", "ciliumclusterwidenetworkpolicies.cilium.io"):
+        wait_until(
+            f"CRD {crd} to be Established",
+            lambda crd=crd: any(
+                c["type"] == "Established" and c["status"] == "True"
+                for c in get(kube, "crd", crd)["status"].get("conditions") or []
+            ),
+        )
     create_namespace(kube, "batch")
     examples = sorted((ROOT / "examples" / "policies").glob("*.yaml"))
     assert examples
