@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from tests.kube import (
@@ -13,6 +15,7 @@ from tests.kube import (
     create_pod,
     get,
     register_node,
+    require_kube_binaries,
     set_pod_running,
     wait_until,
 )
@@ -277,3 +280,63 @@ def test_data_survives_a_restart_of_etcd_and_the_api_server(kube: KubeControlPla
     assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
     # The controller manager kept running through it and still reconciles.
     create_namespace(kube, "after-restart")
+
+
+def test_make_kube_up_and_down_keep_the_data(tmp_path: Path) -> None:
+    """The make targets (another process than the one that stops them), a second start refused
+    while one runs, and objects kept through a stop and start of the whole control plane."""
+    require_kube_binaries()
+    directory = tmp_path / "cluster"
+    make = ["make", "-s", "-C", str(ROOT), f"PYTHON={sys.executable}", f"KUBE_DIR={directory}"]
+
+    def run(target: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*make, target], capture_output=True, text=True, check=False, timeout=300
+        )
+
+    up = run("kube-up")
+    assert up.returncode == 0, up.stderr
+    try:
+        plane = KubeControlPlane.attach(directory)
+        plane.kubectl("create", "configmap", "kept", "-n", "default", "--from-literal=k=v")
+        again = run("kube-up")
+        assert again.returncode != 0
+        assert "already running" in again.stderr
+
+        pids = [c.pid for c in plane.components.values()]
+        assert run("kube-down").returncode == 0
+        assert all(_proc_state(pid) in ("gone", "Z") for pid in pids)
+
+        assert run("kube-up").returncode == 0
+        plane = KubeControlPlane.attach(directory)
+        assert get(plane, "configmap", "kept", "-n", "default")["data"] == {"k": "v"}
+    finally:
+        run("kube-down")
+    assert all(c.pid is None for c in KubeControlPlane.attach(directory).components.values())
+
+
+def _proc_state(pid: int | None) -> str:
+    """The process's state letter (Z: exited, not yet reaped), or "gone"."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def test_compaction_gives_an_old_watch_410_gone(tmp_path: Path) -> None:
+    """Extra API server flags reach the server, and etcdctl reaches etcd: with no watch cache
+    for configmaps, compacting etcd past a resourceVersion makes a watch from it expire."""
+    require_kube_binaries()
+    no_cache = ["--watch-cache-sizes=configmaps#0"]
+    with KubeControlPlane(tmp_path / "cluster", apiserver_args=no_cache) as plane:
+        created = plane.kubectl("create", "configmap", "first", "-o", "json").stdout
+        old = json.loads(created)["metadata"]["resourceVersion"]
+        for name in ("second", "third"):  # the watch starts after old: compact past that too
+            plane.kubectl("create", "configmap", name)
+        status = json.loads(plane.etcdctl("endpoint", "status", "-w", "json").stdout)
+        plane.etcdctl("compact", str(status[0]["Status"]["header"]["revision"]))
+        watch = "/api/v1/namespaces/default/configmaps?watch=1&timeoutSeconds=5"
+        events = plane.kubectl("get", "--raw", f"{watch}&resourceVersion={old}").stdout
+        event = json.loads(events.splitlines()[0])
+        assert event["type"] == "ERROR"
+        assert (event["object"]["code"], event["object"]["reason"]) == (410, "Expired")
