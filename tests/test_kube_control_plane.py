@@ -340,3 +340,42 @@ def test_compaction_gives_an_old_watch_410_gone(tmp_path: Path) -> None:
         event = json.loads(events.splitlines()[0])
         assert event["type"] == "ERROR"
         assert (event["object"]["code"], event["object"]["reason"]) == (410, "Expired")
+
+
+STARTER = """
+import json, sys, time
+from tools.kube.localkube import KubeControlPlane
+plane = KubeControlPlane(sys.argv[1]).up()
+print(json.dumps([c.pid for c in plane.components.values()]), flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_test_session_leaves_no_control_plane_behind(tmp_path: Path) -> None:
+    """Started from Python (not `make kube-up`), the components die with the process that
+    started them, even when it is killed and cannot stop them."""
+    require_kube_binaries()
+    directory = tmp_path / "cluster"
+    starter = subprocess.Popen(
+        [sys.executable, "-c", STARTER, str(directory)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert starter.stdout is not None
+        pids = json.loads(starter.stdout.readline())
+        assert all(_proc_state(pid) not in ("gone", "Z") for pid in pids)
+        starter.kill()
+        starter.wait()
+        wait_until(
+            "the components to exit",
+            lambda: all(_proc_state(pid) in ("gone", "Z") for pid in pids),
+            timeout=90,  # all at once: the API server may wait for etcd, which is going too
+        )
+    finally:
+        starter.kill()
+        starter.wait()
+        if starter.stdout is not None:
+            starter.stdout.close()
+        KubeControlPlane.attach(directory).down()  # whatever is left, if the test failed

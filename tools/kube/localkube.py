@@ -452,6 +452,13 @@ def write_kubeconfig(
 # --- the control plane ---------------------------------------------------------------------------
 
 
+def _dying_with_parent(cmd: list[str]) -> list[str]:
+    """cmd run so that it gets SIGTERM when the thread that started it exits (util-linux's
+    setpriv sets PR_SET_PDEATHSIG and execs it; no Python runs between fork and exec)."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", *cmd] if setpriv else cmd
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -483,6 +490,7 @@ class KubeControlPlane:
     apiserver_args: list[str] = field(default_factory=list)
     controller_manager_args: list[str] = field(default_factory=list)
     binaries: Path | None = None
+    detached: bool = False
     ports: dict[str, int] = field(default_factory=dict)
     components: dict[str, _Component] = field(default_factory=dict)
 
@@ -577,7 +585,7 @@ class KubeControlPlane:
             state = json.loads((directory / "cluster.json").read_text())
         except FileNotFoundError:
             raise KubeError(f"no control plane in {directory} (no cluster.json)") from None
-        plane = cls(directory, binaries=Path(state["binaries"]))
+        plane = cls(directory, binaries=Path(state["binaries"]), detached=True)
         plane.ports = {k: int(v) for k, v in state["ports"].items()}
         plane.components = {
             name: _Component(name, list(c["args"]), c["pid"])
@@ -719,13 +727,16 @@ class KubeControlPlane:
             raise KubeError(f"{name} is already running (pid {component.pid})")
         log = open(self.directory / "logs" / f"{name}.log", "ab")  # noqa: SIM115 (the child keeps it)
         with log:
+            cmd = [str(self._bin(name)), *component.args]
+            # Started for `make kube-up` it outlives this process; started for a test session
+            # it dies with it, even if the session is killed (no control plane left behind).
             proc = subprocess.Popen(
-                [str(self._bin(name)), *component.args],
+                cmd if self.detached else _dying_with_parent(cmd),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.directory,
-                # It outlives `make kube-up`, and a terminal's ^C does not reach it.
+                # A terminal's ^C does not reach it: whoever started it stops it.
                 start_new_session=True,
             )
         component.pid = proc.pid
@@ -890,7 +901,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(bin_dir())
         elif args.command == "up":
             plane = KubeControlPlane(
-                args.dir, scheduler=args.scheduler, apiserver_args=args.apiserver_arg
+                args.dir, scheduler=args.scheduler, apiserver_args=args.apiserver_arg, detached=True
             ).up()
             print(f"API server {plane.server}; kubeconfig {plane.kubeconfig}")
         elif args.command == "down":
