@@ -1,8 +1,15 @@
 # One source of truth for every command: CI (.ci/run) and people call these targets.
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
-PYTHON ?= python3
+# Everything Python goes into the project's own virtual environment, made from the machine's
+# python3 by `make venv`; the system's Python is never installed into. Point PYTHON at another
+# interpreter to use it instead (`make test PYTHON=python3`): then no venv is made.
+VENV ?= .venv
+BASE_PYTHON ?= python3
+PYTHON ?= $(VENV)/bin/python
 PIP ?= $(PYTHON) -m pip
+# The venv is a prerequisite only when PYTHON lives in it.
+VENV_DEP := $(if $(filter $(VENV)/%,$(PYTHON)),$(VENV)/bin/python)
 # Benchmarks are pinned to one core; the load generators of the macro benches take the other.
 BENCH_CPU ?= 1
 # Seconds per fuzz target in fuzz-quick.
@@ -12,34 +19,68 @@ FUZZ_SECONDS ?= 30
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 
+# Debian packages as COMMAND:PACKAGE (installed when COMMAND is missing). The demo uses Knot, and
+# when run as root also nftables and iproute2 (namespaces, the nftables backend); the tests and
+# benchmarks use dnsperf and dnsdist besides.
+DEMO_DEBS := knotd:knot $(if $(filter 0,$(shell id -u)),nft:nftables ip:iproute2 lib:libnftables1)
+TEST_DEBS := knotd:knot nft:nftables ip:iproute2 lib:libnftables1 dnsperf:dnsperf dnsdist:dnsdist
+# $(1): the COMMAND:PACKAGE pairs. python3-venv (ensurepip) too when the venv is still to make.
+define install_debs
+	@missing=""; for b in $(1); do c=$${b%%:*}; \
+		if [ "$$c" = lib ]; then ls /usr/lib/*-linux-gnu/libnftables.so.1 >/dev/null 2>&1 && continue; \
+		elif command -v $$c >/dev/null || [ -x /usr/sbin/$$c ]; then continue; fi; \
+		missing="$$missing $${b#*:}"; done; \
+	if [ -n "$(VENV_DEP)" ] && [ ! -x "$(VENV_DEP)" ] && ! $(BASE_PYTHON) -c 'import ensurepip' 2>/dev/null; then \
+		missing="$$missing python3-venv"; fi; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages:$$missing (run as root, or: sudo apt-get install$$missing)" >&2; exit 1; fi; \
+	echo "installing:$$missing"; \
+	DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null
+endef
+
 .PHONY: system-deps
-system-deps: ## Install the Debian packages the tests, demo and benchmarks use (needs root)
-	@missing=""; for b in knotd:knot dnsperf:dnsperf dnsdist:dnsdist nft:nftables ip:iproute2; do \
-		command -v $${b%%:*} >/dev/null || [ -x /usr/sbin/$${b%%:*} ] || missing="$$missing $${b#*:}"; done; \
-	[ -e /usr/lib/x86_64-linux-gnu/libnftables.so.1 ] || [ -e /usr/lib/aarch64-linux-gnu/libnftables.so.1 ] || missing="$$missing libnftables1"; \
-	if [ -n "$$missing" ]; then \
-		echo "installing:$$missing"; \
-		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
-	fi
+system-deps: ## Install the Debian packages the tests and benchmarks use (needs root)
+	$(call install_debs,$(TEST_DEBS))
+
+.PHONY: demo-deps
+demo-deps: ## Install the Debian packages the demo uses: knot (and nftables, iproute2 as root)
+	$(call install_debs,$(DEMO_DEBS))
+
+$(VENV)/bin/python:
+	$(BASE_PYTHON) -m venv --upgrade-deps $(VENV)
+
+.PHONY: venv
+venv: $(VENV_DEP) ## Make the project's virtual environment (.venv) with the machine's python3
+
+# Python packages: what the demo uses (maturin builds the extension; build-dev brings the
+# package's own dependencies), and everything the tests, linters and benchmarks use besides.
+DEMO_PY := 'maturin>=1.7,<2' 'dnspython>=2.6'
+# The local Kubernetes control plane makes its certificates with cryptography (tools/kube).
+KUBE_PY := 'cryptography>=42'
+DEV_PY := $(DEMO_PY) 'pytest>=8' 'hypothesis>=6.100' 'pytest-benchmark>=4' 'ruff>=0.6' \
+	'mypy>=1.10' 'pyyaml>=6' 'uvloop>=0.19' 'prometheus_client>=0.20' 'matplotlib>=3.7' $(KUBE_PY)
 
 .PHONY: deps
-deps: ## Install the Python tools the build, tests and benchmarks use
-	$(PIP) install -q --disable-pip-version-check 'maturin>=1.7,<2' 'pytest>=8' 'hypothesis>=6.100' \
-		'pytest-benchmark>=4' 'dnspython>=2.6' 'ruff>=0.6' 'mypy>=1.10' 'pyyaml>=6' 'uvloop>=0.19' \
-		'prometheus_client>=0.20' 'matplotlib>=3.7' 'cryptography>=42'
+deps: $(VENV_DEP) ## Install the Python tools the build, tests and benchmarks use (into .venv)
+	$(PIP) install -q --disable-pip-version-check $(DEV_PY)
+
+.PHONY: demo-pydeps
+demo-pydeps: $(VENV_DEP)
+	$(PIP) install -q --disable-pip-version-check $(DEMO_PY)
 
 .PHONY: build-dev
-build-dev: ## Build the extension in release mode and install the package (editable)
+build-dev: $(VENV_DEP) ## Build the extension in release mode and install the package (editable, into .venv)
+	@command -v cargo >/dev/null || { echo "building the extension needs a Rust toolchain (cargo): https://rustup.rs" >&2; exit 1; }
 	$(PIP) install -q --disable-pip-version-check --no-build-isolation -e .
 
 .PHONY: build
-build: ## Build a release wheel into dist/
-	maturin build --release --out dist
+build: $(VENV_DEP) ## Build a release wheel into dist/
+	$(PYTHON) -m maturin build --release --out dist
 
 
 .PHONY: demo
-demo: system-deps deps build-dev ## The main job on this machine: Knot upstream, fqdnguard run, allowed and denied queries
+demo: demo-deps demo-pydeps build-dev ## The main job on this machine: Knot upstream, fqdnguard run, allowed and denied queries
 	$(PYTHON) examples/demo.py
 
 .PHONY: test
@@ -53,16 +94,20 @@ test: system-deps deps build-dev ## Build, then run the Rust and Python tests
 KUBE := $(PYTHON) tools/kube/localkube.py
 
 .PHONY: kube-build
-kube-build: ## Build the local control plane's binaries from the Go module proxy (once per machine)
+kube-build: $(VENV_DEP) ## Build the local control plane's binaries from the Go module proxy (once per machine)
 	$(KUBE) build
 
+.PHONY: kube-pydeps
+kube-pydeps: $(VENV_DEP)
+	$(PIP) install -q --disable-pip-version-check $(KUBE_PY)
+
 .PHONY: kube-up
-kube-up: kube-build ## Start etcd, kube-apiserver, kube-controller-manager on loopback: KUBE_DIR=D (D/admin.kubeconfig)
+kube-up: $(if $(VENV_DEP),kube-pydeps) kube-build ## Start etcd, kube-apiserver, kube-controller-manager on loopback: KUBE_DIR=D (D/admin.kubeconfig)
 	@test -n "$(KUBE_DIR)" || { echo "usage: make kube-up KUBE_DIR=DIR" >&2; exit 2; }
 	$(KUBE) up $(KUBE_DIR)
 
 .PHONY: kube-down
-kube-down: ## Stop the control plane started with the same KUBE_DIR (its data stays there)
+kube-down: $(VENV_DEP) ## Stop the control plane started with the same KUBE_DIR (its data stays there)
 	@test -n "$(KUBE_DIR)" || { echo "usage: make kube-down KUBE_DIR=DIR" >&2; exit 2; }
 	$(KUBE) down $(KUBE_DIR)
 
@@ -71,16 +116,16 @@ lint: ## clippy, rustfmt, ruff, and stubtest of the compiled module
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --all-targets --features python -- -D warnings
 	cargo fmt --check
-	ruff check python tests benches examples tools
-	ruff format --check python tests benches examples tools
+	$(PYTHON) -m ruff check python tests benches examples tools
+	$(PYTHON) -m ruff format --check python tests benches examples tools
 	$(PYTHON) -m mypy.stubtest fqdnguard._core
 	$(PYTHON) -m mypy python/fqdnguard tools/kube/localkube.py
 
 .PHONY: format
 format: ## Format Rust and Python sources
 	cargo fmt
-	ruff format python tests benches tools
-	ruff check --fix python tests benches tools
+	$(PYTHON) -m ruff format python tests benches examples tools
+	$(PYTHON) -m ruff check --fix python tests benches examples tools
 
 # One interpreter per bench module, so that no module measures another's leftovers. (Three
 # runs with the cache module first in the same process had the pattern module at half speed,

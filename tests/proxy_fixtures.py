@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import shutil
 from collections.abc import Awaitable, Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import uvloop
+
+if TYPE_CHECKING:
+    from fqdnguard.config import ProxyConfig
 
 UPSTREAM_IP = "127.0.0.53"
 SECOND_UPSTREAM_IP = "127.0.0.54"
@@ -70,6 +74,25 @@ spec:
       toPorts:
         - ports: [{port: "443", protocol: TCP}]
 """
+
+
+def files_config(tmp_path: Path, upstream_port: int, **cfg: Any) -> ProxyConfig:
+    """``fqdnguard run``'s options with POLICY and ENDPOINTS written to files in ``tmp_path``,
+    the state directory ``tmp_path/state``, and a free port on 127.0.0.1 to listen on."""
+    from fqdnguard.config import ProxyConfig  # noqa: PLC0415
+    from fqdnguard.testing import free_port  # noqa: PLC0415
+
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    (tmp_path / "endpoints.yaml").write_text(ENDPOINTS)
+    cfg.setdefault("log_queries", "none")
+    return ProxyConfig(
+        listen=[("127.0.0.1", free_port())],
+        upstreams=[(UPSTREAM_IP, upstream_port)],
+        policy=[str(tmp_path / "policy.yaml")],
+        endpoints=str(tmp_path / "endpoints.yaml"),
+        state_dir=str(tmp_path / "state"),
+        **cfg,
+    )
 
 
 def require_knot() -> None:

@@ -190,6 +190,44 @@ def test_changes_timeouts_and_removals_in_the_kernel() -> None:
     assert out["transactions"] == 3  # install, then one per batch
 
 
+RESOLVE_ANYTHING = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  egress:
+    - toEndpoints:
+        - matchLabels: {k8s:io.kubernetes.pod.namespace: kube-system, k8s-app: kube-dns}
+      toPorts: [{ports: [{port: "53", protocol: ANY}], rules: {dns: [{matchPattern: "*"}]}}]
+    - toFQDNs: [{matchName: "api.github.com"}]
+      toPorts: [{ports: [{port: "443", protocol: TCP}]}]
+"""
+
+
+@needs_netns
+def test_a_name_the_dns_rules_allow_but_no_tofqdns_selects_opens_nothing() -> None:
+    """The usual shape: resolve any name, connect to one. An address learned for another name
+    must stay out of the set (it went in when all toFQDNs rules shared one port list)."""
+    out = run_in_netns(f"""
+        names = {{"1.1.1.1": ["api.github.com."], "6.6.6.6": ["evil.org."],
+                  "7.7.7.7": ["evil.org.", "api.github.com."]}}
+        async def main():
+            b = Nftables()
+            b._names_for = lambda ip, ep: names[ip]
+            b.set_policy(Policy.from_yaml({RESOLVE_ANYTHING!r}, endpoints=eps), eps,
+                         listen=[("10.0.0.1", 53)])
+            await b.start()
+            await b.apply([C("added", ip, 60) for ip in names])
+            out["sets"] = flat(b)
+            await b.close()
+        asyncio.run(main())
+    """)
+    sets = out["sets"]
+    assert isinstance(sets, dict)
+    assert sorted(ip for v in sets.values() for ip in v) == ["1.1.1.1", "7.7.7.7"]
+
+
 @needs_netns
 def test_restart_keeps_elements_and_reconcile_makes_them_exact() -> None:
     out = run_in_netns("""

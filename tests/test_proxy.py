@@ -509,20 +509,10 @@ def test_run_serves_its_cache_on_the_control_socket_and_saves_it(
     from fqdnguard.agent import CACHE_FILE, CONTROL_SOCKET, Runner  # noqa: PLC0415
     from fqdnguard.control import request  # noqa: PLC0415
 
-    from tests.proxy_fixtures import ENDPOINTS, POLICY  # noqa: PLC0415
+    from tests.proxy_fixtures import files_config  # noqa: PLC0415
 
-    (tmp_path / "policy.yaml").write_text(POLICY)
-    (tmp_path / "endpoints.yaml").write_text(ENDPOINTS)
-    state = tmp_path / "state"
-    port = free_port()
-    config = ProxyConfig(
-        listen=[("127.0.0.1", port)],
-        upstreams=[(UPSTREAM_IP, knot.port)],
-        policy=[str(tmp_path / "policy.yaml")],
-        endpoints=str(tmp_path / "endpoints.yaml"),
-        state_dir=str(state),
-        log_queries="none",
-    )
+    config = files_config(tmp_path, knot.port)
+    state, port = tmp_path / "state", config.listen[0][1]
 
     async def scenario() -> None:
         runner = Runner(config)
@@ -558,15 +548,23 @@ def test_query_log_records_and_metrics_come_through_either_udp_path(
             with caplog.at_level(logging.INFO, logger="fqdnguard.query"):
                 await ask(proxy, q("www.example.com"))
                 await ask(proxy, q("evil.org"))
+                await ask(proxy, q("a.example.com"), source=STRANGER_IP)
                 await asyncio.sleep(0.05)  # the records of the Rust path come in a batch
             lines = [json.loads(r.getMessage()) for r in caplog.records]
             verdicts = sorted((x["qname"], x["verdict"]) for x in lines)
-            assert verdicts == [("evil.org.", "denied"), ("www.example.com.", "allowed")]
+            assert verdicts == [
+                ("a.example.com.", "unknown_source"),
+                ("evil.org.", "denied"),
+                ("www.example.com.", "allowed"),
+            ]
             allowed = next(x for x in lines if x["verdict"] == "allowed")
             assert sorted(allowed["answers"]) == ["192.0.2.10", "192.0.2.11"]
             text = generate_latest(registry_for(proxy)).decode()
             assert 'fqdnguard_queries_total{verdict="allowed"} 1.0' in text
             assert 'fqdnguard_queries_total{verdict="denied"} 1.0' in text
+            # One spelling for each verdict: the log's is the metric's label value.
+            for v in {x["verdict"] for x in lines}:
+                assert f'fqdnguard_queries_total{{verdict="{v}"}} 1.0' in text, v
             rust_only = "fqdnguard_udp_send_errors_total 0.0"
             assert (rust_only in text) == (proxy.config.udp_io == "rust")
 

@@ -47,8 +47,11 @@ class PolicyError(FqdnGuardError, ValueError):
         super().__init__(self.location())
 
     def location(self) -> str:
+        """``file:line: path: reason``; a problem of the whole file (missing, unreadable) has
+        no line (0) and reads ``file: reason``."""
         where = f"{self.path}: " if self.path else ""
-        return f"{self.file}:{self.line}: {where}{self.reason}"
+        line = f":{self.line}" if self.line else ""
+        return f"{self.file}{line}: {where}{self.reason}"
 
     def __str__(self) -> str:
         more = len(self.errors) - 1
@@ -74,6 +77,19 @@ class PolicyWarning:
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}: {self.path}: not enforced by fqdnguard: {self.message}"
+
+
+def read_problem(e: OSError | UnicodeDecodeError) -> str:
+    """Why a file could not be read, in words rather than an errno."""
+    if isinstance(e, UnicodeDecodeError):
+        return f"not UTF-8 text (byte {e.start})"
+    if isinstance(e, FileNotFoundError):
+        return "no such file or directory"
+    if isinstance(e, IsADirectoryError):
+        return "is a directory, not a file"
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    return f"cannot read: {e.strerror or e}"
 
 
 def kind_of(node: YamlNode) -> str:
@@ -143,7 +159,9 @@ class Reader:
         self, node: YamlNode, path: str, fields: frozenset[str] | None
     ) -> dict[str, YamlNode] | None:
         """The fields of an object (None fields: any key), or None after reporting why not.
-        The dict is the node's own: callers read it, never change it."""
+        An unknown, repeated or non-string key is reported, and the known fields are still
+        returned so that their own problems are reported too (the errors make the load fail).
+        The dict is the node's own when every key is fine: callers read it, never change it."""
         if node.kind != MAPPING:
             self.error(node, path, f"must be an object, not {kind_of(node)}")
             return None
@@ -160,7 +178,7 @@ class Reader:
                     self.error(
                         value.key_line, sub, f"unknown field {name!r} (known fields: {known})"
                     )
-            return None
+            return {k: v for k, v in out.items() if k in fields}
         seen: set[str] = set()
         for key, _ in pairs:
             if not (key.kind == SCALAR and key.tag == STR):
@@ -174,7 +192,7 @@ class Reader:
                 known = ", ".join(sorted(fields))
                 self.error(key, sub, f"unknown field {name!r} (known fields: {known})")
             seen.add(name)
-        return None
+        return {k: v for k, v in out.items() if fields is None or k in fields}
 
     def sequence(self, node: YamlNode, path: str) -> list[YamlNode] | None:
         """The items of a list (null reads as empty), or None after reporting. The list is the

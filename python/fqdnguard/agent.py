@@ -26,7 +26,7 @@ from fqdnguard.proxy import Proxy
 from fqdnguard.reloads import PolicyStatus
 from fqdnguard.state import StateDir, StateError
 
-__all__ = ["CACHE_FILE", "CONTROL_SOCKET", "Runner", "cache_entries", "run"]
+__all__ = ["CACHE_FILE", "CONTROL_SOCKET", "Runner", "cache_entries", "endpoint_names", "run"]
 
 log = logging.getLogger("fqdnguard.agent")
 
@@ -53,6 +53,12 @@ def cache_entries(cache: DnsCache) -> list[dict[str, Any]]:
         {"endpoint": ep, "name": name, "ip": ip, "expires_at": round(expires, 3)}
         for ep, name, ip, expires in cache.entries()
     ]
+
+
+def endpoint_names(endpoints: Endpoints) -> dict[str, Any]:
+    """``GET /v1/endpoints``: each endpoint's ``namespace/name`` by its id (the number the cache
+    lists), so that ``cache list`` can show names."""
+    return {"endpoints": {str(ep.id): ep.display for ep in endpoints}}
 
 
 class Runner:
@@ -149,6 +155,7 @@ class Runner:
                     ("GET", "/v1/cache"): self._get_cache,
                     ("GET", "/v1/stats"): self._get_stats,
                     ("GET", "/v1/policy"): self._get_policy,
+                    ("GET", "/v1/endpoints"): self._get_endpoints,
                 },
             )
             await self._control.start()
@@ -196,6 +203,9 @@ class Runner:
 
     async def _get_policy(self, _body: Any) -> tuple[int, Any]:
         return 200, self.status.to_json()
+
+    async def _get_endpoints(self, _body: Any) -> tuple[int, Any]:
+        return 200, endpoint_names(self.proxy.endpoints)
 
     async def _get_stats(self, _body: Any) -> tuple[int, Any]:
         return 200, {

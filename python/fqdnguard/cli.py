@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fqdnguard._core import FqdnGuardError
 from fqdnguard.backends import BackendError
+from fqdnguard.config import ConfigError
 from fqdnguard.endpoints import Endpoint, Endpoints
 from fqdnguard.policy import Policy, PolicyError, lint
 
@@ -39,6 +40,36 @@ def _port(text: str) -> tuple[int, str]:
     if not num.isdigit() or not 0 < int(num) <= 65535 or proto not in ("UDP", "TCP", "SCTP"):
         raise argparse.ArgumentTypeError(f"{text!r} is not PORT[/udp|/tcp|/sctp]")
     return int(num), proto
+
+
+def _destination(text: str) -> tuple[str, int, str]:
+    """``IP:PORT``, ``[V6]:PORT``, with ``/tcp`` (the default), ``/udp`` or ``/sctp`` ->
+    (ip, port, protocol)."""
+    from fqdnguard.config import ConfigError, parse_hostport  # noqa: PLC0415
+
+    hostport, _, proto = text.partition("/")
+    proto = (proto or "tcp").upper()
+    if proto not in ("UDP", "TCP", "SCTP"):
+        raise argparse.ArgumentTypeError(f"{text!r}: protocol must be tcp, udp or sctp")
+    try:
+        ip, port = parse_hostport(hostport, "--to")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--to: ")) from None
+    return ip, port, proto
+
+
+class _Names:
+    """What ``check --to`` assumes the DNS cache holds for the address: the ``--name`` given,
+    and with ``--state-dir`` what the proxy learned for the endpoint."""
+
+    def __init__(self, names: list[str], learned: list[dict[str, object]]) -> None:
+        self.names = names
+        self.learned = learned
+
+    def names_for(self, ip: str, endpoint: int | None = None) -> list[str]:
+        found = [str(e["name"]) for e in self.learned
+                 if e["ip"] == ip and (endpoint is None or e["endpoint"] == endpoint)]  # fmt: skip
+        return sorted({*self.names, *found})
 
 
 def _labels(text: str) -> dict[str, str]:
@@ -71,11 +102,33 @@ def cmd_check(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise _UsageError(str(e)) from e
         who = "labels " + ",".join(f"{k}={v}" for k, v in sorted(endpoint.labels.items()))
+    if args.to is not None:
+        return _check_egress(args, policy, endpoint, who)
+    if args.name is None:
+        raise _UsageError("give --name NAME (a DNS verdict) or --to IP:PORT (an egress verdict)")
     port, proto = args.port
     verdict = policy.dns_verdict(endpoint, args.server, port, proto, args.name)
     to = f"to {args.server} " if args.server else ""
     word = "ALLOWED" if verdict.allowed else "DENIED"
     print(f"{word}: DNS query for {args.name} from {who} {to}on port {port}/{proto}")
+    print(f"  {verdict.reason}")
+    for w in policy.warnings:
+        print(f"  warning: {w}", file=sys.stderr)
+    return EXIT_ALLOWED if verdict.allowed else EXIT_DENIED
+
+
+def _check_egress(args: argparse.Namespace, policy: Policy, endpoint: Endpoint, who: str) -> int:
+    """``check --to``: may the endpoint open a connection to (send to) IP:PORT/PROTO?"""
+    ip, port, proto = args.to
+    learned: list[dict[str, object]] = []
+    if args.state_dir is not None:
+        learned, _, _ = _cache_entries(args.state_dir)
+    names = _Names([args.name] if args.name else [], learned)
+    verdict = policy.egress_verdict(endpoint, ip, port, proto, names)
+    word = "ALLOWED" if verdict.allowed else "DENIED"
+    known = names.names_for(ip, endpoint.id)
+    under = f" (known as {', '.join(known)})" if known else ""
+    print(f"{word}: traffic from {who} to {ip}{under} port {port}/{proto}")
     print(f"  {verdict.reason}")
     for w in policy.warnings:
         print(f"  warning: {w}", file=sys.stderr)
@@ -88,7 +141,8 @@ def cmd_policy_lint(args: argparse.Namespace) -> int:
         allow_empty=bool(args.allow_empty_policy),
         unenforced_l7=args.unenforced_l7 or "deny",
     )
-    for e in errors:
+    order = {f: i for i, f in enumerate(dict.fromkeys(e.file for e in errors))}
+    for e in sorted(errors, key=lambda e: (order[e.file], e.line)):
         print(f"{e.location()}")
     for w in warnings:
         print(f"{w.file}:{w.line}: warning: {w.path}: not enforced by fqdnguard: {w.message}")
@@ -102,7 +156,7 @@ def cmd_policy_status(args: argparse.Namespace) -> int:
     socket, and what its last reloads did."""
     import json  # noqa: PLC0415
     import time  # noqa: PLC0415
-    from typing import Any, cast  # noqa: PLC0415
+    from typing import cast  # noqa: PLC0415
 
     from fqdnguard.control import ControlError  # noqa: PLC0415
 
@@ -290,6 +344,9 @@ def _control_get(state_dir: str, path: str) -> dict[str, object]:
     from fqdnguard.agent import CONTROL_SOCKET  # noqa: PLC0415
     from fqdnguard.control import request_sync  # noqa: PLC0415
 
+    if not os.path.isdir(state_dir):
+        what = "is not a directory" if os.path.exists(state_dir) else "no such directory"
+        raise _UsageError(f"state directory {state_dir}: {what}")
     sock = os.path.join(state_dir, CONTROL_SOCKET)
     if not os.path.exists(sock):
         raise FileNotFoundError(sock)
@@ -303,31 +360,99 @@ def cmd_cache_list(args: argparse.Namespace) -> int:
     import json  # noqa: PLC0415
     import time  # noqa: PLC0415
 
-    from fqdnguard.agent import cache_entries  # noqa: PLC0415
-    from fqdnguard.control import ControlError  # noqa: PLC0415
-
-    source = "live"
-    try:
-        data = _control_get(args.state_dir, "/v1/cache")
-        entries = list(data["entries"])  # type: ignore[call-overload]
-        now = float(data["now"])  # type: ignore[arg-type]
-    except (FileNotFoundError, ConnectionRefusedError, ControlError):
-        entries, now, source = cache_entries(_saved_cache(args.state_dir)), time.time(), "saved"
+    entries, now, source = _cache_entries(args.state_dir)
+    names = _endpoint_names(args.state_dir, args.endpoints)
     if args.endpoint is not None:
-        entries = [e for e in entries if e["endpoint"] == args.endpoint]
+        wanted = _endpoint_ids(args.endpoint, names)
+        entries = [e for e in entries if e["endpoint"] in wanted]
     if args.name:
-        want = args.name.lower().rstrip(".") + "."
-        entries = [e for e in entries if e["name"] == want]
+        entries = [e for e in entries if _name_filter(args.name)(e["name"])]
+    for e in entries:
+        e["endpoint_name"] = names.get(e["endpoint"])
     if args.json:
         print(json.dumps(entries, indent=2))
         return 0
-    print(f"{'Endpoint':<10}{'FQDN':<40}{'TTL':>7}  {'ExpirationTime':<22}IP")
-    for e in sorted(entries, key=lambda e: (e["endpoint"], e["name"], e["ip"])):
+
+    def who(e: dict[str, Any]) -> str:
+        return str(e["endpoint_name"] or f"#{e['endpoint']}")
+
+    width = max([len("Endpoint"), *(len(who(e)) for e in entries)]) + 2
+    print(f"{'Endpoint':<{width}}{'FQDN':<40}{'TTL':>7}  {'ExpirationTime':<22}IP")
+    for e in sorted(entries, key=lambda e: (who(e), e["name"], e["ip"])):
         ttl = max(0, int(e["expires_at"] - now))
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(e["expires_at"]))
-        print(f"{e['endpoint']:<10}{e['name']:<40}{ttl:>7}  {when:<22}{e['ip']}")
+        print(f"{who(e):<{width}}{e['name']:<40}{ttl:>7}  {when:<22}{e['ip']}")
     print(f"{len(entries)} entries ({source})", file=sys.stderr)
     return 0
+
+
+def _endpoint_names(state_dir: str, endpoints_file: str | None) -> dict[int, str]:
+    """Endpoint id -> ``namespace/name``: from the running fqdnguard, else from the policy an
+    agent last pushed to the state directory, else from ``--endpoints``; empty when none
+    knows (the listing then shows ids)."""
+    from fqdnguard.control import ControlError  # noqa: PLC0415
+    from fqdnguard.proxyd import POLICY_FILE, load_policy_state  # noqa: PLC0415
+
+    if endpoints_file is not None:
+        return {ep.id: ep.display for ep in Endpoints.load(endpoints_file)}
+    try:
+        data = _control_get(state_dir, "/v1/endpoints")
+        listed = data.get("endpoints")
+        if isinstance(listed, dict):
+            return {int(k): str(v) for k, v in listed.items()}
+    except (FileNotFoundError, ConnectionRefusedError, ControlError, _UsageError):
+        pass  # not running, or a release without the endpoint listing
+    try:
+        saved = load_policy_state(Path(state_dir) / POLICY_FILE)
+    except ValueError:
+        saved = None
+    if saved is None or saved[1] is None:
+        return {}
+    try:
+        return {ep.id: ep.display for ep in Endpoints.from_yaml(saved[1])}
+    except ValueError:
+        return {}
+
+
+def _endpoint_ids(given: str, names: dict[int, str]) -> set[int]:
+    """The ids ``--endpoint`` means: ``NS/NAME``, a ``NAME`` (in any namespace) or an id."""
+    if given.isdigit():
+        return {int(given)}
+    found = {i for i, n in names.items() if n == given or n.split("/", 1)[1] == given}
+    if not found:
+        known = ", ".join(sorted(names.values())) or "none known (give --endpoints FILE)"
+        raise _UsageError(f"--endpoint {given}: no such endpoint (endpoints: {known})")
+    return found
+
+
+def _name_filter(given: str) -> Callable[[str], bool]:
+    """``--name``: a pattern with ``*`` matches as a policy's matchPattern does; other text
+    matches every name that contains it (any case)."""
+    if "*" in given:
+        from fqdnguard._core import PatternError, PatternSet  # noqa: PLC0415
+
+        try:
+            patterns = PatternSet([given])
+        except PatternError as e:
+            raise _UsageError(f"--name {given}: {e}") from None
+        return patterns.matches
+    part = given.lower()
+    return lambda name: part in name.lower()
+
+
+def _cache_entries(state_dir: str) -> tuple[list[dict[str, Any]], float, str]:
+    """The cache entries of the fqdnguard running with ``state_dir`` (asked on its control
+    socket), or without one what it left there; with the time they count from, and which."""
+    import time  # noqa: PLC0415
+
+    from fqdnguard.agent import cache_entries  # noqa: PLC0415
+    from fqdnguard.control import ControlError  # noqa: PLC0415
+
+    try:
+        data = _control_get(state_dir, "/v1/cache")
+        return list(data["entries"]), float(data["now"]), "live"  # type: ignore[call-overload, arg-type]
+    except (FileNotFoundError, ConnectionRefusedError, ControlError):
+        return cache_entries(_saved_cache(state_dir)), time.time(), "saved"
 
 
 def _saved_cache(state_dir: str) -> DnsCache:
@@ -501,16 +626,31 @@ def build_parser() -> argparse.ArgumentParser:
         "last snapshot in the state directory.",
     )
     clist.add_argument("--state-dir", default="/var/lib/fqdnguard", metavar="DIR")
-    clist.add_argument("--endpoint", type=int, help="only this endpoint id")
-    clist.add_argument("--name", help="only this name")
+    clist.add_argument(
+        "--endpoint",
+        metavar="NS/NAME",
+        help="only this endpoint (namespace/name, a name, or an id)",
+    )
+    clist.add_argument(
+        "--name",
+        metavar="PATTERN",
+        help="only names matching PATTERN (with '*', as a matchPattern: '*.example.com'), or "
+        "containing it",
+    )
+    clist.add_argument(
+        "--endpoints",
+        metavar="FILE",
+        help="endpoints YAML file naming the endpoints (default: asked of the running "
+        "fqdnguard, or the policy saved in the state directory)",
+    )
     clist.add_argument("--json", action="store_true", help="JSON output")
     clist.set_defaults(func=cmd_cache_list)
 
     check = sub.add_parser(
         "check",
-        help="decide whether an endpoint may resolve a name",
-        description="Prints the DNS verdict and its explanation. Exit 0: allowed, 1: denied, "
-        "2: error.",
+        help="decide whether an endpoint may resolve a name, or reach an address (--to)",
+        description="Prints the DNS verdict (--name) or the egress verdict (--to) and its "
+        "explanation. Exit 0: allowed, 1: denied, 2: error.",
     )
     check.add_argument(
         "--policy",
@@ -528,7 +668,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K=V,...",
         help="labels of the endpoint (namespace: io.kubernetes.pod.namespace=NS)",
     )
-    check.add_argument("--name", required=True, help="the DNS name queried")
+    check.add_argument(
+        "--name",
+        help="the DNS name queried; with --to, a name the address is taken to have resolved from",
+    )
+    check.add_argument(
+        "--to",
+        type=_destination,
+        metavar="IP:PORT[/PROTO]",
+        help="give the egress verdict for traffic to IP:PORT ([V6]:PORT; /tcp by default, /udp, "
+        "/sctp) instead of a DNS verdict",
+    )
+    check.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="with --to: also the names the proxy with this state directory learned for the "
+        "address (asked live, or read from what it saved)",
+    )
     check.add_argument(
         "--port",
         type=_port,
@@ -595,6 +751,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PolicyError as e:
         for err in e.errors:
             print(f"fqdnguard: error: {err.location()}", file=sys.stderr)
+        return EXIT_ERROR
+    except ConfigError as e:
+        for problem in e.problems:
+            print(f"fqdnguard: error: {problem}", file=sys.stderr)
         return EXIT_ERROR
     except (FqdnGuardError, ValueError, OSError, _UsageError, BackendError) as e:
         print(f"fqdnguard: error: {e}", file=sys.stderr)

@@ -24,7 +24,19 @@ __all__ = [
 
 
 class ConfigError(FqdnGuardError, ValueError):
-    """A configuration value is invalid; the message names the option."""
+    """A configuration value is invalid; the message names the option (and, for a file, the
+    file and line). When several are, ``problems`` lists each one's message and the exception's
+    text is all of them, one per line."""
+
+    problems: list[str]
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        self.problems = list(problems) if problems else [message]
+        super().__init__(message)
+
+    @classmethod
+    def of(cls, problems: list[str]) -> ConfigError:
+        return cls("\n".join(problems), problems)
 
 
 def parse_hostport(text: str, option: str, default_port: int | None = None) -> tuple[str, int]:
@@ -171,71 +183,103 @@ class ProxyConfig:
         self._check()
 
     def _check(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError.of(problems)
+
+    def problems(self) -> list[str]:
+        """Every invalid option, each message starting with the option's name."""
+        out: list[str] = []
+        bad = out.append
         if not self.listen:
-            raise ConfigError("listen: at least one ADDR:PORT is required")
+            bad("listen: at least one ADDR:PORT is required")
         if self.backend not in ("callback", "log", "nftables"):
-            raise ConfigError(f"backend: {self.backend!r}: choose callback, log or nftables")
+            bad(f"backend: {self.backend!r}: choose callback, log or nftables")
         if self.reject not in ("refused", "nxdomain"):
-            raise ConfigError(f"reject: {self.reject!r}: choose refused or nxdomain")
+            bad(f"reject: {self.reject!r}: choose refused or nxdomain")
         if self.unenforced_l7 not in ("deny", "allow-port"):
-            raise ConfigError(f"unenforced_l7: {self.unenforced_l7!r}: choose deny or allow-port")
+            bad(f"unenforced_l7: {self.unenforced_l7!r}: choose deny or allow-port")
         if not isinstance(self.allow_empty_policy, bool):
-            raise ConfigError(
-                f"allow_empty_policy: {self.allow_empty_policy!r}: must be true or false"
-            )
+            bad(f"allow_empty_policy: {self.allow_empty_policy!r}: must be true or false")
         if self.udp_io not in ("rust", "asyncio"):
-            raise ConfigError(f"udp_io: {self.udp_io!r}: choose rust or asyncio")
+            bad(f"udp_io: {self.udp_io!r}: choose rust or asyncio")
         if self.log_queries not in ("all", "sampled", "none"):
-            raise ConfigError(f"log_queries: {self.log_queries!r}: choose all, sampled or none")
+            bad(f"log_queries: {self.log_queries!r}: choose all, sampled or none")
         for name in ("upstream_timeout", "hold_max", "tcp_idle_timeout", "expire_interval"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value <= 0:
-                raise ConfigError(f"{name}: {value!r}: must be a positive number of seconds")
+                bad(f"{name}: {value!r}: must be a positive number of seconds")
         for name in _COUNTS:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{name}: {value!r}: must be a positive whole number")
-        if self.upstream_sockets > 16_384:
-            raise ConfigError(
-                f"upstream_sockets: {self.upstream_sockets}: at most 16384 (each is a descriptor)"
-            )
+                bad(f"{name}: {value!r}: must be a positive whole number")
+        if isinstance(self.upstream_sockets, int) and self.upstream_sockets > 16_384:
+            bad(f"upstream_sockets: {self.upstream_sockets}: at most 16384 (each is a descriptor)")
         if not isinstance(self.dns0x20, bool):
-            raise ConfigError(f"dns0x20: {self.dns0x20!r}: must be true or false")
+            bad(f"dns0x20: {self.dns0x20!r}: must be true or false")
         if not isinstance(self.min_ttl, int) or self.min_ttl < 0:
-            raise ConfigError(f"min_ttl: {self.min_ttl!r}: must be a whole number >= 0")
+            bad(f"min_ttl: {self.min_ttl!r}: must be a whole number >= 0")
         for name in ("intercept", "reverse_path_check"):
             if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name}: {getattr(self, name)!r}: must be true or false")
+                bad(f"{name}: {getattr(self, name)!r}: must be true or false")
         if not isinstance(self.intercept_port, int) or not 0 < self.intercept_port < 65536:
-            raise ConfigError(
-                f"intercept_port: {self.intercept_port!r}: must be a port from 1 to 65535"
-            )
-        if not 0 <= self.log_sample <= 1:
-            raise ConfigError(f"log_sample: {self.log_sample!r}: must be between 0 and 1")
+            bad(f"intercept_port: {self.intercept_port!r}: must be a port from 1 to 65535")
+        if not isinstance(self.log_sample, (int, float)) or not 0 <= self.log_sample <= 1:
+            bad(f"log_sample: {self.log_sample!r}: must be between 0 and 1")
         for suffix in self.search_domains:
-            if not suffix or suffix.startswith(".") or ".." in suffix or " " in suffix:
-                raise ConfigError(f"search_domains: {suffix!r} is not a domain name")
+            if (
+                not isinstance(suffix, str)
+                or not suffix
+                or suffix.startswith(".")
+                or ".." in suffix
+                or " " in suffix
+            ):
+                bad(f"search_domains: {suffix!r} is not a domain name")
         if (
             self.state_dir is not None
             and os.path.exists(self.state_dir)
             and not os.path.isdir(self.state_dir)
         ):
-            raise ConfigError(f"state_dir: {self.state_dir!r} exists and is not a directory")
+            bad(f"state_dir: {self.state_dir!r} exists and is not a directory")
+        return out
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], source: str = "config") -> ProxyConfig:
-        """Builds from a mapping (a YAML file's contents), with hyphens or underscores in keys."""
+    def from_mapping(
+        cls,
+        data: Mapping[str, Any],
+        source: str = "config",
+        lines: Mapping[str, int] | None = None,
+    ) -> ProxyConfig:
+        """Builds from a mapping (a YAML file's contents), with hyphens or underscores in keys.
+        Every problem is reported at once: a :class:`ConfigError` whose ``problems`` name
+        ``source`` and, with ``lines`` (a key's line in the file), the line of each option."""
+        lines = lines or {}
         kwargs: dict[str, Any] = {}
+        found: list[tuple[int, str]] = []  # (line, message)
+        at: dict[str, int] = {}  # option -> its key's line
         for key, value in data.items():
             name = str(key).replace("-", "_")
             if name == "upstream":
                 name = "upstreams"
+            line = lines.get(str(key), 0)
             if name not in cls.OPTIONS:
-                raise ConfigError(
-                    f"{source}: unknown option {key!r} (known: {', '.join(cls.OPTIONS)})"
-                )
-            kwargs[name] = _convert(name, value, source)
-        return cls(**kwargs)
+                found.append((line, f"unknown option {key!r} (known: {', '.join(cls.OPTIONS)})"))
+                continue
+            at[name] = line
+            try:
+                kwargs[name] = _convert(name, value, source)
+            except ConfigError as e:
+                found += [(line, _strip(p, source)) for p in e.problems]
+        # Check the options that did convert too, so one run shows every problem.
+        try:
+            config = cls(**kwargs)
+        except ConfigError as e:
+            found += [(at.get(p.split(":", 1)[0], 0), p) for p in e.problems]
+        if found:
+            raise ConfigError.of(
+                [f"{source}:{line}: {msg}" if line else f"{source}: {msg}" for line, msg in found]
+            )
+        return config
 
     def override(self, **changes: Any) -> ProxyConfig:
         """A copy with the given options replaced (None values are ignored)."""
@@ -250,6 +294,11 @@ class ProxyConfig:
         if not found:
             raise ConfigError("upstreams: none configured and /etc/resolv.conf lists no nameserver")
         return found
+
+
+def _strip(message: str, source: str) -> str:
+    """A conversion message without its ``source: `` prefix (the caller puts file:line)."""
+    return message.removeprefix(f"{source}: ")
 
 
 def _convert(name: str, value: Any, source: str) -> Any:
@@ -317,19 +366,51 @@ def _plain(node: Any, source: str) -> Any:  # noqa: PLR0911
 
 
 def read_config_file(path: str) -> ProxyConfig:
-    """Reads a YAML file of options (the same names as the flags, with - or _)."""
+    """Reads a YAML file of options (the same names as the flags, with - or _). Every problem
+    is reported at once, each as ``path:line: option: reason``."""
     from fqdnguard._core import compose_yaml  # noqa: PLC0415
+    from fqdnguard._schema import read_problem  # noqa: PLC0415
 
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             text = f.read()
-    except OSError as e:
-        raise ConfigError(f"--config {path}: {e.strerror}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {path}: {read_problem(e)}") from None
     docs, error = compose_yaml(text)
     if error is not None:
         raise ConfigError(f"{path}:{error[0]}: invalid YAML: {error[1]}")
-    if not docs:
+    if not docs or (len(docs) == 1 and docs[0].kind == 0 and docs[0].tag.endswith(":null")):
         return ProxyConfig()
     if len(docs) > 1 or docs[0].kind != 2:
-        raise ConfigError(f"{path}: must be one mapping of options")
-    return ProxyConfig.from_mapping(_plain(docs[0], path), source=path)
+        line = docs[1].line if len(docs) > 1 else docs[0].line
+        raise ConfigError(f"{path}:{line}: must be one mapping of options")
+    top = docs[0]
+    problems: list[str] = []
+    if top.pairs is not None:  # a repeated key, or one that is not a string
+        seen: set[str] = set()
+        for key, _ in top.pairs:
+            if key.kind != 0 or not key.tag.endswith(":str"):
+                problems.append(f"{path}:{key.line}: option names must be strings")
+            elif key.value in seen:
+                problems.append(f"{path}:{key.line}: {key.value}: given twice")
+            seen.add(key.value)
+    data: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    for key, node in top.value.items():
+        lines[key] = node.key_line or node.line
+        try:
+            data[key] = _plain(node, path)
+        except ConfigError as e:
+            problems.append(f"{e} ({key})")
+    try:
+        config = ProxyConfig.from_mapping(data, source=path, lines=lines)
+    except ConfigError as e:
+        problems += e.problems
+    if problems:
+
+        def line_of(problem: str) -> int:
+            text = problem[len(path) + 1 :].split(":", 1)[0]
+            return int(text) if text.isdigit() else 0
+
+        raise ConfigError.of(sorted(problems, key=line_of))
+    return config

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from fqdnguard._core import YamlNode
-from fqdnguard._schema import PolicyError, Reader
+from fqdnguard._schema import PolicyError, Reader, read_problem
 
 NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
 SERVICEACCOUNT_LABEL = "io.cilium.k8s.policy.serviceaccount"
@@ -192,8 +192,12 @@ class Endpoints:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Endpoints:
-        with open(path, encoding="utf-8") as f:
-            return cls.from_yaml(f.read(), filename=os.fspath(path))
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise PolicyError(os.fspath(path), 0, "", read_problem(e)) from None
+        return cls.from_yaml(text, filename=os.fspath(path))
 
     @classmethod
     def from_yaml(cls, text: str, filename: str = "<string>") -> Endpoints:
@@ -252,10 +256,10 @@ class Endpoints:
 
 
 def _read_endpoint(r: Reader, node: YamlNode, path: str, default_id: int) -> Endpoint | None:
+    errors = len(r.errors)
     f = r.mapping(node, path, _ENTRY_FIELDS)
     if f is None:
         return None
-    errors = len(r.errors)
     name = r.string(f["name"], f"{path}.name") if "name" in f else None
     if "name" not in f:
         r.error(node, f"{path}.name", "required field is missing")

@@ -381,9 +381,24 @@ def _ip(*args: str, check: bool = True) -> str:
 
 
 def _ip_json(*args: str, check: bool = True) -> list[dict[str, Any]]:
+    """``ip -json`` as a list. A routing table that was never made (a node where interception
+    was never installed) holds nothing: iproute2 then prints ``[`` and fails, which reads as
+    empty here."""
     family, rest = args[0], args[1:]
-    text = _ip("-json", family, *rest, check=check).strip()
+    r = subprocess.run(
+        [ip_command(), "-json", family, *rest], capture_output=True, text=True, check=False
+    )
+    if r.returncode != 0:
+        if "table does not exist" in r.stderr or not check:
+            return []
+        raise InterceptError(f"interception: ip {' '.join(args)}: {r.stderr.strip()}")
+    text = r.stdout.strip()
     if not text:
         return []
-    data = json.loads(text)
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise InterceptError(
+            f"interception: ip -json {' '.join(args)} printed no JSON: {text[:80]!r}"
+        ) from None
     return data if isinstance(data, list) else []

@@ -39,6 +39,7 @@ from fqdnguard._schema import (
     gc_paused,
     is_null,
     line_of,
+    read_problem,
 )
 from fqdnguard.endpoints import NAMESPACE_LABEL, OPERATORS, Endpoint, Endpoints, Selector
 
@@ -586,7 +587,7 @@ def _read_text(path: str) -> str | PolicyError:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except (OSError, UnicodeDecodeError) as e:
-        return PolicyError(path, 0, "", f"cannot read: {e}")
+        return PolicyError(path, 0, "", read_problem(e))
 
 
 class _Reader(Reader):
@@ -734,10 +735,10 @@ def _read_spec(  # noqa: PLR0917
     policy: str,
     label: str,
 ) -> _Spec | None:
+    errors = len(r.errors)
     f = r.mapping(node, path, _RULE)
     if f is None:
         return None
-    errors = len(r.errors)
     has_es, has_ns = "endpointSelector" in f, "nodeSelector" in f
     if has_es == has_ns:
         r.error(node, path, "must have exactly one of endpointSelector and nodeSelector")
@@ -807,10 +808,10 @@ def _read_spec(  # noqa: PLR0917
 
 
 def _read_selector(r: Reader, node: YamlNode, path: str) -> Selector | None:
+    errors = len(r.errors)
     f = r.mapping(node, path, _SELECTOR)
     if f is None:
         return None
-    errors = len(r.errors)
     labels = r.string_map(f["matchLabels"], f"{path}.matchLabels") if "matchLabels" in f else {}
     exprs: list[tuple[str, str, list[str]]] = []
     items = r.sequence(f["matchExpressions"], f"{path}.matchExpressions") if (
@@ -854,10 +855,10 @@ def _read_selector(r: Reader, node: YamlNode, path: str) -> Selector | None:
 def _read_egress(
     r: Reader, node: YamlNode, path: str, index: int, namespace: str | None
 ) -> _Rule | None:
+    errors = len(r.errors)
     f = r.mapping(node, path, _EGRESS)
     if f is None:
         return None
-    errors = len(r.errors)
     rule = _Rule(index)
     present = {k: r.sequence(f[k], f"{path}.{k}") for k in _L3 if k in f}
     used = [k for k in _L3 if present.get(k)]
@@ -943,8 +944,13 @@ def _read_name_selector(r: Reader, node: YamlNode, path: str) -> tuple[bool, str
         return None
     if len(f) != 1:
         r.error(node, path, "must have exactly one of matchName and matchPattern")
-        return None
-    ((key, value),) = f.items()
+    checked = [_check_name_selector(r, key, value, path) for key, value in f.items()]
+    return checked[0] if len(checked) == 1 else None
+
+
+def _check_name_selector(
+    r: Reader, key: str, value: YamlNode, path: str
+) -> tuple[bool, str] | None:
     text = r.string(value, f"{path}.{key}")
     if text is None:
         return None
@@ -1005,10 +1011,10 @@ def _read_cidr_rule(r: Reader, node: YamlNode, path: str, rule: _Rule, i: int) -
 
 
 def _read_port_rule(r: Reader, node: YamlNode, path: str) -> _PortEntry | None:
+    errors = len(r.errors)
     f = r.mapping(node, path, _PORT_RULE)
     if f is None:
         return None
-    errors = len(r.errors)
     for k in ("terminatingTLS", "originatingTLS"):
         if k in f:
             r.warn(f[k], f"{path}.{k}", k)
@@ -1078,46 +1084,49 @@ def _read_port_rule(r: Reader, node: YamlNode, path: str) -> _PortEntry | None:
     return _PortEntry(ranges, dns, inert=inert, named=named)
 
 
-def _read_port(  # noqa: PLR0911
-    r: Reader, node: YamlNode, path: str
-) -> tuple[int, int, str, str | None] | None:
+def _read_port(r: Reader, node: YamlNode, path: str) -> tuple[int, int, str, str | None] | None:
     """(port, endPort, protocol, None), or (-1, 0, protocol, lower-cased name) for a named
     port."""
     f = r.mapping(node, path, _PORT)
     if f is None:
         return None
+    # Every field is checked, so that one lint run reports each of its problems.
+    errors = len(r.errors)
     if "port" not in f:
         r.error(node, f"{path}.port", "required field is missing")
-        return None
-    text = r.string(f["port"], f"{path}.port")
+    text = r.string(f["port"], f"{path}.port") if "port" in f else None
     end = r.integer(f["endPort"], f"{path}.endPort") if "endPort" in f else 0
     proto = r.string(f["protocol"], f"{path}.protocol") if "protocol" in f else "ANY"
-    if text is None or end is None or proto is None:
-        return None
-    if proto not in _PROTOCOLS + _OTHER_PROTOCOLS:
+    if proto is not None and proto not in _PROTOCOLS + _OTHER_PROTOCOLS:
         r.error(
             f["protocol"],
             f"{path}.protocol",
             f"unsupported protocol {proto!r} (expected "
             f"one of: {', '.join(_PROTOCOLS + _OTHER_PROTOCOLS)})",
         )
-        return None
-    if proto in _OTHER_PROTOCOLS:
+    elif proto in _OTHER_PROTOCOLS:
         r.warn(f["protocol"], f"{path}.protocol", f"protocol {proto} (this port allows nothing)")
-    if not 0 <= end <= 65535:
+    if end is not None and not 0 <= end <= 65535:
         r.error(f["endPort"], f"{path}.endPort", f"{end} is not between 0 and 65535")
-        return None
-    if text.isdigit() and len(text) <= 5:
+    port: int | None = None
+    name: str | None = None
+    if text is None:
+        pass
+    elif text.isdigit() and len(text) <= 5:
         port = int(text)
         if port > 65535:
             r.error(f["port"], f"{path}.port", f"{text} is not between 0 and 65535")
-            return None
-        return port, end, proto, None
-    if _SVC_NAME.fullmatch(text):
+    elif _SVC_NAME.fullmatch(text):
         # Cilium compares port names case-insensitively.
-        return -1, 0, proto, text.lower()
-    r.error(f["port"], f"{path}.port", f"{text!r} is neither a port number nor a port name")
-    return None
+        name = text.lower()
+    else:
+        r.error(f["port"], f"{path}.port", f"{text!r} is neither a port number nor a port name")
+    if len(r.errors) > errors or proto is None or end is None:
+        return None
+    if name is not None:
+        return -1, 0, proto, name
+    assert port is not None
+    return port, end, proto, None
 
 
 # -- compile -----------------------------------------------------------------------------------

@@ -1016,7 +1016,23 @@ class Proxy:
             ", ".join(f"{h}:{p}" for h, p in self.config.listen),
             ", ".join(f"{h}:{p}" for h, p in self.upstreams),
         )
+        self._log_how_it_decides()
         self._check_routes()  # an upstream without a route is named now, not at a timeout
+
+    def _log_how_it_decides(self) -> None:
+        """At start: what a person reading the log needs to make sense of the verdicts."""
+        if not self._endpoint_ids and self.config.unknown_endpoint is None:
+            log.warning(
+                "no endpoints: every query will be refused as coming from an unknown source "
+                "(give an endpoints file with the clients' addresses, or --unknown-endpoint "
+                "NS/NAME to treat unknown sources as that endpoint)"
+            )
+        if not self.config.intercept:
+            log.info(
+                "direct-listen mode: DNS rules see each query as sent to the upstream in use, "
+                "%s port 53, whatever address the client asked",
+                self._upstream_hosts[self._upstream],
+            )
 
     async def _listen_transparent(
         self, loop: asyncio.AbstractEventLoop, local: tuple[str, int]

@@ -239,6 +239,7 @@ class ProxyDaemon:
                 ("GET", "/v1/cache"): self._get_cache,
                 ("GET", "/v1/stats"): self._get_stats,
                 ("GET", "/v1/policy"): self._get_policy,
+                ("GET", "/v1/endpoints"): self._get_endpoints,
             },
         )
         self.status = PolicyStatus()
@@ -622,6 +623,12 @@ class ProxyDaemon:
 
         assert self.proxy is not None
         return 200, {"entries": cache_entries(self.proxy.cache), "now": time.time()}
+
+    async def _get_endpoints(self, _body: Any) -> tuple[int, Any]:
+        from fqdnguard.agent import endpoint_names  # noqa: PLC0415
+
+        assert self.proxy is not None
+        return 200, endpoint_names(self.proxy.endpoints)
 
     async def _get_stats(self, _body: Any) -> tuple[int, Any]:
         assert self.proxy is not None

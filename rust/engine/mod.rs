@@ -85,11 +85,13 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    /// The query log's spelling, which is also the value of the `verdict` label of the
+    /// `fqdnguard_queries_total` metric: one spelling for both (underscores, as every label).
     pub fn as_str(self) -> &'static str {
         match self {
             Verdict::Allowed => "allowed",
             Verdict::Denied => "denied",
-            Verdict::UnknownSource => "unknown-source",
+            Verdict::UnknownSource => "unknown_source",
             Verdict::Malformed => "malformed",
             Verdict::Overloaded => "overloaded",
             Verdict::Timeout => "timeout",

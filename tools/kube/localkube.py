@@ -12,7 +12,8 @@ The binaries are built from the Go module proxy through the wrapper modules besi
 
 ``DIR/admin.kubeconfig`` is the cluster administrator's kubeconfig. Python callers use
 :class:`KubeControlPlane` (the pytest fixture in ``tests/kube.py`` does). Standard library and
-``cryptography`` (pyca) only, so that it runs before the package is built.
+``cryptography`` (pyca; only to start a cluster, for its certificates), so that it runs before
+the package is built.
 """
 
 from __future__ import annotations
@@ -40,11 +41,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 HERE = Path(__file__).resolve().parent
 KUBERNETES_MODULE = HERE / "kubernetes"
@@ -263,6 +264,14 @@ class _Pki:
     def ensure(self, advertise_address: str, service_cidr: str) -> None:
         """Make whatever is missing; a directory that has them keeps them (a restarted cluster
         keeps its CA, so the tokens and kubeconfigs it issued stay valid)."""
+        try:
+            from cryptography import x509  # noqa: PLC0415 (building or stopping needs none of it)
+            from cryptography.x509.oid import NameOID  # noqa: PLC0415
+        except ImportError:
+            raise KubeError(
+                "the Python package cryptography is not installed (make deps, or pip install "
+                "'cryptography>=42'): the control plane's certificates are made with it"
+            ) from None
         self.directory.mkdir(parents=True, exist_ok=True)
         # The cluster CA, and the front proxy's: the API server trusts the latter only for
         # requests the aggregation layer forwards (and says so in kube-system's
@@ -302,6 +311,9 @@ class _Pki:
                 self._leaf(leaf)
 
     def _new_key(self, name: str) -> ec.EllipticCurvePrivateKey:
+        from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+        from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+
         key = ec.generate_private_key(ec.SECP256R1())
         pem = key.private_bytes(
             serialization.Encoding.PEM,
@@ -312,12 +324,18 @@ class _Pki:
         return key
 
     def _write_public(self, name: str, key: ec.EllipticCurvePrivateKey) -> None:
+        from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+
         pem = key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
         self.path(name).write_bytes(pem)
 
     def _load_ca(self, ca: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        from cryptography import x509  # noqa: PLC0415
+        from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+        from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+
         cert = x509.load_pem_x509_certificate(self.path(f"{ca}.crt").read_bytes())
         key = serialization.load_pem_private_key(self.path(f"{ca}.key").read_bytes(), None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
@@ -325,6 +343,9 @@ class _Pki:
         return cert, key
 
     def _leaf(self, leaf: _Leaf) -> None:
+        from cryptography import x509  # noqa: PLC0415
+        from cryptography.x509.oid import NameOID  # noqa: PLC0415
+
         ca_cert, ca_key = self._load_ca(leaf.ca)
         key = self._new_key(f"{leaf.name}.key")
         attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, o) for o in leaf.organizations]
@@ -353,6 +374,9 @@ class _Pki:
         server: bool = False,
         client: bool = False,
     ) -> None:
+        from cryptography import x509  # noqa: PLC0415
+        from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
+        from cryptography.x509.oid import ExtendedKeyUsageOID  # noqa: PLC0415
 
         now = datetime.datetime.now(datetime.timezone.utc)
         builder = (

@@ -388,10 +388,14 @@ class _EndpointRules:
             entry = classes.setdefault(_class_id(ports), (ports, []))
             entry[1].extend(selectors)
         self.classes: dict[str, tuple[Any, Any]] = {}
+        #: Classes a bare `*` selects: every name matches them, no lookup needed.
+        self._match_all: set[str] = set()
         for cid, (ports, selectors) in classes.items():
             ps = PatternSet()
             for is_pattern, text in selectors:
                 (ps.add if is_pattern else ps.add_name)(text, 0)
+                if is_pattern and text.rstrip(".") == "*":
+                    self._match_all.add(cid)
             self.classes[cid] = (ports, ps)
         self.peers = list(plan.peers)
         self._every = {f: tuple(self.set_name(c, f) for c in self.classes) for f in (4, 6)}
@@ -403,15 +407,19 @@ class _EndpointRules:
         return [(self.set_name(c, f), f) for c in self.classes for f in (4, 6)]
 
     def classify(self, ip: str, names_for: Callable[..., list[str]] | None) -> tuple[str, ...]:
-        """The sets ``ip`` belongs in: every class when there is one, else by its names."""
+        """The sets ``ip`` belongs in: those of the `toFQDNs` rules whose selectors match a
+        name it was learned under. The DNS rules may let a pod resolve names its `toFQDNs`
+        rules do not select (`rules.dns: [{matchPattern: "*"}]` beside `toFQDNs: api.x.com` is
+        the usual shape): such an address goes in no set. Without ``names_for``: every set of
+        the family, which only removals may use (membership unknown)."""
         family = 6 if ":" in ip else 4
-        if len(self.classes) <= 1 or names_for is None:
+        if names_for is None or len(self._match_all) == len(self.classes):
             return self._every[family]
         names = names_for(ip, self.id)
         return tuple(
             self.set_name(cid, family)
             for cid, (_, ps) in self.classes.items()
-            if any(ps.matches(n) for n in names)
+            if cid in self._match_all or any(ps.matches(n) for n in names)
         )
 
     def rules(self, listen: Sequence[tuple[str, int]]) -> list[str]:
