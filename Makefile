@@ -56,8 +56,10 @@ venv: $(VENV_DEP) ## Make the project's virtual environment (.venv) with the mac
 # Python packages: what the demo uses (maturin builds the extension; build-dev brings the
 # package's own dependencies), and everything the tests, linters and benchmarks use besides.
 DEMO_PY := 'maturin>=1.7,<2' 'dnspython>=2.6'
+# The local Kubernetes control plane makes its certificates with cryptography (tools/kube).
+KUBE_PY := 'cryptography>=42'
 DEV_PY := $(DEMO_PY) 'pytest>=8' 'hypothesis>=6.100' 'pytest-benchmark>=4' 'ruff>=0.6' \
-	'mypy>=1.10' 'pyyaml>=6' 'uvloop>=0.19' 'prometheus_client>=0.20' 'matplotlib>=3.7'
+	'mypy>=1.10' 'pyyaml>=6' 'uvloop>=0.19' 'prometheus_client>=0.20' 'matplotlib>=3.7' $(KUBE_PY)
 
 .PHONY: deps
 deps: $(VENV_DEP) ## Install the Python tools the build, tests and benchmarks use (into .venv)
@@ -86,21 +88,44 @@ test: system-deps deps build-dev ## Build, then run the Rust and Python tests
 	cargo test --all-targets
 	$(PYTHON) -m pytest tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
+# The local Kubernetes control plane (tools/kube, docs/kubernetes.md): etcd, kube-apiserver,
+# kube-controller-manager and kube-scheduler built from the Go module proxy once per machine and
+# cached under ${XDG_CACHE_HOME:-~/.cache}/fqdnguard/kube/, keyed by the versions.
+KUBE := $(PYTHON) tools/kube/localkube.py
+
+.PHONY: kube-build
+kube-build: $(VENV_DEP) ## Build the local control plane's binaries from the Go module proxy (once per machine)
+	$(KUBE) build
+
+.PHONY: kube-pydeps
+kube-pydeps: $(VENV_DEP)
+	$(PIP) install -q --disable-pip-version-check $(KUBE_PY)
+
+.PHONY: kube-up
+kube-up: $(if $(VENV_DEP),kube-pydeps) kube-build ## Start etcd, kube-apiserver, kube-controller-manager on loopback: KUBE_DIR=D (D/admin.kubeconfig)
+	@test -n "$(KUBE_DIR)" || { echo "usage: make kube-up KUBE_DIR=DIR" >&2; exit 2; }
+	$(KUBE) up $(KUBE_DIR)
+
+.PHONY: kube-down
+kube-down: $(VENV_DEP) ## Stop the control plane started with the same KUBE_DIR (its data stays there)
+	@test -n "$(KUBE_DIR)" || { echo "usage: make kube-down KUBE_DIR=DIR" >&2; exit 2; }
+	$(KUBE) down $(KUBE_DIR)
+
 .PHONY: lint
 lint: ## clippy, rustfmt, ruff, and stubtest of the compiled module
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --all-targets --features python -- -D warnings
 	cargo fmt --check
-	$(PYTHON) -m ruff check python tests benches examples
-	$(PYTHON) -m ruff format --check python tests benches examples
+	$(PYTHON) -m ruff check python tests benches examples tools
+	$(PYTHON) -m ruff format --check python tests benches examples tools
 	$(PYTHON) -m mypy.stubtest fqdnguard._core
-	$(PYTHON) -m mypy python/fqdnguard
+	$(PYTHON) -m mypy python/fqdnguard tools/kube/localkube.py
 
 .PHONY: format
 format: ## Format Rust and Python sources
 	cargo fmt
-	$(PYTHON) -m ruff format python tests benches examples
-	$(PYTHON) -m ruff check --fix python tests benches examples
+	$(PYTHON) -m ruff format python tests benches examples tools
+	$(PYTHON) -m ruff check --fix python tests benches examples tools
 
 # One interpreter per bench module, so that no module measures another's leftovers. (Three
 # runs with the cache module first in the same process had the pattern module at half speed,

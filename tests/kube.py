@@ -1,0 +1,142 @@
+"""The local Kubernetes control plane in tests (``tools/kube/localkube.py``, the same code as
+``make kube-up``): how to get it, and small helpers to drive it with kubectl.
+
+No kubelet runs: a pod is created with ``spec.nodeName`` on a registered Node (the pod garbage
+collector deletes pods bound to a Node that does not exist), and its addresses and Ready
+condition are set through the status subresource (:func:`set_pod_running`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import pytest
+
+from tools.kube.localkube import KubeControlPlane, bin_dir, build, go_binary, is_built
+
+T = TypeVar("T")
+
+
+def require_kube_binaries() -> None:
+    """Skip unless the binaries are built (``make kube-build``: about 12 minutes and 8 CPU-minutes
+    once per machine, so ``make test`` does not build them; ``.ci/run`` does, before the tests).
+    In CI (CI set) a missing build is an error, not a skip."""
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not installed: the control-plane tests drive the API with it")
+    if is_built():
+        return
+    if go_binary() is None:
+        pytest.skip(
+            "Go is not installed: the local Kubernetes control plane (etcd, kube-apiserver, "
+            "kube-controller-manager) is built from the Go module proxy with it"
+        )
+    if os.environ.get("FQDNGUARD_KUBE_BUILD") == "1":
+        build()
+        return
+    reason = (
+        f"the local control plane is not built ({bin_dir()} is missing): run `make kube-build` "
+        "once (about 12 minutes on 2 cores), or set FQDNGUARD_KUBE_BUILD=1 to build it here"
+    )
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def wait_until(what: str, check: Callable[[], T | None], timeout: float = 60.0) -> T:
+    """Poll check until it returns something truthy; fail naming what did not happen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def apply(kube: KubeControlPlane, manifest: dict[str, Any] | str) -> None:
+    text = manifest if isinstance(manifest, str) else json.dumps(manifest)
+    kube.kubectl("apply", "-f", "-", input=text)
+
+
+def get(kube: KubeControlPlane, *args: str) -> Any:
+    """The object(s) as JSON, or None when not found."""
+    proc = kube.kubectl("get", *args, "-o", "json", check=False)
+    if proc.returncode != 0:
+        if "NotFound" in proc.stderr:
+            return None
+        raise AssertionError(f"kubectl get {' '.join(args)}: {proc.stderr}")
+    return json.loads(proc.stdout)
+
+
+def create_namespace(
+    kube: KubeControlPlane, name: str, labels: dict[str, str] | None = None
+) -> None:
+    """A namespace, once its ServiceAccount controller made the default ServiceAccount (pods
+    cannot be admitted before)."""
+    apply(
+        kube,
+        {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": name, "labels": labels or {}},
+        },
+    )
+    wait_until(
+        f"the default ServiceAccount of namespace {name}",
+        lambda: get(kube, "serviceaccount", "default", "-n", name),
+    )
+
+
+def register_node(kube: KubeControlPlane, name: str, address: str) -> None:
+    """A Node object with an InternalIP and a Ready condition, as a kubelet would register it."""
+    apply(kube, {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})
+    status = {
+        "status": {
+            "addresses": [{"type": "InternalIP", "address": address}],
+            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}],
+        }
+    }
+    kube.kubectl(
+        "patch", "node", name, "--subresource=status", "--type=merge", "-p", json.dumps(status)
+    )
+
+
+def create_pod(
+    kube: KubeControlPlane, namespace: str, name: str, node: str, labels: dict[str, str]
+) -> None:
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {
+            "nodeName": node,
+            "containers": [{"name": "app", "image": "registry.invalid/app:1"}],
+        },
+    }
+    apply(kube, pod)
+
+
+def set_pod_running(kube: KubeControlPlane, namespace: str, name: str, ips: list[str]) -> None:
+    """What a kubelet reports for a started pod: its addresses, phase Running, Ready."""
+    ready = [
+        {"type": t, "status": "True"}
+        for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")
+    ]
+    status = {
+        "status": {
+            "phase": "Running",
+            "podIP": ips[0],
+            "podIPs": [{"ip": ip} for ip in ips],
+            "conditions": ready,
+        }
+    }
+    kube.kubectl(
+        "patch", "pod", name, "-n", namespace, "--subresource=status", "--type=merge",
+        "-p", json.dumps(status),
+    )  # fmt: skip
