@@ -30,6 +30,8 @@ class ReferenceCache:
         self.stamp = 0
         self.evictions = 0
         self.name_evictions = 0
+        #: Pairs that gained a name in the current call: reported as added (as DnsCache does).
+        self._renamed: set[tuple[int, str]] = set()
 
     def __len__(self) -> int:
         return self.n
@@ -93,6 +95,8 @@ class ReferenceCache:
             ips[ip] = [exp, self.stamp]
             if holders is None:
                 holders = self.pairs[key] = {}
+            elif holders:
+                self._renamed.add(key)
             holders[name] = exp
             heapq.heappush(self.heap, (exp, self.stamp, ep, name, ip))
             self.n += 1
@@ -130,8 +134,11 @@ class ReferenceCache:
                     out.append(("added", key[0], key[1], after))
             elif after is None:
                 out.append(("removed", key[0], key[1], before))
+            elif key in self._renamed:
+                out.append(("added", key[0], key[1], after))
             elif after > before:
                 out.append(("extended", key[0], key[1], after))
+        self._renamed.clear()
         return out
 
     def record(self, endpoint: int, name: str, addrs: Any, now: float | None = None) -> list[Any]:

@@ -50,11 +50,13 @@ class CacheModel:
         if (ep, ip) not in touches:
             touches[(ep, ip)] = self.pair(ep, ip)
 
-    def _finish(self, touches: dict[tuple[int, str], float | None]) -> list[Change]:
+    def _finish(
+        self, touches: dict[tuple[int, str], float | None], renamed: set[tuple[int, str]]
+    ) -> list[Change]:
         out: list[Change] = []
         for (ep, ip), before in touches.items():
             after = self.pair(ep, ip)
-            if before is None and after is not None:
+            if after is not None and (before is None or (ep, ip) in renamed):
                 out.append(("added", ep, ip, after))
             elif before is not None and after is not None and after > before:
                 out.append(("extended", ep, ip, after))
@@ -62,7 +64,9 @@ class CacheModel:
                 out.append(("removed", ep, ip, before))
         return out
 
-    def _record(self, ep: int, name: str, addrs: Any, now: float, touches: Any) -> None:
+    def _record(
+        self, ep: int, name: str, addrs: Any, now: float, *, touches: Any, renamed: Any
+    ) -> None:
         name = norm_name(name)
         for raw_ip, ttl in addrs:
             ip = norm_ip(raw_ip)
@@ -73,6 +77,8 @@ class CacheModel:
                 if exp > self.entries[key][0]:
                     self.entries[key] = (exp, self._stamp())
                 continue
+            if self.pair(ep, ip) is not None:  # the address gains a name: programmed as new
+                renamed.add((ep, ip))
             self.entries[key] = (exp, self._stamp())
             group = [k for k in self.entries if k[0] == ep and k[1] == name]
             if len(group) > self.max_ips:
@@ -88,14 +94,16 @@ class CacheModel:
 
     def record(self, ep: int, name: str, addrs: Any, now: float) -> list[Change]:
         touches: dict[tuple[int, str], float | None] = {}
-        self._record(ep, name, addrs, now, touches)
-        return self._finish(touches)
+        renamed: set[tuple[int, str]] = set()
+        self._record(ep, name, addrs, now, touches=touches, renamed=renamed)
+        return self._finish(touches, renamed)
 
     def record_many(self, ep: int, answers: Any, now: float) -> list[Change]:
         touches: dict[tuple[int, str], float | None] = {}
+        renamed: set[tuple[int, str]] = set()
         for name, addrs in answers:
-            self._record(ep, name, addrs, now, touches)
-        return self._finish(touches)
+            self._record(ep, name, addrs, now, touches=touches, renamed=renamed)
+        return self._finish(touches, renamed)
 
     def expire(self, now: float) -> list[Change]:
         touches: dict[tuple[int, str], float | None] = {}
@@ -104,7 +112,7 @@ class CacheModel:
                 break
             self._touch(touches, key[0], key[2])
             del self.entries[key]
-        return self._finish(touches)
+        return self._finish(touches, set())
 
     def drop_expired(self, now: float) -> None:
         """What a snapshot restore at `now` keeps."""

@@ -70,6 +70,10 @@ def test_ipv4_and_ipv6_canonical_and_sorted() -> None:
 def test_ip_under_two_names_removed_only_when_no_name_holds_it() -> None:
     c = DnsCache()
     c.record(1, "a.com", [("9.9.9.9", 100)], now=0.0)
+    # A new name for the address: added again (it may belong in more of a firewall's sets).
+    assert kinds(c.record(1, "b.com", [("9.9.9.9", 50)], now=0.0)) == [
+        ("added", 1, "9.9.9.9", 100.0)
+    ]
     assert c.record(1, "b.com", [("9.9.9.9", 50)], now=0.0) == []
     assert kinds(c.record(1, "b.com", [("9.9.9.9", 200)], now=0.0)) == [
         ("extended", 1, "9.9.9.9", 200.0)
@@ -199,7 +203,10 @@ def test_ips_may_be_given_packed() -> None:
         now=0.0,
     )
     assert kinds(got) == [("added", 1, "192.0.2.1", 10.0), ("added", 1, "2001:db8::1", 20.0)]
-    assert c.record_many(1, [("b.com", [(b"\xc0\x00\x02\x01", 10)])], now=0.0) == []
+    # Another name for the same address: added again (see test_ip_under_two_names_...).
+    assert kinds(c.record_many(1, [("b.com", [(b"\xc0\x00\x02\x01", 10)])], now=0.0)) == [
+        ("added", 1, "192.0.2.1", 10.0)
+    ]
     assert c.allowed(1, b"\xc0\x00\x02\x01", now=5.0)
     assert c.names_for(b"\xc0\x00\x02\x01") == ["a.com.", "b.com."]
     assert Change("added", 1, b"\x01\x02\x03\x04", 1.0).ip == "1.2.3.4"

@@ -220,12 +220,18 @@ def test_a_name_the_dns_rules_allow_but_no_tofqdns_selects_opens_nothing() -> No
             await b.start()
             await b.apply([C("added", ip, 60) for ip in names])
             out["sets"] = flat(b)
+            # 6.6.6.6 now also answers for api.github.com: the cache reports the pair as added
+            # again (it gained a name), and it joins the set.
+            names["6.6.6.6"].append("api.github.com.")
+            await b.apply([C("added", "6.6.6.6", 60)])
+            out["renamed"] = flat(b)
             await b.close()
         asyncio.run(main())
     """)
-    sets = out["sets"]
-    assert isinstance(sets, dict)
+    sets, renamed = out["sets"], out["renamed"]
+    assert isinstance(sets, dict) and isinstance(renamed, dict)
     assert sorted(ip for v in sets.values() for ip in v) == ["1.1.1.1", "7.7.7.7"]
+    assert sorted(ip for v in renamed.values() for ip in v) == ["1.1.1.1", "6.6.6.6", "7.7.7.7"]
 
 
 @needs_netns

@@ -42,7 +42,9 @@ pub type Endpoint = u32;
 /// What happened to one (endpoint, ip) firewall element.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ChangeKind {
-    /// Not allowed before; allowed until `expires_at` now.
+    /// Not allowed before, or allowed before and now also under a name it did not have: allowed
+    /// until `expires_at` now. (A new name can put the address in more of a firewall's sets,
+    /// e.g. those of the `toFQDNs` rules that select that name: program it as new.)
     Added,
     /// Already allowed; now allowed until the later `expires_at`.
     Extended,
@@ -379,6 +381,8 @@ struct Touches {
     freed: HashSet<(Endpoint, IpAddr)>,
     /// Marked pairs that no record names (re-created after being freed), cleared at the end.
     stray: Vec<u32>,
+    /// Pairs that existed before this call and gained a name in it.
+    renamed: Vec<(Endpoint, IpAddr)>,
     /// Tracking off (snapshot restore reports nothing).
     off: bool,
 }
@@ -442,6 +446,7 @@ impl Touches {
             }
         }
         self.list.clear();
+        self.renamed.clear();
         self.list.shrink_to(1 << 16);
         self.stray.clear();
         self.freed.clear();
@@ -915,6 +920,9 @@ impl Cache {
                 }
                 return;
             }
+            if !t.off {
+                t.renamed.push((ep, ip));
+            }
         }
         let stamp = self.take_stamp();
         let gr = self.names.groups[g as usize];
@@ -1000,8 +1008,10 @@ impl Cache {
                 // Never freed during the call, so still the same live pair.
                 Some(self.hdr(x.pair).expires)
             };
+            let renamed = !t.renamed.is_empty() && t.renamed.contains(&(x.ep, x.ip));
             let change = match (x.before, after) {
                 (None, Some(a)) => Some((ChangeKind::Added, a)),
+                (Some(_), Some(a)) if renamed => Some((ChangeKind::Added, a)),
                 (Some(b), Some(a)) if a > b => Some((ChangeKind::Extended, a)),
                 (Some(b), None) => Some((ChangeKind::Removed, b)),
                 _ => None,

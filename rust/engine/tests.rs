@@ -903,3 +903,35 @@ fn ttls_are_capped_at_max_ttl_in_the_answer_and_the_cache() {
         );
     }
 }
+
+#[test]
+fn an_address_that_gains_a_name_is_programmed_and_held_again() {
+    // It may belong in more of the firewall's sets now (toFQDNs rules that select the new name).
+    let (e, _) = engine_with(config());
+    for (id, name, expect_hold) in [(1u16, "a.example.com", true), (2, "b.example.com", true)] {
+        let (up, _) = forwarded(ask(&e, POD, &query(id, name, 1), 1.0).0);
+        let uid = u16::from_be_bytes([up[0], up[1]]);
+        let got = e
+            .response1(0, &answer(uid, name, None, &[[192, 0, 2, 50]], 60), 1.1)
+            .expect("e")
+            .expect("matched");
+        assert_eq!(got.hold, expect_hold, "{name}");
+        assert_eq!(
+            got.changes.iter().map(|c| c.kind).collect::<Vec<_>>(),
+            vec![ChangeKind::Added],
+            "{name}"
+        );
+    }
+    // The same name again: nothing new for the firewall.
+    let (up, _) = forwarded(ask(&e, POD, &query(3, "b.example.com", 1), 1.2).0);
+    let uid = u16::from_be_bytes([up[0], up[1]]);
+    let got = e
+        .response1(
+            0,
+            &answer(uid, "b.example.com", None, &[[192, 0, 2, 50]], 60),
+            1.3,
+        )
+        .expect("e")
+        .expect("matched");
+    assert!(!got.hold && got.changes.is_empty());
+}
