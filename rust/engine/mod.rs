@@ -649,7 +649,10 @@ impl Engine {
                 return Ok((QueryAction::Merged { token }, None));
             }
         }
+        let mut bytes = data.to_vec();
+        let mut sent_name = None;
         let (slot, upstream_id) = {
+            // One lock of the random source for the slot, the id and the name's case.
             let mut ids = self.ids.lock().map_err(|_| POISONED)?;
             let slot = if slots > 1 {
                 let r = ids.next_u32().map_err(|_| RANDOM_FAILED)?;
@@ -657,26 +660,22 @@ impl Engine {
             } else {
                 0
             };
-            loop {
+            let id = loop {
                 let id = ids.next_id().map_err(|_| RANDOM_FAILED)?;
                 if !st.by_upstream.contains_key(&(channel, slot, id)) {
-                    break (slot, id);
+                    break id;
                 }
-            }
-        };
-        let mut bytes = data.to_vec();
-        // The packet parsed as a query, so it has a header: this cannot fail.
-        let _ = wire::set_id(&mut bytes, upstream_id);
-        let mut sent_name = None;
-        if self.config.case_randomization && proto == Proto::Udp && st.case_on(channel) {
-            if let Some(range) = plain_question_name(&bytes) {
-                let mut ids = self.ids.lock().map_err(|_| POISONED)?;
-                if let Some(name) = bytes.get_mut(range) {
+            };
+            if self.config.case_randomization && proto == Proto::Udp && st.case_on(channel) {
+                if let Some(name) = plain_question_name(&bytes).and_then(|r| bytes.get_mut(r)) {
                     randomize_case(name, &mut ids).map_err(|_| RANDOM_FAILED)?;
                     sent_name = Some(name.to_vec());
                 }
             }
-        }
+            (slot, id)
+        };
+        // The packet parsed as a query, so it has a header: this cannot fail.
+        let _ = wire::set_id(&mut bytes, upstream_id);
         st.by_upstream.insert((channel, slot, upstream_id), token);
         st.by_key.insert(key.clone(), token);
         st.waiting.insert(token, token);
@@ -836,7 +835,9 @@ impl Engine {
             }
         }
         let name_range = plain_question_name(data);
-        let answers: Vec<IpAddr> = resolution.addresses.iter().map(|(ip, _)| *ip).collect();
+        // The log records' address lists, made only when a waiter's query is logged.
+        let answers =
+            || -> Vec<IpAddr> { resolution.addresses.iter().map(|(ip, _)| *ip).collect() };
         let mut out = Vec::with_capacity(p.waiters.len());
         for w in p.waiters {
             st.stats.record_rcode(rcode);
@@ -868,7 +869,7 @@ impl Engine {
                 verdict: Verdict::Allowed,
                 rcode,
                 upstream_ms: Some((now - p.started) * 1000.0),
-                answers: answers.clone(),
+                answers: answers(),
             });
             out.push(Answer {
                 token: w.token,
