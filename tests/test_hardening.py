@@ -109,12 +109,14 @@ def forged_answer(name: str, qid: int) -> bytes:
     return msg.to_wire()
 
 
-async def forge_at_observed_port(proxy: Proxy, upstream: FakeUpstream) -> None:
-    """The attack: learn one query's source port, leave a victim query pending, flood that
-    port with answers for it under every id, from the upstream's own address and port."""
+async def forge_at_observed_port(
+    proxy: Proxy, upstream: FakeUpstream, seen: str = "probe."
+) -> None:
+    """The attack: learn one query's source port (the attacker's own probe, or with ``seen``
+    "silent." the victim query's itself), leave a victim query pending, flood that port with
+    answers for it under every id, from the upstream's own address and port."""
     probe = await udp_ask(server(proxy), dns.message.make_query("probe.example.com", "A").to_wire())
     assert dns.message.from_wire(probe).rcode() == dns.rcode.NOERROR
-    port = next(addr[1] for name, addr in upstream.seen if name.lower().startswith("probe."))
     victim = asyncio.ensure_future(
         udp_ask(
             server(proxy),
@@ -124,6 +126,7 @@ async def forge_at_observed_port(proxy: Proxy, upstream: FakeUpstream) -> None:
         )
     )
     await asyncio.sleep(0.05)  # the victim's query is on its way upstream
+    port = next(addr[1] for name, addr in upstream.seen if name.lower().startswith(seen))
     wire = bytearray(forged_answer("silent.example.com", 0))
     for qid in range(65536):
         wire[0:2] = qid.to_bytes(2, "big")
@@ -157,13 +160,15 @@ def test_the_same_flood_succeeds_with_one_socket_and_no_0x20(
     proxy_policy: Policy, proxy_endpoints: Endpoints, udp_io: str
 ) -> None:
     """What the test above guards against: with a single upstream socket (as before) and the
-    name's case not checked, the flood plants its address in the cache."""
+    name's case not checked, the flood plants its address in the cache. (Even one socket is
+    re-drawn on a new port every 50 ms, so the attacker here floods the port the victim's query
+    left from: with one socket that is every query's port until the next re-draw.)"""
 
     async def scenario() -> None:
         async with setup(
             proxy_policy, proxy_endpoints, udp_io, upstream_sockets=1, dns0x20=False
         ) as (proxy, upstream):
-            await forge_at_observed_port(proxy, upstream)
+            await forge_at_observed_port(proxy, upstream, seen="silent.")
             assert proxy.cache.names_for(FORGED) != []
 
     run(scenario)
