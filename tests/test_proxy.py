@@ -234,6 +234,8 @@ def test_tcp_queries_sent_before_a_half_close_are_all_answered(
 
             async def one_connection(i: int) -> None:
                 queries = [q(n, "AAAA" if i % 2 else "A") for n in names]
+                for k, m in enumerate(queries):  # distinct ids: answers are told apart by id
+                    m.id = i * len(names) + k
                 wires = await tcp_ask_half_closed(server, [m.to_wire() for m in queries])
                 got = {dns.message.from_wire(w).id: dns.message.from_wire(w) for w in wires}
                 assert sorted(got) == sorted(m.id for m in queries), f"connection {i}"
