@@ -1208,3 +1208,118 @@ def _lower(
             peers = None if rule.has_ports else ([], [])
         rules.append((rule.index, [], peers, ports))
     return spec.policy, spec.label, spec.default_deny, rules
+
+
+# -- one object at a time (the Kubernetes source) ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParsedObject:
+    """One CiliumNetworkPolicy or CiliumClusterwideNetworkPolicy object, read on its own: its
+    specs when it is valid, else the problems that make it invalid."""
+
+    specs: tuple[_Spec, ...]
+    infos: tuple[PolicyInfo, ...]
+    warnings: tuple[PolicyWarning, ...]
+    errors: tuple[PolicyError, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def parse_object(
+    obj: dict[str, object], origin: str, *, unenforced_l7: str = "deny"
+) -> ParsedObject:
+    """Reads one policy object as the API server returns it (``origin`` names it in errors,
+    e.g. ``CiliumNetworkPolicy ns/name``): the same checks as a file's document."""
+    import json  # noqa: PLC0415
+
+    text = json.dumps(obj, indent=1)
+    with gc_paused():
+        specs, infos, errors, warnings = _read_sources(
+            [(origin, text)], unenforced_l7=unenforced_l7, allow_empty=True
+        )
+    return ParsedObject(tuple(specs), tuple(infos), tuple(warnings), tuple(errors))
+
+
+def deny_specs(obj: dict[str, object], kind: str, origin: str) -> list[_Spec]:
+    """What stands in for a new policy object that is invalid: egress default deny, with no
+    rule, for the endpoints it selects (fail closed: it was meant to restrict them). Its
+    ``endpointSelector`` is read as far as it can be; one that cannot be read selects every
+    endpoint of the policy's namespace (every endpoint, for a clusterwide policy)."""
+    meta = obj.get("metadata")
+    meta = meta if isinstance(meta, dict) else {}
+    name = str(meta.get("name") or "?")
+    namespace = (str(meta.get("namespace") or "default")) if kind == CNP else None
+    display = f"{namespace}/{name}" if namespace else name
+    raw_specs: list[object] = []
+    if isinstance(obj.get("spec"), dict):
+        raw_specs.append(obj["spec"])
+    if isinstance(obj.get("specs"), list):
+        raw_specs += list(obj["specs"])  # type: ignore[arg-type]
+    selectors: list[Selector] = []
+    for raw in raw_specs or [None]:
+        if isinstance(raw, dict) and "nodeSelector" in raw and "endpointSelector" not in raw:
+            continue  # a host policy: it selects no endpoint here
+        selector = _selector_of(raw.get("endpointSelector") if isinstance(raw, dict) else None)
+        selectors.append(selector.in_namespace(namespace) if namespace else selector)
+    return [
+        _Spec(kind, namespace, name, display, f"{kind} {display} (invalid: default deny)", sel,
+              True, [], origin, 0)
+        for sel in dict.fromkeys(selectors)
+    ]  # fmt: skip
+
+
+def _selector_of(raw: object) -> Selector:
+    """A selector read leniently; every endpoint (the empty selector) when it cannot be."""
+    if not isinstance(raw, dict):
+        return Selector()
+    try:
+        labels = raw.get("matchLabels") or {}
+        exprs = [
+            (str(e["key"]), str(e["operator"]), [str(v) for v in e.get("values") or []])
+            for e in raw.get("matchExpressions") or []
+        ]
+        if not isinstance(labels, dict):
+            return Selector()
+        return Selector.build({str(k): str(v) for k, v in labels.items()}, exprs)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return Selector()
+
+
+def assemble(
+    objects: Iterable[ParsedObject | list[_Spec]],
+    endpoints: Endpoints,
+    *,
+    cluster: object = None,
+) -> Policy:
+    """A policy from objects read one at a time (:func:`parse_object`; a list of specs stands
+    for an invalid object, :func:`deny_specs`), compiled for the endpoints of ``endpoints``:
+    only the specs that select one of them are lowered, so a node pays for the policies of its
+    own pods, not the whole cluster's. Warnings are not logged again (they were when read)."""
+    specs: list[_Spec] = []
+    infos: list[PolicyInfo] = []
+    warnings: list[PolicyWarning] = []
+    for o in objects:
+        if isinstance(o, ParsedObject):
+            specs += o.specs
+            infos += o.infos
+            warnings += o.warnings
+        else:
+            specs += o
+            infos += [PolicyInfo(s.kind, s.namespace, s.name, s.file, 0) for s in o[:1]]
+    label_sets = {ep.key: ep.labels for ep in endpoints}.values()
+    relevant = [
+        s for s in specs
+        if s.selector is not None and any(s.selector.matches(labels) for labels in label_sets)
+    ]  # fmt: skip
+    policy = Policy._make(relevant, infos, [], endpoints)
+    object.__setattr__(policy, "warnings", tuple(warnings))
+    return policy
+
+
+def to_endpoints_selectors(objects: Iterable[ParsedObject]) -> set[Selector]:
+    """Every distinct ``toEndpoints`` selector of the objects' egress rules (what the source
+    narrows its watch of other nodes' pods to)."""
+    return {sel for o in objects for s in o.specs for rule in s.egress for sel in rule.to_endpoints}
