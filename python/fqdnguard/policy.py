@@ -1256,8 +1256,9 @@ def deny_specs(obj: dict[str, object], kind: str, origin: str) -> list[_Spec]:
     raw_specs: list[object] = []
     if isinstance(obj.get("spec"), dict):
         raw_specs.append(obj["spec"])
-    if isinstance(obj.get("specs"), list):
-        raw_specs += list(obj["specs"])  # type: ignore[arg-type]
+    more = obj.get("specs")
+    if isinstance(more, list):
+        raw_specs += more
     selectors: list[Selector] = []
     for raw in raw_specs or [None]:
         if isinstance(raw, dict) and "nodeSelector" in raw and "endpointSelector" not in raw:
