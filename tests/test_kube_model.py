@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from fqdnguard._core import DnsCache
+from fqdnguard.policy import Selector
 from fqdnguard.sources.base import Change
 from fqdnguard.sources.model import ClusterModel, EndpointIds, pod_selectors
-from fqdnguard.policy import Selector
 
 NODE = "node-a"
 
@@ -53,7 +53,12 @@ def dns_policy(app: str, pattern: str, *, kube_dns: bool = False) -> dict[str, A
     }  # fmt: skip
     if kube_dns:
         dns["toEndpoints"] = [
-            {"matchLabels": {"k8s-app": "kube-dns", "k8s:io.kubernetes.pod.namespace": "kube-system"}}
+            {
+                "matchLabels": {
+                    "k8s-app": "kube-dns",
+                    "k8s:io.kubernetes.pod.namespace": "kube-system",
+                }
+            }
         ]
     return {
         "endpointSelector": {"matchLabels": {"app": app}},
@@ -64,7 +69,7 @@ def dns_policy(app: str, pattern: str, *, kube_dns: bool = False) -> dict[str, A
 def model(**kw: Any) -> tuple[ClusterModel, list[tuple[str, str, str]]]:
     reports: list[tuple[str, str, str]] = []
 
-    def report(obj: dict[str, Any], reason: str, message: str) -> None:
+    def report(kind: str, obj: dict[str, Any], reason: str, message: str) -> None:
         reports.append((obj["metadata"]["name"], reason, message))
 
     return ClusterModel(NODE, report=report, **kw), reports
@@ -107,8 +112,8 @@ def test_a_label_change_moves_a_pod_to_another_policy() -> None:
 
 def test_namespace_labels_are_endpoint_labels_as_in_cilium() -> None:
     m, _ = model()
-    m.changes("Namespace", [Change("Namespace", "team",
-                                   {"metadata": {"name": "team", "labels": {"tier": "gold"}}})])  # fmt: skip
+    team = {"metadata": {"name": "team", "labels": {"tier": "gold"}}}
+    m.changes("Namespace", [Change("Namespace", "team", team)])
     m.changes("Pod", [pod("x", "10.0.1.8", ns="team")])
     (ep,) = m.build().endpoints
     assert ep.labels["io.cilium.k8s.namespace.labels.tier"] == "gold"

@@ -186,6 +186,14 @@ def cmd_policy_status(args: argparse.Namespace) -> int:
     print(f"Policies:   {len(policies)}")
     for p in policies:
         print(f"  {p['kind']} {p['policy']}  ({p['file']}:{p['line']})")
+    invalid = list(data.get("invalid") or [])
+    if invalid or data.get("feed") is not None:
+        print(f"Invalid:    {len(invalid)} ({data.get('invalid_total', 0)} invalid versions seen)")
+    for bad in invalid:
+        print(f"  {bad['kind']} {bad['policy']}: {bad['error']} (in force: {bad['in_force']})")
+    feed = data.get("feed")
+    if isinstance(feed, dict):
+        print(f"Kubernetes: {feed.get('state')} (node {feed.get('node')})")
     reloads = list(data.get("reloads") or [])
     lifted = data.get("lifted_total")
     print(f"Reloads:    {len(reloads)} recorded, {lifted} endpoint(s) left unrestricted")
@@ -206,6 +214,29 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _node_name(args: argparse.Namespace) -> str | None:
+    """``--node-name``, else NODE_NAME (the downward API) when the Kubernetes source is on."""
+    if getattr(args, "node_name", None):
+        return str(args.node_name)
+    if getattr(args, "kubernetes", None):
+        return os.environ.get("NODE_NAME") or None
+    return None
+
+
+def _kubernetes_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--kubernetes",
+        action="store_true",
+        default=None,
+        help="policies, pods and DNS Services from the Kubernetes API server (in-cluster "
+        "service account, or --kubeconfig); see docs/kubernetes.md",
+    )
+    p.add_argument("--kubeconfig", metavar="FILE", help="kubeconfig (outside the cluster)")
+    p.add_argument(
+        "--node-name", metavar="NAME", help="the node this runs on (default: $NODE_NAME)"
     )
 
 
@@ -232,6 +263,9 @@ def _proxy_config(args: argparse.Namespace) -> ProxyConfig:
         intercept_port=getattr(args, "intercept_port", None),
         udp_io=args.udp_io,
         allow_empty_policy=args.allow_empty_policy,
+        kubernetes=getattr(args, "kubernetes", None) or None,
+        kubeconfig=getattr(args, "kubeconfig", None),
+        node_name=_node_name(args),
         unenforced_l7=args.unenforced_l7,
         reverse_path_check=False if args.no_reverse_path_check else None,
     )
@@ -590,6 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
         "override the --config file. A bad option exits 2 with a message naming it.",
     )
     _data_plane_options(run, policy=True)
+    _kubernetes_options(run)
     run.add_argument(
         "--intercept",
         action="store_true",

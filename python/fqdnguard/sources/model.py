@@ -165,13 +165,13 @@ class Built:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-Report = Callable[[dict[str, Any], str, str], None]
+Report = Callable[[str, dict[str, Any], str, str], None]
 
 
 class ClusterModel:
     """Kubernetes objects -> endpoints, cluster facts and policy (see the module's text).
 
-    ``node``: the name of the node this agent runs on. ``report(obj, reason, message)`` is
+    ``node``: the name of the node this agent runs on. ``report(kind, obj, reason, message)`` is
     called once per policy object and reason when an object is invalid (the source posts it as
     a Kubernetes Event). ``on_change()`` is called after each batch of changes."""
 
@@ -276,7 +276,7 @@ class ClusterModel:
         if self.report is not None and (uid, reason) not in self._reported:
             self._reported.add((uid, reason))
             try:
-                self.report(obj, "InvalidPolicy", f"{reason}; {effect}")
+                self.report(kind, obj, "InvalidPolicy", f"{reason}; {effect}")
             except Exception:  # the report is a courtesy; the verdicts never depend on it
                 log.exception("reporting %s failed", origin)
 
