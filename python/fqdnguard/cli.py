@@ -8,6 +8,7 @@ one is a parser in :func:`build_parser` and a function here.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -302,6 +303,10 @@ def cmd_agent(args: argparse.Namespace) -> int:
     if args.socket is None and args.state_dir is None:
         raise _UsageError("give the proxy's --state-dir (or its control --socket)")
     socket_path = args.socket or os.path.join(args.state_dir, "control.sock")
+    if args.kubernetes:
+        return _kubernetes_agent(args, socket_path)
+    if not args.policy:
+        raise _UsageError("give --policy PATH (files) or --kubernetes")
     agent = Agent(
         args.policy,
         args.endpoints,
@@ -316,6 +321,31 @@ def cmd_agent(args: argparse.Namespace) -> int:
         print(outcome)
         return 0 if outcome in ("pushed", "in-sync") else EXIT_ERROR
     run_agent(agent)
+    return 0
+
+
+def _kubernetes_agent(args: argparse.Namespace, socket_path: str) -> int:
+    from fqdnguard.agentd import KubernetesAgent  # noqa: PLC0415
+
+    if args.policy or args.endpoints:
+        raise _UsageError("--kubernetes takes policies and endpoints from the API server; "
+                          "drop --policy and --endpoints")  # fmt: skip
+    node = _node_name(args)
+    if not node:
+        raise _UsageError("--kubernetes needs the node's name: --node-name or NODE_NAME")
+    agent = KubernetesAgent(
+        node,
+        socket_path,
+        kubeconfig=args.kubeconfig,
+        interval=args.interval,
+        unenforced_l7=args.unenforced_l7,
+    )
+    if args.once:
+        raise _UsageError("--once is for files; the Kubernetes agent follows the API server")
+    import uvloop  # noqa: PLC0415
+
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(agent.run())
     return 0
 
 
@@ -666,9 +696,8 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument(
         "--policy",
         action="append",
-        required=True,
         metavar="PATH",
-        help="policy file or directory (repeatable)",
+        help="policy file or directory (repeatable; or --kubernetes)",
     )
     agent.add_argument("--endpoints", metavar="FILE", help="endpoints YAML file")
     target = agent.add_mutually_exclusive_group()
@@ -691,6 +720,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="push a policy file with no policy document or a directory with no policy file "
         "(by default such a set is not pushed: the proxy keeps the policy in force)",
+    )
+    _kubernetes_options(agent)
+    agent.add_argument(
+        "--unenforced-l7",
+        choices=["deny", "allow-port"],
+        default="deny",
+        help="as the proxy's option: how the agent reads the policies it reports on",
     )
     agent.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     agent.set_defaults(func=cmd_agent)

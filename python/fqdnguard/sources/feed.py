@@ -21,7 +21,7 @@ from typing import Any
 
 from fqdnguard.sources.model import IDS_FILE, Built, ClusterModel, EndpointIds
 
-__all__ = ["KubernetesFeed"]
+__all__ = ["KubernetesFeed", "report_to"]
 
 log = logging.getLogger("fqdnguard.sources")
 
@@ -171,22 +171,7 @@ class KubernetesFeed:
     # -- reports ----------------------------------------------------------------------------
 
     def _report(self, kind: str, obj: dict[str, Any], reason: str, message: str) -> None:
-        post = getattr(self.source, "post_event", None)
-        if post is None:
-            return
-        meta = obj.get("metadata") or {}
-        ref = {
-            "apiVersion": "cilium.io/v2",
-            "kind": kind,
-            "name": meta.get("name"),
-            "namespace": meta.get("namespace"),
-            "uid": meta.get("uid"),
-            "resourceVersion": meta.get("resourceVersion"),
-        }
-        result = post(ref, reason, message)
-        if inspect.isawaitable(result):
-            task = asyncio.ensure_future(result)
-            task.add_done_callback(_log_failure)
+        report_to(self.source, kind, obj, reason, message)
 
     def status(self) -> dict[str, Any]:
         synced = self.model.is_synced()
@@ -199,6 +184,33 @@ class KubernetesFeed:
         }
 
 
-def _log_failure(task: asyncio.Task[Any]) -> None:
+#: Events being posted (a reference keeps each task alive until it is done).
+_POSTING: set[asyncio.Future[Any]] = set()
+
+
+def report_to(source: Any, kind: str, obj: dict[str, Any], reason: str, message: str) -> None:
+    """Posts a problem of a policy object as a Kubernetes Event through ``source`` (when it
+    can post), without waiting: the verdicts never depend on it."""
+    post = getattr(source, "post_event", None)
+    if post is None:
+        return
+    meta = obj.get("metadata") or {}
+    ref = {
+        "apiVersion": "cilium.io/v2",
+        "kind": kind,
+        "name": meta.get("name"),
+        "namespace": meta.get("namespace"),
+        "uid": meta.get("uid"),
+        "resourceVersion": meta.get("resourceVersion"),
+    }
+    result = post(ref, reason, message)
+    if inspect.isawaitable(result):
+        task = asyncio.ensure_future(result)
+        _POSTING.add(task)
+        task.add_done_callback(_posted)
+
+
+def _posted(task: asyncio.Future[Any]) -> None:
+    _POSTING.discard(task)
     if not task.cancelled() and task.exception() is not None:
         log.warning("posting an Event failed: %s", task.exception())

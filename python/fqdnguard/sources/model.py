@@ -293,6 +293,14 @@ class ClusterModel:
             if e.error is not None
         ]
 
+    def pod_selectors(self) -> tuple[tuple[str | None, str], ...]:
+        """The pod watches that cover every toEndpoints of the valid policies held."""
+        goods = [e.good for e in self._policies.values() if e.good is not None]
+        return tuple(sorted(pod_selectors(to_endpoints_selectors(goods)), key=str))
+
+    def synced_kinds(self) -> list[str]:
+        return [k for k in KINDS if k in self._synced]
+
     # -- pods -------------------------------------------------------------------------------
 
     def _pod_deleted(self, pod: dict[str, Any]) -> None:
@@ -389,16 +397,8 @@ class ClusterModel:
             elif e.stand_in is not None:
                 objects.append(e.stand_in)
         policy = assemble(objects, endpoints, cluster=cluster)
-        goods = [e.good for e in self._policies.values() if e.good is not None]
         gone, self._released = tuple(self._released), []
-        return Built(
-            policy,
-            endpoints,
-            cluster,
-            gone,
-            tuple(sorted(pod_selectors(to_endpoints_selectors(goods)), key=str)),
-            tuple(notes),
-        )
+        return Built(policy, endpoints, cluster, gone, self.pod_selectors(), tuple(notes))
 
     def _nodes(self) -> Iterable[Node]:
         for obj in self.stores[NODE].values():
