@@ -1294,11 +1294,14 @@ def assemble(
     endpoints: Endpoints,
     *,
     cluster: object = None,
+    selects: Callable[[Selector], bool] | None = None,
 ) -> Policy:
     """A policy from objects read one at a time (:func:`parse_object`; a list of specs stands
-    for an invalid object, :func:`deny_specs`), compiled for the endpoints of ``endpoints``:
-    only the specs that select one of them are lowered, so a node pays for the policies of its
-    own pods, not the whole cluster's. Warnings are not logged again (they were when read)."""
+        for an invalid object, :func:`deny_specs`), compiled for the endpoints of ``endpoints``:
+        only the specs that select one of them are lowered, so a node pays for the policies of its
+        own pods, not the whole cluster's (``selects(selector)`` tells whether a selector matches
+    one of ``endpoints``; a caller that builds often remembers the answers). Warnings are not
+    logged again (they were when read)."""
     specs: list[_Spec] = []
     infos: list[PolicyInfo] = []
     warnings: list[PolicyWarning] = []
@@ -1310,11 +1313,13 @@ def assemble(
         else:
             specs += o
             infos += [PolicyInfo(s.kind, s.namespace, s.name, s.file, 0) for s in o[:1]]
-    label_sets = {ep.key: ep.labels for ep in endpoints}.values()
-    relevant = [
-        s for s in specs
-        if s.selector is not None and any(s.selector.matches(labels) for labels in label_sets)
-    ]  # fmt: skip
+    if selects is None:
+        label_sets = {ep.key: ep.labels for ep in endpoints}.values()
+
+        def selects(sel: Selector) -> bool:
+            return any(sel.matches(labels) for labels in label_sets)
+
+    relevant = [s for s in specs if s.selector is not None and selects(s.selector)]
     policy = Policy._make(relevant, infos, [], endpoints)
     object.__setattr__(policy, "warnings", tuple(warnings))
     return policy

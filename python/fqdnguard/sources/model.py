@@ -75,6 +75,8 @@ SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 #: Ids of other nodes' pods (peers only, never sources) start here; this node's pods get ids
 #: below it from :class:`EndpointIds`.
 PEER_IDS = 1 << 31
+#: Selectors whose matches are remembered (beyond four times this, the memory starts over).
+MAX_SELECTORS_HELD = 50_000
 #: The file of the state directory that keeps pod UID -> endpoint id.
 IDS_FILE = "endpoint-ids.json"
 #: The file of the state directory that keeps the objects last seen, to serve from at start.
@@ -199,6 +201,12 @@ class ClusterModel:
         self._peer_ids: dict[str, int] = {}
         self._next_peer = PEER_IDS
         self._released: list[int] = []
+        #: Pod key -> (pod object, namespace object, id, endpoint): an endpoint is made again
+        #: only when its pod, its namespace or its id changed (objects are replaced, not edited).
+        self._endpoints: dict[str, tuple[Any, Any, int, Endpoint | None]] = {}
+        #: Selector -> the label sets (Endpoint.key) of this node's endpoints it matches.
+        self._matches: dict[Selector, set[Any]] = {}
+        self._keys: dict[Any, Any] = {}
         self.version = 0
         self.invalid_total = 0
 
@@ -216,6 +224,7 @@ class ClusterModel:
                 old = store.pop(c.key, None)
                 if kind == POD and old is not None:
                     self._pod_deleted(old)
+                    self._endpoints.pop(c.key, None)
             else:
                 old = store.get(c.key)
                 if kind == POD and old is not None and _uid(old) != _uid(c.obj):
@@ -367,19 +376,27 @@ class ClusterModel:
         notes: list[str] = []
         local: list[Endpoint] = []
         peers: list[Endpoint] = []
-        for pod in self.stores[POD].values():
-            uid = str((pod.get("metadata") or {}).get("uid") or "")
+        namespaces = self.stores[NAMESPACE]
+        made = self._endpoints
+        for key, pod in self.stores[POD].items():
+            meta = pod.get("metadata") or {}
+            uid = str(meta.get("uid") or "")
             if not uid:
                 continue
-            if self._is_local(pod):
-                ep = self._endpoint(pod, self.ids.id_for(uid))
-                if ep is not None:
-                    local.append(ep)
-                    peers.append(ep)
+            is_local = self._is_local(pod)
+            ident = self.ids.id_for(uid) if is_local else self._peer_id(uid)
+            ns = namespaces.get(str(meta.get("namespace") or "default"))
+            cached = made.get(key)
+            if cached is not None and cached[0] is pod and cached[1] is ns and cached[2] == ident:
+                ep = cached[3]
             else:
-                ep = self._endpoint(pod, self._peer_id(uid))
-                if ep is not None:
-                    peers.append(ep)
+                ep = self._endpoint(pod, ident)
+                made[key] = (pod, ns, ident, ep)
+            if ep is None:
+                continue
+            if is_local:
+                local.append(ep)
+            peers.append(ep)
         local = _without_shared_addresses(local, notes)
         peers = _without_shared_addresses(peers, [])
         endpoints = Endpoints(sorted(local, key=lambda ep: ep.id))
@@ -396,9 +413,37 @@ class ClusterModel:
                 objects.append(e.good)
             elif e.stand_in is not None:
                 objects.append(e.stand_in)
-        policy = assemble(objects, endpoints, cluster=cluster)
+        policy = assemble(objects, endpoints, cluster=cluster, selects=self._selects(endpoints))
         gone, self._released = tuple(self._released), []
         return Built(policy, endpoints, cluster, gone, self.pod_selectors(), tuple(notes))
+
+    def _selects(self, endpoints: Endpoints) -> Callable[[Selector], bool]:
+        """``selects(selector)``: does it match one of ``endpoints``? Each selector is matched
+        once against each distinct label set of this node's endpoints, over all builds, so a
+        build costs a set intersection per policy, not a match per policy and endpoint."""
+        keys = {ep.key: ep.labels for ep in endpoints}
+        new = [k for k in keys if k not in self._keys]
+        for k in [k for k in self._keys if k not in keys]:
+            del self._keys[k]
+            for matched in self._matches.values():
+                matched.discard(k)
+        for k in new:
+            labels = self._keys[k] = keys[k]
+            for sel, matched in self._matches.items():
+                if sel.matches(labels):
+                    matched.add(k)
+        if len(self._matches) > 4 * MAX_SELECTORS_HELD:
+            self._matches.clear()  # selectors of policies long gone: start over
+
+        def selects(sel: Selector) -> bool:
+            matched = self._matches.get(sel)
+            if matched is None:
+                matched = self._matches[sel] = {
+                    k for k, labels in self._keys.items() if sel.matches(labels)
+                }
+            return bool(matched)
+
+        return selects
 
     def _nodes(self) -> Iterable[Node]:
         for obj in self.stores[NODE].values():
