@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from fqdnguard.sources.model import ClusterModel  # noqa: E402
+from fqdnguard.sources.model import ClusterModel
 
-from tests.test_kube_model import cnp, dns_policy, pod  # noqa: E402
+from tests.test_kube_model import cnp, dns_policy, pod
 
 REPEAT = 7
 LOCAL = 100
