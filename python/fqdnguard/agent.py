@@ -24,7 +24,7 @@ from fqdnguard._core import CacheError, DnsCache
 from fqdnguard.backends import Backend, BackendError, make_backend
 from fqdnguard.config import ConfigError, ProxyConfig
 from fqdnguard.control import ControlServer, Stream
-from fqdnguard.endpoints import Endpoints
+from fqdnguard.endpoints import Endpoints, load_with_cluster
 from fqdnguard.policy import Policy, PolicyError
 from fqdnguard.proxy import Proxy
 from fqdnguard.reloads import PolicyStatus
@@ -51,12 +51,15 @@ CONTROL_SOCKET = "control.sock"
 def load_policy(config: ProxyConfig) -> tuple[Policy, Endpoints]:
     if not config.policy:
         raise ConfigError("policy: at least one policy file or directory is required")
-    endpoints = Endpoints.load(config.endpoints) if config.endpoints else Endpoints()
+    endpoints, cluster = (
+        load_with_cluster(config.endpoints) if config.endpoints else (Endpoints(), None)
+    )
     policy = Policy.load(
         config.policy,
         endpoints=endpoints,
         allow_empty=config.allow_empty_policy,
         unenforced_l7=config.unenforced_l7,
+        cluster=cluster,
     )
     return policy, endpoints
 

@@ -58,7 +58,7 @@ from fqdnguard.control import (
     policy_digest,
     request,
 )
-from fqdnguard.endpoints import Endpoints
+from fqdnguard.endpoints import Endpoints, from_yaml_with_cluster
 from fqdnguard.policy import Policy, PolicyError
 from fqdnguard.proxy import Proxy, entries_as_answers
 from fqdnguard.reloads import PolicyStatus
@@ -147,13 +147,17 @@ def compile_policy(
 ) -> tuple[Policy, Endpoints]:
     """Compiles a pushed set whole; raises PolicyError (every problem) or ValueError. A set
     with no file, or a file with no policy document, is an error unless ``allow_empty``."""
-    endpoints = (
-        Endpoints.from_yaml(endpoints_text, filename="endpoints")
+    endpoints, cluster = (
+        from_yaml_with_cluster(endpoints_text, filename="endpoints")
         if endpoints_text is not None
-        else Endpoints()
+        else (Endpoints(), None)
     )
     policy = Policy._from_sources(
-        list(sources), endpoints, allow_empty=allow_empty, unenforced_l7=unenforced_l7
+        list(sources),
+        endpoints,
+        allow_empty=allow_empty,
+        unenforced_l7=unenforced_l7,
+        cluster=cluster,
     )
     return policy, endpoints
 
