@@ -84,10 +84,13 @@ def _labels(text: str) -> dict[str, str]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    endpoints = Endpoints.load(args.endpoints)
+    from fqdnguard.endpoints import load_with_cluster  # noqa: PLC0415
+
+    endpoints, cluster = load_with_cluster(args.endpoints)
     policy = Policy.load(
         args.policy,
         endpoints=endpoints,
+        cluster=cluster,
         allow_empty=bool(args.allow_empty_policy),
         unenforced_l7=args.unenforced_l7 or "deny",
     )

@@ -1480,7 +1480,7 @@ def assemble(
     objects: Iterable[ParsedObject | list[_Spec]],
     endpoints: Endpoints,
     *,
-    cluster: object = None,
+    cluster: Cluster | None = None,
     selects: Callable[[Selector], bool] | None = None,
 ) -> Policy:
     """A policy from objects read one at a time (:func:`parse_object`; a list of specs stands
@@ -1507,7 +1507,7 @@ def assemble(
             return any(sel.matches(labels) for labels in label_sets)
 
     relevant = [s for s in specs if s.selector is not None and selects(s.selector)]
-    policy = Policy._make(relevant, infos, [], endpoints)
+    policy = Policy._make(relevant, infos, [], endpoints, cluster)
     object.__setattr__(policy, "warnings", tuple(warnings))
     return policy
 
