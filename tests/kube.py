@@ -94,9 +94,15 @@ def create_namespace(
     )
 
 
-def register_node(kube: KubeControlPlane, name: str, address: str) -> None:
-    """A Node object with an InternalIP and a Ready condition, as a kubelet would register it."""
-    apply(kube, {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})
+def register_node(
+    kube: KubeControlPlane, name: str, address: str, pod_cidr: str | None = None
+) -> None:
+    """A Node object with an InternalIP and a Ready condition, as a kubelet would register it
+    (and the pod CIDR the controller manager would allocate it, when given)."""
+    node: dict[str, Any] = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}
+    if pod_cidr is not None:
+        node["spec"] = {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]}
+    apply(kube, node)
     status = {
         "status": {
             "addresses": [{"type": "InternalIP", "address": address}],

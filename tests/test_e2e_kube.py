@@ -52,6 +52,8 @@ NODE_A, NODE_B = "e2e-node-a", "e2e-node-b"
 RBAC = Path(__file__).resolve().parents[1] / "deploy" / "kubernetes" / "rbac.yaml"
 #: A second address in the pod namespace, claimed by a pod of the other node.
 FAR4 = "10.77.1.3"
+#: What the local control plane advertises as the API server's address.
+APISERVER = "192.0.2.1"
 
 
 def cnp(name: str, app: str, pattern: str, *, port: int = 443) -> dict[str, Any]:
@@ -151,10 +153,13 @@ def env(kube: Any) -> Iterator[Env]:
     relay: Relay | None = None
     try:
         topo.ns(topo.pod, "ip", "addr", "add", f"{FAR4}/24", "dev", "fgp0")
+        # The API server's advertised address (the `kubernetes` Service's endpoint) answers in
+        # the world, so that `toEntities: [kube-apiserver]` has something to reach.
+        topo.ns(topo.world, "ip", "addr", "add", f"{APISERVER}/32", "dev", "fgw0")
         topo.start_echo_servers(sys.executable)
         create_namespace(kube, NS)
-        register_node(kube, NODE_A, "10.77.1.1")
-        register_node(kube, NODE_B, "10.77.9.1")
+        register_node(kube, NODE_A, "10.77.1.1", "10.77.1.0/24")
+        register_node(kube, NODE_B, "10.77.9.1", "10.77.2.48/28")  # the DNS pod's
         create_pod(kube, NS, "dns", NODE_B, {"k8s-app": "e2e-dns"})
         set_pod_running(kube, NS, "dns", [UPSTREAM4])
         create_pod(kube, NS, "client", NODE_A, {"app": "client"})
@@ -216,6 +221,33 @@ def test_a_policy_change_and_a_label_change_take_effect(env: Env) -> None:
     assert _answers(env, "alt.allowed.e2e.test") == ["10.77.2.14"]
     assert env.reaches("10.77.2.14", 8080)
     env.kube.kubectl("label", "pod", "client", "-n", NS, "app=client", "--overwrite")
+    env.until("the first policy again", lambda: _answers(env, "web.allowed.e2e.test"))
+
+
+def test_entities_kube_apiserver_and_world_reach_exactly_those(env: Env) -> None:
+    entities = {
+        "apiVersion": "cilium.io/v2",
+        "kind": "CiliumNetworkPolicy",
+        "metadata": {"name": "entities", "namespace": NS},
+        "spec": {
+            "endpointSelector": {"matchLabels": {"app": "ent"}},
+            "egress": [
+                {"toEntities": ["kube-apiserver"]},
+                {"toEntities": ["world"],
+                 "toPorts": [{"ports": [{"port": "8080", "protocol": "TCP"}]}]},
+            ],
+        },
+    }  # fmt: skip
+    apply(env.kube, entities)
+    env.kube.kubectl("label", "pod", "client", "-n", NS, "app=ent", "--overwrite")
+    try:
+        env.until("the entities policy", lambda: env.reaches("10.77.2.10", 8080))
+        assert env.reaches(APISERVER, 443), "kube-apiserver"
+        assert not env.reaches("10.77.2.10", 443), "world only on 8080"
+        assert not env.reaches(UPSTREAM4, 8080), "a pod's address is the cluster's, not world"
+    finally:
+        env.kube.kubectl("label", "pod", "client", "-n", NS, "app=client", "--overwrite")
+        env.kube.kubectl("delete", "cnp", "entities", "-n", NS)
     env.until("the first policy again", lambda: _answers(env, "web.allowed.e2e.test"))
 
 
