@@ -156,6 +156,7 @@ def env(kube: Any) -> Iterator[Env]:
         # The API server's advertised address (the `kubernetes` Service's endpoint) answers in
         # the world, so that `toEntities: [kube-apiserver]` has something to reach.
         topo.ns(topo.world, "ip", "addr", "add", f"{APISERVER}/32", "dev", "fgw0")
+        topo.ns(topo.node, "ip", "route", "add", f"{APISERVER}/32", "dev", "fgn1")
         topo.start_echo_servers(sys.executable)
         create_namespace(kube, NS)
         register_node(kube, NODE_A, "10.77.1.1", "10.77.1.0/24")
