@@ -42,6 +42,7 @@ from tests.kube import (
 from tests.netns import NODE_POD4, POD4, UPSTREAM4, Topology, echo_ok
 from tests.proxy_fixtures import require_knot
 from tests.test_e2e_netns import ZONE, _skip_reason
+from tests.test_kube_source import install_crds
 
 pytestmark = pytest.mark.skipif(
     (_reason := _skip_reason()) is not None, reason=_reason or "available"
@@ -158,6 +159,7 @@ def env(kube: Any) -> Iterator[Env]:
         topo.ns(topo.world, "ip", "addr", "add", f"{APISERVER}/32", "dev", "fgw0")
         topo.ns(topo.node, "ip", "route", "add", f"{APISERVER}/32", "dev", "fgn1")
         topo.start_echo_servers(sys.executable)
+        install_crds(kube)
         create_namespace(kube, NS)
         register_node(kube, NODE_A, "10.77.1.1", "10.77.1.0/24")
         register_node(kube, NODE_B, "10.77.9.1", "10.77.2.48/28")  # the DNS pod's
@@ -171,7 +173,16 @@ def env(kube: Any) -> Iterator[Env]:
         with KnotServer({"e2e.test": ZONE}, host=UPSTREAM4, port=53, netns=topo.world):
             proc = _start(topo, state, kubeconfig)
             e = Env(kube, topo, state, relay, proc)
-            e.until("the policy in force", lambda: e.resolve("web.allowed.e2e.test"))
+            e.until("the control socket", (e.state / "run" / "control.sock").exists)
+            e.until(
+                "the first listings in force",
+                lambda: e.policy_status().get("feed", {}).get("state") == "synced"
+                and e.policy_status().get("restricted_endpoints") == 1,
+                30,
+            )
+            # The DNS server is a pod of the other node: known once the watch of the pods the
+            # policy's toEndpoints select has listed it.
+            e.until("the DNS server known", lambda: _answers(e, "alt.allowed.e2e.test"))
             yield e
     finally:
         if relay is not None:
