@@ -176,8 +176,10 @@ def env(kube: Any) -> Iterator[Env]:
             e.until("the control socket", (e.state / "run" / "control.sock").exists)
             e.until(
                 "the first listings in force",
-                lambda: e.policy_status().get("feed", {}).get("state") == "synced"
-                and e.policy_status().get("restricted_endpoints") == 1,
+                lambda: (
+                    e.policy_status().get("feed", {}).get("state") == "synced"
+                    and e.policy_status().get("restricted_endpoints") == 1
+                ),
                 30,
             )
             # The DNS server is a pod of the other node: known once the watch of the pods the
