@@ -530,9 +530,11 @@ class Informer:
                     attempt = 1
                     continue  # the first relist at once
             except (ApiError, TransportError) as e:
+                # Logged when it starts or changes, not at every retry of the same failure.
+                repeated = self.error is not None and str(self.error) == str(e)
+                log.log(logging.DEBUG if repeated else logging.WARNING, "%s: %s", self, e)
                 self.error = e
                 self.failures += 1
-                log.warning("%s: %s", self, e)
             delay = backoff_delay(attempt, *self.backoff, self.rng)
             attempt += 1
             await asyncio.sleep(delay)
@@ -551,7 +553,7 @@ class Informer:
         self.store = fresh
         self.resource_version = version
         self.lists += 1
-        self.error = None
+        self._recovered()
         if batch:
             self.sink.changes(self.kind, batch)
         self.synced = True
@@ -574,12 +576,17 @@ class Informer:
             async for event in events:
                 self._event(event)
                 delivered = True
-                self.error = None
+                self._recovered()
         finally:
             aclose = getattr(events, "aclose", None)
             if aclose is not None:
                 await aclose()
         return delivered
+
+    def _recovered(self) -> None:
+        if self.error is not None:
+            log.warning("%s: working again after: %s", self, self.error)
+            self.error = None
 
     def _event(self, event: Obj) -> None:
         kind, raw = event["type"], event["object"]
