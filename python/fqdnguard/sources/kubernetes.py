@@ -765,6 +765,7 @@ class KubernetesSource:
         self._running = False
         self._stopping = asyncio.Event()
         self._posted: set[tuple[str, str]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # every informer still running
 
     # lifecycle
 
@@ -788,6 +789,8 @@ class KubernetesSource:
             backoff=self.backoff,
         )
         task = asyncio.get_running_loop().create_task(informer.run(), name=repr(informer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         return _Running(informer, task, self._next_id)
 
     async def run(self) -> None:
@@ -806,12 +809,12 @@ class KubernetesSource:
             self._apply_selectors()
             await self._stopping.wait()
         finally:
-            running = [*self._informers, *self._selected.values(), *self._retiring]
-            if self._local_pods is not None:
-                running.append(self._local_pods)
-            for r in running:
-                r.task.cancel()
-            await asyncio.gather(*(r.task for r in running), return_exceptions=True)
+            # Every informer, retired ones still unwinding included, is done before the
+            # client closes under them.
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             self._informers, self._selected, self._retiring = [], {}, []
             self._local_pods = None
             if self._owns_transport and self._transport is not None:
