@@ -10,7 +10,8 @@ churn of pod events (label patches of other nodes' pods, ``--churn`` per second)
 
 Per size (pods, policies) it prints: the initial sync time and the child's RSS after it; the
 API-change-to-verdict latency, p50 and p99 over ``--flips`` flips (target p99 < 1 s); and the
-child's CPU per pod event, from /proc over a churn-only window.
+child's CPU per pod event, from its own clock over a churn-only window (the churn patches the
+labels of this node's pods: events the agent receives and builds for).
 
     python3 benches/kube/latency.py            # 1k and 10k pods x 100 and 1k policies
     python3 benches/kube/latency.py --quick    # 1k pods, 100 policies, fewer flips
@@ -196,10 +197,12 @@ class Child:
 
 
 async def churn(kube: Any, pods: int, rate: float, counter: list[int]) -> None:
+    """Label patches of this node's pods (every one an event the agent receives and builds;
+    other nodes' pods are not watched unless a policy's toEndpoints selects them)."""
     base = f"/api/v1/namespaces/{NS}/pods"
     k = 0
     while True:
-        i = LOCAL + (k * 7919) % max(1, pods - LOCAL)
+        i = (k * 7919) % min(LOCAL, pods)
         patch = {"metadata": {"labels": {"churn": str(k)}}}
         with contextlib.suppress(Exception):
             await kube.request("PATCH", f"{base}/pod-{i}", patch, "application/merge-patch+json")

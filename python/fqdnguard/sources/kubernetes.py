@@ -530,9 +530,11 @@ class Informer:
                     attempt = 1
                     continue  # the first relist at once
             except (ApiError, TransportError) as e:
+                # Logged when it starts or changes, not at every retry of the same failure.
+                repeated = self.error is not None and str(self.error) == str(e)
+                log.log(logging.DEBUG if repeated else logging.WARNING, "%s: %s", self, e)
                 self.error = e
                 self.failures += 1
-                log.warning("%s: %s", self, e)
             delay = backoff_delay(attempt, *self.backoff, self.rng)
             attempt += 1
             await asyncio.sleep(delay)
@@ -551,7 +553,7 @@ class Informer:
         self.store = fresh
         self.resource_version = version
         self.lists += 1
-        self.error = None
+        self._recovered()
         if batch:
             self.sink.changes(self.kind, batch)
         self.synced = True
@@ -574,12 +576,17 @@ class Informer:
             async for event in events:
                 self._event(event)
                 delivered = True
-                self.error = None
+                self._recovered()
         finally:
             aclose = getattr(events, "aclose", None)
             if aclose is not None:
                 await aclose()
         return delivered
+
+    def _recovered(self) -> None:
+        if self.error is not None:
+            log.warning("%s: working again after: %s", self, self.error)
+            self.error = None
 
     def _event(self, event: Obj) -> None:
         kind, raw = event["type"], event["object"]
@@ -758,6 +765,7 @@ class KubernetesSource:
         self._running = False
         self._stopping = asyncio.Event()
         self._posted: set[tuple[str, str]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # every informer still running
 
     # lifecycle
 
@@ -781,6 +789,8 @@ class KubernetesSource:
             backoff=self.backoff,
         )
         task = asyncio.get_running_loop().create_task(informer.run(), name=repr(informer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         return _Running(informer, task, self._next_id)
 
     async def run(self) -> None:
@@ -799,12 +809,12 @@ class KubernetesSource:
             self._apply_selectors()
             await self._stopping.wait()
         finally:
-            running = [*self._informers, *self._selected.values(), *self._retiring]
-            if self._local_pods is not None:
-                running.append(self._local_pods)
-            for r in running:
-                r.task.cancel()
-            await asyncio.gather(*(r.task for r in running), return_exceptions=True)
+            # Every informer, retired ones still unwinding included, is done before the
+            # client closes under them.
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             self._informers, self._selected, self._retiring = [], {}, []
             self._local_pods = None
             if self._owns_transport and self._transport is not None:
