@@ -8,7 +8,8 @@ through the status subresource, as a kubelet would) and its CiliumNetworkPolicie
 
 - the verdicts of the pods' queries, as the policies in the API server say;
 - a policy changed with kubectl, and how long fqdnguard took to follow it;
-- an invalid policy: the Event it gets, and `fqdnguard policy status` listing it.
+- an invalid policy: the Event it gets, the pod it selects in default deny, and
+  `fqdnguard policy status` listing it.
 
 Everything stays on loopback; no root needed.  Usage: python3 examples/demo_kubernetes.py DIR
 """
@@ -36,6 +37,7 @@ PODS = [
     # (namespace, name, node, labels, address)
     ("default", "web", NODE, {"app": "web"}, "127.0.0.10"),
     ("default", "batch", NODE, {"app": "batch"}, "127.0.0.11"),
+    ("default", "tools", NODE, {"app": "tools"}, "127.0.0.12"),
     ("kube-system", "coredns", OTHER, {"k8s-app": "kube-dns"}, UPSTREAM[0]),
 ]
 
@@ -69,13 +71,11 @@ def until(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
 def setup(k: Kubectl) -> None:
     print("== Cilium's policy CRDs (deploy/crds), two nodes, the demo's pods")
     k("apply", "--server-side", "-f", str(ROOT / "deploy" / "crds"))
-    k(
-        "wait",
-        "--for=condition=Established",
-        "crd/ciliumnetworkpolicies.cilium.io",
-        "crd/ciliumclusterwidenetworkpolicies.cilium.io",
-        "--timeout=60s",
-    )
+    established = "jsonpath={.status.conditions[?(@.type=='Established')].status}"
+    for crd in ("ciliumnetworkpolicies", "ciliumclusterwidenetworkpolicies"):
+        until(f"the CRD {crd}.cilium.io established",
+              lambda crd=crd: k("get", "crd", f"{crd}.cilium.io", "-o", established,
+                                check=False) == "True")  # fmt: skip
     for ns in ("default", "kube-system"):
         until(
             f"the ServiceAccount {ns}/default",
@@ -108,7 +108,7 @@ def setup(k: Kubectl) -> None:
             json.dumps(status),
         )
         print(f"   pod {ns}/{name} on {node}, {ip}, labels {labels}")
-    print("== the demo's CiliumNetworkPolicies (examples/demo/policies)")
+    print("== the demo's CiliumNetworkPolicies (examples/demo/policies): web and batch; tools none")
     k("apply", "-f", str(ROOT / "examples" / "demo" / "policies"))
 
 
@@ -184,21 +184,22 @@ def main() -> int:
             www = lambda: ask(port, "127.0.0.10", "www.example.com")  # noqa: E731
             until("the DNS server pod known", lambda: www().startswith("NOERROR"), 20)
             print(f"\n{'pod':<14}{'query':<24}result")
-            for pod, src in (("web", "127.0.0.10"), ("batch", "127.0.0.11")):
+            pods = (("web", "127.0.0.10"), ("batch", "127.0.0.11"), ("tools", "127.0.0.12"))
+            for pod, src in pods:
                 for name in ("www.example.com", "a.b.deep.example.com", "evil.example.org"):
                     print(f"{pod:<14}{name:<24}{ask(port, src, name)}")
 
-            print("\n== kubectl: web-egress now also allows evil.example.org")
+            print("\n== kubectl: web-egress now also allows a.b.deep.example.com")
             text = (ROOT / "examples" / "demo" / "policies" / "web.yaml").read_text()
             api = "- matchName: api.example.com"
-            changed = text.replace(api, f"{api}\n{' ' * 14}- matchName: evil.example.org", 1)
+            changed = text.replace(api, f"{api}\n{' ' * 14}- matchName: a.b.deep.example.com", 1)
             started = time.monotonic()
             k.apply(changed)
-            evil = lambda: ask(port, "127.0.0.10", "evil.example.org")  # noqa: E731
-            until("the change", lambda: not evil().startswith("REFUSED"), 10)
+            deep = lambda: ask(port, "127.0.0.10", "a.b.deep.example.com")  # noqa: E731
+            until("the change", lambda: deep().startswith("NOERROR"), 10)
             took = (time.monotonic() - started) * 1e3
             print(
-                f"{'web':<14}{'evil.example.org':<24}{evil()}"
+                f"{'web':<14}{'a.b.deep.example.com':<24}{deep()}"
                 f"   (followed the change {took:.0f} ms after kubectl apply returned)"
             )
 
@@ -208,7 +209,7 @@ def main() -> int:
                 "kind": "CiliumNetworkPolicy",
                 "metadata": {"name": "broken", "namespace": "default"},
                 "spec": {
-                    "endpointSelector": {"matchLabels": {"app": "batch"}},
+                    "endpointSelector": {"matchLabels": {"app": "tools"}},
                     "egress": [{"toFQDNs": [{"matchName": "x.example.com"}], "toEndpoints": [{}]}],
                 },
             }
@@ -219,10 +220,11 @@ def main() -> int:
             )["items"]
             event = until("its Event", events)
             print(f"   Event {event[0]['reason']}: {event[0]['message']}")
+            tools = lambda: ask(port, "127.0.0.12", "www.example.com")  # noqa: E731
+            until("tools in default deny", lambda: tools().startswith("REFUSED"), 10)
             print(
-                f"{'batch':<14}{'a.b.deep.example.com':<24}"
-                f"{ask(port, '127.0.0.11', 'a.b.deep.example.com')}"
-                "   (a new invalid policy puts what it selects in default deny)"
+                f"{'tools':<14}{'www.example.com':<24}{tools()}"
+                "   (no policy selected tools: a new invalid one puts it in default deny)"
             )
             print("\n== fqdnguard policy status")
             subprocess.run(

@@ -189,7 +189,9 @@ def cmd_policy_status(args: argparse.Namespace) -> int:
     policies = list(data.get("policies") or [])
     print(f"Policies:   {len(policies)}")
     for p in policies:
-        print(f"  {p['kind']} {p['policy']}  ({p['file']}:{p['line']})")
+        print(
+            f"  {p['kind']} {p['policy']}" + (f"  ({p['file']}:{p['line']})" if p["line"] else "")
+        )
     invalid = list(data.get("invalid") or [])
     if invalid or data.get("feed") is not None:
         print(f"Invalid:    {len(invalid)} ({data.get('invalid_total', 0)} invalid versions seen)")

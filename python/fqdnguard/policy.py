@@ -1427,6 +1427,8 @@ def parse_object(
         specs, infos, errors, warnings = _read_sources(
             [(origin, text)], unenforced_l7=unenforced_l7, allow_empty=True
         )
+    # An object has no file or line of its own: its origin names it.
+    infos = [PolicyInfo(i.kind, i.namespace, i.name, i.file, 0) for i in infos]
     return ParsedObject(tuple(specs), tuple(infos), tuple(warnings), tuple(errors))
 
 
