@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -75,18 +76,21 @@ def test_ruleset_follows_the_policy() -> None:
     chain = text.split(f"chain ep_{web.id} {{")[1].split("}\n")[0]
     rules = [line.strip() for line in chain.splitlines() if line.strip()]
     sets = sorted({w[1:] for r in rules for w in r.split() if w.startswith("@")})
-    assert len(sets) == 4  # two port lists (two toFQDNs rules) x two families
+    fqdn = [s for s in sets if s.startswith(f"ep_{web.id}_")]
+    assert len(fqdn) == 4  # two port lists (two toFQDNs rules) x two families
+    peers = [s for s in sets if s.startswith("peer_")]
+    assert len(peers) == 4  # the toEndpoints and toCIDRSet rules x two families
     assert rules[0] == "meta l4proto { tcp, udp } ip daddr 10.0.0.1 th dport 53 accept"
     assert any("tcp . 443, tcp . 8443-8450 }" in r and "@ep_" in r for r in rules)
     assert any(r.startswith("ip6 daddr @ep_") and r.endswith("_6 accept") for r in rules)
-    assert (
-        "ip daddr { 10.96.0.10 } meta l4proto . th dport { sctp . 53, tcp . 53, udp . 53 } accept"
-        in rules
-    )
-    assert (
-        "ip daddr 192.168.0.0/16 ip daddr != { 192.168.1.0/24 } "
-        "meta l4proto . th dport { tcp . 5432 } accept" in rules
-    )
+    # Peers are in sets of their rule, never inline; the except is cut out of the CIDR.
+    elements = dict(re.findall(r"set (\S+) \{[^}]*?elements = \{ ([^}]*) \}", text))
+    dns = next(r for r in rules if "sctp . 53" in r and r.startswith("ip daddr @peer_"))
+    assert dns.endswith("meta l4proto . th dport { sctp . 53, tcp . 53, udp . 53 } accept")
+    assert elements[dns.split()[2][1:]] == "10.96.0.10"
+    db = next(r for r in rules if "tcp . 5432" in r and r.startswith("ip daddr @peer_"))
+    assert elements[db.split()[2][1:]] == "192.168.0.0-192.168.0.255, 192.168.2.0-192.168.255.255"
+    assert not any(r.split()[2][1:] in elements for r in rules if r.startswith("ip6 daddr @peer_"))
     assert rules[-1] == "counter drop"
     # Only restricted endpoints are dispatched; the unrestricted one is untouched.
     assert f"10.0.0.2 : goto ep_{web.id}" in text and "fd00::2 : goto" in text

@@ -238,8 +238,14 @@ class EgressPlan:
 
     #: One entry per ``toFQDNs`` rule: its ports and its (is_pattern, text) name selectors.
     fqdn: tuple[tuple[Ports, tuple[tuple[bool, str], ...]], ...]
-    #: One entry per other rule (``toEndpoints``, ``toCIDR``, ``toCIDRSet``, L4-only).
+    #: One entry per other rule (``toEndpoints``, ``toCIDR``, ``toCIDRSet``, L4-only), also
+    #: when its selectors pick no address today (then it admits nothing).
     peers: tuple[tuple[Peers, Ports], ...]
+    #: The rule each ``peers`` entry comes from, e.g. ``CiliumNetworkPolicy default/web
+    #: egress[0]``: the same across reloads and for every endpoint the rule applies to, so a
+    #: firewall can keep a rule's addresses in one set of their own and update it in place.
+    #: Shorter than ``peers`` when not known (the firewall then names sets by position).
+    peer_rules: tuple[str, ...] = ()
 
 
 class Policy:
@@ -451,9 +457,11 @@ class Policy:
         registry = endpoints if endpoints is not None else self._endpoints
         fqdn: list[tuple[Ports, tuple[tuple[bool, str], ...]]] = []
         peers: list[tuple[Peers, Ports]] = []
+        peer_rules: list[str] = []
         resolved: dict[Selector, list[Endpoint]] = {}
         for spec in selecting:
             for rule in spec.egress:
+                rule_id = f"{spec.label} egress[{rule.index}]"
                 dests = _destinations(rule, registry, resolved)
                 entries = _effective_ports(rule, dests)
                 if entries is None:
@@ -466,12 +474,15 @@ class Policy:
                 elif not rule.has_l3:
                     if rule.has_ports:
                         peers.append((None, ports))  # no L3 selector: any destination
+                        peer_rules.append(rule_id)
                 else:
                     ips = {ip for ep in dests or () for ip in ep.ips}
                     cidrs = tuple((a, b, tuple(x)) for a, b, x, _ in rule.cidrs)
-                    if ips or cidrs:
-                        peers.append(((tuple(sorted(ips)), cidrs), ports))
-        return EgressPlan(tuple(fqdn), tuple(peers))
+                    # Kept when it selects nothing, so that a selector's first address is an
+                    # update of the rule's set, not a new rule.
+                    peers.append(((tuple(sorted(ips)), cidrs), ports))
+                    peer_rules.append(rule_id)
+        return EgressPlan(tuple(fqdn), tuple(peers), tuple(peer_rules))
 
     def __len__(self) -> int:
         return len(self.policies)
