@@ -109,6 +109,33 @@ def test_ruleset_follows_the_policy() -> None:
     assert "10.0.0.3" not in text and f"ep_{free.id}" not in text
 
 
+def test_peer_sets_are_per_rule_shared_and_kept_when_empty() -> None:
+    """Endpoints one rule applies to share its sets (a peer's new address is one update,
+    whatever their number), and a selector that picks nobody yet keeps its rule and empty sets
+    (a selected deployment scaling up from zero changes elements, not chains)."""
+    two = ENDPOINTS + "  - {name: web2, namespace: default, ips: [10.0.0.4], labels: {app: web}}\n"
+
+    def chains_and_sets(endpoints: str) -> tuple[dict[str, list[str]], dict[str, str]]:
+        eps = Endpoints.from_yaml(endpoints)
+        b = Nftables()
+        b.set_policy(Policy.from_yaml(POLICY, endpoints=eps), eps, listen=[("10.0.0.1", 53)])
+        text = b.ruleset()
+        chains = {
+            name: [r.strip() for r in body.strip().splitlines()]
+            for name, body in re.findall(r"chain (ep_\d+) \{\n(.*?)\n\t\}", text, re.S)
+        }
+        return chains, dict(re.findall(r"set (peer_\S+) \{[^}]*?elements = \{ ([^}]*) \}", text))
+
+    chains, elements = chains_and_sets(two)
+    assert len(chains) == 2
+    first, second = ([r for r in rules if "@peer_" in r] for rules in chains.values())
+    assert len(first) == 4 and first == second  # the same rules on the same sets
+    assert len(elements) == 2  # the kube-dns and the CIDR rule's IPv4 sets, once
+    nobody, none_yet = chains_and_sets(two.replace("k8s-app: kube-dns}", "k8s-app: gone}"))
+    assert nobody == chains
+    assert len(none_yet) == 1 and "10.96.0.10" not in none_yet.values()
+
+
 def test_ips_go_to_the_sets_of_the_rules_their_names_match() -> None:
     b, eps = backend()
     web = eps.by_ip("10.0.0.2")
