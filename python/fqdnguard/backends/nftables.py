@@ -65,6 +65,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import hashlib
 import ipaddress
 import json
@@ -344,6 +345,7 @@ def _extack(data: bytes, off: int, flags: int) -> str:
 # -- the ruleset from the policy ----------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1024)
 def _port_expr(ports: Any) -> str:
     """``meta l4proto . th dport { tcp . 443, udp . 53-54 }`` for a plan's ports ('' = all)."""
     if ports is None:
@@ -474,6 +476,20 @@ def _peer_base(rule: str) -> str:
     return "peer_" + hashlib.sha1(rule.encode()).hexdigest()[:12]
 
 
+@functools.lru_cache(maxsize=16)
+def _listen_rules(listen: tuple[tuple[str, int], ...]) -> tuple[str, ...]:
+    """DNS to the proxy's listen addresses, first in every endpoint's chain."""
+    out: list[str] = []
+    for host, port in listen:
+        addr = ipaddress.ip_address(host)
+        if addr.is_unspecified:
+            dst = "fib daddr type local"
+        else:
+            dst = f"{'ip6' if addr.version == 6 else 'ip'} daddr {addr}"
+        out.append(f"meta l4proto {{ tcp, udp }} {dst} th dport {port} accept")
+    return tuple(out)
+
+
 class _EndpointRules:
     """One restricted endpoint: its sources, its fqdn classes (port list -> selectors) and the
     rules of its chain."""
@@ -529,14 +545,7 @@ class _EndpointRules:
         )
 
     def rules(self, listen: Sequence[tuple[str, int]]) -> list[str]:
-        out: list[str] = []
-        for host, port in listen:
-            addr = ipaddress.ip_address(host)
-            if addr.is_unspecified:
-                dst = "fib daddr type local"
-            else:
-                dst = f"{'ip6' if addr.version == 6 else 'ip'} daddr {addr}"
-            out.append(f"meta l4proto {{ tcp, udp }} {dst} th dport {port} accept")
+        out = list(_listen_rules(tuple(listen)))
         for cid, (ports, _) in self.classes.items():
             pe = _port_expr(ports)
             for family, match in ((4, "ip"), (6, "ip6")):
@@ -720,9 +729,19 @@ class Nftables(Backend):
         second gets sets of its own."""
         want = _Ruleset(listen)
         content: dict[Any, dict[int, Intervals]] = {}
+        # Endpoints with the same namespace and labels are selected alike: one plan for them
+        # (each plan resolves the rules' selectors against the whole registry).
+        plans: dict[Any, tuple[Any, list[tuple[str | None, Any]] | None]] = {}
         for ep in endpoints:
-            plan = policy.egress_plan(ep, endpoints)
-            if plan is None or not ep.ips:
+            if not ep.ips:
+                continue
+            key = getattr(ep, "key", None) or ep.id
+            plan, peers_of = plans.get(key) or (policy.egress_plan(ep, endpoints), None)
+            if plan is None:
+                plans[key] = (None, None)
+                continue
+            if peers_of is not None:
+                want.add(_EndpointRules(ep.id, ep.ips, plan, peers_of))
                 continue
             rules = getattr(plan, "peer_rules", ())
             named = len(rules) == len(plan.peers)
@@ -741,8 +760,8 @@ class Nftables(Backend):
                     base = _peer_base(f"{rule} endpoint {ep.id} peers[{k}]")
                 want.peer_content[base] = found
                 peers.append((base, ports))
-            rules_of = _EndpointRules(ep.id, ep.ips, plan, peers)
-            want.add(rules_of)
+            plans[key] = (plan, peers if named else None)
+            want.add(_EndpointRules(ep.id, ep.ips, plan, peers))
         for base, found in want.peer_content.items():
             for family in (4, 6):
                 want.peer_sets[f"{base}_{family}"] = found[family]
