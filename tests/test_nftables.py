@@ -817,3 +817,45 @@ def test_a_peer_address_change_is_an_element_update_and_traffic_follows() -> Non
         if driver is not None and driver.stdin is not None:
             driver.stdin.close()
         topo.close()
+
+
+@needs_netns
+def test_a_chain_change_with_element_changes_is_one_transaction() -> None:
+    """New ports for one rule (its chain is rewritten) while pods move and an except changes:
+    one nft transaction, in which the peer sets get element changes (not re-created)."""
+    out = run_in_netns(f"""
+        def load(dns, db, text={TWO_PEERS_POLICY!r}):
+            e = Endpoints.from_yaml(ENDPOINTS.replace("10.96.0.10", dns)
+                                    + "  - {{name: db, namespace: default, ips: [" + db
+                                    + "], labels: {{app: db}}}}\\n")
+            return Policy.from_yaml(text, endpoints=e), e
+        async def main():
+            b = Nftables(); b.set_policy(*load("10.96.0.10", "10.1.0.5"), listen=[("10.0.0.1", 53)])
+            await b.start()
+            await b.apply([C("added", "1.1.1.1", 300)])
+            sets = [h for h in handles() if h[0] == "set"]
+            learned, transactions = flat(b), b.transactions
+            text = {TWO_PEERS_POLICY!r}.replace('"6432"', '"6433"').replace(
+                "192.168.1.0/24", "192.168.3.0/25")
+            b.set_policy(*load("10.96.0.11", "10.1.0.6", text))
+            out["transactions"] = b.transactions - transactions
+            out["sets_kept"] = [h for h in handles() if h[0] == "set"] == sets
+            out["learned"] = flat(b) == learned
+            out["peers"] = sorted(json.dumps(v) for v in peer_elements().values() if v)
+            out["chain"] = b.ruleset().split("chain ep_")[1]
+            b.remove_table(); await b.close()
+        asyncio.run(main())
+    """)
+    assert out["transactions"] == 1 and out["sets_kept"] is True and out["learned"] is True
+    assert out["peers"] == sorted(
+        json.dumps(v)
+        for v in (
+            ["10.96.0.11"],
+            ["10.1.0.6"],
+            [
+                {"range": ["192.168.0.0", "192.168.2.255"]},
+                {"range": ["192.168.3.128", "192.168.255.255"]},
+            ],
+        )
+    )
+    assert "tcp . 6433" in str(out["chain"]) and "tcp . 6432" not in str(out["chain"])

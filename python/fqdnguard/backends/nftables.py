@@ -21,11 +21,14 @@ The ruleset lives in one table, ``inet fqdnguard``, and never needs flushing::
         meta l4proto { tcp, udp } ip daddr 10.0.0.1 th dport 53 accept        # DNS to the proxy
         ip daddr @ep_7_f0_4 meta l4proto . th dport { tcp . 443 } accept        # toFQDNs rule 0
         ip6 daddr @ep_7_f0_6 meta l4proto . th dport { tcp . 443 } accept
-        ip daddr 10.0.0.0/8 ip daddr != { 10.96.0.0/12 } accept                # toCIDRSet
+        ip daddr @peer_3f2a_4 meta l4proto . th dport { udp . 53 } accept       # toEndpoints,
+        ip6 daddr @peer_3f2a_6 meta l4proto . th dport { udp . 53 } accept      # toCIDR(Set)...
         counter drop
       }
       set ep_7_f0_4 { type ipv4_addr; flags timeout; }  # learned IPs, each with its own timeout
       set ep_7_f0_6 { type ipv6_addr; flags timeout; }
+      set peer_3f2a_4 { type ipv4_addr; flags interval; elements = { 10.96.0.10, ... } }
+      set peer_3f2a_6 { type ipv6_addr; flags interval; }    # one pair per rule, shared
     }
 
 Sources: endpoints are known by their source address, so a pod sending with another's (or the
@@ -43,6 +46,16 @@ concatenated set). In the usual case an endpoint's ``toFQDNs`` rules share one p
 learned IP is one element; when they differ, an IP goes into the sets of the rules whose selectors
 match one of the names it was learned under (asked of the cache), exactly as ``egress_verdict``.
 
+Peers: the addresses a rule's L3 selectors pick (``toEndpoints``' pods, ``toCIDR``,
+``toCIDRSet`` with its excepts, whatever ``EgressPlan.peers`` lists) are in a pair of interval
+sets named after the rule (a digest of its policy, spec and egress index), never inline: the
+endpoints the rule applies to share them. Each CIDR minus its own excepts and each address are
+intervals; overlapping ones are merged, touching ones stay apart (one address, one element), so a
+set admits exactly what ``egress_verdict`` does. A policy update is a diff against what the kernel
+holds: nothing when nothing changed, one netlink element transaction when only addresses did
+(a peer pod's new IP rewrites no chain), else one nft text transaction with only the changed
+chains, map entries, elements and the deletions.
+
 Changes: one batch is one nftables transaction. The ruleset goes through libnftables as text
 (``nft_run_cmd_from_buffer``); element batches go straight to the kernel as nf_tables netlink
 messages (``ElementSocket``: NEWSETELEM/DELSETELEM between BATCH_BEGIN and BATCH_END), because
@@ -54,8 +67,10 @@ removal, which must not fail when the kernel already timed the element out) is w
 so the element is never absent.
 
 Restart: ``start`` installs the table, sets and chains with ``add`` (idempotent) and replaces each
-chain's rules with ``flush chain`` + rules in the same transaction; sets are never flushed, so
-a restart neither opens nor closes a window. ``reconcile`` then brings the sets to exactly the
+chain's rules with ``flush chain`` + rules, and each peer set's elements with ``flush set`` +
+elements, in the same transaction; learned-IP sets are never flushed, so a restart neither opens
+nor closes a window. The same whole install follows an update the kernel refused (what it holds
+is then in doubt). ``reconcile`` then brings the sets to exactly the
 live state. ``close`` leaves the ruleset in place (fail closed: the elements lapse on their own).
 """
 
