@@ -17,7 +17,14 @@ import fqdnguard
 import pytest
 from fqdnguard import Endpoints, Policy
 from fqdnguard.backends import BackendError
-from fqdnguard.backends.nftables import Nftables, NftError, _element, _key, _port_expr
+from fqdnguard.backends.nftables import (
+    Nftables,
+    NftError,
+    _element,
+    _key,
+    _port_expr,
+    peer_intervals,
+)
 
 from tests.netns import (
     NODE_POD4,
@@ -134,6 +141,37 @@ def test_peer_sets_are_per_rule_shared_and_kept_when_empty() -> None:
     nobody, none_yet = chains_and_sets(two.replace("k8s-app: kube-dns}", "k8s-app: gone}"))
     assert nobody == chains
     assert len(none_yet) == 1 and "10.96.0.10" not in none_yet.values()
+
+
+def test_peer_intervals_cut_each_except_from_its_own_cidr_and_name_bad_input() -> None:
+    def ip(text: str) -> int:
+        return int(ipaddress.ip_address(text))
+
+    got = peer_intervals(
+        (
+            ("10.96.0.7", "fd00::1", "10.200.0.1"),
+            (
+                ("10.0.0.0", 8, (("10.96.0.0", 12), ("fd00::", 8))),  # other family: no effect
+                ("10.96.0.0", 16, ()),  # admits again part of the first one's except
+                ("10.200.0.2", 32, ()),  # touches 10.200.0.1: stays an element of its own
+                ("::", 0, (("fd00::", 8),)),
+            ),
+        )
+    )
+    assert got[4] == (
+        (ip("10.0.0.0"), ip("10.95.255.255")),
+        (ip("10.96.0.0"), ip("10.96.255.255")),  # 10.96.0.7 merged into it
+        (ip("10.112.0.0"), ip("10.255.255.255")),  # 10.200.0.x inside: merged
+    )
+    assert got[6] == ((0, ip("fcff:ffff:ffff:ffff:ffff:ffff:ffff:ffff")),
+                      (ip("fd00::1"), ip("fd00::1")),  # a selected pod inside the except
+                      (ip("fe00::"), (1 << 128) - 1))  # fmt: skip
+    touching = peer_intervals((("10.0.0.1", "10.0.0.2"), (("10.0.0.3", 32, ()),)))
+    assert len(touching[4]) == 3 and touching[6] == ()
+    with pytest.raises(BackendError, match=r"not an IP address: '10\.0\.0'"):
+        peer_intervals((("10.0.0",), ()))
+    with pytest.raises(BackendError, match=r"not a CIDR: 10\.0\.0\.0/33"):
+        peer_intervals(((), (("10.0.0.0", 33, ()),)))
 
 
 def test_ips_go_to_the_sets_of_the_rules_their_names_match() -> None:
