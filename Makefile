@@ -106,6 +106,12 @@ kube-up: $(if $(VENV_DEP),kube-pydeps) kube-build ## Start etcd, kube-apiserver,
 	@test -n "$(KUBE_DIR)" || { echo "usage: make kube-up KUBE_DIR=DIR" >&2; exit 2; }
 	$(KUBE) up $(KUBE_DIR)
 
+.PHONY: demo-kubernetes
+DEMO_KUBE_DIR ?= .demo-kube
+demo-kubernetes: demo-deps demo-pydeps build-dev ## fqdnguard following a local control plane (make kube-up): pods, policies, a change, an invalid policy
+	$(MAKE) kube-up KUBE_DIR=$(DEMO_KUBE_DIR)
+	$(PYTHON) examples/demo_kubernetes.py $(DEMO_KUBE_DIR); rc=$$?; $(MAKE) kube-down KUBE_DIR=$(DEMO_KUBE_DIR); exit $$rc
+
 .PHONY: kube-down
 kube-down: $(VENV_DEP) ## Stop the control plane started with the same KUBE_DIR (its data stays there)
 	@test -n "$(KUBE_DIR)" || { echo "usage: make kube-down KUBE_DIR=DIR" >&2; exit 2; }

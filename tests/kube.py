@@ -8,6 +8,7 @@ condition are set through the status subresource (:func:`set_pod_running`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -93,9 +94,15 @@ def create_namespace(
     )
 
 
-def register_node(kube: KubeControlPlane, name: str, address: str) -> None:
-    """A Node object with an InternalIP and a Ready condition, as a kubelet would register it."""
-    apply(kube, {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})
+def register_node(
+    kube: KubeControlPlane, name: str, address: str, pod_cidr: str | None = None
+) -> None:
+    """A Node object with an InternalIP and a Ready condition, as a kubelet would register it
+    (and the pod CIDR the controller manager would allocate it, when given)."""
+    node: dict[str, Any] = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}
+    if pod_cidr is not None:
+        node["spec"] = {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]}
+    apply(kube, node)
     status = {
         "status": {
             "addresses": [{"type": "InternalIP", "address": address}],
@@ -140,3 +147,79 @@ def set_pod_running(kube: KubeControlPlane, namespace: str, name: str, ips: list
         "patch", "pod", name, "-n", namespace, "--subresource=status", "--type=merge",
         "-p", json.dumps(status),
     )  # fmt: skip
+
+
+class Relay:
+    """Lets a network namespace reach the API server on the host's loopback: listens on
+    127.0.0.1:``port`` inside namespace ``netns`` (a socket made there) and relays each
+    connection to 127.0.0.1:``port`` of this process's namespace, byte for byte (TLS passes
+    through untouched, so the kubeconfig's address and certificate work inside as outside).
+
+    ``cut()`` closes every relayed connection and refuses new ones (the node loses the API
+    server while it keeps running); ``mend()`` lets them through again."""
+
+    def __init__(self, topo: Any, netns: str, port: int) -> None:
+        import socket  # noqa: PLC0415
+        import threading  # noqa: PLC0415
+
+        self.port = port
+        self.listener = topo.open_socket(netns, socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", port))
+        self.listener.listen(64)
+        self.cut_off = False
+        self._live: list[Any] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        import socket  # noqa: PLC0415
+        import threading  # noqa: PLC0415
+
+        while True:
+            try:
+                inner, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.cut_off:
+                inner.close()
+                continue
+            try:
+                outer = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+            except OSError:
+                inner.close()
+                continue
+            outer.settimeout(None)
+            with self._lock:
+                self._live += [inner, outer]
+            for a, b in ((inner, outer), (outer, inner)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a: Any, b: Any) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                with contextlib.suppress(OSError):
+                    s.shutdown(2)
+
+    def cut(self) -> None:
+        self.cut_off = True
+        with self._lock:
+            live, self._live = self._live, []
+        for s in live:
+            with contextlib.suppress(OSError):
+                s.shutdown(2)
+            s.close()
+
+    def mend(self) -> None:
+        self.cut_off = False
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()

@@ -86,7 +86,7 @@ def test_lint_clean_and_dirty(tmp_path: pathlib.Path) -> None:
     bad.write_text(
         "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec:\n"
         "  endpointSelector: {}\n  egress:\n  - toFQDNs: [{matchPattern: 'a b'}]\n"
-        "  - toEntities: [world]\n  - toPorts: [{ports: [{port: 53}]}]\n"
+        "  - toEntities: [health]\n  - toPorts: [{ports: [{port: 53}]}]\n"
     )
     r = run("policy", "lint", str(tmp_path))
     assert r.returncode == 2
@@ -96,8 +96,8 @@ def test_lint_clean_and_dirty(tmp_path: pathlib.Path) -> None:
         "'*')",
         f"{bad}:9: spec.egress[2].toPorts[0].ports[0].port: must be a string, not an integer "
         "(quote it)",
-        f"{bad}:8: warning: spec.egress[1].toEntities: not enforced by fqdnguard: toEntities "
-        "selectors (this rule allows nothing)",
+        f"{bad}:8: warning: spec.egress[1].toEntities[0]: not enforced by fqdnguard: entity "
+        "'health': Cilium's health endpoints (allows nothing)",
     ]
     assert "2 error(s), 1 warning(s)" in r.stderr
 

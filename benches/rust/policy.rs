@@ -40,6 +40,7 @@ fn policy_set() -> PolicySet {
                     fqdns: vec![],
                     peers: Peers::Listed {
                         ips: [kube_dns()].into_iter().collect(),
+                        ips_label: "toEndpoints".into(),
                         cidrs: vec![],
                     },
                     ports: vec![PortEntry {

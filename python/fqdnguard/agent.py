@@ -24,10 +24,12 @@ from fqdnguard._core import CacheError, DnsCache
 from fqdnguard.backends import Backend, BackendError, make_backend
 from fqdnguard.config import ConfigError, ProxyConfig
 from fqdnguard.control import ControlServer, Stream
-from fqdnguard.endpoints import Endpoints
+from fqdnguard.endpoints import Endpoints, load_with_cluster
 from fqdnguard.policy import Policy, PolicyError
 from fqdnguard.proxy import Proxy
 from fqdnguard.reloads import PolicyStatus
+from fqdnguard.sources.feed import KubernetesFeed
+from fqdnguard.sources.model import Built
 from fqdnguard.state import StateDir, StateError
 
 __all__ = [
@@ -49,12 +51,15 @@ CONTROL_SOCKET = "control.sock"
 def load_policy(config: ProxyConfig) -> tuple[Policy, Endpoints]:
     if not config.policy:
         raise ConfigError("policy: at least one policy file or directory is required")
-    endpoints = Endpoints.load(config.endpoints) if config.endpoints else Endpoints()
+    endpoints, cluster = (
+        load_with_cluster(config.endpoints) if config.endpoints else (Endpoints(), None)
+    )
     policy = Policy.load(
         config.policy,
         endpoints=endpoints,
         allow_empty=config.allow_empty_policy,
         unenforced_l7=config.unenforced_l7,
+        cluster=cluster,
     )
     return policy, endpoints
 
@@ -133,9 +138,13 @@ class Runner:
 
     def __init__(self, config: ProxyConfig, backend: Backend | None = None) -> None:
         self.config = config
-        self.policy, self.endpoints = load_policy(config)
         self.status = PolicyStatus()
-        self.status.applied(None, self.policy, source="files", origin=list(config.policy))
+        self.feed: KubernetesFeed | None = None
+        if config.kubernetes:
+            self.policy, self.endpoints = self._kubernetes_start()
+        else:
+            self.policy, self.endpoints = load_policy(config)
+            self.status.applied(None, self.policy, source="files", origin=list(config.policy))
         self.state_dir = Path(config.state_dir) if config.state_dir else None
         self.state = StateDir(self.state_dir) if self.state_dir is not None else None
         self.cache = self._restore_cache()
@@ -150,6 +159,47 @@ class Runner:
         self._stop = asyncio.Event()
         self._control: ControlServer | None = None
         self._metrics: Any = None
+
+    def _kubernetes_start(self) -> tuple[Policy, Endpoints]:
+        """The policy to serve before the API server answers: the state directory's, else
+        none with no endpoint (every source unknown: refused until the first listing)."""
+        config = self.config
+        assert config.node_name is not None
+        self.feed = KubernetesFeed(
+            config.node_name,
+            self._apply_built,
+            kubeconfig=config.kubeconfig,
+            state_dir=config.state_dir,
+            unenforced_l7=config.unenforced_l7,
+        )
+        built = self.feed.restore()
+        origin = [f"node {config.node_name}"]
+        if built is None:
+            endpoints = Endpoints()
+            policy = Policy.empty(endpoints)
+            self.status.applied(None, policy, source="kubernetes", origin=origin, trigger="start")
+            return policy, endpoints
+        self.status.applied(None, built.policy, source="state", origin=origin)
+        return built.policy, built.endpoints
+
+    def _apply_built(self, built: Built) -> None:
+        """Puts a build of the cluster model in force (raises when the backend refuses it:
+        the policy in force stays)."""
+        old = self.policy
+        self.proxy.set_policy(built.policy, built.endpoints)
+        self.policy, self.endpoints = built.policy, built.endpoints
+        if built.gone:
+            self.proxy.forget_endpoints(built.gone)
+        assert self.feed is not None
+        origin = [f"node {self.feed.node}"]
+        self.status.applied(old, built.policy, source="kubernetes", origin=origin, trigger="watch")
+        self._feed_status()
+
+    def _feed_status(self) -> None:
+        if self.feed is not None:
+            self.status.invalid = self.feed.model.invalid()
+            self.status.invalid_total = self.feed.model.invalid_total
+            self.status.feed = self.feed.status()
 
     def _restore_cache(self) -> DnsCache:
         cache = DnsCache(min_ttl=self.config.min_ttl)
@@ -176,7 +226,10 @@ class Runner:
             self.state.commit(lambda: self.cache.save(path))
 
     def reload(self) -> bool:
-        """Reloads policy and endpoints; the old set stays in force when the new one is bad."""
+        """Reloads policy and endpoints; the old set stays in force when the new one is bad.
+        With the Kubernetes source: builds the objects held again."""
+        if self.feed is not None:
+            return self.feed.rebuild() is not None
         try:
             policy, endpoints = load_policy(self.config)
             self.proxy.set_policy(policy, endpoints)
@@ -204,6 +257,8 @@ class Runner:
                 self.proxy.journal = self.state.start_journal(None)
             except (StateError, OSError) as e:
                 log.error("cannot claim the state directory: %s", e)
+        if self.feed is not None:
+            await self.feed.start()
         # A long-running server with few cyclic objects: move what start-up built out of the
         # collector's sight and collect young objects less often (fewer pauses on the data path).
         gc.collect()
@@ -244,6 +299,8 @@ class Runner:
         self._stop.set()
 
     async def stop(self) -> None:
+        if self.feed is not None:
+            await self.feed.stop()
         if self._control is not None:
             await self._control.close()
         await self.proxy.stop()
@@ -269,6 +326,7 @@ class Runner:
         return cache_listing(self.cache, self.config, query)
 
     async def _get_policy(self, _body: Any) -> tuple[int, Any]:
+        self._feed_status()
         return 200, self.status.to_json()
 
     async def _get_endpoints(self, _body: Any) -> tuple[int, Any]:

@@ -25,7 +25,7 @@ from fqdnguard.control import ControlError, policy_digest, request
 from fqdnguard.policy import PolicyError, _files, _read_text
 from fqdnguard.proxyd import compile_policy
 
-__all__ = ["Agent", "run_agent"]
+__all__ = ["Agent", "KubernetesAgent", "run_agent"]
 
 log = logging.getLogger("fqdnguard.agentd")
 
@@ -191,3 +191,193 @@ def run_agent(agent: Agent) -> None:
     import uvloop  # noqa: PLC0415
 
     uvloop.run(agent.run())
+
+
+class KubernetesAgent:
+    """``fqdnguard agent --kubernetes``: relays the Kubernetes objects of this node's view to a
+    proxy (``POST /v1/objects``), as batches of changes; the proxy compiles them. The agent
+    reads the policy objects too, to post an Event for an invalid one and to narrow its watch
+    of other nodes' pods to what the policies select.
+
+    A session starts with a reset (every object held) and goes on with numbered batches; a
+    proxy that restarted, or missed a batch, answers 409 and gets a reset. A proxy older than
+    the protocol answers 404: the agent says so and pushes nothing (the proxy keeps its policy;
+    upgrade proxies before agents, docs/split.md)."""
+
+    def __init__(
+        self,
+        node: str,
+        socket_path: str | os.PathLike[str],
+        *,
+        kubeconfig: str | None = None,
+        interval: float = 1.0,
+        unenforced_l7: str = "deny",
+        source_factory: Any = None,
+        coalesce: float = 0.05,
+    ) -> None:
+        import uuid  # noqa: PLC0415
+
+        from fqdnguard.sources.model import ClusterModel  # noqa: PLC0415
+
+        if interval <= 0:
+            raise ValueError(f"interval: {interval!r} must be a positive number of seconds")
+        self.node = node
+        self.socket_path = Path(socket_path)
+        self.interval = interval
+        self.coalesce = coalesce
+        self.kubeconfig = kubeconfig
+        self.model = ClusterModel(node, unenforced_l7=unenforced_l7, report=self._report)
+        self.session = uuid.uuid4().hex
+        self.seq = 0
+        self.need_reset = True
+        self.pushes = 0
+        self._pending: list[Any] = []
+        self._pending_synced: list[str] = []
+        self._selectors: tuple[tuple[str | None, str], ...] | None = None
+        self._factory = source_factory
+        self.source: Any = None
+        self._reachable: bool | None = None
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+
+    # -- the sink the source feeds ---------------------------------------------------------
+
+    def changes(self, kind: str, batch: list[Any]) -> None:
+        self.model.changes(kind, batch)
+        self._pending.extend(batch)
+        self._wake.set()
+
+    def synced(self, kind: str) -> None:
+        self.model.synced(kind)
+        self._pending_synced.append(kind)
+        self._wake.set()
+
+    def _report(self, kind: str, obj: dict[str, Any], reason: str, message: str) -> None:
+        from fqdnguard.sources.feed import report_to  # noqa: PLC0415
+
+        report_to(self.source, kind, obj, reason, message)
+
+    # -- relaying ---------------------------------------------------------------------------
+
+    def _body(self) -> dict[str, Any]:
+        from fqdnguard.proxyd import KUBE_PROTOCOL  # noqa: PLC0415
+
+        if self.need_reset:
+            changes = [
+                {"kind": kind, "key": key, "obj": obj}
+                for kind, store in self.model.stores.items()
+                for key, obj in store.items()
+            ]
+            synced = self.model.synced_kinds()
+            seq = 1
+        else:
+            changes = [{"kind": c.kind, "key": c.key, "obj": c.obj} for c in self._pending]
+            synced = list(self._pending_synced)
+            seq = self.seq + 1
+        return {
+            "protocol": KUBE_PROTOCOL,
+            "node": self.node,
+            "session": self.session,
+            "seq": seq,
+            "reset": self.need_reset,
+            "changes": changes,
+            "synced": synced,
+        }
+
+    async def sync(self) -> str:
+        """One round: relay what changed (or everything, when the proxy needs a reset).
+        Returns "pushed", "in-sync", "unreachable", "unsupported" or "rejected"."""
+        if not self.need_reset and await self._proxy_lost_session():
+            self.need_reset = True
+        if not self.need_reset and not self._pending and not self._pending_synced:
+            return "in-sync"
+        body = self._body()
+        self._pending, self._pending_synced = [], []
+        try:
+            status, answer = await request(
+                self.socket_path, "POST", "/v1/objects", body, timeout=30
+            )
+        except ControlError as e:
+            self._set_reachable(False, str(e))
+            self.need_reset = True
+            return "unreachable"
+        self._set_reachable(True)
+        if status == 404:
+            log.error(
+                "the proxy at %s does not take Kubernetes objects (an older release): upgrade "
+                "the proxy first; it keeps serving the policy it has",
+                self.socket_path,
+            )
+            self.need_reset = True
+            return "unsupported"
+        if status == 409 and isinstance(answer, dict) and answer.get("need") == "reset":
+            self.need_reset = True
+            return await self.sync() if not body["reset"] else "rejected"
+        if status != 200:
+            log.error("the proxy refused the objects (%d): %s", status, answer)
+            self.need_reset = True
+            return "rejected"
+        if body["reset"]:
+            log.info("relayed every object to the proxy (%d)", len(body["changes"]))
+        self.seq, self.need_reset = body["seq"], False
+        self.pushes += 1
+        self._push_selectors()
+        return "pushed"
+
+    async def _proxy_lost_session(self) -> bool:
+        """True when the proxy no longer follows this session (it restarted)."""
+        try:
+            status, body = await request(self.socket_path, "GET", "/v1/status", timeout=5)
+        except ControlError:
+            return True
+        kube = body.get("kubernetes") if status == 200 and isinstance(body, dict) else None
+        return not isinstance(kube, dict) or kube.get("session") != self.session
+
+    def _push_selectors(self) -> None:
+        selectors = self.model.pod_selectors()
+        if self.source is not None and selectors != self._selectors:
+            self._selectors = selectors
+            setter = getattr(self.source, "set_pod_selectors", None)
+            if setter is not None:
+                setter(list(selectors))
+
+    def _set_reachable(self, ok: bool, why: str = "") -> None:
+        if ok != self._reachable:
+            if ok:
+                log.info("proxy reachable at %s", self.socket_path)
+            else:
+                log.warning("proxy not reachable (%s); retrying every %.1fs", why, self.interval)
+        self._reachable = ok
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    async def run(self) -> None:
+        factory = self._factory
+        if factory is None:
+            from fqdnguard.sources.kubernetes import KubernetesSource  # noqa: PLC0415
+
+            factory = KubernetesSource
+        self.source = factory(self, self.node, kubeconfig=self.kubeconfig)
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop)
+        watching = asyncio.ensure_future(self.source.run())
+        try:
+            while not self._stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.interval)
+                if self._stop.is_set():
+                    break
+                await asyncio.sleep(self.coalesce)
+                self._wake.clear()
+                await self.sync()
+        finally:
+            with contextlib.suppress(Exception):
+                await self.source.stop()
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watching
+        log.info("stopped")

@@ -8,6 +8,7 @@ one is a parser in :func:`build_parser` and a function here.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -83,10 +84,13 @@ def _labels(text: str) -> dict[str, str]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    endpoints = Endpoints.load(args.endpoints)
+    from fqdnguard.endpoints import load_with_cluster  # noqa: PLC0415
+
+    endpoints, cluster = load_with_cluster(args.endpoints)
     policy = Policy.load(
         args.policy,
         endpoints=endpoints,
+        cluster=cluster,
         allow_empty=bool(args.allow_empty_policy),
         unenforced_l7=args.unenforced_l7 or "deny",
     )
@@ -185,7 +189,17 @@ def cmd_policy_status(args: argparse.Namespace) -> int:
     policies = list(data.get("policies") or [])
     print(f"Policies:   {len(policies)}")
     for p in policies:
-        print(f"  {p['kind']} {p['policy']}  ({p['file']}:{p['line']})")
+        print(
+            f"  {p['kind']} {p['policy']}" + (f"  ({p['file']}:{p['line']})" if p["line"] else "")
+        )
+    invalid = list(data.get("invalid") or [])
+    if invalid or data.get("feed") is not None:
+        print(f"Invalid:    {len(invalid)} ({data.get('invalid_total', 0)} invalid versions seen)")
+    for bad in invalid:
+        print(f"  {bad['kind']} {bad['policy']}: {bad['error']} (in force: {bad['in_force']})")
+    feed = data.get("feed")
+    if isinstance(feed, dict):
+        print(f"Kubernetes: {feed.get('state')} (node {feed.get('node')})")
     reloads = list(data.get("reloads") or [])
     lifted = data.get("lifted_total")
     print(f"Reloads:    {len(reloads)} recorded, {lifted} endpoint(s) left unrestricted")
@@ -206,6 +220,29 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _node_name(args: argparse.Namespace) -> str | None:
+    """``--node-name``, else NODE_NAME (the downward API) when the Kubernetes source is on."""
+    if getattr(args, "node_name", None):
+        return str(args.node_name)
+    if getattr(args, "kubernetes", None):
+        return os.environ.get("NODE_NAME") or None
+    return None
+
+
+def _kubernetes_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--kubernetes",
+        action="store_true",
+        default=None,
+        help="policies, pods and DNS Services from the Kubernetes API server (in-cluster "
+        "service account, or --kubeconfig); see docs/kubernetes.md",
+    )
+    p.add_argument("--kubeconfig", metavar="FILE", help="kubeconfig (outside the cluster)")
+    p.add_argument(
+        "--node-name", metavar="NAME", help="the node this runs on (default: $NODE_NAME)"
     )
 
 
@@ -232,6 +269,9 @@ def _proxy_config(args: argparse.Namespace) -> ProxyConfig:
         intercept_port=getattr(args, "intercept_port", None),
         udp_io=args.udp_io,
         allow_empty_policy=args.allow_empty_policy,
+        kubernetes=getattr(args, "kubernetes", None) or None,
+        kubeconfig=getattr(args, "kubeconfig", None),
+        node_name=_node_name(args),
         unenforced_l7=args.unenforced_l7,
         reverse_path_check=False if args.no_reverse_path_check else None,
     )
@@ -268,6 +308,10 @@ def cmd_agent(args: argparse.Namespace) -> int:
     if args.socket is None and args.state_dir is None:
         raise _UsageError("give the proxy's --state-dir (or its control --socket)")
     socket_path = args.socket or os.path.join(args.state_dir, "control.sock")
+    if args.kubernetes:
+        return _kubernetes_agent(args, socket_path)
+    if not args.policy:
+        raise _UsageError("give --policy PATH (files) or --kubernetes")
     agent = Agent(
         args.policy,
         args.endpoints,
@@ -282,6 +326,31 @@ def cmd_agent(args: argparse.Namespace) -> int:
         print(outcome)
         return 0 if outcome in ("pushed", "in-sync") else EXIT_ERROR
     run_agent(agent)
+    return 0
+
+
+def _kubernetes_agent(args: argparse.Namespace, socket_path: str) -> int:
+    from fqdnguard.agentd import KubernetesAgent  # noqa: PLC0415
+
+    if args.policy or args.endpoints:
+        raise _UsageError("--kubernetes takes policies and endpoints from the API server; "
+                          "drop --policy and --endpoints")  # fmt: skip
+    node = _node_name(args)
+    if not node:
+        raise _UsageError("--kubernetes needs the node's name: --node-name or NODE_NAME")
+    agent = KubernetesAgent(
+        node,
+        socket_path,
+        kubeconfig=args.kubeconfig,
+        interval=args.interval,
+        unenforced_l7=args.unenforced_l7,
+    )
+    if args.once:
+        raise _UsageError("--once is for files; the Kubernetes agent follows the API server")
+    import uvloop  # noqa: PLC0415
+
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(agent.run())
     return 0
 
 
@@ -590,6 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
         "override the --config file. A bad option exits 2 with a message naming it.",
     )
     _data_plane_options(run, policy=True)
+    _kubernetes_options(run)
     run.add_argument(
         "--intercept",
         action="store_true",
@@ -631,9 +701,8 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument(
         "--policy",
         action="append",
-        required=True,
         metavar="PATH",
-        help="policy file or directory (repeatable)",
+        help="policy file or directory (repeatable; or --kubernetes)",
     )
     agent.add_argument("--endpoints", metavar="FILE", help="endpoints YAML file")
     target = agent.add_mutually_exclusive_group()
@@ -656,6 +725,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="push a policy file with no policy document or a directory with no policy file "
         "(by default such a set is not pushed: the proxy keeps the policy in force)",
+    )
+    _kubernetes_options(agent)
+    agent.add_argument(
+        "--unenforced-l7",
+        choices=["deny", "allow-port"],
+        default="deny",
+        help="as the proxy's option: how the agent reads the policies it reports on",
     )
     agent.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     agent.set_defaults(func=cmd_agent)

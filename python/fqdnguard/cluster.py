@@ -15,7 +15,7 @@ from types import MappingProxyType
 
 from fqdnguard.endpoints import Endpoints
 
-__all__ = ["Cluster", "Node", "Service"]
+__all__ = ["Cluster", "Node", "Service", "ServicePort"]
 
 
 def _frozen(labels: Mapping[str, str] | None) -> Mapping[str, str]:
@@ -69,13 +69,22 @@ class Cluster:
     ``peers``: every pod a ``toEndpoints`` may select, on this node and on others (None: only
     the source registry the policy is compiled with). ``apiserver``: the API server's addresses
     (the endpoints of ``default/kubernetes``). ``node``: the name of the node fqdnguard runs on
-    (``host`` is its addresses; ``remote-node`` the others')."""
+    (``host`` is its addresses; ``remote-node`` the others'). ``pod_cidrs``: pod ranges of the
+    whole cluster beside the nodes' own ``pod_cidrs`` (an IPAM that gives nodes no
+    ``spec.podCIDRs``, e.g. Cilium's cluster-pool)."""
 
     node: str | None = None
     nodes: tuple[Node, ...] = ()
     services: tuple[Service, ...] = ()
     peers: Endpoints | None = None
     apiserver: tuple[str, ...] = ()
+    pod_cidrs: tuple[str, ...] = ()
 
     def this_node(self) -> Node | None:
         return next((n for n in self.nodes if n.name == self.node), None)
+
+    def all_pod_cidrs(self) -> tuple[str, ...]:
+        """Every pod range known: the cluster-wide ones and each node's."""
+        return tuple(
+            dict.fromkeys((*self.pod_cidrs, *(c for n in self.nodes for c in n.pod_cidrs)))
+        )

@@ -91,7 +91,7 @@ def resolv_conf_nameservers(path: str = "/etc/resolv.conf") -> list[tuple[str, i
 
 
 # Options that are true or false.
-_FLAGS = ("intercept", "dns0x20", "allow_empty_policy", "reverse_path_check")
+_FLAGS = ("intercept", "dns0x20", "allow_empty_policy", "reverse_path_check", "kubernetes")
 # Options that are positive whole numbers.
 _COUNTS = (
     "max_inflight",
@@ -152,6 +152,12 @@ class ProxyConfig:
     # in on (nftables backend, interception): a pod cannot borrow another's identity. Off only
     # where routing is asymmetric. See docs/nftables.md.
     reverse_path_check: bool = True
+    # Policies and endpoints from the Kubernetes API server instead of files (docs/kubernetes.md):
+    # in-cluster service-account configuration unless ``kubeconfig`` names a file; the node is
+    # ``node_name``, or the NODE_NAME environment variable (the downward API).
+    kubernetes: bool = False
+    kubeconfig: str | None = None
+    node_name: str | None = None
 
     OPTIONS: ClassVar[tuple[str, ...]] = (
         "listen",
@@ -185,6 +191,9 @@ class ProxyConfig:
         "allow_empty_policy",
         "unenforced_l7",
         "reverse_path_check",
+        "kubernetes",
+        "kubeconfig",
+        "node_name",
     )
 
     def __post_init__(self) -> None:
@@ -234,6 +243,18 @@ class ProxyConfig:
                 f"min_ttl {self.min_ttl} is above max_ttl {self.max_ttl}: every entry would "
                 "outlive the longest TTL allowed; lower min_ttl or raise max_ttl"
             )
+        if not isinstance(self.kubernetes, bool):
+            bad(f"kubernetes: {self.kubernetes!r}: must be true or false")
+        elif self.kubernetes:
+            if self.policy or self.endpoints:
+                bad(
+                    "kubernetes: policies and endpoints come from the API server; "
+                    "drop policy and endpoints (files), or kubernetes"
+                )
+            if not self.node_name:
+                bad("node_name: required with kubernetes (--node-name, or NODE_NAME)")
+        elif self.kubeconfig or self.node_name:
+            bad("kubeconfig and node_name need kubernetes (--kubernetes)")
         for name in ("intercept", "reverse_path_check"):
             if not isinstance(getattr(self, name), bool):
                 bad(f"{name}: {getattr(self, name)!r}: must be true or false")

@@ -25,9 +25,13 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from fqdnguard._core import YamlNode
 from fqdnguard._schema import PolicyError, Reader, read_problem
+
+if TYPE_CHECKING:
+    from fqdnguard.cluster import Cluster, Node, Service, ServicePort
 
 NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
 SERVICEACCOUNT_LABEL = "io.cilium.k8s.policy.serviceaccount"
@@ -192,43 +196,11 @@ class Endpoints:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Endpoints:
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise PolicyError(os.fspath(path), 0, "", read_problem(e)) from None
-        return cls.from_yaml(text, filename=os.fspath(path))
+        return load_with_cluster(path)[0]
 
     @classmethod
     def from_yaml(cls, text: str, filename: str = "<string>") -> Endpoints:
-        r = Reader(filename)
-        eps: list[Endpoint] = []
-        ip_owner: dict[str, str] = {}
-        docs = [d for d in r.documents(text) if d is not None]
-        if not r.errors and len(docs) != 1:
-            r.error(1, "", f"expected one YAML document, found {len(docs)}")
-        for doc in docs[:1]:
-            top = r.mapping(doc, "", frozenset({"endpoints"}))
-            if top is None:
-                break
-            if "endpoints" not in top:
-                r.error(doc, "endpoints", "required field is missing")
-                break
-            items = r.sequence(top["endpoints"], "endpoints")
-            for i, node in enumerate(items or []):
-                ep = _read_endpoint(r, node, f"endpoints[{i}]", i + 1)
-                if ep is None:
-                    continue
-                for ip in ep.ips:
-                    if ip in ip_owner:
-                        r.error(node, f"endpoints[{i}].ips", f"{ip} also belongs to {ip_owner[ip]}")
-                    ip_owner[ip] = ep.display
-                if any(e.id == ep.id for e in eps):
-                    r.error(node, f"endpoints[{i}].id", f"id {ep.id} is used twice")
-                eps.append(ep)
-        if r.errors:
-            raise PolicyError.of(r.errors)
-        return cls(eps)
+        return from_yaml_with_cluster(text, filename)[0]
 
     def by_ip(self, ip: str) -> Endpoint | None:
         ep = self._by_ip.get(ip)
@@ -253,6 +225,203 @@ class Endpoints:
 
     def __repr__(self) -> str:
         return f"Endpoints(<{len(self._list)} endpoints>)"
+
+
+def load_with_cluster(path: str | os.PathLike[str]) -> tuple[Endpoints, Cluster | None]:
+    """The endpoints file's registry and its ``cluster:`` section (None without one)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise PolicyError(os.fspath(path), 0, "", read_problem(e)) from None
+    return from_yaml_with_cluster(text, filename=os.fspath(path))
+
+
+def from_yaml_with_cluster(
+    text: str, filename: str = "<string>"
+) -> tuple[Endpoints, Cluster | None]:
+    """See :func:`load_with_cluster`; raises :class:`PolicyError` listing every problem."""
+    r = Reader(filename)
+    eps: list[Endpoint] = []
+    cluster: Cluster | None = None
+    ip_owner: dict[str, str] = {}
+    docs = [d for d in r.documents(text) if d is not None]
+    if not r.errors and len(docs) != 1:
+        r.error(1, "", f"expected one YAML document, found {len(docs)}")
+    for doc in docs[:1]:
+        top = r.mapping(doc, "", frozenset({"endpoints", "cluster"}))
+        if top is None:
+            break
+        if "endpoints" not in top:
+            r.error(doc, "endpoints", "required field is missing")
+        items = r.sequence(top["endpoints"], "endpoints") if "endpoints" in top else []
+        for i, node in enumerate(items or []):
+            ep = _read_endpoint(r, node, f"endpoints[{i}]", i + 1)
+            if ep is None:
+                continue
+            for ip in ep.ips:
+                if ip in ip_owner:
+                    r.error(node, f"endpoints[{i}].ips", f"{ip} also belongs to {ip_owner[ip]}")
+                ip_owner[ip] = ep.display
+            if any(e.id == ep.id for e in eps):
+                r.error(node, f"endpoints[{i}].id", f"id {ep.id} is used twice")
+            eps.append(ep)
+        if "cluster" in top:
+            cluster = _read_cluster(r, top["cluster"], "cluster")
+    if r.errors:
+        raise PolicyError.of(r.errors)
+    return Endpoints(eps), cluster
+
+
+_CLUSTER_FIELDS = frozenset({"node", "nodes", "podCIDRs", "services", "apiserver"})
+_NODE_FIELDS = frozenset({"name", "addresses", "podCIDRs", "labels"})
+_SERVICE_FIELDS = frozenset(
+    {"namespace", "name", "labels", "clusterIPs", "selector", "backends", "ports"}
+)
+_SERVICE_PORT_FIELDS = frozenset({"name", "port", "protocol", "targetPort"})
+
+
+def _read_addresses(r: Reader, node: YamlNode, path: str, prefixes: bool = False) -> list[str]:
+    """A list of IP addresses (canonical text), or of prefixes (``prefixes``)."""
+    out: list[str] = []
+    for i, text in enumerate(r.strings(node, path) or []):
+        try:
+            if prefixes:
+                out.append(str(ipaddress.ip_network(text, strict=False)))
+            else:
+                out.append(str(ipaddress.ip_address(text)))
+        except ValueError:
+            what = "a prefix (address/length)" if prefixes else "an IP address"
+            r.error(node.value[i], f"{path}[{i}]", f"{text!r} is not {what}")
+    return out
+
+
+def _items(r: Reader, f: dict[str, YamlNode], key: str, path: str) -> list[YamlNode]:
+    """The items of the list field ``key`` (none when absent or not a list)."""
+    return (r.sequence(f[key], f"{path}.{key}") or []) if key in f else []
+
+
+def _read_prefixes(r: Reader, f: dict[str, YamlNode], path: str) -> list[str]:
+    """The ``podCIDRs`` field (none when absent)."""
+    return _read_addresses(r, f["podCIDRs"], f"{path}.podCIDRs", True) if "podCIDRs" in f else []
+
+
+def _read_cluster(r: Reader, node: YamlNode, path: str) -> Cluster | None:
+    """The ``cluster:`` section: the facts ``toEntities`` and ``toServices`` resolve against."""
+    from fqdnguard.cluster import Cluster  # noqa: PLC0415 (cluster imports this module)
+
+    errors = len(r.errors)
+    f = r.mapping(node, path, _CLUSTER_FIELDS)
+    if f is None:
+        return None
+    name = r.string(f["node"], f"{path}.node") if "node" in f else None
+    nodes = [
+        _read_node(r, n, f"{path}.nodes[{i}]") for i, n in enumerate(_items(r, f, "nodes", path))
+    ]
+    seen: set[str] = set()
+    for i, n in enumerate(nodes):
+        if n is not None and n.name in seen:
+            r.error(f["nodes"].value[i], f"{path}.nodes[{i}].name", f"node {n.name!r} twice")
+        seen.add(n.name if n is not None else "")
+    if name is not None and name not in seen:
+        r.error(f["node"], f"{path}.node", f"{name!r} is none of the nodes listed under nodes")
+    pod_cidrs = _read_prefixes(r, f, path)
+    services = [
+        _read_service(r, n, f"{path}.services[{i}]")
+        for i, n in enumerate(_items(r, f, "services", path))
+    ]
+    apiserver: list[str] = []
+    if "apiserver" in f:
+        af = r.mapping(f["apiserver"], f"{path}.apiserver", frozenset({"addresses"}))
+        if af is not None and "addresses" in af:
+            apiserver = _read_addresses(r, af["addresses"], f"{path}.apiserver.addresses")
+    if len(r.errors) > errors:
+        return None
+    return Cluster(
+        node=name,
+        nodes=tuple(n for n in nodes if n is not None),
+        services=tuple(s for s in services if s is not None),
+        apiserver=tuple(apiserver),
+        pod_cidrs=tuple(pod_cidrs),
+    )
+
+
+def _read_node(r: Reader, node: YamlNode, path: str) -> Node | None:
+    from fqdnguard.cluster import Node  # noqa: PLC0415
+
+    f = r.mapping(node, path, _NODE_FIELDS)
+    if f is None:
+        return None
+    if "name" not in f:
+        r.error(node, f"{path}.name", "required field is missing")
+    name = r.string(f["name"], f"{path}.name") if "name" in f else None
+    addresses = _read_addresses(r, f["addresses"], f"{path}.addresses") if "addresses" in f else []
+    cidrs = _read_prefixes(r, f, path)
+    labels = r.string_map(f["labels"], f"{path}.labels") if "labels" in f else {}
+    if name is None or labels is None:
+        return None
+    return Node(name, tuple(addresses), tuple(cidrs), MappingProxyType(labels))
+
+
+def _read_service(r: Reader, node: YamlNode, path: str) -> Service | None:
+    from fqdnguard.cluster import Service  # noqa: PLC0415
+
+    errors = len(r.errors)
+    f = r.mapping(node, path, _SERVICE_FIELDS)
+    if f is None:
+        return None
+    if "name" not in f:
+        r.error(node, f"{path}.name", "required field is missing")
+    name = r.string(f["name"], f"{path}.name") if "name" in f else None
+    namespace = r.string(f["namespace"], f"{path}.namespace") if "namespace" in f else "default"
+    labels = r.string_map(f["labels"], f"{path}.labels") if "labels" in f else {}
+    selector = r.string_map(f["selector"], f"{path}.selector") if "selector" in f else None
+    ips = _read_addresses(r, f["clusterIPs"], f"{path}.clusterIPs") if "clusterIPs" in f else []
+    backends = _read_addresses(r, f["backends"], f"{path}.backends") if "backends" in f else []
+    ports = [
+        _read_service_port(r, n, f"{path}.ports[{i}]")
+        for i, n in enumerate(_items(r, f, "ports", path))
+    ]
+    if len(r.errors) > errors or name is None or namespace is None or labels is None:
+        return None
+    return Service(
+        namespace,
+        name,
+        MappingProxyType(labels),
+        tuple(ips),
+        MappingProxyType(selector) if selector else None,
+        tuple(backends),
+        tuple(p for p in ports if p is not None),
+    )
+
+
+def _read_service_port(r: Reader, node: YamlNode, path: str) -> ServicePort | None:
+    """``{name, port, protocol (TCP), targetPort (a number, or a name the backends resolve;
+    default: port)}``."""
+    from fqdnguard.cluster import ServicePort  # noqa: PLC0415
+
+    f = r.mapping(node, path, _SERVICE_PORT_FIELDS)
+    if f is None:
+        return None
+    if "port" not in f:
+        r.error(node, f"{path}.port", "required field is missing")
+    name = r.string(f["name"], f"{path}.name") if "name" in f else ""
+    port, proto = _port_protocol(r, f, path)
+    target: int | None = port
+    if "targetPort" in f:
+        t = f["targetPort"]
+        if t.tag == "tag:yaml.org,2002:int":
+            target = r.integer(t, f"{path}.targetPort")
+            if target is not None and not 0 < target < 65536:
+                r.error(t, f"{path}.targetPort", f"{target} is not between 1 and 65535")
+        else:
+            tname = r.string(t, f"{path}.targetPort")
+            if tname is not None and not PORT_NAME.fullmatch(tname):
+                r.error(t, f"{path}.targetPort", f"{tname!r} is neither a port nor a port name")
+            target = None  # a named target port: the backends resolve it
+    if name is None or port is None or proto is None:
+        return None
+    return ServicePort(name, port, proto, target)
 
 
 def _read_endpoint(r: Reader, node: YamlNode, path: str, default_id: int) -> Endpoint | None:
@@ -293,6 +462,24 @@ def _read_endpoint(r: Reader, node: YamlNode, path: str, default_id: int) -> End
     )
 
 
+def _port_protocol(r: Reader, f: dict[str, YamlNode], path: str) -> tuple[int | None, str | None]:
+    """A port entry's ``port`` (1-65535) and ``protocol`` (TCP, UDP, SCTP; default TCP), each
+    None after reporting a problem."""
+    port = r.integer(f["port"], f"{path}.port") if "port" in f else None
+    proto = r.string(f["protocol"], f"{path}.protocol") if "protocol" in f else "TCP"
+    if port is not None and not 0 < port < 65536:
+        r.error(f["port"], f"{path}.port", f"{port} is not between 1 and 65535")
+        port = None
+    if proto is not None and proto not in PORT_PROTOCOLS:
+        r.error(
+            f["protocol"],
+            f"{path}.protocol",
+            f"unsupported protocol {proto!r} (expected one of: {', '.join(PORT_PROTOCOLS)})",
+        )
+        proto = None
+    return port, proto
+
+
 def _read_ports(r: Reader, node: YamlNode, path: str) -> list[tuple[str, int, str]]:
     """An endpoint's named ports: ``[{name: dns, port: 53, protocol: UDP}, ...]``."""
     out: list[tuple[str, int, str]] = []
@@ -305,8 +492,7 @@ def _read_ports(r: Reader, node: YamlNode, path: str) -> list[tuple[str, int, st
             if req not in f:
                 r.error(item, f"{ipath}.{req}", "required field is missing")
         name = r.string(f["name"], f"{ipath}.name") if "name" in f else None
-        port = r.integer(f["port"], f"{ipath}.port") if "port" in f else None
-        proto = r.string(f["protocol"], f"{ipath}.protocol") if "protocol" in f else "TCP"
+        port, proto = _port_protocol(r, f, ipath)
         if name is not None and not PORT_NAME.fullmatch(name):
             r.error(
                 f["name"],
@@ -315,16 +501,6 @@ def _read_ports(r: Reader, node: YamlNode, path: str) -> list[tuple[str, int, st
                 "digits and single hyphens, with a letter)",
             )
             name = None
-        if port is not None and not 0 < port < 65536:
-            r.error(f["port"], f"{ipath}.port", f"{port} is not between 1 and 65535")
-            port = None
-        if proto is not None and proto not in PORT_PROTOCOLS:
-            r.error(
-                f["protocol"],
-                f"{ipath}.protocol",
-                f"unsupported protocol {proto!r} (expected one of: {', '.join(PORT_PROTOCOLS)})",
-            )
-            proto = None
         if name is None or port is None or proto is None:
             continue
         if any(n == name.lower() and p == proto for n, _, p in out):

@@ -41,7 +41,9 @@ from fqdnguard._schema import (
     line_of,
     read_problem,
 )
+from fqdnguard.cluster import Cluster, Service
 from fqdnguard.endpoints import NAMESPACE_LABEL, OPERATORS, Endpoint, Endpoints, Selector
+from fqdnguard.peers import CILIUM_ONLY, Resolved, Resolver, ServiceRef
 
 __all__ = [
     "UNENFORCED_L7",
@@ -116,6 +118,9 @@ _FQDN = frozenset({"matchName", "matchPattern"})
 _SELECTOR = frozenset({"matchLabels", "matchExpressions"})
 _EXPR = frozenset({"key", "operator", "values"})
 _CIDR_RULE = frozenset({"cidr", "cidrGroupRef", "cidrGroupSelector", "except"})
+_SERVICE = frozenset({"k8sService", "k8sServiceSelector"})
+_SERVICE_NAME = frozenset({"serviceName", "namespace"})
+_SERVICE_SELECTOR = frozenset({"selector", "namespace"})
 _DEFAULT_DENY = frozenset({"ingress", "egress"})
 _PROTOCOLS = ("TCP", "UDP", "SCTP", "ANY")
 _OTHER_PROTOCOLS = ("ICMP", "ICMPv6", "VRRP", "IGMP")
@@ -146,6 +151,13 @@ _EMPTY_HINT = (
     "the policy in force stays; set allow_empty_policy (--allow-empty-policy) if that is meant"
 )
 _SVC_NAME = re.compile(r"(?=.{1,15}$)(?=.*[a-zA-Z])[a-zA-Z0-9](?:-?[a-zA-Z0-9])*")
+
+
+class _Keep:
+    """The default of :meth:`Policy.with_endpoints`'s ``cluster``: keep the policy's own."""
+
+
+_KEEP = _Keep()
 
 
 class NamesFor(Protocol):
@@ -189,6 +201,11 @@ class _Rule:
     fqdns: list[tuple[bool, str]] = field(default_factory=list)
     to_endpoints: list[Selector] = field(default_factory=list)
     cidrs: list[tuple[str, int, list[tuple[str, int]], str]] = field(default_factory=list)
+    entities: list[str] = field(default_factory=list)
+    services: list[ServiceRef] = field(default_factory=list)
+    #: Where ``toEntities`` / ``toServices`` are, for warnings decided at compile time:
+    #: field -> (line, path).
+    at: dict[str, tuple[int, str]] = field(default_factory=dict)
     has_l3: bool = False
     has_ports: bool = False
     ports: list[_PortEntry] = field(default_factory=list)
@@ -238,8 +255,9 @@ class EgressPlan:
 
     #: One entry per ``toFQDNs`` rule: its ports and its (is_pattern, text) name selectors.
     fqdn: tuple[tuple[Ports, tuple[tuple[bool, str], ...]], ...]
-    #: One entry per other rule (``toEndpoints``, ``toCIDR``, ``toCIDRSet``, L4-only), also
-    #: when its selectors pick no address today (then it admits nothing).
+    #: One entry per other rule (``toEndpoints``, ``toCIDR``, ``toCIDRSet``, ``toEntities``,
+    #: ``toServices``, L4-only), also when its selectors pick no address today (then it admits
+    #: nothing), and one per Service ClusterIP a rule admits (its mapped ports).
     peers: tuple[tuple[Peers, Ports], ...]
     #: The rule each ``peers`` entry comes from, e.g. ``CiliumNetworkPolicy default/web
     #: egress[0]``: the same across reloads and for every endpoint the rule applies to, so a
@@ -251,10 +269,23 @@ class EgressPlan:
 class Policy:
     """A compiled, immutable policy set. Build with :meth:`load` or :meth:`from_yaml`."""
 
-    __slots__ = ("_compiled", "_endpoints", "_specs", "dns_verdict", "policies", "warnings")
+    __slots__ = (
+        "_compiled",
+        "_endpoints",
+        "_resolver",
+        "_specs",
+        "cluster",
+        "dns_verdict",
+        "policies",
+        "warnings",
+    )
 
     _compiled: CompiledPolicy
     _endpoints: Endpoints | None
+    _resolver: Resolver
+    #: The cluster facts ``toEntities``, ``toServices`` and ``toEndpoints`` were resolved
+    #: against (None: only the endpoint registry).
+    cluster: Cluster | None
     _specs: tuple[_Spec, ...]
     #: Every policy document loaded, in load order.
     policies: tuple[PolicyInfo, ...]
@@ -279,15 +310,30 @@ class Policy:
         infos: list[PolicyInfo],
         warnings: list[PolicyWarning],
         endpoints: Endpoints | None,
+        cluster: Cluster | None = None,
     ) -> Policy:
         self = object.__new__(cls)
         put = object.__setattr__
         put(self, "_specs", tuple(specs))
         put(self, "_endpoints", endpoints)
+        put(self, "cluster", cluster)
         put(self, "policies", tuple(infos))
+        res = Resolver(endpoints, cluster)
+        put(self, "_resolver", res)
+        problems: list[tuple[_Spec, _Rule, str, str]] = []
+        lowered = [_lower(s, res, problems) for s in specs]
+        # What the cluster facts cannot resolve allows nothing: say so where it is written.
+        if problems:
+            rank = {f: i for i, f in enumerate(dict.fromkeys(i.file for i in infos))}
+            warnings = sorted(
+                warnings
+                + [
+                    PolicyWarning(spec.file, rule.at[what][0], rule.at[what][1], msg)
+                    for spec, rule, what, msg in problems
+                ],
+                key=lambda w: (rank.get(w.file, -1), w.line),
+            )
         put(self, "warnings", tuple(warnings))
-        resolved: dict[Selector, list[Endpoint]] = {}
-        lowered = [_lower(s, endpoints, resolved) for s in specs]
         # The registry's endpoints get their identity kept in the compiled policy (looked up by
         # object, on first use); any other endpoint object is resolved through its labels.
         known = list(endpoints) if endpoints is not None else []
@@ -306,9 +352,12 @@ class Policy:
         *,
         allow_empty: bool = False,
         unenforced_l7: str = "deny",
+        cluster: Cluster | None = None,
     ) -> Policy:
         """Loads every policy file under ``paths`` (files or directories, ``*.yaml``, ``*.yml``,
-        ``*.json``). ``endpoints`` resolves ``toEndpoints`` (e.g. kube-dns) and named ports.
+        ``*.json``). ``endpoints`` resolves ``toEndpoints`` (e.g. kube-dns) and named ports;
+        ``cluster`` resolves ``toEntities`` and ``toServices``, and when it lists the cluster's
+        pods (``peers``), ``toEndpoints`` too.
         Raises :class:`PolicyError` listing every problem; nothing is half-loaded. A file with
         no policy document, or a directory with no policy file, is an error (an emptied or
         truncated file must not lift restrictions) unless ``allow_empty``. ``unenforced_l7``
@@ -316,7 +365,11 @@ class Policy:
         enforce admits."""
         sources = [(f, _read_text(f)) for f in _files(paths, allow_empty=allow_empty)]
         return cls._from_sources(
-            sources, endpoints, allow_empty=allow_empty, unenforced_l7=unenforced_l7
+            sources,
+            endpoints,
+            allow_empty=allow_empty,
+            unenforced_l7=unenforced_l7,
+            cluster=cluster,
         )
 
     @classmethod
@@ -328,10 +381,15 @@ class Policy:
         *,
         allow_empty: bool = False,
         unenforced_l7: str = "deny",
+        cluster: Cluster | None = None,
     ) -> Policy:
         """Compiles the policies in one YAML text (one or more documents); see :meth:`load`."""
         return cls._from_sources(
-            [(filename, text)], endpoints, allow_empty=allow_empty, unenforced_l7=unenforced_l7
+            [(filename, text)],
+            endpoints,
+            allow_empty=allow_empty,
+            unenforced_l7=unenforced_l7,
+            cluster=cluster,
         )
 
     @classmethod
@@ -347,6 +405,7 @@ class Policy:
         *,
         allow_empty: bool = False,
         unenforced_l7: str = "deny",
+        cluster: Cluster | None = None,
     ) -> Policy:
         if unenforced_l7 not in UNENFORCED_L7:
             raise ValueError(
@@ -360,11 +419,15 @@ class Policy:
             )
             if errors:
                 raise PolicyError.of(errors)
-            return cls._make(specs, infos, warnings, endpoints)
+            return cls._make(specs, infos, warnings, endpoints, cluster)
 
-    def with_endpoints(self, endpoints: Endpoints | None) -> Policy:
-        """The same policies resolved against another endpoint registry."""
-        return Policy._make(list(self._specs), list(self.policies), [], endpoints)
+    def with_endpoints(
+        self, endpoints: Endpoints | None, *, cluster: Cluster | _Keep | None = _KEEP
+    ) -> Policy:
+        """The same policies resolved against another endpoint registry (and other cluster
+        facts when ``cluster`` is given; by default, the same)."""
+        facts = self.cluster if isinstance(cluster, _Keep) else cluster
+        return Policy._make(list(self._specs), list(self.policies), [], endpoints, facts)
 
     def restricted(self) -> frozenset[tuple[str, str]]:
         """(namespace, name) of the registry's endpoints whose egress some policy restricts
@@ -448,27 +511,27 @@ class Policy:
     ) -> EgressPlan | None:
         """What a firewall must let ``endpoint`` reach, or None when no default-deny policy
         selects it (unrestricted). ``endpoints`` resolves ``toEndpoints`` (default: the registry
-        the policy was loaded with). The same rules as :meth:`egress_verdict`, laid out for
-        programming: per ``toFQDNs`` rule its ports and name selectors, per other rule its peers
-        and ports."""
+        the policy was loaded with; the cluster's ``peers`` win when the policy has them). The
+        same rules as :meth:`egress_verdict`, laid out for programming: per ``toFQDNs`` rule its
+        ports and name selectors, per other rule its peers and ports, and per Service ClusterIP
+        a rule admits, that address and its mapped ports."""
         selecting = [s for s in self._specs if s.selector and s.selector.matches(endpoint.labels)]
         if not any(s.default_deny for s in selecting):
             return None
-        registry = endpoints if endpoints is not None else self._endpoints
+        res = self._resolver
+        if endpoints is not None and endpoints is not self._endpoints:
+            res = Resolver(endpoints, self.cluster)
         fqdn: list[tuple[Ports, tuple[tuple[bool, str], ...]]] = []
         peers: list[tuple[Peers, Ports]] = []
         peer_rules: list[str] = []
-        resolved: dict[Selector, list[Endpoint]] = {}
         for spec in selecting:
             for rule in spec.egress:
                 rule_id = f"{spec.label} egress[{rule.index}]"
-                dests = _destinations(rule, registry, resolved)
-                entries = _effective_ports(rule, dests)
+                l3 = _resolve(rule, res)
+                entries = _effective_ports(rule, l3.dests)
                 if entries is None:
                     continue  # no port entry admits anything
-                ports: Ports = None
-                if entries and all(ranges for ranges, _ in entries):
-                    ports = tuple(sorted({r for ranges, _ in entries for r in ranges}))
+                ports = _plan_ports(entries)
                 if rule.fqdns:
                     fqdn.append((ports, tuple(rule.fqdns)))
                 elif not rule.has_l3:
@@ -476,12 +539,14 @@ class Policy:
                         peers.append((None, ports))  # no L3 selector: any destination
                         peer_rules.append(rule_id)
                 else:
-                    ips = {ip for ep in dests or () for ip in ep.ips}
-                    cidrs = tuple((a, b, tuple(x)) for a, b, x, _ in rule.cidrs)
+                    cidrs = tuple((a, b, tuple(x)) for a, b, x, _ in l3.cidrs)
                     # Kept when it selects nothing, so that a selector's first address is an
                     # update of the rule's set, not a new rule.
-                    peers.append(((tuple(sorted(ips)), cidrs), ports))
+                    peers.append(((tuple(sorted(set(l3.ips))), cidrs), ports))
                     peer_rules.append(rule_id)
+                    for ips, kept, label in _cluster_ip_rules(rule, l3, entries, res):
+                        peers.append(((tuple(sorted(ips)), ()), _plan_ports(kept)))
+                        peer_rules.append(f"{rule_id} {label}")  # one per Service
         return EgressPlan(tuple(fqdn), tuple(peers), tuple(peer_rules))
 
     def __len__(self) -> int:
@@ -895,21 +960,30 @@ def _read_egress(
         _read_cidr_rule(r, n, f"{path}.toCIDRSet[{i}]", rule, i)
     if present.get("toFQDNs"):
         rule.fqdns = _read_name_selectors(r, present["toFQDNs"] or [], f"{path}.toFQDNs")
-    for k in ("toEntities", "toServices", "toGroups", "toNodes"):
+    for k in ("toGroups", "toNodes"):
         if present.get(k):
             r.warn(f[k], f"{path}.{k}", f"{k} selectors (this rule allows nothing)")
     for i, n in enumerate(present.get("toEntities") or []):
         ent = r.string(n, f"{path}.toEntities[{i}]")
         if ent is not None and ent not in _ENTITIES:
             r.error(n, f"{path}.toEntities[{i}]", f"unsupported entity {ent!r}")
+        elif ent in CILIUM_ONLY:
+            r.warn(
+                n, f"{path}.toEntities[{i}]", f"entity {ent!r}: {CILIUM_ONLY[ent]} (allows nothing)"
+            )
+        elif ent is not None:
+            rule.entities.append(ent)
+    for i, n in enumerate(present.get("toServices") or []):
+        ref = _read_service(r, n, f"{path}.toServices[{i}]")
+        if ref is not None:
+            rule.services.append(ref)
+    for k in ("toEntities", "toServices"):
+        if present.get(k):
+            rule.at[k] = (r.line(f[k]), f"{path}.{k}")
     for k in ("toRequires", "icmps", "authentication"):
         if k in f:
             r.warn(f[k], f"{path}.{k}", k)
     ports = r.sequence(f["toPorts"], f"{path}.toPorts") if "toPorts" in f else []
-    if ports and present.get("toServices"):
-        r.error(
-            f["toPorts"], f"{path}.toPorts", "combining toServices and toPorts is not supported"
-        )
     if ports and "icmps" in f and r.sequence(f["icmps"], f"{path}.icmps"):
         r.error(f["icmps"], f"{path}.icmps", "icmps may only be present without toPorts")
     rule.has_ports = bool(ports)
@@ -918,6 +992,37 @@ def _read_egress(
         if entry is not None:
             rule.ports.append(entry)
     return rule if len(r.errors) == errors else None
+
+
+def _read_service(r: Reader, node: YamlNode, path: str) -> ServiceRef | None:  # noqa: PLR0911
+    """A ``toServices`` entry. As in Cilium, ``k8sServiceSelector`` wins when both forms are
+    given, an entry with neither selects no Service, and an omitted namespace matches a
+    Service of any namespace."""
+    f = r.mapping(node, path, _SERVICE)
+    if f is None:
+        return None
+    if "k8sServiceSelector" in f:
+        spath = f"{path}.k8sServiceSelector"
+        sf = r.mapping(f["k8sServiceSelector"], spath, _SERVICE_SELECTOR)
+        if sf is None:
+            return None
+        if "selector" not in sf:
+            r.error(f["k8sServiceSelector"], f"{spath}.selector", "required field is missing")
+            return None
+        sel = _read_selector(r, sf["selector"], f"{spath}.selector")
+        ns = r.string(sf["namespace"], f"{spath}.namespace") if "namespace" in sf else ""
+        return None if sel is None or ns is None else ServiceRef(selector=sel, namespace=ns or None)
+    if "k8sService" in f:
+        spath = f"{path}.k8sService"
+        sf = r.mapping(f["k8sService"], spath, _SERVICE_NAME)
+        if sf is None:
+            return None
+        name = r.string(sf["serviceName"], f"{spath}.serviceName") if "serviceName" in sf else ""
+        ns = r.string(sf["namespace"], f"{spath}.namespace") if "namespace" in sf else ""
+        if name is None or ns is None:
+            return None
+        return ServiceRef(name=name or None, namespace=ns or None)
+    return ServiceRef()
 
 
 def _read_name_selectors(r: Reader, items: list[YamlNode], path: str) -> list[tuple[bool, str]]:
@@ -1143,22 +1248,105 @@ def _read_port(r: Reader, node: YamlNode, path: str) -> tuple[int, int, str, str
 # -- compile -----------------------------------------------------------------------------------
 
 
-def _destinations(
-    rule: _Rule, endpoints: Endpoints | None, resolved: dict[Selector, list[Endpoint]]
-) -> list[Endpoint] | None:
-    """The registry's endpoints a rule's L3 part selects (``resolved`` caches them per
-    selector): those of its ``toEndpoints``, every endpoint for a rule with no L3 selector
-    (any destination), and None for the others (``toFQDNs``, ``toCIDR``...: no endpoint)."""
-    if rule.fqdns or (rule.has_l3 and not rule.to_endpoints):
-        return None
+def _resolve(rule: _Rule, res: Resolver) -> Resolved:
+    """A rule's L3 part resolved: its addresses and prefixes, and the endpoints it selects
+    (``dests``, for named ports): those of its ``toEndpoints`` and of the ``toServices`` with a
+    selector, every endpoint for a rule with no L3 selector (any destination), None for a rule
+    naming no endpoint (``toFQDNs``, ``toCIDR``, ``toEntities``...)."""
+    if rule.fqdns:
+        return Resolved([], [], "", None, [])
     if not rule.has_l3:
-        return list(endpoints or ())
-    found: dict[int, Endpoint] = {}
-    for sel in rule.to_endpoints:
-        if sel not in resolved:
-            resolved[sel] = endpoints.select(sel) if endpoints is not None else []
-        found.update((ep.id, ep) for ep in resolved[sel])
-    return list(found.values())
+        return Resolved([], [], "", list(res.registry or ()), [])
+    ips: dict[str, None] = {}
+    cidrs = [(a, b, list(x), label) for a, b, x, label in rule.cidrs]
+    problems: list[tuple[str, str]] = []
+    found: dict[int, Endpoint] | None = None
+    label = "toEndpoints"
+    if rule.to_endpoints:
+        found = {}
+        for sel in rule.to_endpoints:
+            found.update((ep.id, ep) for ep in res.select(sel))
+    for ent in dict.fromkeys(rule.entities):
+        label = "toEntities " + ", ".join(dict.fromkeys(rule.entities))
+        e_ips, e_cidrs, problem = res.entity(ent)
+        ips.update(dict.fromkeys(e_ips))
+        cidrs += e_cidrs
+        if problem:
+            problems.append(("toEntities", f"entity {ent!r}: {problem}"))
+    if rule.services:
+        # Cilium 1.19: a Service with a selector stands for that selector in its namespace (a
+        # generated toEndpoints); one without, for its backends as CIDRs, which never select a
+        # pod or a node.
+        label, found = "toServices", found or {}
+        services, problem = res.services(rule.services)
+        if problem:
+            problems.append(("toServices", problem))
+        outside = None
+        for svc in services:
+            if svc.selector:
+                sel = Selector.build(svc.selector).in_namespace(svc.namespace)
+                found.update((ep.id, ep) for ep in res.select(sel))
+                continue
+            outside = outside or res.cluster_addresses()
+            for b in svc.backends:
+                if not outside(b):
+                    ips[str(ipaddress.ip_address(b))] = None
+    dests = list(found.values()) if found is not None else None
+    for ep in dests or ():
+        ips.update(dict.fromkeys(ep.ips))
+    return Resolved(list(ips), cidrs, label, dests, problems)
+
+
+def _plan_ports(entries: _Entries) -> Ports:
+    """The ports of a rule's entries for a firewall: None (every port) when an entry lists
+    none."""
+    if entries and all(ranges for ranges, _ in entries):
+        return tuple(sorted({r for ranges, _ in entries for r in ranges}))
+    return None
+
+
+def _port_admits(r: tuple[int, int, str], port: int, proto: str) -> bool:
+    lo, hi, p = r
+    return p in ("ANY", proto) and (lo == 0 or lo <= port <= max(hi, lo))
+
+
+#: Port entries as ``CompiledPolicy`` takes them: (ranges, rules.dns or None).
+_Entries = list[tuple[list[tuple[int, int, str]], list[tuple[bool, str]] | None]]
+
+
+def _cluster_ip_rules(
+    rule: _Rule, l3: Resolved, entries: _Entries, res: Resolver
+) -> list[tuple[list[str], _Entries, str]]:
+    """A pod asks a Service's ClusterIP, and Cilium applies policy after the Service
+    translation: so a rule whose L3 part admits every ready backend of a Service also admits
+    the Service's ClusterIPs, on the Service ports that map to the same port number on the
+    backends (other mappings: issue 17) and that the rule's ports admit, with the rule's DNS
+    rules. (ClusterIPs, port entries, label) per Service; none without cluster facts."""
+    if res.cluster is None or rule.fqdns or not rule.has_l3 or not (l3.ips or l3.cidrs):
+        return []
+    key = (
+        tuple(rule.to_endpoints),
+        tuple(rule.entities),
+        tuple(rule.services),
+        tuple((a, b, tuple(x)) for a, b, x, _ in rule.cidrs),
+    )
+    by_service: dict[str, tuple[Service, list[str]]] = {}
+    for svc, cip in res.cluster_ips(key, l3):
+        by_service.setdefault(svc.display, (svc, []))[1].append(cip)
+    out = []
+    for svc, cips in by_service.values():
+        same = [(p.port, p.protocol) for p in svc.ports if p.target == p.port]
+        kept_entries: _Entries = []
+        if not entries and same:
+            kept_entries.append(([(n, n, proto) for n, proto in same], None))
+        for ranges, dns in entries:
+            kept = [(n, n, proto) for n, proto in same
+                    if not ranges or any(_port_admits(r, n, proto) for r in ranges)]  # fmt: skip
+            if kept:
+                kept_entries.append((kept, dns))
+        if kept_entries:
+            out.append((cips, kept_entries, f"{l3.label} (ClusterIP of Service {svc.display})"))
+    return out
 
 
 def _named_port(dests: list[Endpoint] | None, name: str, proto: str) -> list[tuple[int, int, str]]:
@@ -1174,9 +1362,7 @@ def _named_port(dests: list[Endpoint] | None, name: str, proto: str) -> list[tup
     return out
 
 
-def _effective_ports(
-    rule: _Rule, dests: list[Endpoint] | None
-) -> list[tuple[list[tuple[int, int, str]], list[tuple[bool, str]] | None]] | None:
+def _effective_ports(rule: _Rule, dests: list[Endpoint] | None) -> _Entries | None:
     """The rule's port entries as (ranges, rules.dns) with named ports resolved against
     ``dests``; an empty list of ranges is every port. [] for a rule with no ``toPorts`` (every
     port); None when it has some but none admits anything (unenforceable, L7 denied, names
@@ -1197,25 +1383,150 @@ def _effective_ports(
 
 
 def _lower(
-    spec: _Spec, endpoints: Endpoints | None, resolved: dict[Selector, list[Endpoint]]
+    spec: _Spec, res: Resolver, problems: list[tuple[_Spec, _Rule, str, str]]
 ) -> tuple[str, str, bool, list[object]]:
-    """A spec in the shape ``CompiledPolicy`` takes; ``resolved`` caches the endpoints each
-    distinct ``toEndpoints`` selector selects."""
+    """A spec in the shape ``CompiledPolicy`` takes, resolved by ``res``; why parts of its rules
+    allow nothing goes to ``problems`` as (spec, rule, field, message)."""
     rules: list[object] = []
     for rule in spec.egress:
-        dests = _destinations(rule, endpoints, resolved)
-        ports = _effective_ports(rule, dests)
+        l3 = _resolve(rule, res)
+        problems += [(spec, rule, what, msg) for what, msg in l3.problems]
+        ports = _effective_ports(rule, l3.dests)
         if ports is None:
-            rules.append((rule.index, [], ([], []), []))  # no port entry admits anything
+            rules.append((rule.index, [], ([], [], ""), []))  # no port entry admits anything
             continue
         if rule.fqdns:
-            rules.append((rule.index, rule.fqdns, ([], []), ports))
+            rules.append((rule.index, rule.fqdns, ([], [], ""), ports))
             continue
         if rule.has_l3:
-            ips = dict.fromkeys(ip for ep in dests or () for ip in ep.ips)
-            peers: object = (list(ips), rule.cidrs)
+            peers: object = (l3.ips, l3.cidrs, l3.label)
         else:
             # No L3 selector: any destination when toPorts says which ports; nothing for `{}`.
-            peers = None if rule.has_ports else ([], [])
+            peers = None if rule.has_ports else ([], [], "")
         rules.append((rule.index, [], peers, ports))
+        for ips, entries, label in _cluster_ip_rules(rule, l3, ports, res):
+            rules.append((rule.index, [], (ips, [], label), entries))
     return spec.policy, spec.label, spec.default_deny, rules
+
+
+# -- one object at a time (the Kubernetes source) ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParsedObject:
+    """One CiliumNetworkPolicy or CiliumClusterwideNetworkPolicy object, read on its own: its
+    specs when it is valid, else the problems that make it invalid."""
+
+    specs: tuple[_Spec, ...]
+    infos: tuple[PolicyInfo, ...]
+    warnings: tuple[PolicyWarning, ...]
+    errors: tuple[PolicyError, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def parse_object(
+    obj: dict[str, object], origin: str, *, unenforced_l7: str = "deny"
+) -> ParsedObject:
+    """Reads one policy object as the API server returns it (``origin`` names it in errors,
+    e.g. ``CiliumNetworkPolicy ns/name``): the same checks as a file's document."""
+    import json  # noqa: PLC0415
+
+    text = json.dumps(obj, indent=1)
+    with gc_paused():
+        specs, infos, errors, warnings = _read_sources(
+            [(origin, text)], unenforced_l7=unenforced_l7, allow_empty=True
+        )
+    # An object has no file or line of its own: its origin names it.
+    infos = [PolicyInfo(i.kind, i.namespace, i.name, i.file, 0) for i in infos]
+    return ParsedObject(tuple(specs), tuple(infos), tuple(warnings), tuple(errors))
+
+
+def deny_specs(obj: dict[str, object], kind: str, origin: str) -> list[_Spec]:
+    """What stands in for a new policy object that is invalid: egress default deny, with no
+    rule, for the endpoints it selects (fail closed: it was meant to restrict them). Its
+    ``endpointSelector`` is read as far as it can be; one that cannot be read selects every
+    endpoint of the policy's namespace (every endpoint, for a clusterwide policy)."""
+    meta = obj.get("metadata")
+    meta = meta if isinstance(meta, dict) else {}
+    name = str(meta.get("name") or "?")
+    namespace = (str(meta.get("namespace") or "default")) if kind == CNP else None
+    display = f"{namespace}/{name}" if namespace else name
+    raw_specs: list[object] = []
+    if isinstance(obj.get("spec"), dict):
+        raw_specs.append(obj["spec"])
+    more = obj.get("specs")
+    if isinstance(more, list):
+        raw_specs += more
+    selectors: list[Selector] = []
+    for raw in raw_specs or [None]:
+        if isinstance(raw, dict) and "nodeSelector" in raw and "endpointSelector" not in raw:
+            continue  # a host policy: it selects no endpoint here
+        selector = _selector_of(raw.get("endpointSelector") if isinstance(raw, dict) else None)
+        selectors.append(selector.in_namespace(namespace) if namespace else selector)
+    return [
+        _Spec(kind, namespace, name, display, f"{kind} {display} (invalid: default deny)", sel,
+              True, [], origin, 0)
+        for sel in dict.fromkeys(selectors)
+    ]  # fmt: skip
+
+
+def _selector_of(raw: object) -> Selector:
+    """A selector read leniently; every endpoint (the empty selector) when it cannot be."""
+    if not isinstance(raw, dict):
+        return Selector()
+    try:
+        labels = raw.get("matchLabels") or {}
+        exprs = [
+            (str(e["key"]), str(e["operator"]), [str(v) for v in e.get("values") or []])
+            for e in raw.get("matchExpressions") or []
+        ]
+        if not isinstance(labels, dict):
+            return Selector()
+        return Selector.build({str(k): str(v) for k, v in labels.items()}, exprs)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return Selector()
+
+
+def assemble(
+    objects: Iterable[ParsedObject | list[_Spec]],
+    endpoints: Endpoints,
+    *,
+    cluster: Cluster | None = None,
+    selects: Callable[[Selector], bool] | None = None,
+) -> Policy:
+    """A policy from objects read one at a time (:func:`parse_object`; a list of specs stands
+        for an invalid object, :func:`deny_specs`), compiled for the endpoints of ``endpoints``:
+        only the specs that select one of them are lowered, so a node pays for the policies of its
+        own pods, not the whole cluster's (``selects(selector)`` tells whether a selector matches
+    one of ``endpoints``; a caller that builds often remembers the answers). Warnings are not
+    logged again (they were when read)."""
+    specs: list[_Spec] = []
+    infos: list[PolicyInfo] = []
+    warnings: list[PolicyWarning] = []
+    for o in objects:
+        if isinstance(o, ParsedObject):
+            specs += o.specs
+            infos += o.infos
+            warnings += o.warnings
+        else:
+            specs += o
+            infos += [PolicyInfo(s.kind, s.namespace, s.name, s.file, 0) for s in o[:1]]
+    if selects is None:
+        label_sets = {ep.key: ep.labels for ep in endpoints}.values()
+
+        def selects(sel: Selector) -> bool:
+            return any(sel.matches(labels) for labels in label_sets)
+
+    relevant = [s for s in specs if s.selector is not None and selects(s.selector)]
+    policy = Policy._make(relevant, infos, [], endpoints, cluster)
+    object.__setattr__(policy, "warnings", tuple(warnings))
+    return policy
+
+
+def to_endpoints_selectors(objects: Iterable[ParsedObject]) -> set[Selector]:
+    """Every distinct ``toEndpoints`` selector of the objects' egress rules (what the source
+    narrows its watch of other nodes' pods to)."""
+    return {sel for o in objects for s in o.specs for rule in s.egress for sel in rule.to_endpoints}

@@ -890,6 +890,19 @@ class Proxy:
                 await asyncio.sleep(0)
         return count
 
+    def forget_endpoints(self, ids: Iterable[int]) -> int:
+        """Drops what the endpoints ``ids`` learned (gone for good: a deleted pod, whose id is
+        never given again) from the cache and the backend; returns how many removals."""
+        now = self.clock()
+        count = 0
+        for ep in ids:
+            removed = self.cache.forget(ep)
+            changes = self.engine.program_changes(removed, now) if removed else removed
+            if changes:
+                self._queue_changes(changes)
+                count += len(changes)
+        return count
+
     def upstream_sockets(self) -> int:
         """Sockets per address family UDP queries leave from, each on a random port."""
         if self._io is not None:

@@ -32,6 +32,7 @@ import contextlib
 import ctypes
 import functools
 import gc
+import hashlib
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ import socket
 import struct
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +58,12 @@ from fqdnguard.control import (
     policy_digest,
     request,
 )
-from fqdnguard.endpoints import Endpoints
+from fqdnguard.endpoints import Endpoints, from_yaml_with_cluster
 from fqdnguard.policy import Policy, PolicyError
 from fqdnguard.proxy import Proxy, entries_as_answers
 from fqdnguard.reloads import PolicyStatus
+from fqdnguard.sources.base import Change
+from fqdnguard.sources.model import IDS_FILE, KINDS, OBJECTS_FILE, Built, ClusterModel, EndpointIds
 from fqdnguard.state import FORMAT, StateDir, StateError
 
 __all__ = ["POLICY_FILE", "ProxyDaemon", "load_policy_state", "run_proxy", "steer_to_newest"]
@@ -143,13 +147,17 @@ def compile_policy(
 ) -> tuple[Policy, Endpoints]:
     """Compiles a pushed set whole; raises PolicyError (every problem) or ValueError. A set
     with no file, or a file with no policy document, is an error unless ``allow_empty``."""
-    endpoints = (
-        Endpoints.from_yaml(endpoints_text, filename="endpoints")
+    endpoints, cluster = (
+        from_yaml_with_cluster(endpoints_text, filename="endpoints")
         if endpoints_text is not None
-        else Endpoints()
+        else (Endpoints(), None)
     )
     policy = Policy._from_sources(
-        list(sources), endpoints, allow_empty=allow_empty, unenforced_l7=unenforced_l7
+        list(sources),
+        endpoints,
+        allow_empty=allow_empty,
+        unenforced_l7=unenforced_l7,
+        cluster=cluster,
     )
     return policy, endpoints
 
@@ -171,6 +179,91 @@ def load_policy_state(path: Path) -> tuple[list[tuple[str, str]], str | None] | 
     if data.get("digest") != policy_digest(sources, endpoints):
         raise ValueError(f"{path}: digest does not match the content")
     return sources, endpoints
+
+
+# -- Kubernetes objects relayed by an agent --------------------------------------------------------
+
+#: The version of the ``POST /v1/objects`` protocol this proxy speaks.
+KUBE_PROTOCOL = 1
+#: Seconds between two saves of relayed objects (and at every reset and at stop).
+KUBE_SAVE_INTERVAL = 5.0
+
+
+class _KubeState:
+    def __init__(self, model: ClusterModel, session: str | None, seq: int) -> None:
+        self.model, self.session, self.seq = model, session, seq
+
+
+@dataclass(frozen=True)
+class ObjectsPush:
+    """A checked ``POST /v1/objects`` body."""
+
+    node: str
+    session: str
+    seq: int
+    reset: bool
+    batches: list[tuple[str, list[Change]]]
+    synced: list[str]
+
+
+def kube_digest(node: str) -> str:
+    return hashlib.sha256(f"kubernetes\0{node}".encode()).hexdigest()
+
+
+def saved_node(directory: Path) -> str | None:
+    """The node whose Kubernetes objects the state directory holds, or None."""
+    try:
+        data = json.loads((directory / OBJECTS_FILE).read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        log.error("%s: unreadable (%s)", OBJECTS_FILE, e)
+        return None
+    node = data.get("node") if isinstance(data, dict) else None
+    return node if isinstance(node, str) and node else None
+
+
+def parse_objects(body: Any) -> ObjectsPush:
+    """Checks a ``POST /v1/objects`` body; ValueError names what is wrong. A newer protocol
+    than :data:`KUBE_PROTOCOL` is refused (the agent then says so and keeps retrying: the
+    proxy keeps its policy)."""
+    if not isinstance(body, dict):
+        raise ValueError("body must be a JSON object")
+    protocol = body.get("protocol")
+    if protocol != KUBE_PROTOCOL:
+        raise ValueError(
+            f"protocol {protocol!r}: this proxy speaks {KUBE_PROTOCOL} (upgrade the proxy first)"
+        )
+    node, session, seq = body.get("node"), body.get("session"), body.get("seq")
+    if not isinstance(node, str) or not node:
+        raise ValueError("'node' must be the node's name")
+    if not isinstance(session, str) or not session:
+        raise ValueError("'session' must be a string")
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        raise ValueError("'seq' must be a whole number")
+    reset = body.get("reset", False)
+    if not isinstance(reset, bool):
+        raise ValueError("'reset' must be true or false")
+    batches: list[tuple[str, list[Change]]] = []
+    for i, item in enumerate(body.get("changes") or []):
+        if not isinstance(item, dict):
+            raise ValueError(f"changes[{i}] must be an object")
+        kind, key, obj = item.get("kind"), item.get("key"), item.get("obj")
+        if kind not in KINDS:
+            raise ValueError(f"changes[{i}].kind: {kind!r} is not one of {', '.join(KINDS)}")
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"changes[{i}].key must be a string")
+        if obj is not None and not isinstance(obj, dict):
+            raise ValueError(f"changes[{i}].obj must be an object or null")
+        change = Change(kind, key, obj)
+        if batches and batches[-1][0] == kind:
+            batches[-1][1].append(change)
+        else:
+            batches.append((kind, [change]))
+    synced = body.get("synced") or []
+    if not isinstance(synced, list) or any(k not in KINDS for k in synced):
+        raise ValueError(f"'synced' must list kinds among {', '.join(KINDS)}")
+    return ObjectsPush(node, session, seq, reset, batches, list(synced))
 
 
 # -- reuseport steering -------------------------------------------------------------------------
@@ -235,6 +328,7 @@ class ProxyDaemon:
             {
                 ("GET", "/v1/status"): self._get_status,
                 ("PUT", "/v1/policy"): self._put_policy,
+                ("POST", "/v1/objects"): self._post_objects,
                 ("POST", "/v1/save"): self._post_save,
                 ("POST", "/v1/adopt"): self._post_adopt,
                 ("GET", "/v1/cache"): self._get_cache,
@@ -245,6 +339,9 @@ class ProxyDaemon:
         )
         self.status = PolicyStatus()
         self.policy_state: _PolicyState | None = None
+        #: The Kubernetes objects an agent relays (POST /v1/objects), when that is the source.
+        self.kube: _KubeState | None = None
+        self._kube_saved_at = 0.0
         self._stop = asyncio.Event()
         self._push_lock = asyncio.Lock()
         self._started_at = time.time()
@@ -278,15 +375,24 @@ class ProxyDaemon:
 
     def _digest_tag(self) -> str:
         """The policy state's part of a hand-over file's name."""
-        return self.policy_state.digest[:16] if self.policy_state is not None else "none"
+        digest = self._state_digest()
+        return digest[:16] if digest is not None else "none"
+
+    def _state_digest(self) -> str | None:
+        """What gives the cache's endpoint ids their meaning: the pushed policy's digest, or,
+        with Kubernetes objects, the node (ids are kept by pod UID across changes)."""
+        if self.policy_state is not None:
+            return self.policy_state.digest
+        if self.kube is not None:
+            return kube_digest(self.kube.model.node)
+        return None
 
     def _restore(self) -> tuple[Policy, Endpoints, DnsCache]:
         if not self.state.open():
             return Policy.empty(), Endpoints(), DnsCache(min_ttl=self.config.min_ttl)
         policy, endpoints, cache = self._restore_saved()
         self._merge_leftovers(cache)
-        digest = self.policy_state.digest if self.policy_state is not None else None
-        self.state.replay(cache, digest)
+        self.state.replay(cache, self._state_digest())
         return policy, endpoints, cache
 
     def _merge_leftovers(self, cache: DnsCache) -> None:
@@ -316,6 +422,9 @@ class ProxyDaemon:
                 log.info("restored %d cache entries from %s", len(cache), self.cache_path)
             except CacheError as e:
                 log.error("cannot restore the cache (%s); starting empty", e)
+        restored = self._restore_kube()
+        if restored is not None:
+            return restored.policy, restored.endpoints, cache
         try:
             saved = load_policy_state(self.policy_path)
             if saved is not None:
@@ -342,6 +451,28 @@ class ProxyDaemon:
         else:
             log.warning("no saved policy: refusing every query until an agent pushes one")
         return Policy.empty(), Endpoints(), cache
+
+    def _restore_kube(self) -> Built | None:
+        """The Kubernetes objects an agent relayed last, when that was the source."""
+        node = saved_node(self.state_dir)
+        if node is None:
+            return None
+        model = ClusterModel(
+            node, EndpointIds(self.state_dir / IDS_FILE), unenforced_l7=self.config.unenforced_l7
+        )
+        if not model.restore(self.state_dir):
+            return None
+        built = model.build()
+        self.kube = _KubeState(model, None, 0)
+        self.status.applied(None, built.policy, source="state", origin=[f"kubernetes node {node}"])
+        log.info(
+            "serving the saved Kubernetes objects of node %s (%d policies, %d endpoints) "
+            "until an agent relays the current ones",
+            node,
+            len(built.policy),
+            len(built.endpoints),
+        )
+        return built
 
     async def start(self) -> None:
         handed_over = await self._hand_over()
@@ -468,14 +599,15 @@ class ProxyDaemon:
         with self._save_lock:  # the periodic saver, /v1/save and /v1/adopt use threads
             if self.control.superseded():
                 return
-            ps = self.policy_state
-            self.state.commit(self._write_state, ps.digest if ps is not None else None)
+            self.state.commit(self._write_state, self._state_digest())
 
     def _write_state(self) -> None:
         if self.proxy is not None:
             self.proxy.cache.save(self.cache_path)
         if self.policy_state is not None:
             atomic_write(self.policy_path, self.policy_state.to_json())
+        if self.kube is not None:
+            self.kube.model.save(self.state_dir)
 
     async def _save_periodically(self) -> None:
         loop = asyncio.get_running_loop()
@@ -503,6 +635,11 @@ class ProxyDaemon:
                 "policies": len(self.proxy.policy),
                 "endpoints": len(self.proxy.endpoints),
             },
+            "kubernetes": (
+                {"node": self.kube.model.node, "session": self.kube.session, "seq": self.kube.seq}
+                if self.kube is not None
+                else None
+            ),
             "cache": self.proxy.cache.stats(),
             "engine": {k: v for k, v in self.proxy.engine.stats().items() if isinstance(v, int)},
             "state": {
@@ -560,6 +697,11 @@ class ProxyDaemon:
                 journal.rotate(digest)
             state = _PolicyState(sources, endpoints_text, "agent", time.time())
             self.policy_state = state
+            if self.kube is not None:  # a pushed policy replaces relayed objects
+                self.kube = None
+                for name in (OBJECTS_FILE,):
+                    with contextlib.suppress(FileNotFoundError):
+                        (self.state_dir / name).unlink()
             gone = self.status.applied(
                 old,
                 policy,
@@ -579,6 +721,80 @@ class ProxyDaemon:
             digest[:12],
         )
         return 200, {"digest": digest, "changed": True, "unrestricted": gone}
+
+    async def _post_objects(self, body: Any) -> tuple[int, Any]:
+        """Kubernetes objects relayed by ``fqdnguard agent --kubernetes``: a batch of changes
+        (see :func:`parse_objects` and docs/split.md). The first batch of a session, and any
+        batch after a gap, must be a reset (every object); otherwise the answer is 409 with
+        ``need: reset`` and the policy in force stays."""
+        assert self.proxy is not None
+        try:
+            push = parse_objects(body)
+        except ValueError as e:
+            return 400, {"error": str(e)}
+        async with self._push_lock:
+            k = self.kube
+            if push.reset:
+                ids = (
+                    k.model.ids
+                    if k is not None and k.model.node == push.node
+                    else EndpointIds(self.state_dir / IDS_FILE)
+                )
+                model = ClusterModel(push.node, ids, unenforced_l7=self.config.unenforced_l7)
+            elif k is None or k.session != push.session or push.seq != k.seq + 1:
+                return 409, {
+                    "error": "not the next batch of the session this proxy follows",
+                    "need": "reset",
+                }
+            else:
+                model = k.model
+            for kind, batch in push.batches:
+                model.changes(kind, batch)
+            for kind in push.synced:
+                model.synced(kind)
+            old = self.proxy.policy
+            try:
+                built = model.build()
+                self.proxy.set_policy(built.policy, built.endpoints)
+            except (ConfigError, BackendError, ValueError) as e:
+                self.kube = None if k is None or push.reset else k
+                if self.kube is not None:
+                    self.kube.session = None  # the next batch must be a reset
+                self.status.rejected("push", str(e))
+                return 409, {"error": f"the objects cannot be put in force: {e}", "need": "reset"}
+            if built.gone:
+                self.proxy.forget_endpoints(built.gone)
+            first = self.policy_state is not None or k is None
+            self.kube = _KubeState(model, push.session, push.seq)
+            if first:  # objects replace a pushed policy: one source of truth in the state
+                self.policy_state = None
+                with contextlib.suppress(FileNotFoundError):
+                    self.policy_path.unlink()
+                if self.state.journal is not None:
+                    self.state.journal.rotate(self._state_digest())
+            self.status.applied(
+                old,
+                built.policy,
+                source="agent",
+                origin=[f"kubernetes node {push.node}"],
+                digest=self._state_digest(),
+                trigger="push",
+            )
+            self.status.invalid = model.invalid()
+            self.status.invalid_total = model.invalid_total
+            if first or time.monotonic() - self._kube_saved_at > KUBE_SAVE_INTERVAL:
+                self._kube_saved_at = time.monotonic()
+                try:
+                    await asyncio.get_running_loop().run_in_executor(None, self.save)
+                except (StateError, CacheError, OSError) as e:
+                    log.error("the relayed objects are in force but not saved: %s", e)
+        return 200, {
+            "session": push.session,
+            "seq": push.seq,
+            "endpoints": len(built.endpoints),
+            "policies": len(built.policy),
+            "invalid": self.status.invalid,
+        }
 
     async def _get_policy(self, _body: Any) -> tuple[int, Any]:
         return 200, self.status.to_json()

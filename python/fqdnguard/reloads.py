@@ -44,6 +44,12 @@ class PolicyStatus:
         self.applied_count = 0
         self.rejected_count = 0
         self.lifted_count = 0
+        #: Policy objects (Kubernetes) whose current version is invalid, and what is in force
+        #: for each (see fqdnguard.sources.model); how many were seen invalid in all.
+        self.invalid: list[dict[str, Any]] = []
+        self.invalid_total = 0
+        #: What the source says of itself (Kubernetes: synced kinds, last error), or None.
+        self.feed: dict[str, Any] | None = None
 
     def applied(
         self,
@@ -108,6 +114,9 @@ class PolicyStatus:
             "restricted_endpoints": self.restricted,
             "reloads": list(self.reloads),
             "lifted_total": self.lifted_count,
+            "invalid": self.invalid,
+            "invalid_total": self.invalid_total,
+            **({"feed": self.feed} if self.feed is not None else {}),
         }
 
     def collector(self) -> Collector:
@@ -130,6 +139,17 @@ class _StatusCollector(Collector):
             "fqdnguard_policy_lifted_endpoints",
             "Endpoints a policy reload left with no egress restriction after they had some",
             value=st.lifted_count,
+        )
+        yield GaugeMetricFamily(
+            "fqdnguard_policy_invalid_objects",
+            "Policy objects whose current version is invalid (their last valid version, or "
+            "default deny for what they select, is in force)",
+            value=len(st.invalid),
+        )
+        yield CounterMetricFamily(
+            "fqdnguard_policy_invalid",
+            "Policy object versions found invalid",
+            value=st.invalid_total,
         )
         yield GaugeMetricFamily(
             "fqdnguard_policy_restricted_endpoints",

@@ -1094,6 +1094,29 @@ impl Cache {
         Ok(self.finish(t))
     }
 
+    /// Removes every entry of `endpoint` (a pod that is gone: its id is never used again, so
+    /// nothing it learned may outlive it); returns the removals. One pass over the live entries.
+    pub fn forget(&mut self, endpoint: Endpoint) -> Vec<Change> {
+        if !self.endpoints.contains_key(&endpoint) {
+            return Vec::new();
+        }
+        let doomed: Vec<u32> = self
+            .heap
+            .iter()
+            .map(|it| it.entry)
+            .filter(|&e| {
+                let g = self.entries[e as usize].group;
+                self.names.groups[g as usize].ep == endpoint
+            })
+            .collect();
+        let mut t = self.touches();
+        for e in doomed {
+            self.touch_entry(e, &mut t);
+            self.remove_entry(e, &mut t);
+        }
+        self.finish(t)
+    }
+
     /// True when `endpoint` may reach `ip` at `now`: some name holds it and it has not expired.
     pub fn allowed(&self, endpoint: Endpoint, ip: IpAddr, now: f64) -> bool {
         self.find_pair(endpoint, ip)

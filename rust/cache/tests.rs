@@ -797,3 +797,30 @@ fn listing_pieces_cover_every_entry_once_and_filter() {
     );
     assert_eq!(text.lines().count(), 1);
 }
+
+#[test]
+fn forget_removes_one_endpoint_and_nothing_else() {
+    let mut c = cache(0, 1000, 100);
+    rec(&mut c, 1, "a.com", &[("1.1.1.1", 60), ("1.1.1.2", 30)], 0.0);
+    rec(&mut c, 1, "b.com", &[("1.1.1.1", 90)], 0.0);
+    rec(&mut c, 2, "a.com", &[("1.1.1.1", 60)], 0.0);
+    let mut got = c.forget(1);
+    c.check();
+    got.sort_by_key(|x| x.ip);
+    assert_eq!(
+        got,
+        vec![
+            ch(Removed, 1, "1.1.1.1", 90.0),
+            ch(Removed, 1, "1.1.1.2", 30.0)
+        ]
+    );
+    assert!(!c.allowed(1, ip("1.1.1.1"), 1.0));
+    assert!(
+        c.allowed(2, ip("1.1.1.1"), 1.0),
+        "another endpoint keeps its entries"
+    );
+    assert_eq!(c.len(), 1);
+    assert_eq!(c.stats().endpoints, 1);
+    assert_eq!(c.forget(1), vec![], "a second forget finds nothing");
+    assert_eq!(c.forget(7), vec![], "an endpoint never seen");
+}

@@ -39,6 +39,7 @@ fn table(unknown: Option<EndpointRef>) -> PolicyTable {
         fqdns: vec![],
         peers: Peers::Listed {
             ips: [ip(RESOLVER)].into_iter().collect(),
+            ips_label: "toEndpoints".into(),
             cidrs: vec![],
         },
         ports: vec![PortEntry {

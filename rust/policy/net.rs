@@ -173,10 +173,13 @@ impl CidrRule {
 pub enum Peers {
     /// No L3 selector: every destination (a rule with only `toPorts`).
     Any,
-    /// The addresses of the endpoints `toEndpoints` selects, and `toCIDR` / `toCIDRSet` prefixes.
-    /// Both empty admits nothing (e.g. a selector matching no endpoint).
+    /// Single addresses (of the endpoints `toEndpoints` selects, of the nodes an entity names,
+    /// ...) and prefixes (`toCIDR`, `toCIDRSet`, an entity's ranges). Both empty admits nothing
+    /// (e.g. a selector matching no endpoint).
     Listed {
         ips: HashSet<IpAddr>,
+        /// How a verdict names an address of `ips`: `toEndpoints`, `toEntities host`, ...
+        ips_label: String,
         cidrs: Vec<CidrRule>,
     },
 }
@@ -186,7 +189,7 @@ pub enum Peers {
 pub enum PeerMatch {
     /// The rule has no L3 selector.
     Any,
-    /// The address belongs to an endpoint `toEndpoints` selects.
+    /// The address is one of the rule's single addresses (`ips`).
     Endpoint,
     /// The `toCIDR` / `toCIDRSet` entry with this index in the rule's list.
     Cidr(u32),
@@ -198,7 +201,7 @@ impl Peers {
     pub fn admits(&self, ip: Option<IpAddr>) -> Option<PeerMatch> {
         match self {
             Peers::Any => Some(PeerMatch::Any),
-            Peers::Listed { ips, cidrs } => match ip {
+            Peers::Listed { ips, cidrs, .. } => match ip {
                 None if !ips.is_empty() => Some(PeerMatch::Endpoint),
                 None => (!cidrs.is_empty()).then_some(PeerMatch::Cidr(0)),
                 Some(ip) => {
@@ -319,6 +322,7 @@ mod tests {
         };
         let p = Peers::Listed {
             ips: [ip("192.168.1.1")].into_iter().collect(),
+            ips_label: "toEndpoints".into(),
             cidrs: vec![rule],
         };
         assert_eq!(p.admits(Some(ip("192.168.1.1"))), Some(PeerMatch::Endpoint));
@@ -327,6 +331,7 @@ mod tests {
         assert_eq!(p.admits(None), Some(PeerMatch::Endpoint));
         let empty = Peers::Listed {
             ips: HashSet::new(),
+            ips_label: String::new(),
             cidrs: vec![],
         };
         assert_eq!(empty.admits(None), None);

@@ -679,7 +679,10 @@ impl PolicySet {
             }
             Outcome::Peer { spec, rule, how } => Some(match how {
                 PeerMatch::Any => "(no L3 selector: any destination)".to_owned(),
-                PeerMatch::Endpoint => "toEndpoints".to_owned(),
+                PeerMatch::Endpoint => match &self.rule(*spec, *rule).peers {
+                    Peers::Listed { ips_label, .. } => ips_label.clone(),
+                    Peers::Any => return None,
+                },
                 PeerMatch::Cidr(i) => match &self.rule(*spec, *rule).peers {
                     Peers::Listed { cidrs, .. } => cidrs.get(*i as usize)?.label.clone(),
                     Peers::Any => return None,

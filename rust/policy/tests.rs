@@ -41,6 +41,7 @@ fn port(lo: u16, proto: Proto) -> PortRange {
 fn listed(ips: &[&str]) -> Peers {
     Peers::Listed {
         ips: ips.iter().map(|s| ip(s)).collect(),
+        ips_label: "toEndpoints".into(),
         cidrs: vec![],
     }
 }
@@ -80,6 +81,7 @@ fn sample() -> PolicySet {
         fqdns: vec![],
         peers: Peers::Listed {
             ips: Default::default(),
+            ips_label: String::new(),
             cidrs: vec![CidrRule {
                 cidr: Cidr::new(ip("10.0.0.0"), 8).expect("valid"),
                 except: vec![Cidr::new(ip("10.96.0.0"), 12).expect("valid")],

@@ -503,6 +503,20 @@ impl PyDnsCache {
         changes_out(py, changes)
     }
 
+    /// Removes every entry of `endpoint` (an endpoint that is gone for good); returns the
+    /// removals, for the backend.
+    fn forget<'py>(&self, py: Python<'py>, endpoint: u32) -> PyResult<Bound<'py, PyChangeList>> {
+        let changes = py
+            .detach(|| {
+                self.inner
+                    .write()
+                    .map(|mut c| c.forget(endpoint))
+                    .map_err(|_| ())
+            })
+            .map_err(|_| poisoned())?;
+        changes_out(py, changes)
+    }
+
     /// Writes a snapshot atomically, streamed; the lock is taken one chunk at a time.
     fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
         py.detach(|| snapshot::save(&*self.inner, &path))

@@ -21,8 +21,9 @@ use crate::policy::{
 type SelIn = (bool, String);
 /// `(address, prefix length, except [(address, prefix length)], label)`.
 type CidrIn = (String, u8, Vec<(String, u8)>, String);
-/// `(endpoint addresses, cidrs)`; None for a rule with no L3 selector.
-type PeersIn = Option<(Vec<String>, Vec<CidrIn>)>;
+/// `(addresses, cidrs, how a verdict names an address match)`; None for a rule with no L3
+/// selector.
+type PeersIn = Option<(Vec<String>, Vec<CidrIn>, String)>;
 /// `(ranges [(port, end port, protocol)], rules.dns or None)`.
 type PortIn = (Vec<(u16, u16, String)>, Option<Vec<SelIn>>);
 /// `(egress index, toFQDNs, peers, toPorts)`.
@@ -79,8 +80,9 @@ fn cidr(text: &str, bits: u8) -> Result<Cidr, Error> {
 fn rule((index, fqdns, peers, ports): RuleIn) -> Result<EgressRule, Error> {
     let peers = match peers {
         None => Peers::Any,
-        Some((ips, cidrs)) => Peers::Listed {
+        Some((ips, cidrs, ips_label)) => Peers::Listed {
             ips: ips.iter().map(|s| addr(s)).collect::<Result<_, _>>()?,
+            ips_label,
             cidrs: cidrs
                 .into_iter()
                 .map(|(a, bits, except, label)| {

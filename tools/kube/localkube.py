@@ -639,6 +639,10 @@ class KubeControlPlane:
                 f"--trusted-ca-file={pki('ca.crt')}",
                 "--client-cert-auth",
                 "--log-level=warn",
+                # A throwaway cluster for tests and benchmarks on a shared machine: a crash may
+                # lose its last writes, and an fsync stuck behind other processes' disk writes
+                # no longer times requests out ("etcdserver: request timed out").
+                "--unsafe-no-fsync",
             ],
             "kube-apiserver": [
                 "--bind-address=127.0.0.1",

@@ -1107,8 +1107,13 @@ class Nftables(Backend):
             endpoint, ip = key
             ep = endpoints.get(endpoint)
             if ep is None:
-                live.pop(key, None)
-                continue  # not restricted: nothing to program
+                # Not restricted: nothing to program, but remembered, so that the sets of a
+                # policy that restricts it later get what it learned meanwhile.
+                if kind == "removed":
+                    live.pop(key, None)
+                else:
+                    live[key] = (expires or now, ())
+                continue
             before = live.get(key)
             if kind == "removed":
                 live.pop(key, None)
@@ -1159,7 +1164,10 @@ class Nftables(Backend):
         before, self._live = self._live, {}
         for (endpoint, ip), expires in live.items():
             ep = self._endpoints.get(endpoint)
-            if ep is None or (expires is not None and expires <= now):
+            if expires is not None and expires <= now:
+                continue
+            if ep is None:  # unrestricted now; kept for a policy that restricts it again
+                self._live[(endpoint, ip)] = (expires or now, ())
                 continue
             sets = tuple(ep.classify(ip, self._names_for))
             known = before.get((endpoint, ip))
