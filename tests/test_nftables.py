@@ -37,6 +37,10 @@ from tests.netns import (
     echo_ok,
     netns_unavailable,
 )
+from tests.test_policy_entities import CLIENT as ENTITIES_CLIENT
+from tests.test_policy_entities import EPS as ENTITIES_EPS
+from tests.test_policy_entities import KUBE_DNS_IP, KUBE_DNS_RULE
+from tests.test_policy_entities import policy as entities_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -172,6 +176,22 @@ def test_peer_intervals_cut_each_except_from_its_own_cidr_and_name_bad_input() -
         peer_intervals((("10.0.0",), ()))
     with pytest.raises(BackendError, match=r"not a CIDR: 10\.0\.0\.0/33"):
         peer_intervals(((), (("10.0.0.0", 33, ()),)))
+
+
+def test_a_services_clusterip_gets_peer_sets_of_its_own_named_by_rule_and_service() -> None:
+    """A rule that admits a Service's backends also admits its ClusterIP on the mapped ports:
+    a second peers entry of the same rule. It gets sets of its own, named by the rule and the
+    Service (stable when the ClusterIP or the backends change), shared by the endpoints."""
+    pol = entities_policy(KUBE_DNS_RULE)
+    plan = pol.egress_plan(ENTITIES_CLIENT)
+    assert plan is not None and len(plan.peers) == 2 == len(set(plan.peer_rules))
+    assert plan.peer_rules[1] == (
+        f"{plan.peer_rules[0]} toEndpoints (ClusterIP of Service kube-system/kube-dns)"
+    )
+    b = Nftables()
+    b.set_policy(pol, ENTITIES_EPS, listen=[("10.0.0.1", 53)])
+    elements = dict(re.findall(r"set (peer_\S+) \{[^}]*?elements = \{ ([^}]*) \}", b.ruleset()))
+    assert KUBE_DNS_IP in elements.values() and len(elements) >= 2
 
 
 def test_ips_go_to_the_sets_of_the_rules_their_names_match() -> None:
