@@ -157,6 +157,7 @@ bench-quick: build-dev ## Every benchmark once in a short mode (what CI runs so 
 	$(PYTHON) benches/proxy/run.py --quick
 	$(PYTHON) benches/proxy/nft_vs_log.py --quick
 	$(PYTHON) benches/forgery.py --quick
+	FQDNGUARD_BENCH_QUICK=1 taskset -c $(BENCH_CPU) $(PYTHON) benches/nft/peers.py
 
 .PHONY: bench-proxy
 bench-proxy: system-deps build-dev ## dnsperf: upstream, bare relay, fqdnguard, dnsdist, dnspython proxy side by side
@@ -172,6 +173,10 @@ fuzz-quick: ## Short coverage-guided fuzz run of the wire parser and builders (F
 .PHONY: bench-nft
 bench-nft: build-dev ## nftables backend: latency from new IPs to the kernel set (needs root)
 	taskset -c $(BENCH_CPU) $(PYTHON) benches/nft/run.py
+
+.PHONY: bench-nft-peers
+bench-nft-peers: build-dev ## nftables backend: one peer address changes, 100 and 1,000 endpoints; BEFORE=<checkout>/python compares (needs root)
+	taskset -c $(BENCH_CPU) $(PYTHON) benches/nft/peers.py $(if $(BEFORE),--before $(BEFORE))
 
 .PHONY: bench-nft-proxy
 bench-nft-proxy: system-deps build-dev ## dnsperf: the proxy's qps with the nftables backend vs the log backend (needs root)

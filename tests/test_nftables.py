@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -14,9 +17,30 @@ import fqdnguard
 import pytest
 from fqdnguard import Endpoints, Policy
 from fqdnguard.backends import BackendError
-from fqdnguard.backends.nftables import Nftables, NftError, _element, _key, _port_expr
+from fqdnguard.backends.nftables import (
+    Nftables,
+    NftError,
+    _element,
+    _key,
+    _port_expr,
+    peer_intervals,
+)
 
-from tests.netns import netns_unavailable
+from tests.netns import (
+    NODE_POD4,
+    NODE_POD6,
+    POD4,
+    POD6,
+    WORLD4,
+    WORLD6,
+    Topology,
+    echo_ok,
+    netns_unavailable,
+)
+from tests.test_policy_entities import CLIENT as ENTITIES_CLIENT
+from tests.test_policy_entities import EPS as ENTITIES_EPS
+from tests.test_policy_entities import KUBE_DNS_IP, KUBE_DNS_RULE
+from tests.test_policy_entities import policy as entities_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,22 +99,99 @@ def test_ruleset_follows_the_policy() -> None:
     chain = text.split(f"chain ep_{web.id} {{")[1].split("}\n")[0]
     rules = [line.strip() for line in chain.splitlines() if line.strip()]
     sets = sorted({w[1:] for r in rules for w in r.split() if w.startswith("@")})
-    assert len(sets) == 4  # two port lists (two toFQDNs rules) x two families
+    fqdn = [s for s in sets if s.startswith(f"ep_{web.id}_")]
+    assert len(fqdn) == 4  # two port lists (two toFQDNs rules) x two families
+    peers = [s for s in sets if s.startswith("peer_")]
+    assert len(peers) == 4  # the toEndpoints and toCIDRSet rules x two families
     assert rules[0] == "meta l4proto { tcp, udp } ip daddr 10.0.0.1 th dport 53 accept"
     assert any("tcp . 443, tcp . 8443-8450 }" in r and "@ep_" in r for r in rules)
     assert any(r.startswith("ip6 daddr @ep_") and r.endswith("_6 accept") for r in rules)
-    assert (
-        "ip daddr { 10.96.0.10 } meta l4proto . th dport { sctp . 53, tcp . 53, udp . 53 } accept"
-        in rules
-    )
-    assert (
-        "ip daddr 192.168.0.0/16 ip daddr != { 192.168.1.0/24 } "
-        "meta l4proto . th dport { tcp . 5432 } accept" in rules
-    )
+    # Peers are in sets of their rule, never inline; the except is cut out of the CIDR.
+    elements = dict(re.findall(r"set (\S+) \{[^}]*?elements = \{ ([^}]*) \}", text))
+    dns = next(r for r in rules if "sctp . 53" in r and r.startswith("ip daddr @peer_"))
+    assert dns.endswith("meta l4proto . th dport { sctp . 53, tcp . 53, udp . 53 } accept")
+    assert elements[dns.split()[2][1:]] == "10.96.0.10"
+    db = next(r for r in rules if "tcp . 5432" in r and r.startswith("ip daddr @peer_"))
+    assert elements[db.split()[2][1:]] == "192.168.0.0-192.168.0.255, 192.168.2.0-192.168.255.255"
+    assert not any(r.split()[2][1:] in elements for r in rules if r.startswith("ip6 daddr @peer_"))
     assert rules[-1] == "counter drop"
     # Only restricted endpoints are dispatched; the unrestricted one is untouched.
     assert f"10.0.0.2 : goto ep_{web.id}" in text and "fd00::2 : goto" in text
     assert "10.0.0.3" not in text and f"ep_{free.id}" not in text
+
+
+def test_peer_sets_are_per_rule_shared_and_kept_when_empty() -> None:
+    """Endpoints one rule applies to share its sets (a peer's new address is one update,
+    whatever their number), and a selector that picks nobody yet keeps its rule and empty sets
+    (a selected deployment scaling up from zero changes elements, not chains)."""
+    two = ENDPOINTS + "  - {name: web2, namespace: default, ips: [10.0.0.4], labels: {app: web}}\n"
+
+    def chains_and_sets(endpoints: str) -> tuple[dict[str, list[str]], dict[str, str]]:
+        eps = Endpoints.from_yaml(endpoints)
+        b = Nftables()
+        b.set_policy(Policy.from_yaml(POLICY, endpoints=eps), eps, listen=[("10.0.0.1", 53)])
+        text = b.ruleset()
+        chains = {
+            name: [r.strip() for r in body.strip().splitlines()]
+            for name, body in re.findall(r"chain (ep_\d+) \{\n(.*?)\n\t\}", text, re.S)
+        }
+        return chains, dict(re.findall(r"set (peer_\S+) \{[^}]*?elements = \{ ([^}]*) \}", text))
+
+    chains, elements = chains_and_sets(two)
+    assert len(chains) == 2
+    first, second = ([r for r in rules if "@peer_" in r] for rules in chains.values())
+    assert len(first) == 4 and first == second  # the same rules on the same sets
+    assert len(elements) == 2  # the kube-dns and the CIDR rule's IPv4 sets, once
+    nobody, none_yet = chains_and_sets(two.replace("k8s-app: kube-dns}", "k8s-app: gone}"))
+    assert nobody == chains
+    assert len(none_yet) == 1 and "10.96.0.10" not in none_yet.values()
+
+
+def test_peer_intervals_cut_each_except_from_its_own_cidr_and_name_bad_input() -> None:
+    def ip(text: str) -> int:
+        return int(ipaddress.ip_address(text))
+
+    got = peer_intervals(
+        (
+            ("10.96.0.7", "fd00::1", "10.200.0.1"),
+            (
+                ("10.0.0.0", 8, (("10.96.0.0", 12), ("fd00::", 8))),  # other family: no effect
+                ("10.96.0.0", 16, ()),  # admits again part of the first one's except
+                ("10.200.0.2", 32, ()),  # touches 10.200.0.1: stays an element of its own
+                ("::", 0, (("fd00::", 8),)),
+            ),
+        )
+    )
+    assert got[4] == (
+        (ip("10.0.0.0"), ip("10.95.255.255")),
+        (ip("10.96.0.0"), ip("10.96.255.255")),  # 10.96.0.7 merged into it
+        (ip("10.112.0.0"), ip("10.255.255.255")),  # 10.200.0.x inside: merged
+    )
+    assert got[6] == ((0, ip("fcff:ffff:ffff:ffff:ffff:ffff:ffff:ffff")),
+                      (ip("fd00::1"), ip("fd00::1")),  # a selected pod inside the except
+                      (ip("fe00::"), (1 << 128) - 1))  # fmt: skip
+    touching = peer_intervals((("10.0.0.1", "10.0.0.2"), (("10.0.0.3", 32, ()),)))
+    assert len(touching[4]) == 3 and touching[6] == ()
+    with pytest.raises(BackendError, match=r"not an IP address: '10\.0\.0'"):
+        peer_intervals((("10.0.0",), ()))
+    with pytest.raises(BackendError, match=r"not a CIDR: 10\.0\.0\.0/33"):
+        peer_intervals(((), (("10.0.0.0", 33, ()),)))
+
+
+def test_a_services_clusterip_gets_peer_sets_of_its_own_named_by_rule_and_service() -> None:
+    """A rule that admits a Service's backends also admits its ClusterIP on the mapped ports:
+    a second peers entry of the same rule. It gets sets of its own, named by the rule and the
+    Service (stable when the ClusterIP or the backends change), shared by the endpoints."""
+    pol = entities_policy(KUBE_DNS_RULE)
+    plan = pol.egress_plan(ENTITIES_CLIENT)
+    assert plan is not None and len(plan.peers) == 2 == len(set(plan.peer_rules))
+    assert plan.peer_rules[1] == (
+        f"{plan.peer_rules[0]} toEndpoints (ClusterIP of Service kube-system/kube-dns)"
+    )
+    b = Nftables()
+    b.set_policy(pol, ENTITIES_EPS, listen=[("10.0.0.1", 53)])
+    elements = dict(re.findall(r"set (peer_\S+) \{[^}]*?elements = \{ ([^}]*) \}", b.ruleset()))
+    assert KUBE_DNS_IP in elements.values() and len(elements) >= 2
 
 
 def test_ips_go_to_the_sets_of_the_rules_their_names_match() -> None:
@@ -142,6 +243,27 @@ def make():
     return b
 def flat(b):
     return {{s: sorted(v) for s, v in b.elements().items() if v}}
+def handles():
+    # Every chain, set and rule of the table with its kernel handle (new object, new handle).
+    import subprocess
+    text = subprocess.run(["nft", "-j", "list", "table", "inet", "fqdnguard"],
+                          capture_output=True, text=True, check=True).stdout
+    found = []
+    for item in json.loads(text)["nftables"]:
+        for kind, obj in item.items():
+            if kind in ("chain", "set", "map"):
+                found.append([kind, obj["name"], obj["handle"]])
+            elif kind == "rule":
+                found.append([kind, obj["chain"], obj["handle"]])
+    return sorted(found)
+def peer_elements():
+    # The peer sets as nft lists them: set -> elements (addresses, ranges, prefixes).
+    import subprocess
+    text = subprocess.run(["nft", "-j", "list", "table", "inet", "fqdnguard"],
+                          capture_output=True, text=True, check=True).stdout
+    return {{item["set"]["name"]: item["set"].get("elem", [])
+             for item in json.loads(text)["nftables"]
+             if "set" in item and item["set"]["name"].startswith("peer_")}}
 out = {{}}
 """
 
@@ -396,3 +518,402 @@ def test_the_reverse_path_check_is_on_by_default_and_can_be_turned_off(tmp_path:
         [*base, "--no-reverse-path-check"], capture_output=True, text=True, check=True, cwd=ROOT
     ).stdout
     assert "fib saddr" not in out
+
+
+# -- peer sets: the addresses of toEndpoints / toCIDR / toCIDRSet, in named sets updated in place
+
+PEERS_POLICY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: peers, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+    - toCIDRSet:
+        - {cidr: 10.0.0.0/8, except: [10.96.0.0/12, 10.200.0.0/16]}
+        - {cidr: 10.200.7.0/24}
+        - {cidr: 172.16.0.0/12, except: [172.16.5.5/32, 172.31.255.255/32]}
+        - {cidr: "fd00::/16", except: ["fd00:96::/32", "fd00::/120"]}
+        - {cidr: "fd00:96:0:7::/64"}
+      toPorts: [{ports: [{port: "5432", protocol: UDP}]}]
+    - toEndpoints: [{matchLabels: {app: db}}]
+      toPorts: [{ports: [{port: "5432", protocol: UDP}]}]
+    - toCIDRSet:
+        - {cidr: 0.0.0.0/0, except: [10.0.0.0/8, 192.0.2.0/24]}
+        - {cidr: "::/0", except: ["fd00::/8", "2001:db8::/32"]}
+      toPorts: [{ports: [{port: "8443", protocol: UDP}]}]
+    - toCIDR: [0.0.0.0/0]
+      toPorts: [{ports: [{port: "9999", protocol: UDP}]}]
+"""
+PEERS_ENDPOINTS = """
+endpoints:
+  - {name: client, namespace: default, ips: [192.0.2.2, "2001:db8:ffff::2"], labels: {app: client}}
+  - {name: db, namespace: default, ips: [10.96.0.7, "fd00:96::7", 172.16.5.5],
+     labels: {app: db}}
+"""
+#: Addresses a UDP datagram cannot simply be sent to from a pod (own, special, multicast).
+_UNPROBEABLE = [
+    "0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "192.0.2.0/24", "224.0.0.0/3",
+    "::/8", "fe80::/10", "ff00::/8", "2001:db8:ffff::/64",
+]  # fmt: skip
+
+
+def _samples() -> list[str]:
+    """Both sides of every boundary of the policy's CIDRs and excepts, the db endpoint's
+    addresses and their neighbours, and random addresses inside each prefix."""
+    rng = random.Random(15)
+    prefixes = re.findall(r"([0-9a-f:.]+/\d+)", PEERS_POLICY)
+    out: set[str] = {"10.96.0.7", "fd00:96::7", "172.16.5.5", "10.96.0.8", "fd00:96::8"}
+    for text in prefixes:
+        net = ipaddress.ip_network(text)
+        lo, hi = int(net.network_address), int(net.broadcast_address)
+        top = (1 << net.max_prefixlen) - 1
+        values = [lo - 1, lo, lo + 1, hi - 1, hi, hi + 1]
+        values += [rng.randint(lo, hi) for _ in range(8)]
+        cls = ipaddress.IPv4Address if net.version == 4 else ipaddress.IPv6Address
+        out.update(str(cls(v)) for v in values if 0 <= v <= top)
+    bad = [ipaddress.ip_network(n) for n in _UNPROBEABLE]
+    return sorted(
+        a
+        for a in out
+        if not any(
+            ipaddress.ip_address(a) in n
+            for n in bad
+            if n.version == ipaddress.ip_address(a).version
+        )
+    )
+
+
+@needs_netns
+def test_peer_sets_give_exactly_the_policys_egress_verdicts() -> None:
+    """Datagrams from a restricted source through the real ruleset, against
+    ``Policy.egress_verdict``, on every boundary of CIDRs with excepts (an address another
+    CIDR of the rule admits again, a rule to 0.0.0.0/0 whose interval has no end), IPv4 and
+    IPv6; then an except changes in place (element update, no chain touched) and they agree
+    again."""
+    samples = _samples()
+    assert len(samples) > 150
+    out = run_in_netns(f"""
+        import socket, subprocess
+        for cmd in ("ip link add v0 type veth peer name v1", "ip link set v0 up",
+                    "ip link set v1 up", "ip addr add 192.0.2.2/24 dev v0",
+                    "ip addr add 2001:db8:ffff::2/64 dev v0 nodad",
+                    "ip route add default dev v0", "ip -6 route add default dev v0"):
+            subprocess.run(cmd.split(), check=True)
+        POLICY_TEXT, SAMPLES = {PEERS_POLICY!r}, {samples!r}
+        eps = Endpoints.from_yaml({PEERS_ENDPOINTS!r})
+        client = eps.by_ip("192.0.2.2")
+        class NoNames:
+            def names_for(self, ip, endpoint=None):
+                return []
+        def sent(ip, port):
+            family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.bind(("2001:db8:ffff::2" if ":" in ip else "192.0.2.2", 0))
+                try:
+                    s.sendto(b"x", (ip, port))
+                except PermissionError:  # dropped by the output hook
+                    return False
+                return True
+        def disagreements(pol):
+            wrong = []
+            for ip in SAMPLES:
+                for port in (5432, 8443, 9999, 53):
+                    want = pol.egress_verdict(client, ip, port, "UDP", NoNames()).allowed
+                    got = sent(ip, port)
+                    key = str(port) + ("/6" if ":" in ip else "/4")
+                    out.setdefault("answers", dict()).setdefault(key, []).append(got)
+                    if got != want:
+                        wrong.append([ip, port, want])
+            return wrong
+        async def main():
+            pol = Policy.from_yaml(POLICY_TEXT, endpoints=eps)
+            b = Nftables(); b.set_policy(pol, eps, listen=[("192.0.2.1", 53)])
+            await b.start()
+            out["wrong"] = disagreements(pol)
+            out["chain"] = b.ruleset().split("chain ep_")[1]
+            out["peers"] = peer_elements()
+            before, transactions = handles(), b.transactions
+            pol2 = Policy.from_yaml(POLICY_TEXT.replace("10.200.0.0/16", "10.201.0.0/16"),
+                                    endpoints=eps)
+            b.set_policy(pol2, eps)
+            out["in_place"] = handles() == before
+            out["transactions"] = b.transactions - transactions
+            out["wrong_after"] = disagreements(pol2)
+            b.remove_table(); await b.close()
+        asyncio.run(main())
+    """)
+    assert out["wrong"] == [], "the kernel and egress_verdict disagree"
+    answers = out["answers"]
+    assert isinstance(answers, dict)
+    for key in ("5432/4", "5432/6", "8443/4", "8443/6"):
+        assert True in answers[key] and False in answers[key], key  # both verdicts sampled
+    assert all(answers["9999/4"]) and not any(answers["9999/6"]) and not any(answers["53/4"])
+    assert out["wrong_after"] == []
+    # The peers are in sets, not written into the chain.
+    chain = out["chain"]
+    assert isinstance(chain, str) and "10." not in chain and "fd00" not in chain
+    peers = out["peers"]
+    assert isinstance(peers, dict) and len(peers) == 8  # 4 rules x 2 families
+    assert {"range": ["10.0.0.0", "10.95.255.255"]} in [e for v in peers.values() for e in v]
+    assert out["in_place"] is True and out["transactions"] == 1
+
+
+#: POLICY with a rule for a second selected pod (a second peer set).
+TWO_PEERS_POLICY = (
+    POLICY
+    + """    - toEndpoints: [{matchLabels: {app: db}}]
+      toPorts: [{ports: [{port: "6432", protocol: TCP}]}]
+"""
+)
+
+
+@needs_netns
+def test_a_refused_update_leaves_the_ruleset_in_force() -> None:
+    """The kernel refuses an update half-way (another tool put an element that overlaps the db
+    pod's new address into its rule's set): nothing of it is applied, not the kube-dns set's
+    change that came first in the transaction, nor a rewritten chain; the backend still
+    describes the old ruleset; the next update then installs the new one whole."""
+    out = run_in_netns(f"""
+        import subprocess
+        from fqdnguard.backends.nftables import NftError
+        TEXT = {TWO_PEERS_POLICY!r}
+        def load(dns, db, text=TEXT):
+            e = Endpoints.from_yaml({ENDPOINTS!r}.replace("10.96.0.10", dns)
+                                    + "  - {{name: db, namespace: default, ips: [" + db
+                                    + "], labels: {{app: db}}}}\\n")
+            return Policy.from_yaml(text, endpoints=e), e
+        def peer_set_of(b, rule_port):
+            chain = b.ruleset().split("chain ep_")[1]
+            rule = next(r for r in chain.splitlines() if rule_port in r and "ip daddr @peer_" in r)
+            return rule.split("@")[1].split()[0]
+        async def refused(name, policy_text):
+            b = Nftables(); b.set_policy(*load("10.96.0.10", "10.1.0.5"), listen=[("10.0.0.1", 53)])
+            await b.start()
+            await b.apply([C("added", "1.1.1.1", 300)])
+            dns_set, db_set = peer_set_of(b, "udp . 53"), peer_set_of(b, "tcp . 6432")
+            # Another tool's element, overlapping the address the db pod is about to get.
+            subprocess.run(["nft", "add", "element", "inet", "fqdnguard", db_set,
+                            "{{ 10.2.0.0/16 }}"], check=True)
+            before, text, peers, learned = handles(), b.ruleset(), peer_elements(), flat(b)
+            try:
+                b.set_policy(*load("10.96.0.11", "10.2.0.5", policy_text))
+            except NftError as e:
+                out[name] = str(e)
+            out[name + "_handles"] = handles() == before
+            out[name + "_elements"] = peer_elements() == peers
+            out[name + "_view"] = b.ruleset() == text
+            out[name + "_learned"] = flat(b) == learned and bool(learned)
+            # The next update installs the whole table (what it holds is in doubt).
+            b.set_policy(*load("10.96.0.11", "10.2.0.5", policy_text))
+            now = peer_elements()
+            out[name + "_repaired"] = [now[dns_set], now[db_set], flat(b) == learned]
+            b.remove_table(); await b.close()
+        async def main():
+            await refused("elements", TEXT)  # an element transaction (netlink)
+            await refused("chains", TEXT.replace('"6432"', '"6433"'))  # and a chain (nft text)
+        asyncio.run(main())
+    """)
+    assert "File exists" in str(out["elements"]) and "peer_" in str(out["elements"]), out
+    # nft finds it before the kernel does: "interval overlaps with an existing one".
+    assert "overlaps" in str(out["chains"]), out
+    for name in ("elements", "chains"):
+        assert out[f"{name}_handles"] is True, f"{name}: chains, rules or sets re-created"
+        assert out[f"{name}_elements"] is True, f"{name}: part of the refused update applied"
+        assert out[f"{name}_view"] is True, f"{name}: the backend describes a ruleset not in force"
+        assert out[f"{name}_learned"] is True
+        assert out[f"{name}_repaired"] == [["10.96.0.11"], ["10.2.0.5"], True]
+
+
+@needs_netns
+def test_a_reload_that_changes_nothing_sends_nothing() -> None:
+    """The same policy, parsed again, and the same endpoints, in a new registry: no transaction
+    (``nft monitor`` sees no new generation) and nothing re-created."""
+    out = run_in_netns("""
+        import subprocess
+        mon = subprocess.Popen(["nft", "monitor"], stdout=subprocess.PIPE, text=True)
+        def fence(n):  # a change of our own the monitor must show: what lies between is ours
+            subprocess.run(["nft", "add", "table", "inet", f"fence{n}"], check=True)
+            seen = []
+            while f"add table inet fence{n}" not in (line := mon.stdout.readline()):
+                seen.append(line.strip())
+            assert mon.stdout.readline().startswith("# new generation")  # the fence's own
+            return seen
+        async def main():
+            b = make(); await b.start()
+            await b.apply([C("added", "1.1.1.1", 300)])
+            before, transactions = handles(), b.transactions
+            fence(1)
+            e = Endpoints.from_yaml(ENDPOINTS)
+            b.set_policy(Policy.from_yaml(POLICY, endpoints=e), e, listen=[("10.0.0.1", 53)])
+            out["events"] = [x for x in fence(2) if x]
+            out["transactions"] = b.transactions - transactions
+            out["same"] = handles() == before
+            mon.terminate()
+            b.remove_table(); await b.close()
+        asyncio.run(main())
+    """)
+    assert out["events"] == [], "the reload changed something in the kernel"
+    assert out["transactions"] == 0 and out["same"] is True
+
+
+POD_POLICY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: pod, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: pod}}
+  egress:
+    - toEndpoints: [{matchLabels: {app: server}}]
+      toPorts: [{ports: [{port: "443", protocol: TCP}]}]
+    - toFQDNs: [{matchName: learned.example}]
+      toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+"""
+
+# The backend alone, in the node namespace: each line in is the server endpoint's addresses
+# (JSON), each line out what it did. A learned IP for the toFQDNs rule is programmed at start.
+BACKEND_DRIVER = """
+import asyncio, json, sys, time
+from fqdnguard import Endpoints, Policy
+from fqdnguard.backends.nftables import Nftables
+POLICY, POD, LEARNED = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+loop = asyncio.new_event_loop()
+b = Nftables()
+b._names_for = lambda ip, ep: ["learned.example."]
+for line in sys.stdin:
+    eps = Endpoints.from_yaml(
+        "endpoints:\\n"
+        f"  - {{name: pod, namespace: default, ips: {json.dumps(POD)}, labels: {{app: pod}}}}\\n"
+        f"  - {{name: server, namespace: default, ips: {line.strip()}, labels: {{app: server}}}}\\n"
+    )
+    before = b.transactions
+    b.set_policy(Policy.from_yaml(POLICY, endpoints=eps), eps, listen=[("10.77.1.1", 53)])
+    if not before:
+        loop.run_until_complete(b.start())
+        pod = eps.by_ip(POD[0]).id
+        loop.run_until_complete(b.apply([(pod, LEARNED, time.time() + 300)]))
+    print(json.dumps({"transactions": b.transactions - before}), flush=True)
+"""
+
+
+@needs_netns
+def test_a_peer_address_change_is_an_element_update_and_traffic_follows() -> None:
+    """A pod the policy's toEndpoints selects moves to a new address (a kube-dns pod restarted):
+    no chain, rule or set is re-created (same kernel handles, the drop counter keeps its
+    count), the learned IPs stay, a connection made before lives on; from the pod namespace the
+    new address is reachable on the rule's port and the old one is not."""
+    topo = Topology(f"fps{os.getpid() % 100000}").create()
+    driver = None
+    try:
+        topo.start_echo_servers(sys.executable)
+        driver = topo.spawn(
+            topo.node, sys.executable, "-c", BACKEND_DRIVER, POD_POLICY,
+            json.dumps([POD4, POD6]), WORLD4[2],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+        )  # fmt: skip
+        assert driver.stdin is not None and driver.stdout is not None
+
+        def server_at(*ips: str) -> int:
+            driver.stdin.write(json.dumps(list(ips)) + "\n")  # type: ignore[union-attr]
+            driver.stdin.flush()  # type: ignore[union-attr]
+            line = driver.stdout.readline()  # type: ignore[union-attr]
+            assert line, "the backend driver died"
+            return int(json.loads(line)["transactions"])
+
+        def reaches(ip: str, port: int = 443, timeout: float = 0.5) -> bool:
+            s = topo.connect(topo.pod, ip, port, timeout)
+            if s is None:
+                return False
+            s.close()
+            return True
+
+        def kernel() -> tuple[list[list[object]], int]:
+            text = subprocess.run(
+                ["ip", "netns", "exec", topo.node, "nft", "-j", "list", "table", "inet",
+                 "fqdnguard"], capture_output=True, text=True, check=True,
+            ).stdout  # fmt: skip
+            found: list[list[object]] = []
+            dropped = 0
+            for item in json.loads(text)["nftables"]:
+                for kind, obj in item.items():
+                    if kind in ("chain", "set", "map"):
+                        found.append([kind, obj["name"], obj["handle"]])
+                    elif kind == "rule":
+                        found.append([kind, obj["chain"], obj["handle"]])
+                        for e in obj["expr"]:
+                            if "counter" in e and obj["chain"].startswith("ep_"):
+                                dropped += e["counter"]["packets"]
+            return sorted(found), dropped
+
+        server_at(WORLD4[0], WORLD6[0])
+        # Neighbour discovery done beforehand (the node itself is not restricted), so that a
+        # first connection does not wait for it past the timeout.
+        for ip in (*WORLD4[:3], *WORLD6[:2]):
+            warm = topo.connect(topo.node, ip, 443, timeout=3)
+            assert warm is not None, f"the node cannot reach {ip}"
+            warm.close()
+        for ip in (NODE_POD4, NODE_POD6):  # the pod's link: a closed port answers at once
+            assert topo.connect(topo.pod, ip, 9, timeout=3) is None
+        assert reaches(WORLD4[0]) and reaches(WORLD6[0]) and reaches(WORLD4[2], 8080)
+        assert not reaches(WORLD4[1]) and not reaches(WORLD6[1])
+        live = topo.connect(topo.pod, WORLD4[0], 443)
+        assert live is not None and echo_ok(live)
+        objects, dropped = kernel()
+        assert dropped > 0
+
+        assert server_at(WORLD4[1], WORLD6[1]) == 1  # one element transaction
+        after, dropped_after = kernel()
+        assert after == objects, "a chain, rule or set was re-created"
+        assert dropped_after >= dropped, "the drop rule's counter was reset"
+        assert reaches(WORLD4[1]) and reaches(WORLD6[1])
+        assert not reaches(WORLD4[0]) and not reaches(WORLD6[0])
+        assert not reaches(WORLD4[1], 8080), "the rule's ports still apply"
+        assert reaches(WORLD4[2], 8080), "the learned IP's set was touched"
+        assert echo_ok(live), "the established connection was cut"
+        live.close()
+    finally:
+        if driver is not None and driver.stdin is not None:
+            driver.stdin.close()
+        topo.close()
+
+
+@needs_netns
+def test_a_chain_change_with_element_changes_is_one_transaction() -> None:
+    """New ports for one rule (its chain is rewritten) while pods move and an except changes:
+    one nft transaction, in which the peer sets get element changes (not re-created)."""
+    out = run_in_netns(f"""
+        def load(dns, db, text={TWO_PEERS_POLICY!r}):
+            e = Endpoints.from_yaml(ENDPOINTS.replace("10.96.0.10", dns)
+                                    + "  - {{name: db, namespace: default, ips: [" + db
+                                    + "], labels: {{app: db}}}}\\n")
+            return Policy.from_yaml(text, endpoints=e), e
+        async def main():
+            b = Nftables(); b.set_policy(*load("10.96.0.10", "10.1.0.5"), listen=[("10.0.0.1", 53)])
+            await b.start()
+            await b.apply([C("added", "1.1.1.1", 300)])
+            sets = [h for h in handles() if h[0] == "set"]
+            learned, transactions = flat(b), b.transactions
+            text = {TWO_PEERS_POLICY!r}.replace('"6432"', '"6433"').replace(
+                "192.168.1.0/24", "192.168.3.0/25")
+            b.set_policy(*load("10.96.0.11", "10.1.0.6", text))
+            out["transactions"] = b.transactions - transactions
+            out["sets_kept"] = [h for h in handles() if h[0] == "set"] == sets
+            out["learned"] = flat(b) == learned
+            out["peers"] = sorted(json.dumps(v) for v in peer_elements().values() if v)
+            out["chain"] = b.ruleset().split("chain ep_")[1]
+            b.remove_table(); await b.close()
+        asyncio.run(main())
+    """)
+    assert out["transactions"] == 1 and out["sets_kept"] is True and out["learned"] is True
+    assert out["peers"] == sorted(
+        json.dumps(v)
+        for v in (
+            ["10.96.0.11"],
+            ["10.1.0.6"],
+            [
+                {"range": ["192.168.0.0", "192.168.2.255"]},
+                {"range": ["192.168.3.128", "192.168.255.255"]},
+            ],
+        )
+    )
+    assert "tcp . 6433" in str(out["chain"]) and "tcp . 6432" not in str(out["chain"])

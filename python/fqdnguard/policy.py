@@ -256,8 +256,14 @@ class EgressPlan:
     #: One entry per ``toFQDNs`` rule: its ports and its (is_pattern, text) name selectors.
     fqdn: tuple[tuple[Ports, tuple[tuple[bool, str], ...]], ...]
     #: One entry per other rule (``toEndpoints``, ``toCIDR``, ``toCIDRSet``, ``toEntities``,
-    #: ``toServices``, L4-only), and one per Service ClusterIP a rule admits (its mapped ports).
+    #: ``toServices``, L4-only), also when its selectors pick no address today (then it admits
+    #: nothing), and one per Service ClusterIP a rule admits (its mapped ports).
     peers: tuple[tuple[Peers, Ports], ...]
+    #: The rule each ``peers`` entry comes from, e.g. ``CiliumNetworkPolicy default/web
+    #: egress[0]``: the same across reloads and for every endpoint the rule applies to, so a
+    #: firewall can keep a rule's addresses in one set of their own and update it in place.
+    #: Shorter than ``peers`` when not known (the firewall then names sets by position).
+    peer_rules: tuple[str, ...] = ()
 
 
 class Policy:
@@ -517,8 +523,10 @@ class Policy:
             res = Resolver(endpoints, self.cluster)
         fqdn: list[tuple[Ports, tuple[tuple[bool, str], ...]]] = []
         peers: list[tuple[Peers, Ports]] = []
+        peer_rules: list[str] = []
         for spec in selecting:
             for rule in spec.egress:
+                rule_id = f"{spec.label} egress[{rule.index}]"
                 l3 = _resolve(rule, res)
                 entries = _effective_ports(rule, l3.dests)
                 if entries is None:
@@ -529,13 +537,17 @@ class Policy:
                 elif not rule.has_l3:
                     if rule.has_ports:
                         peers.append((None, ports))  # no L3 selector: any destination
+                        peer_rules.append(rule_id)
                 else:
                     cidrs = tuple((a, b, tuple(x)) for a, b, x, _ in l3.cidrs)
-                    if l3.ips or cidrs:
-                        peers.append(((tuple(sorted(set(l3.ips))), cidrs), ports))
-                    for ips, kept, _ in _cluster_ip_rules(rule, l3, entries, res):
+                    # Kept when it selects nothing, so that a selector's first address is an
+                    # update of the rule's set, not a new rule.
+                    peers.append(((tuple(sorted(set(l3.ips))), cidrs), ports))
+                    peer_rules.append(rule_id)
+                    for ips, kept, label in _cluster_ip_rules(rule, l3, entries, res):
                         peers.append(((tuple(sorted(ips)), ()), _plan_ports(kept)))
-        return EgressPlan(tuple(fqdn), tuple(peers))
+                        peer_rules.append(f"{rule_id} {label}")  # one per Service
+        return EgressPlan(tuple(fqdn), tuple(peers), tuple(peer_rules))
 
     def __len__(self) -> int:
         return len(self.policies)

@@ -21,11 +21,14 @@ The ruleset lives in one table, ``inet fqdnguard``, and never needs flushing::
         meta l4proto { tcp, udp } ip daddr 10.0.0.1 th dport 53 accept        # DNS to the proxy
         ip daddr @ep_7_f0_4 meta l4proto . th dport { tcp . 443 } accept        # toFQDNs rule 0
         ip6 daddr @ep_7_f0_6 meta l4proto . th dport { tcp . 443 } accept
-        ip daddr 10.0.0.0/8 ip daddr != { 10.96.0.0/12 } accept                # toCIDRSet
+        ip daddr @peer_3f2a_4 meta l4proto . th dport { udp . 53 } accept       # toEndpoints,
+        ip6 daddr @peer_3f2a_6 meta l4proto . th dport { udp . 53 } accept      # toCIDR(Set)...
         counter drop
       }
       set ep_7_f0_4 { type ipv4_addr; flags timeout; }  # learned IPs, each with its own timeout
       set ep_7_f0_6 { type ipv6_addr; flags timeout; }
+      set peer_3f2a_4 { type ipv4_addr; flags interval; elements = { 10.96.0.10, ... } }
+      set peer_3f2a_6 { type ipv6_addr; flags interval; }    # one pair per rule, shared
     }
 
 Sources: endpoints are known by their source address, so a pod sending with another's (or the
@@ -43,6 +46,16 @@ concatenated set). In the usual case an endpoint's ``toFQDNs`` rules share one p
 learned IP is one element; when they differ, an IP goes into the sets of the rules whose selectors
 match one of the names it was learned under (asked of the cache), exactly as ``egress_verdict``.
 
+Peers: the addresses a rule's L3 selectors pick (``toEndpoints``' pods, ``toCIDR``,
+``toCIDRSet`` with its excepts, whatever ``EgressPlan.peers`` lists) are in a pair of interval
+sets named after the rule (a digest of its policy, spec and egress index), never inline: the
+endpoints the rule applies to share them. Each CIDR minus its own excepts and each address are
+intervals; overlapping ones are merged, touching ones stay apart (one address, one element), so a
+set admits exactly what ``egress_verdict`` does. A policy update is a diff against what the kernel
+holds: nothing when nothing changed, one netlink element transaction when only addresses did
+(a peer pod's new IP rewrites no chain), else one nft text transaction with only the changed
+chains, map entries, elements and the deletions.
+
 Changes: one batch is one nftables transaction. The ruleset goes through libnftables as text
 (``nft_run_cmd_from_buffer``); element batches go straight to the kernel as nf_tables netlink
 messages (``ElementSocket``: NEWSETELEM/DELSETELEM between BATCH_BEGIN and BATCH_END), because
@@ -54,8 +67,10 @@ removal, which must not fail when the kernel already timed the element out) is w
 so the element is never absent.
 
 Restart: ``start`` installs the table, sets and chains with ``add`` (idempotent) and replaces each
-chain's rules with ``flush chain`` + rules in the same transaction; sets are never flushed, so
-a restart neither opens nor closes a window. ``reconcile`` then brings the sets to exactly the
+chain's rules with ``flush chain`` + rules, and each peer set's elements with ``flush set`` +
+elements, in the same transaction; learned-IP sets are never flushed, so a restart neither opens
+nor closes a window. The same whole install follows an update the kernel refused (what it holds
+is then in doubt). ``reconcile`` then brings the sets to exactly the
 live state. ``close`` leaves the ruleset in place (fail closed: the elements lapse on their own).
 """
 
@@ -65,6 +80,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import hashlib
 import ipaddress
 import json
@@ -344,6 +360,7 @@ def _extack(data: bytes, off: int, flags: int) -> str:
 # -- the ruleset from the policy ----------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1024)
 def _port_expr(ports: Any) -> str:
     """``meta l4proto . th dport { tcp . 443, udp . 53-54 }`` for a plan's ports ('' = all)."""
     if ports is None:
@@ -373,11 +390,128 @@ def _class_id(ports: Any) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
+# -- peer sets: the addresses of a rule's toEndpoints, toCIDR, toCIDRSet (and any other L3 peers)
+
+#: Sorted, disjoint, closed intervals of addresses (as integers) of one family.
+Intervals = tuple[tuple[int, int], ...]
+_BITS = {4: 32, 6: 128}
+#: nft_set_elem_attributes NFTA_SET_ELEM_FLAGS and its NFT_SET_ELEM_INTERVAL_END flag.
+_ELEM_FLAGS, _INTERVAL_END = 3, 1
+
+
+def _network(addr: str, bits: int) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network((addr, bits), strict=False)
+    except ValueError as e:
+        raise BackendError(f"nftables backend: not a CIDR: {addr}/{bits} ({e})") from None
+
+
+def _minus(ranges: list[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in ranges:
+        if b < lo or a > hi:
+            out.append((a, b))
+            continue
+        if a < lo:
+            out.append((a, lo - 1))
+        if b > hi:
+            out.append((hi + 1, b))
+    return out
+
+
+def _union(items: Iterable[tuple[int, int]]) -> Intervals:
+    """Overlapping intervals merged; intervals that only touch stay apart, so that one address
+    of a run of consecutive ones is still one element of its own (a small update)."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(items):
+        if out and lo <= out[-1][1]:
+            if hi > out[-1][1]:
+                out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return tuple(out)
+
+
+def peer_intervals(peers: Any) -> dict[int, Intervals]:
+    """What a rule's peers (``(addresses, CIDRs with their excepts)`` of an ``EgressPlan``)
+    admit, per family: each address, and each CIDR minus its own excepts, as the policy's
+    egress verdict decides (an except removes addresses from its CIDR only, not from another
+    CIDR or address of the same rule)."""
+    ips, cidrs = peers
+    items: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
+    for ip in ips:
+        try:
+            a = ipaddress.ip_address(ip)
+        except ValueError:
+            raise BackendError(f"nftables backend: not an IP address: {ip!r}") from None
+        items[a.version].append((int(a), int(a)))
+    for addr, bits, excepts in cidrs:
+        net = _network(addr, bits)
+        ranges = [(int(net.network_address), int(net.broadcast_address))]
+        for ex_addr, ex_bits in excepts:
+            ex = _network(ex_addr, ex_bits)
+            if ex.version == net.version:
+                ranges = _minus(ranges, int(ex.network_address), int(ex.broadcast_address))
+        items[net.version].extend(ranges)
+    return {f: _union(v) for f, v in items.items()}
+
+
+def _address(family: int, value: int) -> str:
+    return str(ipaddress.IPv4Address(value) if family == 4 else ipaddress.IPv6Address(value))
+
+
+def _interval_text(family: int, lo: int, hi: int) -> str:
+    """An element of an interval set in nft syntax: ``10.0.0.1`` or ``10.0.0.0-10.95.255.255``."""
+    a = _address(family, lo)
+    return a if lo == hi else f"{a}-{_address(family, hi)}"
+
+
+def _interval_elements(family: int, lo: int, hi: int) -> list[bytes]:
+    """An interval as the kernel keeps it in a (non-concatenated) interval set: an element at
+    its start, and one flagged as the end one past its last address (none when it runs to the
+    family's last address). Start and end always travel in the same message (``_CHUNK`` is
+    even, and only the last interval of a sorted set can lack its end)."""
+    size = _BITS[family] // 8
+    out = [
+        _element(_nla(_ELEM_KEY | _NLA_F_NESTED, _nla(_DATA_VALUE, lo.to_bytes(size, "big"))), None)
+    ]
+    if hi + 1 < 1 << _BITS[family]:
+        key = _nla(_ELEM_KEY | _NLA_F_NESTED, _nla(_DATA_VALUE, (hi + 1).to_bytes(size, "big")))
+        out.append(
+            _nla(
+                _LIST_ELEM | _NLA_F_NESTED,
+                key + _nla(_ELEM_FLAGS, struct.pack(">I", _INTERVAL_END)),
+            )
+        )
+    return out
+
+
+def _peer_base(rule: str) -> str:
+    """The stable base name of a rule's peer sets (``peer_<digest>``; ``_4`` / ``_6`` follow)."""
+    return "peer_" + hashlib.sha1(rule.encode()).hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=16)
+def _listen_rules(listen: tuple[tuple[str, int], ...]) -> tuple[str, ...]:
+    """DNS to the proxy's listen addresses, first in every endpoint's chain."""
+    out: list[str] = []
+    for host, port in listen:
+        addr = ipaddress.ip_address(host)
+        if addr.is_unspecified:
+            dst = "fib daddr type local"
+        else:
+            dst = f"{'ip6' if addr.version == 6 else 'ip'} daddr {addr}"
+        out.append(f"meta l4proto {{ tcp, udp }} {dst} th dport {port} accept")
+    return tuple(out)
+
+
 class _EndpointRules:
     """One restricted endpoint: its sources, its fqdn classes (port list -> selectors) and the
     rules of its chain."""
 
-    def __init__(self, ep_id: int, sources: Sequence[str], plan: Any) -> None:
+    def __init__(
+        self, ep_id: int, sources: Sequence[str], plan: Any, peers: Sequence[tuple[str | None, Any]]
+    ) -> None:
         from fqdnguard._core import PatternSet  # noqa: PLC0415
 
         self.id = ep_id
@@ -397,7 +531,10 @@ class _EndpointRules:
                 if is_pattern and text.rstrip(".") == "*":
                     self._match_all.add(cid)
             self.classes[cid] = (ports, ps)
-        self.peers = list(plan.peers)
+        #: What decides which learned IP goes in which set: when it changes, they are re-sorted.
+        self.fqdn_key = tuple((cid, tuple(sel)) for cid, (_, sel) in classes.items())
+        #: Per other rule: the base name of its peer sets (None: any destination) and its ports.
+        self.peers = list(peers)
         self._every = {f: tuple(self.set_name(c, f) for c in self.classes) for f in (4, 6)}
 
     def set_name(self, cid: str, family: int) -> str:
@@ -423,36 +560,20 @@ class _EndpointRules:
         )
 
     def rules(self, listen: Sequence[tuple[str, int]]) -> list[str]:
-        out: list[str] = []
-        for host, port in listen:
-            addr = ipaddress.ip_address(host)
-            if addr.is_unspecified:
-                dst = "fib daddr type local"
-            else:
-                dst = f"{'ip6' if addr.version == 6 else 'ip'} daddr {addr}"
-            out.append(f"meta l4proto {{ tcp, udp }} {dst} th dport {port} accept")
+        out = list(_listen_rules(tuple(listen)))
         for cid, (ports, _) in self.classes.items():
             pe = _port_expr(ports)
             for family, match in ((4, "ip"), (6, "ip6")):
                 out.append(f"{match} daddr @{self.set_name(cid, family)} {pe} accept")
-        for peers, ports in self.peers:
+        for base, ports in self.peers:
             pe = _port_expr(ports)
-            if peers is None:
+            if base is None:
                 out.append(f"{pe} accept".strip())
                 continue
-            ips, cidrs = peers
-            by_family: dict[int, list[str]] = {4: [], 6: []}
-            for ip in ips:
-                by_family[ipaddress.ip_address(ip).version].append(ip)
+            # Both families always, even with a set empty today: its first address is then an
+            # element update, not a new rule.
             for family, match in ((4, "ip"), (6, "ip6")):
-                if by_family[family]:
-                    out.append(f"{match} daddr {{ {', '.join(by_family[family])} }} {pe} accept")
-            for addr, bits, excepts in cidrs:
-                match = "ip6" if ":" in addr else "ip"
-                rule = f"{match} daddr {addr}/{bits}"
-                if excepts:
-                    rule += f" {match} daddr != {{ {', '.join(f'{a}/{b}' for a, b in excepts)} }}"
-                out.append(f"{rule} {pe} accept")
+                out.append(f"{match} daddr @{base}_{family} {pe} accept")
         out.append("counter drop")
         return [" ".join(r.split()) for r in out]
 
@@ -508,6 +629,34 @@ def _change_fields(c: Any) -> tuple[str, int, str, float | None]:
     return "added", int(endpoint), str(ip), expires
 
 
+class _Ruleset:
+    """Everything the table holds besides the learned IPs, as text and intervals to compare."""
+
+    def __init__(self, listen: list[tuple[str, int]]) -> None:
+        self.listen = listen
+        self.endpoints: dict[int, _EndpointRules] = {}
+        #: Endpoint chain -> its rules.
+        self.chains: dict[str, tuple[str, ...]] = {}
+        #: src4 / src6 -> {source address: its endpoint's chain}.
+        self.sources: dict[str, dict[str, str]] = {"src4": {}, "src6": {}}
+        #: Learned-IP set -> family.
+        self.fqdn_sets: dict[str, int] = {}
+        #: Peer set (``peer_<digest>_<4|6>``) -> its elements; by base name, both families.
+        self.peer_sets: dict[str, Intervals] = {}
+        self.peer_content: dict[str, dict[int, Intervals]] = {}
+        #: Per endpoint, what sorts its learned IPs into sets.
+        self.fqdn_keys: dict[int, tuple[Any, ...]] = {}
+
+    def add(self, ep: _EndpointRules) -> None:
+        self.endpoints[ep.id] = ep
+        self.chains[ep.chain] = tuple(ep.rules(self.listen))
+        for ip in ep.sources:
+            self.sources["src6" if ":" in ip else "src4"][ip] = ep.chain
+        for set_name, family in ep.sets():
+            self.fqdn_sets[set_name] = family
+        self.fqdn_keys[ep.id] = ep.fqdn_key
+
+
 class Nftables(Backend):
     """Programs ``inet fqdnguard``; see the module docstring for the ruleset."""
 
@@ -532,7 +681,10 @@ class Nftables(Backend):
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._endpoints: dict[int, _EndpointRules] = {}
-        self._listen: list[tuple[str, int]] = []
+        #: The ruleset in force (installed, or to install at start).
+        self._want = _Ruleset([])
+        #: The kernel holds exactly ``_want`` (so an update may be a diff).
+        self._exact = False
         self._names_for: Callable[..., list[str]] | None = None
         #: What the kernel was told: (endpoint, ip) -> (expires_at, the sets it is in).
         self._live: dict[tuple[int, str], tuple[float, tuple[str, ...]]] = {}
@@ -551,39 +703,106 @@ class Nftables(Backend):
         names_for: Callable[..., list[str]] | None = None,
     ) -> None:
         """Derives the ruleset from a policy and its endpoints (the proxy calls this on every
-        policy swap); when started, installs it in one transaction and moves the learned IPs
-        into the sets the new policy gives them."""
-        rules: dict[int, _EndpointRules] = {}
-        for ep in endpoints:
-            plan = policy.egress_plan(ep, endpoints)
-            if plan is not None and ep.ips:
-                rules[ep.id] = _EndpointRules(ep.id, ep.ips, plan)
-        self._endpoints = rules
-        if listen:
-            self._listen = list(listen)
+        policy swap); when started, brings the kernel to it in one transaction and moves the
+        learned IPs into the sets the new policy gives them.
+
+        Only what changed goes to the kernel: a reload that changes nothing sends nothing; one
+        that changes only the addresses rules select (a peer pod's new address) is one element
+        transaction on their peer sets; chains are rewritten only where their rules changed.
+        If the kernel refuses, nothing of it is applied and the ruleset in force stays in force
+        (raises :class:`NftError`); the next call then rewrites the whole table."""
+        want = self._build(policy, endpoints, list(listen) if listen else self._want.listen)
         if names_for is not None:
             self._names_for = names_for
-        if self._nft is not None:
-            self._install()
-            self._resync(dict(self._live))
+        if self._nft is None:
+            self._want = want
+            self._endpoints = want.endpoints
+            return
+        with self._lock:
+            resort = want.fqdn_keys != self._want.fqdn_keys
+            if self._exact:
+                try:
+                    self._update_locked(self._want, want)
+                except NftError:
+                    # Refused whole; what the kernel holds may differ from what we think it
+                    # holds (someone else edited the table): the next call installs it all.
+                    self._exact = False
+                    raise
+            else:
+                self._install_locked(want)
+            self._want = want
+            self._endpoints = want.endpoints
+            if resort:
+                self._resync_locked(
+                    {k: v[0] if isinstance(v, tuple) else v for k, v in self._live.items()}
+                )
+
+    def _build(self, policy: Any, endpoints: Any, listen: list[tuple[str, int]]) -> _Ruleset:
+        """The ruleset for a policy. Every rule's peers get a pair of sets named after the rule
+        (``EgressPlan.peer_rules``), shared by the endpoints it applies to; when two endpoints
+        would see different addresses under one name (never from the policy reader), the
+        second gets sets of its own."""
+        want = _Ruleset(listen)
+        content: dict[Any, dict[int, Intervals]] = {}
+        # Endpoints with the same namespace and labels are selected alike: one plan for them
+        # (each plan resolves the rules' selectors against the whole registry).
+        plans: dict[Any, tuple[Any, list[tuple[str | None, Any]] | None]] = {}
+        for ep in endpoints:
+            if not ep.ips:
+                continue
+            key = getattr(ep, "key", None) or ep.id
+            plan, peers_of = plans.get(key) or (policy.egress_plan(ep, endpoints), None)
+            if plan is None:
+                plans[key] = (None, None)
+                continue
+            if peers_of is not None:
+                want.add(_EndpointRules(ep.id, ep.ips, plan, peers_of))
+                continue
+            rules = getattr(plan, "peer_rules", ())
+            named = len(rules) == len(plan.peers)
+            peers: list[tuple[str | None, Any]] = []
+            for k, (p, ports) in enumerate(plan.peers):
+                if p is None:
+                    peers.append((None, ports))
+                    continue
+                found = content.get(p)
+                if found is None:
+                    found = content[p] = peer_intervals(p)
+                rule = rules[k] if named else f"endpoint {ep.id} peers[{k}]"
+                base = _peer_base(rule)
+                shared = want.peer_content.get(base)
+                if shared is not None and shared is not found and shared != found:
+                    base = _peer_base(f"{rule} endpoint {ep.id} peers[{k}]")
+                want.peer_content[base] = found
+                peers.append((base, ports))
+            plans[key] = (plan, peers if named else None)
+            want.add(_EndpointRules(ep.id, ep.ips, plan, peers))
+        for base, found in want.peer_content.items():
+            for family in (4, 6):
+                want.peer_sets[f"{base}_{family}"] = found[family]
+        return want
 
     # -- the ruleset ------------------------------------------------------------------------
 
     def ruleset(self) -> str:
         """The whole table as ``nft -f`` text (what ``--dry-run`` prints)."""
-        t = self.table
-        lines = [f"table {FAMILY} {t} {{"]
-        src4, src6 = self._sources()
-        for name, kind, elems in (("src4", "ipv4_addr", src4), ("src6", "ipv6_addr", src6)):
+        want = self._want
+        lines = [f"table {FAMILY} {self.table} {{"]
+        for name, kind in (("src4", "ipv4_addr"), ("src6", "ipv6_addr")):
+            elems = [f"{ip} : goto {chain}" for ip, chain in want.sources[name].items()]
             lines.append(f"\tmap {name} {{\n\t\ttype {kind} : verdict")
             if elems:
                 lines.append("\t\telements = { " + ", ".join(elems) + " }")
             lines.append("\t}")
-        for ep in self._endpoints.values():
-            for set_name, family in ep.sets():
-                lines.append(
-                    f"\tset {set_name} {{\n\t\ttype ipv{family}_addr\n\t\tflags timeout\n\t}}"
-                )
+        for set_name, family in want.fqdn_sets.items():
+            lines.append(f"\tset {set_name} {{\n\t\ttype ipv{family}_addr\n\t\tflags timeout\n\t}}")
+        for set_name, intervals in want.peer_sets.items():
+            family = int(set_name[-1])
+            lines.append(f"\tset {set_name} {{\n\t\ttype ipv{family}_addr\n\t\tflags interval")
+            if intervals:
+                items = ", ".join(_interval_text(family, lo, hi) for lo, hi in intervals)
+                lines.append(f"\t\telements = {{ {items} }}")
+            lines.append("\t}")
         lines.append("\tchain egress {")
         lines += [f"\t\t{r}" for r in self._egress_rules()]
         lines.append("\t}")
@@ -596,9 +815,9 @@ class Nftables(Backend):
             lines.append(f"\tchain {ANTISPOOF} {{\n\t\t{ANTISPOOF_HOOK}")
             lines += [f"\t\t{r}" for r in ANTISPOOF_RULES]
             lines.append("\t}")
-        for ep in self._endpoints.values():
-            lines.append(f"\tchain {ep.chain} {{")
-            lines += [f"\t\t{r}" for r in ep.rules(self._listen)]
+        for chain, rules in want.chains.items():
+            lines.append(f"\tchain {chain} {{")
+            lines += [f"\t\t{r}" for r in rules]
             lines.append("\t}")
         lines.append("}")
         return "\n".join(lines) + "\n"
@@ -611,17 +830,14 @@ class Nftables(Backend):
             "ip6 saddr vmap @src6",
         ]
 
-    def _sources(self) -> tuple[list[str], list[str]]:
-        src4: list[str] = []
-        src6: list[str] = []
-        for ep in self._endpoints.values():
-            for ip in ep.sources:
-                (src6 if ":" in ip else src4).append(f"{ip} : goto {ep.chain}")
-        return src4, src6
+    def _peer_elements(self, verb: str, set_name: str, intervals: Iterable[tuple[int, int]]) -> str:
+        family = int(set_name[-1])
+        items = ", ".join(_interval_text(family, lo, hi) for lo, hi in intervals)
+        return f"{verb} element {FAMILY} {self.table} {set_name} {{ {items} }}" if items else ""
 
-    def _install_script(self, existing: dict[str, set[str]]) -> str:
-        """add (idempotent) every object, replace every chain's rules and the source maps, delete
-        the chains and sets no longer wanted: one transaction."""
+    def _install_script(self, want: _Ruleset, existing: dict[str, set[str]]) -> str:
+        """add (idempotent) every object, replace every chain's rules, the source maps and the
+        peer sets' elements, delete the chains and sets no longer wanted: one transaction."""
         t = f"{FAMILY} {self.table}"
         cmds = [
             f"add table {t}",
@@ -640,36 +856,120 @@ class Nftables(Backend):
                 f"flush chain {t} {ANTISPOOF}",
                 *(f"add rule {t} {ANTISPOOF} {r}" for r in ANTISPOOF_RULES),
             ]
-        for ep in self._endpoints.values():
-            cmds.append(f"add chain {t} {ep.chain}")
-            for set_name, family in ep.sets():
-                cmds.append(f"add set {t} {set_name} {{ type ipv{family}_addr; flags timeout; }}")
+        for chain in want.chains:
+            cmds.append(f"add chain {t} {chain}")
+        for set_name, family in want.fqdn_sets.items():
+            cmds.append(f"add set {t} {set_name} {{ type ipv{family}_addr; flags timeout; }}")
+        # Peer sets are refilled inside the transaction: no moment without their addresses.
+        for set_name, intervals in want.peer_sets.items():
+            cmds += [
+                f"add set {t} {set_name} {{ type ipv{set_name[-1]}_addr; flags interval; }}",
+                f"flush set {t} {set_name}",
+            ]
+            if intervals:
+                cmds.append(self._peer_elements("add", set_name, intervals))
         # Rules and maps are replaced whole inside the transaction: no moment without them.
         cmds += [f"flush map {t} src4", f"flush map {t} src6", f"flush chain {t} egress"]
         cmds += [f"add rule {t} egress {r}" for r in self._egress_rules()]
         for hook in ("forward", "output"):
             cmds += [f"flush chain {t} {hook}", f"add rule {t} {hook} jump egress"]
-        for ep in self._endpoints.values():
-            cmds.append(f"flush chain {t} {ep.chain}")
-            cmds += [f"add rule {t} {ep.chain} {r}" for r in ep.rules(self._listen)]
-        src4, src6 = self._sources()
-        if src4:
-            cmds.append(f"add element {t} src4 {{ {', '.join(src4)} }}")
-        if src6:
-            cmds.append(f"add element {t} src6 {{ {', '.join(src6)} }}")
-        wanted_chains = {"egress", "forward", "output"} | {
-            ep.chain for ep in self._endpoints.values()
-        }
+        for chain, rules in want.chains.items():
+            cmds.append(f"flush chain {t} {chain}")
+            cmds += [f"add rule {t} {chain} {r}" for r in rules]
+        for name in ("src4", "src6"):
+            elems = [f"{ip} : goto {chain}" for ip, chain in want.sources[name].items()]
+            if elems:
+                cmds.append(f"add element {t} {name} {{ {', '.join(elems)} }}")
+        wanted_chains = {"egress", "forward", "output"} | set(want.chains)
         if self.reverse_path_check:
             wanted_chains.add(ANTISPOOF)
-        wanted_sets = {"src4", "src6"} | {
-            s for ep in self._endpoints.values() for s, _ in ep.sets()
-        }
+        wanted_sets = {"src4", "src6"} | set(want.fqdn_sets) | set(want.peer_sets)
         stale_chains = sorted(existing.get("chain", set()) - wanted_chains)
         cmds += [f"flush chain {t} {c}" for c in stale_chains]
         cmds += [f"delete chain {t} {c}" for c in stale_chains]
         cmds += [f"delete set {t} {s}" for s in sorted(existing.get("set", set()) - wanted_sets)]
         return "\n".join(cmds) + "\n"
+
+    def _update_locked(self, have: _Ruleset, want: _Ruleset) -> None:
+        """Brings the kernel from ``have`` (what it holds) to ``want`` in one transaction, or
+        sends nothing when they are the same. When only peer set elements differ, that is one
+        netlink element transaction; otherwise one nft text transaction with the new sets and
+        chains, the rewritten chains, the map and element changes and the deletions."""
+        t = f"{FAMILY} {self.table}"
+        created: list[str] = []
+        changes: list[tuple[str, Intervals, Intervals]] = []  # (set, to delete, to add)
+        for set_name, intervals in want.peer_sets.items():
+            before = have.peer_sets.get(set_name)
+            if before is None:
+                created.append(
+                    f"add set {t} {set_name} {{ type ipv{set_name[-1]}_addr; flags interval; }}"
+                )
+                changes.append((set_name, (), intervals))
+            elif before != intervals:
+                old, new = set(before), set(intervals)
+                changes.append((set_name, tuple(sorted(old - new)), tuple(sorted(new - old))))
+        created += [
+            f"add set {t} {set_name} {{ type ipv{family}_addr; flags timeout; }}"
+            for set_name, family in want.fqdn_sets.items()
+            if set_name not in have.fqdn_sets
+        ]
+        chains: list[str] = []
+        for chain, rules in want.chains.items():
+            if have.chains.get(chain) == rules:
+                continue
+            if chain not in have.chains:
+                created.append(f"add chain {t} {chain}")
+            chains.append(f"flush chain {t} {chain}")
+            chains += [f"add rule {t} {chain} {r}" for r in rules]
+        sources: list[str] = []
+        for name in ("src4", "src6"):
+            old_map, new_map = have.sources[name], want.sources[name]
+            gone = [ip for ip, c in old_map.items() if new_map.get(ip) != c]
+            came = [f"{ip} : goto {c}" for ip, c in new_map.items() if old_map.get(ip) != c]
+            if gone:
+                sources.append(f"delete element {t} {name} {{ {', '.join(gone)} }}")
+            if came:
+                sources.append(f"add element {t} {name} {{ {', '.join(came)} }}")
+        stale_chains = sorted(set(have.chains) - set(want.chains))
+        stale_sets = sorted(
+            (set(have.fqdn_sets) - set(want.fqdn_sets))
+            | (set(have.peer_sets) - set(want.peer_sets))
+        )
+        if created or chains or sources or stale_chains or stale_sets:
+            elements = [
+                cmd
+                for set_name, gone_, came_ in changes
+                for cmd in (
+                    self._peer_elements("delete", set_name, gone_),
+                    self._peer_elements("add", set_name, came_),
+                )
+                if cmd
+            ]
+            cmds = [*created, *elements, *chains, *sources]
+            cmds += [f"flush chain {t} {c}" for c in stale_chains]
+            cmds += [f"delete chain {t} {c}" for c in stale_chains]
+            cmds += [f"delete set {t} {s}" for s in stale_sets]
+            self._run("\n".join(cmds) + "\n")
+        elif changes:
+            self._send_peer_elements(changes)
+
+    def _send_peer_elements(self, changes: Sequence[tuple[str, Intervals, Intervals]]) -> None:
+        """Peer set element changes as one netlink transaction: every deletion, then every
+        addition (an interval may be replaced by ones that overlap it)."""
+        assert self._elements_socket is not None
+        deletions: list[tuple[int, str, list[bytes]]] = []
+        additions: list[tuple[int, str, list[bytes]]] = []
+        for set_name, gone, came in changes:
+            family = int(set_name[-1])
+            for kind, intervals, out in (
+                (_DELSETELEM, gone, deletions),
+                (_NEWSETELEM, came, additions),
+            ):
+                if intervals:
+                    elems = [e for lo, hi in intervals for e in _interval_elements(family, lo, hi)]
+                    out.append((kind, set_name, elems))
+        if self._elements_socket.send(deletions + additions):
+            self.transactions += 1
 
     def _list(self) -> dict[str, Any]:
         """The table as parsed JSON objects, by kind: {"set": {name: obj}, "chain": {...}}."""
@@ -691,9 +991,13 @@ class Nftables(Backend):
 
     def _install(self) -> None:
         with self._lock:
-            listed = self._list()
-            existing = {k: set(v) for k, v in listed.items()}
-            self._run(self._install_script(existing))
+            self._install_locked(self._want)
+
+    def _install_locked(self, want: _Ruleset) -> None:
+        """The whole table, whatever the kernel holds (start, or after a refused update)."""
+        existing = {k: set(v) for k, v in self._list().items()}
+        self._run(self._install_script(want, existing))
+        self._exact = True
 
     def _run(self, script: str) -> None:
         assert self._nft is not None
@@ -738,7 +1042,7 @@ class Nftables(Backend):
             "nftables: table %s %s installed (%d restricted endpoints)",
             FAMILY,
             self.table,
-            len(self._endpoints),
+            len(self._want.endpoints),
         )
 
     async def close(self) -> None:
