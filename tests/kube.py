@@ -78,8 +78,12 @@ def get(kube: KubeControlPlane, *args: str) -> Any:
 def create_namespace(
     kube: KubeControlPlane, name: str, labels: dict[str, str] | None = None
 ) -> None:
-    """A namespace, once its ServiceAccount controller made the default ServiceAccount (pods
-    cannot be admitted before)."""
+    """A namespace with its default ServiceAccount (pods cannot be admitted before).
+
+    The controller manager's ServiceAccount controller makes it, usually within a second; after
+    a test restarted the API server that controller may wait out a long backoff before it
+    resyncs (more than a minute was seen), so after 10 s the test makes it itself, as the
+    controller would have."""
     apply(
         kube,
         {
@@ -88,6 +92,12 @@ def create_namespace(
             "metadata": {"name": name, "labels": labels or {}},
         },
     )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if get(kube, "serviceaccount", "default", "-n", name):
+            return
+        time.sleep(0.2)
+    kube.kubectl("create", "serviceaccount", "default", "-n", name, check=False)
     wait_until(
         f"the default ServiceAccount of namespace {name}",
         lambda: get(kube, "serviceaccount", "default", "-n", name),
