@@ -30,7 +30,23 @@ __all__ = ["Agent", "KubernetesAgent", "run_agent"]
 log = logging.getLogger("fqdnguard.agentd")
 
 
-class Agent:
+class _ProxyLink:
+    """What both agents say about reaching the proxy: once when it changes, not every round."""
+
+    socket_path: Path
+    interval: float
+    _reachable: bool | None
+
+    def _set_reachable(self, ok: bool, why: str = "") -> None:
+        if ok != self._reachable:
+            if ok:
+                log.info("proxy reachable at %s", self.socket_path)
+            else:
+                log.warning("proxy not reachable (%s); retrying every %.1fs", why, self.interval)
+        self._reachable = ok
+
+
+class Agent(_ProxyLink):
     """Pushes the policy under ``policy_paths`` (+ ``endpoints_path``) to the proxy at
     ``socket_path``; ``await agent.run()`` until SIGTERM/SIGINT."""
 
@@ -156,14 +172,6 @@ class Agent:
             )
         return "pushed"
 
-    def _set_reachable(self, ok: bool, why: str = "") -> None:
-        if ok != self._reachable:
-            if ok:
-                log.info("proxy reachable at %s", self.socket_path)
-            else:
-                log.warning("proxy not reachable (%s); retrying every %.1fs", why, self.interval)
-        self._reachable = ok
-
     def wake(self) -> None:
         """Checks files and proxy now (SIGHUP)."""
         self._fingerprint = None
@@ -193,7 +201,7 @@ def run_agent(agent: Agent) -> None:
     uvloop.run(agent.run())
 
 
-class KubernetesAgent:
+class KubernetesAgent(_ProxyLink):
     """``fqdnguard agent --kubernetes``: relays the Kubernetes objects of this node's view to a
     proxy (``POST /v1/objects``), as batches of changes; the proxy compiles them. The agent
     reads the policy objects too, to post an Event for an invalid one and to narrow its watch
@@ -340,14 +348,6 @@ class KubernetesAgent:
             setter = getattr(self.source, "set_pod_selectors", None)
             if setter is not None:
                 setter(list(selectors))
-
-    def _set_reachable(self, ok: bool, why: str = "") -> None:
-        if ok != self._reachable:
-            if ok:
-                log.info("proxy reachable at %s", self.socket_path)
-            else:
-                log.warning("proxy not reachable (%s); retrying every %.1fs", why, self.interval)
-        self._reachable = ok
 
     def request_stop(self) -> None:
         self._stop.set()
