@@ -17,9 +17,9 @@ import sys
 import dns.message
 import pytest
 from fqdnguard import Endpoints, Policy
-from fqdnguard.agent import Runner
 from fqdnguard.backends import make_backend
 from fqdnguard.config import ConfigError, ProxyConfig
+from fqdnguard.daemons.run import Runner
 from fqdnguard.proxy import Proxy
 from fqdnguard.testing import KnotServer, free_port
 

@@ -11,10 +11,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from fqdnguard.agentd import KubernetesAgent
 from fqdnguard.config import ProxyConfig
 from fqdnguard.control import request
-from fqdnguard.proxyd import KUBE_PROTOCOL, ProxyDaemon
+from fqdnguard.daemons.agent import KubernetesAgent
+from fqdnguard.daemons.proxy import KUBE_PROTOCOL, ProxyDaemon
 from fqdnguard.sources.base import Change
 from fqdnguard.testing import free_port
 

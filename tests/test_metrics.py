@@ -12,9 +12,9 @@ from pathlib import Path
 import dns.message
 import dns.rcode
 from fqdnguard import _http, control, metrics
-from fqdnguard.agent import CONTROL_SOCKET, Runner
 from fqdnguard.config import ProxyConfig
 from fqdnguard.control import request
+from fqdnguard.daemons.run import CONTROL_SOCKET, Runner
 from fqdnguard.metrics import MetricsServer
 from fqdnguard.testing import KnotServer, free_port
 from prometheus_client import CollectorRegistry, Counter

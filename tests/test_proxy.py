@@ -509,8 +509,8 @@ def test_an_empty_cache_given_is_the_cache_used(
 def test_run_serves_its_cache_on_the_control_socket_and_saves_it(
     knot: KnotServer, tmp_path: Any
 ) -> None:
-    from fqdnguard.agent import CACHE_FILE, CONTROL_SOCKET, Runner  # noqa: PLC0415
     from fqdnguard.control import request  # noqa: PLC0415
+    from fqdnguard.daemons.run import CACHE_FILE, CONTROL_SOCKET, Runner  # noqa: PLC0415
 
     from tests.proxy_fixtures import files_config  # noqa: PLC0415
 
@@ -653,9 +653,9 @@ def test_cache_listing_is_streamed_filtered_and_printed_as_it_arrives(
 ) -> None:
     """GET /v1/cache is NDJSON in chunks (a header line with the TTL limits, then one entry per
     line), filtered by the proxy; ``fqdnguard cache list`` prints it, or the last snapshot."""
-    from fqdnguard.agent import CACHE_FILE, CONTROL_SOCKET, Runner  # noqa: PLC0415
     from fqdnguard.cli import main  # noqa: PLC0415
     from fqdnguard.control import ControlError, stream_sync  # noqa: PLC0415
+    from fqdnguard.daemons.run import CACHE_FILE, CONTROL_SOCKET, Runner  # noqa: PLC0415
 
     from tests.proxy_fixtures import files_config  # noqa: PLC0415
 

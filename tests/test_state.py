@@ -15,8 +15,8 @@ import dns.rcode
 import pytest
 from fqdnguard._core import DnsCache
 from fqdnguard.control import request_sync
+from fqdnguard.daemons.proxy import _PolicyState
 from fqdnguard.endpoints import Endpoints
-from fqdnguard.proxyd import _PolicyState
 from fqdnguard.state import (
     FORMAT,
     MANIFEST,

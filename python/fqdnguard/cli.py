@@ -278,7 +278,7 @@ def _proxy_config(args: argparse.Namespace) -> ProxyConfig:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fqdnguard.agent import run  # noqa: PLC0415
+    from fqdnguard.daemons.run import run  # noqa: PLC0415
 
     _setup_logging(args.log_level)
     config = _proxy_config(args)
@@ -289,7 +289,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
-    from fqdnguard.proxyd import run_proxy  # noqa: PLC0415
+    from fqdnguard.daemons.proxy import run_proxy  # noqa: PLC0415
 
     _setup_logging(args.log_level)
     config = _proxy_config(args)
@@ -302,7 +302,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from fqdnguard.agentd import Agent, run_agent  # noqa: PLC0415
+    from fqdnguard.daemons.agent import Agent, run_agent  # noqa: PLC0415
 
     _setup_logging(args.log_level)
     if args.socket is None and args.state_dir is None:
@@ -330,7 +330,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 def _kubernetes_agent(args: argparse.Namespace, socket_path: str) -> int:
-    from fqdnguard.agentd import KubernetesAgent  # noqa: PLC0415
+    from fqdnguard.daemons.agent import KubernetesAgent  # noqa: PLC0415
 
     if args.policy or args.endpoints:
         raise _UsageError("--kubernetes takes policies and endpoints from the API server; "
@@ -356,8 +356,8 @@ def _kubernetes_agent(args: argparse.Namespace, socket_path: str) -> int:
 
 def _dry_run(config: ProxyConfig) -> int:
     """Prints the ruleset the backend would install for the policy and endpoints, and exits."""
-    from fqdnguard.agent import load_policy  # noqa: PLC0415
     from fqdnguard.backends import make_backend  # noqa: PLC0415
+    from fqdnguard.daemons.run import load_policy  # noqa: PLC0415
 
     policy, endpoints = load_policy(config)
     backend = make_backend(config.backend, reverse_path_check=config.reverse_path_check)
@@ -414,7 +414,7 @@ def cmd_intercept(args: argparse.Namespace) -> int:
 def _control_socket(state_dir: str) -> str:
     """The control socket of the fqdnguard serving from ``state_dir``; FileNotFoundError when
     none is there, a usage error when the state directory itself is missing."""
-    from fqdnguard.agent import CONTROL_SOCKET  # noqa: PLC0415
+    from fqdnguard.daemons.run import CONTROL_SOCKET  # noqa: PLC0415
 
     if not os.path.isdir(state_dir):
         what = "is not a directory" if os.path.exists(state_dir) else "no such directory"
@@ -478,7 +478,7 @@ def _endpoint_names(state_dir: str, endpoints_file: str | None) -> dict[int, str
     agent last pushed to the state directory, else from ``--endpoints``; empty when none
     knows (the listing then shows ids)."""
     from fqdnguard.control import ControlError  # noqa: PLC0415
-    from fqdnguard.proxyd import POLICY_FILE, load_policy_state  # noqa: PLC0415
+    from fqdnguard.daemons.proxy import POLICY_FILE, load_policy_state  # noqa: PLC0415
 
     if endpoints_file is not None:
         return {ep.id: ep.display for ep in Endpoints.load(endpoints_file)}
@@ -554,9 +554,9 @@ def _saved_cache(state_dir: str) -> DnsCache:
     """What a stopped (or crashed) fqdnguard left in ``state_dir``: the snapshot and the
     journals written since, as its next start would restore them."""
     from fqdnguard._core import DnsCache  # noqa: PLC0415
-    from fqdnguard.agent import CACHE_FILE  # noqa: PLC0415
     from fqdnguard.control import policy_digest  # noqa: PLC0415
-    from fqdnguard.proxyd import POLICY_FILE, load_policy_state  # noqa: PLC0415
+    from fqdnguard.daemons.proxy import POLICY_FILE, load_policy_state  # noqa: PLC0415
+    from fqdnguard.daemons.run import CACHE_FILE  # noqa: PLC0415
     from fqdnguard.state import StateDir, journal_files  # noqa: PLC0415
 
     snapshot = os.path.join(state_dir, CACHE_FILE)

@@ -7,7 +7,7 @@ What a proxy keeps across restarts (see docs/state.md)::
     cache.snapshot        the cache (``DnsCache.save``; its own binary format and version)
     policy.json           ``fqdnguard proxy``: the last good policy as pushed (its own format)
     journal.<pid>.<n>     what was learned since the last save, one file per process and save
-    cache.handover.*      a superseded proxy's cache during a hot restart (see proxyd)
+    cache.handover.*      a superseded proxy's cache in a hot restart (daemons.proxy)
 
 **Versions.** The manifest carries ``[major, minor]``. A proxy reads a state of its own major
 or an older one (a directory without a manifest is major 0, the layout before manifests, and is

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from fqdnguard.control import ControlError, policy_digest, request
+from fqdnguard.daemons.proxy import compile_policy
 from fqdnguard.policy import PolicyError, _files, _read_text
-from fqdnguard.proxyd import compile_policy
 
 __all__ = ["Agent", "KubernetesAgent", "run_agent"]
 
-log = logging.getLogger("fqdnguard.agentd")
+log = logging.getLogger("fqdnguard.daemons.agent")
 
 
 class _ProxyLink:
@@ -268,7 +268,7 @@ class KubernetesAgent(_ProxyLink):
     # -- relaying ---------------------------------------------------------------------------
 
     def _body(self) -> dict[str, Any]:
-        from fqdnguard.proxyd import KUBE_PROTOCOL  # noqa: PLC0415
+        from fqdnguard.daemons.proxy import KUBE_PROTOCOL  # noqa: PLC0415
 
         if self.need_reset:
             changes = [

@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import Any
 
 from fqdnguard._core import CacheError, DnsCache
-from fqdnguard.agent import BACKGROUND, cache_listing
 from fqdnguard.backends import Backend, BackendError, make_backend
 from fqdnguard.config import ConfigError, ProxyConfig
 from fqdnguard.control import (
@@ -58,6 +57,7 @@ from fqdnguard.control import (
     policy_digest,
     request,
 )
+from fqdnguard.daemons.run import BACKGROUND, cache_listing
 from fqdnguard.endpoints import Endpoints, from_yaml_with_cluster
 from fqdnguard.policy import Policy, PolicyError
 from fqdnguard.proxy import Proxy, entries_as_answers
@@ -68,7 +68,7 @@ from fqdnguard.state import FORMAT, StateDir, StateError
 
 __all__ = ["POLICY_FILE", "ProxyDaemon", "load_policy_state", "run_proxy", "steer_to_newest"]
 
-log = logging.getLogger("fqdnguard.proxyd")
+log = logging.getLogger("fqdnguard.daemons.proxy")
 
 POLICY_FILE = "policy.json"
 #: A superseded proxy's cache, for the proxy that took over: this prefix and its pid.
@@ -840,7 +840,7 @@ class ProxyDaemon:
         return cache_listing(self.proxy.cache, self.config, query)
 
     async def _get_endpoints(self, _body: Any) -> tuple[int, Any]:
-        from fqdnguard.agent import endpoint_names  # noqa: PLC0415
+        from fqdnguard.daemons.run import endpoint_names  # noqa: PLC0415
 
         assert self.proxy is not None
         return 200, endpoint_names(self.proxy.endpoints)

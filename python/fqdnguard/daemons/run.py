@@ -42,7 +42,7 @@ __all__ = [
     "run",
 ]
 
-log = logging.getLogger("fqdnguard.agent")
+log = logging.getLogger("fqdnguard.daemons.run")
 
 CACHE_FILE = "cache.snapshot"
 CONTROL_SOCKET = "control.sock"
