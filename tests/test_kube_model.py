@@ -248,3 +248,17 @@ def test_pod_selectors_keep_pod_labels_and_drop_what_no_pod_label_holds() -> Non
     )  # fmt: skip
     assert pod_selectors([sel]) == {("kube-system", "!legacy,k8s-app=kube-dns,tier in (a,b)")}
     assert pod_selectors([Selector()]) == {(None, "")}
+
+
+def test_ids_are_on_disk_before_a_build_is_used_so_a_crash_never_gives_one_twice(
+    tmp_path: Path,
+) -> None:
+    ids_file = tmp_path / "endpoint-ids.json"
+    m, _ = model(ids=EndpointIds(ids_file))
+    m.changes("Pod", [pod("a", "10.0.1.60", uid="ua")])
+    (a,) = m.build().endpoints
+    # A crash now: the objects were never saved (model.save), the ids were.
+    again, _ = model(ids=EndpointIds(ids_file))
+    again.changes("Pod", [pod("b", "10.0.1.61", uid="ub")])
+    (b,) = again.build().endpoints
+    assert b.id != a.id, "pod b must not get the id whose learning the journal holds for pod a"

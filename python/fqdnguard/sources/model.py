@@ -415,7 +415,17 @@ class ClusterModel:
                 objects.append(e.stand_in)
         policy = assemble(objects, endpoints, cluster=cluster, selects=self._selects(endpoints))
         gone, self._released = tuple(self._released), []
+        self._save_ids()
         return Built(policy, endpoints, cluster, gone, self.pod_selectors(), tuple(notes))
+
+    def _save_ids(self) -> None:
+        """The ids given since the last save go to disk before the build that uses them is in
+        force: after a crash, an id is never given again to another pod, which would inherit
+        what the journal replays under it."""
+        try:
+            self.ids.save()
+        except OSError as e:
+            log.error("saving the endpoint ids failed (%s); a crash now may reuse an id", e)
 
     def _selects(self, endpoints: Endpoints) -> Callable[[Selector], bool]:
         """``selects(selector)``: does it match one of ``endpoints``? Each selector is matched
