@@ -14,8 +14,9 @@ from typing import Any
 from fqdnguard.config import ProxyConfig
 from fqdnguard.control import request
 from fqdnguard.daemons.agent import KubernetesAgent
-from fqdnguard.daemons.proxy import KUBE_PROTOCOL, ProxyDaemon
+from fqdnguard.daemons.proxy import KUBE_PROTOCOL, ProxyDaemon, kube_digest
 from fqdnguard.sources.base import Change
+from fqdnguard.state import read_journal
 from fqdnguard.testing import free_port
 
 from tests.test_kube_model import NODE, cnp, dns_policy, pod
@@ -132,6 +133,11 @@ def test_a_restarted_proxy_serves_the_saved_objects_then_gets_a_reset(tmp_path: 
                 assert allowed(again, "10.0.1.5", "a.example.com") is True
                 assert {ep.name: ep.id for ep in again.proxy.endpoints} == ids  # type: ignore[union-attr]
                 assert again.kube is not None and again.kube.session is None
+                # What it learns from now on is journalled under the relayed objects' state, so
+                # that a crash replays it (under no digest a restart would ignore it).
+                assert again.state.journal is not None
+                header, _ = read_journal(again.state.journal.path)
+                assert header["digest"] == kube_digest(NODE)
                 await until("the agent's reset", lambda: again.kube and again.kube.session)
                 assert again.kube.session == agent.session
                 agent.changes("CiliumNetworkPolicy", [cnp("p", dns_policy("web", "*.x.com"))])

@@ -507,8 +507,7 @@ class ProxyDaemon:
         except (StateError, OSError) as e:
             log.error("cannot claim the state directory: %s", e)
             return
-        ps = self.policy_state
-        self.proxy.journal = self.state.start_journal(ps.digest if ps is not None else None)
+        self.proxy.journal = self.state.start_journal(self._state_digest())
         log.info("state directory %s: format %d.%d, sequence %d", self.state_dir, *FORMAT, sequence)
 
     async def run(self) -> None:
