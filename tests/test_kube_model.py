@@ -262,3 +262,32 @@ def test_ids_are_on_disk_before_a_build_is_used_so_a_crash_never_gives_one_twice
     again.changes("Pod", [pod("b", "10.0.1.61", uid="ub")])
     (b,) = again.build().endpoints
     assert b.id != a.id, "pod b must not get the id whose learning the journal holds for pod a"
+
+
+def test_an_unreadable_object_is_left_out_and_the_others_are_built() -> None:
+    """Objects of an unexpected shape (a corrupted state file, a relayed object) fail closed
+    one by one: the pod is an unknown source, a Service with an unreadable EndpointSlice gives
+    no ClusterIP, and every other object is built as before."""
+    m, _ = model()
+    m.changes("Pod", [pod("good", "10.0.1.70", labels={"app": "web"})])
+    broken = pod("bad", "10.0.1.71", labels={"app": "web"})
+    assert broken.obj is not None
+    broken.obj["spec"]["containers"] = [{"ports": [{"name": "dns", "containerPort": "x"}]}]
+    m.changes("Pod", [broken, Change("Pod", "default/worse", {"metadata": ["not", "a", "map"]})])
+    m.changes("CiliumNetworkPolicy", [cnp("p", dns_policy("web", "*.example.com"))])
+    m.changes("Node", [Change("Node", "n", {"metadata": {"name": "n"}, "status": "nonsense"})])
+    m.changes("Service", [Change("Service", "default/dns", {
+        "metadata": {"name": "dns", "namespace": "default"},
+        "spec": {"clusterIPs": ["10.96.0.10"], "ports": [{"port": 53}]},
+    })])  # fmt: skip
+    m.changes("EndpointSlice", [Change("EndpointSlice", "default/dns-1", {
+        "metadata": {"name": "dns-1", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "dns"}},
+        "endpoints": [{"addresses": ["10.0.3.3"]}], "ports": [{"port": "fifty-three"}],
+    })])  # fmt: skip
+    built = m.build()
+    assert [ep.name for ep in built.endpoints] == ["good"]
+    assert built.endpoints.by_ip("10.0.1.71") is None, "the unreadable pod is an unknown source"
+    assert verdict(m, "10.0.1.70", "a.example.com") == "allow"
+    assert built.cluster.nodes == ()
+    assert built.cluster.services == (), "no ClusterIP from a Service whose backends are unknown"

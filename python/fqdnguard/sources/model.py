@@ -75,6 +75,11 @@ SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 #: Ids of other nodes' pods (peers only, never sources) start here; this node's pods get ids
 #: below it from :class:`EndpointIds`.
 PEER_IDS = 1 << 31
+#: What reading an object of an unexpected shape raises (a corrupted state file, a relayed
+#: object): the object is left out, failing closed, and the others are built.
+UNREADABLE = (AttributeError, KeyError, TypeError, ValueError)
+#: A Service whose EndpointSlices cannot all be read: left out.
+BROKEN: tuple[list[str], dict[str, int]] = ([], {})
 #: Selectors whose matches are remembered (beyond four times this, the memory starts over).
 MAX_SELECTORS_HELD = 50_000
 #: The file of the state directory that keeps pod UID -> endpoint id.
@@ -201,6 +206,8 @@ class ClusterModel:
         self._peer_ids: dict[str, int] = {}
         self._next_peer = PEER_IDS
         self._released: list[int] = []
+        #: (kind, key) of objects that cannot be read, each logged once until it changes.
+        self._bad: set[tuple[str, str]] = set()
         #: Pod key -> (pod object, namespace object, id, endpoint): an endpoint is made again
         #: only when its pod, its namespace or its id changed (objects are replaced, not edited).
         self._endpoints: dict[str, tuple[Any, Any, int, Endpoint | None]] = {}
@@ -218,6 +225,7 @@ class ClusterModel:
             return
         unconfirmed = self._unconfirmed.get(kind)
         for c in batch:
+            self._bad.discard((kind, c.key))
             if unconfirmed is not None:
                 unconfirmed.discard(c.key)
             if c.obj is None:
@@ -260,7 +268,7 @@ class ClusterModel:
         if obj is None:
             self._policies.pop((kind, key), None)
             return
-        uid = str((obj.get("metadata") or {}).get("uid") or key)
+        uid = _uid(obj) or key
         entry = self._policies.get((kind, key))
         if entry is None or entry.uid != uid:  # new, or deleted and made again
             entry = self._policies[(kind, key)] = _PolicyObject(kind, key, uid)
@@ -313,7 +321,7 @@ class ClusterModel:
     # -- pods -------------------------------------------------------------------------------
 
     def _pod_deleted(self, pod: dict[str, Any]) -> None:
-        uid = (pod.get("metadata") or {}).get("uid")
+        uid = _uid(pod)
         if uid:
             gone = self.ids.release(str(uid))
             if gone is not None:
@@ -379,19 +387,30 @@ class ClusterModel:
         namespaces = self.stores[NAMESPACE]
         made = self._endpoints
         for key, pod in self.stores[POD].items():
-            meta = pod.get("metadata") or {}
-            uid = str(meta.get("uid") or "")
-            if not uid:
+            try:
+                meta = pod.get("metadata") or {}
+                uid = str(meta.get("uid") or "")
+                if not uid:
+                    continue
+                is_local = self._is_local(pod)
+                ident = self.ids.id_for(uid) if is_local else self._peer_id(uid)
+                ns = namespaces.get(str(meta.get("namespace") or "default"))
+                cached = made.get(key)
+                if (
+                    cached is not None
+                    and cached[0] is pod
+                    and cached[1] is ns
+                    and cached[2] == ident
+                ):
+                    ep = cached[3]
+                else:
+                    ep = self._endpoint(pod, ident)
+                    made[key] = (pod, ns, ident, ep)
+            except UNREADABLE as e:
+                # Fail closed: not an endpoint (an unknown source, refused) and no peer.
+                self._unreadable(POD, key, e)
+                made.pop(key, None)
                 continue
-            is_local = self._is_local(pod)
-            ident = self.ids.id_for(uid) if is_local else self._peer_id(uid)
-            ns = namespaces.get(str(meta.get("namespace") or "default"))
-            cached = made.get(key)
-            if cached is not None and cached[0] is pod and cached[1] is ns and cached[2] == ident:
-                ep = cached[3]
-            else:
-                ep = self._endpoint(pod, ident)
-                made[key] = (pod, ns, ident, ep)
             if ep is None:
                 continue
             if is_local:
@@ -400,19 +419,20 @@ class ClusterModel:
         local = _without_shared_addresses(local, notes)
         peers = _without_shared_addresses(peers, [])
         endpoints = Endpoints(sorted(local, key=lambda ep: ep.id))
+        backends = self._backends()
         cluster = Cluster(
             node=self.node,
             nodes=tuple(self._nodes()),
-            services=tuple(self._services()),
+            services=tuple(self._services(backends)),
             peers=Endpoints(peers),
-            apiserver=self._apiserver(),
+            apiserver=tuple(dict.fromkeys(backends.get("default/kubernetes", ([], {}))[0])),
         )
         objects: list[ParsedObject | list[Any]] = []
-        for e in self._policies.values():
-            if e.good is not None:
-                objects.append(e.good)
-            elif e.stand_in is not None:
-                objects.append(e.stand_in)
+        for entry in self._policies.values():
+            if entry.good is not None:
+                objects.append(entry.good)
+            elif entry.stand_in is not None:
+                objects.append(entry.stand_in)
         policy = assemble(objects, endpoints, cluster=cluster, selects=self._selects(endpoints))
         gone, self._released = tuple(self._released), []
         self._save_ids()
@@ -455,75 +475,110 @@ class ClusterModel:
 
         return selects
 
+    def _unreadable(self, kind: str, key: str, e: Exception) -> None:
+        if (kind, key) not in self._bad:
+            self._bad.add((kind, key))
+            log.error("%s %s cannot be read (%s: %s); left out", kind, key, type(e).__name__, e)
+
     def _nodes(self) -> Iterable[Node]:
-        for obj in self.stores[NODE].values():
-            meta, spec, status = (
-                obj.get("metadata") or {},
-                obj.get("spec") or {},
-                obj.get("status") or {},
-            )
-            addresses = [
-                str(a["address"])
-                for a in status.get("addresses") or []
-                if a.get("type") in ("InternalIP", "ExternalIP") and _is_ip(a.get("address"))
-            ]
-            cidrs = list(spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else []))
-            yield Node(
-                str(meta.get("name") or ""),
-                tuple(dict.fromkeys(addresses)),
-                tuple(str(c) for c in cidrs),
-                _labels(meta),
-            )
+        for key, obj in self.stores[NODE].items():
+            try:
+                yield self._node(obj)
+            except UNREADABLE as e:
+                self._unreadable(NODE, key, e)
+
+    @staticmethod
+    def _node(obj: dict[str, Any]) -> Node:
+        meta, spec, status = (
+            obj.get("metadata") or {},
+            obj.get("spec") or {},
+            obj.get("status") or {},
+        )
+        addresses = [
+            str(a["address"])
+            for a in status.get("addresses") or []
+            if a.get("type") in ("InternalIP", "ExternalIP") and _is_ip(a.get("address"))
+        ]
+        cidrs = list(spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else []))
+        return Node(
+            str(meta.get("name") or ""),
+            tuple(dict.fromkeys(addresses)),
+            tuple(str(c) for c in cidrs),
+            _labels(meta),
+        )
 
     def _backends(self) -> dict[str, tuple[list[str], dict[str, int]]]:
         """Per Service (namespace/name): its ready backends' addresses and its named target
-        ports, from every EndpointSlice that names it."""
+        ports, from every EndpointSlice that names it. A Service with a slice that cannot be
+        read is left out (its backends are not all known: a ClusterIP admitted for the
+        backends a rule selects could lead to one it does not)."""
         out: dict[str, tuple[list[str], dict[str, int]]] = {}
-        for obj in self.stores[SLICE].values():
-            meta = obj.get("metadata") or {}
-            service = (meta.get("labels") or {}).get(SERVICE_NAME_LABEL)
-            if not service:
-                continue
-            addrs, ports = out.setdefault(f"{meta.get('namespace')}/{service}", ([], {}))
-            for ep in obj.get("endpoints") or []:
-                if (ep.get("conditions") or {}).get("ready") is False:
+        broken: set[str] = set()
+        for key, obj in self.stores[SLICE].items():
+            service: str | None = None
+            try:
+                meta = obj.get("metadata") or {}
+                name = (meta.get("labels") or {}).get(SERVICE_NAME_LABEL)
+                if not name:
                     continue
-                addrs += [str(a) for a in ep.get("addresses") or [] if _is_ip(a)]
-            for p in obj.get("ports") or []:
-                if p.get("port") is not None:
-                    ports[str(p.get("name") or "")] = int(p["port"])
+                service = f"{meta.get('namespace')}/{name}"
+                addrs = [
+                    str(a)
+                    for ep in obj.get("endpoints") or []
+                    if (ep.get("conditions") or {}).get("ready") is not False
+                    for a in ep.get("addresses") or []
+                    if _is_ip(a)
+                ]
+                ports = {
+                    str(p.get("name") or ""): int(p["port"])
+                    for p in obj.get("ports") or []
+                    if p.get("port") is not None
+                }
+            except UNREADABLE as e:
+                self._unreadable(SLICE, key, e)
+                if service is not None:
+                    broken.add(service)
+                continue
+            have_addrs, have_ports = out.setdefault(service, ([], {}))
+            have_addrs += addrs
+            have_ports.update(ports)
+        for service in broken:
+            out.pop(service, None)
+            out[service] = BROKEN
         return out
 
-    def _services(self) -> Iterable[Service]:
-        backends = self._backends()
+    def _services(self, backends: dict[str, tuple[list[str], dict[str, int]]]) -> Iterable[Service]:
         for key, obj in self.stores[SERVICE].items():
-            meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
-            addrs, named = backends.get(key, ([], {}))
-            ips = spec.get("clusterIPs") or ([spec["clusterIP"]] if spec.get("clusterIP") else [])
-            ports = []
-            for p in spec.get("ports") or []:
-                target = p.get("targetPort", p.get("port"))
-                name = str(p.get("name") or "")
-                number = target if isinstance(target, int) else named.get(name)
-                ports.append(
-                    ServicePort(
-                        name, int(p.get("port") or 0), str(p.get("protocol") or "TCP"), number
-                    )
-                )
-            selector = spec.get("selector")
-            yield Service(
-                str(meta.get("namespace") or "default"),
-                str(meta.get("name") or ""),
-                _labels(meta),
-                tuple(str(ip) for ip in ips if _is_ip(ip)),
-                dict(selector) if isinstance(selector, dict) and selector else None,
-                tuple(dict.fromkeys(addrs)),
-                tuple(ports),
-            )
+            if backends.get(key) is BROKEN:
+                continue
+            try:
+                yield self._service(obj, backends.get(key, ([], {})))
+            except UNREADABLE as e:
+                self._unreadable(SERVICE, key, e)
 
-    def _apiserver(self) -> tuple[str, ...]:
-        addrs, _ = self._backends().get("default/kubernetes", ([], {}))
-        return tuple(dict.fromkeys(addrs))
+    @staticmethod
+    def _service(obj: dict[str, Any], backends: tuple[list[str], dict[str, int]]) -> Service:
+        meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
+        addrs, named = backends
+        ips = spec.get("clusterIPs") or ([spec["clusterIP"]] if spec.get("clusterIP") else [])
+        ports = []
+        for p in spec.get("ports") or []:
+            target = p.get("targetPort", p.get("port"))
+            name = str(p.get("name") or "")
+            number = target if isinstance(target, int) else named.get(name)
+            ports.append(
+                ServicePort(name, int(p.get("port") or 0), str(p.get("protocol") or "TCP"), number)
+            )
+        selector = spec.get("selector")
+        return Service(
+            str(meta.get("namespace") or "default"),
+            str(meta.get("name") or ""),
+            _labels(meta),
+            tuple(str(ip) for ip in ips if _is_ip(ip)),
+            dict(selector) if isinstance(selector, dict) and selector else None,
+            tuple(dict.fromkeys(addrs)),
+            tuple(ports),
+        )
 
     # -- state ------------------------------------------------------------------------------
 
@@ -593,7 +648,9 @@ def _without_shared_addresses(endpoints: list[Endpoint], notes: list[str]) -> li
 
 
 def _uid(obj: Mapping[str, Any]) -> str:
-    return str((obj.get("metadata") or {}).get("uid") or "")
+    """The object's uid, "" when it has none (or no readable metadata)."""
+    meta = obj.get("metadata")
+    return str(meta.get("uid") or "") if isinstance(meta, dict) else ""
 
 
 def _labels(meta: Mapping[str, Any]) -> dict[str, str]:
