@@ -4,6 +4,7 @@ itself is tested against a real one (tests/test_kube_source.py)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -291,3 +292,14 @@ def test_an_unreadable_object_is_left_out_and_the_others_are_built() -> None:
     assert verdict(m, "10.0.1.70", "a.example.com") == "allow"
     assert built.cluster.nodes == ()
     assert built.cluster.services == (), "no ClusterIP from a Service whose backends are unknown"
+
+
+def test_an_ids_file_out_of_range_or_with_an_id_twice_is_not_used(tmp_path: Path) -> None:
+    path = tmp_path / "endpoint-ids.json"
+    for bad in ({"ids": {"a": 7, "b": 7}, "next": 8}, {"ids": {"a": 2**31 + 1}, "next": 3}):
+        path.write_text(json.dumps(bad))
+        ids = EndpointIds(path)
+        assert len(ids) == 0, bad
+        m, _ = model(ids=ids)
+        m.changes("Pod", [pod("a", "10.0.1.80", uid="a"), pod("b", "10.0.1.81", uid="b")])
+        assert len({ep.id for ep in m.build().endpoints}) == 2

@@ -103,6 +103,10 @@ class EndpointIds:
                 data = json.loads(self.path.read_text(encoding="utf-8"))
                 ids = {str(k): int(v) for k, v in data["ids"].items()}
                 nxt = int(data["next"])
+                if not all(0 < i < PEER_IDS for i in [*ids.values(), nxt - 1]) or len(
+                    set(ids.values())
+                ) != len(ids):
+                    raise ValueError("ids out of range or given twice")
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
                 # Losing the map loses nothing enforced (the cache keeps its entries under the
                 # old ids until they lapse); pods then get new ids and learn afresh.
