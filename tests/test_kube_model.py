@@ -276,7 +276,8 @@ def test_an_unreadable_object_is_left_out_and_the_others_are_built() -> None:
     broken.obj["spec"]["containers"] = [{"ports": [{"name": "dns", "containerPort": "x"}]}]
     m.changes("Pod", [broken, Change("Pod", "default/worse", {"metadata": ["not", "a", "map"]})])
     m.changes("CiliumNetworkPolicy", [cnp("p", dns_policy("web", "*.example.com"))])
-    m.changes("Node", [Change("Node", "n", {"metadata": {"name": "n"}, "status": "nonsense"})])
+    m.changes("Node", [Change("Node", "n", {"metadata": {"name": "n"}, "status": "nonsense"}),
+                       Change("Node", "ok", {"metadata": {"name": "ok"}})])  # fmt: skip
     m.changes("Service", [Change("Service", "default/dns", {
         "metadata": {"name": "dns", "namespace": "default"},
         "spec": {"clusterIPs": ["10.96.0.10"], "ports": [{"port": 53}]},
@@ -290,7 +291,7 @@ def test_an_unreadable_object_is_left_out_and_the_others_are_built() -> None:
     assert [ep.name for ep in built.endpoints] == ["good"]
     assert built.endpoints.by_ip("10.0.1.71") is None, "the unreadable pod is an unknown source"
     assert verdict(m, "10.0.1.70", "a.example.com") == "allow"
-    assert built.cluster.nodes == ()
+    assert built.cluster.nodes == (), "one unreadable node: no node facts (entities fail closed)"
     assert built.cluster.services == (), "no ClusterIP from a Service whose backends are unknown"
 
 

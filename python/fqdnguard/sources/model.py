@@ -426,7 +426,7 @@ class ClusterModel:
         backends = self._backends()
         cluster = Cluster(
             node=self.node,
-            nodes=tuple(self._nodes()),
+            nodes=self._nodes(),
             services=tuple(self._services(backends)),
             peers=Endpoints(peers),
             apiserver=tuple(dict.fromkeys(backends.get("default/kubernetes", ([], {}))[0])),
@@ -484,12 +484,17 @@ class ClusterModel:
             self._bad.add((kind, key))
             log.error("%s %s cannot be read (%s: %s); left out", kind, key, type(e).__name__, e)
 
-    def _nodes(self) -> Iterable[Node]:
+    def _nodes(self) -> tuple[Node, ...]:
+        """Every node; none when one cannot be read: the entities then lack the facts they
+        need and allow nothing (``world`` would otherwise admit that node's addresses)."""
+        nodes = []
         for key, obj in self.stores[NODE].items():
             try:
-                yield self._node(obj)
+                nodes.append(self._node(obj))
             except UNREADABLE as e:
                 self._unreadable(NODE, key, e)
+                return ()
+        return tuple(nodes)
 
     @staticmethod
     def _node(obj: dict[str, Any]) -> Node:
