@@ -297,7 +297,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         raise _UsageError(
             "--state-dir is required: the proxy keeps its policy, cache and socket there"
         )
-    run_proxy(config)
+    run_proxy(config, control_socket=args.control_socket, socket_handover=args.socket_handover)
     return 0
 
 
@@ -629,6 +629,23 @@ def _data_plane_options(p: argparse.ArgumentParser, *, policy: bool) -> None:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
+def _intercept_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--intercept",
+        action="store_true",
+        default=None,
+        help="send policed endpoints' DNS (port 53, any server) to the proxy with nftables "
+        "TPROXY; the rules belong to the node and stay at exit until 'fqdnguard intercept "
+        "cleanup' (see docs/intercept.md)",
+    )
+    p.add_argument(
+        "--intercept-port",
+        type=int,
+        metavar="PORT",
+        help="port of the transparent listeners on 127.0.0.1 and ::1 (default 10053)",
+    )
+
+
 def _policy_meaning_options(p: argparse.ArgumentParser, *, empty: bool) -> None:
     if empty:
         p.add_argument(
@@ -660,19 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _data_plane_options(run, policy=True)
     _kubernetes_options(run)
-    run.add_argument(
-        "--intercept",
-        action="store_true",
-        default=None,
-        help="send policed endpoints' DNS (port 53, any server) to the proxy with nftables "
-        "TPROXY; removed on exit (see docs/intercept.md)",
-    )
-    run.add_argument(
-        "--intercept-port",
-        type=int,
-        metavar="PORT",
-        help="port of the transparent listeners on 127.0.0.1 and ::1 (default 10053)",
-    )
+    _intercept_options(run)
     run.add_argument(
         "--dry-run",
         action="store_true",
@@ -689,6 +694,22 @@ def build_parser() -> argparse.ArgumentParser:
         "restart: start the new one, then SIGTERM the old one.",
     )
     _data_plane_options(proxy, policy=False)
+    _intercept_options(proxy)
+    proxy.add_argument(
+        "--control-socket",
+        metavar="PATH",
+        help="also serve the control API on PATH (e.g. a pod-private directory, for the "
+        "agent and exec probes of this pod): never handed over, removed at exit; "
+        "STATE_DIR/control.sock stays the hand-over rendezvous",
+    )
+    proxy.add_argument(
+        "--socket-handover",
+        choices=["fds", "reuseport"],
+        default="fds",
+        help="hot restart: take the listening sockets over from the running proxy over the "
+        "control socket (fds, the default) or bind beside them and rely on reuseport "
+        "steering (reuseport; loses intercepted UDP queries, see docs/split.md)",
+    )
     proxy.set_defaults(func=cmd_proxy)
 
     agent = sub.add_parser(
@@ -824,7 +845,8 @@ def build_parser() -> argparse.ArgumentParser:
         "intercept",
         help="the node's interception rules",
         description="'cleanup' removes the nftables table, ip rules and routes that "
-        "'run --intercept' installs (left in place after a crash so enforcement holds); "
+        "'run --intercept' and 'proxy --intercept' install (they belong to the node: left in "
+        "place at exit, a hand-over and a crash, so enforcement holds); "
         "'status' prints what is installed. Needs CAP_NET_ADMIN.",
     )
     isub = intercept.add_subparsers(dest="intercept_command", required=True, metavar="COMMAND")

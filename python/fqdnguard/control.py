@@ -40,6 +40,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import socket
 import stat
 import struct
@@ -54,19 +55,28 @@ from fqdnguard._core import FqdnGuardError
 from fqdnguard._http import MAX_HEADER, BadRequest, ConnectionCap, read_request, respond
 
 __all__ = [
+    "INSTANCE",
     "ControlError",
     "ControlServer",
     "Handler",
     "Stream",
+    "WithFds",
     "atomic_write",
     "ensure_private_dir",
     "policy_digest",
     "request",
+    "request_fds",
     "request_sync",
     "stream_sync",
 ]
 
 log = logging.getLogger("fqdnguard.control")
+
+#: This process's name in a shared directory (temporary files, journals, hand-over files):
+#: not its pid, since two proxies sharing a state directory may run in pid namespaces of their
+#: own and both be pid 1. A random number above the largest pid Linux gives (2**22) and below
+#: 2**31, so a release that still reads such names as pids sees no live process behind them.
+INSTANCE = secrets.randbelow(2**31 - 2**22 - 1) + 2**22 + 1
 
 MAX_BODY = 64 * 1024 * 1024
 READ_TIMEOUT = 10.0
@@ -91,6 +101,20 @@ class Stream:
     content_type: str = NDJSON
 
 
+@dataclass
+class WithFds:
+    """A JSON answer that also passes file descriptors to the peer (``SCM_RIGHTS``, with the
+    answer's first byte): the hand-over of listening sockets in a hot restart. The server
+    keeps its own descriptors; the peer gets duplicates (:func:`request_fds`)."""
+
+    body: Any
+    fds: list[int]
+
+
+#: The most descriptors one answer passes (the kernel's SCM_MAX_FD is 253).
+MAX_FDS = 64
+
+
 class ControlError(FqdnGuardError):
     """The control socket could not be used: not there, refused, or a bad answer."""
 
@@ -105,11 +129,18 @@ def policy_digest(sources: Sequence[Sequence[str]], endpoints: str | None) -> st
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def ensure_private_dir(path: str | os.PathLike[str]) -> Path:
-    """Creates ``path`` (mode 0700) or checks that an existing one is not open to others."""
+def ensure_private_dir(path: str | os.PathLike[str], *, tighten: bool = False) -> Path:
+    """Creates ``path`` (mode 0700) or checks that an existing one is not open to others.
+    ``tighten``: an existing directory of this user that is open to others is made 0700
+    instead (a Kubernetes emptyDir is created 0777)."""
     p = Path(path)
     p.mkdir(parents=True, exist_ok=True, mode=0o700)
-    mode = stat.S_IMODE(p.stat().st_mode)
+    st = p.stat()
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077 and tighten and st.st_uid == os.geteuid():
+        os.chmod(p, 0o700)
+        log.info("%s: mode %04o tightened to 0700 for the control socket", p, mode)
+        mode = 0o700
     if mode & 0o077:
         raise ControlError(
             f"{p}: mode {mode:04o} lets other users in; the control socket's directory must be "
@@ -122,7 +153,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
     """Writes ``data`` to ``path`` so a crash leaves the old file or the new one: a temporary
     file in the same directory, fsync, rename over ``path``, fsync of the directory."""
     p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp.{os.getpid()}")
+    tmp = p.with_name(f".{p.name}.tmp.{INSTANCE}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         view = memoryview(data)
@@ -162,16 +193,25 @@ class ControlServer:
     where the path is missing; ``close`` removes the file only if it is still this server's.
     """
 
-    def __init__(self, path: str | os.PathLike[str], routes: dict[tuple[str, str], Handler]):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        routes: dict[tuple[str, str], Handler],
+        *,
+        tighten: bool = False,
+    ):
         self.path = Path(path)
         self.routes = routes
+        #: Make the socket's directory private if it is this user's and open (see
+        #: :func:`ensure_private_dir`).
+        self.tighten = tighten
         self._server: asyncio.base_events.Server | None = None
         self._inode: int | None = None
         self.connections = ConnectionCap(MAX_CONNECTIONS)
 
     async def start(self) -> None:
-        ensure_private_dir(self.path.parent)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        ensure_private_dir(self.path.parent, tighten=self.tighten)
+        tmp = self.path.with_name(f".{self.path.name}.{INSTANCE}")
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         old = os.umask(0o177)
@@ -232,6 +272,8 @@ class ControlServer:
                 status, result = 500, {"error": f"{type(e).__name__}: {e}"}
             if isinstance(result, Stream):
                 await _respond_stream(writer, status, result)
+            elif isinstance(result, WithFds):
+                await _respond_fds(writer, status, result)
             else:
                 await _respond(writer, status, result)
         except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
@@ -254,6 +296,26 @@ async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, Any]:
 async def _respond(writer: asyncio.StreamWriter, status: int, body: Any) -> None:
     payload = json.dumps(body, separators=(",", ":")).encode()
     await respond(writer, status, "application/json", payload, WRITE_TIMEOUT)
+
+
+async def _respond_fds(writer: asyncio.StreamWriter, status: int, answer: WithFds) -> None:
+    """The whole answer in one ``sendmsg`` carrying the descriptors, on a duplicate of the
+    connection's socket (the transport has written nothing on it: one request, one answer)."""
+    payload = json.dumps(answer.body, separators=(",", ":")).encode()
+    head = (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    transport_socket = writer.get_extra_info("socket")
+    if transport_socket is None:
+        raise ConnectionError("no socket under the connection")
+    await writer.drain()
+    with socket.socket(fileno=os.dup(transport_socket.fileno())) as sock:
+        sock.settimeout(WRITE_TIMEOUT)
+        data = head + payload
+        sent = socket.send_fds(sock, [data], answer.fds)
+        if sent < len(data):
+            sock.sendall(data[sent:])
 
 
 async def _respond_stream(writer: asyncio.StreamWriter, status: int, stream: Stream) -> None:
@@ -377,6 +439,36 @@ def request_sync(
         except OSError as e:
             raise ControlError(f"{where}: {method} {url}: {e}") from None
     return _decode(b"".join(chunks), where)
+
+
+def request_fds(
+    path: str | os.PathLike[str], method: str, url: str, body: Any = None, timeout: float = 10.0
+) -> tuple[int, Any, list[int]]:
+    """:func:`request_sync` to a route answering :class:`WithFds`: (status, body, the
+    descriptors received, now this process's to close). Raises :class:`ControlError` like
+    it, after closing any descriptor received."""
+    where = os.fspath(path)
+    fds: list[int] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(where)
+            s.sendall(_encode(method, url, body))
+            chunks = []
+            while True:
+                chunk, got, _flags, _addr = socket.recv_fds(s, 65536, MAX_FDS)
+                fds += got
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            status, answer = _decode(b"".join(chunks), where)
+        except (OSError, ControlError) as e:
+            for fd in fds:
+                os.close(fd)
+            if isinstance(e, ControlError):
+                raise
+            raise ControlError(f"{where}: {method} {url}: {e}") from None
+    return status, answer, fds
 
 
 def stream_sync(

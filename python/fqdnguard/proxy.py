@@ -333,17 +333,29 @@ LOCAL = "local"
 MAX_ORIG_UPSTREAMS = 1024
 #: Names recorded per call when adopting another proxy's cache (the loop runs in between).
 ADOPT_CHUNK = 5000
+#: Listening sockets handed over by the proxy this one takes over from (hot restart), by
+#: (``"udp"`` or ``"tcp"``, host, port) as configured.
+Inherited = dict[tuple[str, str, int], socket.socket]
 
 
 def transparent_socket(
-    family: int, kind: int, local: tuple[str, int], *, reuse: bool = True
+    family: int,
+    kind: int,
+    local: tuple[str, int],
+    *,
+    reuse: bool = True,
+    listener: bool = False,
 ) -> socket.socket:
     """A non-blocking socket with IP_TRANSPARENT / IPV6_TRANSPARENT bound to ``local`` (which
     may be an address of another host: the kernel allows it to transparent sockets).
     ``reuse=False`` for reply sockets: with SO_REUSEADDR a UDP socket may share an address
-    another server on the node holds with SO_REUSEADDR too, and then take its queries."""
+    another server on the node holds with SO_REUSEADDR too, and then take its queries.
+    ``listener``: a transparent listener, with SO_REUSEPORT like the direct ones, so that a
+    proxy starting beside another (hot restart) can bind it when no socket was handed over."""
     sock = socket.socket(family, kind)
     try:
+        if listener:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -393,11 +405,18 @@ class _TransparentUdp:
     dropped and counted (``reply_errors``), the pod's resolver times out (fail closed).
     """
 
-    def __init__(self, proxy: Proxy, local: tuple[str, int]) -> None:
+    def __init__(
+        self, proxy: Proxy, local: tuple[str, int], sock: socket.socket | None = None
+    ) -> None:
         self.proxy = proxy
         family = socket.AF_INET6 if ":" in local[0] else socket.AF_INET
         self.family = family
-        self.sock = transparent_socket(family, socket.SOCK_DGRAM, local)
+        #: ``sock``: the listener handed over by the proxy this one takes over from.
+        self.sock = (
+            sock
+            if sock is not None
+            else transparent_socket(family, socket.SOCK_DGRAM, local, listener=True)
+        )
         level, option = (
             (socket.IPPROTO_IPV6, IPV6_RECVORIGDSTADDR)
             if family == socket.AF_INET6
@@ -508,6 +527,11 @@ class _TransparentUdp:
         if self._loop is not None and self.sock.fileno() >= 0:
             self._loop.remove_reader(self.sock.fileno())
         self.sock.close()
+
+    def pause_reading(self) -> None:
+        """Stops reading without closing (the socket was handed over: the successor reads it)."""
+        if self._loop is not None and self.sock.fileno() >= 0:
+            self._loop.remove_reader(self.sock.fileno())
 
     def close(self) -> None:
         self.stop_reading()
@@ -915,10 +939,15 @@ class Proxy:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    async def start(self, *, taking_over: bool = False) -> None:
+    async def start(self, *, taking_over: bool = False, inherited: Inherited | None = None) -> None:
         """Starts the backend and the listeners. ``taking_over``: another proxy still serves
         the same clients (a hot restart), so what the backend enforces beyond this proxy's
-        cache is the other one's recent learning and is kept, not pruned."""
+        cache is the other one's recent learning and is kept, not pruned. ``inherited``: the
+        listening sockets that proxy handed over, by (``"udp"`` or ``"tcp"``, host, port);
+        each one found is used instead of binding a new one (its queue, with whatever the
+        other proxy has not read, comes with it). Those given to the Rust UDP thread are
+        duplicated by it and closed here; the others belong to their transports."""
+        inherited = dict(inherited or {})
         loop = asyncio.get_running_loop()
         raise_open_files_limit()
         await self.backend.start()
@@ -942,16 +971,23 @@ class Proxy:
                 if self.intercept is not None
                 else []
             )
-            self._io = UdpIo(
-                self.engine,
-                bound,
-                list(self.upstreams),
-                buffer=SOCKET_BUFFER,
-                mark=self._mark or None,
-                transparent_listen=transparent,
-                forward_to_original=not self._override,
-                source_ports=self.config.upstream_sockets,
-            )
+            given = [inherited.pop(("udp", h, p), None) for h, p in [*bound, *transparent]]
+            try:
+                self._io = UdpIo(
+                    self.engine,
+                    bound,
+                    list(self.upstreams),
+                    buffer=SOCKET_BUFFER,
+                    mark=self._mark or None,
+                    transparent_listen=transparent,
+                    forward_to_original=not self._override,
+                    source_ports=self.config.upstream_sockets,
+                    inherited=[g.fileno() if g is not None else None for g in given],
+                )
+            finally:
+                for g in given:
+                    if g is not None:
+                        g.close()
             self._io.set_upstream(self._upstream)
             direct = len(bound)
             bound = self._io.local_addresses()
@@ -983,30 +1019,45 @@ class Proxy:
             for host, port in bound:
                 family = socket.AF_INET6 if ":" in host else socket.AF_INET
                 if self._io is None:
-                    transport, _ = await loop.create_datagram_endpoint(
-                        functools.partial(_UdpServer, self, (host, port)),
-                        local_addr=(host, port),
-                        family=family,
-                        reuse_port=True,
+                    udp_sock = inherited.pop(("udp", host, port), None)
+                    transport, _ = await (
+                        loop.create_datagram_endpoint(
+                            functools.partial(_UdpServer, self, (host, port)),
+                            local_addr=(host, port),
+                            family=family,
+                            reuse_port=True,
+                        )
+                        if udp_sock is None
+                        else loop.create_datagram_endpoint(
+                            functools.partial(_UdpServer, self, (host, port)), sock=udp_sock
+                        )
                     )
                     _grow_buffers(transport)
                     self._listeners.append(transport)
-                server = await loop.create_server(
-                    lambda: _TcpClient(self),
-                    host,
-                    port,
-                    family=family,
-                    reuse_port=True,
-                    backlog=1024,
+                tcp_sock = inherited.pop(("tcp", host, port), None)
+                server = await (
+                    loop.create_server(
+                        lambda: _TcpClient(self),
+                        host,
+                        port,
+                        family=family,
+                        reuse_port=True,
+                        backlog=1024,
+                    )
+                    if tcp_sock is None
+                    else loop.create_server(lambda: _TcpClient(self), sock=tcp_sock, backlog=1024)
                 )
                 self._servers.append(server)
             if self.intercept is not None:
                 for host in (LISTEN4, LISTEN6):
                     port = self.intercept.settings.port
-                    await self._listen_transparent(loop, (host, port))
+                    await self._listen_transparent(loop, (host, port), inherited)
         except OSError as e:
             await self._close_sockets()
             raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror}") from None
+        finally:
+            for left in inherited.values():  # handed over but not configured here
+                left.close()
         if self.intercept is not None:
             try:
                 self.intercept.install()
@@ -1049,15 +1100,17 @@ class Proxy:
             )
 
     async def _listen_transparent(
-        self, loop: asyncio.AbstractEventLoop, local: tuple[str, int]
+        self, loop: asyncio.AbstractEventLoop, local: tuple[str, int], inherited: Inherited
     ) -> None:
         if self._io is None:  # else the Rust UDP thread serves the transparent UDP listener
-            udp = _TransparentUdp(self, local)
+            udp = _TransparentUdp(self, local, inherited.pop(("udp", *local), None))
             self._transparent_udp.append(udp)
             self._transparent_locals.add(udp.local)
             udp.start(loop)
         family = socket.AF_INET6 if ":" in local[0] else socket.AF_INET
-        sock = transparent_socket(family, socket.SOCK_STREAM, local)
+        sock = inherited.pop(("tcp", *local), None) or transparent_socket(
+            family, socket.SOCK_STREAM, local, listener=True
+        )
         try:
             sock.listen(1024)
             server = await loop.create_server(lambda: _TransparentTcpClient(self), sock=sock)
@@ -1066,8 +1119,77 @@ class Proxy:
             raise
         self._servers.append(server)
 
+    @staticmethod
+    def listener_keys(config: ProxyConfig) -> list[tuple[str, str, int]]:
+        """The listeners ``config`` makes a proxy open, as :meth:`handover_sockets` names
+        them: what a successor asks its predecessor for."""
+        direct = list(config.listen)
+        transparent = (
+            [(host, config.intercept_port) for host in (LISTEN4, LISTEN6)]
+            if config.intercept
+            else []
+        )
+        out = [("tcp", host, port) for host, port in [*direct, *transparent]]
+        return [("udp", host, port) for host, port in [*direct, *transparent]] + out
+
+    def handover_sockets(self) -> list[tuple[str, str, int, int]]:
+        """The listening sockets a successor takes over (a hot restart): (``"udp"`` or
+        ``"tcp"``, host, port, descriptor), direct and transparent, keyed by the address
+        configured (the key :meth:`start` looks ``inherited`` up by)."""
+        out: list[tuple[str, str, int, int]] = []
+        direct = list(self.config.listen)
+        transparent = (
+            [(host, self.intercept.settings.port) for host in (LISTEN4, LISTEN6)]
+            if self.intercept is not None
+            else []
+        )
+        if self._io is not None:
+            for (host, port), fd in zip(
+                [*direct, *transparent], self._io.listener_fds(), strict=True
+            ):
+                out.append(("udp", host, port, fd))
+        else:
+            for (host, port), t in zip(direct, self._listeners, strict=True):
+                sock = t.get_extra_info("socket")
+                if sock is not None:
+                    out.append(("udp", host, port, sock.fileno()))
+            for (host, port), udp in zip(transparent, self._transparent_udp, strict=True):
+                out.append(("udp", host, port, udp.sock.fileno()))
+        for (host, port), server in zip([*direct, *transparent], self._servers, strict=True):
+            for sock in server.sockets or ():
+                out.append(("tcp", host, port, sock.fileno()))
+        return out
+
+    def stop_listening(self, keys: Iterable[tuple[str, str, int]]) -> None:
+        """Stops taking new queries and connections on the listeners ``keys`` (as
+        :meth:`handover_sockets` names them), and keeps answering those already taken: a
+        successor holds the same sockets (handed over) and reads them now. The TCP servers
+        close their descriptors (the successor's stay open, with their queues), the
+        transparent UDP listeners of ``udp_io: asyncio`` stop being read, the Rust UDP
+        thread stops reading its listeners when every one of them was taken (else it reads
+        on: each datagram is read by one of the two proxies and answered by it); the direct
+        UDP listeners of ``udp_io: asyncio`` are read until :meth:`stop` (uvloop's datagram
+        transports cannot pause)."""
+        taken = set(keys)
+        mine = {(kind, host, port) for kind, host, port, _ in self.handover_sockets()}
+        if self._io is not None and {k for k in mine if k[0] == "udp"} <= taken:
+            self._io.stop_listening()
+        direct = list(self.config.listen)
+        transparent = (
+            [(host, self.intercept.settings.port) for host in (LISTEN4, LISTEN6)]
+            if self.intercept is not None
+            else []
+        )
+        for (host, port), server in zip([*direct, *transparent], self._servers, strict=True):
+            if ("tcp", host, port) in taken:
+                server.close()
+        for (host, port), udp in zip(transparent, self._transparent_udp, strict=True):
+            if ("udp", host, port) in taken:
+                udp.pause_reading()
+
     def remove_interception(self) -> None:
-        """Removes the node's interception rules now (a clean shutdown does it)."""
+        """Removes the node's interception rules now (``fqdnguard intercept cleanup`` does it;
+        a proxy that stops leaves them: they belong to the node)."""
         if self.intercept is not None and self._intercept_installed:
             try:
                 self.intercept.remove()
@@ -1088,8 +1210,9 @@ class Proxy:
             return
         self._running = False
         self._stopping = True
-        # First: pods' DNS goes straight to their servers again before the listeners close.
-        self.remove_interception()
+        # The interception rules stay: they belong to the node, not to this process. A
+        # successor takes over from them; without one, the drop rules after the tproxy rule
+        # keep the policed pods' DNS from going around the firewall (docs/intercept.md).
         if self._io is not None:
             self._io.stop_listening()
         for s in self._servers:

@@ -6,7 +6,8 @@ What a proxy keeps across restarts (see docs/state.md)::
     state.lock            taken (flock) by a writer while it checks and writes
     cache.snapshot        the cache (``DnsCache.save``; its own binary format and version)
     policy.json           ``fqdnguard proxy``: the last good policy as pushed (its own format)
-    journal.<pid>.<n>     what was learned since the last save, one file per process and save
+    journal.<id>.<n>      what was learned since the last save, one file per process and save
+                          (``<id>``: the writer's instance id, ``control.INSTANCE``)
     cache.handover.*      a superseded proxy's cache in a hot restart (daemons.proxy)
 
 **Versions.** The manifest carries ``[major, minor]``. A proxy reads a state of its own major
@@ -44,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from fqdnguard._core import CacheError, DnsCache, FqdnGuardError
-from fqdnguard.control import atomic_write
+from fqdnguard.control import INSTANCE, atomic_write
 
 __all__ = [
     "FORMAT",
@@ -66,8 +67,11 @@ MANIFEST = "state.json"
 LOCK = "state.lock"
 #: The manifest's "format" field: what kind of file this is.
 KIND = "fqdnguard-state"
-#: ``journal.<pid>.<n>``: the writer's pid, then its files in order.
+#: ``journal.<id>.<n>``: the writer's instance id (a pid before 1.1's writers), then its files
+#: in order.
 JOURNAL_NAME = re.compile(r"journal\.([0-9]+)\.([0-9]+)")
+#: The largest pid Linux gives (pid_max's ceiling): larger writer ids are instance ids.
+PID_MAX = 2**22
 #: The journal's own line format (its header's "journal" field).
 JOURNAL_FORMAT = 1
 
@@ -139,15 +143,31 @@ def read_manifest(directory: Path) -> Manifest | None:
     )
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
+def _alive(path: Path, writer: int) -> bool:
+    """Is the journal ``path`` still being written? Its writer holds ``flock`` on it while it
+    runs (the lock goes with the process, in whatever pid namespace it runs). A journal of a
+    release that did not lock (``writer`` a pid of this namespace) is asked of the pid."""
+    if writer == INSTANCE:
         return True
     try:
-        os.kill(pid, 0)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        locked = False
+    except BlockingIOError:
+        locked = True
+    finally:
+        os.close(fd)
+    if locked or writer > PID_MAX:
+        return locked
+    try:
+        os.kill(writer, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 
@@ -270,7 +290,7 @@ class StateDir:
             return 0
         now = time.time() if now is None else now
         total = 0
-        for path, pid in journal_files(self.path):
+        for path, writer in journal_files(self.path):
             if self.journal is not None and path == self.journal.path:
                 continue
             try:
@@ -280,7 +300,7 @@ class StateDir:
                 continue
             if header.get("digest") != digest:
                 log.warning("ignoring %s: written under another policy state", path.name)
-                if not _alive(pid):
+                if not _alive(path, writer):
                     self._done.append(path)
                 continue
             for endpoint, answers in entries_as_answers(entries, now).items():
@@ -289,7 +309,7 @@ class StateDir:
                 except (CacheError, TypeError, ValueError) as e:
                     log.error("%s: entries of endpoint %d not restored: %s", path, endpoint, e)
             total += len(entries)
-            if not _alive(pid):
+            if not _alive(path, writer):
                 self._done.append(path)
             log.info("replayed %d journal entries from %s", len(entries), path.name)
         return total
@@ -305,7 +325,7 @@ def _current_sequence(path: Path) -> int:
 
 
 def journal_files(directory: Path) -> list[tuple[Path, int]]:
-    """The journal files in ``directory`` (path, writer pid), oldest first per writer."""
+    """The journal files in ``directory`` (path, writer id), oldest first per writer."""
     found = []
     for path in directory.glob("journal.*"):
         match = JOURNAL_NAME.fullmatch(path.name)
@@ -368,19 +388,20 @@ def journal_entries(cache: DnsCache, changes: Sequence[Any]) -> list[tuple[int, 
 
 
 class Journal:
-    """Appends entries to ``journal.<pid>.<n>``; a save rotates it. Thread-safe: the event loop
-    appends while a save runs on a worker thread."""
+    """Appends entries to ``journal.<id>.<n>`` (``id``: :data:`INSTANCE`), holding ``flock`` on
+    it while the process runs; a save rotates it. Thread-safe: the event loop appends while a
+    save runs on a worker thread."""
 
     def __init__(self, directory: Path, digest: str | None) -> None:
         self.directory = directory
         self.digest = digest
         self._lock = threading.Lock()
-        # After any file a process of the same pid left (a pid used again): never reused.
+        # After any file a process of the same id left (an id drawn again): never reused.
         self._n = max(
             (
                 int(m.group(2))
-                for p, pid in journal_files(directory)
-                if pid == os.getpid()
+                for p, writer in journal_files(directory)
+                if writer == INSTANCE
                 if (m := JOURNAL_NAME.fullmatch(p.name)) is not None
             ),
             default=0,
@@ -392,9 +413,15 @@ class Journal:
 
     def _open(self) -> None:
         self._n += 1
-        self.path = self.directory / f"journal.{os.getpid()}.{self._n}"
+        self.path = self.directory / f"journal.{INSTANCE}.{self._n}"
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
-        header = {"journal": JOURNAL_FORMAT, "pid": os.getpid(), "digest": self.digest}
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a new file: nobody else holds it; see _alive
+        header = {
+            "journal": JOURNAL_FORMAT,
+            "pid": os.getpid(),
+            "instance": INSTANCE,
+            "digest": self.digest,
+        }
         os.write(fd, json.dumps(header).encode() + b"\n")
         self._fd = fd
 
@@ -422,7 +449,7 @@ class Journal:
                 self.digest = digest
             self._open()
             os.close(old_fd)
-        mine = [p for p, pid in journal_files(self.directory) if pid == os.getpid()]
+        mine = [p for p, writer in journal_files(self.directory) if writer == INSTANCE]
         return [p for p in mine if p != self.path]
 
     def close(self) -> None:

@@ -85,6 +85,11 @@ pub struct IoConfig {
     pub transparent_listen: Vec<SocketAddr>,
     /// Upstream sockets per address family, each on its own random port (at least 1).
     pub source_ports: u16,
+    /// Listening sockets handed over by the process this one takes over from (hot restart):
+    /// per listener, in the order of `listen` then `transparent_listen`, a descriptor to use
+    /// instead of binding a new socket (`None`, or past the end: bind). Each is duplicated; the
+    /// caller keeps its own descriptor and closes it.
+    pub inherited: Vec<Option<RawFd>>,
 }
 
 /// What can go wrong setting the I/O up or driving it.
@@ -538,12 +543,48 @@ fn udp_socket(addr: &SocketAddr) -> Result<OwnedFd, IoError> {
     .map_err(sock_err(format!("socket for {addr}")))
 }
 
-fn listener(addr: SocketAddr, transparent: bool, cfg: &IoConfig) -> Result<Listener, IoError> {
-    let fd = udp_socket(&addr)?;
+/// A duplicate of a descriptor handed over by another process, checked to be a UDP socket.
+#[allow(unsafe_code)]
+fn inherited_socket(raw: RawFd, addr: &SocketAddr) -> Result<OwnedFd, IoError> {
+    use std::os::fd::BorrowedFd;
+    let what = format!("the socket handed over for {addr} (descriptor {raw})");
+    if raw < 0 {
+        return Err(IoError::Config(format!("{what}: not a descriptor")));
+    }
+    // SAFETY: the caller (the Python binding) holds `raw` open for the duration of the call;
+    // it is only borrowed here to be duplicated (F_DUPFD_CLOEXEC), never closed.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(raw) };
+    let fd = borrowed.try_clone_to_owned().map_err(|e| {
+        IoError::Socket(what.clone(), Errno::from_raw(e.raw_os_error().unwrap_or(0)))
+    })?;
+    match socket::getsockopt(&fd, sockopt::SockType) {
+        Ok(SockType::Datagram) => {}
+        Ok(_) => return Err(IoError::Config(format!("{what}: not a UDP socket"))),
+        Err(e) => return Err(IoError::Socket(what, e)),
+    }
+    let flags =
+        nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL).map_err(sock_err(what.clone()))?;
+    let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(flags)).map_err(sock_err(what))?;
+    Ok(fd)
+}
+
+fn listener(
+    addr: SocketAddr,
+    transparent: bool,
+    cfg: &IoConfig,
+    inherited: Option<RawFd>,
+) -> Result<Listener, IoError> {
     let what = format!("cannot listen on {addr}");
-    socket::setsockopt(&fd, sockopt::ReusePort, &true).map_err(sock_err(what.clone()))?;
-    if addr.is_ipv6() {
-        socket::setsockopt(&fd, sockopt::Ipv6V6Only, &true).map_err(sock_err(what.clone()))?;
+    let fd = match inherited {
+        Some(raw) => inherited_socket(raw, &addr)?,
+        None => udp_socket(&addr)?,
+    };
+    if inherited.is_none() {
+        socket::setsockopt(&fd, sockopt::ReusePort, &true).map_err(sock_err(what.clone()))?;
+        if addr.is_ipv6() {
+            socket::setsockopt(&fd, sockopt::Ipv6V6Only, &true).map_err(sock_err(what.clone()))?;
+        }
     }
     if transparent {
         socket::setsockopt(&fd, sockopt::IpTransparent, &true).map_err(sock_err(what.clone()))?;
@@ -556,10 +597,20 @@ fn listener(addr: SocketAddr, transparent: bool, cfg: &IoConfig) -> Result<Liste
         }
     }
     grow_buffers(&fd, cfg.buffer);
-    socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr)).map_err(sock_err(what.clone()))?;
+    if inherited.is_none() {
+        socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))
+            .map_err(sock_err(what.clone()))?;
+    }
     let local = socket::getsockname::<SockaddrStorage>(fd.as_raw_fd())
         .map_err(sock_err(what.clone()))
-        .and_then(|s| socket_addr(&s).ok_or(IoError::Config(what)))?;
+        .and_then(|s| socket_addr(&s).ok_or(IoError::Config(what.clone())))?;
+    if inherited.is_some()
+        && (local.ip() != addr.ip() || (addr.port() != 0 && local.port() != addr.port()))
+    {
+        return Err(IoError::Config(format!(
+            "{what}: the socket handed over is bound to {local}"
+        )));
+    }
     Ok(Listener {
         fd,
         local,
@@ -1278,15 +1329,19 @@ impl UdpIo {
                 "at least one listen address and one upstream are required".into(),
             ));
         }
+        let inherited = |i: usize| config.inherited.get(i).copied().flatten();
+        let direct = config.listen.len();
         let listeners = config
             .listen
             .iter()
-            .map(|a| listener(*a, config.transparent, config))
+            .enumerate()
+            .map(|(i, a)| listener(*a, config.transparent, config, inherited(i)))
             .chain(
                 config
                     .transparent_listen
                     .iter()
-                    .map(|a| listener(*a, true, config)),
+                    .enumerate()
+                    .map(|(i, a)| listener(*a, true, config, inherited(direct + i))),
             )
             .collect::<Result<Vec<_>, _>>()?;
         let upstreams: Vec<Upstream> = config

@@ -89,6 +89,7 @@ fn setup(unknown: Option<EndpointRef>, timeout: f64) -> Setup {
         mark: None,
         buffer: 1 << 20,
         transparent_listen: Vec::new(),
+        inherited: Vec::new(),
         source_ports: 4,
     };
     let io = UdpIo::new(engine(unknown, timeout), &config).expect("io");
@@ -257,6 +258,7 @@ fn ipv4_and_ipv6_listeners_each_answer_their_own_clients() {
         mark: None,
         buffer: 1 << 20,
         transparent_listen: Vec::new(),
+        inherited: Vec::new(),
         source_ports: 4,
     };
     let io = UdpIo::new(engine(None, 2.0), &config).expect("io");
@@ -369,4 +371,44 @@ fn reply_sockets_are_bounded_least_recently_used_first() {
         replies.by_addr.get(&asked(MAX_REPLY_SOCKETS)),
         Some((Reply::Bound(_), _))
     ));
+}
+
+#[test]
+fn a_socket_handed_over_is_read_as_it_is_and_a_wrong_one_is_refused() {
+    use std::net::TcpListener;
+    let upstream = udp(2000);
+    // What the predecessor bound (and has in its receive queue already).
+    let held = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let at = held.local_addr().expect("addr");
+    let client = udp(2000);
+    let q = query(0x5151, "www.example.com");
+    client.send_to(&q, at).expect("queued before the hand-over");
+    let mut config = IoConfig {
+        listen: vec![at],
+        upstreams: vec![upstream.local_addr().expect("addr")],
+        transparent: false,
+        forward_to_original: false,
+        mark: None,
+        buffer: 1 << 20,
+        transparent_listen: Vec::new(),
+        inherited: vec![Some(held.as_raw_fd())],
+        source_ports: 4,
+    };
+    let io = UdpIo::new(engine(ANYONE, 2.0), &config).expect("io");
+    assert_eq!(io.local_addresses(), vec![at]);
+    io.start().expect("start");
+    let mut buf = [0u8; 512];
+    let (n, _) = upstream.recv_from(&mut buf).expect("the queued query is forwarded");
+    assert!(buf[2..n].eq_ignore_ascii_case(&q[2..]));
+    io.stop().expect("stop");
+
+    // Not a UDP socket, or bound elsewhere: an error naming it, nothing bound.
+    let tcp = TcpListener::bind("127.0.0.1:0").expect("tcp");
+    config.inherited = vec![Some(tcp.as_raw_fd())];
+    let err = UdpIo::new(engine(ANYONE, 2.0), &config).expect_err("tcp refused");
+    assert!(err.to_string().contains("not a UDP socket"), "{err}");
+    let other = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    config.inherited = vec![Some(other.as_raw_fd())];
+    let err = UdpIo::new(engine(ANYONE, 2.0), &config).expect_err("elsewhere refused");
+    assert!(err.to_string().contains("is bound to"), "{err}");
 }

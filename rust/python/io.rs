@@ -48,7 +48,8 @@ impl PyUdpIo {
     #[new]
     #[pyo3(signature = (engine, listen, upstreams, *, transparent = false,
                         forward_to_original = false, mark = None, buffer = 4 << 20,
-                        transparent_listen = Vec::new(), source_ports = 1024))]
+                        transparent_listen = Vec::new(), source_ports = 1024,
+                        inherited = Vec::new()))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         engine: &Bound<'_, PyEngine>,
@@ -60,6 +61,7 @@ impl PyUdpIo {
         buffer: usize,
         transparent_listen: Vec<(String, u16)>,
         source_ports: u16,
+        inherited: Vec<Option<i32>>,
     ) -> PyResult<Self> {
         if source_ports == 0 {
             return Err(pyo3::exceptions::PyValueError::new_err(
@@ -84,6 +86,7 @@ impl PyUdpIo {
                 .map(|a| addr_arg(a, "transparent_listen"))
                 .collect::<PyResult<_>>()?,
             source_ports,
+            inherited,
         };
         let inner = UdpIo::new(engine.get().shared(), &config).map_err(io_err)?;
         Ok(PyUdpIo { inner })

@@ -46,21 +46,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fqdnguard._core import CacheError, DnsCache
+from fqdnguard._core import CacheError, DnsCache, PatternSet
 from fqdnguard.backends import Backend, BackendError, make_backend
 from fqdnguard.config import ConfigError, ProxyConfig
 from fqdnguard.control import (
+    INSTANCE,
     ControlError,
     ControlServer,
+    Handler,
+    WithFds,
     atomic_write,
     ensure_private_dir,
     policy_digest,
     request,
+    request_fds,
 )
 from fqdnguard.daemons.run import BACKGROUND, cache_listing
 from fqdnguard.endpoints import Endpoints, from_yaml_with_cluster
 from fqdnguard.policy import Policy, PolicyError
-from fqdnguard.proxy import Proxy, entries_as_answers
+from fqdnguard.proxy import Inherited, Proxy, entries_as_answers
 from fqdnguard.reloads import PolicyStatus
 from fqdnguard.sources.base import Change
 from fqdnguard.sources.model import IDS_FILE, KINDS, OBJECTS_FILE, Built, ClusterModel, EndpointIds
@@ -71,9 +75,10 @@ __all__ = ["POLICY_FILE", "ProxyDaemon", "load_policy_state", "run_proxy", "stee
 log = logging.getLogger("fqdnguard.daemons.proxy")
 
 POLICY_FILE = "policy.json"
-#: A superseded proxy's cache, for the proxy that took over: this prefix and its pid.
+#: A superseded proxy's cache, for the proxy that took over: this prefix and its instance id
+#: (``control.INSTANCE``; a pid before).
 HANDOVER_PREFIX = "cache.handover."
-#: ``cache.handover.<pid>.<first 16 hex digits of the policy digest, or "none">``: entries are
+#: ``cache.handover.<id>.<first 16 hex digits of the policy digest, or "none">``: entries are
 #: keyed by endpoint number, which only the same policy state gives the same meaning.
 HANDOVER_NAME = re.compile(re.escape(HANDOVER_PREFIX) + r"[0-9]+\.([0-9a-f]{16}|none)")
 #: At SIGTERM after a successor asked for our state: wait this long for it to take over.
@@ -181,6 +186,40 @@ def load_policy_state(path: Path) -> tuple[list[tuple[str, str]], str | None] | 
     return sources, endpoints
 
 
+def still_allowed(
+    entries: list[tuple[int, str, str, float]], policy: Policy, endpoints: Endpoints
+) -> tuple[list[tuple[int, str, str, float]], int]:
+    """The cache entries ((endpoint id, name, ip, expires_at)) that ``policy`` still lets
+    their endpoint have, and how many others were dropped: what a hot restart carries over
+    when the policy changed in between. An entry of an endpoint id the registry no longer
+    has, or of a name no ``toFQDNs`` selector of its endpoint matches, is dropped (never
+    enforced); an endpoint no default-deny policy selects keeps its entries (it reaches
+    everything anyway)."""
+    by_id = {ep.id: ep for ep in endpoints}
+    #: endpoint id -> its toFQDNs selectors (None: unrestricted, keeps all; False: gone).
+    selectors: dict[int, PatternSet | bool | None] = {}
+    kept: list[tuple[int, str, str, float]] = []
+    for entry in entries:
+        ep_id = entry[0]
+        if ep_id not in selectors:
+            ep = by_id.get(ep_id)
+            plan = policy.egress_plan(ep) if ep is not None else None
+            if ep is None:
+                selectors[ep_id] = False
+            elif plan is None:
+                selectors[ep_id] = None
+            else:
+                names = PatternSet()
+                for _ports, items in plan.fqdn:
+                    for is_pattern, text in items:
+                        (names.add if is_pattern else names.add_name)(text, 0)
+                selectors[ep_id] = names
+        found = selectors[ep_id]
+        if found is None or (isinstance(found, PatternSet) and found.matches(entry[1])):
+            kept.append(entry)
+    return kept, len(entries) - len(kept)
+
+
 # -- Kubernetes objects relayed by an agent --------------------------------------------------------
 
 #: The version of the ``POST /v1/objects`` protocol this proxy speaks.
@@ -286,7 +325,7 @@ def steer_to_newest(sockets: list[Any]) -> int:
     done = 0
     for sock in sockets:
         try:
-            fd = sock.fileno()
+            fd = sock if isinstance(sock, int) else sock.fileno()
             with socket.socket(fileno=socket.dup(fd)) as s:
                 s.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, prog)
             done += 1
@@ -296,11 +335,9 @@ def steer_to_newest(sockets: list[Any]) -> int:
     return done
 
 
-def _listening_sockets(proxy: Proxy) -> list[Any]:
-    out = [t.get_extra_info("socket") for t in proxy._listeners] + list(proxy._udp_sockets)
-    for server in proxy._servers:
-        out += list(server.sockets or [])
-    return [s for s in out if s is not None]
+def _listening_sockets(proxy: Proxy) -> list[int]:
+    """Every listener's descriptor, direct and transparent, UDP and TCP."""
+    return [fd for *_, fd in proxy.handover_sockets()]
 
 
 # -- the daemon ---------------------------------------------------------------------------------
@@ -309,7 +346,14 @@ def _listening_sockets(proxy: Proxy) -> list[Any]:
 class ProxyDaemon:
     """Runs ``fqdnguard proxy``: ``await daemon.run()`` until SIGTERM/SIGINT."""
 
-    def __init__(self, config: ProxyConfig, backend: Backend | None = None) -> None:
+    def __init__(
+        self,
+        config: ProxyConfig,
+        backend: Backend | None = None,
+        *,
+        control_socket: str | os.PathLike[str] | None = None,
+        socket_handover: str = "fds",
+    ) -> None:
         if not config.state_dir:
             raise ConfigError(
                 "state_dir: fqdnguard proxy needs --state-dir (policy, cache, socket)"
@@ -322,21 +366,33 @@ class ProxyDaemon:
             if backend is not None
             else make_backend(config.backend, reverse_path_check=config.reverse_path_check)
         )
+        if socket_handover not in ("fds", "reuseport"):
+            raise ConfigError(f"socket_handover: {socket_handover!r}: choose fds or reuseport")
+        self.socket_handover = socket_handover
         self.proxy: Proxy | None = None
-        self.control = ControlServer(
-            self.state_dir / "control.sock",
-            {
-                ("GET", "/v1/status"): self._get_status,
-                ("PUT", "/v1/policy"): self._put_policy,
-                ("POST", "/v1/objects"): self._post_objects,
-                ("POST", "/v1/save"): self._post_save,
-                ("POST", "/v1/adopt"): self._post_adopt,
-                ("GET", "/v1/cache"): self._get_cache,
-                ("GET", "/v1/stats"): self._get_stats,
-                ("GET", "/v1/policy"): self._get_policy,
-                ("GET", "/v1/endpoints"): self._get_endpoints,
-            },
+        routes: dict[tuple[str, str], Handler] = {
+            ("GET", "/v1/status"): self._get_status,
+            ("PUT", "/v1/policy"): self._put_policy,
+            ("POST", "/v1/objects"): self._post_objects,
+            ("POST", "/v1/save"): self._post_save,
+            ("POST", "/v1/adopt"): self._post_adopt,
+            ("POST", "/v1/sockets"): self._post_sockets,
+            ("GET", "/v1/cache"): self._get_cache,
+            ("GET", "/v1/stats"): self._get_stats,
+            ("GET", "/v1/policy"): self._get_policy,
+            ("GET", "/v1/endpoints"): self._get_endpoints,
+        }
+        #: STATE_DIR/control.sock: the node's hand-over rendezvous, taken over by a successor.
+        self.control = ControlServer(self.state_dir / "control.sock", routes)
+        #: ``--control-socket``: the same API on a path of this process only (a pod-private
+        #: directory), for its own agent and probes; never handed over.
+        self.private = (
+            ControlServer(control_socket, routes, tighten=True)
+            if control_socket is not None
+            else None
         )
+        #: The listening sockets handed to a successor (POST /v1/sockets), by key.
+        self._sockets_passed: list[tuple[str, str, int]] = []
         self.status = PolicyStatus()
         self.policy_state: _PolicyState | None = None
         #: The Kubernetes objects an agent relays (POST /v1/objects), when that is the source.
@@ -365,13 +421,51 @@ class ProxyDaemon:
         (so this one starts from the freshest cache). True when one answered."""
         try:
             status, _ = await request(
-                self.control.path, "POST", "/v1/save", {"successor": os.getpid()}, timeout=5
+                self.control.path, "POST", "/v1/save", {"successor": INSTANCE}, timeout=5
             )
         except ControlError:
             return False
         if status == 200:
             log.info("another proxy serves from %s: took its saved state", self.state_dir)
         return status == 200
+
+    async def _take_sockets(self) -> Inherited:
+        """Asks the running proxy for its listening sockets (``POST /v1/sockets``, passed with
+        SCM_RIGHTS). Whatever goes wrong leaves this proxy to bind its own (beside the other
+        one's, SO_REUSEPORT): never a moment where nobody holds the port."""
+        loop = asyncio.get_running_loop()
+        want = [list(key) for key in Proxy.listener_keys(self.config)]
+        try:
+            status, body, fds = await loop.run_in_executor(
+                None,
+                functools.partial(
+                    request_fds, self.control.path, "POST", "/v1/sockets", {"want": want}
+                ),
+            )
+        except ControlError as e:
+            log.warning("the running proxy handed no sockets over (%s): binding new ones", e)
+            return {}
+        keys = body.get("sockets") if isinstance(body, dict) else None
+        out: Inherited = {}
+        if status != 200 or not isinstance(keys, list) or len(keys) != len(fds):
+            log.warning("the running proxy handed no sockets over (%s %s)", status, body)
+        else:
+            for key, fd in zip(keys, fds, strict=True):
+                if (
+                    isinstance(key, list)
+                    and len(key) == 3
+                    and key[0] in ("udp", "tcp")
+                    and isinstance(key[1], str)
+                    and isinstance(key[2], int)
+                ):
+                    out[(key[0], key[1], key[2])] = socket.socket(fileno=fd)
+                    continue
+                os.close(fd)
+            log.info("took %d listening sockets over from the running proxy", len(out))
+            return out
+        for fd in fds:
+            os.close(fd)
+        return {}
 
     def _digest_tag(self) -> str:
         """The policy state's part of a hand-over file's name."""
@@ -393,6 +487,23 @@ class ProxyDaemon:
         policy, endpoints, cache = self._restore_saved()
         self._merge_leftovers(cache)
         self.state.replay(cache, self._state_digest())
+        # Journals and hand-over files may hold what was learned under an earlier policy
+        # (endpoint ids are stable across policy changes with Kubernetes objects): keep only
+        # what the policy restored allows.
+        if self.policy_state is None and self.kube is None:
+            return policy, endpoints, cache  # no policy restored: kept for the one to come
+        entries, dropped = still_allowed(cache.entries(), policy, endpoints)
+        if dropped:
+            log.info("dropped %d restored entries the policy in force no longer allows", dropped)
+            kept = DnsCache(
+                min_ttl=cache.min_ttl,
+                max_ips_per_name=cache.max_ips_per_name,
+                max_entries=cache.max_entries,
+            )
+            now = time.time()
+            for endpoint, answers in entries_as_answers(entries, now).items():
+                kept.record_many(endpoint, answers, now)
+            cache = kept
         return policy, endpoints, cache
 
     def _merge_leftovers(self, cache: DnsCache) -> None:
@@ -476,10 +587,15 @@ class ProxyDaemon:
 
     async def start(self) -> None:
         handed_over = await self._hand_over()
+        inherited: Inherited = {}
+        if handed_over and self.socket_handover == "fds":
+            inherited = await self._take_sockets()
         policy, endpoints, cache = self._restore()
         self.proxy = Proxy(policy, endpoints, backend=self.backend, cache=cache, config=self.config)
-        await self.proxy.start(taking_over=handed_over)
+        await self.proxy.start(taking_over=handed_over, inherited=inherited)
         steer_to_newest(_listening_sockets(self.proxy))
+        if self.private is not None:
+            await self.private.start()
         await self.control.start()
         if handed_over:
             log.info("took over the control socket %s", self.control.path)
@@ -513,11 +629,22 @@ class ProxyDaemon:
     async def run(self) -> None:
         await self.start()
         saver = asyncio.ensure_future(self._save_periodically())
+        releaser = asyncio.ensure_future(self._release_when_superseded())
         try:
             await self._stop.wait()
         finally:
             saver.cancel()
+            releaser.cancel()
             await self.stop()
+
+    async def _release_when_superseded(self) -> None:
+        """Once the proxy that took this one's sockets serves (it took the control socket
+        over), stops reading them: it reads them now; this one finishes what it took."""
+        while not (self._sockets_passed and self.control.superseded()):
+            await asyncio.sleep(0.05)
+        if self.proxy is not None:
+            self.proxy.stop_listening(self._sockets_passed)
+            log.info("the new proxy serves the sockets handed over: finishing in-flight queries")
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -552,6 +679,8 @@ class ProxyDaemon:
             await self._drain()
         superseded = self.control.superseded()
         await self.control.close()
+        if self.private is not None:
+            await self.private.close()
         if self.proxy is not None:
             await self.proxy.stop()
         if self._metrics is not None:
@@ -573,7 +702,7 @@ class ProxyDaemon:
         """Gives this proxy's cache to the one that took over (it owns the state files now)."""
         if self.proxy is None:
             return
-        name = f"{HANDOVER_PREFIX}{os.getpid()}.{self._digest_tag()}"
+        name = f"{HANDOVER_PREFIX}{INSTANCE}.{self._digest_tag()}"
         path = self.state_dir / name
         try:
             self.proxy.cache.save(path)
@@ -807,6 +936,24 @@ class ProxyDaemon:
             return 409, {"error": f"not saved: {e}"}
         return 200, {"sequence": self.state.sequence}
 
+    async def _post_sockets(self, body: Any) -> tuple[int, Any]:
+        """A starting proxy takes the listening sockets it names (``{"want": [[kind, host,
+        port], ...]}``) over (SCM_RIGHTS): both hold them until this one stops reading them,
+        once the other one serves (see :meth:`_release_when_superseded`); queued queries are
+        never lost in between. Sockets it does not name stay this proxy's alone."""
+        assert self.proxy is not None
+        want = body.get("want") if isinstance(body, dict) else None
+        if not isinstance(want, list) or not all(isinstance(k, list) and len(k) == 3 for k in want):
+            return 400, {"error": "'want' must list the [kind, host, port] of the listeners"}
+        wanted = {(k[0], k[1], k[2]) for k in want}
+        listing = [s for s in self.proxy.handover_sockets() if (s[0], s[1], s[2]) in wanted]
+        self._sockets_passed = [(kind, host, port) for kind, host, port, _ in listing]
+        log.info("handing %d listening sockets to a starting proxy", len(listing))
+        return 200, WithFds(
+            {"sockets": [[kind, host, port] for kind, host, port, _ in listing]},
+            [fd for *_, fd in listing],
+        )
+
     async def _post_adopt(self, body: Any) -> tuple[int, Any]:
         """The proxy this one took over from hands its cache over (see the module's text)."""
         assert self.proxy is not None
@@ -814,7 +961,7 @@ class ProxyDaemon:
         match = HANDOVER_NAME.fullmatch(name) if isinstance(name, str) else None
         if match is None:
             return 400, {
-                "error": f"file: want '{HANDOVER_PREFIX}<pid>.<digest>' in the state directory"
+                "error": f"file: want '{HANDOVER_PREFIX}<id>.<digest>' in the state directory"
             }
         path = self.state_dir / match.group(0)
         if match.group(1) != self._digest_tag():
@@ -824,7 +971,12 @@ class ProxyDaemon:
             cache = await loop.run_in_executor(None, DnsCache.load, path)
         except (CacheError, OSError) as e:
             return 422, {"error": f"cannot load {path.name}: {e}"}
-        changes = await self.proxy.adopt(cache.entries())
+        # The policy may have changed since the other proxy learned them: only what it still
+        # allows is carried over (fail closed).
+        entries, dropped = still_allowed(cache.entries(), self.proxy.policy, self.proxy.endpoints)
+        if dropped:
+            log.info("not adopting %d entries the policy in force no longer allows", dropped)
+        changes = await self.proxy.adopt(entries)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         try:
@@ -849,12 +1001,17 @@ class ProxyDaemon:
         return 200, {"engine": self.proxy.engine.stats(), "cache": self.proxy.cache.stats()}
 
 
-def run_proxy(config: ProxyConfig) -> None:
+def run_proxy(
+    config: ProxyConfig,
+    *,
+    control_socket: str | os.PathLike[str] | None = None,
+    socket_handover: str = "fds",
+) -> None:
     """Runs ``fqdnguard proxy`` until SIGTERM/SIGINT on uvloop."""
     import uvloop  # noqa: PLC0415
 
     async def main() -> None:
-        daemon = ProxyDaemon(config)
+        daemon = ProxyDaemon(config, control_socket=control_socket, socket_handover=socket_handover)
         await daemon.run()
 
     with contextlib.suppress(KeyboardInterrupt):
