@@ -7,7 +7,7 @@ nftables backend and ``--intercept``; a world holds TCP servers (see tests/netns
 asked) and logged; its denied queries and its queries to a server no rule admits are refused; the
 other pod's queries never pass through fqdnguard; the policed pod reaches only what it resolved;
 UDP and TCP, IPv4 and IPv6; a SIGHUP reload moves the set of intercepted sources; restarts do not
-duplicate the rules; SIGTERM removes them; kill -9 leaves them and ``intercept cleanup`` removes
+duplicate the rules; SIGTERM and kill -9 leave them and ``intercept cleanup`` removes
 them.
 
 Needs root, iproute2, knotd, libnftables and the kernel's nft_tproxy; skipped with the reason
@@ -500,13 +500,14 @@ def test_restart_keeps_dns_and_rules_are_not_duplicated(env: Env) -> None:
     # Another tool's route in the same routing table is not fqdnguard's to remove.
     theirs = ["ip", "route", "add", "local", "10.250.0.0/24", "dev", "lo", "table", "153"]
     assert env.node(*theirs).returncode == 0
-    env.stop()  # SIGTERM: a clean shutdown removes everything
-    assert _installed(env.status()) == NONE
+    env.stop()  # SIGTERM: the rules belong to the node and stay
+    assert _installed(env.status()) == FULL
     kept = env.node("ip", "route", "show", "table", "153").stdout
     assert "10.250.0.0/24" in kept
     env.node("ip", "route", "del", *theirs[3:])
-    # Meanwhile the policed pod's DNS goes straight to kube-dns (its policy admits that server).
-    assert env.ask(env.topo.pod, "web.allowed.e2e.test", CLUSTER_DNS4).rcode == dns.rcode.NOERROR
+    # Meanwhile the policed pod's DNS is dropped, never answered around the policy.
+    with pytest.raises(OSError):
+        env.ask(env.topo.pod, "web.allowed.e2e.test", CLUSTER_DNS4)
     for _ in range(2):
         env.start()
         assert _installed(env.status()) == FULL
@@ -518,7 +519,7 @@ def test_restart_keeps_dns_and_rules_are_not_duplicated(env: Env) -> None:
             dns.rcode.REFUSED
         )
         env.stop()
-        assert _installed(env.status()) == NONE
+        assert _installed(env.status()) == FULL
     env.start()
 
 

@@ -221,3 +221,34 @@ def test_journal_replay_skips_damage_and_other_policy_states(tmp_path: Path) -> 
     assert state.open()
     assert state.replay(cache, "d1", now) == 1
     assert [(n, ip) for _, n, ip, _ in cache.entries()] == [("a.example.com.", "192.0.2.1")]
+
+
+def test_journals_are_named_by_instance_and_a_live_writer_is_told_by_its_lock(
+    tmp_path: Path,
+) -> None:
+    """Two proxies that are both pid 1 (containers) share the directory: a journal carries
+    the writer's instance id, not its pid, and another process sees it live while its writer
+    holds it (so a save never removes it), dead once closed, and reads a header with the
+    added field as before (what the previous release's reader does with it)."""
+    import fcntl  # noqa: PLC0415
+    import os  # noqa: PLC0415
+
+    from fqdnguard.control import INSTANCE  # noqa: PLC0415
+    from fqdnguard.state import PID_MAX, Journal, _alive, journal_files, read_journal  # noqa: PLC0415
+
+    journal = Journal(tmp_path, "digest")
+    journal.append([(1, "a.example.com.", "192.0.2.1", time.time() + 60)])
+    ((path, writer),) = journal_files(tmp_path)
+    assert writer == INSTANCE != os.getpid() and writer > PID_MAX
+    header, entries = read_journal(path)
+    assert header["instance"] == INSTANCE and header["digest"] == "digest"
+    assert [e[1] for e in entries] == ["a.example.com."]
+    # Another process's view: the writer holds the lock.
+    other = tmp_path / f"journal.{INSTANCE + 1}.1"
+    other.write_text(json.dumps({"journal": 1, "pid": 1, "digest": "digest"}) + "\n")
+    fd = os.open(other, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    assert _alive(other, INSTANCE + 1), "a journal whose writer runs is live"
+    os.close(fd)
+    assert not _alive(other, INSTANCE + 1), "a journal nobody holds is a dead writer's"
+    journal.close()

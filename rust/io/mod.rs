@@ -741,6 +741,11 @@ fn reply_socket(local: SocketAddr) -> Result<OwnedFd, IoError> {
         socket::setsockopt(&fd, sockopt::Ipv6V6Only, &true).map_err(sock_err(what.clone()))?;
     }
     socket::setsockopt(&fd, sockopt::IpTransparent, &true).map_err(sock_err(what.clone()))?;
+    // Another address than the node's (those go through `Reply::Local`): only another
+    // fqdnguard binds it, the predecessor during a hot restart, which still holds its own
+    // reply socket there; without SO_REUSEADDR on both, the successor could send no answer
+    // from that address until the predecessor exits.
+    socket::setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(sock_err(what.clone()))?;
     socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(local)).map_err(sock_err(what))?;
     Ok(fd)
 }

@@ -398,7 +398,9 @@ fn a_socket_handed_over_is_read_as_it_is_and_a_wrong_one_is_refused() {
     assert_eq!(io.local_addresses(), vec![at]);
     io.start().expect("start");
     let mut buf = [0u8; 512];
-    let (n, _) = upstream.recv_from(&mut buf).expect("the queued query is forwarded");
+    let (n, _) = upstream
+        .recv_from(&mut buf)
+        .expect("the queued query is forwarded");
     assert!(buf[2..n].eq_ignore_ascii_case(&q[2..]));
     io.stop().expect("stop");
 

@@ -359,7 +359,8 @@ class ProxyDaemon:
                 "state_dir: fqdnguard proxy needs --state-dir (policy, cache, socket)"
             )
         self.config = config
-        self.state_dir = ensure_private_dir(config.state_dir)
+        # A hostPath volume is made 0755: tightened when it is ours (the socket is there).
+        self.state_dir = ensure_private_dir(config.state_dir, tighten=True)
         self.state = StateDir(self.state_dir)
         self.backend = (
             backend
@@ -383,7 +384,7 @@ class ProxyDaemon:
             ("GET", "/v1/endpoints"): self._get_endpoints,
         }
         #: STATE_DIR/control.sock: the node's hand-over rendezvous, taken over by a successor.
-        self.control = ControlServer(self.state_dir / "control.sock", routes)
+        self.control = ControlServer(self.state_dir / "control.sock", routes, tighten=True)
         #: ``--control-socket``: the same API on a path of this process only (a pod-private
         #: directory), for its own agent and probes; never handed over.
         self.private = (

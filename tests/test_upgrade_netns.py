@@ -1,0 +1,448 @@
+"""The upgrade of an intercepting fqdnguard, as the DaemonSet's rolling update does it.
+
+Network namespaces made here (tests/netns.py ``InterceptTopology``): a policed pod, a node with
+real nftables, a Knot upstream at the cluster-DNS address. The proxy container of each "pod" is
+started exactly as the rendered DaemonSet says (command, args, env, mounted paths: read from the
+manifest, hostPath volumes mapped to one directory per node, emptyDir volumes to one per pod).
+The old pod's proxy runs; dnsperf loads it from the policed pod with two streams (an allowed
+name, a denied one); the new pod's proxy starts beside it and takes over; the old one is told to
+stop (SIGTERM) or is killed (``kill -9``) in the middle of the hand-over. Shown: no query lost,
+every denied query REFUSED and every allowed one answered (nothing unfiltered), and no
+interception rule, policed source or learned element missing from any snapshot of the node's
+ruleset taken every 50 ms; the rules stay when the proxies exit.
+
+The agent container is not run: the objects it would relay (``POST /v1/objects``) are pushed
+through the pod-private control socket (``--control-socket``) as it pushes them.
+
+Needs root, iproute2, knotd, dnsperf, libnftables and the kernel's nft_tproxy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dns.message
+import dns.rcode
+import pytest
+import yaml
+from fqdnguard.control import ControlError, request_sync
+from fqdnguard.daemons.proxy import KUBE_PROTOCOL
+from fqdnguard.sources.model import KINDS
+from fqdnguard.testing import KnotServer
+
+from tests.netns import CLUSTER_DNS4, POLICED4, InterceptTopology
+from tests.proxy_fixtures import require_knot
+from tests.test_e2e_netns import _skip_reason
+
+ROOT = Path(__file__).resolve().parent.parent
+#: The rendered manifest (the deploy work); until it is merged, the contract's own.
+MANIFESTS = [ROOT / "deploy/kubernetes/fqdnguard.yaml", ROOT / "tests/upgrade/fqdnguard.yaml"]
+NODE = "node-a"
+
+ZONE = """$ORIGIN e2e.test.
+$TTL 300
+@               SOA ns admin 1 3600 600 86400 60
+@               NS  ns
+ns              A   10.96.0.10
+web.allowed     A   10.79.2.10
+other.allowed   A   10.79.2.11
+denied.blocked  A   10.79.2.12
+"""
+
+pytestmark = pytest.mark.skipif(
+    (_reason := _skip_reason()) is not None or shutil.which("dnsperf") is None,
+    reason=_reason or "dnsperf is not installed",
+)
+
+
+# -- the manifest -----------------------------------------------------------------------------
+
+
+@dataclass
+class Container:
+    argv: list[str]
+    env: dict[str, str]
+    #: mountPath -> the directory standing for the volume.
+    mounts: dict[str, Path]
+
+    def path(self, in_container: str) -> Path:
+        for mount, there in self.mounts.items():
+            if in_container == mount or in_container.startswith(mount + "/"):
+                return there / os.path.relpath(in_container, mount)
+        raise KeyError(f"{in_container} is on no volume")
+
+
+def daemonset(manifest: Path) -> dict[str, Any]:
+    for doc in yaml.safe_load_all(manifest.read_text()):
+        if isinstance(doc, dict) and doc.get("kind") == "DaemonSet":
+            return doc
+    raise AssertionError(f"{manifest}: no DaemonSet")
+
+
+def container(ds: dict[str, Any], name: str, node_dir: Path, pod_dir: Path) -> Container:
+    """The container ``name`` of the DaemonSet's pod, as a command line here: ``fqdnguard``
+    is this interpreter's module, hostPath volumes are directories of the node, emptyDir ones
+    of the pod, and every argument naming a mounted path names its directory."""
+    spec = ds["spec"]["template"]["spec"]
+    volumes = {}
+    for v in spec.get("volumes", []):
+        if "hostPath" in v:
+            volumes[v["name"]] = node_dir / v["hostPath"]["path"].strip("/").replace("/", "_")
+        elif "emptyDir" in v:
+            volumes[v["name"]] = pod_dir / v["name"]
+    (c,) = [c for c in spec["containers"] if c["name"] == name]
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in c.get("volumeMounts", [])}
+    for there in mounts.values():
+        there.mkdir(parents=True, exist_ok=True)
+        os.chmod(there, 0o777 if there.is_relative_to(pod_dir) else 0o755)  # as kubelet makes them
+    words = [*c.get("command", []), *c.get("args", [])]
+    assert words[0] == "fqdnguard", f"the {name} container runs {words[0]}, not fqdnguard"
+    argv = [sys.executable, "-m", "fqdnguard.cli"]
+    for word in words[1:]:
+        mapped = word
+        for mount, there in mounts.items():
+            mapped = re.sub(rf"(?<![\w/]){re.escape(mount)}(?=/|$)", str(there), mapped)
+        argv.append(mapped)
+    env = {}
+    for e in c.get("env", []):
+        if "value" in e:
+            env[e["name"]] = str(e["value"])
+        elif e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "spec.nodeName":
+            env[e["name"]] = NODE
+    return Container(argv, env, mounts)
+
+
+def flag(argv: list[str], name: str) -> str:
+    for i, word in enumerate(argv):
+        if word == name:
+            return argv[i + 1]
+        if word.startswith(name + "="):
+            return word.split("=", 1)[1]
+    raise KeyError(name)
+
+
+# -- the objects an agent relays ----------------------------------------------------------
+
+
+def objects(pattern: str, late_pod: bool) -> list[dict[str, Any]]:
+    def pod(name: str, ip: str, app: str) -> dict[str, Any]:
+        return {"kind": "Pod", "key": f"default/{name}", "obj": {
+            "metadata": {"name": name, "namespace": "default", "uid": f"uid-{name}",
+                         "labels": {"app": app}},
+            "spec": {"nodeName": NODE, "hostNetwork": False, "serviceAccountName": "default"},
+            "status": {"phase": "Running", "podIPs": [{"ip": ip}]},
+        }}  # fmt: skip
+
+    selector = {"matchName": pattern} if "*" not in pattern else {"matchPattern": pattern}
+    spec = {
+        "endpointSelector": {"matchLabels": {"app": "policed"}},
+        "egress": [
+            {"toPorts": [{"ports": [{"port": "53", "protocol": "ANY"}],
+                          "rules": {"dns": [selector]}}]},
+            {"toFQDNs": [selector], "toPorts": [{"ports": [{"port": "443", "protocol": "TCP"}]}]},
+        ],
+    }  # fmt: skip
+    out = [
+        {"kind": "Namespace", "key": "default",
+         "obj": {"metadata": {"name": "default", "uid": "uid-ns", "labels": {}}}},
+        pod("policed", POLICED4, "policed"),
+        {"kind": "CiliumNetworkPolicy", "key": "default/policed-egress", "obj": {
+            "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+            "metadata": {"name": "policed-egress", "namespace": "default", "uid": "uid-cnp"},
+            "spec": spec}},
+    ]  # fmt: skip
+    if late_pod:  # pod churn: a pod that came after the old proxy's start
+        out.append(pod("late", "10.79.3.2", "policed"))
+    return out
+
+
+# -- one node, two pods ---------------------------------------------------------------------
+
+
+@dataclass
+class Pod:
+    name: str
+    proxy: Container
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket(self) -> Path:
+        return self.proxy.path("/run/fqdnguard/control.sock")
+
+    @property
+    def log(self) -> Path:
+        return self.proxy.mounts["/run/fqdnguard"].parent / "proxy.log"
+
+    def ask(self, method: str, url: str, body: Any = None) -> tuple[int, Any]:
+        return request_sync(self.socket, method, url, body, timeout=10)
+
+
+@dataclass
+class Node:
+    topo: InterceptTopology
+    manifest: Path
+    root: Path
+    pods: list[Pod] = field(default_factory=list)
+    seq: int = 0
+
+    def new_pod(self) -> Pod:
+        name = f"pod{len(self.pods)}"
+        pod_dir = self.root / name
+        c = container(daemonset(self.manifest), "proxy", self.root / "node", pod_dir)
+        pod = Pod(name, c)
+        self.pods.append(pod)
+        return pod
+
+    def start(self, pod: Pod) -> None:
+        env = {**os.environ, **pod.proxy.env}
+        with open(pod.log, "ab") as out:
+            pod.process = self.topo.spawn(
+                self.topo.node, *pod.proxy.argv, stdout=out, stderr=out, env=env, cwd=os.getcwd()
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert pod.process.poll() is None, f"the proxy exited: {pod.log.read_text()}"
+            try:
+                if pod.ask("GET", "/v1/status")[0] == 200:
+                    return
+            except ControlError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"{pod.name} did not serve: {pod.log.read_text()}")
+
+    def push(self, pod: Pod, pattern: str, *, late_pod: bool = False) -> None:
+        """What the pod's agent does: a reset with every object, all kinds synced."""
+        self.seq += 1
+        body = {
+            "protocol": KUBE_PROTOCOL, "node": NODE, "session": f"agent-{pod.name}",
+            "seq": self.seq, "reset": True, "synced": list(KINDS),
+            "changes": objects(pattern, late_pod),
+        }  # fmt: skip
+        status, answer = pod.ask("POST", "/v1/objects", body)
+        assert status == 200, answer
+
+    def nft(self, *args: str) -> Any:
+        r = subprocess.run(
+            ["ip", "netns", "exec", self.topo.node, "nft", "-j", *args],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        return json.loads(r.stdout) if r.returncode == 0 else None
+
+    def cleanup(self) -> None:
+        for pod in self.pods:
+            if pod.process is not None and pod.process.poll() is None:
+                pod.process.kill()
+                pod.process.wait(10)
+        cli = [sys.executable, "-m", "fqdnguard.cli", "intercept", "cleanup"]
+        subprocess.run(
+            ["ip", "netns", "exec", self.topo.node, *cli], capture_output=True, check=False
+        )
+        subprocess.run(
+            ["ip", "netns", "exec", self.topo.node, "nft", "delete", "table", "inet", "fqdnguard"],
+            capture_output=True,
+            check=False,
+        )
+
+
+def snapshot(node: Node) -> dict[str, Any]:
+    """Interception rules and policed sources; the enforcement table's elements."""
+    out: dict[str, Any] = {"rules": 0, "policed": set(), "elements": set()}
+    data = node.nft("list", "ruleset")
+    for item in (data or {}).get("nftables", []):
+        if "rule" in item and item["rule"]["table"] == "fqdnguard_intercept":
+            out["rules"] += 1
+        elif "set" in item:
+            s = item["set"]
+            for elem in s.get("elem", []):
+                value = elem.get("elem", {}).get("val", elem) if isinstance(elem, dict) else elem
+                key = (s["table"], s["name"], json.dumps(value, sort_keys=True))
+                if s["table"] == "fqdnguard_intercept":
+                    out["policed"].add(key)
+                elif s["table"] == "fqdnguard":
+                    out["elements"].add(key)
+    return out
+
+
+class Watcher(threading.Thread):
+    """Snapshots the node's ruleset every 50 ms; records what ever went missing."""
+
+    def __init__(self, node: Node, allowed_to_go: set[str]) -> None:
+        super().__init__(daemon=True)
+        self.node, self.allowed_to_go = node, allowed_to_go
+        self.first = snapshot(node)
+        self.seen = dict(self.first)
+        self.problems: list[str] = []
+        self.snapshots = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.05):
+            now = snapshot(self.node)
+            self.snapshots += 1
+            if now["rules"] != self.first["rules"]:
+                self.problems.append(
+                    f"{now['rules']} interception rules, not {self.first['rules']}"
+                )
+            for kind in ("policed", "elements"):
+                gone = {
+                    k for k in self.seen[kind] - now[kind]
+                    if not any(ip in k[2] for ip in self.allowed_to_go)
+                }  # fmt: skip
+                if gone:
+                    self.problems.append(f"{kind} removed: {sorted(gone)}")
+                self.seen[kind] = self.seen[kind] | now[kind]
+
+
+@dataclass
+class Load:
+    """One dnsperf stream from the policed pod to the cluster-DNS address (intercepted)."""
+
+    process: subprocess.Popen[str]
+
+    def result(self) -> dict[str, Any]:
+        out, _ = self.process.communicate(timeout=60)
+        got: dict[str, Any] = {"rcodes": {}}
+        for key in ("sent", "completed", "lost"):
+            m = re.search(rf"Queries {key}:\s+(\d+)", out)
+            assert m is not None, out
+            got[key] = int(m.group(1))
+        m = re.search(r"Response codes:\s+(.*)", out)
+        for code, count in re.findall(r"([A-Z]+) (\d+)", m.group(1) if m else ""):
+            got["rcodes"][code] = int(count)
+        return got
+
+
+def load(node: Node, name: str, seconds: float, qps: int) -> Load:
+    data = node.root / f"queries-{name}"
+    data.write_text(f"{name} A\n")
+    cmd = [
+        "ip", "netns", "exec", node.topo.pod, "dnsperf", "-s", CLUSTER_DNS4, "-p", "53",
+        "-d", str(data), "-l", str(seconds), "-Q", str(qps), "-c", "4", "-t", "3",
+    ]  # fmt: skip
+    return Load(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+
+
+def ask(node: Node, name: str) -> int:
+    import socket  # noqa: PLC0415
+
+    s = node.topo.open_socket(node.topo.pod, socket.AF_INET, socket.SOCK_DGRAM)
+    with s:
+        s.settimeout(3)
+        s.sendto(dns.message.make_query(name, "A").to_wire(), (CLUSTER_DNS4, 53))
+        return dns.message.from_wire(s.recv(65535)).rcode()
+
+
+def wait(cond: Any, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def topo() -> Iterator[InterceptTopology]:
+    require_knot()
+    topo = InterceptTopology(f"fu{os.getpid() % 100000}").create()
+    try:
+        with KnotServer({"e2e.test": ZONE}, host=CLUSTER_DNS4, port=53, netns=topo.dns):
+            yield topo
+    finally:
+        topo.close()
+
+
+@pytest.fixture
+def node(topo: InterceptTopology) -> Iterator[Node]:
+    manifest = next(m for m in MANIFESTS if m.exists())
+    root = Path(tempfile.mkdtemp(prefix="fqdnguard-upgrade-"))
+    n = Node(topo, manifest, root)
+    try:
+        yield n
+    finally:
+        n.cleanup()
+        if os.environ.get("FQDNGUARD_E2E_LOG"):
+            for pod in n.pods:
+                print(f"--- {pod.name}\n{pod.log.read_text()}", file=sys.stderr)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def upgrade(node: Node, *, policy_change: bool, kill_old: bool, seconds: float = 8.0) -> None:
+    old, new = node.new_pod(), node.new_pod()
+    assert "--intercept" in old.proxy.argv and flag(old.proxy.argv, "--control-socket")
+    node.start(old)
+    node.push(old, "*.allowed.e2e.test")
+    wait(lambda: snapshot(node)["rules"] == 8 and snapshot(node)["policed"], "interception")
+    assert ask(node, "web.allowed.e2e.test") == dns.rcode.NOERROR
+    assert ask(node, "other.allowed.e2e.test") == dns.rcode.NOERROR  # learned, then unlisted
+    pattern = "web.allowed.e2e.test" if policy_change else "*.allowed.e2e.test"
+    watcher = Watcher(node, {"10.79.2.11"} if policy_change else set())
+    watcher.start()
+    allowed = load(node, "web.allowed.e2e.test", seconds, 300)
+    denied = load(node, "denied.blocked.e2e.test", seconds, 300)
+    try:
+        time.sleep(1.5)
+        if policy_change:  # between the two starts, pod churn and a narrower policy
+            node.push(old, pattern, late_pod=True)
+        time.sleep(0.5)
+        node.start(new)  # serves from the state directory before its agent pushes
+        assert old.process is not None
+        if kill_old:
+            # In the middle of the hand-over: the new proxy has the sockets and the control
+            # socket; the old one has not handed its cache over yet.
+            old.process.kill()
+        else:
+            old.process.send_signal(signal.SIGTERM)
+        assert old.process.wait(30) in (0, -signal.SIGKILL)
+        node.push(new, pattern, late_pod=policy_change)
+        results = {"allowed": allowed.result(), "denied": denied.result()}
+    finally:
+        watcher.done.set()
+        watcher.join()
+    logs = "\n".join(p.log.read_text() for p in (old, new))
+    assert "took 6 listening sockets over" in new.log.read_text(), logs
+    for stream, rcode in (("allowed", "NOERROR"), ("denied", "REFUSED")):
+        got = results[stream]
+        assert got["sent"] > seconds * 200, got
+        assert got["lost"] == 0, (stream, got)
+        assert got["rcodes"] == {rcode: got["completed"]}, (stream, got)
+    assert watcher.snapshots > 50
+    assert watcher.problems == [], watcher.problems[:5]
+    cached = {e["name"] for e in new.ask("GET", "/v1/cache")[1][1:]}
+    assert "web.allowed.e2e.test." in cached
+    if policy_change:
+        assert "other.allowed.e2e.test." not in cached, "a name the policy dropped was kept"
+        assert ask(node, "other.allowed.e2e.test") == dns.rcode.REFUSED
+    # The new proxy exits too: the rules stay (they belong to the node).
+    assert new.process is not None
+    new.process.send_signal(signal.SIGTERM)
+    assert new.process.wait(30) == 0
+    after = snapshot(node)
+    assert after["rules"] == 8 and after["policed"], after
+    with pytest.raises(OSError):  # nobody serves: the policed pod's DNS is dropped, not unfiltered
+        ask(node, "web.allowed.e2e.test")
+
+
+def test_upgrade_hands_sockets_and_state_over_losing_nothing(node: Node) -> None:
+    upgrade(node, policy_change=False, kill_old=False)
+
+
+def test_upgrade_with_a_policy_change_between_the_starts(node: Node) -> None:
+    upgrade(node, policy_change=True, kill_old=False)
+
+
+def test_upgrade_with_the_old_proxy_killed_in_the_middle(node: Node) -> None:
+    upgrade(node, policy_change=False, kill_old=True)
