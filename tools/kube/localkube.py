@@ -149,6 +149,18 @@ def go_binary() -> str | None:
     return shutil.which("go") or (str(fallback) if fallback.is_file() else None)
 
 
+def kubectl_binary() -> str | None:
+    """kubectl on PATH, else the one ``make helm-build`` builds at this control plane's version
+    (tools/helm/build.py, cached beside these binaries)."""
+    found = shutil.which("kubectl")
+    if found is not None:
+        return found
+    built = sorted(
+        cache_root().parent.glob(f"helm/helm-*-kubectl-{kubernetes_version()}-*/kubectl")
+    )
+    return str(built[-1]) if built else None
+
+
 def _go() -> str:
     go = go_binary()
     if go is None:
@@ -571,9 +583,9 @@ class KubeControlPlane:
         kubeconfig: Path | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Run kubectl with the admin kubeconfig (or the one given)."""
-        kubectl = shutil.which("kubectl")
+        kubectl = kubectl_binary()
         if kubectl is None:
-            raise KubeError("kubectl is not installed")
+            raise KubeError("kubectl is not installed (nor built: make helm-build)")
         cmd = [kubectl, f"--kubeconfig={kubeconfig or self.kubeconfig}", *args]
         proc = subprocess.run(
             cmd, input=input, capture_output=True, text=True, timeout=120, check=False
