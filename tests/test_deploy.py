@@ -308,18 +308,24 @@ def test_api_server_accepts_every_rendered_object(plane: KubeControlPlane) -> No
     assert proc.returncode != 0 and "maxSurgeTypo" in proc.stderr
 
 
-def pods(plane: KubeControlPlane) -> list[dict[str, Any]]:
+NODE, NODE_IP = "node-a", "192.0.2.11"
+
+
+def pods(plane: KubeControlPlane, name: str = "fqdnguard") -> list[dict[str, Any]]:
+    """The pods labelled app.kubernetes.io/name=``name`` in kube-system."""
     out = kubectl(
-        plane, "get", "pods", "-n", "kube-system", "-l", "app.kubernetes.io/name=fqdnguard",
+        plane, "get", "pods", "-n", "kube-system", "-l", f"app.kubernetes.io/name={name}",
         "-o", "json",
     )  # fmt: skip
     return list(json.loads(out)["items"])
 
 
-def play_kubelet(plane: KubeControlPlane, node_ip: str) -> list[dict[str, Any]]:
+def play_kubelet(
+    plane: KubeControlPlane, node_ip: str = NODE_IP, name: str = "fqdnguard"
+) -> list[dict[str, Any]]:
     """What the node's kubelet would do now: report every scheduled pod Running and Ready (a
     hostNetwork pod has the node's address), and finish deleting pods being deleted."""
-    current = pods(plane)
+    current = pods(plane, name)
     for pod in current:
         name = pod["metadata"]["name"]
         if pod["metadata"].get("deletionTimestamp"):
@@ -350,35 +356,49 @@ def play_kubelet(plane: KubeControlPlane, node_ip: str) -> list[dict[str, Any]]:
     return current
 
 
-def test_install_and_image_change_surge_beside_the_old_pod_and_complete(
-    plane: KubeControlPlane,
-) -> None:
-    node, node_ip = "node-a", "192.0.2.11"
+@pytest.fixture(scope="module")
+def node(plane: KubeControlPlane) -> str:
+    """A Node as its kubelet would register it: Ready, with room for the pods."""
     kubectl(plane, "apply", "-f", "-", input=json.dumps(
-        {"apiVersion": "v1", "kind": "Node", "metadata": {"name": node,
-         "labels": {"kubernetes.io/os": "linux", "kubernetes.io/hostname": node}}}
+        {"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE,
+         "labels": {"kubernetes.io/os": "linux", "kubernetes.io/hostname": NODE}}}
     ))  # fmt: skip
     capacity = {"cpu": "4", "memory": "8Gi", "pods": "110"}
-    kubectl(plane, "patch", "node", node, "--subresource=status", "--type=merge", "-p", json.dumps({
+    kubectl(plane, "patch", "node", NODE, "--subresource=status", "--type=merge", "-p", json.dumps({
         "status": {
             "capacity": capacity, "allocatable": capacity,
-            "addresses": [{"type": "InternalIP", "address": node_ip}],
+            "addresses": [{"type": "InternalIP", "address": NODE_IP}],
             "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
                             "message": "played by the test"}],
         }
     }))  # fmt: skip
-    kube_env = {"KUBECONFIG": str(plane.kubeconfig)}
+    return NODE
 
-    def helm_cluster(*args: str) -> str:
-        proc = subprocess.run(
-            [str(tool("helm")), *args, "--namespace", "kube-system"],
-            capture_output=True, text=True, timeout=180, check=False,
-            env={**os.environ, **kube_env},
-        )  # fmt: skip
-        assert proc.returncode == 0, f"helm {' '.join(args)}: {proc.stderr}"
-        return proc.stdout
 
-    helm_cluster("install", "fqdnguard", str(CHART), "--set", "image.tag=0.1.0")
+def helm_cluster(plane: KubeControlPlane, *args: str) -> subprocess.Popen[str]:
+    """helm against the control plane, in kube-system, started (not waited for)."""
+    return subprocess.Popen(
+        [str(tool("helm")), *args, "--namespace", "kube-system"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "KUBECONFIG": str(plane.kubeconfig)},
+    )  # fmt: skip
+
+
+def helm_done(proc: subprocess.Popen[str], timeout: float = 180) -> str:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"helm {proc.args}: {err}"
+    return out
+
+
+def test_install_and_image_change_surge_beside_the_old_pod_and_complete(
+    plane: KubeControlPlane, node: str
+) -> None:
+    node_ip = NODE_IP
+
+    def helm_cluster_done(*args: str) -> str:
+        return helm_done(helm_cluster(plane, *args))
+
+    helm_cluster_done("install", "fqdnguard", str(CHART), "--set", "image.tag=0.1.0")
 
     def first_ready() -> list[dict[str, Any]] | None:
         current = play_kubelet(plane, node_ip)
@@ -389,7 +409,9 @@ def test_install_and_image_change_surge_beside_the_old_pod_and_complete(
     assert old["spec"]["nodeName"] == node
     assert old["spec"]["containers"][0]["image"] == "localhost/fqdnguard:0.1.0"
 
-    helm_cluster("upgrade", "fqdnguard", str(CHART), "--reuse-values", "--set", "image.tag=0.2.0")
+    helm_cluster_done(
+        "upgrade", "fqdnguard", str(CHART), "--reuse-values", "--set", "image.tag=0.2.0"
+    )
 
     def surge() -> list[dict[str, Any]] | None:
         current = pods(plane)
@@ -422,3 +444,83 @@ def test_install_and_image_change_surge_beside_the_old_pod_and_complete(
     wait_until("the rollout to complete, the old pod gone", rolled_out)
     out = kubectl(plane, "rollout", "status", "ds/fqdnguard", "-n", "kube-system", "--timeout=30s")
     assert "successfully rolled out" in out
+
+
+def test_uninstall_waits_until_every_node_is_cleaned(
+    plane: KubeControlPlane, node: str, tmp_path: Path
+) -> None:
+    """helm uninstall runs the post-delete hooks and waits: the Job's own script (run here as
+    its container would, with a token of the hooks' ServiceAccount, so under their RBAC) does not
+    finish while the node's cleanup pod is not Ready, and finishes once it is; then helm deletes
+    the hooks and returns."""
+    release, cleanup = "second", "second-fqdnguard-cleanup"
+    helm_done(helm_cluster(plane, "install", release, str(CHART), "--skip-crds"))
+    uninstall = helm_cluster(plane, "uninstall", release, "--timeout=120s")
+    try:
+
+        def cleanup_pod_scheduled() -> list[dict[str, Any]] | None:
+            found = pods(plane, cleanup)
+            return found if found and all(p["spec"].get("nodeName") for p in found) else None
+
+        (pod,) = wait_until("the cleanup DaemonSet's pod on the node", cleanup_pod_scheduled)
+        assert pod["spec"]["nodeName"] == node
+        job = wait_until(
+            "the cleanup Job",
+            lambda: json.loads(kubectl(plane, "get", "jobs", "-n", "kube-system", "-o", "json"))[
+                "items"
+            ],
+        )[0]
+        assert job["metadata"]["name"] == cleanup
+        script = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
+
+        # The Job's container, as kubelet would start it: its ServiceAccount's token and the cluster
+        # CA at the usual path (a tmpfs over /run in a mount namespace of its own), the API server's
+        # address in the environment.
+        secrets = tmp_path / "serviceaccount"
+        secrets.mkdir()
+        token = kubectl(plane, "create", "token", cleanup, "-n", "kube-system").strip()
+        (secrets / "token").write_text(token)
+        (secrets / "ca.crt").write_bytes(plane.ca_file.read_bytes())
+        sa = "/run/secrets/kubernetes.io/serviceaccount"
+        port = plane.server.rsplit(":", 1)[1]
+        waiter = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+             f'mount -t tmpfs none /run && mkdir -p {sa} && cp "$1"/* {sa}/ && shift && exec "$@"',
+             "sh", str(secrets), "python3", "-c", script],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+                 "KUBERNETES_SERVICE_PORT": port},
+        )  # fmt: skip
+        try:
+            time.sleep(5)
+            assert waiter.poll() is None, f"the Job finished before any node was cleaned: {waiter}"
+            assert uninstall.poll() is None, "helm uninstall returned before the cleanup"
+            # The node's kubelet reports the cleanup pod Ready: its init container (the cleanup)
+            # succeeded.
+            play_kubelet(plane, NODE_IP, cleanup)
+            out, _ = waiter.communicate(timeout=60)
+        finally:
+            waiter.kill()
+        assert waiter.returncode == 0, out
+        assert "cleanup done on 0 of 1 nodes" in out and out.endswith(
+            "cleanup done on 1 of 1 nodes\n"
+        )
+
+        # The Job's pod exits 0, the Job completes, helm deletes the hooks and returns.
+        job_pod = wait_until("the Job's pod", lambda: pods(plane, f"{cleanup}-wait"))[0]
+        kubectl(plane, "patch", "pod", "-n", "kube-system", job_pod["metadata"]["name"],
+                "--subresource=status", "--type=merge", "-p", json.dumps({"status": {
+                    "phase": "Succeeded",
+                    "conditions": [{"type": "Ready", "status": "False", "reason": "PodCompleted"}],
+                    "containerStatuses": [{
+                        "name": "wait", "ready": False, "restartCount": 0, "image": "x",
+                        "imageID": "",
+                        "state": {"terminated": {"exitCode": 0, "reason": "Completed"}},
+                    }],
+                }}))  # fmt: skip
+        out = helm_done(uninstall, timeout=120)
+        assert f'release "{release}" uninstalled' in out
+    finally:
+        uninstall.kill()
+    left = kubectl(plane, "get", "ds,jobs,sa,role,rolebinding", "-n", "kube-system", "-o", "name")
+    assert release not in left, left
