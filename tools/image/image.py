@@ -18,8 +18,8 @@ Steps:
 - ``check``: ``fqdnguard --version`` inside must be the wheel's version; then, in a network
   namespace made for the check (the container's host network: podman joins it), a Knot upstream
   on its loopback and ``fqdnguard run --backend nftables`` in the container with NET_ADMIN and
-  NET_RAW: an allowed name is answered and its address reaches the kernel set, a denied name
-  is refused;
+  NET_RAW only and a read-only root file system (as the DaemonSet runs it): an allowed name
+  is answered and its address reaches the kernel set, a denied name is refused;
 - ``save``: ``podman save --format oci-archive``; prints the image and archive sizes.
 
 Needs root and the Debian packages debootstrap, buildah, podman and runc, knot (the upstream)
@@ -217,6 +217,7 @@ def check() -> dict[str, object]:
             port = 5300
             run([*PODMAN, "run", "-d", "--name", container, *RUN_ULIMITS,
                  "--network", f"ns:/run/netns/{netns}", "--cap-drop", "ALL",
+                 "--read-only", "--read-only-tmpfs=false",
                  "--cap-add", "NET_ADMIN", "--cap-add", "NET_RAW",
                  "-v", f"{d}:/etc/fqdnguard-smoke:ro", image,
                  "fqdnguard", "run", "--backend", "nftables", "--log-queries", "all",
