@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +25,7 @@ import pytest
 import yaml
 from fqdnguard.config import read_config_file
 
+from tests.deploy_manifest import pod_processes
 from tests.kube import require_kube_binaries, wait_until
 from tools.helm import build, manifests
 from tools.kube.localkube import KubeControlPlane, kubernetes_version
@@ -172,6 +175,33 @@ def test_the_daemonset_runs_proxy_and_agent_as_the_hand_over_needs() -> None:
     assert helm("template", "x", str(CHART), "--set", "interception.enabled=false").returncode == 0
     direct = one(render("--set", "interception.enabled=false"), "DaemonSet")
     assert "--intercept" not in direct["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_the_rendered_pod_as_a_node_would_start_it(tmp_path: Path) -> None:
+    """What tests that run the chart's processes get from deploy/kubernetes/fqdnguard.yaml."""
+    state, run, config = tmp_path / "state", tmp_path / "run-a", tmp_path / "config"
+    pod = pod_processes(state_dir=state, run_dir=run, config_dir=config, node_name="node-a")
+    fqdnguard = [sys.executable, "-m", "fqdnguard.cli"]
+    assert pod["proxy"].argv == [
+        *fqdnguard, "proxy", f"--config={config}/proxy.yaml", "--intercept",
+        f"--state-dir={state}", f"--control-socket={run}/control.sock", "--backend=nftables",
+        "--log-level=info",
+    ]  # fmt: skip
+    assert pod["proxy"].probes["readinessProbe"] == [
+        *fqdnguard,
+        "probe",
+        "ready",
+        f"--socket={run}/control.sock",
+    ]
+    assert pod["agent"].argv[:6] == [
+        *fqdnguard,
+        "agent",
+        "--kubernetes",
+        f"--socket={run}/control.sock",
+    ]
+    assert pod["agent"].env == {"NODE_NAME": "node-a"} and pod["proxy"].env == {}
+    assert read_config_file(str(config / "proxy.yaml")).reject == "refused"
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (state, run)} == {0o700}
 
 
 def proxy_options(tmp_path: Path, *args: str) -> Any:
