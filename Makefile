@@ -117,6 +117,28 @@ kube-down: $(VENV_DEP) ## Stop the control plane started with the same KUBE_DIR 
 	@test -n "$(KUBE_DIR)" || { echo "usage: make kube-down KUBE_DIR=DIR" >&2; exit 2; }
 	$(KUBE) down $(KUBE_DIR)
 
+# The deployment (docs/deploy.md): helm and kubectl built from the Go module proxy once per
+# machine (cached under ${XDG_CACHE_HOME:-~/.cache}/fqdnguard/helm/, keyed by the versions); the
+# manifests generated from the Helm chart; the image built with buildah from a local Debian base.
+HELM_TOOLS := $(PYTHON) tools/helm/build.py
+IMAGE_DEBS := debootstrap:debootstrap buildah:buildah podman:podman runc:runc knotd:knot ip:iproute2
+
+.PHONY: helm-build
+helm-build: $(VENV_DEP) ## Build helm and kubectl from the Go module proxy (once per machine)
+	$(HELM_TOOLS) build
+
+.PHONY: manifests
+manifests: helm-build ## Regenerate deploy/kubernetes/*.yaml and the chart's crds/ from the Helm chart
+	$(PYTHON) tools/helm/manifests.py
+
+.PHONY: image-deps
+image-deps: ## Install the Debian packages the image build and check use (needs root)
+	$(call install_debs,$(IMAGE_DEBS))
+
+.PHONY: image
+image: image-deps $(VENV_DEP) ## Build the image (wheel by maturin, buildah), check it with podman, save an OCI archive
+	$(PYTHON) tools/image/image.py all
+
 .PHONY: lint
 lint: ## clippy, rustfmt, ruff, and stubtest of the compiled module
 	cargo clippy --all-targets -- -D warnings
@@ -126,6 +148,7 @@ lint: ## clippy, rustfmt, ruff, and stubtest of the compiled module
 	$(PYTHON) -m ruff format --check python tests benches examples tools
 	$(PYTHON) -m mypy.stubtest fqdnguard._core
 	$(PYTHON) -m mypy python/fqdnguard tools/kube/localkube.py
+	$(PYTHON) -m mypy --explicit-package-bases tools/helm/build.py tools/helm/manifests.py tools/image/image.py
 
 .PHONY: format
 format: ## Format Rust and Python sources

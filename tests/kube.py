@@ -11,14 +11,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import pytest
 
-from tools.kube.localkube import KubeControlPlane, bin_dir, build, go_binary, is_built
+from tools.kube.localkube import (
+    KubeControlPlane,
+    bin_dir,
+    build,
+    go_binary,
+    is_built,
+    kubectl_binary,
+)
 
 T = TypeVar("T")
 
@@ -27,8 +33,13 @@ def require_kube_binaries() -> None:
     """Skip unless the binaries are built (``make kube-build``: about 12 minutes and 8 CPU-minutes
     once per machine, so ``make test`` does not build them; ``.ci/run`` does, before the tests).
     In CI (CI set) a missing build is an error, not a skip."""
-    if shutil.which("kubectl") is None:
-        pytest.skip("kubectl is not installed: the control-plane tests drive the API with it")
+    if kubectl_binary() is None:
+        reason = (
+            "kubectl is not installed nor built (make helm-build): the tests drive the API with it"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
     if is_built():
         return
     if go_binary() is None:

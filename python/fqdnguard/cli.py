@@ -1,5 +1,5 @@
-"""The ``fqdnguard`` command: ``run``, ``proxy``, ``agent``, ``check``, ``policy lint`` and
-``cache list``.
+"""The ``fqdnguard`` command: ``run``, ``proxy``, ``agent``, ``check``, ``policy lint``,
+``cache list`` and ``probe``.
 
 Each subcommand is a function taking the parsed arguments and returning the exit status; adding
 one is a parser in :func:`build_parser` and a function here.
@@ -586,6 +586,56 @@ def _saved_lines(cache: DnsCache, endpoint: int | None, name: str | None) -> Ite
             yield json.loads(line)
 
 
+#: Where the DaemonSet's proxy container keeps its control socket: a directory private to the
+#: pod (an emptyDir), so that during an upgrade each pod's probes reach its own proxy.
+PROBE_SOCKET = "/run/fqdnguard/control.sock"
+
+
+def _version() -> str:
+    """The installed package's version (its metadata), else the compiled module's."""
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+    try:
+        return version("fqdnguard")
+    except PackageNotFoundError:
+        from fqdnguard._core import __version__  # noqa: PLC0415
+
+        return __version__
+
+
+def probe_result(kind: str, socket_path: str, timeout: float = 3.0) -> tuple[bool, str]:
+    """Whether the proxy at ``socket_path`` is live (answers ``GET /v1/status``) or ready (has a
+    policy in force, from its state directory or pushed by an agent), and why, in one line."""
+    from fqdnguard.control import ControlError, request_sync  # noqa: PLC0415
+
+    try:
+        status, body = request_sync(socket_path, "GET", "/v1/status", timeout=timeout)
+    except ControlError as e:
+        return False, f"no proxy answers on {socket_path}: {e}"
+    if status != 200 or not isinstance(body, dict):
+        return False, f"{socket_path} answered GET /v1/status with {status}: {body}"
+    pid = body.get("pid")
+    if kind == "live":
+        return True, f"proxy pid {pid} answers on {socket_path}"
+    policy = body.get("policy")
+    source = policy.get("source") if isinstance(policy, dict) else None
+    if not isinstance(policy, dict) or source in (None, "none"):
+        return False, f"proxy pid {pid} has no policy in force yet (refusing every query)"
+    origin = "its state directory" if source == "state" else f"the {source}"
+    counts = f"{policy.get('policies')} policies, {policy.get('endpoints')} endpoints"
+    return True, f"proxy pid {pid} enforces a policy from {origin} ({counts})"
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    """Kubernetes exec probes: exit 0 when live/ready, 1 when not, with a one-line reason."""
+    ok, reason = probe_result(args.probe_kind, args.socket, timeout=args.timeout)
+    print(
+        f"{args.probe_kind}: {'ok' if ok else 'failed'}: {reason}",
+        file=sys.stdout if ok else sys.stderr,
+    )
+    return 0 if ok else EXIT_DENIED
+
+
 def _data_plane_options(p: argparse.ArgumentParser, *, policy: bool) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML file of options (see README)")
     p.add_argument("--listen", action="append", metavar="ADDR:PORT", help="repeatable; [V6]:PORT")
@@ -667,6 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fqdnguard", description="DNS-name egress firewall for containers."
     )
+    parser.add_argument("--version", action="version", version=f"fqdnguard {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser(
@@ -857,6 +908,25 @@ def build_parser() -> argparse.ArgumentParser:
         ip = isub.add_parser(name, help=text)
         ip.add_argument("--port", type=int, default=10053, help=argparse.SUPPRESS)
         ip.set_defaults(func=cmd_intercept)
+
+    probe = sub.add_parser(
+        "probe",
+        help="liveness and readiness of a running proxy (Kubernetes exec probes)",
+        description="'live': the proxy at the control socket answers. 'ready': it also has a "
+        "policy in force (from its state directory or pushed by an agent). Exit 0 when so, 1 "
+        "when not, with a one-line reason.",
+    )
+    probe.add_argument("probe_kind", choices=["live", "ready"], metavar="live|ready")
+    probe.add_argument(
+        "--socket",
+        default=PROBE_SOCKET,
+        metavar="PATH",
+        help=f"the proxy's control socket (default {PROBE_SOCKET}, the DaemonSet's)",
+    )
+    probe.add_argument(
+        "--timeout", type=float, default=3.0, metavar="SECONDS", help="how long to wait (3)"
+    )
+    probe.set_defaults(func=cmd_probe)
 
     policy = sub.add_parser("policy", help="policy tools")
     psub = policy.add_subparsers(dest="policy_command", required=True, metavar="COMMAND")

@@ -149,6 +149,18 @@ def go_binary() -> str | None:
     return shutil.which("go") or (str(fallback) if fallback.is_file() else None)
 
 
+def kubectl_binary() -> str | None:
+    """kubectl on PATH, else the one ``make helm-build`` builds at this control plane's version
+    (tools/helm/build.py, cached beside these binaries)."""
+    found = shutil.which("kubectl")
+    if found is not None:
+        return found
+    built = sorted(
+        cache_root().parent.glob(f"helm/helm-*-kubectl-{kubernetes_version()}-*/kubectl")
+    )
+    return str(built[-1]) if built else None
+
+
 def _go() -> str:
     go = go_binary()
     if go is None:
@@ -178,55 +190,40 @@ def _go_build(
     raise KubeError(f"go build in {module} failed twice:\n{proc.stderr[-4000:]}")
 
 
-def build(*, force: bool = False) -> Path:
-    """Build etcd, etcdctl, kube-apiserver, kube-controller-manager and kube-scheduler into the
-    cache (unless they are there) and return the directory holding them."""
-    target = bin_dir()
-    if is_built() and not force:
+def cached_go_build(
+    target: Path,
+    what: str,
+    steps: Callable[[str, Path, Path], dict[str, str]],
+    *,
+    force: bool = False,
+) -> Path:
+    """Build into ``target`` (a directory of the cache, named by the versions) unless it holds a
+    finished build (``BUILD.json``): ``steps(go, work, gocache)`` builds into ``work`` and returns
+    the versions to stamp; ``what`` says what is built, for the one line printed first."""
+    if (target / "BUILD.json").is_file() and not force:
         return target
     go = _go()
-    root = cache_root()
+    root = target.parent
     root.mkdir(parents=True, exist_ok=True)
     # Two builds at once (two make runs, two test sessions) would do the work twice: serialise.
     with open(root / ".build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if is_built() and not force:
+        if (target / "BUILD.json").is_file() and not force:
             return target
-        print(
-            f"building {build_key()} into {root} from the Go module proxy: about 12 minutes and"
-            " 150 MB of downloads the first time on 2 cores",
-            flush=True,
-        )
+        print(f"building {target.name} into {root} from the Go module proxy: {what}", flush=True)
         started = time.monotonic()
         work = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
         work.chmod(0o755)
-        # The compiled packages take 3 GB and are of no use once the binaries are cached, so
-        # unless GOCACHE is set they go to a directory removed after the build.
+        # The compiled packages take gigabytes and are of no use once the binaries are cached,
+        # so unless GOCACHE is set they go to a directory removed after the build.
         gocache = Path(os.environ.get("GOCACHE") or work / ".gocache")
         try:
-            kver, ever = kubernetes_version(), etcd_version()
-            _go_build(
-                go,
-                KUBERNETES_MODULE,
-                work,
-                _ldflags_kubernetes(kver),
-                [f"k8s.io/kubernetes/cmd/{name}" for name in BINARIES if name.startswith("kube-")],
-                gocache=gocache,
-            )
-            etcd = ["go.etcd.io/etcd/server/v3"]
-            _go_build(go, ETCD_MODULE, work / "etcd", "-s -w", etcd, gocache=gocache)
-            etcdctl = ["go.etcd.io/etcd/etcdctl/v3"]
-            _go_build(go, ETCD_MODULE, work / "etcdctl", "-s -w", etcdctl, gocache=gocache)
+            versions = steps(go, work, gocache)
             shutil.rmtree(work / ".gocache", ignore_errors=True)
             go_version = subprocess.run(
                 [go, "env", "GOVERSION"], capture_output=True, text=True, check=True
             ).stdout.strip()
-            stamp = {
-                "kubernetes": kver,
-                "etcd": ever,
-                "go": go_version,
-                "seconds": round(time.monotonic() - started, 1),
-            }
+            stamp = {**versions, "go": go_version, "seconds": round(time.monotonic() - started, 1)}
             (work / "BUILD.json").write_text(json.dumps(stamp, indent=2) + "\n")
             if target.exists():
                 shutil.rmtree(target)
@@ -234,6 +231,30 @@ def build(*, force: bool = False) -> Path:
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+def build(*, force: bool = False) -> Path:
+    """Build etcd, etcdctl, kube-apiserver, kube-controller-manager and kube-scheduler into the
+    cache (unless they are there) and return the directory holding them."""
+
+    def steps(go: str, work: Path, gocache: Path) -> dict[str, str]:
+        kver, ever = kubernetes_version(), etcd_version()
+        _go_build(
+            go,
+            KUBERNETES_MODULE,
+            work,
+            _ldflags_kubernetes(kver),
+            [f"k8s.io/kubernetes/cmd/{name}" for name in BINARIES if name.startswith("kube-")],
+            gocache=gocache,
+        )
+        etcd = ["go.etcd.io/etcd/server/v3"]
+        _go_build(go, ETCD_MODULE, work / "etcd", "-s -w", etcd, gocache=gocache)
+        etcdctl = ["go.etcd.io/etcd/etcdctl/v3"]
+        _go_build(go, ETCD_MODULE, work / "etcdctl", "-s -w", etcdctl, gocache=gocache)
+        return {"kubernetes": kver, "etcd": ever}
+
+    what = "about 12 minutes and 150 MB of downloads the first time on 2 cores"
+    return cached_go_build(bin_dir(), what, steps, force=force)
 
 
 # --- certificates --------------------------------------------------------------------------------
@@ -562,9 +583,9 @@ class KubeControlPlane:
         kubeconfig: Path | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Run kubectl with the admin kubeconfig (or the one given)."""
-        kubectl = shutil.which("kubectl")
+        kubectl = kubectl_binary()
         if kubectl is None:
-            raise KubeError("kubectl is not installed")
+            raise KubeError("kubectl is not installed (nor built: make helm-build)")
         cmd = [kubectl, f"--kubeconfig={kubeconfig or self.kubeconfig}", *args]
         proc = subprocess.run(
             cmd, input=input, capture_output=True, text=True, timeout=120, check=False
