@@ -261,11 +261,14 @@ class Node:
 
 def snapshot(node: Node) -> dict[str, Any]:
     """Interception rules and policed sources; the enforcement table's elements."""
-    out: dict[str, Any] = {"rules": 0, "policed": set(), "elements": set()}
+    out: dict[str, Any] = {"rules": 0, "policed": set(), "elements": set(), "sources": set()}
     data = node.nft("list", "ruleset")
     for item in (data or {}).get("nftables", []):
         if "rule" in item and item["rule"]["table"] == "fqdnguard_intercept":
             out["rules"] += 1
+        elif "map" in item and item["map"]["table"] == "fqdnguard":
+            for elem in item["map"].get("elem", []):  # restricted source -> its chain
+                out["sources"].add(json.dumps(elem, sort_keys=True))
         elif "set" in item:
             s = item["set"]
             for elem in s.get("elem", []):
@@ -298,7 +301,7 @@ class Watcher(threading.Thread):
                 self.problems.append(
                     f"{now['rules']} interception rules, not {self.first['rules']}"
                 )
-            for kind in ("policed", "elements"):
+            for kind in ("policed", "elements", "sources"):
                 gone = {
                     k for k in self.seen[kind] - now[kind]
                     if not any(ip in k[2] for ip in self.allowed_to_go)
@@ -446,3 +449,32 @@ def test_upgrade_with_a_policy_change_between_the_starts(node: Node) -> None:
 
 def test_upgrade_with_the_old_proxy_killed_in_the_middle(node: Node) -> None:
     upgrade(node, policy_change=False, kill_old=True)
+
+
+def test_a_proxy_without_a_readable_policy_keeps_what_the_node_enforces(node: Node) -> None:
+    """Its state unreadable (here the relayed objects; a newer release's state or a corrupt
+    policy file do the same), a proxy starts with no policy: the sources the node polices stay
+    intercepted and restricted (their DNS refused) until a policy arrives; only then the sets
+    follow it."""
+    first, second = node.new_pod(), node.new_pod()
+    node.start(first)
+    node.push(first, "*.allowed.e2e.test")
+    wait(lambda: snapshot(node)["policed"] and snapshot(node)["sources"], "interception")
+    assert ask(node, "web.allowed.e2e.test") == dns.rcode.NOERROR
+    before = snapshot(node)
+    assert first.process is not None
+    first.process.kill()
+    first.process.wait(10)
+    state = Path(flag(first.proxy.argv, "--state-dir"))
+    (state / "kubernetes.json").write_text("{not json")
+    node.start(second)
+    after = snapshot(node)
+    assert after["rules"] == before["rules"]
+    assert after["policed"] == before["policed"], "the policed sources shrank without a policy"
+    assert after["sources"] == before["sources"], "restricted endpoints lost their chains"
+    assert before["elements"] <= after["elements"]
+    for name in ("web.allowed.e2e.test", "denied.blocked.e2e.test"):
+        assert ask(node, name) == dns.rcode.REFUSED  # to the proxy, which has no policy yet
+    node.push(second, "*.allowed.e2e.test")
+    assert ask(node, "web.allowed.e2e.test") == dns.rcode.NOERROR
+    assert ask(node, "denied.blocked.e2e.test") == dns.rcode.REFUSED

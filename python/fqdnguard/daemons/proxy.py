@@ -593,7 +593,12 @@ class ProxyDaemon:
             inherited = await self._take_sockets()
         policy, endpoints, cache = self._restore()
         self.proxy = Proxy(policy, endpoints, backend=self.backend, cache=cache, config=self.config)
-        await self.proxy.start(taking_over=handed_over, inherited=inherited)
+        # Without a policy (none saved, or unreadable) the node's interception and enforcement
+        # stay as they are: only a policy in force shrinks them (fail closed).
+        in_force = self.policy_state is not None or self.kube is not None
+        await self.proxy.start(
+            taking_over=handed_over, inherited=inherited, policy_in_force=in_force
+        )
         steer_to_newest(_listening_sockets(self.proxy))
         if self.private is not None:
             await self.private.start()
