@@ -23,7 +23,7 @@ import dns.query
 import dns.rcode
 import pytest
 from fqdnguard._core import DnsCache
-from fqdnguard.control import request_fds, request_sync
+from fqdnguard.control import ControlError, ensure_private_dir, request_fds, request_sync
 from fqdnguard.testing import KnotServer, free_port
 
 from tests.proxy_fixtures import ENDPOINTS, POD_IP, POLICY, STRANGER_IP
@@ -228,13 +228,53 @@ def test_corrupt_policy_state_starts_fail_closed(node: Node) -> None:
 
 def test_state_dir_open_to_others_is_refused(node: Node, tmp_path: Path) -> None:
     loose = tmp_path / "loose"
-    loose.mkdir(mode=0o755)
-    loose.chmod(0o755)
+    loose.mkdir()
+    (loose / "notes.txt").write_text("not fqdnguard's")
+    loose.chmod(0o777)
     proc = spawn(
         fqdnguard_cmd("proxy", "--state-dir", str(loose), "--listen", "127.0.0.1:1"), node.log
     )
     assert proc.wait(30) == 2
-    assert "chmod 700" in node.log.read_text()
+    assert "chmod go-w" in node.log.read_text() and "'notes.txt'" in node.log.read_text()
+    assert file_mode(loose) == 0o777
+
+
+def test_only_fqdnguards_own_directories_are_tightened(tmp_path: Path) -> None:
+    """The control socket's directory: accepted when nobody else can write in it, made 0700
+    when others can and it is fqdnguard's (created now, or holding only its files), refused
+    otherwise; never through a symlink, never a shared (sticky) one."""
+    system = tmp_path / "system"  # a hostPath such as /var/lib: 0755, accepted as it is
+    system.mkdir()
+    system.chmod(0o755)
+    assert ensure_private_dir(system, tighten=True) == system
+    assert file_mode(system) == 0o755
+    link = tmp_path / "link"  # a state dir that is a symlink to a system directory
+    link.symlink_to(system)
+    with pytest.raises(ControlError, match="symlink"):
+        ensure_private_dir(link, tighten=True)
+    assert file_mode(system) == 0o755
+    shared = tmp_path / "shared"  # /tmp-like
+    shared.mkdir()
+    shared.chmod(0o1777)
+    with pytest.raises(ControlError, match="sticky"):
+        ensure_private_dir(shared, tighten=True)
+    assert os.stat(shared).st_mode & 0o7777 == 0o1777
+    empty = tmp_path / "empty"  # a fresh emptyDir
+    empty.mkdir()
+    empty.chmod(0o777)
+    with pytest.raises(ControlError, match="chmod go-w"):
+        ensure_private_dir(empty)  # not asked to tighten
+    assert ensure_private_dir(empty, tighten=True) == empty
+    assert file_mode(empty) == 0o700
+    ours = tmp_path / "ours"  # holding fqdnguard's files only (a restarted container)
+    ours.mkdir()
+    for name in ("control.sock", "state.json", "journal.4242424.3", ".control.sock.4242424"):
+        (ours / name).touch()
+    ours.chmod(0o777)
+    ensure_private_dir(ours, tighten=True)
+    assert file_mode(ours) == 0o700
+    new = tmp_path / "a" / "b"
+    assert ensure_private_dir(new) == new and file_mode(new) == 0o700
 
 
 @pytest.mark.parametrize("family", [4, 6])

@@ -43,6 +43,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import socket
 import stat
@@ -168,24 +169,72 @@ def policy_digest(sources: Sequence[Sequence[str]], endpoints: str | None) -> st
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+#: What fqdnguard itself puts in a state or control socket directory (a directory holding only
+#: these, or nothing, may be tightened: it is fqdnguard's).
+OWN_FILES = re.compile(
+    r"(state\.json|state\.lock|cache\.snapshot|policy\.json|kubernetes\.json|"
+    r"endpoint-ids\.json|control\.sock|journal\.[0-9]+\.[0-9]+|"
+    r"cache\.handover\.[0-9]+\.[0-9a-z]+|\.[\w.-]+\.(tmp\.)?[0-9]+)"
+)
+
+
 def ensure_private_dir(path: str | os.PathLike[str], *, tighten: bool = False) -> Path:
-    """Creates ``path`` (mode 0700) or checks that an existing one is not open to others.
-    ``tighten``: an existing directory of this user that is open to others is made 0700
-    instead (a Kubernetes emptyDir is created 0777)."""
+    """Creates ``path`` (mode 0700) or checks an existing one: a real directory (not a
+    symlink), owned by root or this user, that no other user can write to (``mode & 0o022 ==
+    0``: nobody else can create, rename or remove a file in it, e.g. put another socket in the
+    control socket's place; the socket itself is 0600 and the server checks the peer's uid).
+
+    ``tighten``: a directory that others can write to is made 0700 instead of refused when it
+    is this user's, has no sticky bit (``/tmp``-like directories are shared, never changed),
+    and this call created it or it holds nothing but fqdnguard's files (a Kubernetes emptyDir
+    is created 0777, empty); the mode it had is logged. The directory is opened with
+    ``O_NOFOLLOW`` and changed through that descriptor, so a symlink is never followed."""
     p = Path(path)
-    p.mkdir(parents=True, exist_ok=True, mode=0o700)
-    st = p.stat()
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o077 and tighten and st.st_uid == os.geteuid():
-        os.chmod(p, 0o700)
-        log.info("%s: mode %04o tightened to 0700 for the control socket", p, mode)
-        mode = 0o700
-    if mode & 0o077:
+    created = False
+    if not p.exists() and not p.is_symlink():
+        p.mkdir(parents=True, exist_ok=True, mode=0o700)
+        created = True
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        what = "a symlink" if p.is_symlink() else "not a directory"
         raise ControlError(
-            f"{p}: mode {mode:04o} lets other users in; the control socket's directory must be "
-            f"private (chmod 700 {p})"
-        )
-    return p
+            f"{p}: {what} ({e.strerror}); the control socket's directory must be a real directory"
+        ) from None
+    try:
+        st = os.fstat(fd)
+        mode = stat.S_IMODE(st.st_mode)
+        if st.st_uid not in (0, os.geteuid()):
+            raise ControlError(
+                f"{p}: owned by uid {st.st_uid}; the control socket's directory must be root's "
+                "or this user's"
+            )
+        if not mode & 0o022:
+            return p
+        why = _why_not_tighten(p, st, created) if tighten else "not this process's to change"
+        if why is not None:
+            raise ControlError(
+                f"{p}: mode {mode:04o} lets other users write in it ({why}); the control "
+                f"socket's directory must not be writable by others (chmod go-w {p})"
+            )
+        os.fchmod(fd, 0o700)
+        log.info("%s: mode %04o tightened to 0700 for the control socket", p, mode)
+        return p
+    finally:
+        os.close(fd)
+
+
+def _why_not_tighten(p: Path, st: os.stat_result, created: bool) -> str | None:
+    if st.st_uid != os.geteuid():
+        return "another user's"
+    if st.st_mode & stat.S_ISVTX:
+        return "a shared directory: sticky bit"
+    if created:
+        return None
+    foreign = [e.name for e in os.scandir(p) if not OWN_FILES.fullmatch(e.name)]
+    if foreign:
+        return f"it holds files that are not fqdnguard's, e.g. {sorted(foreign)[0]!r}"
+    return None
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:

@@ -389,7 +389,8 @@ class ProxyDaemon:
                 "state_dir: fqdnguard proxy needs --state-dir (policy, cache, socket)"
             )
         self.config = config
-        # A hostPath volume is made 0755: tightened when it is ours (the socket is there).
+        # A hostPath volume is made 0755 (accepted: nobody else can write in it); one that
+        # others can write to is made 0700 when it holds only fqdnguard's files.
         self.state_dir = ensure_private_dir(config.state_dir, tighten=True)
         self.state = StateDir(self.state_dir)
         self.backend = (
@@ -1180,6 +1181,10 @@ def run_proxy(
 ) -> None:
     """Runs ``fqdnguard proxy`` until SIGTERM/SIGINT on uvloop."""
     import uvloop  # noqa: PLC0415
+
+    # Every file it writes (cache snapshot, journals, state) is this user's only, whatever the
+    # state directory's mode lets others read.
+    os.umask(0o077)
 
     async def main() -> None:
         daemon = ProxyDaemon(config, control_socket=control_socket, socket_handover=socket_handover)
