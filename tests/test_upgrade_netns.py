@@ -38,8 +38,9 @@ import dns.message
 import dns.rcode
 import pytest
 import yaml
+from fqdnguard._core import DnsCache
 from fqdnguard.control import ControlError, request_sync
-from fqdnguard.daemons.proxy import KUBE_PROTOCOL
+from fqdnguard.daemons.proxy import KUBE_PROTOCOL, kube_digest
 from fqdnguard.sources.model import KINDS
 from fqdnguard.testing import KnotServer
 
@@ -428,6 +429,8 @@ def upgrade(node: Node, *, policy_change: bool, kill_old: bool, seconds: float =
     assert "web.allowed.e2e.test." in cached
     if policy_change:
         assert "other.allowed.e2e.test." not in cached, "a name the policy dropped was kept"
+        kept = [k for k in snapshot(node)["elements"] if "10.79.2.11" in k[2]]
+        assert kept == [], "an address the policy no longer allows stays admitted"
         assert ask(node, "other.allowed.e2e.test") == dns.rcode.REFUSED
     # The new proxy exits too: the rules stay (they belong to the node).
     assert new.process is not None
@@ -478,3 +481,33 @@ def test_a_proxy_without_a_readable_policy_keeps_what_the_node_enforces(node: No
     node.push(second, "*.allowed.e2e.test")
     assert ask(node, "web.allowed.e2e.test") == dns.rcode.NOERROR
     assert ask(node, "denied.blocked.e2e.test") == dns.rcode.REFUSED
+
+
+def test_adopted_entries_the_policy_no_longer_allows_leave_the_kernel(node: Node) -> None:
+    """During the overlap the old proxy, still under the wider policy, learned and programmed
+    an address the new one's narrower policy no longer allows: adopting its cache drops the
+    entry and deletes the element, and keeps what is still allowed."""
+    pod = node.new_pod()
+    node.start(pod)
+    node.push(pod, "web.allowed.e2e.test")
+    assert ask(node, "web.allowed.e2e.test") == dns.rcode.NOERROR
+    (_, set_name, _), *_ = [k for k in snapshot(node)["elements"] if "10.79.2.10" in k[2]]
+    cached = pod.ask("GET", "/v1/cache")[1][1:]
+    endpoint = next(e["endpoint"] for e in cached if e["name"] == "web.allowed.e2e.test.")
+    subprocess.run(
+        ["ip", "netns", "exec", node.topo.node, "nft", "add", "element", "inet", "fqdnguard",
+         set_name, "{ 10.79.2.11 timeout 300s }"],
+        check=True,
+    )  # fmt: skip
+    assert any("10.79.2.11" in k[2] for k in snapshot(node)["elements"])
+    left = DnsCache()
+    left.record(endpoint, "other.allowed.e2e.test", [("10.79.2.11", 300)])
+    left.record(endpoint, "web.allowed.e2e.test", [("10.79.2.10", 300)])
+    state = Path(flag(pod.proxy.argv, "--state-dir"))
+    name = f"cache.handover.4242.{kube_digest(NODE)[:16]}"
+    left.save(state / name)
+    code, body = request_sync(state / "control.sock", "POST", "/v1/adopt", {"file": name})
+    assert code == 200, body
+    elements = snapshot(node)["elements"]
+    assert not any("10.79.2.11" in k[2] for k in elements), "a disallowed address stays admitted"
+    assert any("10.79.2.10" in k[2] for k in elements)

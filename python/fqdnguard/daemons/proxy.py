@@ -45,7 +45,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from fqdnguard._core import CacheError, DnsCache, PatternSet
 from fqdnguard.backends import Backend, BackendError, make_backend
@@ -109,6 +109,23 @@ SO_ATTACH_REUSEPORT_CBPF = 51
 #: At SIGTERM: serve until no query came for QUIET seconds (at most DRAIN_MAX), then stop.
 QUIET = 0.25
 DRAIN_MAX = 3.0
+
+
+class _Removal(NamedTuple):
+    """A change for the backend: the element of (endpoint, ip) goes (as ``Change`` names it)."""
+
+    kind: str
+    endpoint: int
+    ip: str
+    expires_at: float | None
+
+
+def dropped_pairs(
+    entries: list[tuple[int, str, str, float]], kept: list[tuple[int, str, str, float]]
+) -> set[tuple[int, str]]:
+    """The (endpoint, ip) pairs of ``entries`` that no entry of ``kept`` holds."""
+    held = {(e[0], e[2]) for e in kept}
+    return {(e[0], e[2]) for e in entries if (e[0], e[2]) not in held}
 
 
 @dataclass
@@ -438,6 +455,9 @@ class ProxyDaemon:
         self._link: socket.socket | None = None
         #: The nonce our predecessor gave us at POST /v1/save.
         self._handover_nonce: str | None = None
+        #: (endpoint, ip) pairs of restored entries the policy no longer allows: their
+        #: elements are deleted once the backend runs (see _revoke).
+        self._restore_dropped: set[tuple[int, str]] = set()
         self.status = PolicyStatus()
         self.policy_state: _PolicyState | None = None
         #: The Kubernetes objects an agent relays (POST /v1/objects), when that is the source.
@@ -521,6 +541,29 @@ class ProxyDaemon:
             os.close(fd)
         return {}
 
+    async def _revoke(self, pairs: set[tuple[int, str]]) -> None:
+        """Deletes the elements of ``pairs`` (what another proxy, or this one before a
+        restart, programmed for entries the policy in force no longer allows) unless an entry
+        of this proxy's cache still allows the address to the endpoint: dropped from the cache,
+        they must not stay admitted in the kernel until their own timeouts."""
+        if not pairs or self.proxy is None:
+            return
+        now = time.time()
+        cache = self.proxy.cache
+        gone = [
+            _Removal("removed", endpoint, ip, None)
+            for endpoint, ip in sorted(pairs)
+            if not cache.allowed(endpoint, ip, now)
+        ]
+        if not gone:
+            return
+        try:
+            await self.proxy.backend.apply(gone)
+        except BackendError as e:
+            log.error("cannot delete %d elements the policy no longer allows: %s", len(gone), e)
+            return
+        log.info("deleted %d elements the policy in force no longer allows", len(gone))
+
     def _digest_tag(self) -> str:
         """The policy state's part of a hand-over file's name."""
         digest = self._state_digest()
@@ -546,9 +589,11 @@ class ProxyDaemon:
         # what the policy restored allows.
         if self.policy_state is None and self.kube is None:
             return policy, endpoints, cache  # no policy restored: kept for the one to come
-        entries, dropped = still_allowed(cache.entries(), policy, endpoints)
+        every = cache.entries()
+        entries, dropped = still_allowed(every, policy, endpoints)
         if dropped:
             log.info("dropped %d restored entries the policy in force no longer allows", dropped)
+            self._restore_dropped = dropped_pairs(every, entries)
             kept = DnsCache(
                 min_ttl=cache.min_ttl,
                 max_ips_per_name=cache.max_ips_per_name,
@@ -661,6 +706,8 @@ class ProxyDaemon:
             taking_over=handed_over, inherited=inherited, policy_in_force=in_force
         )
         steer_to_newest(_listening_sockets(self.proxy))
+        await self._revoke(self._restore_dropped)
+        self._restore_dropped = set()
         if self.private is not None:
             await self.private.start()
         await self.control.start()
@@ -1145,10 +1192,12 @@ class ProxyDaemon:
             return 422, {"error": f"cannot load {path.name}: {e}"}
         # The policy may have changed since the other proxy learned them: only what it still
         # allows is carried over (fail closed).
-        entries, dropped = still_allowed(cache.entries(), self.proxy.policy, self.proxy.endpoints)
+        every = cache.entries()
+        entries, dropped = still_allowed(every, self.proxy.policy, self.proxy.endpoints)
         if dropped:
             log.info("not adopting %d entries the policy in force no longer allows", dropped)
         changes = await self.proxy.adopt(entries)
+        await self._revoke(dropped_pairs(every, entries))
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         try:
