@@ -1073,7 +1073,10 @@ class Proxy:
                 left.close()
         if self.intercept is not None:
             try:
-                self.intercept.install(keep=not policy_in_force)
+                if policy_in_force:
+                    self.intercept.install()
+                else:
+                    self.intercept.install(keep=True)
             except Exception:
                 await self._close_sockets()
                 raise
