@@ -7,8 +7,11 @@ network namespaces is in test_e2e_netns.py."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -20,7 +23,7 @@ import dns.query
 import dns.rcode
 import pytest
 from fqdnguard._core import DnsCache
-from fqdnguard.control import request_sync
+from fqdnguard.control import ControlError, ensure_private_dir, request_fds, request_sync
 from fqdnguard.testing import KnotServer, free_port
 
 from tests.proxy_fixtures import ENDPOINTS, POD_IP, POLICY, STRANGER_IP
@@ -225,13 +228,53 @@ def test_corrupt_policy_state_starts_fail_closed(node: Node) -> None:
 
 def test_state_dir_open_to_others_is_refused(node: Node, tmp_path: Path) -> None:
     loose = tmp_path / "loose"
-    loose.mkdir(mode=0o755)
-    loose.chmod(0o755)
+    loose.mkdir()
+    (loose / "notes.txt").write_text("not fqdnguard's")
+    loose.chmod(0o777)
     proc = spawn(
         fqdnguard_cmd("proxy", "--state-dir", str(loose), "--listen", "127.0.0.1:1"), node.log
     )
     assert proc.wait(30) == 2
-    assert "chmod 700" in node.log.read_text()
+    assert "chmod go-w" in node.log.read_text() and "'notes.txt'" in node.log.read_text()
+    assert file_mode(loose) == 0o777
+
+
+def test_only_fqdnguards_own_directories_are_tightened(tmp_path: Path) -> None:
+    """The control socket's directory: accepted when nobody else can write in it, made 0700
+    when others can and it is fqdnguard's (created now, or holding only its files), refused
+    otherwise; never through a symlink, never a shared (sticky) one."""
+    system = tmp_path / "system"  # a hostPath such as /var/lib: 0755, accepted as it is
+    system.mkdir()
+    system.chmod(0o755)
+    assert ensure_private_dir(system, tighten=True) == system
+    assert file_mode(system) == 0o755
+    link = tmp_path / "link"  # a state dir that is a symlink to a system directory
+    link.symlink_to(system)
+    with pytest.raises(ControlError, match="symlink"):
+        ensure_private_dir(link, tighten=True)
+    assert file_mode(system) == 0o755
+    shared = tmp_path / "shared"  # /tmp-like
+    shared.mkdir()
+    shared.chmod(0o1777)
+    with pytest.raises(ControlError, match="sticky"):
+        ensure_private_dir(shared, tighten=True)
+    assert os.stat(shared).st_mode & 0o7777 == 0o1777
+    empty = tmp_path / "empty"  # a fresh emptyDir
+    empty.mkdir()
+    empty.chmod(0o777)
+    with pytest.raises(ControlError, match="chmod go-w"):
+        ensure_private_dir(empty)  # not asked to tighten
+    assert ensure_private_dir(empty, tighten=True) == empty
+    assert file_mode(empty) == 0o700
+    ours = tmp_path / "ours"  # holding fqdnguard's files only (a restarted container)
+    ours.mkdir()
+    for name in ("control.sock", "state.json", "journal.4242424.3", ".control.sock.4242424"):
+        (ours / name).touch()
+    ours.chmod(0o777)
+    ensure_private_dir(ours, tighten=True)
+    assert file_mode(ours) == 0o700
+    new = tmp_path / "a" / "b"
+    assert ensure_private_dir(new) == new and file_mode(new) == 0o700
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -341,3 +384,128 @@ def test_a_hand_over_nobody_adopted_is_merged_at_the_next_start(node: Node) -> N
         "cache.handover.4242." + "0" * 16
     ]
     assert "not a hand-over under this policy state" in node.log.read_text()
+
+
+# -- the hand-over's own routes ---------------------------------------------------------------
+
+#: A starting proxy's first steps, done by hand with raw sockets: ask for the state as a
+#: successor, take the sockets with the nonce (the connection left open: the liveness link),
+#: take the control socket over, say so, and wait to be killed.
+FAKE_SUCCESSOR = r"""
+import json, os, socket, sys, time
+from fqdnguard.control import request_sync
+state, port, instance = sys.argv[1], int(sys.argv[2]), 4242424
+code, body = request_sync(f"{state}/control.sock", "POST", "/v1/save", {"successor": instance})
+assert code == 200, body
+ask = json.dumps({"want": [["udp", "127.0.0.1", port], ["tcp", "127.0.0.1", port]],
+                  "handover": body.get("handover"), "instance": instance}).encode()
+link = socket.socket(socket.AF_UNIX)
+link.connect(f"{state}/control.sock")
+link.sendall(b"POST /v1/sockets HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+             b"Content-Length: %d\r\n\r\n%s" % (len(ask), ask))
+data, fds, _, _ = socket.recv_fds(link, 65536, 16)
+assert b" 200 " in data.split(b"\r\n")[0] and len(fds) == 2, (data, fds)
+mine = socket.socket(socket.AF_UNIX)
+mine.bind(f"{state}/.taken")
+mine.listen()
+os.replace(f"{state}/.taken", f"{state}/control.sock")
+print("took", flush=True)
+time.sleep(3600)
+"""
+
+
+def test_a_successor_killed_after_taking_the_sockets_leaves_the_old_one_serving(node: Node) -> None:
+    old = node.proxy()
+    assert node.agent("--once").wait(30) == 0  # type: ignore[attr-defined]
+    assert node.ask("www.example.com")[0] == dns.rcode.NOERROR
+    fake = subprocess.Popen(
+        [sys.executable, "-c", FAKE_SUCCESSOR, str(node.state), str(node.port)],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert fake.stdout is not None and fake.stdout.readline() == b"took\n"
+    finally:
+        fake.kill()  # kill -9, right after it took the sockets and the control socket
+        fake.wait()
+        if fake.stdout is not None:
+            fake.stdout.close()
+    # The old proxy reads its sockets again (nothing is lost to a queue nobody reads),
+    # filtering as before, and takes the control socket back.
+    wait_for(lambda: (status(node.state) or {}).get("pid") == old.pid, "the control socket back")  # type: ignore[attr-defined]
+    stream = node.stream(["www.example.com", "evil.other.org"], rate=100)
+    time.sleep(1.5)
+    stream.stop()
+    assert stream.lost() == [], stream.summary()
+    assert set(stream.rcodes()) == {"NOERROR", "REFUSED"}, stream.summary()
+    assert "did not come to serve" in node.log.read_text()
+    # A real successor then takes over as usual.
+    new = node.proxy()
+    assert stop(old) == 0  # type: ignore[arg-type]
+    assert status(node.state)["pid"] == new.pid  # type: ignore[attr-defined,index]
+    assert node.ask("www.example.com")[0] == dns.rcode.NOERROR
+
+
+def test_sockets_go_only_to_the_successor_that_asked_for_the_state_and_once(node: Node) -> None:
+    private = node.root / "pod" / "control.sock"
+    node.proxy("--control-socket", str(private))
+    # The pod-private socket serves reading and pushing, never the hand-over.
+    assert request_sync(private, "GET", "/v1/status")[0] == 200
+    for method, url, body in (
+        ("POST", "/v1/sockets", {"want": []}),
+        ("POST", "/v1/save", {"successor": 7}),
+        ("POST", "/v1/adopt", {"file": "cache.handover.7.none"}),
+    ):
+        assert request_sync(private, method, url, body)[0] == 404, url
+    main = node.state / "control.sock"
+    want = [["udp", "127.0.0.1", node.port], ["tcp", "127.0.0.1", node.port]]
+    got = request_fds(main, "POST", "/v1/sockets", {"want": want})
+    assert (got.status, got.fds) == (403, []), got.body  # nobody asked for the state first
+    code, body = request_sync(main, "POST", "/v1/save", {"successor": 4242424})
+    assert code == 200 and isinstance(body["handover"], str), body
+    ask = {"want": want, "handover": body["handover"], "instance": 4242424}
+    # Another process with the nonce, and this one with a wrong one: refused.
+    other = subprocess.run(
+        [sys.executable, "-c", "import json, sys; from fqdnguard.control import request_fds; "
+         f"print(request_fds(sys.argv[1], 'POST', '/v1/sockets', {ask!r}).status)", str(main)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert other.stdout.strip() == "403", other
+    assert request_fds(main, "POST", "/v1/sockets", {**ask, "handover": "x"}).status == 403
+    got = request_fds(main, "POST", "/v1/sockets", ask, link=True)
+    try:
+        assert got.status == 200 and len(got.fds) == 2, got.body
+        kinds = set()
+        for fd in got.fds:
+            with socket.socket(fileno=os.dup(fd)) as s:
+                assert s.getsockname() == ("127.0.0.1", node.port)
+                kinds.add(s.type)
+        assert kinds == {socket.SOCK_DGRAM, socket.SOCK_STREAM}
+        again = request_fds(main, "POST", "/v1/sockets", ask)  # once
+        assert again.status == 403 and again.fds == [], again.body
+    finally:
+        for fd in got.fds:
+            os.close(fd)
+        assert got.link is not None
+        got.link.close()  # the link ends before "serving": the proxy keeps its sockets
+    assert node.ask("www.example.com")[0] == dns.rcode.REFUSED  # still served (no policy yet)
+
+
+def test_a_superseded_proxy_refuses_pushes(node: Node) -> None:
+    private = node.root / "old" / "control.sock"
+    node.proxy("--control-socket", str(private))
+    assert node.agent("--once").wait(30) == 0  # type: ignore[attr-defined]
+    before = node.digest()
+    node.proxy()  # takes the sockets and the control socket over
+    # The old pod's agent still pushes to the old proxy: the node's tables are the new one's.
+    changed = POLICY.replace('matchName: "example.com"', 'matchName: "short.example.com"')
+    code, body = request_sync(
+        private, "PUT", "/v1/policy", {"sources": [["p.yaml", changed]], "endpoints": ENDPOINTS}
+    )
+    assert code == 409 and body.get("superseded") is True, body
+    code, body = request_sync(
+        private, "POST", "/v1/objects",
+        {"protocol": 1, "node": "n", "session": "s", "seq": 1, "reset": True, "changes": []},
+    )  # fmt: skip
+    assert code == 409 and body.get("superseded") is True, body
+    code, st = request_sync(private, "GET", "/v1/status")
+    assert code == 200 and st["policy"]["digest"] == before

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -252,3 +253,59 @@ def test_journals_are_named_by_instance_and_a_live_writer_is_told_by_its_lock(
     os.close(fd)
     assert not _alive(other, INSTANCE + 1), "a journal nobody holds is a dead writer's"
     journal.close()
+
+
+def test_a_journal_is_locked_while_its_writer_runs_as_another_process_sees_it(
+    tmp_path: Path,
+) -> None:
+    """Asked from another process (another instance id), the live writer's journal is held,
+    after a rotation too; once closed it is a dead writer's."""
+    from fqdnguard.state import Journal, journal_files  # noqa: PLC0415
+
+    def alive_elsewhere(path: Path, writer: int) -> bool:
+        code = "import sys; from pathlib import Path; from fqdnguard.state import _alive; "
+        code += "print(_alive(Path(sys.argv[1]), int(sys.argv[2])))"
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(path), str(writer)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return out.stdout.strip() == "True"
+
+    journal = Journal(tmp_path, "digest")
+    ((path, writer),) = journal_files(tmp_path)
+    assert alive_elsewhere(path, writer)
+    journal.rotate()
+    assert alive_elsewhere(journal.path, writer)
+    journal.close()
+    assert not alive_elsewhere(journal.path, writer)
+
+
+def test_a_journal_is_locked_before_it_has_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between creating a journal and locking it, another process would see it unlocked (a
+    dead writer's) and remove it at its next save: the lock comes first, the name after."""
+    import fcntl  # noqa: PLC0415
+
+    from fqdnguard import state  # noqa: PLC0415
+
+    named_at_lock: list[list[str]] = []
+    real_flock = fcntl.flock
+
+    def flock(fd: int, op: int) -> None:  # the real flock; records what is named then
+        named_at_lock.append([p.name for p, _ in state.journal_files(tmp_path)])
+        real_flock(fd, op)
+
+    monkeypatch.setattr(state.fcntl, "flock", flock)
+    journal = state.Journal(tmp_path, "digest")
+    journal.rotate()
+    journal.close()
+    assert len(named_at_lock) == 2
+    assert named_at_lock[0] == [], "the journal had its name before it was locked"
+    assert named_at_lock[1] == [journal_files_name(tmp_path, 1)]
+
+
+def journal_files_name(directory: Path, n: int) -> str:
+    from fqdnguard.control import INSTANCE  # noqa: PLC0415
+
+    return f"journal.{INSTANCE}.{n}"

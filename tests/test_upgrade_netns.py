@@ -38,8 +38,9 @@ import dns.message
 import dns.rcode
 import pytest
 import yaml
+from fqdnguard._core import DnsCache
 from fqdnguard.control import ControlError, request_sync
-from fqdnguard.daemons.proxy import KUBE_PROTOCOL
+from fqdnguard.daemons.proxy import KUBE_PROTOCOL, kube_digest
 from fqdnguard.sources.model import KINDS
 from fqdnguard.testing import KnotServer
 
@@ -261,11 +262,14 @@ class Node:
 
 def snapshot(node: Node) -> dict[str, Any]:
     """Interception rules and policed sources; the enforcement table's elements."""
-    out: dict[str, Any] = {"rules": 0, "policed": set(), "elements": set()}
+    out: dict[str, Any] = {"rules": 0, "policed": set(), "elements": set(), "sources": set()}
     data = node.nft("list", "ruleset")
     for item in (data or {}).get("nftables", []):
         if "rule" in item and item["rule"]["table"] == "fqdnguard_intercept":
             out["rules"] += 1
+        elif "map" in item and item["map"]["table"] == "fqdnguard":
+            for elem in item["map"].get("elem", []):  # restricted source -> its chain
+                out["sources"].add(json.dumps(elem, sort_keys=True))
         elif "set" in item:
             s = item["set"]
             for elem in s.get("elem", []):
@@ -298,7 +302,7 @@ class Watcher(threading.Thread):
                 self.problems.append(
                     f"{now['rules']} interception rules, not {self.first['rules']}"
                 )
-            for kind in ("policed", "elements"):
+            for kind in ("policed", "elements", "sources"):
                 gone = {
                     k for k in self.seen[kind] - now[kind]
                     if not any(ip in k[2] for ip in self.allowed_to_go)
@@ -425,6 +429,8 @@ def upgrade(node: Node, *, policy_change: bool, kill_old: bool, seconds: float =
     assert "web.allowed.e2e.test." in cached
     if policy_change:
         assert "other.allowed.e2e.test." not in cached, "a name the policy dropped was kept"
+        kept = [k for k in snapshot(node)["elements"] if "10.79.2.11" in k[2]]
+        assert kept == [], "an address the policy no longer allows stays admitted"
         assert ask(node, "other.allowed.e2e.test") == dns.rcode.REFUSED
     # The new proxy exits too: the rules stay (they belong to the node).
     assert new.process is not None
@@ -446,3 +452,62 @@ def test_upgrade_with_a_policy_change_between_the_starts(node: Node) -> None:
 
 def test_upgrade_with_the_old_proxy_killed_in_the_middle(node: Node) -> None:
     upgrade(node, policy_change=False, kill_old=True)
+
+
+def test_a_proxy_without_a_readable_policy_keeps_what_the_node_enforces(node: Node) -> None:
+    """Its state unreadable (here the relayed objects; a newer release's state or a corrupt
+    policy file do the same), a proxy starts with no policy: the sources the node polices stay
+    intercepted and restricted (their DNS refused) until a policy arrives; only then the sets
+    follow it."""
+    first, second = node.new_pod(), node.new_pod()
+    node.start(first)
+    node.push(first, "*.allowed.e2e.test")
+    wait(lambda: snapshot(node)["policed"] and snapshot(node)["sources"], "interception")
+    assert ask(node, "web.allowed.e2e.test") == dns.rcode.NOERROR
+    before = snapshot(node)
+    assert first.process is not None
+    first.process.kill()
+    first.process.wait(10)
+    state = Path(flag(first.proxy.argv, "--state-dir"))
+    (state / "kubernetes.json").write_text("{not json")
+    node.start(second)
+    after = snapshot(node)
+    assert after["rules"] == before["rules"]
+    assert after["policed"] == before["policed"], "the policed sources shrank without a policy"
+    assert after["sources"] == before["sources"], "restricted endpoints lost their chains"
+    assert before["elements"] <= after["elements"]
+    for name in ("web.allowed.e2e.test", "denied.blocked.e2e.test"):
+        assert ask(node, name) == dns.rcode.REFUSED  # to the proxy, which has no policy yet
+    node.push(second, "*.allowed.e2e.test")
+    assert ask(node, "web.allowed.e2e.test") == dns.rcode.NOERROR
+    assert ask(node, "denied.blocked.e2e.test") == dns.rcode.REFUSED
+
+
+def test_adopted_entries_the_policy_no_longer_allows_leave_the_kernel(node: Node) -> None:
+    """During the overlap the old proxy, still under the wider policy, learned and programmed
+    an address the new one's narrower policy no longer allows: adopting its cache drops the
+    entry and deletes the element, and keeps what is still allowed."""
+    pod = node.new_pod()
+    node.start(pod)
+    node.push(pod, "web.allowed.e2e.test")
+    assert ask(node, "web.allowed.e2e.test") == dns.rcode.NOERROR
+    (_, set_name, _), *_ = [k for k in snapshot(node)["elements"] if "10.79.2.10" in k[2]]
+    cached = pod.ask("GET", "/v1/cache")[1][1:]
+    endpoint = next(e["endpoint"] for e in cached if e["name"] == "web.allowed.e2e.test.")
+    subprocess.run(
+        ["ip", "netns", "exec", node.topo.node, "nft", "add", "element", "inet", "fqdnguard",
+         set_name, "{ 10.79.2.11 timeout 300s }"],
+        check=True,
+    )  # fmt: skip
+    assert any("10.79.2.11" in k[2] for k in snapshot(node)["elements"])
+    left = DnsCache()
+    left.record(endpoint, "other.allowed.e2e.test", [("10.79.2.11", 300)])
+    left.record(endpoint, "web.allowed.e2e.test", [("10.79.2.10", 300)])
+    state = Path(flag(pod.proxy.argv, "--state-dir"))
+    name = f"cache.handover.4242.{kube_digest(NODE)[:16]}"
+    left.save(state / name)
+    code, body = request_sync(state / "control.sock", "POST", "/v1/adopt", {"file": name})
+    assert code == 200, body
+    elements = snapshot(node)["elements"]
+    assert not any("10.79.2.11" in k[2] for k in elements), "a disallowed address stays admitted"
+    assert any("10.79.2.10" in k[2] for k in elements)

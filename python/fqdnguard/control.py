@@ -15,7 +15,9 @@ Routes served by the proxy (every body is JSON; errors are ``{"error": "...", ..
                       "errors": [file:line: ...]} when the set does not compile, or has no file
                       or an empty one without allow_empty (the policy in force stays in force)
     GET  /v1/policy   the policy in force and the last reloads (``fqdnguard policy status``)
-    POST /v1/save     writes the cache and the policy to the state directory now: 200 {}
+    POST /v1/save     writes the cache and the policy to the state directory now: 200
+                      {"sequence"}; with {"successor": id} also a nonce, "handover", for
+    POST /v1/sockets  the listening sockets (SCM_RIGHTS, :class:`WithFds`), to that caller only
     GET  /v1/cache    NDJSON, streamed (chunked transfer encoding): first {"now", "max_ttl",
                       "min_ttl", "entries"}, then one {"endpoint", "name", "ip", "expires_at"}
                       per line; ``?endpoint=ID&name=NAME`` filter it
@@ -36,14 +38,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import socket
 import stat
 import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -56,9 +61,12 @@ from fqdnguard._http import MAX_HEADER, BadRequest, ConnectionCap, read_request,
 
 __all__ = [
     "INSTANCE",
+    "PEER",
     "ControlError",
     "ControlServer",
+    "FdAnswer",
     "Handler",
+    "Peer",
     "Stream",
     "WithFds",
     "atomic_write",
@@ -104,11 +112,43 @@ class Stream:
 @dataclass
 class WithFds:
     """A JSON answer that also passes file descriptors to the peer (``SCM_RIGHTS``, with the
-    answer's first byte): the hand-over of listening sockets in a hot restart. The server
-    keeps its own descriptors; the peer gets duplicates (:func:`request_fds`)."""
+    answer's first byte): the hand-over of listening sockets in a hot restart. ``fds`` are
+    the handler's own duplicates, taken when it answered (so a descriptor closed or reused
+    meanwhile cannot be sent): the server closes them once sent; the peer gets its own
+    (:func:`request_fds`).
+
+    ``link``: after the answer the connection stays open and ``link(reader)`` is awaited with
+    it; the peer writes on it (or closes it, e.g. by dying): the liveness link of a hot
+    restart."""
 
     body: Any
     fds: list[int]
+    link: Callable[[asyncio.StreamReader], Awaitable[None]] | None = None
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who is on the other end of a control connection (``SO_PEERCRED``). ``pid`` is 0 when
+    the peer runs in a pid namespace this process cannot see (another pod)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+#: The peer of the request being handled (set per connection, read by handlers).
+PEER: contextvars.ContextVar[Peer | None] = contextvars.ContextVar("PEER", default=None)
+
+
+@dataclass
+class FdAnswer:
+    """What :func:`request_fds` got: the status, the JSON body, the descriptors received (now
+    this process's to close), and with ``link=True`` the connection, still open."""
+
+    status: int
+    body: Any
+    fds: list[int]
+    link: socket.socket | None = None
 
 
 #: The most descriptors one answer passes (the kernel's SCM_MAX_FD is 253).
@@ -129,24 +169,72 @@ def policy_digest(sources: Sequence[Sequence[str]], endpoints: str | None) -> st
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+#: What fqdnguard itself puts in a state or control socket directory (a directory holding only
+#: these, or nothing, may be tightened: it is fqdnguard's).
+OWN_FILES = re.compile(
+    r"(state\.json|state\.lock|cache\.snapshot|policy\.json|kubernetes\.json|"
+    r"endpoint-ids\.json|control\.sock|journal\.[0-9]+\.[0-9]+|"
+    r"cache\.handover\.[0-9]+\.[0-9a-z]+|\.[\w.-]+\.(tmp\.)?[0-9]+)"
+)
+
+
 def ensure_private_dir(path: str | os.PathLike[str], *, tighten: bool = False) -> Path:
-    """Creates ``path`` (mode 0700) or checks that an existing one is not open to others.
-    ``tighten``: an existing directory of this user that is open to others is made 0700
-    instead (a Kubernetes emptyDir is created 0777)."""
+    """Creates ``path`` (mode 0700) or checks an existing one: a real directory (not a
+    symlink), owned by root or this user, that no other user can write to (``mode & 0o022 ==
+    0``: nobody else can create, rename or remove a file in it, e.g. put another socket in the
+    control socket's place; the socket itself is 0600 and the server checks the peer's uid).
+
+    ``tighten``: a directory that others can write to is made 0700 instead of refused when it
+    is this user's, has no sticky bit (``/tmp``-like directories are shared, never changed),
+    and this call created it or it holds nothing but fqdnguard's files (a Kubernetes emptyDir
+    is created 0777, empty); the mode it had is logged. The directory is opened with
+    ``O_NOFOLLOW`` and changed through that descriptor, so a symlink is never followed."""
     p = Path(path)
-    p.mkdir(parents=True, exist_ok=True, mode=0o700)
-    st = p.stat()
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o077 and tighten and st.st_uid == os.geteuid():
-        os.chmod(p, 0o700)
-        log.info("%s: mode %04o tightened to 0700 for the control socket", p, mode)
-        mode = 0o700
-    if mode & 0o077:
+    created = False
+    if not p.exists() and not p.is_symlink():
+        p.mkdir(parents=True, exist_ok=True, mode=0o700)
+        created = True
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        what = "a symlink" if p.is_symlink() else "not a directory"
         raise ControlError(
-            f"{p}: mode {mode:04o} lets other users in; the control socket's directory must be "
-            f"private (chmod 700 {p})"
-        )
-    return p
+            f"{p}: {what} ({e.strerror}); the control socket's directory must be a real directory"
+        ) from None
+    try:
+        st = os.fstat(fd)
+        mode = stat.S_IMODE(st.st_mode)
+        if st.st_uid not in (0, os.geteuid()):
+            raise ControlError(
+                f"{p}: owned by uid {st.st_uid}; the control socket's directory must be root's "
+                "or this user's"
+            )
+        if not mode & 0o022:
+            return p
+        why = _why_not_tighten(p, st, created) if tighten else "not this process's to change"
+        if why is not None:
+            raise ControlError(
+                f"{p}: mode {mode:04o} lets other users write in it ({why}); the control "
+                f"socket's directory must not be writable by others (chmod go-w {p})"
+            )
+        os.fchmod(fd, 0o700)
+        log.info("%s: mode %04o tightened to 0700 for the control socket", p, mode)
+        return p
+    finally:
+        os.close(fd)
+
+
+def _why_not_tighten(p: Path, st: os.stat_result, created: bool) -> str | None:
+    if st.st_uid != os.geteuid():
+        return "another user's"
+    if st.st_mode & stat.S_ISVTX:
+        return "a shared directory: sticky bit"
+    if created:
+        return None
+    foreign = [e.name for e in os.scandir(p) if not OWN_FILES.fullmatch(e.name)]
+    if foreign:
+        return f"it holds files that are not fqdnguard's, e.g. {sorted(foreign)[0]!r}"
+    return None
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
@@ -175,14 +263,15 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
         os.close(dfd)
 
 
-def _peer_uid(sock: socket.socket | None) -> int | None:
+def _peer(sock: socket.socket | None) -> Peer | None:
     if sock is None:
         return None
     try:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     except OSError:
         return None
-    return int(struct.unpack("3i", creds)[1])
+    pid, uid, gid = struct.unpack("3i", creds)
+    return Peer(pid, uid, gid)
 
 
 class ControlServer:
@@ -230,6 +319,15 @@ class ControlServer:
         except FileNotFoundError:
             return False
 
+    async def retake(self) -> None:
+        """Takes ``path`` back with a fresh socket renamed over it (a successor that had taken
+        it over died before serving): the old listening socket, no longer reachable by the
+        path, is closed; connections in progress finish."""
+        old, self._server = self._server, None
+        await self.start()
+        if old is not None:
+            old.close()
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
@@ -245,9 +343,10 @@ class ControlServer:
             writer.transport.abort()
             return
         try:
-            uid = _peer_uid(writer.get_extra_info("socket"))
-            if uid is not None and uid not in (0, os.geteuid()):
-                await _respond(writer, 403, {"error": f"uid {uid} may not use this socket"})
+            peer = _peer(writer.get_extra_info("socket"))
+            PEER.set(peer)
+            if peer is not None and peer.uid not in (0, os.geteuid()):
+                await _respond(writer, 403, {"error": f"uid {peer.uid} may not use this socket"})
                 return
             try:
                 method, path, body = await asyncio.wait_for(_read_request(reader), READ_TIMEOUT)
@@ -273,7 +372,13 @@ class ControlServer:
             if isinstance(result, Stream):
                 await _respond_stream(writer, status, result)
             elif isinstance(result, WithFds):
-                await _respond_fds(writer, status, result)
+                try:
+                    await _respond_fds(writer, status, result)
+                finally:
+                    for fd in result.fds:
+                        os.close(fd)
+                if result.link is not None:
+                    await result.link(reader)
             else:
                 await _respond(writer, status, result)
         except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
@@ -442,33 +547,65 @@ def request_sync(
 
 
 def request_fds(
-    path: str | os.PathLike[str], method: str, url: str, body: Any = None, timeout: float = 10.0
-) -> tuple[int, Any, list[int]]:
-    """:func:`request_sync` to a route answering :class:`WithFds`: (status, body, the
-    descriptors received, now this process's to close). Raises :class:`ControlError` like
-    it, after closing any descriptor received."""
+    path: str | os.PathLike[str],
+    method: str,
+    url: str,
+    body: Any = None,
+    timeout: float = 10.0,
+    *,
+    link: bool = False,
+) -> FdAnswer:
+    """:func:`request_sync` to a route answering :class:`WithFds`, the whole of it within
+    ``timeout``. The answer is read up to its ``Content-Length``; with ``link`` the connection
+    is then left open and returned (the caller writes on it and closes it), else closed.
+    Raises :class:`ControlError` like :func:`request_sync` (also when the descriptors were cut
+    short, ``MSG_CTRUNC``), after closing any descriptor received."""
     where = os.fspath(path)
+    deadline = time.monotonic() + timeout
     fds: list[int] = []
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        try:
-            s.connect(where)
-            s.sendall(_encode(method, url, body))
-            chunks = []
-            while True:
-                chunk, got, _flags, _addr = socket.recv_fds(s, 65536, MAX_FDS)
-                fds += got
-                if not chunk:
-                    break
-                chunks.append(chunk)
-            status, answer = _decode(b"".join(chunks), where)
-        except (OSError, ControlError) as e:
-            for fd in fds:
-                os.close(fd)
-            if isinstance(e, ControlError):
-                raise
-            raise ControlError(f"{where}: {method} {url}: {e}") from None
-    return status, answer, fds
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+
+        def remaining() -> float:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no whole answer in time")
+            return left
+
+        s.settimeout(remaining())
+        s.connect(where)
+        s.settimeout(remaining())
+        s.sendall(_encode(method, url, body))
+        data = b""
+        want: int | None = None
+        while want is None or len(data) < want:
+            s.settimeout(remaining())
+            chunk, got, flags, _addr = socket.recv_fds(s, 65536, MAX_FDS)
+            fds += got
+            if flags & socket.MSG_CTRUNC:
+                raise ControlError(f"{where}: {method} {url}: descriptors cut short (MSG_CTRUNC)")
+            if not chunk:
+                if want is None and data:
+                    break  # an answer without Content-Length, ended by the peer
+                raise ControlError(f"{where}: {method} {url}: the answer was cut short")
+            data += chunk
+            head, sep, _ = data.partition(b"\r\n\r\n")
+            if want is None and sep:
+                length = _head(head, where)[1].get("content-length", "")
+                want = len(head) + 4 + int(length) if length.isdigit() else None
+        status, answer = _decode(data, where)
+    except (OSError, ControlError) as e:
+        s.close()
+        for fd in fds:
+            os.close(fd)
+        if isinstance(e, ControlError):
+            raise
+        raise ControlError(f"{where}: {method} {url}: {e or type(e).__name__}") from None
+    if not link:
+        s.close()
+        return FdAnswer(status, answer, fds)
+    s.settimeout(None)
+    return FdAnswer(status, answer, fds, s)
 
 
 def stream_sync(

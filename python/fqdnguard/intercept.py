@@ -39,10 +39,11 @@ address the pod asked.
 Installing is idempotent: one nftables transaction adds the table, deletes it and defines it
 anew (whatever was there, e.g. a set of another type left by an older version, is replaced
 atomically: no packet sees a half-made table); ip rules are added only when missing. A policy
-reload does the same with the new sources, so it also repairs a table someone deleted. A clean
-shutdown removes everything (:meth:`Interceptor.remove`); a crash leaves it in place so the pods'
-DNS keeps going to where the proxy will be again, and ``fqdnguard intercept cleanup`` removes it
-by hand.
+reload does the same with the new sources, so it also repairs a table someone deleted. A proxy
+started without a policy in force keeps the sources the sets already hold (``install(keep=True)``):
+only a policy shrinks them. The rules belong to the node: a proxy that stops or crashes leaves
+them in place so the pods' DNS keeps going to where the proxy will be again, and ``fqdnguard
+intercept cleanup`` (:meth:`Interceptor.remove`) removes them.
 
 Policy routing uses ``ip`` (iproute2, already needed by the tests and the demo): two rules and two
 routes at start and stop do not justify a new Python dependency, and ``ip -json`` lets install and
@@ -203,18 +204,20 @@ class Interceptor:
             )
         return "\n".join(lines) + "\n"
 
-    def _script(self, sources: tuple[list[str], list[str]]) -> str:
+    def _script(self, sources: tuple[list[str], list[str]], *, keep: bool = False) -> str:
         """One transaction: the table made sure of, deleted and defined anew (atomic, so no
-        packet ever meets a half-made table; whatever drifted is replaced)."""
+        packet ever meets a half-made table; whatever drifted is replaced). ``keep``: the
+        sets are not deleted, so the sources already policed stay (only the chain's rules
+        are replaced, and ``sources`` added)."""
         t = f"{FAMILY} {self.settings.table}"
         cmds = [
             f"add table {t}",
-            f"delete table {t}",
-            f"add table {t}",
+            *([] if keep else [f"delete table {t}", f"add table {t}"]),
             f"add set {t} policed4 {{ type ipv4_addr . inet_service; }}",
             f"add set {t} policed6 {{ type ipv6_addr . inet_service; }}",
             f"add chain {t} prerouting "
             "{ type filter hook prerouting priority mangle; policy accept; }",
+            *([f"flush chain {t} prerouting"] if keep else []),
         ]
         cmds += [f"add rule {t} prerouting {r}" for r in self.rules()]
         for name, elems in (("policed4", sources[0]), ("policed6", sources[1])):
@@ -241,13 +244,26 @@ class Interceptor:
                     raise InterceptError(f"interception: cannot update the sources: {e}") from None
         self.sources = sources
 
-    def install(self) -> None:
-        """Installs (or repairs) the table and the policy routing; idempotent."""
+    def install(self, *, keep: bool = False) -> None:
+        """Installs (or repairs) the table and the policy routing; idempotent.
+
+        ``keep``: no policy is in force yet (a proxy that could not read its state): the
+        sources the node already polices stay in the sets, beside this one's, so their DNS
+        still comes to the proxy (which refuses it until a policy arrives) instead of going
+        around it; only :meth:`set_sources`, with a policy in force, shrinks them."""
         ip_command()
         nft = self._lib()
         with self._lock:
             try:
-                nft.run(self._script(self.sources))
+                if keep:
+                    try:
+                        nft.run(self._script(self.sources, keep=True))
+                    except NftError:
+                        # The table is not as this release makes it (a set of another type):
+                        # defined anew with what its sets hold added to ours.
+                        nft.run(self._script(self._with_existing(nft)))
+                else:
+                    nft.run(self._script(self.sources))
             except NftError as e:
                 hint = ""
                 if "Operation not permitted" in str(e):
@@ -265,6 +281,24 @@ class Interceptor:
             len(v6),
             self.settings.port,
         )
+
+    def _with_existing(self, nft: Libnftables) -> tuple[list[str], list[str]]:
+        """This one's sources plus the policed elements the table holds now."""
+        v4, v6 = (set(self.sources[0]), set(self.sources[1]))
+        try:
+            text = nft.run(f"list table {FAMILY} {self.settings.table}", json_output=True)
+        except NftError:
+            text = ""
+        for item in json.loads(text).get("nftables", []) if text else []:
+            found = item.get("set", {})
+            if found.get("name") not in ("policed4", "policed6"):
+                continue
+            out = v4 if found["name"] == "policed4" else v6
+            for elem in found.get("elem", []):
+                parts = elem.get("concat") if isinstance(elem, dict) else None
+                if isinstance(parts, list) and len(parts) == 2:
+                    out.add(f"{parts[0]} . {parts[1]}")
+        return sorted(v4), sorted(v6)
 
     def _install_routing(self) -> None:
         s = self.settings

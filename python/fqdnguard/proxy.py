@@ -939,10 +939,20 @@ class Proxy:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    async def start(self, *, taking_over: bool = False, inherited: Inherited | None = None) -> None:
+    async def start(
+        self,
+        *,
+        taking_over: bool = False,
+        inherited: Inherited | None = None,
+        policy_in_force: bool = True,
+    ) -> None:
         """Starts the backend and the listeners. ``taking_over``: another proxy still serves
         the same clients (a hot restart), so what the backend enforces beyond this proxy's
-        cache is the other one's recent learning and is kept, not pruned. ``inherited``: the
+        cache is the other one's recent learning and is kept, not pruned.
+        ``policy_in_force=False``: this proxy has no policy yet (its state could not be read):
+        what the node enforces and intercepts now stays, nothing is pruned or made anew from
+        the empty policy (the pods it restricts stay restricted, their DNS refused here) until
+        :meth:`set_policy` brings one. ``inherited``: the
         listening sockets that proxy handed over, by (``"udp"`` or ``"tcp"``, host, port);
         each one found is used instead of binding a new one (its queue, with whatever the
         other proxy has not read, comes with it). Those given to the Rust UDP thread are
@@ -950,12 +960,15 @@ class Proxy:
         inherited = dict(inherited or {})
         loop = asyncio.get_running_loop()
         raise_open_files_limit()
-        await self.backend.start()
+        if not policy_in_force and "keep" in inspect.signature(self.backend.start).parameters:
+            await self.backend.start(keep=True)  # type: ignore[call-arg]
+        else:
+            await self.backend.start()
         # Bring the enforced state to what the engine has programmed (e.g. a restored cache).
         programmed_state = getattr(self.engine, "programmed_state", None)
         if programmed_state is not None:
             current = programmed_state(self.clock())
-            if not taking_over:
+            if not taking_over and policy_in_force:
                 await self.backend.reconcile(current)
             elif "prune" in inspect.signature(self.backend.reconcile).parameters:
                 await self.backend.reconcile(current, prune=False)
@@ -1060,7 +1073,10 @@ class Proxy:
                 left.close()
         if self.intercept is not None:
             try:
-                self.intercept.install()
+                if policy_in_force:
+                    self.intercept.install()
+                else:
+                    self.intercept.install(keep=True)
             except Exception:
                 await self._close_sockets()
                 raise

@@ -414,15 +414,26 @@ class Journal:
     def _open(self) -> None:
         self._n += 1
         self.path = self.directory / f"journal.{INSTANCE}.{self._n}"
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)  # a new file: nobody else holds it; see _alive
-        header = {
-            "journal": JOURNAL_FORMAT,
-            "pid": os.getpid(),
-            "instance": INSTANCE,
-            "digest": self.digest,
-        }
-        os.write(fd, json.dumps(header).encode() + b"\n")
+        # Made under a temporary name, locked, then linked to its name: another process never
+        # sees the journal unlocked (see _alive), which would take it for a dead writer's.
+        tmp = self.directory / f".journal.tmp.{INSTANCE}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            header = {
+                "journal": JOURNAL_FORMAT,
+                "pid": os.getpid(),
+                "instance": INSTANCE,
+                "digest": self.digest,
+            }
+            os.write(fd, json.dumps(header).encode() + b"\n")
+            os.link(tmp, self.path)  # never over an existing file
+        except OSError:
+            os.close(fd)
+            raise
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
         self._fd = fd
 
     def append(self, entries: Iterable[tuple[int, str, str, float]]) -> int:

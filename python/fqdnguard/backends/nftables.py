@@ -1012,14 +1012,23 @@ class Nftables(Backend):
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, *, keep: bool = False) -> None:
         """Loads libnftables, checks permission and installs the ruleset; any failure is a
-        BackendError naming the cause (never a silently unenforced start)."""
+        BackendError naming the cause (never a silently unenforced start). ``keep``: no policy
+        is in force yet (a proxy that could not read its state): a table already there is left
+        as it is (its endpoints stay restricted) until :meth:`set_policy` brings a policy."""
         if self._nft is not None:
             return
         self._nft = Libnftables(self.library)
         try:
-            self._install()
+            if keep and self._list():
+                log.warning(
+                    "nftables: no policy in force: table %s %s left as it is until one arrives",
+                    FAMILY,
+                    self.table,
+                )
+            else:
+                self._install()
         except NftError as e:
             self._nft.close()
             self._nft = None

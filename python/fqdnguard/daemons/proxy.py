@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import signal
 import socket
 import struct
@@ -44,13 +45,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from fqdnguard._core import CacheError, DnsCache, PatternSet
 from fqdnguard.backends import Backend, BackendError, make_backend
 from fqdnguard.config import ConfigError, ProxyConfig
 from fqdnguard.control import (
     INSTANCE,
+    PEER,
     ControlError,
     ControlServer,
     Handler,
@@ -81,8 +83,25 @@ HANDOVER_PREFIX = "cache.handover."
 #: ``cache.handover.<id>.<first 16 hex digits of the policy digest, or "none">``: entries are
 #: keyed by endpoint number, which only the same policy state gives the same meaning.
 HANDOVER_NAME = re.compile(re.escape(HANDOVER_PREFIX) + r"[0-9]+\.([0-9a-f]{16}|none)")
-#: At SIGTERM after a successor asked for our state: wait this long for it to take over.
+#: At SIGTERM after a successor asked for our state: wait this long for it to take over. Also
+#: how long after its ``POST /v1/save`` it may ask for the sockets.
 SUCCESSOR_WAIT = 10.0
+#: How long the successor that took the sockets has to say it serves (on the liveness link)
+#: before this proxy takes them (and the control socket) back.
+LINK_TIMEOUT = 60.0
+#: Routes the pod-private ``--control-socket`` serves: reading and pushing, never the hand-over
+#: (``/v1/save``, ``/v1/sockets``, ``/v1/adopt`` are the node's rendezvous socket's only).
+PRIVATE_ROUTES = frozenset(
+    {
+        ("GET", "/v1/status"),
+        ("GET", "/v1/policy"),
+        ("PUT", "/v1/policy"),
+        ("POST", "/v1/objects"),
+        ("GET", "/v1/cache"),
+        ("GET", "/v1/stats"),
+        ("GET", "/v1/endpoints"),
+    }
+)
 #: Format of the policy state file; a newer one is refused rather than misread.
 POLICY_FORMAT = 1
 #: SO_ATTACH_REUSEPORT_CBPF (asm-generic/socket.h).
@@ -90,6 +109,34 @@ SO_ATTACH_REUSEPORT_CBPF = 51
 #: At SIGTERM: serve until no query came for QUIET seconds (at most DRAIN_MAX), then stop.
 QUIET = 0.25
 DRAIN_MAX = 3.0
+
+
+class _Removal(NamedTuple):
+    """A change for the backend: the element of (endpoint, ip) goes (as ``Change`` names it)."""
+
+    kind: str
+    endpoint: int
+    ip: str
+    expires_at: float | None
+
+
+def dropped_pairs(
+    entries: list[tuple[int, str, str, float]], kept: list[tuple[int, str, str, float]]
+) -> set[tuple[int, str]]:
+    """The (endpoint, ip) pairs of ``entries`` that no entry of ``kept`` holds."""
+    held = {(e[0], e[2]) for e in kept}
+    return {(e[0], e[2]) for e in entries if (e[0], e[2]) not in held}
+
+
+@dataclass
+class _Successor:
+    """A starting proxy that asked for our state (``POST /v1/save`` with ``successor``): only
+    it may take the sockets, once, within SUCCESSOR_WAIT, with the nonce it was given."""
+
+    instance: int
+    pid: int | None
+    nonce: str
+    at: float
 
 
 class _PolicyState:
@@ -359,7 +406,8 @@ class ProxyDaemon:
                 "state_dir: fqdnguard proxy needs --state-dir (policy, cache, socket)"
             )
         self.config = config
-        # A hostPath volume is made 0755: tightened when it is ours (the socket is there).
+        # A hostPath volume is made 0755 (accepted: nobody else can write in it); one that
+        # others can write to is made 0700 when it holds only fqdnguard's files.
         self.state_dir = ensure_private_dir(config.state_dir, tighten=True)
         self.state = StateDir(self.state_dir)
         self.backend = (
@@ -385,15 +433,31 @@ class ProxyDaemon:
         }
         #: STATE_DIR/control.sock: the node's hand-over rendezvous, taken over by a successor.
         self.control = ControlServer(self.state_dir / "control.sock", routes, tighten=True)
-        #: ``--control-socket``: the same API on a path of this process only (a pod-private
-        #: directory), for its own agent and probes; never handed over.
+        #: ``--control-socket``: reading and pushing (PRIVATE_ROUTES) on a path of this process
+        #: only (a pod-private directory), for its own agent and probes; never handed over.
         self.private = (
-            ControlServer(control_socket, routes, tighten=True)
+            ControlServer(
+                control_socket,
+                {k: v for k, v in routes.items() if k in PRIVATE_ROUTES},
+                tighten=True,
+            )
             if control_socket is not None
             else None
         )
-        #: The listening sockets handed to a successor (POST /v1/sockets), by key.
+        #: The listening sockets handed to a successor (POST /v1/sockets), by key, while it
+        #: starts (the liveness link is open) and after it said it serves.
         self._sockets_passed: list[tuple[str, str, int]] = []
+        #: The successor that took them said it serves: this proxy no longer reads them.
+        self._released = False
+        #: The starting proxy allowed to take the sockets (see _post_save).
+        self._successor: _Successor | None = None
+        #: A successor's end of the liveness link (this proxy took the sockets over).
+        self._link: socket.socket | None = None
+        #: The nonce our predecessor gave us at POST /v1/save.
+        self._handover_nonce: str | None = None
+        #: (endpoint, ip) pairs of restored entries the policy no longer allows: their
+        #: elements are deleted once the backend runs (see _revoke).
+        self._restore_dropped: set[tuple[int, str]] = set()
         self.status = PolicyStatus()
         self.policy_state: _PolicyState | None = None
         #: The Kubernetes objects an agent relays (POST /v1/objects), when that is the source.
@@ -421,13 +485,15 @@ class ProxyDaemon:
         """When a proxy is already serving from this state dir, asks it to save its state now
         (so this one starts from the freshest cache). True when one answered."""
         try:
-            status, _ = await request(
+            status, body = await request(
                 self.control.path, "POST", "/v1/save", {"successor": INSTANCE}, timeout=5
             )
         except ControlError:
             return False
         if status == 200:
             log.info("another proxy serves from %s: took its saved state", self.state_dir)
+            nonce = body.get("handover") if isinstance(body, dict) else None
+            self._handover_nonce = nonce if isinstance(nonce, str) else None
         return status == 200
 
     async def _take_sockets(self) -> Inherited:
@@ -436,21 +502,28 @@ class ProxyDaemon:
         one's, SO_REUSEPORT): never a moment where nobody holds the port."""
         loop = asyncio.get_running_loop()
         want = [list(key) for key in Proxy.listener_keys(self.config)]
+        ask = {"want": want, "handover": self._handover_nonce, "instance": INSTANCE}
         try:
-            status, body, fds = await loop.run_in_executor(
+            got = await loop.run_in_executor(
                 None,
                 functools.partial(
-                    request_fds, self.control.path, "POST", "/v1/sockets", {"want": want}
+                    request_fds, self.control.path, "POST", "/v1/sockets", ask, link=True
                 ),
             )
         except ControlError as e:
             log.warning("the running proxy handed no sockets over (%s): binding new ones", e)
             return {}
+        status, body, fds = got.status, got.body, got.fds
         keys = body.get("sockets") if isinstance(body, dict) else None
         out: Inherited = {}
         if status != 200 or not isinstance(keys, list) or len(keys) != len(fds):
             log.warning("the running proxy handed no sockets over (%s %s)", status, body)
+            if got.link is not None:
+                got.link.close()
         else:
+            # The liveness link: the running proxy reads these sockets on until this one says
+            # it serves (or takes them back if the link ends first: this process died).
+            self._link = got.link
             for key, fd in zip(keys, fds, strict=True):
                 if (
                     isinstance(key, list)
@@ -467,6 +540,29 @@ class ProxyDaemon:
         for fd in fds:
             os.close(fd)
         return {}
+
+    async def _revoke(self, pairs: set[tuple[int, str]]) -> None:
+        """Deletes the elements of ``pairs`` (what another proxy, or this one before a
+        restart, programmed for entries the policy in force no longer allows) unless an entry
+        of this proxy's cache still allows the address to the endpoint: dropped from the cache,
+        they must not stay admitted in the kernel until their own timeouts."""
+        if not pairs or self.proxy is None:
+            return
+        now = time.time()
+        cache = self.proxy.cache
+        gone = [
+            _Removal("removed", endpoint, ip, None)
+            for endpoint, ip in sorted(pairs)
+            if not cache.allowed(endpoint, ip, now)
+        ]
+        if not gone:
+            return
+        try:
+            await self.proxy.backend.apply(gone)
+        except BackendError as e:
+            log.error("cannot delete %d elements the policy no longer allows: %s", len(gone), e)
+            return
+        log.info("deleted %d elements the policy in force no longer allows", len(gone))
 
     def _digest_tag(self) -> str:
         """The policy state's part of a hand-over file's name."""
@@ -493,9 +589,11 @@ class ProxyDaemon:
         # what the policy restored allows.
         if self.policy_state is None and self.kube is None:
             return policy, endpoints, cache  # no policy restored: kept for the one to come
-        entries, dropped = still_allowed(cache.entries(), policy, endpoints)
+        every = cache.entries()
+        entries, dropped = still_allowed(every, policy, endpoints)
         if dropped:
             log.info("dropped %d restored entries the policy in force no longer allows", dropped)
+            self._restore_dropped = dropped_pairs(every, entries)
             kept = DnsCache(
                 min_ttl=cache.min_ttl,
                 max_ips_per_name=cache.max_ips_per_name,
@@ -587,20 +685,36 @@ class ProxyDaemon:
         return built
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        finally:
+            if self._link is not None:  # not serving: the predecessor takes its sockets back
+                self._link.close()
+                self._link = None
+
+    async def _start(self) -> None:
         handed_over = await self._hand_over()
         inherited: Inherited = {}
         if handed_over and self.socket_handover == "fds":
             inherited = await self._take_sockets()
         policy, endpoints, cache = self._restore()
         self.proxy = Proxy(policy, endpoints, backend=self.backend, cache=cache, config=self.config)
-        await self.proxy.start(taking_over=handed_over, inherited=inherited)
+        # Without a policy (none saved, or unreadable) the node's interception and enforcement
+        # stay as they are: only a policy in force shrinks them (fail closed).
+        in_force = self.policy_state is not None or self.kube is not None
+        await self.proxy.start(
+            taking_over=handed_over, inherited=inherited, policy_in_force=in_force
+        )
         steer_to_newest(_listening_sockets(self.proxy))
+        await self._revoke(self._restore_dropped)
+        self._restore_dropped = set()
         if self.private is not None:
             await self.private.start()
         await self.control.start()
         if handed_over:
             log.info("took over the control socket %s", self.control.path)
         self._claim_state()
+        self._tell_serving()
         gc.collect()
         gc.freeze()
         gc.set_threshold(50_000, 20, 20)
@@ -627,25 +741,67 @@ class ProxyDaemon:
         self.proxy.journal = self.state.start_journal(self._state_digest())
         log.info("state directory %s: format %d.%d, sequence %d", self.state_dir, *FORMAT, sequence)
 
+    def _tell_serving(self) -> None:
+        """Tells the predecessor that handed its sockets over that this proxy serves them now
+        (it then stops reading them), and ends the link."""
+        if self._link is None:
+            return
+        try:
+            self._link.settimeout(5)
+            self._link.sendall(f"serving {INSTANCE}\n".encode())
+        except OSError as e:
+            log.warning("cannot tell the previous proxy that this one serves: %s", e)
+        finally:
+            self._link.close()
+            self._link = None
+
     async def run(self) -> None:
         await self.start()
         saver = asyncio.ensure_future(self._save_periodically())
-        releaser = asyncio.ensure_future(self._release_when_superseded())
         try:
             await self._stop.wait()
         finally:
             saver.cancel()
-            releaser.cancel()
             await self.stop()
 
-    async def _release_when_superseded(self) -> None:
-        """Once the proxy that took this one's sockets serves (it took the control socket
-        over), stops reading them: it reads them now; this one finishes what it took."""
-        while not (self._sockets_passed and self.control.superseded()):
-            await asyncio.sleep(0.05)
-        if self.proxy is not None:
+    def superseded(self) -> bool:
+        """A successor took this proxy's sockets (and is starting, or serves) or its control
+        socket: the node's tables are the successor's to write."""
+        return bool(self._sockets_passed) or self.control.superseded()
+
+    async def _follow_link(self, instance: int, reader: asyncio.StreamReader) -> None:
+        """The liveness link of a hand-over: the successor ``instance`` that took the sockets
+        writes ``serving <instance>`` once it serves; this proxy then stops reading them. If
+        the link ends first (the successor died or gave up) or says anything else, or nothing
+        comes within LINK_TIMEOUT, this proxy keeps (or goes back to) serving: it takes the
+        control socket and the state directory back if the successor had taken them."""
+        try:
+            line = await asyncio.wait_for(reader.readline(), LINK_TIMEOUT)
+        except (TimeoutError, ConnectionError, ValueError):
+            line = b""
+        if line.strip() == f"serving {instance}".encode() and self.proxy is not None:
+            self._released = True
             self.proxy.stop_listening(self._sockets_passed)
             log.info("the new proxy serves the sockets handed over: finishing in-flight queries")
+            return
+        log.warning(
+            "the new proxy (instance %d) that took the sockets did not come to serve (%s): "
+            "serving them again",
+            instance,
+            f"no word within {LINK_TIMEOUT:.0f} s" if line else "it is gone",
+        )
+        self._sockets_passed = []
+        if self.control.superseded():
+            try:
+                await self.control.retake()
+                log.info("took the control socket %s back", self.control.path)
+            except OSError as e:
+                log.error("cannot take the control socket back: %s", e)
+        if self.state.writable and self.state.journal is not None:
+            try:
+                self.state.claim()
+            except (StateError, OSError) as e:
+                log.error("cannot claim the state directory back: %s", e)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -667,11 +823,17 @@ class ProxyDaemon:
 
     async def _await_successor(self) -> None:
         """A proxy that asked for our state is starting: serve until it has taken the control
-        socket over (at most SUCCESSOR_WAIT), so what we learn meanwhile is handed to it."""
+        socket over and, when it took the sockets, said it serves them (at most SUCCESSOR_WAIT
+        after it asked), so what we learn meanwhile is handed to it."""
         if self._successor_asked is None:
             return
         deadline = self._successor_asked + SUCCESSOR_WAIT
-        while not self.control.superseded() and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            if self._sockets_passed:
+                if self._released:
+                    return
+            elif self.control.superseded():
+                return
             await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
@@ -779,7 +941,14 @@ class ProxyDaemon:
             },
         }
 
-    async def _put_policy(self, body: Any) -> tuple[int, Any]:
+    def _refused_superseded(self) -> tuple[int, Any]:
+        return 409, {
+            "error": "this proxy has handed over to a newer one, which owns the node's "
+            "interception and enforcement now: push to it (its control socket)",
+            "superseded": True,
+        }
+
+    async def _put_policy(self, body: Any) -> tuple[int, Any]:  # noqa: PLR0911 (one per refusal)
         assert self.proxy is not None
         try:
             sources, endpoints_text = parse_push(body)
@@ -815,6 +984,8 @@ class ProxyDaemon:
             except ValueError as e:
                 self.status.rejected("push", str(e))
                 return 422, {"error": f"the policy set does not compile: {e}", "errors": [str(e)]}
+            if self.superseded():  # while it compiled
+                return self._refused_superseded()
             old = self.proxy.policy
             journal = self.state.journal
             try:
@@ -862,6 +1033,8 @@ class ProxyDaemon:
         except ValueError as e:
             return 400, {"error": str(e)}
         async with self._push_lock:
+            if self.superseded():
+                return self._refused_superseded()
             k = self.kube
             if push.reset:
                 ids = (
@@ -929,13 +1102,26 @@ class ProxyDaemon:
         return 200, self.status.to_json()
 
     async def _post_save(self, body: Any) -> tuple[int, Any]:
-        if isinstance(body, dict) and body.get("successor") is not None:
-            self._successor_asked = time.monotonic()
+        """Saves now. A starting proxy names itself (``successor``: its instance id) and gets
+        a nonce (``handover``): with it, and from the same process, it may then take the
+        sockets (``POST /v1/sockets``), once."""
+        successor = body.get("successor") if isinstance(body, dict) else None
+        if successor is not None and (
+            not isinstance(successor, int) or isinstance(successor, bool)
+        ):
+            return 400, {"error": "'successor' must be the starting proxy's instance id"}
         try:
             await asyncio.get_running_loop().run_in_executor(None, self.save)
         except (StateError, CacheError, OSError) as e:
             return 409, {"error": f"not saved: {e}"}
-        return 200, {"sequence": self.state.sequence}
+        if successor is None:
+            return 200, {"sequence": self.state.sequence}
+        self._successor_asked = time.monotonic()
+        peer = PEER.get()
+        self._successor = _Successor(
+            successor, peer.pid if peer else None, secrets.token_hex(16), time.monotonic()
+        )
+        return 200, {"sequence": self.state.sequence, "handover": self._successor.nonce}
 
     async def _post_sockets(self, body: Any) -> tuple[int, Any]:
         """A starting proxy takes the listening sockets it names (``{"want": [[kind, host,
@@ -946,14 +1132,46 @@ class ProxyDaemon:
         want = body.get("want") if isinstance(body, dict) else None
         if not isinstance(want, list) or not all(isinstance(k, list) and len(k) == 3 for k in want):
             return 400, {"error": "'want' must list the [kind, host, port] of the listeners"}
+        refused = self._may_take_sockets(body)
+        if refused is not None:
+            log.warning("refused the listening sockets to a caller: %s", refused)
+            return 403, {"error": refused}
+        successor, self._successor = self._successor, None  # once
+        assert successor is not None
         wanted = {(k[0], k[1], k[2]) for k in want}
         listing = [s for s in self.proxy.handover_sockets() if (s[0], s[1], s[2]) in wanted]
+        # Our own duplicates, now: a listener closed meanwhile cannot have its number reused
+        # by another descriptor that would then be sent instead.
+        fds = [os.dup(fd) for *_, fd in listing]
         self._sockets_passed = [(kind, host, port) for kind, host, port, _ in listing]
-        log.info("handing %d listening sockets to a starting proxy", len(listing))
+        self._released = False
+        log.info(
+            "handing %d listening sockets to the starting proxy %d",
+            len(listing),
+            successor.instance,
+        )
         return 200, WithFds(
             {"sockets": [[kind, host, port] for kind, host, port, _ in listing]},
-            [fd for *_, fd in listing],
+            fds,
+            link=functools.partial(self._follow_link, successor.instance),
         )
+
+    def _may_take_sockets(self, body: dict[str, Any]) -> str | None:
+        """Why this caller may not take the sockets, or None: only the process that asked for
+        our state as a successor (``POST /v1/save``), with the nonce it got, within
+        SUCCESSOR_WAIT, once, and not while another one holds them."""
+        successor, peer = self._successor, PEER.get()
+        if self._sockets_passed:
+            return "the sockets were handed over already"
+        if successor is None:
+            return "no starting proxy asked for this proxy's state (POST /v1/save) first"
+        if time.monotonic() - successor.at > SUCCESSOR_WAIT:
+            return f"asked more than {SUCCESSOR_WAIT:.0f} s after POST /v1/save"
+        if body.get("handover") != successor.nonce or body.get("instance") != successor.instance:
+            return "not the nonce and instance POST /v1/save gave"
+        if peer is None or peer.pid != successor.pid:
+            return "not the process that asked for the state"
+        return None
 
     async def _post_adopt(self, body: Any) -> tuple[int, Any]:
         """The proxy this one took over from hands its cache over (see the module's text)."""
@@ -974,10 +1192,12 @@ class ProxyDaemon:
             return 422, {"error": f"cannot load {path.name}: {e}"}
         # The policy may have changed since the other proxy learned them: only what it still
         # allows is carried over (fail closed).
-        entries, dropped = still_allowed(cache.entries(), self.proxy.policy, self.proxy.endpoints)
+        every = cache.entries()
+        entries, dropped = still_allowed(every, self.proxy.policy, self.proxy.endpoints)
         if dropped:
             log.info("not adopting %d entries the policy in force no longer allows", dropped)
         changes = await self.proxy.adopt(entries)
+        await self._revoke(dropped_pairs(every, entries))
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         try:
@@ -1010,6 +1230,10 @@ def run_proxy(
 ) -> None:
     """Runs ``fqdnguard proxy`` until SIGTERM/SIGINT on uvloop."""
     import uvloop  # noqa: PLC0415
+
+    # Every file it writes (cache snapshot, journals, state) is this user's only, whatever the
+    # state directory's mode lets others read.
+    os.umask(0o077)
 
     async def main() -> None:
         daemon = ProxyDaemon(config, control_socket=control_socket, socket_handover=socket_handover)
