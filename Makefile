@@ -23,7 +23,8 @@ help: ## Show this help
 # when run as root also nftables and iproute2 (namespaces, the nftables backend); the tests and
 # benchmarks use dnsperf and dnsdist besides.
 DEMO_DEBS := knotd:knot $(if $(filter 0,$(shell id -u)),nft:nftables ip:iproute2 lib:libnftables1)
-TEST_DEBS := knotd:knot nft:nftables ip:iproute2 lib:libnftables1 dnsperf:dnsperf dnsdist:dnsdist
+TEST_DEBS := knotd:knot nft:nftables ip:iproute2 lib:libnftables1 dnsperf:dnsperf dnsdist:dnsdist \
+	kresd:knot-resolver
 # $(1): the COMMAND:PACKAGE pairs. python3-venv (ensurepip) too when the venv is still to make.
 define install_debs
 	@missing=""; for b in $(1); do c=$${b%%:*}; \
@@ -111,6 +112,13 @@ DEMO_KUBE_DIR ?= .demo-kube
 demo-kubernetes: demo-deps demo-pydeps build-dev ## fqdnguard following a local control plane (make kube-up): pods, policies, a change, an invalid policy
 	$(MAKE) kube-up KUBE_DIR=$(DEMO_KUBE_DIR)
 	$(PYTHON) examples/demo_kubernetes.py $(DEMO_KUBE_DIR); rc=$$?; $(MAKE) kube-down KUBE_DIR=$(DEMO_KUBE_DIR); exit $$rc
+
+# Go programs the tests and benchmarks run against (tools/gobuild.py): Cilium's matchpattern as
+# the oracle of tests/test_matchpattern_oracle.py, and the peers of benches/peers. Built once per
+# machine into ${XDG_CACHE_HOME:-~/.cache}/fqdnguard/go/, keyed by a digest of their sources.
+.PHONY: go-build
+go-build: ## Build the Go oracle and peers from the Go module proxy (once per machine)
+	$(BASE_PYTHON) tools/gobuild.py build
 
 .PHONY: kube-down
 kube-down: $(VENV_DEP) ## Stop the control plane started with the same KUBE_DIR (its data stays there)
