@@ -166,6 +166,7 @@ bench-quick: build-dev ## Every benchmark once in a short mode (what CI runs so 
 	$(PYTHON) benches/proxy/nft_vs_log.py --quick
 	$(PYTHON) benches/forgery.py --quick
 	FQDNGUARD_BENCH_QUICK=1 taskset -c $(BENCH_CPU) $(PYTHON) benches/nft/peers.py
+	$(PYTHON) benches/peers/run.py --quick --json benches/peers/results/quick-summary.json
 
 .PHONY: bench-proxy
 bench-proxy: system-deps build-dev ## dnsperf: upstream, bare relay, fqdnguard, dnsdist, dnspython proxy side by side
@@ -177,6 +178,10 @@ fuzz-quick: ## Short coverage-guided fuzz run of the wire parser and builders (F
 	for t in parse roundtrip; do \
 		RUSTC_BOOTSTRAP=1 cargo fuzz run -O $$t -- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 || exit 1; \
 	done
+
+.PHONY: bench-peers
+bench-peers: system-deps build-dev go-build ## fqdnguard beside dnsdist, Knot Resolver, Blocky with the same rules and load (root: nftables too)
+	$(PYTHON) benches/peers/run.py
 
 .PHONY: bench-nft
 bench-nft: build-dev ## nftables backend: latency from new IPs to the kernel set (needs root)
