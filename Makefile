@@ -23,7 +23,8 @@ help: ## Show this help
 # when run as root also nftables and iproute2 (namespaces, the nftables backend); the tests and
 # benchmarks use dnsperf and dnsdist besides.
 DEMO_DEBS := knotd:knot $(if $(filter 0,$(shell id -u)),nft:nftables ip:iproute2 lib:libnftables1)
-TEST_DEBS := knotd:knot nft:nftables ip:iproute2 lib:libnftables1 dnsperf:dnsperf dnsdist:dnsdist
+TEST_DEBS := knotd:knot nft:nftables ip:iproute2 lib:libnftables1 dnsperf:dnsperf dnsdist:dnsdist \
+	kresd:knot-resolver
 # $(1): the COMMAND:PACKAGE pairs. python3-venv (ensurepip) too when the venv is still to make.
 define install_debs
 	@missing=""; for b in $(1); do c=$${b%%:*}; \
@@ -112,6 +113,13 @@ demo-kubernetes: demo-deps demo-pydeps build-dev ## fqdnguard following a local 
 	$(MAKE) kube-up KUBE_DIR=$(DEMO_KUBE_DIR)
 	$(PYTHON) examples/demo_kubernetes.py $(DEMO_KUBE_DIR); rc=$$?; $(MAKE) kube-down KUBE_DIR=$(DEMO_KUBE_DIR); exit $$rc
 
+# Go programs the tests and benchmarks run against (tools/gobuild.py): Cilium's matchpattern as
+# the oracle of tests/test_matchpattern_oracle.py, and the peers of benches/peers. Built once per
+# machine into ${XDG_CACHE_HOME:-~/.cache}/fqdnguard/go/, keyed by a digest of their sources.
+.PHONY: go-build
+go-build: ## Build the Go oracle and peers from the Go module proxy (once per machine)
+	$(BASE_PYTHON) tools/gobuild.py build
+
 .PHONY: kube-down
 kube-down: $(VENV_DEP) ## Stop the control plane started with the same KUBE_DIR (its data stays there)
 	@test -n "$(KUBE_DIR)" || { echo "usage: make kube-down KUBE_DIR=DIR" >&2; exit 2; }
@@ -181,6 +189,7 @@ bench-quick: build-dev ## Every benchmark once in a short mode (what CI runs so 
 	$(PYTHON) benches/proxy/nft_vs_log.py --quick
 	$(PYTHON) benches/forgery.py --quick
 	FQDNGUARD_BENCH_QUICK=1 taskset -c $(BENCH_CPU) $(PYTHON) benches/nft/peers.py
+	$(PYTHON) benches/peers/run.py --quick --json benches/peers/results/quick-summary.json
 
 .PHONY: bench-proxy
 bench-proxy: system-deps build-dev ## dnsperf: upstream, bare relay, fqdnguard, dnsdist, dnspython proxy side by side
@@ -192,6 +201,10 @@ fuzz-quick: ## Short coverage-guided fuzz run of the wire parser and builders (F
 	for t in parse roundtrip; do \
 		RUSTC_BOOTSTRAP=1 cargo fuzz run -O $$t -- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 || exit 1; \
 	done
+
+.PHONY: bench-peers
+bench-peers: system-deps build-dev go-build ## fqdnguard beside dnsdist, Knot Resolver, Blocky with the same rules and load (root: nftables too)
+	$(PYTHON) benches/peers/run.py
 
 .PHONY: bench-nft
 bench-nft: build-dev ## nftables backend: latency from new IPs to the kernel set (needs root)
