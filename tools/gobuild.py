@@ -67,13 +67,21 @@ PROGRAMS = {
             "github.com/0xERR0R/blocky",
             "Blocky, a filtering DNS proxy (benches/peers)",
         ),
-        # Builds (about 10 minutes and 6 CPU-minutes on 2 busy cores) but nothing drives it
-        # yet (benches/peers/run.py, CILIUM_WHY), so CI does not build it.
+        # Builds in about 10 minutes and 6 CPU-minutes on 2 busy cores, so CI does not build it:
+        # the full run of benches/peers/run.py drives it (peer cilium-sdp) when it is built.
         Program(
             "cilium-standalone-dns-proxy",
             HERE / "peers" / "cilium-dnsproxy",
             "github.com/cilium/cilium/standalone-dns-proxy",
-            "Cilium's standalone DNS proxy (benches/peers; not driven yet)",
+            "Cilium's standalone DNS proxy (benches/peers, peer cilium-sdp)",
+            default=False,
+        ),
+        # Its agent end (the FQDNData gRPC server), ours: only of use with the proxy above.
+        Program(
+            "cilium-sdp-agent",
+            HERE / "peers" / "cilium-sdp-agent",
+            ".",
+            "the agent end of Cilium's standalone DNS proxy (benches/peers, peer cilium-sdp)",
             default=False,
         ),
     )

@@ -11,7 +11,14 @@ Peers (each given the same allow rules for the same endpoints; a denied name get
   blocky         Blocky (tools/gobuild.py), one client group per endpoint with an allowlist
                  (allowlist-only groups deny the rest), caching off; its deny answer (NXDOMAIN,
                  blockType nxDomain) counts as its refusal
-  cilium-dnsproxy  Cilium's standalone DNS proxy: see CILIUM_WHY (reported under "failed")
+  cilium-sdp     Cilium's standalone DNS proxy (cilium v1.19.0, tools/gobuild.py; optional, so
+                 only when built, and not in --quick unless named), fed its rules over the
+                 FQDNData gRPC stream by our agent end (tools/peers/cilium-sdp-agent): each
+                 endpoint its ID, identity, address and DNS patterns, Knot's address an identity
+                 of its own. A transparent proxy: the load asks Knot's address, and TPROXY rules
+                 (nftables, root) steer the endpoints' queries to the proxy's port, which
+                 forwards them to Knot; REFUSED otherwise. Its agent (same CPU as the proxy)
+                 receives a mapping after every lookup, its CPU is reported beside the proxy's
 
 Workloads:
   (b) 1,000 endpoints (127.1.0.1 ...), each with its own 10 rules drawn from a pool of 10k, so
@@ -80,17 +87,19 @@ ZONE_TTL = 5
 # benches/proxy/run.py says why).
 SETTLE_S = 0.5
 UNIQUE_SECONDS, UNIQUE_RATE = 60, 2000
-CILIUM_WHY = (
-    "not driven: Cilium's standalone DNS proxy (cilium v1.19.0, standalone-dns-proxy) builds "
-    "here (python3 tools/gobuild.py build cilium-standalone-dns-proxy: an 85 MB binary, about "
-    "10 minutes on 2 busy cores), but it takes its rules only from a Cilium agent over the "
-    "gRPC FQDNData stream (it dials localhost:10095, --standalone-dns-proxy-server-port, and "
-    "listens only once connected), and it is a transparent proxy that forwards each query to "
-    "its original destination, so it needs TPROXY rules that leave its own marked upstream "
-    "queries alone. The agent side of that stream (a Go program of ours sending PolicyState: "
-    "per-endpoint DNS patterns, identity-to-endpoint and identity-to-prefix mappings) and the "
-    "TPROXY namespace were not written in the time given to this benchmark"
+SDP_PROXY, SDP_AGENT = "cilium-standalone-dns-proxy", "cilium-sdp-agent"
+SDP_NOT_BUILT = (
+    "not built: Cilium's standalone DNS proxy is an optional Go program (about 10 minutes and 6 "
+    "CPU-minutes cold on 2 busy cores): python3 tools/gobuild.py build "
+    f"{SDP_PROXY} {SDP_AGENT}"
 )
+# Identities the agent gives: endpoint i has SDP_IDENTITY + i, Knot SDP_SERVER_IDENTITY (both
+# in the cluster range, below 65,536).
+SDP_IDENTITY, SDP_SERVER_IDENTITY = 1000, 60000
+# The proxy marks its own upstream sockets with Cilium's egress magic mark (0x0B00 under mask
+# 0x0F00): never steered again.
+SDP_MARK, SDP_MARK_MASK = 0x0B00, 0x0F00
+SDP_TABLE = "fqdnguard_bench_sdp"
 
 
 # --- rules, endpoints, names -----------------------------------------------------------------
@@ -174,9 +183,18 @@ class Peer:
     version: str
     netns: str | None = None
     metrics: str | None = None
+    #: the metric that counts the names the peer learned (at `metrics`)
+    learned_metric: str = "fqdnguard_cache_names"
     env: dict[str, str] = field(default_factory=dict)
     #: run after the peer stopped (and before it starts)
     cleanup: list[list[str]] = field(default_factory=list)
+    #: run before the peer starts (after cleanup)
+    setup: list[list[str]] = field(default_factory=list)
+    #: where the load sends: the peer's address, or the upstream's for a transparent proxy
+    addr: str = LISTEN
+    #: a process the peer needs, started before it, on its CPU (Cilium's agent end)
+    helper: list[str] | None = None
+    helper_pid: int | None = None
 
 
 def is_refused(m: dns.message.Message) -> bool:
@@ -412,15 +430,108 @@ queryLog:
     )
 
 
+def cilium_sdp_peer(w: Workload, d: Path, up: str, proxy: Path, agent: Path) -> Peer:
+    """Cilium's standalone DNS proxy behind TPROXY, with our agent end serving its rules."""
+    host, up_port = up.rsplit(":", 1)
+    endpoints = []
+    for i in range(w.endpoints):
+        patterns = [t if k == "name" else f"**.{t}" for k, t in rules_of(w, i)]
+        endpoints.append(
+            {
+                "id": i + 1,
+                "identity": SDP_IDENTITY + i,
+                "ips": [endpoint_ip(i)],
+                "patterns": patterns,
+            }
+        )
+    server = {
+        "identity": SDP_SERVER_IDENTITY,
+        "prefixes": [f"{host}/32"],
+        "port": int(up_port),
+        "proto": socket.IPPROTO_UDP,
+    }
+    rules = d / "cilium-sdp-rules.json"
+    rules.write_text(json.dumps({"endpoints": endpoints, "servers": [server]}))
+    agent_port, proxy_port, metrics_port = free_port(), free_port(), free_port()
+    # Its options (Cilium's option names), one file each: the L7 proxy on, IPv4 only, a fixed
+    # transparent port, and REFUSED for a denied name (Cilium's default, said here).
+    conf = d / "cilium-sdp-config"
+    conf.mkdir(exist_ok=True)
+    options = {
+        "enable-l7-proxy": "true",
+        "enable-standalone-dns-proxy": "true",
+        "enable-ipv4": "true",
+        "enable-ipv6": "false",
+        "tofqdns-proxy-port": str(proxy_port),
+        "standalone-dns-proxy-server-port": str(agent_port),
+        "tofqdns-dns-reject-response-code": "refused",
+    }
+    for k, v in options.items():
+        (conf / k).write_text(v)
+    # Loopback traffic passes prerouting on lo: the endpoints' queries to Knot go to the proxy's
+    # transparent socket; with no proxy listening they are dropped, never answered by Knot.
+    steer = f"iif lo ip saddr 127.1.0.0/16 ip daddr {host} udp dport {up_port}"
+    (d / "cilium-sdp.nft").write_text(
+        f"""table ip {SDP_TABLE} {{
+  chain prerouting {{
+    type filter hook prerouting priority mangle; policy accept;
+    meta mark & {SDP_MARK_MASK:#x} == {SDP_MARK:#x} return
+    {steer} tproxy to {LISTEN}:{proxy_port} accept
+    {steer} drop
+  }}
+}}
+"""
+    )
+    return Peer(
+        "cilium-sdp",
+        [
+            str(proxy),
+            "--config-dir",
+            str(conf),
+            "--shell-sock-path",
+            str(d / "cilium-sdp-shell.sock"),
+        ],
+        int(up_port),
+        is_refused,
+        f"cilium standalone-dns-proxy {cilium_version()}",
+        metrics=f"http://127.0.0.1:{metrics_port}/metrics",
+        learned_metric="cilium_sdp_agent_names",
+        setup=[["nft", "-f", str(d / "cilium-sdp.nft")]],
+        cleanup=[["nft", "delete", "table", "ip", SDP_TABLE]],
+        addr=host,
+        helper=[
+            str(agent),
+            "-rules",
+            str(rules),
+            "-listen",
+            f"127.0.0.1:{agent_port}",
+            "-metrics",
+            f"127.0.0.1:{metrics_port}",
+        ],
+    )
+
+
+def cilium_version() -> str:
+    """The Cilium module the proxy is built from (its go.mod)."""
+    mod = gobuild.PROGRAMS[SDP_PROXY].module / "go.mod"
+    for line in mod.read_text().splitlines():
+        parts = line.split()
+        if parts[:1] == ["github.com/cilium/cilium"]:
+            return parts[1]
+    return "unknown"
+
+
 # --- running and measuring -------------------------------------------------------------------
 
 
-def ask(port: int, source: str, name: str, timeout: float = 2.0) -> dns.message.Message | None:
+def ask(
+    port: int, source: str, name: str, timeout: float = 2.0, addr: str = LISTEN
+) -> dns.message.Message | None:
     q = dns.message.make_query(name, "A")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind((source, 0))
         s.settimeout(timeout)
-        s.sendto(q.to_wire(), (LISTEN, port))
+        s.sendto(q.to_wire(), (addr, port))
         try:
             return dns.message.from_wire(s.recv(4096))
         except (OSError, dns.exception.DNSException):
@@ -432,10 +543,10 @@ def wait_ready(peer: Peer, proc: subprocess.Popen[bytes], timeout: float = 60.0)
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{peer.name} exited with {proc.returncode} before answering")
-        if ask(peer.port, endpoint_ip(0), "probe.example.com", timeout=0.3) is not None:
+        if ask(peer.port, endpoint_ip(0), "probe.example.com", 0.3, peer.addr) is not None:
             return
         time.sleep(0.2)
-    raise RuntimeError(f"{peer.name} did not answer on {LISTEN}:{peer.port} in {timeout:.0f}s")
+    raise RuntimeError(f"{peer.name} did not answer on {peer.addr}:{peer.port} in {timeout:.0f}s")
 
 
 def check_verdicts(peer: Peer, w: Workload) -> None:
@@ -446,11 +557,11 @@ def check_verdicts(peer: Peer, w: Workload) -> None:
         src = endpoint_ip(i)
         for j in w.rules[i][:6]:
             for name in allowed_names(j):
-                m = ask(peer.port, src, name)
+                m = ask(peer.port, src, name, addr=peer.addr)
                 if m is None or m.rcode() != dns.rcode.NOERROR or not m.answer:
                     wrong.append(f"{src} {name}: allowed, got {describe(m)}")
         for name in denied_names(w, i):
-            m = ask(peer.port, src, name)
+            m = ask(peer.port, src, name, addr=peer.addr)
             if m is None or not peer.refused(m):
                 wrong.append(f"{src} {name}: denied, got {describe(m)}")
     if wrong:
@@ -503,13 +614,17 @@ def write_queries(w: Workload, d: Path) -> list[tuple[str, Path]]:
 
 
 def dnsperf_load(
-    port: int, sources: list[tuple[str, Path]], seconds: float, rate: float | None = None
+    port: int,
+    sources: list[tuple[str, Path]],
+    seconds: float,
+    rate: float | None = None,
+    addr: str = LISTEN,
 ) -> dict[str, float]:
     """LOAD_SOURCES dnsperf processes at once, one per source address; summed figures."""
     procs = []
     files = []
     for src, queries in sources:
-        cmd = ["taskset", "-c", LOAD_CPU, "dnsperf", "-s", LISTEN, "-p", str(port), "-a", src]
+        cmd = ["taskset", "-c", LOAD_CPU, "dnsperf", "-s", addr, "-p", str(port), "-a", src]
         cmd += ["-d", str(queries), "-l", str(seconds), "-c", "2", "-q", "128", "-t", "2"]
         if rate is not None:
             cmd += ["-Q", str(max(1, int(rate / len(sources)))), "-v"]
@@ -559,7 +674,17 @@ def percentile(ordered: list[float], q: float) -> float:
 def running(peer: Peer) -> Iterator[subprocess.Popen[bytes]]:
     for cmd in peer.cleanup:
         subprocess.run(cmd, capture_output=True, check=False)
+    for cmd in peer.setup:
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{peer.name}: {' '.join(cmd)} failed: {done.stderr.strip()}")
     log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in finally)
+    helper = None
+    if peer.helper:
+        helper = subprocess.Popen(
+            ["taskset", "-c", SERVER_CPU, *peer.helper], stdout=log, stderr=log, cwd=ROOT
+        )
+        peer.helper_pid = helper.pid
     proc = subprocess.Popen(
         ["taskset", "-c", SERVER_CPU, *peer.cmd],
         stdout=log,
@@ -575,12 +700,16 @@ def running(peer: Peer) -> Iterator[subprocess.Popen[bytes]]:
             raise RuntimeError(f"{e}: {log.read()[-1500:].decode(errors='replace')}") from None
         yield proc
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        for p in (proc, helper):
+            if p is None:
+                continue
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        peer.helper_pid = None
         log.close()
         for cmd in peer.cleanup:
             subprocess.run(cmd, capture_output=True, check=False)
@@ -597,15 +726,18 @@ def measure(
 ) -> dict[str, object]:
     with running(peer) as proc:
         check_verdicts(peer, w)
-        dnsperf_load(peer.port, sources, 1.0)  # warm up
+        dnsperf_load(peer.port, sources, 1.0, addr=peer.addr)  # warm up
         runs = []
         threads_before = thread_cpu(proc.pid)
+        helper = peer.helper_pid
         for _ in range(repeat):
             before = cpu_seconds(proc.pid)
             knot_before = cpu_seconds(knot_pid) if knot_pid else 0.0
-            r = dnsperf_load(peer.port, sources, seconds)
+            helper_before = cpu_seconds(helper) if helper else 0.0
+            r = dnsperf_load(peer.port, sources, seconds, addr=peer.addr)
             r["cpu_s"] = cpu_seconds(proc.pid) - before
             r["knot_cpu_s"] = cpu_seconds(knot_pid) - knot_before if knot_pid else 0.0
+            r["helper_cpu_s"] = cpu_seconds(helper) - helper_before if helper else 0.0
             runs.append(r)
         threads_after = thread_cpu(proc.pid)
         rss = rss_mb(proc.pid)
@@ -615,6 +747,12 @@ def measure(
             if threads_after[t] - threads_before.get(t, 0.0) > 0
         }
     total_busy = sum(busy.values()) or 1.0
+    extra = {}
+    if peer.helper:
+        # The agent end's work for this peer (the mappings it is sent), on the same CPU.
+        extra["agent_cpu_us_per_query"] = statistics.median(
+            r["helper_cpu_s"] / r["completed"] * 1e6 for r in runs
+        )
     return {
         "qps": statistics.median(r["qps"] for r in runs),
         "cpu_us_per_query": statistics.median(r["cpu_s"] / r["completed"] * 1e6 for r in runs),
@@ -631,6 +769,7 @@ def measure(
             t: round(s / total_busy, 3) for t, s in sorted(busy.items(), key=lambda kv: -kv[1])[:4]
         },
         "runs": len(runs),
+        **extra,
     }
 
 
@@ -638,8 +777,8 @@ def at_rate(
     peer: Peer, sources: list[tuple[str, Path]], rate: float, seconds: float, repeat: int
 ) -> dict[str, float]:
     with running(peer):
-        dnsperf_load(peer.port, sources, 1.0, rate)
-        runs = [dnsperf_load(peer.port, sources, seconds, rate) for _ in range(repeat)]
+        dnsperf_load(peer.port, sources, 1.0, rate, peer.addr)
+        runs = [dnsperf_load(peer.port, sources, seconds, rate, peer.addr) for _ in range(repeat)]
     return {
         "p50_ms": statistics.median(r.get("p50_ms", float("nan")) for r in runs),
         "p99_ms": statistics.median(r.get("p99_ms", float("nan")) for r in runs),
@@ -654,7 +793,7 @@ def unique_stream(peer: Peer, d: Path) -> dict[str, object]:
         n = UNIQUE_RATE * UNIQUE_SECONDS
         queries.write_text("".join(f"u{k}.uniq.example.com A\n" for k in range(n)))
     with running(peer) as proc:
-        cmd = ["taskset", "-c", LOAD_CPU, "dnsperf", "-s", LISTEN, "-p", str(peer.port)]
+        cmd = ["taskset", "-c", LOAD_CPU, "dnsperf", "-s", peer.addr, "-p", str(peer.port)]
         cmd += ["-a", endpoint_ip(0), "-d", str(queries), "-l", str(UNIQUE_SECONDS)]
         cmd += ["-Q", str(UNIQUE_RATE), "-c", "2", "-t", "2"]
         load = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -679,20 +818,23 @@ def unique_stream(peer: Peer, d: Path) -> dict[str, object]:
 
 
 def cached(peer: Peer) -> int | None:
-    """Names the peer holds now: fqdnguard's cache (its metrics); None for a peer without."""
+    """Names the peer learned: fqdnguard's cache (its metrics), the names Cilium's proxy
+    reported to its agent; None for a peer without."""
     if not peer.metrics:
         return None
     with urllib.request.urlopen(peer.metrics, timeout=5) as r:
         text = r.read().decode()
     for line in text.splitlines():
-        if line.startswith("fqdnguard_cache_names "):
+        if line.startswith(peer.learned_metric + " "):
             return int(float(line.split()[-1]))
     return None
 
 
 # --- the run ---------------------------------------------------------------------------------
 
-PEERS = ("fqdnguard", "fqdnguard-nft", "dnsdist", "knot-resolver", "blocky", "cilium-dnsproxy")
+PEERS = ("fqdnguard", "fqdnguard-nft", "dnsdist", "knot-resolver", "blocky", "cilium-sdp")
+#: left out of --quick unless named: their builds are optional (tools/gobuild.py)
+OPTIONAL = ("cilium-sdp",)
 NETNS = f"fgpeers{os.getpid() % 100000}"
 
 
@@ -723,8 +865,16 @@ def make_peer(name: str, w: Workload, d: Path, up: str) -> Peer:
         except gobuild.GoBuildError as e:
             raise RuntimeError(f"blocky could not be built: {e}") from None
         return blocky_peer(w, d, up, binary)
-    if name == "cilium-dnsproxy":
-        raise RuntimeError(CILIUM_WHY)
+    if name == "cilium-sdp":
+        if os.geteuid() != 0:
+            raise RuntimeError("needs root: TPROXY rules steer the load to the transparent proxy")
+        if not gobuild.is_built(SDP_PROXY):
+            raise RuntimeError(SDP_NOT_BUILT)
+        try:
+            proxy, agent = gobuild.build(SDP_PROXY), gobuild.build(SDP_AGENT)
+        except gobuild.GoBuildError as e:
+            raise RuntimeError(f"cilium-sdp could not be built: {e}") from None
+        return cilium_sdp_peer(w, d, up, proxy, agent)
     raise RuntimeError(f"unknown peer {name}")
 
 
@@ -768,7 +918,13 @@ def run_workload(
             out[name] = r
             print(
                 f"  {name:<16} {r['qps']:>9.0f} qps  {r['cpu_us_per_query']:>6.1f} us/query "
-                f"(load {r['load_cpu_us_per_query']:.1f}, Knot {r['knot_cpu_us_per_query']:.1f})"
+                f"(load {r['load_cpu_us_per_query']:.1f}, Knot {r['knot_cpu_us_per_query']:.1f}"
+                + (
+                    f", agent {r['agent_cpu_us_per_query']:.1f}"
+                    if "agent_cpu_us_per_query" in r
+                    else ""
+                )
+                + ")"
                 f"  rss {r['rss_mb']} MB  threads {r['threads']}",
                 flush=True,
             )
@@ -869,7 +1025,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="workload (b), 2 s, 1 repeat (CI)")
     ap.add_argument("--json", type=Path, help="write the summary JSON here")
     ap.add_argument("--workloads", default="b,a100,a10k,a100k")
-    ap.add_argument("--peers", default=",".join(PEERS))
+    ap.add_argument(
+        "--peers", help=f"default: {','.join(PEERS)} ({', '.join(OPTIONAL)} not with --quick)"
+    )
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", type=Path, default=HERE / "results")
@@ -877,6 +1035,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         args.seconds, args.repeat, args.workloads = 2.0, 1, "b"
+    if args.peers is None:
+        args.peers = ",".join(p for p in PEERS if not (args.quick and p in OPTIONAL))
     if shutil.which("dnsperf") is None:
         print("dnsperf is not installed (make system-deps)", file=sys.stderr)
         return 2
