@@ -512,6 +512,15 @@ class Policy:
             for lo, _hi, _proto in entry.ranges
         }
 
+    def dns_service_ports(self, endpoint: Endpoint) -> set[int]:
+        """The Service ports (of the cluster the policy was compiled with) that lead to a port
+        the DNS rules of ``endpoint``'s policies are on: DNS sent to such a Service reaches a
+        DNS rule's port after the Service translation, so it must be intercepted too."""
+        dns = self.dns_ports(endpoint)
+        if not dns or self.cluster is None:
+            return set()
+        return {p.port for svc in self.cluster.services for p in svc.ports if p.target in dns}
+
     def egress_plan(
         self, endpoint: Endpoint, endpoints: Endpoints | None = None
     ) -> EgressPlan | None:
@@ -1427,9 +1436,12 @@ def _cluster_ip_rules(
 ) -> list[tuple[list[str], _Entries, str]]:
     """A pod asks a Service's ClusterIP, and Cilium applies policy after the Service
     translation: so a rule whose L3 part admits every ready backend of a Service also admits
-    the Service's ClusterIPs, on the Service ports that map to the same port number on the
-    backends (other mappings: issue 17) and that the rule's ports admit, with the rule's DNS
-    rules. (ClusterIPs, port entries, label) per Service; none without cluster facts."""
+    the Service's ClusterIPs, on each Service port whose target port (the backends' port, a
+    number or a name the EndpointSlices resolved) the rule's ports admit, with the rule's DNS
+    rules. A rule on 5353 so admits ClusterIP:53 of a Service sending 53 to 5353, and a rule on
+    53 does not: the verdict sees the port the backends see. A target port not known (a name
+    no EndpointSlice resolved) admits nothing. (ClusterIPs, port entries, label) per Service;
+    none without cluster facts."""
     if res.cluster is None or rule.fqdns or not rule.has_l3 or not (l3.ips or l3.cidrs):
         return []
     key = (
@@ -1443,13 +1455,13 @@ def _cluster_ip_rules(
         by_service.setdefault(svc.display, (svc, []))[1].append(cip)
     out = []
     for svc, cips in by_service.values():
-        same = [(p.port, p.protocol) for p in svc.ports if p.target == p.port]
+        mapped = [(p.port, p.target, p.protocol) for p in svc.ports if p.target is not None]
         kept_entries: _Entries = []
-        if not entries and same:
-            kept_entries.append(([(n, n, proto) for n, proto in same], None))
+        if not entries and mapped:
+            kept_entries.append(([(n, n, proto) for n, _, proto in mapped], None))
         for ranges, dns in entries:
-            kept = [(n, n, proto) for n, proto in same
-                    if not ranges or any(_port_admits(r, n, proto) for r in ranges)]  # fmt: skip
+            kept = [(n, n, proto) for n, to, proto in mapped
+                    if not ranges or any(_port_admits(r, to, proto) for r in ranges)]  # fmt: skip
             if kept:
                 kept_entries.append((kept, dns))
         if kept_entries:
