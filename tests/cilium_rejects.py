@@ -315,6 +315,47 @@ CASES = [
         sanitizer="CIDRRule.sanitize",
     ),
     Case(
+        "ingress-two-peer-kinds",
+        {
+            "endpointSelector": SEL,
+            "ingress": [{"fromEndpoints": [{}], "fromCIDR": ["10.0.0.0/8"]}],
+        },
+        "spec.ingress[0]",
+        "combining fromEndpoints and fromCIDR",
+        sanitizer="IngressCommonRule.sanitize",
+    ),
+    Case(
+        "ingress-bad-cidr",
+        {"endpointSelector": SEL, "ingress": [{"fromCIDRSet": [{"cidr": "10.0.0.0/33"}]}]},
+        "spec.ingress[0].fromCIDRSet[0].cidr",
+        "",
+        schema=True,  # the CRD's format: cidr
+    ),
+    Case(
+        "host-egress-http",
+        {
+            "nodeSelector": {},
+            "egress": [
+                {"toPorts": [_ports({"port": "80", "protocol": "TCP"}, rules={"http": [{}]})]}
+            ],
+        },
+        f"{P}.rules.http",
+        "L7 http rules are not supported on host egress",
+        sanitizer="EgressRule.sanitize (host policy)",
+    ),
+    Case(
+        "host-ingress-l7",
+        {
+            "nodeSelector": {},
+            "ingress": [
+                {"toPorts": [_ports({"port": "80", "protocol": "TCP"}, rules={"http": [{}]})]}
+            ],
+        },
+        "spec.ingress[0].toPorts[0].rules",
+        "L7 rules are not supported on a host's ingress",
+        sanitizer="IngressRule.sanitize (host policy)",
+    ),
+    Case(
         "l7-empty-key",
         _egress(
             {

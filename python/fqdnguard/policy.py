@@ -859,7 +859,9 @@ def _read_spec(  # noqa: PLR0917
         if items:
             r.warn(f[key], f"{path}.{key}", f"{key} rules")
         for i, n in enumerate(items or []):
-            _check_unenforced_rule(r, n, f"{path}.{key}[{i}]", deny=key == "ingressDeny")
+            _check_unenforced_rule(
+                r, n, f"{path}.{key}[{i}]", deny=key == "ingressDeny", host=has_ns
+            )
     deny = r.sequence(f["egressDeny"], f"{path}.egressDeny") if "egressDeny" in f else []
     for i, n in enumerate(deny or []):
         _check_unenforced_rule(r, n, f"{path}.egressDeny[{i}]", deny=True)
@@ -894,7 +896,7 @@ def _read_spec(  # noqa: PLR0917
             if k == "egress" and b is not None:
                 default_deny = b
     egress = [
-        _read_egress(r, n, f"{path}.egress[{i}]", i, namespace)
+        _read_egress(r, n, f"{path}.egress[{i}]", i, namespace, host=has_ns)
         for i, n in enumerate(egress_nodes or [])
     ]
     if len(r.errors) > errors:
@@ -913,13 +915,30 @@ def _read_spec(  # noqa: PLR0917
     )
 
 
-def _check_unenforced_rule(r: Reader, node: YamlNode, path: str, *, deny: bool) -> None:
+_FROM = ("fromEndpoints", "fromCIDR", "fromCIDRSet", "fromEntities", "fromNodes", "fromGroups")
+
+
+def _check_unenforced_rule(
+    r: Reader, node: YamlNode, path: str, *, deny: bool, host: bool = False
+) -> None:
     """An ingress, ingressDeny (``deny``) or egressDeny (``deny``) rule: not enforced, but what
-    Cilium rejects in it (its ports, DNS rules on ingress, ICMP fields) is an error all the
-    same."""
+    Cilium rejects in it (its ports, DNS rules on ingress, L7 rules on a host's ingress, two
+    peer selectors, unknown entities, bad CIDRs, ICMP fields) is an error all the same."""
     f = r.mapping(node, path, None)
     if f is None:
         return
+    present = {k: r.sequence(f[k], f"{path}.{k}") for k in _FROM if k in f}
+    used = [k for k in _FROM if present.get(k)]
+    if len(used) > 1:
+        _reject(r, node, path, f"combining {used[0]} and {used[1]} is not supported")
+    for i, n in enumerate(present.get("fromEntities") or []):
+        ent = r.string(n, f"{path}.fromEntities[{i}]")
+        if ent is not None and ent not in _ENTITIES:
+            _reject(r, n, f"{path}.fromEntities[{i}]", f"unsupported entity {ent!r}")
+    for i, n in enumerate(present.get("fromCIDR") or []):
+        _read_cidr(r, n, f"{path}.fromCIDR[{i}]", allow_address=True)
+    for i, n in enumerate(present.get("fromCIDRSet") or []):
+        _read_cidr_rule(r, n, f"{path}.fromCIDRSet[{i}]", _Rule(0), i)
     ports = r.sequence(f["toPorts"], f"{path}.toPorts") if "toPorts" in f else []
     icmps = r.sequence(f["icmps"], f"{path}.icmps") if "icmps" in f else []
     if ports and icmps:
@@ -937,6 +956,14 @@ def _check_unenforced_rule(r: Reader, node: YamlNode, path: str, *, deny: bool) 
                 _read_port(r, pn, f"{p}.ports[{j}]")
         else:
             _read_port_rule(r, n, p, ingress=True)
+            rules = r.mapping(n, p, None) or {}
+            if host and "rules" in rules:
+                _reject(
+                    r,
+                    rules["rules"],
+                    f"{p}.rules",
+                    "L7 rules are not supported on a host's ingress",
+                )
 
 
 def _check_icmps(r: Reader, items: list[YamlNode], path: str) -> None:
@@ -1005,7 +1032,7 @@ def _read_selector(r: Reader, node: YamlNode, path: str) -> Selector | None:
 
 
 def _read_egress(
-    r: Reader, node: YamlNode, path: str, index: int, namespace: str | None
+    r: Reader, node: YamlNode, path: str, index: int, namespace: str | None, *, host: bool = False
 ) -> _Rule | None:
     errors = len(r.errors)
     f = r.mapping(node, path, _EGRESS)
@@ -1066,7 +1093,7 @@ def _read_egress(
     _check_icmps(r, icmps or [], f"{path}.icmps")
     rule.has_ports = bool(ports)
     for i, n in enumerate(ports or []):
-        entry = _read_port_rule(r, n, f"{path}.toPorts[{i}]")
+        entry = _read_port_rule(r, n, f"{path}.toPorts[{i}]", host=host)
         if entry is not None:
             rule.ports.append(entry)
     return rule if len(r.errors) == errors else None
@@ -1205,10 +1232,11 @@ def _read_cidr_rule(r: Reader, node: YamlNode, path: str, rule: _Rule, i: int) -
 
 
 def _read_port_rule(
-    r: Reader, node: YamlNode, path: str, *, ingress: bool = False
+    r: Reader, node: YamlNode, path: str, *, ingress: bool = False, host: bool = False
 ) -> _PortEntry | None:
     """A ``toPorts`` entry. ``ingress``: one of an ingress rule, only checked (fqdnguard does not
-    enforce ingress), for what Cilium rejects there."""
+    enforce ingress), for what Cilium rejects there. ``host``: of a host policy
+    (``nodeSelector``), where Cilium rejects HTTP and Kafka rules on egress."""
     errors = len(r.errors)
     f = r.mapping(node, path, _PORT_RULE)
     if f is None:
@@ -1255,6 +1283,11 @@ def _read_port_rule(
         _reject(r, rules["dns"], f"{path}.rules.dns", "DNS rules are not allowed on ingress")
     if ingress and "listener" in f:
         _reject(r, f["listener"], f"{path}.listener", "listener is not allowed on ingress")
+    for k in ("http", "kafka"):
+        if host and not ingress and rules and k in rules:
+            _reject(
+                r, rules[k], f"{path}.rules.{k}", f"L7 {k} rules are not supported on host egress"
+            )
     if rules and "listener" in f:
         _reject(r, f["listener"], f"{path}.listener", "listener is not allowed with L7 rules")
     if rules:
