@@ -98,6 +98,10 @@ KUBE := $(PYTHON) tools/kube/localkube.py
 kube-build: $(VENV_DEP) ## Build the local control plane's binaries from the Go module proxy (once per machine)
 	$(KUBE) build
 
+.PHONY: cilium-module
+cilium-module: $(VENV_DEP) ## Fetch the Cilium Go module the CRD oracle test compares with (once per machine, ~5 s)
+	$(PYTHON) tools/cilium/module.py fetch
+
 .PHONY: kube-pydeps
 kube-pydeps: $(VENV_DEP)
 	$(PIP) install -q --disable-pip-version-check $(KUBE_PY)

@@ -244,3 +244,16 @@ class Relay:
     def close(self) -> None:
         self.cut()
         self.listener.close()
+
+
+def wait_for_crds(kube: KubeControlPlane, *names: str) -> None:
+    """Wait until each CRD is Established (kubectl wait fails outright on a CRD that has no
+    conditions yet, so poll)."""
+    for crd in names:
+        wait_until(
+            f"CRD {crd} to be Established",
+            lambda crd=crd: any(
+                c["type"] == "Established" and c["status"] == "True"
+                for c in get(kube, "crd", crd)["status"].get("conditions") or []
+            ),
+        )

@@ -110,13 +110,15 @@ DNS_PORT = 53
 
 def policed_sources(policy: Any, endpoints: Any) -> tuple[list[str], list[str]]:
     """The set elements (``"ADDR . PORT"``, IPv4 and IPv6) of every endpoint a policy with DNS
-    rules selects: each of its addresses with port 53 and every port its DNS rules name (Cilium
-    redirects DNS on the rule's port: a rule on port 5353 must not leave that port unpoliced)."""
+    rules selects: each of its addresses with port 53, every port its DNS rules name (Cilium
+    redirects DNS on the rule's port: a rule on port 5353 must not leave that port unpoliced),
+    and every Service port leading to one of those (interception sees the port before the
+    Service translation: a Service on 1053 sending to the DNS pods' 53 must not go around)."""
     v4: set[tuple[Any, int]] = set()
     v6: set[tuple[Any, int]] = set()
     for ep in endpoints or ():
         if ep.ips and policy.has_dns_rules(ep):
-            ports = {DNS_PORT, *policy.dns_ports(ep)}
+            ports = {DNS_PORT, *policy.dns_ports(ep), *policy.dns_service_ports(ep)}
             for ip in ep.ips:
                 addr = ipaddress.ip_address(ip)
                 (v6 if addr.version == 6 else v4).update((addr, port) for port in ports)

@@ -123,7 +123,13 @@ _SERVICE_NAME = frozenset({"serviceName", "namespace"})
 _SERVICE_SELECTOR = frozenset({"selector", "namespace"})
 _DEFAULT_DENY = frozenset({"ingress", "egress"})
 _PROTOCOLS = ("TCP", "UDP", "SCTP", "ANY")
-_OTHER_PROTOCOLS = ("ICMP", "ICMPv6", "VRRP", "IGMP")
+#: Valid in Cilium's CRD (its ``protocol`` enum) but not enforced: such a port allows nothing.
+_OTHER_PROTOCOLS = ("VRRP", "IGMP")
+#: The CRD's enum, in its order. ICMP is not a port protocol: ICMP rules go in ``icmps``.
+_CRD_PROTOCOLS = ("TCP", "UDP", "SCTP", "VRRP", "IGMP", "ANY")
+_L7_KINDS = ("http", "kafka", "dns", "l7proto")
+#: ``serverNames`` items, as Cilium's CRD schema checks them.
+_SERVER_NAME = re.compile(r"(\*?\*\.)?([-a-zA-Z0-9_]+\.?)+")
 _ENTITIES = frozenset(
     {
         "all",
@@ -506,6 +512,15 @@ class Policy:
             for lo, _hi, _proto in entry.ranges
         }
 
+    def dns_service_ports(self, endpoint: Endpoint) -> set[int]:
+        """The Service ports (of the cluster the policy was compiled with) that lead to a port
+        the DNS rules of ``endpoint``'s policies are on: DNS sent to such a Service reaches a
+        DNS rule's port after the Service translation, so it must be intercepted too."""
+        dns = self.dns_ports(endpoint)
+        if not dns or self.cluster is None:
+            return set()
+        return {p.port for svc in self.cluster.services for p in svc.ports if p.target in dns}
+
     def egress_plan(
         self, endpoint: Endpoint, endpoints: Endpoints | None = None
     ) -> EgressPlan | None:
@@ -672,6 +687,15 @@ class _Reader(Reader):
     def __init__(self, file: str, unenforced_l7: str) -> None:
         super().__init__(file)
         self.unenforced_l7 = unenforced_l7
+        #: The policy (and spec) being read, named in the errors of what Cilium rejects.
+        self.label = ""
+
+
+def _reject(r: Reader, node: YamlNode | int, path: str, reason: str) -> None:
+    """An error for what Cilium rejects (its CRD schema or its rule sanitising), naming the
+    policy as well as the field."""
+    label = r.label if isinstance(r, _Reader) else ""
+    r.error(node, path, f"{reason} ({label}; Cilium rejects it)" if label else reason)
 
 
 def _read_sources(
@@ -812,6 +836,8 @@ def _read_spec(  # noqa: PLR0917
     label: str,
 ) -> _Spec | None:
     errors = len(r.errors)
+    if isinstance(r, _Reader):
+        r.label = label
     f = r.mapping(node, path, _RULE)
     if f is None:
         return None
@@ -832,7 +858,13 @@ def _read_spec(  # noqa: PLR0917
         has_ingress = has_ingress or items != []  # rules, or an error already reported
         if items:
             r.warn(f[key], f"{path}.{key}", f"{key} rules")
+        for i, n in enumerate(items or []):
+            _check_unenforced_rule(
+                r, n, f"{path}.{key}[{i}]", deny=key == "ingressDeny", host=has_ns
+            )
     deny = r.sequence(f["egressDeny"], f"{path}.egressDeny") if "egressDeny" in f else []
+    for i, n in enumerate(deny or []):
+        _check_unenforced_rule(r, n, f"{path}.egressDeny[{i}]", deny=True)
     if deny:
         r.warn(
             f["egressDeny"],
@@ -864,7 +896,7 @@ def _read_spec(  # noqa: PLR0917
             if k == "egress" and b is not None:
                 default_deny = b
     egress = [
-        _read_egress(r, n, f"{path}.egress[{i}]", i, namespace)
+        _read_egress(r, n, f"{path}.egress[{i}]", i, namespace, host=has_ns)
         for i, n in enumerate(egress_nodes or [])
     ]
     if len(r.errors) > errors:
@@ -881,6 +913,77 @@ def _read_spec(  # noqa: PLR0917
         r.file,
         line_of(node),
     )
+
+
+_FROM = ("fromEndpoints", "fromCIDR", "fromCIDRSet", "fromEntities", "fromNodes", "fromGroups")
+
+
+def _check_unenforced_rule(
+    r: Reader, node: YamlNode, path: str, *, deny: bool, host: bool = False
+) -> None:
+    """An ingress, ingressDeny (``deny``) or egressDeny (``deny``) rule: not enforced, but what
+    Cilium rejects in it (its ports, DNS rules on ingress, L7 rules on a host's ingress, two
+    peer selectors, unknown entities, bad CIDRs, ICMP fields) is an error all the same."""
+    f = r.mapping(node, path, None)
+    if f is None:
+        return
+    present = {k: r.sequence(f[k], f"{path}.{k}") for k in _FROM if k in f}
+    used = [k for k in _FROM if present.get(k)]
+    if len(used) > 1:
+        _reject(r, node, path, f"combining {used[0]} and {used[1]} is not supported")
+    for i, n in enumerate(present.get("fromEntities") or []):
+        ent = r.string(n, f"{path}.fromEntities[{i}]")
+        if ent is not None and ent not in _ENTITIES:
+            _reject(r, n, f"{path}.fromEntities[{i}]", f"unsupported entity {ent!r}")
+    for i, n in enumerate(present.get("fromCIDR") or []):
+        _read_cidr(r, n, f"{path}.fromCIDR[{i}]", allow_address=True)
+    for i, n in enumerate(present.get("fromCIDRSet") or []):
+        _read_cidr_rule(r, n, f"{path}.fromCIDRSet[{i}]", _Rule(0), i)
+    ports = r.sequence(f["toPorts"], f"{path}.toPorts") if "toPorts" in f else []
+    icmps = r.sequence(f["icmps"], f"{path}.icmps") if "icmps" in f else []
+    if ports and icmps:
+        _reject(r, f["icmps"], f"{path}.icmps", "icmps may only be present without toPorts")
+    _check_icmps(r, icmps or [], f"{path}.icmps")
+    for i, n in enumerate(ports or []):
+        p = f"{path}.toPorts[{i}]"
+        if deny:
+            # A PortDenyRule: only ports.
+            pf = r.mapping(n, p, frozenset({"ports"}))
+            items = r.sequence(pf["ports"], f"{p}.ports") if pf and "ports" in pf else []
+            if items is not None and len(items) > _MAX_PORTS:
+                _reject(r, n, f"{p}.ports", f"too many ports, the max is {_MAX_PORTS}")
+            for j, pn in enumerate(items or []):
+                _read_port(r, pn, f"{p}.ports[{j}]")
+        else:
+            _read_port_rule(r, n, p, ingress=True)
+            rules = r.mapping(n, p, None) or {}
+            if host and "rules" in rules:
+                _reject(
+                    r,
+                    rules["rules"],
+                    f"{p}.rules",
+                    "L7 rules are not supported on a host's ingress",
+                )
+
+
+def _check_icmps(r: Reader, items: list[YamlNode], path: str) -> None:
+    """Cilium's ``ICMPRule.verify`` and its CRD: at most 40 fields, family IPv4 or IPv6."""
+    for i, n in enumerate(items):
+        f = r.mapping(n, f"{path}[{i}]", None)
+        fields = r.sequence(f["fields"], f"{path}[{i}].fields") if f and "fields" in f else []
+        if fields is not None and len(fields) > _MAX_PORTS:
+            _reject(r, n, f"{path}[{i}].fields", f"too many types, the max is {_MAX_PORTS}")
+        for j, fn in enumerate(fields or []):
+            ff = r.mapping(fn, f"{path}[{i}].fields[{j}]", None)
+            if ff and "family" in ff:
+                fam = r.string(ff["family"], f"{path}[{i}].fields[{j}].family")
+                if fam not in (None, "", "IPv4", "IPv6"):
+                    _reject(
+                        r,
+                        ff["family"],
+                        f"{path}[{i}].fields[{j}].family",
+                        f"wrong family {fam!r} (expected IPv4 or IPv6)",
+                    )
 
 
 def _read_selector(r: Reader, node: YamlNode, path: str) -> Selector | None:
@@ -929,7 +1032,7 @@ def _read_selector(r: Reader, node: YamlNode, path: str) -> Selector | None:
 
 
 def _read_egress(
-    r: Reader, node: YamlNode, path: str, index: int, namespace: str | None
+    r: Reader, node: YamlNode, path: str, index: int, namespace: str | None, *, host: bool = False
 ) -> _Rule | None:
     errors = len(r.errors)
     f = r.mapping(node, path, _EGRESS)
@@ -939,11 +1042,11 @@ def _read_egress(
     present = {k: r.sequence(f[k], f"{path}.{k}") for k in _L3 if k in f}
     used = [k for k in _L3 if present.get(k)]
     if len(used) > 1:
-        r.error(
+        _reject(
+            r,
             node,
             path,
-            f"combining {used[0]} and {used[1]} in one rule is not supported "
-            "(Cilium rejects it); use two rules",
+            f"combining {used[0]} and {used[1]} in one rule is not supported: use two rules",
         )
     rule.has_l3 = bool(used)
     for i, n in enumerate(present.get("toEndpoints") or []):
@@ -984,11 +1087,13 @@ def _read_egress(
         if k in f:
             r.warn(f[k], f"{path}.{k}", k)
     ports = r.sequence(f["toPorts"], f"{path}.toPorts") if "toPorts" in f else []
-    if ports and "icmps" in f and r.sequence(f["icmps"], f"{path}.icmps"):
-        r.error(f["icmps"], f"{path}.icmps", "icmps may only be present without toPorts")
+    icmps = r.sequence(f["icmps"], f"{path}.icmps") if "icmps" in f else []
+    if ports and icmps:
+        _reject(r, f["icmps"], f"{path}.icmps", "icmps may only be present without toPorts")
+    _check_icmps(r, icmps or [], f"{path}.icmps")
     rule.has_ports = bool(ports)
     for i, n in enumerate(ports or []):
-        entry = _read_port_rule(r, n, f"{path}.toPorts[{i}]")
+        entry = _read_port_rule(r, n, f"{path}.toPorts[{i}]", host=host)
         if entry is not None:
             rule.ports.append(entry)
     return rule if len(r.errors) == errors else None
@@ -1126,17 +1231,33 @@ def _read_cidr_rule(r: Reader, node: YamlNode, path: str, rule: _Rule, i: int) -
         rule.cidrs.append((c[0], c[1], excepts, label))
 
 
-def _read_port_rule(r: Reader, node: YamlNode, path: str) -> _PortEntry | None:
+def _read_port_rule(
+    r: Reader, node: YamlNode, path: str, *, ingress: bool = False, host: bool = False
+) -> _PortEntry | None:
+    """A ``toPorts`` entry. ``ingress``: one of an ingress rule, only checked (fqdnguard does not
+    enforce ingress), for what Cilium rejects there. ``host``: of a host policy
+    (``nodeSelector``), where Cilium rejects HTTP and Kafka rules on egress."""
     errors = len(r.errors)
     f = r.mapping(node, path, _PORT_RULE)
     if f is None:
         return None
     for k in ("terminatingTLS", "originatingTLS"):
-        if k in f:
+        if k in f and not ingress:
             r.warn(f[k], f"{path}.{k}", k)
     server_names = r.strings(f["serverNames"], f"{path}.serverNames") if "serverNames" in f else []
-    if server_names and "" in server_names:
-        r.error(f["serverNames"], f"{path}.serverNames", "an empty server name is not allowed")
+    if "serverNames" in f and server_names == []:
+        _reject(r, f["serverNames"], f"{path}.serverNames", "must not be an empty list")
+    for i, sn in enumerate(server_names or []):
+        if sn == "":
+            _reject(r, f["serverNames"], f"{path}.serverNames[{i}]", "empty server name")
+        elif len(sn) > 255 or not _SERVER_NAME.fullmatch(sn):
+            _reject(
+                r,
+                f["serverNames"],
+                f"{path}.serverNames[{i}]",
+                f"{sn!r} is not a server name (labels of [-a-zA-Z0-9_], at most 255 characters, "
+                "optionally after a leading '*.' or '**.')",
+            )
     items = r.sequence(f["ports"], f"{path}.ports") if "ports" in f else []
     if items is not None and len(items) > _MAX_PORTS:
         r.error(f["ports"], f"{path}.ports", f"too many ports, the max is {_MAX_PORTS}")
@@ -1149,10 +1270,34 @@ def _read_port_rule(r: Reader, node: YamlNode, path: str) -> _PortEntry | None:
         unenforced.append(("serverNames (TLS SNI)", f["serverNames"], f"{path}.serverNames"))
     if "listener" in f:
         unenforced.append(("listener (an Envoy listener)", f["listener"], f"{path}.listener"))
+    if rules is not None and "rules" in f and not any(k in rules for k in _L7_KINDS):
+        # Cilium's CRD schema: rules is oneOf http, kafka, dns, l7proto.
+        _reject(
+            r,
+            f["rules"],
+            f"{path}.rules",
+            "must have exactly one of http, kafka, dns and l7proto (an empty rules object is "
+            "not allowed)",
+        )
+    if ingress and rules and "dns" in rules:
+        _reject(r, rules["dns"], f"{path}.rules.dns", "DNS rules are not allowed on ingress")
+    if ingress and "listener" in f:
+        _reject(r, f["listener"], f"{path}.listener", "listener is not allowed on ingress")
+    for k in ("http", "kafka"):
+        if host and not ingress and rules and k in rules:
+            _reject(
+                r, rules[k], f"{path}.rules.{k}", f"L7 {k} rules are not supported on host egress"
+            )
+    if rules and "listener" in f:
+        _reject(r, f["listener"], f"{path}.listener", "listener is not allowed with L7 rules")
     if rules:
-        kinds = [k for k in ("http", "kafka", "dns", "l7proto") if k in rules]
+        kinds = [k for k in _L7_KINDS if k in rules]
         if "l7" in rules and "l7proto" not in rules:
             r.error(rules["l7"], f"{path}.rules.l7", "'l7' needs 'l7proto'")
+        for i, n in enumerate(r.sequence(rules["l7"], f"{path}.rules.l7") or [] if "l7" in rules
+                              else []):  # fmt: skip
+            if "" in (r.mapping(n, f"{path}.rules.l7[{i}]", None) or {}):
+                _reject(r, n, f"{path}.rules.l7[{i}]", "empty key not allowed")
         if len(kinds) > 1:
             r.error(node, f"{path}.rules", "multiple L7 protocol rule types in one port rule")
         if any(p is not None and p[0] == 0 for p in ports):
@@ -1181,7 +1326,7 @@ def _read_port_rule(r: Reader, node: YamlNode, path: str) -> _PortEntry | None:
                         f"L7 rules can only apply to TCP (not {p[2]}) except for DNS rules",
                     )
     deny_l7 = bool(unenforced) and getattr(r, "unenforced_l7", "deny") == "deny"
-    for what, at, where in unenforced:
+    for what, at, where in [] if ingress else unenforced:
         r.warn(
             at,
             where,
@@ -1213,15 +1358,20 @@ def _read_port(r: Reader, node: YamlNode, path: str) -> tuple[int, int, str, str
     text = r.string(f["port"], f"{path}.port") if "port" in f else None
     end = r.integer(f["endPort"], f"{path}.endPort") if "endPort" in f else 0
     proto = r.string(f["protocol"], f"{path}.protocol") if "protocol" in f else "ANY"
-    if proto is not None and proto not in _PROTOCOLS + _OTHER_PROTOCOLS:
-        r.error(
+    if proto is not None and proto not in _CRD_PROTOCOLS:
+        hint = (
+            " (ICMP rules go in icmps, beside toPorts)" if proto.upper().startswith("ICMP") else ""
+        )
+        _reject(
+            r,
             f["protocol"],
             f"{path}.protocol",
-            f"unsupported protocol {proto!r} (expected "
-            f"one of: {', '.join(_PROTOCOLS + _OTHER_PROTOCOLS)})",
+            f"unsupported protocol {proto!r} (expected one of: {', '.join(_CRD_PROTOCOLS)}){hint}",
         )
     elif proto in _OTHER_PROTOCOLS:
         r.warn(f["protocol"], f"{path}.protocol", f"protocol {proto} (this port allows nothing)")
+        if text not in (None, "0"):
+            _reject(r, f["port"], f"{path}.port", f"port must be empty or 0 for {proto}")
     if end is not None and not 0 <= end <= 65535:
         r.error(f["endPort"], f"{path}.endPort", f"{end} is not between 0 and 65535")
     port: int | None = None
@@ -1319,9 +1469,12 @@ def _cluster_ip_rules(
 ) -> list[tuple[list[str], _Entries, str]]:
     """A pod asks a Service's ClusterIP, and Cilium applies policy after the Service
     translation: so a rule whose L3 part admits every ready backend of a Service also admits
-    the Service's ClusterIPs, on the Service ports that map to the same port number on the
-    backends (other mappings: issue 17) and that the rule's ports admit, with the rule's DNS
-    rules. (ClusterIPs, port entries, label) per Service; none without cluster facts."""
+    the Service's ClusterIPs, on each Service port whose target port (the backends' port, a
+    number or a name the EndpointSlices resolved) the rule's ports admit, with the rule's DNS
+    rules. A rule on 5353 so admits ClusterIP:53 of a Service sending 53 to 5353, and a rule on
+    53 does not: the verdict sees the port the backends see. A target port not known (a name
+    no EndpointSlice resolved) admits nothing. (ClusterIPs, port entries, label) per Service;
+    none without cluster facts."""
     if res.cluster is None or rule.fqdns or not rule.has_l3 or not (l3.ips or l3.cidrs):
         return []
     key = (
@@ -1335,13 +1488,13 @@ def _cluster_ip_rules(
         by_service.setdefault(svc.display, (svc, []))[1].append(cip)
     out = []
     for svc, cips in by_service.values():
-        same = [(p.port, p.protocol) for p in svc.ports if p.target == p.port]
+        mapped = [(p.port, p.target, p.protocol) for p in svc.ports if p.target is not None]
         kept_entries: _Entries = []
-        if not entries and same:
-            kept_entries.append(([(n, n, proto) for n, proto in same], None))
+        if not entries and mapped:
+            kept_entries.append(([(n, n, proto) for n, _, proto in mapped], None))
         for ranges, dns in entries:
-            kept = [(n, n, proto) for n, proto in same
-                    if not ranges or any(_port_admits(r, n, proto) for r in ranges)]  # fmt: skip
+            kept = [(n, n, proto) for n, to, proto in mapped
+                    if not ranges or any(_port_admits(r, to, proto) for r in ranges)]  # fmt: skip
             if kept:
                 kept_entries.append((kept, dns))
         if kept_entries:

@@ -599,6 +599,13 @@ impl PolicySet {
             return verdict(Outcome::Unrestricted);
         }
         for (name, text) in names {
+            // Cilium's toFQDNs selectors match only names whose labels are all made of
+            // [-a-zA-Z0-9_], the match-all ones (`*`, `**.`) included: their regex is
+            // `(^([-a-zA-Z0-9_]+[.])+$)|(^[.]$)` (matchpattern.ToAnchoredRegexp), while a DNS
+            // rule's match-all admits every name. Other selectors need it label by label.
+            if !name.usual_below(name.count()) {
+                continue;
+            }
             for g in id.fqdn.matching(name) {
                 let x = self.fqdn_sels[g as usize];
                 if self.rule(x.spec, x.rule).port_entry(port, proto).is_some() {

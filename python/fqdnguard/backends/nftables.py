@@ -86,6 +86,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import socket
 import struct
 import threading
@@ -101,6 +102,9 @@ __all__ = ["Libnftables", "NftError", "Nftables"]
 log = logging.getLogger("fqdnguard.backend.nftables")
 
 TABLE = "fqdnguard"
+#: The names (presentation form, absolute) a `toFQDNs` selector can match: Cilium's regex for a
+#: match-all selector (matchpattern.ToAnchoredRegexp); the others require it label by label.
+SELECTABLE_NAME = re.compile(r"(?:[-a-zA-Z0-9_]+\.)+|\.")
 FAMILY = "inet"
 #: nft_ctx_output_set_flags: NFT_CTX_OUTPUT_JSON (libnftables.h).
 _OUTPUT_JSON = 1 << 4
@@ -550,9 +554,12 @@ class _EndpointRules:
         the usual shape): such an address goes in no set. Without ``names_for``: every set of
         the family, which only removals may use (membership unknown)."""
         family = 6 if ":" in ip else 4
-        if names_for is None or len(self._match_all) == len(self.classes):
+        if names_for is None:
             return self._every[family]
-        names = names_for(ip, self.id)
+        # Cilium's toFQDNs selectors, `*` included, match only names of [-a-zA-Z0-9_] labels.
+        names = [n for n in names_for(ip, self.id) if SELECTABLE_NAME.fullmatch(n)]
+        if not names:
+            return ()
         return tuple(
             self.set_name(cid, family)
             for cid, (_, ps) in self.classes.items()
