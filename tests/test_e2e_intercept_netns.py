@@ -490,8 +490,9 @@ def _installed(status: dict[str, Any]) -> dict[str, Any]:
     return {k: status[k] for k in NONE}
 
 
-#: Rules: the mark, the listen address, two reverse path drops, two TPROXY, two drops.
-FULL = {"table": True, "rules": 8, "ip_rules4": 1, "ip_rules6": 1, "routes4": 1, "routes6": 1}
+#: Rules: the mark, the listen address, two reverse path drops, two marks of a TCP connection's
+#: later packets, two TPROXY, two drops; in the established chain, its accept and its drop.
+FULL = {"table": True, "rules": 12, "ip_rules4": 1, "ip_rules6": 1, "routes4": 1, "routes6": 1}
 NONE = {"table": False, "rules": 0, "ip_rules4": 0, "ip_rules6": 0, "routes4": 0, "routes6": 0}
 
 

@@ -389,7 +389,7 @@ def upgrade(node: Node, *, policy_change: bool, kill_old: bool, seconds: float =
     assert "--intercept" in old.proxy.argv and flag(old.proxy.argv, "--control-socket")
     node.start(old)
     node.push(old, "*.allowed.e2e.test")
-    wait(lambda: snapshot(node)["rules"] == 8 and snapshot(node)["policed"], "interception")
+    wait(lambda: snapshot(node)["rules"] == 12 and snapshot(node)["policed"], "interception")
     assert ask(node, "web.allowed.e2e.test") == dns.rcode.NOERROR
     assert ask(node, "other.allowed.e2e.test") == dns.rcode.NOERROR  # learned, then unlisted
     pattern = "web.allowed.e2e.test" if policy_change else "*.allowed.e2e.test"
@@ -437,7 +437,7 @@ def upgrade(node: Node, *, policy_change: bool, kill_old: bool, seconds: float =
     new.process.send_signal(signal.SIGTERM)
     assert new.process.wait(30) == 0
     after = snapshot(node)
-    assert after["rules"] == 8 and after["policed"], after
+    assert after["rules"] == 12 and after["policed"], after
     with pytest.raises(OSError):  # nobody serves: the policed pod's DNS is dropped, not unfiltered
         ask(node, "web.allowed.e2e.test")
 

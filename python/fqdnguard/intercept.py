@@ -15,12 +15,24 @@ What ``fqdnguard run --intercept`` installs, all of it owned by fqdnguard::
             fib saddr . iif oif missing counter drop               # a borrowed source
         meta l4proto { tcp, udp } ip6 saddr . th dport @policed6
             fib saddr . iif oif missing counter drop
+        meta l4proto tcp ip saddr . th dport @policed4             # a TCP connection's
+            ct direction original ct state established              # later packets: to the
+            meta mark set meta mark | 0x1000 return                 # chain below
+        meta l4proto tcp ip6 saddr . th dport @policed6
+            ct direction original ct state established meta mark set meta mark | 0x1000 return
         meta l4proto { tcp, udp } ip saddr . th dport @policed4
             tproxy ip to 127.0.0.1:10053 meta mark set meta mark | 0x1000 accept
         meta l4proto { tcp, udp } ip6 saddr . th dport @policed6
             tproxy ip6 to [::1]:10053 meta mark set meta mark | 0x1000 accept
         meta l4proto { tcp, udp } ip saddr . th dport @policed4 counter drop
         meta l4proto { tcp, udp } ip6 saddr . th dport @policed6 counter drop
+      }
+      chain established {
+        type filter hook prerouting priority dstnat + 10; policy accept;
+        meta mark & 0x1000 == 0x1000 meta l4proto tcp ct direction original
+            ct state established socket transparent 1 accept
+        meta mark & 0x1000 == 0x1000 meta l4proto tcp ct direction original
+            ct state established counter drop
       }
     }
     ip -4 rule add fwmark 0x1000/0x1000 lookup 153 priority 153     # and the same with -6
@@ -33,8 +45,17 @@ the other ports their DNS rules name, as Cilium redirects those too) match, at a
 address, so DNS of other endpoints is never touched. When no transparent
 listener is there (fqdnguard crashed), nft's tproxy does not match and the drop rules after it
 keep the policed pods' DNS from going around the proxy. The hook runs at priority
-mangle (-150), before the DNAT of a service address (kube-proxy, dstnat -100): the proxy sees the
-address the pod asked.
+mangle (-150), before the DNAT of a service address (kube-proxy, dstnat -100), so the sets match
+the port the pod asked; the DNAT still translates the first packet after TPROXY chose the socket,
+so the proxy sees the translated address (the socket a TCP connection gets is made with it), and
+conntrack translates the answers back to the address the pod asked.
+
+Only the first packet of a TCP connection goes through TPROXY. Its later packets still carry the
+address the pod asked (the Service's) at mangle, where TPROXY's lookup of an established socket
+cannot find the connection (its socket has the translated address) and would hand them to the
+listener, which resets the connection. They are marked and left to the ``established`` chain,
+after the DNAT, where ``socket`` finds the connection by the translated address; a packet with no
+transparent socket there (a connection opened before the pod was policed) is dropped.
 
 Installing is idempotent: one nftables transaction adds the table, deletes it and defines it
 anew (whatever was there, e.g. a set of another type left by an older version, is replaced
@@ -107,6 +128,12 @@ class InterceptSettings:
 #: The DNS port every policed endpoint has intercepted, whatever ports its DNS rules name.
 DNS_PORT = 53
 
+#: A packet of a connection after its first, from the side that opened it.
+_LATER = "ct direction original ct state established"
+#: The chain that finds an intercepted TCP connection's socket by its translated address: after
+#: the node's DNAT (dstnat, -100), where the packet carries the address the socket was made with.
+_ESTABLISHED_HOOK = "type filter hook prerouting priority dstnat + 10; policy accept;"
+
 
 def policed_sources(policy: Any, endpoints: Any) -> tuple[list[str], list[str]]:
     """The set elements (``"ADDR . PORT"``, IPv4 and IPv6) of every endpoint a policy with DNS
@@ -148,7 +175,8 @@ class Interceptor:
 
     def rules(self) -> list[str]:
         s = self.settings
-        mark = f"meta mark set meta mark | {s.tproxy_mark:#x} accept"
+        mark_only = f"meta mark set meta mark | {s.tproxy_mark:#x}"
+        mark = f"{mark_only} accept"
         dns = "meta l4proto { tcp, udp }"
         own = []
         for host, port in self.exclude:
@@ -171,11 +199,26 @@ class Interceptor:
             f"meta mark & {s.proxy_mark:#x} == {s.proxy_mark:#x} return",
             *own,
             *spoofed,
+            # A TCP connection's later packets: left to the `established` chain (below).
+            f"meta l4proto tcp ip saddr . th dport @policed4 {_LATER} {mark_only} return",
+            f"meta l4proto tcp ip6 saddr . th dport @policed6 {_LATER} {mark_only} return",
             f"{dns} ip saddr . th dport @policed4 tproxy ip to {LISTEN4}:{s.port} {mark}",
             f"{dns} ip6 saddr . th dport @policed6 tproxy ip6 to [{LISTEN6}]:{s.port} {mark}",
             # tproxy found no listener (fqdnguard is not running): no way around the proxy.
             f"{dns} ip saddr . th dport @policed4 counter drop",
             f"{dns} ip6 saddr . th dport @policed6 counter drop",
+        ]
+
+    def established_rules(self) -> list[str]:
+        """The ``established`` chain, after the node's DNAT: a later packet of an intercepted
+        TCP connection (marked by :meth:`rules`) goes on only to the transparent socket that
+        accepted the connection, looked up by the packet's translated address (the socket's
+        own); without one it is dropped (a connection opened before the pod was policed, or
+        one fqdnguard has closed)."""
+        ours = f"meta mark & {self.settings.tproxy_mark:#x} == {self.settings.tproxy_mark:#x}"
+        return [
+            f"{ours} meta l4proto tcp {_LATER} socket transparent 1 accept",
+            f"{ours} meta l4proto tcp {_LATER} counter drop",
         ]
 
     def ruleset(self) -> str:
@@ -195,6 +238,8 @@ class Interceptor:
             "\tchain prerouting {\n\t\ttype filter hook prerouting priority mangle; policy accept;"
         )
         lines += [f"\t\t{r}" for r in self.rules()]
+        lines.append(f"\t}}\n\tchain established {{\n\t\t{_ESTABLISHED_HOOK}")
+        lines += [f"\t\t{r}" for r in self.established_rules()]
         lines += ["\t}", "}"]
         for family, default in (("-4", "0.0.0.0/0"), ("-6", "::/0")):
             lines.append(
@@ -219,9 +264,11 @@ class Interceptor:
             f"add set {t} policed6 {{ type ipv6_addr . inet_service; }}",
             f"add chain {t} prerouting "
             "{ type filter hook prerouting priority mangle; policy accept; }",
-            *([f"flush chain {t} prerouting"] if keep else []),
+            f"add chain {t} established {{ {_ESTABLISHED_HOOK} }}",
+            *([f"flush chain {t} prerouting", f"flush chain {t} established"] if keep else []),
         ]
         cmds += [f"add rule {t} prerouting {r}" for r in self.rules()]
+        cmds += [f"add rule {t} established {r}" for r in self.established_rules()]
         for name, elems in (("policed4", sources[0]), ("policed6", sources[1])):
             if elems:
                 cmds.append(f"add element {t} {name} {{ {', '.join(elems)} }}")
@@ -271,7 +318,7 @@ class Interceptor:
                 if "Operation not permitted" in str(e):
                     hint = " (needs root or CAP_NET_ADMIN in this network namespace)"
                 elif "No such file or directory" in str(e) or "not supported" in str(e):
-                    hint = " (is the kernel's nft_tproxy module available?)"
+                    hint = " (are the kernel's nft_tproxy and nft_socket modules available?)"
                 raise InterceptError(
                     f"interception: cannot install table {FAMILY} {self.settings.table}{hint}: {e}"
                 ) from None
