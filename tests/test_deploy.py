@@ -218,7 +218,7 @@ def test_values_named_after_ciliums_reach_the_proxy(tmp_path: Path) -> None:
     assert default.upstreams == [] and default.listen == [("127.0.0.1", 5353)]
     assert (default.log_queries, default.metrics, default.intercept_port) == (
         "sampled",
-        None,
+        ("127.0.0.1", 9967),
         10053,
     )
     tuned = proxy_options(
@@ -227,13 +227,13 @@ def test_values_named_after_ciliums_reach_the_proxy(tmp_path: Path) -> None:
         "--set", "dnsProxy.proxyResponseMaxDelay=1.5s",
         "--set", "dnsProxy.dnsRejectResponseCode=nameError",
         "--set", "nodeLocalDns.enabled=true",
-        "--set", "metrics.enabled=true",
+        "--set", "metrics.enabled=false",
         "--set", "queryLogging=all",
         "--set", "dnsProxy.searchDomains={svc.cluster.local}",
     )  # fmt: skip
     assert (tuned.min_ttl, tuned.hold_max, tuned.reject) == (3600, 1.5, "nxdomain")
     assert tuned.upstreams == [("169.254.20.10", 53)]
-    assert (tuned.metrics, tuned.log_queries) == (("127.0.0.1", 9967), "all")
+    assert (tuned.metrics, tuned.log_queries) == (None, "all")
     assert tuned.search_domains == ["svc.cluster.local"]
     assert proxy_options(tmp_path, "--set", "dnsProxy.proxyResponseMaxDelay=250ms").hold_max == 0.25
     upstreams = proxy_options(tmp_path, "--set", "upstreams={10.96.0.10:53,10.96.0.11}").upstreams

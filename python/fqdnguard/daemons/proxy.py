@@ -722,7 +722,11 @@ class ProxyDaemon:
             from fqdnguard.metrics import serve_metrics  # noqa: PLC0415
 
             host, port = self.config.metrics
-            self._metrics = await serve_metrics(self.proxy, host, port, [self.status.collector()])
+            # SO_REUSEPORT: during a hot restart the successor binds the port beside its
+            # predecessor, which serves it until it exits.
+            self._metrics = await serve_metrics(
+                self.proxy, host, port, [self.status.collector()], reuse_port=True
+            )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
