@@ -45,7 +45,7 @@ import pytest
 from fqdnguard._core import DnsCache
 from fqdnguard.control import ControlError, request_sync
 from fqdnguard.daemons.proxy import KUBE_PROTOCOL, kube_digest
-from fqdnguard.sources.model import KINDS
+from fqdnguard.sources.model import IDS_FILE, KINDS
 from fqdnguard.testing import KnotServer
 
 from tests.deploy_manifest import MANIFEST, Process, pod_processes
@@ -474,3 +474,68 @@ def test_adopted_entries_the_policy_no_longer_allows_leave_the_kernel(node: Node
     elements = snapshot(node)["elements"]
     assert not any("10.79.2.11" in k[2] for k in elements), "a disallowed address stays admitted"
     assert any("10.79.2.10" in k[2] for k in elements)
+
+
+def _ids(node: Node, pod: Pod) -> dict[str, int]:
+    """The pods' endpoint ids by UID (endpoint-ids.json in the node's state directory)."""
+    return {uid: int(i) for uid, i in json.loads((pod.state / IDS_FILE).read_text())["ids"].items()}
+
+
+def test_restored_entries_of_an_id_that_names_another_pod_now_are_dropped(node: Node) -> None:
+    """The proxy learned an address for the policed pod, then died (kill -9: its journal and
+    state stay). The id map it left is then not the one the next proxy reads (here the two
+    pods' ids swapped, as two proxies giving ids to new pods in another order, or a lost map
+    started afresh, would do): the next proxy must not credit the late pod with what the
+    policed pod learned, although the policy would allow it the name."""
+    first, second = node.new_pod(), node.new_pod()
+    node.start(first)
+    node.push(first, "*.allowed.e2e.test", late_pod=True)
+    assert ask(node, "web.allowed.e2e.test") == dns.rcode.NOERROR
+    ids = _ids(node, first)
+    policed, late = ids["uid-policed"], ids["uid-late"]
+    assert first.process is not None
+    first.process.kill()
+    first.process.wait(10)
+    swapped = {"ids": {"uid-policed": late, "uid-late": policed}, "next": max(ids.values()) + 1}
+    (first.state / IDS_FILE).write_text(json.dumps(swapped))
+    node.start(second)
+    cached = second.ask("GET", "/v1/cache")[1][1:]
+    credited = {e["endpoint"] for e in cached if e["name"] == "web.allowed.e2e.test."}
+    assert policed not in credited, "the late pod (now this id) got the policed pod's entries"
+    elements = snapshot(node)["elements"]
+    assert not any("10.79.2.10" in k[2] for k in elements), "the address stays admitted"
+    assert ask(node, "web.allowed.e2e.test") == dns.rcode.NOERROR  # learned again, by its id
+
+
+def test_a_hand_over_of_ids_that_name_other_pods_here_is_not_adopted(node: Node) -> None:
+    """The proxy handing over gave an id to another pod than this one did (pods created while
+    both ran): its file says which pod each id named; those entries are not adopted and their
+    elements are deleted, the others are."""
+    pod = node.new_pod()
+    node.start(pod)
+    node.push(pod, "*.allowed.e2e.test", late_pod=True)
+    assert ask(node, "web.allowed.e2e.test") == dns.rcode.NOERROR
+    ids = _ids(node, pod)
+    policed, late = ids["uid-policed"], ids["uid-late"]
+    left = DnsCache()
+    left.record(late, "other.allowed.e2e.test", [("10.79.2.11", 300)])  # another pod's, there
+    left.record(policed, "web.allowed.e2e.test", [("10.79.2.10", 300)])
+    name = f"cache.handover.4242.{kube_digest(NODE)[:16]}"
+    left.save(pod.state / name)
+    owners = {"owners": {str(policed): "uid-policed", str(late): "uid-gone"}}
+    (pod.state / f"{name}.owners").write_text(json.dumps(owners))
+    (_, set_name, _), *_ = [k for k in snapshot(node)["elements"] if "10.79.2.10" in k[2]]
+    late_set = f"ep_{late}_{set_name.split('_', 2)[2]}"  # ep_<id>_<class>_<family>
+    subprocess.run(
+        ["ip", "netns", "exec", node.topo.node, "nft", "add", "element", "inet", "fqdnguard",
+         late_set, "{ 10.79.2.11 timeout 300s }"],
+        check=True,
+    )  # fmt: skip
+    code, body = request_sync(pod.state / "control.sock", "POST", "/v1/adopt", {"file": name})
+    assert code == 200, body
+    cached = {(e["endpoint"], e["name"]) for e in pod.ask("GET", "/v1/cache")[1][1:]}
+    assert (late, "other.allowed.e2e.test.") not in cached, "another pod's entry was adopted"
+    assert (policed, "web.allowed.e2e.test.") in cached
+    elements = snapshot(node)["elements"]
+    assert not any("10.79.2.11" in k[2] for k in elements), "its element stays admitted"
+    assert not (pod.state / f"{name}.owners").exists()
