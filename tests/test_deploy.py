@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import yaml
 from fqdnguard.config import read_config_file
+from fqdnguard.daemons.proxy import ADOPT_TIMEOUT, DRAIN_MAX, SUCCESSOR_WAIT
 
 from tests.deploy_manifest import pod_processes
 from tests.kube import require_kube_binaries, wait_until
@@ -133,7 +134,8 @@ def test_the_daemonset_runs_proxy_and_agent_as_the_hand_over_needs() -> None:
     assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
     assert pod["priorityClassName"] == "system-node-critical"
     assert pod["tolerations"] == [{"operator": "Exists"}]
-    assert pod["terminationGracePeriodSeconds"] >= 30
+    # Long enough for the proxy's own longest waits at stop (docs/deploy.md, "Upgrade").
+    assert pod["terminationGracePeriodSeconds"] >= SUCCESSOR_WAIT + DRAIN_MAX + ADOPT_TIMEOUT
     assert pod["serviceAccountName"] == "fqdnguard"
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["state"]["hostPath"] == {"path": STATE_DIR, "type": "DirectoryOrCreate"}

@@ -119,6 +119,9 @@ SO_ATTACH_REUSEPORT_CBPF = 51
 #: At SIGTERM: serve until no query came for QUIET seconds (at most DRAIN_MAX), then stop.
 QUIET = 0.25
 DRAIN_MAX = 3.0
+#: At stop: how long the new proxy may take to adopt the cache handed over. These three bound
+#: how long a proxy takes from SIGTERM to its exit (the chart's terminationGracePeriodSeconds).
+ADOPT_TIMEOUT = 30.0
 
 
 class _Removal(NamedTuple):
@@ -932,7 +935,7 @@ class ProxyDaemon:
             write_owners(path, self._owners)
             self.proxy.cache.save(path)
             status, body = await request(
-                self.control.path, "POST", "/v1/adopt", {"file": name}, timeout=30
+                self.control.path, "POST", "/v1/adopt", {"file": name}, timeout=ADOPT_TIMEOUT
             )
         except (CacheError, OSError, ControlError) as e:
             # Left in place: the next proxy to start here adopts it (see _restore).
