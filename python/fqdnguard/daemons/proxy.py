@@ -768,6 +768,17 @@ class ProxyDaemon:
         steer_to_newest(_listening_sockets(self.proxy))
         await self._revoke(self._restore_dropped)
         self._restore_dropped = set()
+        if self.config.metrics is not None:
+            # Before this proxy takes the control socket and says it serves: a metrics port it
+            # cannot bind (another program holds it) fails its start while the predecessor
+            # still serves the sockets (it takes them back), not after. SO_REUSEPORT: during a
+            # hot restart the successor binds the port beside its predecessor.
+            from fqdnguard.metrics import serve_metrics  # noqa: PLC0415
+
+            host, port = self.config.metrics
+            self._metrics = await serve_metrics(
+                self.proxy, host, port, [self.status.collector()], reuse_port=True
+            )
         if self.private is not None:
             await self.private.start()
         await self.control.start()
@@ -778,15 +789,6 @@ class ProxyDaemon:
         gc.collect()
         gc.freeze()
         gc.set_threshold(50_000, 20, 20)
-        if self.config.metrics is not None:
-            from fqdnguard.metrics import serve_metrics  # noqa: PLC0415
-
-            host, port = self.config.metrics
-            # SO_REUSEPORT: during a hot restart the successor binds the port beside its
-            # predecessor, which serves it until it exits.
-            self._metrics = await serve_metrics(
-                self.proxy, host, port, [self.status.collector()], reuse_port=True
-            )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
