@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import yaml
 from fqdnguard.config import read_config_file
+from fqdnguard.daemons.proxy import ADOPT_TIMEOUT, DRAIN_MAX, SUCCESSOR_WAIT
 
 from tests.deploy_manifest import pod_processes
 from tests.kube import require_kube_binaries, wait_until
@@ -133,7 +134,8 @@ def test_the_daemonset_runs_proxy_and_agent_as_the_hand_over_needs() -> None:
     assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
     assert pod["priorityClassName"] == "system-node-critical"
     assert pod["tolerations"] == [{"operator": "Exists"}]
-    assert pod["terminationGracePeriodSeconds"] >= 30
+    # Long enough for the proxy's own longest waits at stop (docs/deploy.md, "Upgrade").
+    assert pod["terminationGracePeriodSeconds"] >= SUCCESSOR_WAIT + DRAIN_MAX + ADOPT_TIMEOUT
     assert pod["serviceAccountName"] == "fqdnguard"
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["state"]["hostPath"] == {"path": STATE_DIR, "type": "DirectoryOrCreate"}
@@ -218,7 +220,7 @@ def test_values_named_after_ciliums_reach_the_proxy(tmp_path: Path) -> None:
     assert default.upstreams == [] and default.listen == [("127.0.0.1", 5353)]
     assert (default.log_queries, default.metrics, default.intercept_port) == (
         "sampled",
-        None,
+        ("127.0.0.1", 9967),
         10053,
     )
     tuned = proxy_options(
@@ -227,13 +229,13 @@ def test_values_named_after_ciliums_reach_the_proxy(tmp_path: Path) -> None:
         "--set", "dnsProxy.proxyResponseMaxDelay=1.5s",
         "--set", "dnsProxy.dnsRejectResponseCode=nameError",
         "--set", "nodeLocalDns.enabled=true",
-        "--set", "metrics.enabled=true",
+        "--set", "metrics.enabled=false",
         "--set", "queryLogging=all",
         "--set", "dnsProxy.searchDomains={svc.cluster.local}",
     )  # fmt: skip
     assert (tuned.min_ttl, tuned.hold_max, tuned.reject) == (3600, 1.5, "nxdomain")
     assert tuned.upstreams == [("169.254.20.10", 53)]
-    assert (tuned.metrics, tuned.log_queries) == (("127.0.0.1", 9967), "all")
+    assert (tuned.metrics, tuned.log_queries) == (None, "all")
     assert tuned.search_domains == ["svc.cluster.local"]
     assert proxy_options(tmp_path, "--set", "dnsProxy.proxyResponseMaxDelay=250ms").hold_max == 0.25
     upstreams = proxy_options(tmp_path, "--set", "upstreams={10.96.0.10:53,10.96.0.11}").upstreams

@@ -466,6 +466,35 @@ def test_a_dns_server_local_to_the_node_keeps_its_queries(env: Env) -> None:
         env.node("ip", "addr", "del", f"{NODE_LOCAL}/32", "dev", "lo")
 
 
+def _bound_at(env: Env, address: str) -> list[str]:
+    """The node's UDP sockets bound to address:53 (``ss``), one line each."""
+    out = env.node("ss", "-H", "-uan", "src", f"{address}:53").stdout
+    return [line for line in out.splitlines() if line.strip()]
+
+
+def test_a_reply_socket_whose_address_becomes_the_nodes_is_released(env: Env) -> None:
+    """The address asked is not the node's when the first answer leaves from it: fqdnguard
+    keeps a reply socket there. Then node-local DNS adds the address and starts a server on
+    it: the kept socket is closed (the addresses are checked every second), so the server
+    gets every query and its port, and the policed pod's answers fail closed as above."""
+    address = "10.79.9.10"
+    got = env.ask(env.topo.pod, "denied.blocked.e2e.test", address)
+    assert (got.rcode, got.source) == (dns.rcode.REFUSED, (address, 53))
+    assert len(_bound_at(env, address)) == 1, "a reply socket is kept for a foreign address"
+    assert env.node("ip", "addr", "add", f"{address}/32", "dev", "lo").returncode == 0
+    try:
+        _wait(lambda: _bound_at(env, address) == [], "the reply socket to be released")
+        with KnotServer({"e2e.test": ZONE}, host=address, port=53, netns=env.topo.node):
+            assert len(_bound_at(env, address)) == 1  # the server's alone
+            for _ in range(5):
+                got = env.ask(env.topo.free, "web.allowed.e2e.test", address)
+                assert (got.rcode, got.source) == (dns.rcode.NOERROR, (address, 53))
+            with pytest.raises(OSError):
+                env.ask(env.topo.pod, "denied.blocked.e2e.test", address)
+    finally:
+        env.node("ip", "addr", "del", f"{address}/32", "dev", "lo")
+
+
 def test_reload_moves_the_intercepted_sources(env: Env) -> None:
     # One element per policed address and port: 53, and 5353 of the DNS rule.
     assert env.status()["policed4"] == 2

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from fqdnguard.testing import KnotServer, free_port
 from prometheus_client import CollectorRegistry, Counter
 
 from tests.proxy_fixtures import ENDPOINTS, POLICY, UPSTREAM_IP, run, tcp_ask, udp_ask
+from tests.split_helpers import QueryStream, fqdnguard_cmd, spawn, status, stop, wait_for
 
 IDLE = 1000
 #: The connection caps of the metrics endpoint and of the control socket.
@@ -237,3 +240,77 @@ def test_connection_cap_closes_the_oldest_still_reading() -> None:
         await asyncio.sleep(0.01)  # the transports' connection_lost
 
     run(scenario)
+
+
+def test_a_proxy_taking_over_binds_the_metrics_port_beside_its_predecessor(
+    knot: KnotServer, tmp_path: Path
+) -> None:
+    """Hot restart with metrics on: the successor (``fqdnguard proxy`` on the same state
+    directory and metrics port) starts while its predecessor still serves the port, takes over,
+    and scrapes are answered throughout and after the predecessor's exit."""
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    (tmp_path / "endpoints.yaml").write_text(ENDPOINTS)
+    state, log, port = tmp_path / "state", tmp_path / "fqdnguard.log", free_port()
+    cmd = fqdnguard_cmd(
+        "proxy", "--state-dir", str(state), "--backend", "log",
+        "--listen", f"127.0.0.1:{free_port()}", "--upstream", f"{knot.host}:{knot.port}",
+        "--metrics", f"127.0.0.1:{port}", "--log-queries", "none",
+    )  # fmt: skip
+
+    def scrape() -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3) as r:
+                return int(r.status)
+        except OSError:
+            return 0
+
+    old = spawn(cmd, log)
+    new = None
+    try:
+        wait_for(lambda: (status(state) or {}).get("pid") == old.pid, "the first proxy", log=log)
+        wait_for(lambda: scrape() == 200, "the first proxy's metrics", log=log)
+        new = spawn(cmd, log)
+        wait_for(lambda: (status(state) or {}).get("pid") == new.pid, "the successor", log=log)
+        assert new.poll() is None, log.read_text()
+        assert [scrape() for _ in range(10)] == [200] * 10
+        assert stop(old) == 0
+        assert [scrape() for _ in range(10)] == [200] * 10  # the successor's alone
+        assert new.poll() is None
+    finally:
+        for proc in (new, old):
+            if proc is not None:
+                stop(proc)
+
+
+def test_a_successor_that_cannot_bind_the_metrics_port_leaves_its_predecessor_serving(
+    knot: KnotServer, tmp_path: Path
+) -> None:
+    """Another program holds the metrics port the new proxy is given: the new proxy fails to
+    start before it says it serves, so the old one keeps (or takes back) the sockets it handed
+    over and the control socket; no query is lost."""
+    state, log, listen, port = tmp_path / "state", tmp_path / "log", free_port(), free_port()
+    cmd = fqdnguard_cmd(
+        "proxy", "--state-dir", str(state), "--backend", "log",
+        "--listen", f"127.0.0.1:{listen}", "--upstream", f"{knot.host}:{knot.port}",
+        "--log-queries", "none",
+    )  # fmt: skip
+    old = spawn(cmd, log)
+    holder = socket.socket()
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.bind(("127.0.0.1", 0))
+    stream = QueryStream(client, ("127.0.0.1", listen), ["www.example.com"], 200)
+    try:
+        wait_for(lambda: (status(state) or {}).get("pid") == old.pid, "the first proxy", log=log)
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        stream.start()
+        new = spawn([*cmd, "--metrics", f"127.0.0.1:{port}"], log)
+        assert new.wait(30) != 0, "the new proxy started without its metrics port"
+        answered = len(stream.answered)
+        wait_for(lambda: len(stream.answered) > answered + 200, "answers after its exit", log=log)
+        stream.stop()
+        assert stream.lost() == [], stream.summary()
+        assert old.poll() is None and (status(state) or {}).get("pid") == old.pid
+    finally:
+        holder.close()
+        stop(old)

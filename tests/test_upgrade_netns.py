@@ -1,9 +1,13 @@
 """The upgrade of an intercepting fqdnguard, as the DaemonSet's rolling update does it.
 
 Network namespaces made here (tests/netns.py ``InterceptTopology``): a policed pod, a node with
-real nftables, a Knot upstream at the cluster-DNS address. The proxy container of each "pod" is
-started exactly as the rendered DaemonSet says (command, args, env, mounted paths: read from the
-manifest, hostPath volumes mapped to one directory per node, emptyDir volumes to one per pod).
+real nftables, a Knot upstream at the cluster-DNS address. Each "pod" of the DaemonSet runs
+its proxy container exactly as the rendered manifest deploy/kubernetes/fqdnguard.yaml (the
+chart's default values) says: command, args, env, mounted paths and the ConfigMap's config file
+(``tests.deploy_manifest.pod_processes``: the hostPath state directory is one directory per
+node, the emptyDir and the ConfigMap one per pod). Nothing is overridden: the intercepted
+queries go to the server the pod asked (the chart sets no upstream), the direct listener is the
+chart's 127.0.0.1:5353 inside the node namespace.
 The old pod's proxy runs; dnsperf loads it from the policed pod with two streams (an allowed
 name, a denied one); the new pod's proxy starts beside it and takes over; the old one is told to
 stop (SIGTERM) or is killed (``kill -9``) in the middle of the hand-over. Shown: no query lost,
@@ -12,7 +16,8 @@ interception rule, policed source or learned element missing from any snapshot o
 ruleset taken every 50 ms; the rules stay when the proxies exit.
 
 The agent container is not run: the objects it would relay (``POST /v1/objects``) are pushed
-through the pod-private control socket (``--control-socket``) as it pushes them.
+through the pod-private control socket (the agent's ``--socket``, the proxy's
+``--control-socket``) as it pushes them.
 
 Needs root, iproute2, knotd, dnsperf, libnftables and the kernel's nft_tproxy.
 """
@@ -37,20 +42,17 @@ from typing import Any
 import dns.message
 import dns.rcode
 import pytest
-import yaml
 from fqdnguard._core import DnsCache
 from fqdnguard.control import ControlError, request_sync
 from fqdnguard.daemons.proxy import KUBE_PROTOCOL, kube_digest
-from fqdnguard.sources.model import KINDS
+from fqdnguard.sources.model import IDS_FILE, KINDS
 from fqdnguard.testing import KnotServer
 
+from tests.deploy_manifest import MANIFEST, Process, pod_processes
 from tests.netns import CLUSTER_DNS4, POLICED4, InterceptTopology
 from tests.proxy_fixtures import require_knot
 from tests.test_e2e_netns import _skip_reason
 
-ROOT = Path(__file__).resolve().parent.parent
-#: The rendered manifest (the deploy work); until it is merged, the contract's own.
-MANIFESTS = [ROOT / "deploy/kubernetes/fqdnguard.yaml", ROOT / "tests/upgrade/fqdnguard.yaml"]
 NODE = "node-a"
 
 ZONE = """$ORIGIN e2e.test.
@@ -70,60 +72,6 @@ pytestmark = pytest.mark.skipif(
 
 
 # -- the manifest -----------------------------------------------------------------------------
-
-
-@dataclass
-class Container:
-    argv: list[str]
-    env: dict[str, str]
-    #: mountPath -> the directory standing for the volume.
-    mounts: dict[str, Path]
-
-    def path(self, in_container: str) -> Path:
-        for mount, there in self.mounts.items():
-            if in_container == mount or in_container.startswith(mount + "/"):
-                return there / os.path.relpath(in_container, mount)
-        raise KeyError(f"{in_container} is on no volume")
-
-
-def daemonset(manifest: Path) -> dict[str, Any]:
-    for doc in yaml.safe_load_all(manifest.read_text()):
-        if isinstance(doc, dict) and doc.get("kind") == "DaemonSet":
-            return doc
-    raise AssertionError(f"{manifest}: no DaemonSet")
-
-
-def container(ds: dict[str, Any], name: str, node_dir: Path, pod_dir: Path) -> Container:
-    """The container ``name`` of the DaemonSet's pod, as a command line here: ``fqdnguard``
-    is this interpreter's module, hostPath volumes are directories of the node, emptyDir ones
-    of the pod, and every argument naming a mounted path names its directory."""
-    spec = ds["spec"]["template"]["spec"]
-    volumes = {}
-    for v in spec.get("volumes", []):
-        if "hostPath" in v:
-            volumes[v["name"]] = node_dir / v["hostPath"]["path"].strip("/").replace("/", "_")
-        elif "emptyDir" in v:
-            volumes[v["name"]] = pod_dir / v["name"]
-    (c,) = [c for c in spec["containers"] if c["name"] == name]
-    mounts = {m["mountPath"]: volumes[m["name"]] for m in c.get("volumeMounts", [])}
-    for there in mounts.values():
-        there.mkdir(parents=True, exist_ok=True)
-        os.chmod(there, 0o777 if there.is_relative_to(pod_dir) else 0o755)  # as kubelet makes them
-    words = [*c.get("command", []), *c.get("args", [])]
-    assert words[0] == "fqdnguard", f"the {name} container runs {words[0]}, not fqdnguard"
-    argv = [sys.executable, "-m", "fqdnguard.cli"]
-    for word in words[1:]:
-        mapped = word
-        for mount, there in mounts.items():
-            mapped = re.sub(rf"(?<![\w/]){re.escape(mount)}(?=/|$)", str(there), mapped)
-        argv.append(mapped)
-    env = {}
-    for e in c.get("env", []):
-        if "value" in e:
-            env[e["name"]] = str(e["value"])
-        elif e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "spec.nodeName":
-            env[e["name"]] = NODE
-    return Container(argv, env, mounts)
 
 
 def flag(argv: list[str], name: str) -> str:
@@ -176,16 +124,24 @@ def objects(pattern: str, late_pod: bool) -> list[dict[str, Any]]:
 @dataclass
 class Pod:
     name: str
-    proxy: Container
+    #: The pod's directory: its emptyDir (run/), its ConfigMap files (config/), its log.
+    root: Path
+    proxy: Process
+    agent: Process
     process: subprocess.Popen[bytes] | None = None
 
     @property
     def socket(self) -> Path:
-        return self.proxy.path("/run/fqdnguard/control.sock")
+        """The pod-private control socket (``--control-socket``), the agent's ``--socket``."""
+        return Path(flag(self.proxy.argv, "--control-socket"))
+
+    @property
+    def state(self) -> Path:
+        return Path(flag(self.proxy.argv, "--state-dir"))
 
     @property
     def log(self) -> Path:
-        return self.proxy.mounts["/run/fqdnguard"].parent / "proxy.log"
+        return self.root / "proxy.log"
 
     def ask(self, method: str, url: str, body: Any = None) -> tuple[int, Any]:
         return request_sync(self.socket, method, url, body, timeout=10)
@@ -194,16 +150,24 @@ class Pod:
 @dataclass
 class Node:
     topo: InterceptTopology
-    manifest: Path
     root: Path
     pods: list[Pod] = field(default_factory=list)
     seq: int = 0
 
     def new_pod(self) -> Pod:
+        """The next pod of the DaemonSet on this node: its containers as the rendered manifest
+        starts them, the node's state directory shared, its own emptyDir and ConfigMap files."""
         name = f"pod{len(self.pods)}"
-        pod_dir = self.root / name
-        c = container(daemonset(self.manifest), "proxy", self.root / "node", pod_dir)
-        pod = Pod(name, c)
+        root = self.root / name
+        containers = pod_processes(
+            state_dir=self.root / "node" / "state",
+            run_dir=root / "run",
+            config_dir=root / "config",
+            node_name=NODE,
+            manifest=MANIFEST,
+        )
+        pod = Pod(name, root, containers["proxy"], containers["agent"])
+        assert flag(pod.agent.argv, "--socket") == str(pod.socket), "agent and proxy disagree"
         self.pods.append(pod)
         return pod
 
@@ -371,9 +335,8 @@ def topo() -> Iterator[InterceptTopology]:
 
 @pytest.fixture
 def node(topo: InterceptTopology) -> Iterator[Node]:
-    manifest = next(m for m in MANIFESTS if m.exists())
     root = Path(tempfile.mkdtemp(prefix="fqdnguard-upgrade-"))
-    n = Node(topo, manifest, root)
+    n = Node(topo, root)
     try:
         yield n
     finally:
@@ -468,7 +431,7 @@ def test_a_proxy_without_a_readable_policy_keeps_what_the_node_enforces(node: No
     assert first.process is not None
     first.process.kill()
     first.process.wait(10)
-    state = Path(flag(first.proxy.argv, "--state-dir"))
+    state = first.state
     (state / "kubernetes.json").write_text("{not json")
     node.start(second)
     after = snapshot(node)
@@ -503,7 +466,7 @@ def test_adopted_entries_the_policy_no_longer_allows_leave_the_kernel(node: Node
     left = DnsCache()
     left.record(endpoint, "other.allowed.e2e.test", [("10.79.2.11", 300)])
     left.record(endpoint, "web.allowed.e2e.test", [("10.79.2.10", 300)])
-    state = Path(flag(pod.proxy.argv, "--state-dir"))
+    state = pod.state
     name = f"cache.handover.4242.{kube_digest(NODE)[:16]}"
     left.save(state / name)
     code, body = request_sync(state / "control.sock", "POST", "/v1/adopt", {"file": name})
@@ -511,3 +474,68 @@ def test_adopted_entries_the_policy_no_longer_allows_leave_the_kernel(node: Node
     elements = snapshot(node)["elements"]
     assert not any("10.79.2.11" in k[2] for k in elements), "a disallowed address stays admitted"
     assert any("10.79.2.10" in k[2] for k in elements)
+
+
+def _ids(node: Node, pod: Pod) -> dict[str, int]:
+    """The pods' endpoint ids by UID (endpoint-ids.json in the node's state directory)."""
+    return {uid: int(i) for uid, i in json.loads((pod.state / IDS_FILE).read_text())["ids"].items()}
+
+
+def test_restored_entries_of_an_id_that_names_another_pod_now_are_dropped(node: Node) -> None:
+    """The proxy learned an address for the policed pod, then died (kill -9: its journal and
+    state stay). The id map it left is then not the one the next proxy reads (here the two
+    pods' ids swapped, as two proxies giving ids to new pods in another order, or a lost map
+    started afresh, would do): the next proxy must not credit the late pod with what the
+    policed pod learned, although the policy would allow it the name."""
+    first, second = node.new_pod(), node.new_pod()
+    node.start(first)
+    node.push(first, "*.allowed.e2e.test", late_pod=True)
+    assert ask(node, "web.allowed.e2e.test") == dns.rcode.NOERROR
+    ids = _ids(node, first)
+    policed, late = ids["uid-policed"], ids["uid-late"]
+    assert first.process is not None
+    first.process.kill()
+    first.process.wait(10)
+    swapped = {"ids": {"uid-policed": late, "uid-late": policed}, "next": max(ids.values()) + 1}
+    (first.state / IDS_FILE).write_text(json.dumps(swapped))
+    node.start(second)
+    cached = second.ask("GET", "/v1/cache")[1][1:]
+    credited = {e["endpoint"] for e in cached if e["name"] == "web.allowed.e2e.test."}
+    assert policed not in credited, "the late pod (now this id) got the policed pod's entries"
+    elements = snapshot(node)["elements"]
+    assert not any("10.79.2.10" in k[2] for k in elements), "the address stays admitted"
+    assert ask(node, "web.allowed.e2e.test") == dns.rcode.NOERROR  # learned again, by its id
+
+
+def test_a_hand_over_of_ids_that_name_other_pods_here_is_not_adopted(node: Node) -> None:
+    """The proxy handing over gave an id to another pod than this one did (pods created while
+    both ran): its file says which pod each id named; those entries are not adopted and their
+    elements are deleted, the others are."""
+    pod = node.new_pod()
+    node.start(pod)
+    node.push(pod, "*.allowed.e2e.test", late_pod=True)
+    assert ask(node, "web.allowed.e2e.test") == dns.rcode.NOERROR
+    ids = _ids(node, pod)
+    policed, late = ids["uid-policed"], ids["uid-late"]
+    left = DnsCache()
+    left.record(late, "other.allowed.e2e.test", [("10.79.2.11", 300)])  # another pod's, there
+    left.record(policed, "web.allowed.e2e.test", [("10.79.2.10", 300)])
+    name = f"cache.handover.4242.{kube_digest(NODE)[:16]}"
+    left.save(pod.state / name)
+    owners = {"owners": {str(policed): "uid-policed", str(late): "uid-gone"}}
+    (pod.state / f"{name}.owners").write_text(json.dumps(owners))
+    (_, set_name, _), *_ = [k for k in snapshot(node)["elements"] if "10.79.2.10" in k[2]]
+    late_set = f"ep_{late}_{set_name.split('_', 2)[2]}"  # ep_<id>_<class>_<family>
+    subprocess.run(
+        ["ip", "netns", "exec", node.topo.node, "nft", "add", "element", "inet", "fqdnguard",
+         late_set, "{ 10.79.2.11 timeout 300s }"],
+        check=True,
+    )  # fmt: skip
+    code, body = request_sync(pod.state / "control.sock", "POST", "/v1/adopt", {"file": name})
+    assert code == 200, body
+    cached = {(e["endpoint"], e["name"]) for e in pod.ask("GET", "/v1/cache")[1][1:]}
+    assert (late, "other.allowed.e2e.test.") not in cached, "another pod's entry was adopted"
+    assert (policed, "web.allowed.e2e.test.") in cached
+    elements = snapshot(node)["elements"]
+    assert not any("10.79.2.11" in k[2] for k in elements), "its element stays admitted"
+    assert not (pod.state / f"{name}.owners").exists()

@@ -2,10 +2,10 @@
 against reuseport steering, side by side.
 
 Run as root from the repository: ``sudo python benches/upgrade/handover.py [RUNS]``. Uses the
-topology and the DaemonSet reading of tests/test_upgrade_netns.py: two dnsperf streams (an
-allowed name, a denied one, 300 queries/s each for 8 s) from the policed pod; the new proxy
-starts 2 s in and the old one gets SIGTERM. Prints, per mode and run, queries sent and lost and
-the rcodes of each stream.
+topology and the rendered DaemonSet's processes of tests/test_upgrade_netns.py: two dnsperf
+streams (an allowed name, a denied one, 300 queries/s each for 8 s) from the policed pod; the
+new proxy starts 2 s in and the old one gets SIGTERM. Prints, per mode and run, queries sent and
+lost and the rcodes of each stream.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from tests.netns import InterceptTopology
 
 def one(topo: InterceptTopology, mode: str) -> tuple[dict[str, object], dict[str, object]]:
     root = Path(tempfile.mkdtemp(prefix="fqdnguard-handover-"))
-    node = t.Node(topo, next(m for m in t.MANIFESTS if m.exists()), root)
+    node = t.Node(topo, root)
     try:
         old, new = node.new_pod(), node.new_pod()
         for pod in (old, new):

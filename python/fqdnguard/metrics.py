@@ -208,7 +208,14 @@ class MetricsServer:
     """``GET /metrics`` on the event loop: the registry's text exposition, 404 for any other
     path. No thread per connection; each request must arrive within ``read_timeout`` and at
     most ``max_connections`` are open at once (see ``fqdnguard._http.ConnectionCap``), so idle
-    or half-sent connections cost neither threads nor a scraper its answer."""
+    or half-sent connections cost neither threads nor a scraper its answer.
+
+    ``reuse_port``: the listener takes SO_REUSEPORT, so that a proxy starting beside its
+    predecessor (hot restart) binds the same port while the predecessor still serves it. The
+    kernel shares the port only between sockets of the same user that both set it; meanwhile
+    each scrape is answered by one of the two processes, and after the predecessor's exit by the
+    successor alone. Off where nothing is handed over (a second ``fqdnguard run`` on the same
+    port should fail to start, not share it)."""
 
     def __init__(
         self,
@@ -218,15 +225,19 @@ class MetricsServer:
         *,
         max_connections: int = MAX_CONNECTIONS,
         read_timeout: float = READ_TIMEOUT,
+        reuse_port: bool = False,
     ) -> None:
         self.registry = registry
         self.host, self.port = host, port
+        self.reuse_port = reuse_port
         self.read_timeout = read_timeout
         self.connections = ConnectionCap(max_connections)
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        self._server = await asyncio.start_server(
+            self._serve, self.host, self.port, reuse_port=self.reuse_port
+        )
 
     @property
     def address(self) -> tuple[str, int]:
@@ -271,10 +282,15 @@ class MetricsServer:
 
 
 async def serve_metrics(
-    proxy: Proxy, host: str, port: int, extra: Iterable[Collector] = ()
+    proxy: Proxy,
+    host: str,
+    port: int,
+    extra: Iterable[Collector] = (),
+    *,
+    reuse_port: bool = False,
 ) -> MetricsServer:
     """Serves the proxy's metrics (and ``extra`` collectors') at http://host:port/metrics on
-    the running loop."""
-    server = MetricsServer(registry_for(proxy, extra), host, port)
+    the running loop (``reuse_port``: see :class:`MetricsServer`)."""
+    server = MetricsServer(registry_for(proxy, extra), host, port, reuse_port=reuse_port)
     await server.start()
     return server

@@ -330,6 +330,9 @@ READ_BATCH = 64
 MAX_REPLY_SOCKETS = 256
 #: In the reply socket cache: the address is the node's own (see ``_TransparentUdp``).
 LOCAL = "local"
+#: How often the kept reply sockets' addresses are checked again (seconds): one that became
+#: the node's (node-local DNS adding an address) is released within this time.
+RECHECK_LOCAL_EVERY = 1.0
 MAX_ORIG_UPSTREAMS = 1024
 #: Names recorded per call when adopting another proxy's cache (the loop runs in between).
 ADOPT_CHUNK = 5000
@@ -348,8 +351,9 @@ def transparent_socket(
 ) -> socket.socket:
     """A non-blocking socket with IP_TRANSPARENT / IPV6_TRANSPARENT bound to ``local`` (which
     may be an address of another host: the kernel allows it to transparent sockets).
-    ``reuse=False`` for reply sockets: with SO_REUSEADDR a UDP socket may share an address
-    another server on the node holds with SO_REUSEADDR too, and then take its queries.
+    ``reuse=False`` for reply sockets from an address of the node: with SO_REUSEADDR a UDP
+    socket may share an address another server on the node holds with SO_REUSEADDR too, and
+    then take its queries (``_TransparentUdp`` says when SO_REUSEADDR is safe).
     ``listener``: a transparent listener, with SO_REUSEPORT like the direct ones, so that a
     proxy starting beside another (hot restart) can bind it when no socket was handed over."""
     sock = socket.socket(family, kind)
@@ -397,12 +401,19 @@ class _TransparentUdp:
     arrives: a query dropped opens nothing, and closing the least recently used socket when
     there are too many never loses an answer still owed (it is opened again to send it).
 
+    A kept socket takes SO_REUSEADDR: its address is not the node's, so no server listens
+    there, and only another fqdnguard binds it (the predecessor during a hot restart, which
+    holds its own reply socket there until it exits; without SO_REUSEADDR on both the
+    successor could answer nothing from that address meanwhile).
+
     An address local to the node (node-local DNS) is another matter: a server on the node may
     hold that port, or start and want it later. A socket kept bound there would keep that
     server from starting, and one sharing its address (SO_REUSEADDR on both) could receive its
     queries. So such answers go out from a socket bound for that one send and closed at once,
     without SO_REUSEADDR: while a server holds the address, the answer cannot leave and is
-    dropped and counted (``reply_errors``), the pod's resolver times out (fail closed).
+    dropped and counted (``reply_errors``), the pod's resolver times out (fail closed). An
+    address that becomes the node's after its socket was bound: every ``RECHECK_LOCAL_EVERY``
+    the kept sockets' addresses are checked, and those now local are closed.
     """
 
     def __init__(
@@ -430,11 +441,26 @@ class _TransparentUdp:
         self._replies: OrderedDict[tuple[str, int], socket.socket | str | None] = OrderedDict()
         self._origs: dict[bytes, tuple[str, int]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._recheck: asyncio.TimerHandle | None = None
         self._closed = False
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         loop.add_reader(self.sock.fileno(), self._readable)
+        self._recheck = loop.call_later(RECHECK_LOCAL_EVERY, self._recheck_local)
+
+    def _recheck_local(self) -> None:
+        """Closes the kept reply sockets of addresses that became the node's (a server there
+        must get its queries); their answers then use a socket each."""
+        if self._closed or self._loop is None:
+            return
+        for orig, reply in list(self._replies.items()):
+            if reply is not LOCAL and self._is_local(orig[0]):
+                del self._replies[orig]
+                if isinstance(reply, socket.socket):
+                    reply.close()
+                log.info("%s:%d became an address of this node: its reply socket is closed", *orig)
+        self._recheck = self._loop.call_later(RECHECK_LOCAL_EVERY, self._recheck_local)
 
     def _readable(self) -> None:
         sock, on_query, origs = self.sock, self.proxy._on_query, self._origs
@@ -512,7 +538,7 @@ class _TransparentUdp:
             sock = LOCAL
         else:
             try:
-                sock = transparent_socket(self.family, socket.SOCK_DGRAM, orig, reuse=False)
+                sock = transparent_socket(self.family, socket.SOCK_DGRAM, orig)
             except OSError as e:
                 log.warning("cannot answer from %s:%d (%s): its answers are dropped", *orig, e)
                 sock = None
@@ -536,6 +562,8 @@ class _TransparentUdp:
     def close(self) -> None:
         self.stop_reading()
         self._closed = True
+        if self._recheck is not None:
+            self._recheck.cancel()
         for reply in self._replies.values():
             if isinstance(reply, socket.socket):
                 reply.close()

@@ -74,6 +74,63 @@ JOURNAL_NAME = re.compile(r"journal\.([0-9]+)\.([0-9]+)")
 PID_MAX = 2**22
 #: The journal's own line format (its header's "journal" field).
 JOURNAL_FORMAT = 1
+#: Beside a cache file (the state's, a hand-over's): which pod each endpoint id named for the
+#: process that wrote it (``{"owners": {"<id>": "<pod uid>"}}``; Kubernetes objects only).
+OWNERS_SUFFIX = ".owners"
+
+#: Endpoint id -> the UID of the pod it names.
+Owners = dict[int, str]
+
+
+def owners_path(cache_file: Path) -> Path:
+    return cache_file.with_name(cache_file.name + OWNERS_SUFFIX)
+
+
+def write_owners(cache_file: Path, owners: Owners | None) -> None:
+    """Writes which pod each endpoint id names beside ``cache_file`` (before the cache itself:
+    ids are never given twice, so a newer map holds every id an older cache can have that
+    still names a pod); without owners (no Kubernetes objects) removes a stale one."""
+    side = owners_path(cache_file)
+    if owners is None:
+        side.unlink(missing_ok=True)
+        return
+    data = {"owners": {str(i): uid for i, uid in owners.items()}}
+    atomic_write(side, json.dumps(data, separators=(",", ":")).encode())
+
+
+def _parse_owners(data: Any) -> Owners:
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and k.isdigit() and isinstance(v, str) for k, v in data.items()
+    ):
+        raise ValueError("want an object of endpoint ids to pod UIDs")
+    return {int(k): v for k, v in data.items()}
+
+
+def read_owners(cache_file: Path) -> Owners | None:
+    """The owners written beside ``cache_file``; None when there are none (a file of the
+    previous release, or of a policy without Kubernetes objects); an empty map when they
+    cannot be read (then no entry of that file is trusted)."""
+    side = owners_path(cache_file)
+    try:
+        return _parse_owners(json.loads(side.read_bytes())["owners"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.error("%s: unreadable (%s); none of %s's entries is kept", side, e, cache_file.name)
+        return {}
+
+
+def keep_owned(
+    entries: list[tuple[int, str, str, float]], then: Owners | None, now: Owners | None
+) -> list[tuple[int, str, str, float]]:
+    """The entries whose endpoint id names the same pod now (``now``) as for the process that
+    learned them (``then``): an id map started afresh (its file lost) or two proxies giving ids
+    to new pods in another order must never credit one pod with another's addresses. Without
+    owners on either side (no Kubernetes objects, or a file of the previous release) ids are
+    what the policy digest says, and everything is kept."""
+    if then is None or now is None:
+        return entries
+    return [e for e in entries if (uid := then.get(e[0])) is not None and now.get(e[0]) == uid]
 
 
 class StateError(FqdnGuardError):
@@ -272,17 +329,29 @@ class StateDir:
 
     # -- the journal --------------------------------------------------------------------------
 
-    def start_journal(self, digest: str | None) -> Journal | None:
+    def start_journal(
+        self, digest: str | None, owner_of: Callable[[int], str | None] | None = None
+    ) -> Journal | None:
         """Opens this process's journal (nothing when the directory is not ours to write)."""
         if not self.writable:
             return None
-        self.journal = Journal(self.path, digest)
+        self.journal = Journal(self.path, digest, owner_of)
         return self.journal
 
-    def replay(self, cache: DnsCache, digest: str | None, now: float | None = None) -> int:
+    def replay(
+        self,
+        cache: DnsCache,
+        digest: str | None,
+        now: float | None = None,
+        *,
+        owners: Owners | None = None,
+        dropped: set[tuple[int, str]] | None = None,
+    ) -> int:
         """Records into ``cache`` what the journals left here hold, when they were written under
         the policy state ``digest``; returns how many entries. A journal under another policy
-        state is logged and not read (its endpoint numbers may name other pods). The next save
+        state is logged and not read (its endpoint numbers may name other pods), and an entry
+        whose endpoint id no longer names the pod it named for its writer (``owners``: see
+        :func:`keep_owned`) is skipped, its (endpoint, ip) added to ``dropped``. The next save
         removes the journals of processes no longer running."""
         from fqdnguard.proxy import entries_as_answers  # noqa: PLC0415
 
@@ -303,6 +372,16 @@ class StateDir:
                 if not _alive(path, writer):
                     self._done.append(path)
                 continue
+            kept = keep_owned(entries, header.get("owners"), owners)
+            if len(kept) < len(entries):
+                log.warning(
+                    "%s: %d entries of endpoint ids that name other pods now; skipped",
+                    path.name,
+                    len(entries) - len(kept),
+                )
+                if dropped is not None:
+                    dropped |= {(e[0], e[2]) for e in entries} - {(e[0], e[2]) for e in kept}
+                entries = kept
             for endpoint, answers in entries_as_answers(entries, now).items():
                 try:
                     cache.record_many(endpoint, answers, now)
@@ -354,6 +433,9 @@ def read_journal(path: Path) -> tuple[dict[str, Any], list[tuple[int, str, str, 
         if not line:
             continue
         try:
+            if line.startswith("{"):  # which pods the ids of the entries after it name
+                header.setdefault("owners", {}).update(_parse_owners(json.loads(line)["owners"]))
+                continue
             endpoint, name, ip, expires = json.loads(line)
             if not (
                 isinstance(endpoint, int)
@@ -362,7 +444,7 @@ def read_journal(path: Path) -> tuple[dict[str, Any], list[tuple[int, str, str, 
                 and isinstance(expires, (int, float))
             ):
                 raise ValueError
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, KeyError):
             bad += 1
             if bad <= 3:
                 log.warning("%s:%d: not a journal entry; skipped", path, number)
@@ -390,11 +472,23 @@ def journal_entries(cache: DnsCache, changes: Sequence[Any]) -> list[tuple[int, 
 class Journal:
     """Appends entries to ``journal.<id>.<n>`` (``id``: :data:`INSTANCE`), holding ``flock`` on
     it while the process runs; a save rotates it. Thread-safe: the event loop appends while a
-    save runs on a worker thread."""
+    save runs on a worker thread.
 
-    def __init__(self, directory: Path, digest: str | None) -> None:
+    ``owner_of`` (Kubernetes objects): the UID of the pod an endpoint id names; before the
+    first entry of each id a file holds, a line ``{"owners": {"<id>": "<uid>"}}`` says it (a
+    reader checks the id still names that pod; one of the previous release skips the line)."""
+
+    def __init__(
+        self,
+        directory: Path,
+        digest: str | None,
+        owner_of: Callable[[int], str | None] | None = None,
+    ) -> None:
         self.directory = directory
         self.digest = digest
+        self.owner_of = owner_of
+        #: The ids whose owner this file says already.
+        self._owned: set[int] = set()
         self._lock = threading.Lock()
         # After any file a process of the same id left (an id drawn again): never reused.
         self._n = max(
@@ -420,12 +514,14 @@ class Journal:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            header = {
+            header: dict[str, Any] = {
                 "journal": JOURNAL_FORMAT,
                 "pid": os.getpid(),
                 "instance": INSTANCE,
                 "digest": self.digest,
             }
+            if self.owner_of is not None:  # owned ids only: one without an owner line is not
+                header["owners"] = {}
             os.write(fd, json.dumps(header).encode() + b"\n")
             os.link(tmp, self.path)  # never over an existing file
         except OSError:
@@ -435,19 +531,28 @@ class Journal:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
         self._fd = fd
+        self._owned = set()
 
     def append(self, entries: Iterable[tuple[int, str, str, float]]) -> int:
         """Writes the entries in one ``write`` (a process crash keeps them: they are in the
         kernel's page cache; the periodic save fsyncs). Returns how many."""
         dumps = json.dumps  # the name only: the rest is numbers and canonical addresses
-        data = "".join(f'[{e},{dumps(n)},"{ip}",{x:.3f}]\n' for e, n, ip, x in entries).encode()
-        if not data:
+        entries = list(entries)
+        text = "".join(f'[{e},{dumps(n)},"{ip}",{x:.3f}]\n' for e, n, ip, x in entries)
+        if not text:
             return 0
         with self._lock:
+            if self.owner_of is not None:
+                new = {e[0] for e in entries} - self._owned
+                owners = {str(i): uid for i in sorted(new) if (uid := self.owner_of(i))}
+                if owners:
+                    text = dumps({"owners": owners}, separators=(",", ":")) + "\n" + text
+                self._owned |= new
+            data = text.encode()
             view = memoryview(data)
             while view:
                 view = view[os.write(self._fd, view) :]
-        count = data.count(b"\n")
+        count = len(entries)
         self.appended += count
         return count
 

@@ -730,22 +730,32 @@ fn send_batch(
 /// closed first; an answer still owed from its address simply opens it again).
 const MAX_REPLY_SOCKETS: usize = 256;
 
-/// A socket that sends from `local`, an address this host does not own (transparent mode: the
-/// server the client asked): `IP_TRANSPARENT` lets it bind there. Without `SO_REUSEADDR`: a UDP
-/// socket sharing an address with a server that set it too could be handed its queries.
-/// `IP_PKTINFO` would set the source address only, not the port.
-fn reply_socket(local: SocketAddr) -> Result<OwnedFd, IoError> {
+/// How often the kept reply sockets' addresses are checked again: one that became the node's
+/// (node-local DNS adding an address) is released within this time.
+const RECHECK_LOCAL_EVERY: Duration = Duration::from_secs(1);
+
+/// A socket that sends from `local` (transparent mode: the server the client asked):
+/// `IP_TRANSPARENT` lets it bind an address this host does not own. `IP_PKTINFO` would set the
+/// source address only, not the port.
+///
+/// `share` (SO_REUSEADDR) only for an address that is not the node's ([`Reply::Bound`]): no
+/// server can listen there, only another fqdnguard binds it, the predecessor during a hot
+/// restart, which still holds its own reply socket there; without SO_REUSEADDR on both, the
+/// successor could send no answer from that address until the predecessor exits. Never for an
+/// address of the node ([`Reply::Local`]): a UDP socket sharing a server's address (SO_REUSEADDR
+/// on both, as Knot and CoreDNS set it) can be handed that server's queries, so there the
+/// answer cannot leave while the server holds the address (fail closed). An address that
+/// becomes the node's after its socket was bound is released by [`Replies::recheck`].
+fn reply_socket(local: SocketAddr, share: bool) -> Result<OwnedFd, IoError> {
     let fd = udp_socket(&local)?;
     let what = format!("reply socket from {local}");
     if local.is_ipv6() {
         socket::setsockopt(&fd, sockopt::Ipv6V6Only, &true).map_err(sock_err(what.clone()))?;
     }
     socket::setsockopt(&fd, sockopt::IpTransparent, &true).map_err(sock_err(what.clone()))?;
-    // Another address than the node's (those go through `Reply::Local`): only another
-    // fqdnguard binds it, the predecessor during a hot restart, which still holds its own
-    // reply socket there; without SO_REUSEADDR on both, the successor could send no answer
-    // from that address until the predecessor exits.
-    socket::setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(sock_err(what.clone()))?;
+    if share {
+        socket::setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(sock_err(what.clone()))?;
+    }
     socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(local)).map_err(sock_err(what))?;
     Ok(fd)
 }
@@ -775,6 +785,8 @@ enum Reply {
 struct Replies {
     by_addr: HashMap<SocketAddr, (Reply, u64)>,
     tick: u64,
+    /// When [`Replies::recheck`] looks at the kept sockets next (None: at its first call).
+    next_check: Option<Instant>,
 }
 
 impl Replies {
@@ -798,11 +810,24 @@ impl Replies {
             let reply = if is_local(local.ip()) {
                 Reply::Local
             } else {
-                reply_socket(local).map_or(Reply::Refused, Reply::Bound)
+                reply_socket(local, true).map_or(Reply::Refused, Reply::Bound)
             };
             self.by_addr.insert(local, (reply, tick));
         }
         self.by_addr.get(&local).map_or(&Reply::Refused, |(r, _)| r)
+    }
+
+    /// Closes the kept sockets (and forgets the refusals) of addresses that became the node's
+    /// since they were bound: a server that starts there (node-local DNS) must get its queries,
+    /// and a socket sharing its address could be handed some. Their answers then use a socket
+    /// each ([`Reply::Local`]). Does the work at most once per [`RECHECK_LOCAL_EVERY`].
+    fn recheck(&mut self, now: Instant) {
+        if self.next_check.is_some_and(|at| now < at) {
+            return;
+        }
+        self.next_check = Some(now + RECHECK_LOCAL_EVERY);
+        self.by_addr
+            .retain(|addr, (reply, _)| matches!(reply, Reply::Local) || !is_local(addr.ip()));
     }
 
     /// Sends `payload` to `to` from `local`; false when it could not leave.
@@ -812,7 +837,7 @@ impl Replies {
         };
         match self.get(local) {
             Reply::Bound(fd) => send(fd),
-            Reply::Local => reply_socket(local).is_ok_and(|fd| send(&fd)),
+            Reply::Local => reply_socket(local, false).is_ok_and(|fd| send(&fd)),
             Reply::Refused => false,
         }
     }
@@ -1319,6 +1344,9 @@ fn run(sh: &Shared, mut pool: Pool, epoll: Epoll) {
         if now >= next_redraw {
             next_redraw = now + REDRAW_EVERY;
             pool.redraw(&epoll, now, now + owed, &sh.counters);
+            if let Ok(mut replies) = sh.reply_sockets.lock() {
+                replies.recheck(now);
+            }
         }
     }
 }

@@ -322,7 +322,7 @@ fn asked_servers_get_channels_after_the_verdict_and_busy_ones_are_never_replaced
 
 /// IP_TRANSPARENT needs CAP_NET_ADMIN: the reply socket tests are skipped without it.
 fn can_be_transparent() -> bool {
-    reply_socket("192.0.2.1:53".parse().expect("addr")).is_ok()
+    reply_socket("192.0.2.1:53".parse().expect("addr"), true).is_ok()
 }
 
 #[test]
@@ -330,8 +330,22 @@ fn answers_from_a_node_address_use_a_socket_each_and_never_take_a_servers_port()
     if !can_be_transparent() {
         return;
     }
-    let server = UdpSocket::bind("127.0.0.1:0").expect("bind");
-    let asked = server.local_addr().expect("addr");
+    // The server sets SO_REUSEADDR (Knot and CoreDNS do): a reply socket setting it too
+    // could share its address and be handed its queries.
+    let server = udp_socket(&"127.0.0.1:0".parse().expect("addr")).expect("socket");
+    socket::setsockopt(&server, sockopt::ReuseAddr, &true).expect("reuseaddr");
+    socket::bind(
+        server.as_raw_fd(),
+        &SockaddrStorage::from(SocketAddr::from(([127, 0, 0, 1], 0))),
+    )
+    .expect("bind");
+    let asked = socket::getsockname::<SockaddrStorage>(server.as_raw_fd())
+        .ok()
+        .and_then(|a| {
+            a.as_sockaddr_in()
+                .map(|a| SocketAddr::from((a.ip(), a.port())))
+        })
+        .expect("addr");
     let pod = udp(2000);
     let to = SockaddrStorage::from(pod.local_addr().expect("addr"));
     let mut replies = Replies::default();
@@ -348,6 +362,29 @@ fn answers_from_a_node_address_use_a_socket_each_and_never_take_a_servers_port()
     let (n, from) = pod.recv_from(&mut buf).expect("answered");
     assert_eq!((&buf[..n], from), (&b"answer"[..], asked));
     UdpSocket::bind(asked).expect("a server can still start there");
+}
+
+#[test]
+fn a_kept_reply_socket_whose_address_became_the_nodes_is_released() {
+    if !can_be_transparent() {
+        return;
+    }
+    // As if 127.0.0.1:port had been foreign when its socket was bound (node-local DNS adds
+    // its address later): the next check closes it, and the address is free for a server.
+    let asked = SocketAddr::from(([127, 0, 0, 1], udp(2000).local_addr().expect("addr").port()));
+    let mut replies = Replies::default();
+    let kept = reply_socket(asked, true).expect("bound");
+    replies.by_addr.insert(asked, (Reply::Bound(kept), 0));
+    let foreign = SocketAddr::from(([192, 0, 2, 1], 53));
+    assert!(replies.send(foreign, b"a", &SockaddrStorage::from(asked)));
+    let now = Instant::now();
+    replies.recheck(now);
+    assert!(!replies.by_addr.contains_key(&asked));
+    assert!(matches!(
+        replies.by_addr.get(&foreign),
+        Some((Reply::Bound(_), _))
+    ));
+    UdpSocket::bind(asked).expect("a server can start there");
 }
 
 #[test]

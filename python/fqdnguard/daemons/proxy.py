@@ -70,7 +70,17 @@ from fqdnguard.proxy import Inherited, Proxy, entries_as_answers
 from fqdnguard.reloads import PolicyStatus
 from fqdnguard.sources.base import Change
 from fqdnguard.sources.model import IDS_FILE, KINDS, OBJECTS_FILE, Built, ClusterModel, EndpointIds
-from fqdnguard.state import FORMAT, StateDir, StateError
+from fqdnguard.state import (
+    FORMAT,
+    OWNERS_SUFFIX,
+    Owners,
+    StateDir,
+    StateError,
+    keep_owned,
+    owners_path,
+    read_owners,
+    write_owners,
+)
 
 __all__ = ["POLICY_FILE", "ProxyDaemon", "load_policy_state", "run_proxy", "steer_to_newest"]
 
@@ -109,6 +119,9 @@ SO_ATTACH_REUSEPORT_CBPF = 51
 #: At SIGTERM: serve until no query came for QUIET seconds (at most DRAIN_MAX), then stop.
 QUIET = 0.25
 DRAIN_MAX = 3.0
+#: At stop: how long the new proxy may take to adopt the cache handed over. These three bound
+#: how long a proxy takes from SIGTERM to its exit (the chart's terminationGracePeriodSeconds).
+ADOPT_TIMEOUT = 30.0
 
 
 class _Removal(NamedTuple):
@@ -126,6 +139,19 @@ def dropped_pairs(
     """The (endpoint, ip) pairs of ``entries`` that no entry of ``kept`` holds."""
     held = {(e[0], e[2]) for e in kept}
     return {(e[0], e[2]) for e in entries if (e[0], e[2]) not in held}
+
+
+def _rebuilt(cache: DnsCache, entries: list[tuple[int, str, str, float]]) -> DnsCache:
+    """A cache with ``cache``'s limits holding ``entries`` only."""
+    kept = DnsCache(
+        min_ttl=cache.min_ttl,
+        max_ips_per_name=cache.max_ips_per_name,
+        max_entries=cache.max_entries,
+    )
+    now = time.time()
+    for endpoint, answers in entries_as_answers(entries, now).items():
+        kept.record_many(endpoint, answers, now)
+    return kept
 
 
 @dataclass
@@ -458,6 +484,10 @@ class ProxyDaemon:
         #: (endpoint, ip) pairs of restored entries the policy no longer allows: their
         #: elements are deleted once the backend runs (see _revoke).
         self._restore_dropped: set[tuple[int, str]] = set()
+        #: Endpoint id -> pod UID with Kubernetes objects (None otherwise): written beside
+        #: every cache and journal this proxy writes, checked in every one it reads. Replaced
+        #: (never changed in place) when the ids change: the saver's thread reads it.
+        self._owners: Owners | None = None
         self.status = PolicyStatus()
         self.policy_state: _PolicyState | None = None
         #: The Kubernetes objects an agent relays (POST /v1/objects), when that is the source.
@@ -582,8 +612,15 @@ class ProxyDaemon:
         if not self.state.open():
             return Policy.empty(), Endpoints(), DnsCache(min_ttl=self.config.min_ttl)
         policy, endpoints, cache = self._restore_saved()
+        self._refresh_owners()
+        # Every file carries which pod each of its endpoint ids named for its writer: entries
+        # of ids that name another pod now (the id map lost, or given out in another order by
+        # another proxy) are dropped, their elements revoked below.
+        cache, self._restore_dropped = self._owned(cache, read_owners(self.cache_path), "cache")
         self._merge_leftovers(cache)
-        self.state.replay(cache, self._state_digest())
+        self.state.replay(
+            cache, self._state_digest(), owners=self._owners, dropped=self._restore_dropped
+        )
         # Journals and hand-over files may hold what was learned under an earlier policy
         # (endpoint ids are stable across policy changes with Kubernetes objects): keep only
         # what the policy restored allows.
@@ -593,22 +630,42 @@ class ProxyDaemon:
         entries, dropped = still_allowed(every, policy, endpoints)
         if dropped:
             log.info("dropped %d restored entries the policy in force no longer allows", dropped)
-            self._restore_dropped = dropped_pairs(every, entries)
-            kept = DnsCache(
-                min_ttl=cache.min_ttl,
-                max_ips_per_name=cache.max_ips_per_name,
-                max_entries=cache.max_entries,
-            )
-            now = time.time()
-            for endpoint, answers in entries_as_answers(entries, now).items():
-                kept.record_many(endpoint, answers, now)
-            cache = kept
+            self._restore_dropped |= dropped_pairs(every, entries)
+            cache = _rebuilt(cache, entries)
         return policy, endpoints, cache
+
+    def _refresh_owners(self) -> None:
+        """Which pod each endpoint id names now (after the Kubernetes objects changed)."""
+        if self.kube is None:
+            self._owners = None
+            return
+        ids = self.kube.model.ids
+        self._owners = {i: uid for uid in ids.uids() if (i := ids.get(uid)) is not None}
+
+    def _owner_of(self, endpoint: int) -> str | None:
+        owners = self._owners
+        return owners.get(endpoint) if owners is not None else None
+
+    def _owned(
+        self, cache: DnsCache, then: Owners | None, what: str
+    ) -> tuple[DnsCache, set[tuple[int, str]]]:
+        """``cache`` without the entries whose endpoint id names another pod now than for the
+        process that saved it (``then``), and the (endpoint, ip) pairs dropped."""
+        every = cache.entries()
+        kept = keep_owned(every, then, self._owners)
+        if len(kept) == len(every):
+            return cache, set()
+        log.warning("%s: %d entries of endpoint ids that name other pods now; dropped",
+                    what, len(every) - len(kept))  # fmt: skip
+        return _rebuilt(cache, kept), dropped_pairs(every, kept)
 
     def _merge_leftovers(self, cache: DnsCache) -> None:
         """Adds to ``cache`` what hand-over files no proxy adopted hold (the proxy that took over
-        died first) when they were saved under the policy state now restored; removes them."""
+        died first) when they were saved under the policy state now restored, and only the
+        entries whose ids name the same pods now; removes them."""
         for path in sorted(self.state_dir.glob(f"{HANDOVER_PREFIX}*")):
+            if path.name.endswith(OWNERS_SUFFIX):
+                continue  # read with its cache file
             match = HANDOVER_NAME.fullmatch(path.name)
             if match is None or match.group(1) != self._digest_tag():
                 log.warning("ignoring %s: not a hand-over under this policy state", path.name)
@@ -618,10 +675,13 @@ class ProxyDaemon:
             except CacheError as e:
                 log.error("cannot read %s (%s); ignoring it", path.name, e)
                 continue
+            left, dropped = self._owned(left, read_owners(path), path.name)
+            self._restore_dropped |= dropped
             now = time.time()
             for endpoint, answers in entries_as_answers(left.entries(), now).items():
                 cache.record_many(endpoint, answers, now)
             path.unlink()
+            owners_path(path).unlink(missing_ok=True)
             log.info("merged %d entries left in %s", len(left), path.name)
 
     def _restore_saved(self) -> tuple[Policy, Endpoints, DnsCache]:
@@ -708,6 +768,17 @@ class ProxyDaemon:
         steer_to_newest(_listening_sockets(self.proxy))
         await self._revoke(self._restore_dropped)
         self._restore_dropped = set()
+        if self.config.metrics is not None:
+            # Before this proxy takes the control socket and says it serves: a metrics port it
+            # cannot bind (another program holds it) fails its start while the predecessor
+            # still serves the sockets (it takes them back), not after. SO_REUSEPORT: during a
+            # hot restart the successor binds the port beside its predecessor.
+            from fqdnguard.metrics import serve_metrics  # noqa: PLC0415
+
+            host, port = self.config.metrics
+            self._metrics = await serve_metrics(
+                self.proxy, host, port, [self.status.collector()], reuse_port=True
+            )
         if self.private is not None:
             await self.private.start()
         await self.control.start()
@@ -718,11 +789,6 @@ class ProxyDaemon:
         gc.collect()
         gc.freeze()
         gc.set_threshold(50_000, 20, 20)
-        if self.config.metrics is not None:
-            from fqdnguard.metrics import serve_metrics  # noqa: PLC0415
-
-            host, port = self.config.metrics
-            self._metrics = await serve_metrics(self.proxy, host, port, [self.status.collector()])
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -738,7 +804,7 @@ class ProxyDaemon:
         except (StateError, OSError) as e:
             log.error("cannot claim the state directory: %s", e)
             return
-        self.proxy.journal = self.state.start_journal(self._state_digest())
+        self.proxy.journal = self.state.start_journal(self._state_digest(), self._owner_of)
         log.info("state directory %s: format %d.%d, sequence %d", self.state_dir, *FORMAT, sequence)
 
     def _tell_serving(self) -> None:
@@ -868,9 +934,10 @@ class ProxyDaemon:
         name = f"{HANDOVER_PREFIX}{INSTANCE}.{self._digest_tag()}"
         path = self.state_dir / name
         try:
+            write_owners(path, self._owners)
             self.proxy.cache.save(path)
             status, body = await request(
-                self.control.path, "POST", "/v1/adopt", {"file": name}, timeout=30
+                self.control.path, "POST", "/v1/adopt", {"file": name}, timeout=ADOPT_TIMEOUT
             )
         except (CacheError, OSError, ControlError) as e:
             # Left in place: the next proxy to start here adopts it (see _restore).
@@ -894,6 +961,7 @@ class ProxyDaemon:
 
     def _write_state(self) -> None:
         if self.proxy is not None:
+            write_owners(self.cache_path, self._owners)
             self.proxy.cache.save(self.cache_path)
         if self.policy_state is not None:
             atomic_write(self.policy_path, self.policy_state.to_json())
@@ -1068,6 +1136,7 @@ class ProxyDaemon:
                 self.proxy.forget_endpoints(built.gone)
             first = self.policy_state is not None or k is None
             self.kube = _KubeState(model, push.session, push.seq)
+            self._refresh_owners()
             if first:  # objects replace a pushed policy: one source of truth in the state
                 self.policy_state = None
                 with contextlib.suppress(FileNotFoundError):
@@ -1190,16 +1259,21 @@ class ProxyDaemon:
             cache = await loop.run_in_executor(None, DnsCache.load, path)
         except (CacheError, OSError) as e:
             return 422, {"error": f"cannot load {path.name}: {e}"}
-        # The policy may have changed since the other proxy learned them: only what it still
-        # allows is carried over (fail closed).
+        # An id the other proxy gave a pod may name another pod here (pods created while both
+        # ran get ids in each one's order), and the policy may have changed since it learned
+        # them: only entries of the same pod that the policy still allows are carried over.
         every = cache.entries()
-        entries, dropped = still_allowed(every, self.proxy.policy, self.proxy.endpoints)
+        owned = keep_owned(every, read_owners(path), self._owners)
+        if len(owned) < len(every):
+            log.warning("not adopting %d entries of endpoint ids that name other pods here",
+                        len(every) - len(owned))  # fmt: skip
+        entries, dropped = still_allowed(owned, self.proxy.policy, self.proxy.endpoints)
         if dropped:
             log.info("not adopting %d entries the policy in force no longer allows", dropped)
         changes = await self.proxy.adopt(entries)
         await self._revoke(dropped_pairs(every, entries))
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        for gone in (path, owners_path(path)):
+            gone.unlink(missing_ok=True)
         try:
             await loop.run_in_executor(None, self.save)
         except (CacheError, OSError, StateError) as e:
