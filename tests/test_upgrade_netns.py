@@ -24,6 +24,7 @@ Needs root, iproute2, knotd, dnsperf, libnftables and the kernel's nft_tproxy.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -86,6 +87,20 @@ def flag(argv: list[str], name: str) -> str:
 # -- the objects an agent relays ----------------------------------------------------------
 
 
+def policy_spec(pattern: str) -> dict[str, Any]:
+    """The policed pods' CiliumNetworkPolicy: DNS on port 53 only for names matching
+    ``pattern``, and TCP 443 to what they resolve to."""
+    selector = {"matchName": pattern} if "*" not in pattern else {"matchPattern": pattern}
+    return {
+        "endpointSelector": {"matchLabels": {"app": "policed"}},
+        "egress": [
+            {"toPorts": [{"ports": [{"port": "53", "protocol": "ANY"}],
+                          "rules": {"dns": [selector]}}]},
+            {"toFQDNs": [selector], "toPorts": [{"ports": [{"port": "443", "protocol": "TCP"}]}]},
+        ],
+    }  # fmt: skip
+
+
 def objects(pattern: str, late_pod: bool) -> list[dict[str, Any]]:
     def pod(name: str, ip: str, app: str) -> dict[str, Any]:
         return {"kind": "Pod", "key": f"default/{name}", "obj": {
@@ -95,15 +110,6 @@ def objects(pattern: str, late_pod: bool) -> list[dict[str, Any]]:
             "status": {"phase": "Running", "podIPs": [{"ip": ip}]},
         }}  # fmt: skip
 
-    selector = {"matchName": pattern} if "*" not in pattern else {"matchPattern": pattern}
-    spec = {
-        "endpointSelector": {"matchLabels": {"app": "policed"}},
-        "egress": [
-            {"toPorts": [{"ports": [{"port": "53", "protocol": "ANY"}],
-                          "rules": {"dns": [selector]}}]},
-            {"toFQDNs": [selector], "toPorts": [{"ports": [{"port": "443", "protocol": "TCP"}]}]},
-        ],
-    }  # fmt: skip
     out = [
         {"kind": "Namespace", "key": "default",
          "obj": {"metadata": {"name": "default", "uid": "uid-ns", "labels": {}}}},
@@ -111,7 +117,7 @@ def objects(pattern: str, late_pod: bool) -> list[dict[str, Any]]:
         {"kind": "CiliumNetworkPolicy", "key": "default/policed-egress", "obj": {
             "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
             "metadata": {"name": "policed-egress", "namespace": "default", "uid": "uid-cnp"},
-            "spec": spec}},
+            "spec": policy_spec(pattern)}},
     ]  # fmt: skip
     if late_pod:  # pod churn: a pod that came after the old proxy's start
         out.append(pod("late", "10.79.3.2", "policed"))
@@ -129,6 +135,8 @@ class Pod:
     proxy: Process
     agent: Process
     process: subprocess.Popen[bytes] | None = None
+    #: The agent container's process, when the test runs it (tests/test_upgrade_kube_netns.py).
+    agent_process: subprocess.Popen[bytes] | None = None
 
     @property
     def socket(self) -> Path:
@@ -143,6 +151,13 @@ class Pod:
     def log(self) -> Path:
         return self.root / "proxy.log"
 
+    @property
+    def agent_log(self) -> Path:
+        return self.root / "agent.log"
+
+    def processes(self) -> list[subprocess.Popen[bytes]]:
+        return [p for p in (self.process, self.agent_process) if p is not None]
+
     def ask(self, method: str, url: str, body: Any = None) -> tuple[int, Any]:
         return request_sync(self.socket, method, url, body, timeout=10)
 
@@ -153,6 +168,8 @@ class Node:
     root: Path
     pods: list[Pod] = field(default_factory=list)
     seq: int = 0
+    #: The node's name: the pods' NODE_NAME, the Node object's name on a control plane.
+    name: str = NODE
 
     def new_pod(self) -> Pod:
         """The next pod of the DaemonSet on this node: its containers as the rendered manifest
@@ -163,7 +180,7 @@ class Node:
             state_dir=self.root / "node" / "state",
             run_dir=root / "run",
             config_dir=root / "config",
-            node_name=NODE,
+            node_name=self.name,
             manifest=MANIFEST,
         )
         pod = Pod(name, root, containers["proxy"], containers["agent"])
@@ -188,11 +205,21 @@ class Node:
             time.sleep(0.05)
         raise AssertionError(f"{pod.name} did not serve: {pod.log.read_text()}")
 
+    def start_agent(self, pod: Pod, *extra: str) -> None:
+        """The pod's agent container in the node namespace (hostNetwork), its argv as the
+        manifest says plus ``extra``; its env (NODE_NAME) from the manifest."""
+        env = {**os.environ, **pod.agent.env}
+        with open(pod.agent_log, "ab") as out:
+            pod.agent_process = self.topo.spawn(
+                self.topo.node, *pod.agent.argv, *extra, stdout=out, stderr=out, env=env,
+                cwd=os.getcwd(),
+            )  # fmt: skip
+
     def push(self, pod: Pod, pattern: str, *, late_pod: bool = False) -> None:
         """What the pod's agent does: a reset with every object, all kinds synced."""
         self.seq += 1
         body = {
-            "protocol": KUBE_PROTOCOL, "node": NODE, "session": f"agent-{pod.name}",
+            "protocol": KUBE_PROTOCOL, "node": self.name, "session": f"agent-{pod.name}",
             "seq": self.seq, "reset": True, "synced": list(KINDS),
             "changes": objects(pattern, late_pod),
         }  # fmt: skip
@@ -210,9 +237,10 @@ class Node:
 
     def cleanup(self) -> None:
         for pod in self.pods:
-            if pod.process is not None and pod.process.poll() is None:
-                pod.process.kill()
-                pod.process.wait(10)
+            for process in pod.processes():
+                if process.poll() is None:
+                    process.kill()
+                    process.wait(10)
         cli = [sys.executable, "-m", "fqdnguard.cli", "intercept", "cleanup"]
         subprocess.run(
             ["ip", "netns", "exec", self.topo.node, *cli], capture_output=True, check=False
@@ -322,10 +350,11 @@ def wait(cond: Any, what: str, timeout: float = 15.0) -> None:
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def topo() -> Iterator[InterceptTopology]:
+@contextlib.contextmanager
+def intercept_topology(prefix: str) -> Iterator[InterceptTopology]:
+    """The namespaces, with Knot serving the zone at the cluster-DNS address."""
     require_knot()
-    topo = InterceptTopology(f"fu{os.getpid() % 100000}").create()
+    topo = InterceptTopology(f"{prefix}{os.getpid() % 100000}").create()
     try:
         with KnotServer({"e2e.test": ZONE}, host=CLUSTER_DNS4, port=53, netns=topo.dns):
             yield topo
@@ -333,18 +362,34 @@ def topo() -> Iterator[InterceptTopology]:
         topo.close()
 
 
-@pytest.fixture
-def node(topo: InterceptTopology) -> Iterator[Node]:
+@contextlib.contextmanager
+def node_of(topo: InterceptTopology, name: str = NODE) -> Iterator[Node]:
+    """A node named ``name`` on the topology; its pods' processes killed at the end (the
+    logs printed when FQDNGUARD_E2E_LOG is set)."""
     root = Path(tempfile.mkdtemp(prefix="fqdnguard-upgrade-"))
-    n = Node(topo, root)
+    n = Node(topo, root, name=name)
     try:
         yield n
     finally:
         n.cleanup()
         if os.environ.get("FQDNGUARD_E2E_LOG"):
             for pod in n.pods:
-                print(f"--- {pod.name}\n{pod.log.read_text()}", file=sys.stderr)
+                for log in (pod.log, pod.agent_log):
+                    if log.exists():
+                        print(f"--- {pod.name} {log.name}\n{log.read_text()}", file=sys.stderr)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def topo() -> Iterator[InterceptTopology]:
+    with intercept_topology("fu") as topo:
+        yield topo
+
+
+@pytest.fixture
+def node(topo: InterceptTopology) -> Iterator[Node]:
+    with node_of(topo) as n:
+        yield n
 
 
 def upgrade(node: Node, *, policy_change: bool, kill_old: bool, seconds: float = 8.0) -> None:
@@ -356,10 +401,7 @@ def upgrade(node: Node, *, policy_change: bool, kill_old: bool, seconds: float =
     assert ask(node, "web.allowed.e2e.test") == dns.rcode.NOERROR
     assert ask(node, "other.allowed.e2e.test") == dns.rcode.NOERROR  # learned, then unlisted
     pattern = "web.allowed.e2e.test" if policy_change else "*.allowed.e2e.test"
-    watcher = Watcher(node, {"10.79.2.11"} if policy_change else set())
-    watcher.start()
-    allowed = load(node, "web.allowed.e2e.test", seconds, 300)
-    denied = load(node, "denied.blocked.e2e.test", seconds, 300)
+    watcher, allowed, denied = start_load(node, policy_change, seconds)
     try:
         time.sleep(1.5)
         if policy_change:  # between the two starts, pod churn and a narrower policy
@@ -379,6 +421,32 @@ def upgrade(node: Node, *, policy_change: bool, kill_old: bool, seconds: float =
     finally:
         watcher.done.set()
         watcher.join()
+    check_upgrade(node, old, new, results, watcher, policy_change=policy_change, seconds=seconds)
+    check_rules_outlive(node, new)
+
+
+def start_load(node: Node, policy_change: bool, seconds: float) -> tuple[Watcher, Load, Load]:
+    """The ruleset watcher (an address the policy change drops may go), then two dnsperf
+    streams from the policed pod: an allowed name and a denied one."""
+    watcher = Watcher(node, {"10.79.2.11"} if policy_change else set())
+    watcher.start()
+    allowed = load(node, "web.allowed.e2e.test", seconds, 300)
+    denied = load(node, "denied.blocked.e2e.test", seconds, 300)
+    return watcher, allowed, denied
+
+
+def check_upgrade(
+    node: Node,
+    old: Pod,
+    new: Pod,
+    results: dict[str, dict[str, Any]],
+    watcher: Watcher,
+    *,
+    policy_change: bool,
+    seconds: float,
+) -> None:
+    """The hand-over happened; no query lost, none unfiltered; nothing removed from the
+    ruleset; the new proxy's cache holds what the policy in force allows, nothing more."""
     logs = "\n".join(p.log.read_text() for p in (old, new))
     assert "took 6 listening sockets over" in new.log.read_text(), logs
     for stream, rcode in (("allowed", "NOERROR"), ("denied", "REFUSED")):
@@ -395,10 +463,14 @@ def upgrade(node: Node, *, policy_change: bool, kill_old: bool, seconds: float =
         kept = [k for k in snapshot(node)["elements"] if "10.79.2.11" in k[2]]
         assert kept == [], "an address the policy no longer allows stays admitted"
         assert ask(node, "other.allowed.e2e.test") == dns.rcode.REFUSED
-    # The new proxy exits too: the rules stay (they belong to the node).
-    assert new.process is not None
-    new.process.send_signal(signal.SIGTERM)
-    assert new.process.wait(30) == 0
+
+
+def check_rules_outlive(node: Node, new: Pod) -> None:
+    """The new pod's processes exit too: the rules stay (they belong to the node)."""
+    for process in new.processes():
+        process.send_signal(signal.SIGTERM)
+    for process in new.processes():
+        assert process.wait(30) == 0
     after = snapshot(node)
     assert after["rules"] == 12 and after["policed"], after
     with pytest.raises(OSError):  # nobody serves: the policed pod's DNS is dropped, not unfiltered
