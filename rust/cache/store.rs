@@ -742,8 +742,19 @@ impl Cache {
     }
 
     fn heap_insert(&mut self, item: HeapItem) {
-        self.heap.push(item);
-        self.sift_up(self.heap.len() - 1, item);
+        let n = self.heap.len();
+        // Most new items sort last (a later expiry, or the same with a later stamp): written
+        // once, where they stay, rather than pushed and then placed again by `sift_up`.
+        let parent = n.wrapping_sub(1) / ARITY;
+        if n == 0 || !item.before(&self.heap[parent]) {
+            self.heap.push(item);
+            self.entries[item.entry as usize].pos = n as u32;
+            return;
+        }
+        let p = self.heap[parent];
+        self.heap.push(p);
+        self.entries[p.entry as usize].pos = n as u32;
+        self.sift_up(parent, item);
     }
 
     /// Takes the item at `i` out of the heap.

@@ -60,15 +60,14 @@ fn addr_arg(item: &Bound<'_, PyAny>) -> PyResult<(IpAddr, u32)> {
     let t = item
         .cast::<PyTuple>()
         .map_err(|_| PyTypeError::new_err("each address must be an (ip, ttl) tuple"))?;
-    if t.len() != 2 {
+    let [ip, ttl] = t.as_slice() else {
         return Err(PyValueError::new_err(format!(
             "each address must be an (ip, ttl) tuple, got {} items",
             t.len()
         )));
-    }
-    let ip = t.get_borrowed_item(0)?;
-    let ip = ip_arg(&ip)?;
-    let ttl: i64 = t.get_borrowed_item(1)?.extract()?;
+    };
+    let ip = ip_arg(ip)?;
+    let ttl: i64 = ttl.extract()?;
     Ok((ip, check_ttl(ip, ttl).map_err(Error::from)?))
 }
 
@@ -415,17 +414,16 @@ impl PyDnsCache {
             let t = item.cast::<PyTuple>().map_err(|_| {
                 PyTypeError::new_err("each answer must be a (name, [(ip, ttl), ...]) tuple")
             })?;
-            if t.len() != 2 {
+            // The tuple's items read in place, without a call and a check per item.
+            let [name, addrs] = t.as_slice() else {
                 return Err(PyValueError::new_err(format!(
                     "each answer must be a (name, addrs) tuple, got {} items",
                     t.len()
                 )));
-            }
-            let name = t.get_borrowed_item(0)?;
+            };
             batch
-                .push_name_text(name_text(&name)?)
+                .push_name_text(name_text(name)?)
                 .map_err(Error::from)?;
-            let addrs = t.get_borrowed_item(1)?;
             if let Ok(list) = addrs.cast::<PyList>() {
                 for a in list.iter() {
                     let (ip, ttl) = addr_arg(&a)?;
