@@ -94,6 +94,12 @@ test: system-deps deps build-dev ## Build, then run the Rust and Python tests
 # cached under ${XDG_CACHE_HOME:-~/.cache}/fqdnguard/kube/, keyed by the versions.
 KUBE := $(PYTHON) tools/kube/localkube.py
 
+# The previous release, for the upgrade and rollback test between versions (tools/baseline.py):
+# the commit in tests/upgrade_baseline.txt, exported from git history and built once per commit.
+.PHONY: baseline-build
+baseline-build: ## Build the previous release (tests/upgrade_baseline.txt) for the upgrade test between versions
+	python3 tools/baseline.py build
+
 .PHONY: kube-build
 kube-build: $(VENV_DEP) ## Build the local control plane's binaries from the Go module proxy (once per machine)
 	$(KUBE) build

@@ -137,6 +137,11 @@ class Pod:
     process: subprocess.Popen[bytes] | None = None
     #: The agent container's process, when the test runs it (tests/test_upgrade_kube_netns.py).
     agent_process: subprocess.Popen[bytes] | None = None
+    #: Another release's package directory (PYTHONPATH), for a pod of that release
+    #: (tests/test_upgrade_versions_netns.py); None: this checkout's.
+    python: Path | None = None
+    #: The object protocol its agent speaks (``POST /v1/objects``).
+    protocol: int | str = KUBE_PROTOCOL
 
     @property
     def socket(self) -> Path:
@@ -171,9 +176,15 @@ class Node:
     #: The node's name: the pods' NODE_NAME, the Node object's name on a control plane.
     name: str = NODE
 
-    def new_pod(self) -> Pod:
+    def new_pod(
+        self,
+        manifest: Path = MANIFEST,
+        python: Path | None = None,
+        protocol: int | str = KUBE_PROTOCOL,
+    ) -> Pod:
         """The next pod of the DaemonSet on this node: its containers as the rendered manifest
-        starts them, the node's state directory shared, its own emptyDir and ConfigMap files."""
+        starts them, the node's state directory shared, its own emptyDir and ConfigMap files.
+        Another release's pod: its manifest, package directory and agent protocol."""
         name = f"pod{len(self.pods)}"
         root = self.root / name
         containers = pod_processes(
@@ -181,15 +192,18 @@ class Node:
             run_dir=root / "run",
             config_dir=root / "config",
             node_name=self.name,
-            manifest=MANIFEST,
+            manifest=manifest,
         )
-        pod = Pod(name, root, containers["proxy"], containers["agent"])
+        pod = Pod(name, root, containers["proxy"], containers["agent"], python=python)
+        pod.protocol = protocol
         assert flag(pod.agent.argv, "--socket") == str(pod.socket), "agent and proxy disagree"
         self.pods.append(pod)
         return pod
 
     def start(self, pod: Pod) -> None:
         env = {**os.environ, **pod.proxy.env}
+        if pod.python is not None:
+            env["PYTHONPATH"] = str(pod.python)
         with open(pod.log, "ab") as out:
             pod.process = self.topo.spawn(
                 self.topo.node, *pod.proxy.argv, stdout=out, stderr=out, env=env, cwd=os.getcwd()
@@ -209,6 +223,8 @@ class Node:
         """The pod's agent container in the node namespace (hostNetwork), its argv as the
         manifest says plus ``extra``; its env (NODE_NAME) from the manifest."""
         env = {**os.environ, **pod.agent.env}
+        if pod.python is not None:
+            env["PYTHONPATH"] = str(pod.python)
         with open(pod.agent_log, "ab") as out:
             pod.agent_process = self.topo.spawn(
                 self.topo.node, *pod.agent.argv, *extra, stdout=out, stderr=out, env=env,
@@ -219,7 +235,7 @@ class Node:
         """What the pod's agent does: a reset with every object, all kinds synced."""
         self.seq += 1
         body = {
-            "protocol": KUBE_PROTOCOL, "node": self.name, "session": f"agent-{pod.name}",
+            "protocol": pod.protocol, "node": self.name, "session": f"agent-{pod.name}",
             "seq": self.seq, "reset": True, "synced": list(KINDS),
             "changes": objects(pattern, late_pod),
         }  # fmt: skip
