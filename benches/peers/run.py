@@ -36,12 +36,15 @@ Every peer (all its threads) and Knot run on CPU 1. Before timing, every peer's 
 checked on allowed and denied names of several endpoints (denied: another endpoint's names,
 names nobody allows), so that none is fast because it is wrong.
 
-Figures per peer and workload, in one run: maximum qps (median of --repeat runs) and its ratio
-to fqdnguard; CPU microseconds per query of the peer (from /proc/PID/stat, all threads) and of
-the load generators; p50/p99 at a fixed rate every peer sustains; RSS; and (full runs, workload
-(b)) RSS every 5 s over 60 s of unique allowed names (a wildcard zone, TTL 5 s) at a fixed rate,
-with how many names the peer learned (fqdnguard: its cache, from its metrics; the others keep
-no cache). Each peer's busiest threads (from /proc/PID/task) say what limits it.
+Figures per peer and workload, in one run: maximum qps (median of --repeat runs) and its ratio to
+fqdnguard; the queries lost per million (dnsperf's "Queries lost": a lost query holds one of
+dnsperf's outstanding slots for its 2 s timeout, so at 512 outstanding a few hundred lost queries
+cut the maximum of any peer, and dnsperf's run time includes that wait) beside the host's UDP
+receive-buffer drops in the same runs; CPU microseconds per query of the peer (from /proc/PID/stat,
+all threads) and of the load generators; p50/p99 at a fixed rate every peer sustains; RSS; and (full
+runs, workload (b)) RSS every 5 s over 60 s of unique allowed names (a wildcard zone, TTL 5 s) at a
+fixed rate, with how many names the peer learned (fqdnguard: its cache, from its metrics; the others
+keep no cache). Each peer's busiest threads (from /proc/PID/task) say what limits it.
 
 Usage: python benches/peers/run.py [--quick] [--json FILE] [--workloads b,a100,...]
                                    [--peers NAMES] [--seconds S] [--repeat N] [--out DIR]
@@ -580,6 +583,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def udp_drops() -> int:
+    """The host's UDP receive-buffer drops so far (/proc/net/snmp RcvbufErrors): a full socket
+    queue, the peer's listener or the upstream's, drops the datagram there."""
+    lines = [ln.split() for ln in Path("/proc/net/snmp").read_text().splitlines()]
+    udp = [ln for ln in lines if ln and ln[0] == "Udp:"]
+    return int(dict(zip(udp[0][1:], udp[1][1:], strict=True)).get("RcvbufErrors", 0))
+
+
 def thread_cpu(pid: int) -> dict[str, float]:
     """CPU seconds per thread name, from /proc/PID/task."""
     out: dict[str, float] = {}
@@ -638,7 +649,7 @@ def dnsperf_load(
         load_cpu += usage.ru_utime + usage.ru_stime
         if p.stderr is not None:
             p.stderr.close()
-    qps = completed = 0.0
+    qps = completed = lost = 0.0
     latencies: list[float] = []
     for p, f in zip(procs, files, strict=True):
         f.seek(0)
@@ -653,12 +664,14 @@ def dnsperf_load(
                 qps += float(line.split(":")[1])
             elif line.startswith("Queries completed:"):
                 completed += float(line.split(":")[1].split()[0])
+            elif line.startswith("Queries lost:"):
+                lost += float(line.split(":")[1].split()[0])
             elif line.startswith(">") and rate is not None:
                 with contextlib.suppress(ValueError):
                     lat.append(float(line.split()[-1]) * 1000)
         skip = int(rate / len(sources) * SETTLE_S) if rate else 0
         latencies += lat[skip:] if len(lat) > 2 * skip else lat
-    result = {"qps": qps, "completed": completed, "load_cpu_s": load_cpu}
+    result = {"qps": qps, "completed": completed, "lost": lost, "load_cpu_s": load_cpu}
     if latencies:
         latencies.sort()
         result["p50_ms"] = percentile(latencies, 0.50)
@@ -734,7 +747,9 @@ def measure(
             before = cpu_seconds(proc.pid)
             knot_before = cpu_seconds(knot_pid) if knot_pid else 0.0
             helper_before = cpu_seconds(helper) if helper else 0.0
+            drops_before = udp_drops()
             r = dnsperf_load(peer.port, sources, seconds, addr=peer.addr)
+            r["udp_drops"] = udp_drops() - drops_before
             r["cpu_s"] = cpu_seconds(proc.pid) - before
             r["knot_cpu_s"] = cpu_seconds(knot_pid) - knot_before if knot_pid else 0.0
             r["helper_cpu_s"] = cpu_seconds(helper) - helper_before if helper else 0.0
@@ -764,6 +779,13 @@ def measure(
             r["knot_cpu_s"] / r["completed"] * 1e6 for r in runs
         ),
         "rss_mb": round(rss, 1),
+        # Queries dnsperf never got an answer to (each holds one of its outstanding slots for
+        # its timeout, so a few lost queries lower the maximum qps of any peer), and the
+        # host's UDP receive-buffer drops meanwhile (where they were lost).
+        "lost_per_million": statistics.median(
+            r["lost"] / max(1.0, r["completed"] + r["lost"]) * 1e6 for r in runs
+        ),
+        "udp_drops": statistics.median(r["udp_drops"] for r in runs),
         "version": peer.version,
         "threads": {
             t: round(s / total_busy, 3) for t, s in sorted(busy.items(), key=lambda kv: -kv[1])[:4]
@@ -925,6 +947,7 @@ def run_workload(
                     else ""
                 )
                 + ")"
+                f"  lost {r['lost_per_million']:.0f}/M (UDP drops {r['udp_drops']:.0f})"
                 f"  rss {r['rss_mb']} MB  threads {r['threads']}",
                 flush=True,
             )
