@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,7 +30,6 @@ from pathlib import Path
 import dns.rcode
 import pytest
 
-from tests.test_e2e_netns import _skip_reason
 from tests.test_upgrade_netns import (
     Node,
     Pod,
@@ -43,12 +41,11 @@ from tests.test_upgrade_netns import (
     start_load,
     wait,
 )
+from tests.test_upgrade_netns import pytestmark as upgrade_needs
 from tools import baseline
 
-pytestmark = pytest.mark.skipif(
-    (_reason := _skip_reason()) is not None or shutil.which("dnsperf") is None,
-    reason=_reason or "dnsperf is not installed",
-)
+#: The same needs as the upgrade tests of one release.
+pytestmark = upgrade_needs
 
 SECONDS = 14.0
 
