@@ -20,18 +20,23 @@ Needs root, iproute2, knotd, dnsperf, libnftables and the kernel's nft_tproxy.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import dns.message
 import dns.rcode
 import pytest
 from fqdnguard.control import ControlError
+from fqdnguard.daemons.proxy import SAVE_WAIT
 
+from tests.netns import CLUSTER_DNS4
 from tests.test_e2e_netns import _skip_reason
 from tests.test_upgrade_netns import (
     Node,
@@ -182,8 +187,53 @@ def check_filtered(
     assert watcher.problems == [], watcher.problems[:5]
 
 
-def report(what: str, **figures: Any) -> None:
+def no_tracebacks(*pods: Pod) -> None:
+    """No proxy logged an exception it did not handle."""
+    for pod in pods:
+        text = pod.log.read_text()
+        assert "Traceback" not in text, f"{pod.name}: {text}"
+
+
+@contextlib.contextmanager
+def under_load(node: Node, seconds: float) -> Iterator[tuple[Watcher, dict[str, Any]]]:
+    """The ruleset watcher and two dnsperf streams (an allowed name, a denied one) for the
+    block; their results in the dict yielded once the block ends, the watcher stopped."""
+    watcher, allowed, denied = start_load(node, False, seconds)
+    results: dict[str, Any] = {}
+    try:
+        yield watcher, results
+        results.update(allowed=allowed.result(), denied=denied.result())
+    finally:
+        watcher.done.set()
+        watcher.join()
+
+
+def report(what: str, results: dict[str, Any] | None = None, **figures: Any) -> None:
+    if results is not None:
+        figures.update(
+            lost_allowed=results["allowed"]["lost"], lost_denied=results["denied"]["lost"]
+        )
     print(f"\n{what}: " + ", ".join(f"{k} {v}" for k, v in figures.items()), file=sys.stderr)
+
+
+def share_answered(node: Node, tries: int = 40) -> tuple[int, int]:
+    """Queries from fresh source ports (each flow hashed anew among the listeners): how many
+    were answered, and of those how many NOERROR (all must be: the name is allowed)."""
+    answered = noerror = 0
+    for _ in range(tries):
+        s = node.topo.open_socket(node.topo.pod, socket.AF_INET, socket.SOCK_DGRAM)
+        with s:
+            s.settimeout(0.25)
+            s.sendto(
+                dns.message.make_query("web.allowed.e2e.test", "A").to_wire(), (CLUSTER_DNS4, 53)
+            )
+            try:
+                reply = dns.message.from_wire(s.recv(65535))
+            except OSError:
+                continue
+        answered += 1
+        noerror += reply.rcode() == dns.rcode.NOERROR
+    return answered, noerror
 
 
 # -- 1. the successor dies between the save and the sockets -----------------------------------
@@ -196,8 +246,7 @@ def test_a_successor_killed_between_the_save_and_the_sockets_changes_nothing(nod
     old = first_pod(node)
     dead, new = node.new_pod(), node.new_pod()
     seconds = 8.0
-    watcher, allowed, denied = start_load(node, False, seconds)
-    try:
+    with under_load(node, seconds) as (watcher, results):
         time.sleep(1.5)
         spawn_gated(node, dead, "sockets")
         paused(dead)
@@ -206,13 +255,10 @@ def test_a_successor_killed_between_the_save_and_the_sockets_changes_nothing(nod
         node.start(new)
         terminate(old)
         node.push(new, "*.allowed.e2e.test")
-        results = {"allowed": allowed.result(), "denied": denied.result()}
-    finally:
-        watcher.done.set()
-        watcher.join()
     check_upgrade(node, old, new, results, watcher, policy_change=False, seconds=seconds)
     assert "listening sockets over" not in dead.log.read_text()
     assert learned(new) >= LEARNED
+    no_tracebacks(old, dead, new)
 
 
 # -- 2. the old proxy dies between the save and the sockets -----------------------------------
@@ -225,8 +271,7 @@ def test_an_old_proxy_killed_between_the_save_and_the_sockets(node: Node) -> Non
     old = first_pod(node)
     new = node.new_pod()
     seconds = 8.0
-    watcher, allowed, denied = start_load(node, False, seconds)
-    try:
+    with under_load(node, seconds) as (watcher, results):
         time.sleep(1.5)
         spawn_gated(node, new, "sockets")
         paused(new)
@@ -235,15 +280,10 @@ def test_an_old_proxy_killed_between_the_save_and_the_sockets(node: Node) -> Non
         go(new)
         wait(lambda: serves(new), "the new proxy to serve", timeout=30)
         gap = time.monotonic() - killed
-        results = {"allowed": allowed.result(), "denied": denied.result()}
-    finally:
-        watcher.done.set()
-        watcher.join()
     report(
         "old proxy killed between save and sockets",
+        results,
         gap_s=round(gap, 3),
-        lost_allowed=results["allowed"]["lost"],
-        lost_denied=results["denied"]["lost"],
     )
     assert gap < 5.0
     check_filtered(results, watcher, seconds, max_lost=int(QPS * 5))
@@ -252,3 +292,116 @@ def test_an_old_proxy_killed_between_the_save_and_the_sockets(node: Node) -> Non
     assert learned(new) >= LEARNED
     assert ask(node, "web.allowed.e2e.test") == dns.rcode.NOERROR
     assert ask(node, "denied.blocked.e2e.test") == dns.rcode.REFUSED
+    no_tracebacks(old, new)
+
+
+# -- 3. the successor dies right after it said it serves ----------------------------------------
+
+
+def test_a_successor_killed_after_saying_it_serves_comes_back_from_the_state(node: Node) -> None:
+    """pod1's proxy takes the sockets, says ``serving`` and is killed at once: pod0's proxy
+    has stopped reading, so nobody serves (the policed pod's DNS is dropped) until the
+    container restarts. The restarted proxy (same argv, same dirs) comes back from the state
+    directory with what was learned, and serves; pod0's is then stopped (the old pod deleted
+    once the new one is ready)."""
+    old = first_pod(node)
+    new = node.new_pod()
+    seconds = 10.0
+    with under_load(node, seconds) as (watcher, results):
+        time.sleep(1.5)
+        spawn_gated(node, new, "serving")
+        assert new.process is not None
+        assert new.process.wait(30) == -signal.SIGKILL, new.log.read_text()
+        died = time.monotonic()
+        wait(lambda: "serves the sockets handed over" in old.log.read_text(), "pod0 to stop")
+        assert share_answered(node, 4) == (0, 0)  # nobody reads: dropped, never unfiltered
+        restart = time.monotonic()
+        node.start(new)  # the kubelet restarts the container
+        gap, start = time.monotonic() - died, time.monotonic() - restart
+        terminate(old)
+        node.push(new, "*.allowed.e2e.test")
+    report(
+        "successor killed after serving, restarted",
+        results,
+        gap_s=round(gap, 3),
+        restart_to_serving_s=round(start, 3),
+    )
+    assert start < 5.0
+    check_filtered(results, watcher, seconds, max_lost=int(QPS * (gap + 3)))
+    assert learned(new) >= LEARNED
+    assert ask(node, "web.allowed.e2e.test") == dns.rcode.NOERROR
+    assert ask(node, "denied.blocked.e2e.test") == dns.rcode.REFUSED
+    no_tracebacks(old, new)
+
+
+# -- 4. the old proxy frozen when the successor starts -----------------------------------------
+
+
+def test_a_frozen_old_proxy_delays_the_successor_a_bounded_time(node: Node) -> None:
+    """pod0's proxy is frozen (SIGSTOP: a wedged process) when pod1's starts. pod1's save gets
+    no answer; it gives up after the bounded wait and starts on its own (its own sockets, the
+    state directory and the frozen one's journal), filtering as before. The frozen process's
+    listeners keep their share of the intercepted flows (the kernel hashes a TPROXY'd datagram
+    among the port's sockets without running the steering program): those queries go
+    unanswered until it runs again; thawed with the SIGTERM its pod's deletion sent, it hands
+    its cache over and exits, and every flow is pod1's."""
+    old = first_pod(node)
+    new = node.new_pod()
+    seconds = 12.0
+    with under_load(node, seconds) as (watcher, results):
+        time.sleep(1.5)
+        assert old.process is not None
+        old.process.send_signal(signal.SIGSTOP)
+        frozen = time.monotonic()
+        node.start(new)
+        up = time.monotonic() - frozen
+        during = share_answered(node)
+        old.process.send_signal(signal.SIGTERM)  # the old pod deleted: pending while frozen
+        old.process.send_signal(signal.SIGCONT)
+        assert old.process.wait(60) == 0, old.log.read_text()
+        after = share_answered(node)
+    report(
+        "old proxy frozen",
+        results,
+        successor_up_s=round(up, 3),
+        answered_while_frozen=f"{during[0]}/40",
+        answered_after=f"{after[0]}/40",
+    )
+    assert up < SAVE_WAIT + 5, "the successor waited on the frozen proxy"
+    assert "no proxy answered POST /v1/save" in new.log.read_text()
+    assert 0 < during[0] < 40 and during[1] == during[0], during
+    assert after == (40, 40), after
+    check_filtered(results, watcher, 0, max_lost=int(QPS * seconds))
+    assert learned(new) >= LEARNED
+    assert "handed the cache over" in old.log.read_text()
+    no_tracebacks(old, new)
+
+
+# -- 5. three hand-overs in a row -----------------------------------------------------------------
+
+
+def test_three_hand_overs_in_a_row_lose_nothing(node: Node) -> None:
+    """pod0 -> pod1 -> pod2 -> pod3 under load, each new pod's proxy started as soon as the
+    previous hand-over ended (its predecessor exited, its agent pushed): no query lost, none
+    unfiltered, and what pod0 learned (a name not asked again) reaches pod3's cache."""
+    pods = [first_pod(node)]
+    seconds = 14.0
+    began = time.monotonic()
+    with under_load(node, seconds) as (watcher, results):
+        time.sleep(1.0)
+        for _ in range(3):
+            new = node.new_pod()
+            node.start(new)
+            terminate(pods[-1])
+            node.push(new, "*.allowed.e2e.test")
+            pods.append(new)
+        took = time.monotonic() - began
+    report("three hand-overs", seconds=round(took, 3))
+    assert took < seconds - 1, "the hand-overs outlasted the load"
+    check_filtered(results, watcher, seconds, max_lost=0)
+    for pod in pods[1:]:
+        assert "took 6 listening sockets over" in pod.log.read_text(), pod.log.read_text()
+    for pod in pods[:-1]:
+        assert "handed the cache over" in pod.log.read_text(), pod.log.read_text()
+    assert learned(pods[-1]) >= LEARNED
+    no_tracebacks(*pods)
