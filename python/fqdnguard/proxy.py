@@ -1227,9 +1227,10 @@ class Proxy:
         for (host, port), server in zip([*direct, *transparent], self._servers, strict=True):
             if ("tcp", host, port) in taken:
                 server.close()
-        for (host, port), udp in zip(transparent, self._transparent_udp, strict=True):
-            if ("udp", host, port) in taken:
-                udp.pause_reading()
+        if self._io is None:  # else the Rust UDP thread reads the transparent listeners too
+            for (host, port), udp in zip(transparent, self._transparent_udp, strict=True):
+                if ("udp", host, port) in taken:
+                    udp.pause_reading()
 
     def remove_interception(self) -> None:
         """Removes the node's interception rules now (``fqdnguard intercept cleanup`` does it;

@@ -96,6 +96,9 @@ HANDOVER_NAME = re.compile(re.escape(HANDOVER_PREFIX) + r"[0-9]+\.([0-9a-f]{16}|
 #: At SIGTERM after a successor asked for our state: wait this long for it to take over. Also
 #: how long after its ``POST /v1/save`` it may ask for the sockets.
 SUCCESSOR_WAIT = 10.0
+#: How long a starting proxy waits for the running one to answer ``POST /v1/save`` (a wedged
+#: or frozen one never does); then it starts on its own.
+SAVE_WAIT = 5.0
 #: How long the successor that took the sockets has to say it serves (on the liveness link)
 #: before this proxy takes them (and the control socket) back.
 LINK_TIMEOUT = 60.0
@@ -516,9 +519,16 @@ class ProxyDaemon:
         (so this one starts from the freshest cache). True when one answered."""
         try:
             status, body = await request(
-                self.control.path, "POST", "/v1/save", {"successor": INSTANCE}, timeout=5
+                self.control.path, "POST", "/v1/save", {"successor": INSTANCE}, timeout=SAVE_WAIT
             )
-        except ControlError:
+        except ControlError as e:
+            if self.control.path.exists():
+                # Nobody listens (a proxy that died left its socket), or one listens and does
+                # not answer (wedged, frozen): start on its own either way, fresh sockets
+                # beside any it still holds (they keep their share of intercepted flows
+                # until that process runs again or is killed).
+                log.warning("no proxy answered POST /v1/save on %s (%s): starting on its own",
+                            self.control.path, e)  # fmt: skip
             return False
         if status == 200:
             log.info("another proxy serves from %s: took its saved state", self.state_dir)
