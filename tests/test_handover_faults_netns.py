@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -37,7 +36,6 @@ from fqdnguard.control import ControlError
 from fqdnguard.daemons.proxy import SAVE_WAIT
 
 from tests.netns import CLUSTER_DNS4
-from tests.test_e2e_netns import _skip_reason
 from tests.test_upgrade_netns import (
     Node,
     Pod,
@@ -50,11 +48,10 @@ from tests.test_upgrade_netns import (
     start_load,
     wait,
 )
+from tests.test_upgrade_netns import pytestmark as upgrade_needs
 
-pytestmark = pytest.mark.skipif(
-    (_reason := _skip_reason()) is not None or shutil.which("dnsperf") is None,
-    reason=_reason or "dnsperf is not installed",
-)
+#: The same needs as the upgrade tests.
+pytestmark = upgrade_needs
 
 #: Each dnsperf stream's rate (queries/s), as in tests/test_upgrade_netns.py.
 QPS = 300
