@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TextIO
@@ -63,6 +64,11 @@ class Callback(Backend):
             await result
 
 
+_KINDS = frozenset({"added", "extended", "removed"})
+#: An address as the core writes it: nothing JSON would escape.
+_PLAIN_IP = re.compile(r"[0-9a-fA-F.:]+")
+
+
 class Log(Backend):
     """Writes each change as a JSON line (to stderr by default); enforces nothing."""
 
@@ -73,19 +79,25 @@ class Log(Backend):
 
     async def apply(self, changes: Sequence[Any]) -> None:
         out = self.stream or sys.stderr
-        for c in changes:
-            out.write(
-                json.dumps(
-                    {
-                        "change": c.kind,
-                        "endpoint": c.endpoint,
-                        "ip": c.ip,
-                        "expires_at": round(c.expires_at, 3) if c.expires_at is not None else None,
-                    }
-                )
-                + "\n"
-            )
+        out.write("".join(map(self.line, changes)))
         out.flush()
+
+    @staticmethod
+    def line(c: Any) -> str:
+        """One change as its JSON line, formatted directly (a learning proxy writes one per new
+        name): a `Change` holds a kind of three words, an address in its text form and a finite
+        expiry (the core checks all three), none of which JSON escapes, so this is exactly what
+        ``json.dumps`` writes for the same object at half its cost. Anything else goes through
+        ``json.dumps``."""
+        kind, ip, expires = c.kind, c.ip, c.expires_at
+        if kind in _KINDS and _PLAIN_IP.fullmatch(ip) and isinstance(expires, float):
+            return (
+                f'{{"change": "{kind}", "endpoint": {int(c.endpoint)}, "ip": "{ip}", '
+                f'"expires_at": {round(expires, 3)!r}}}\n'
+            )
+        record = {"change": kind, "endpoint": c.endpoint, "ip": ip}
+        record["expires_at"] = round(expires, 3) if expires is not None else None
+        return json.dumps(record) + "\n"
 
 
 def make_backend(name: str, **options: Any) -> Backend:
