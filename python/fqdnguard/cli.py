@@ -263,6 +263,8 @@ def _proxy_config(args: argparse.Namespace) -> ProxyConfig:
         metrics=args.metrics,
         unknown_endpoint=args.unknown_endpoint,
         upstream_timeout=args.upstream_timeout,
+        upstream_retransmit=args.upstream_retransmit,
+        upstream_retries=args.upstream_retries,
         max_ttl=args.max_ttl,
         log_queries=args.log_queries,
         intercept=getattr(args, "intercept", None) or None,
@@ -657,6 +659,19 @@ def _data_plane_options(p: argparse.ArgumentParser, *, policy: bool) -> None:
     p.add_argument("--metrics", metavar="ADDR:PORT", help="serve Prometheus metrics")
     p.add_argument("--unknown-endpoint", metavar="NS/NAME", help="treat unknown sources as it")
     p.add_argument("--upstream-timeout", type=float, metavar="SECONDS")
+    p.add_argument(
+        "--upstream-retransmit",
+        type=float,
+        metavar="SECONDS",
+        help="send an unanswered UDP query again after SECONDS (default: a quarter of the "
+        "timeout; 0: never)",
+    )
+    p.add_argument(
+        "--upstream-retries",
+        type=int,
+        metavar="N",
+        help="at most N copies more of a UDP query, all before the timeout (default 1)",
+    )
     p.add_argument(
         "--max-ttl",
         type=int,

@@ -90,6 +90,10 @@ def resolv_conf_nameservers(path: str = "/etc/resolv.conf") -> list[tuple[str, i
     return out
 
 
+# The shortest wait before a UDP query is sent upstream again: below it a copy mostly adds
+# load (a recursive resolver's own work often takes longer), it rarely replaces a lost packet.
+RETRANSMIT_FLOOR = 0.05
+
 # Options that are true or false.
 _FLAGS = ("intercept", "dns0x20", "allow_empty_policy", "reverse_path_check", "kubernetes")
 # Options that are positive whole numbers.
@@ -117,6 +121,12 @@ class ProxyConfig:
     state_dir: str | None = None
     metrics: tuple[str, int] | None = None
     upstream_timeout: float = 2.0
+    # A UDP query still unanswered after this many seconds is sent again (the same bytes, from
+    # the same socket, to the same upstream), at most ``upstream_retries`` times; the SERVFAIL
+    # still comes at ``upstream_timeout``. None: a quarter of the timeout, at least
+    # RETRANSMIT_FLOOR; 0 turns it off. See docs/fastpath.md, "Retransmission".
+    upstream_retransmit: float | None = None
+    upstream_retries: int = 1
     max_inflight: int = 10_000
     # One client's share (an endpoint; a source no endpoint claims counts alone): one pod
     # cannot take every slot. When all are taken, the client holding most gives one up.
@@ -171,6 +181,8 @@ class ProxyConfig:
         "state_dir",
         "metrics",
         "upstream_timeout",
+        "upstream_retransmit",
+        "upstream_retries",
         "max_inflight",
         "max_inflight_per_client",
         "hold_max",
@@ -230,6 +242,24 @@ class ProxyConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 bad(f"{name}: {value!r}: must be a positive whole number")
+        retransmit, timeout = self.upstream_retransmit, self.upstream_timeout
+        if retransmit is not None and (
+            isinstance(retransmit, bool)
+            or not isinstance(retransmit, (int, float))
+            or not (retransmit == 0 or retransmit >= RETRANSMIT_FLOOR)
+        ):
+            bad(
+                f"upstream_retransmit: {retransmit!r}: must be 0 (off) or a number of seconds "
+                f"from {RETRANSMIT_FLOOR}"
+            )
+        elif retransmit and isinstance(timeout, (int, float)) and retransmit >= timeout:
+            bad(
+                f"upstream_retransmit: {retransmit}: must be below upstream_timeout ({timeout}): "
+                "a copy sent at the timeout could not be answered in time"
+            )
+        retries = self.upstream_retries
+        if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
+            bad(f"upstream_retries: {retries!r}: must be a whole number from 0 to 10")
         if isinstance(self.upstream_sockets, int) and self.upstream_sockets > 16_384:
             bad(f"upstream_sockets: {self.upstream_sockets}: at most 16384 (each is a descriptor)")
         if not isinstance(self.dns0x20, bool):
@@ -322,6 +352,15 @@ class ProxyConfig:
         clean = {k: _convert(k, v, "flag") for k, v in changes.items() if v is not None}
         return replace(self, **clean)
 
+    def retransmit_after(self) -> float:
+        """Seconds after which an unanswered UDP query is sent again; 0: never."""
+        if self.upstream_retries == 0:
+            return 0.0
+        if self.upstream_retransmit is not None:
+            return float(self.upstream_retransmit)
+        auto = max(self.upstream_timeout / 4, RETRANSMIT_FLOOR)
+        return auto if auto < self.upstream_timeout else 0.0
+
     def resolved_upstreams(self) -> list[tuple[str, int]]:
         """The configured upstreams, or the nameservers of /etc/resolv.conf."""
         if self.upstreams:
@@ -353,6 +392,7 @@ def _convert(name: str, value: Any, source: str) -> Any:
         return [str(v).rstrip(".") if name == "search_domains" else str(v) for v in items]
     if name in (
         "upstream_timeout",
+        "upstream_retransmit",
         "hold_max",
         "tcp_idle_timeout",
         "expire_interval",
@@ -363,7 +403,7 @@ def _convert(name: str, value: Any, source: str) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{option}: {value!r} is not a number") from None
-    if name in (*_COUNTS, "min_ttl", "max_ttl", "intercept_port"):
+    if name in (*_COUNTS, "upstream_retries", "min_ttl", "max_ttl", "intercept_port"):
         if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).isdigit():
             raise ConfigError(f"{option}: {value!r} is not a whole number")
         return int(value)

@@ -106,6 +106,11 @@ class ProxyCollector(Collector):
             "fqdnguard_upstream_timeouts", "Queries answered SERVFAIL after the upstream timeout",
             value=s["timeouts"],
         )  # fmt: skip
+        yield CounterMetricFamily(
+            "fqdnguard_upstream_retransmits",
+            "UDP queries sent upstream again (the same bytes) for want of an answer",
+            value=s["retransmits"],
+        )
         yield GaugeMetricFamily("fqdnguard_inflight", "Queries waiting for upstream", s["inflight"])
         buckets, running = [], 0
         for bound, count in zip(

@@ -642,16 +642,23 @@ class _UpstreamPool:
         self.avoid = avoid
         self._loop = asyncio.get_running_loop()
         self.slots: dict[int, list[socket.socket]] = {}
-        self._retiring: list[tuple[float, socket.socket]] = []
+        #: When each slot's socket took it (the engine's clock): a retransmitted query leaves
+        #: from the socket it first left from (``sendto_at``).
+        self.since: dict[int, list[float]] = {}
+        #: (closed at, socket, family, slot, since) of the re-drawn sockets still read.
+        self._retiring: list[tuple[float, socket.socket, int, int, float]] = []
         self.redraws = 0
         self._timer: asyncio.TimerHandle | None = None
         families = list(families)
         for family in families:
             self.slots[family] = []
+            self.since[family] = []
+        start = proxy.clock()
         try:
             for slot in range(size):
                 for family in families:
                     self.slots[family].append(self._open(family, slot))
+                    self.since[family].append(start)
         except OSError as e:
             if e.errno not in (errno.EMFILE, errno.ENFILE) or not slot:
                 self.close()
@@ -661,6 +668,7 @@ class _UpstreamPool:
                 for sock in self.slots[family][slot:]:
                     self._close_one(sock)
                 del self.slots[family][slot:]
+                del self.since[family][slot:]
             self.size = slot
         self._timer = self._loop.call_later(REDRAW_EVERY, self._redraw)
 
@@ -698,6 +706,23 @@ class _UpstreamPool:
             self.proxy.stats.upstream_send_errors += 1
             log.debug("upstream %s:%d: %s", server[0], server[1], e)
 
+    def sendto_at(self, slot: int, payload: bytes, server: tuple[str, int], started: float) -> None:
+        """Sends ``payload`` again from the socket of ``slot`` that a query first sent at
+        ``started`` left from (re-drawn since or not: it is read for an upstream timeout more)."""
+        family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
+        since = self.since.get(family, [])
+        if slot < len(since) and since[slot] > started:
+            then = [r for r in self._retiring if r[2:4] == (family, slot) and r[4] <= started]
+            if then:
+                sock = max(then, key=lambda r: r[4])[1]
+                try:
+                    sock.sendto(payload, server)
+                except OSError as e:
+                    self.proxy.stats.upstream_send_errors += 1
+                    log.debug("upstream %s:%d: %s", server[0], server[1], e)
+                return
+        self.sendto(slot, payload, server)
+
     def _readable(self, sock: socket.socket, slot: int) -> None:
         on_answer = self.proxy._on_pool_answer
         for _ in range(READ_BATCH):
@@ -715,6 +740,7 @@ class _UpstreamPool:
         while self._retiring and self._retiring[0][0] <= now:
             self._close_one(self._retiring.pop(0)[1])
         owed = now + self.proxy.config.upstream_timeout + 1.0
+        taken = self.proxy.clock()
         for family, socks in self.slots.items():
             slot = int.from_bytes(os.urandom(4), "big") * len(socks) >> 32
             try:
@@ -722,8 +748,9 @@ class _UpstreamPool:
             except OSError as e:  # out of descriptors: the current socket still works
                 log.debug("upstream socket re-draw: %s", e)
                 continue
-            self._retiring.append((owed, socks[slot]))
+            self._retiring.append((owed, socks[slot], family, slot, self.since[family][slot]))
             socks[slot] = fresh
+            self.since[family][slot] = taken
             self.redraws += 1
         self._timer = self._loop.call_later(REDRAW_EVERY, self._redraw)
 
@@ -738,8 +765,8 @@ class _UpstreamPool:
         for socks in self.slots.values():
             for sock in socks:
                 self._close_one(sock)
-        for _, sock in self._retiring:
-            self._close_one(sock)
+        for retired in self._retiring:
+            self._close_one(retired[1])
         self.slots, self._retiring = {}, []
 
 
@@ -853,6 +880,8 @@ class Proxy:
             max_inflight_per_client=self.config.max_inflight_per_client,
             case_randomization=self.config.dns0x20,
             timeout=self.config.upstream_timeout,
+            retransmit=self.config.retransmit_after(),
+            retries=self.config.upstream_retries,
             log_queries=self.config.log_queries,
             log_sample=self.config.log_sample,
             max_ttl=self.config.max_ttl,
@@ -1674,6 +1703,8 @@ class Proxy:
 
     async def _sweeper(self) -> None:
         interval = min(0.1, self.config.upstream_timeout / 4)
+        if self._io is None and self.config.retransmit_after():
+            interval = min(interval, self.config.retransmit_after() / 2)  # copies sent on time
         while True:
             await asyncio.sleep(interval)
             # No Python runs per UDP query on the Rust path: look for recovered upstreams here.
@@ -1682,6 +1713,8 @@ class Proxy:
                 self._choose_upstream()
             if self._route_check_at and time.monotonic() >= self._route_check_at:
                 self._check_routes()
+            if self._io is None:  # the Rust UDP path sends its own retransmissions
+                self._retransmit()
             # The Rust UDP path answers its own timed-out clients and returns them all.
             sweep = self._io.sweep if self._io is not None else self.engine.sweep
             for token, payload, channel, record in sweep(self.clock()):
@@ -1694,6 +1727,23 @@ class Proxy:
                     client.send(payload)
                 if channel is not None and channel < ORIG_CHANNEL_BASE:
                     self._upstream_failed(channel)
+
+    def _retransmit(self) -> None:
+        """Sends again the UDP queries still unanswered after ``upstream_retransmit`` (the
+        asyncio path; the Rust thread does its own): the same bytes, from the socket each
+        first left from, to the server it went to."""
+        for _token, channel, slot, payload, started in self.engine.retransmits(self.clock()):
+            if self._pool is None:
+                return
+            if channel < ORIG_CHANNEL_BASE:
+                server: tuple[str, int] | None = self.upstreams[channel]
+            else:
+                found = [u for u in self._orig_upstreams.values() if u.channel == channel]
+                server = found[0].server if found else None
+                if found:
+                    found[0].last_sent = time.monotonic()
+            if server is not None:  # else a server no longer known: it times out as it would
+                self._pool.sendto_at(slot, payload, server, started)
 
     def _check_routes(self) -> None:
         """Asks the kernel for a route to each configured upstream (a UDP ``connect`` on a

@@ -53,6 +53,12 @@ pub struct EngineConfig {
     pub case_randomization: bool,
     /// Seconds an upstream has to answer before the client gets SERVFAIL.
     pub timeout: f64,
+    /// Seconds after which a UDP query still unanswered is sent upstream again, the same bytes
+    /// on the same socket ([`Engine::retransmits`]); 0 turns it off. Below `timeout`.
+    pub retransmit: f64,
+    /// At most this many copies more per UDP query, `retransmit` apart, all before `timeout`
+    /// (which still counts from the first send).
+    pub retries: u32,
     pub log: LogMode,
     /// The longest TTL an answer keeps: the cache's expiry and the TTLs the client receives
     /// are capped at it (see [`wire::cap_ttls`]).
@@ -151,6 +157,18 @@ pub struct Answer {
     pub log: Option<LogRecord>,
 }
 
+/// An upstream query to send again ([`Engine::retransmits`]): the bytes first sent, from
+/// source-port slot `slot` on `channel`, first sent at `started` (the socket of the slot then).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retransmit {
+    /// The token of the client that sent it (the pending query's key).
+    pub token: u64,
+    pub channel: u32,
+    pub slot: u16,
+    pub bytes: Vec<u8>,
+    pub started: f64,
+}
+
 /// A query ended without an answer: `bytes` is the SERVFAIL for its client.
 #[derive(Debug)]
 pub struct Expired {
@@ -195,6 +213,8 @@ struct Pending {
     /// What merges identical questions into this one (see [`merge_key`]).
     key: Vec<u8>,
     waiters: Vec<Waiter>,
+    /// The bytes sent upstream, kept while a retransmission may still be due (UDP only).
+    sent: Option<Vec<u8>>,
 }
 
 /// A client's share of the in-flight slots: how many it holds, and its tokens oldest first
@@ -225,6 +245,9 @@ struct State {
     clients: HashMap<ClientKey, ClientUse>,
     /// Upstream queries by deadline (answered ones are skipped when they come up).
     deadlines: VecDeque<(f64, u64)>,
+    /// Retransmissions due, one queue per round (the n-th copy of each query in the n-th),
+    /// so that each stays in time order: (when, upstream query). Answered ones are skipped.
+    retransmits: Vec<VecDeque<(f64, u64)>>,
     /// Client queries ended to make room for others: SERVFAIL at the next sweep.
     evicted: Vec<Expired>,
     /// Channels with 0x20 off, and the case mismatches in a row of the others.
@@ -681,6 +704,15 @@ impl Engine {
         st.waiting.insert(token, token);
         st.hold_slot(client, token);
         st.deadlines.push_back((now + self.config.timeout, token));
+        let sent = if proto == Proto::Udp && self.retransmits_on() {
+            if st.retransmits.is_empty() {
+                st.retransmits = vec![VecDeque::new(); self.config.retries as usize];
+            }
+            st.retransmits[0].push_back((now + self.config.retransmit, token));
+            Some(bytes.clone())
+        } else {
+            None
+        };
         st.pending.insert(
             token,
             Pending {
@@ -691,6 +723,7 @@ impl Engine {
                 sent_name,
                 key,
                 waiters: vec![waiter],
+                sent,
             },
         );
         Ok((QueryAction::Forward { bytes, token, slot }, None))
@@ -913,7 +946,70 @@ impl Engine {
                 });
             }
         }
+        // Retransmissions of queries that are over, should the caller never ask for them.
+        let State {
+            retransmits,
+            pending,
+            ..
+        } = &mut *st;
+        for q in retransmits.iter_mut() {
+            while q.front().is_some_and(|(_, l)| !pending.contains_key(l)) {
+                q.pop_front();
+            }
+        }
         Ok(out)
+    }
+
+    fn retransmits_on(&self) -> bool {
+        let c = &self.config;
+        c.retries > 0 && c.retransmit > 0.0 && c.retransmit < c.timeout
+    }
+
+    /// The UDP queries due to be sent again by `now` (no answer yet, and their timeout still
+    /// ahead: the copy is sent only while an answer to it can be taken), each at most
+    /// `retries` times, `retransmit` apart; and when the next one is due (None: none
+    /// scheduled). An answer to any copy matches the one pending query, and its waiters get
+    /// one answer each: nothing about matching changes.
+    pub fn retransmits(&self, now: f64) -> Result<(Vec<Retransmit>, Option<f64>), EngineError> {
+        let mut st = self.state.lock().map_err(|_| POISONED)?;
+        let mut out = Vec::new();
+        let (interval, timeout) = (self.config.retransmit, self.config.timeout);
+        for round in 0..st.retransmits.len() {
+            while let Some(&(due, leader)) = st.retransmits[round].front() {
+                if due > now {
+                    break;
+                }
+                st.retransmits[round].pop_front();
+                let Some(p) = st.pending.get_mut(&leader) else {
+                    continue; // answered, timed out or cancelled already
+                };
+                if due >= p.started + timeout {
+                    p.sent = None;
+                    continue;
+                }
+                let next = due + interval;
+                let last = round + 1 >= self.config.retries as usize || next >= p.started + timeout;
+                let bytes = if last { p.sent.take() } else { p.sent.clone() };
+                let Some(bytes) = bytes else { continue };
+                out.push(Retransmit {
+                    token: leader,
+                    channel: p.channel,
+                    slot: p.slot,
+                    bytes,
+                    started: p.started,
+                });
+                if !last {
+                    st.retransmits[round + 1].push_back((next, leader));
+                }
+            }
+        }
+        st.stats.retransmits += out.len() as u64;
+        let next = st
+            .retransmits
+            .iter()
+            .filter_map(|q| q.front().map(|&(due, _)| due))
+            .min_by(f64::total_cmp);
+        Ok((out, next))
     }
 
     /// Expires the cache: the removals for the firewall (their programmed state is forgotten).

@@ -26,6 +26,8 @@ pub struct EngineStats {
     /// Channels on which 0x20 was turned off (an upstream that does not keep case).
     pub case_fallbacks: u64,
     pub timeouts: u64,
+    /// UDP queries sent upstream again (a copy, same bytes) for want of an answer.
+    pub retransmits: u64,
     pub cancelled: u64,
     pub dropped_unmatched: u64,
     pub dropped_mismatch: u64,

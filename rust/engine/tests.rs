@@ -98,6 +98,8 @@ fn config() -> EngineConfig {
         max_inflight_per_client: 100,
         case_randomization: false,
         timeout: 2.0,
+        retransmit: 0.0,
+        retries: 0,
         log: LogMode::All,
         max_ttl: 0x7fff_ffff,
     }
@@ -935,4 +937,209 @@ fn an_address_that_gains_a_name_is_programmed_and_held_again() {
         .expect("e")
         .expect("matched");
     assert!(!got.hold && got.changes.is_empty());
+}
+
+fn retransmitting(retransmit: f64, retries: u32) -> Engine {
+    engine_with(EngineConfig {
+        retransmit,
+        retries,
+        case_randomization: true,
+        ..config()
+    })
+    .0
+}
+
+/// A copy to send: (token, slot, bytes).
+type Copy = (u64, u16, Vec<u8>);
+
+/// The copies due at `now`, and when the next is due.
+fn due(e: &Engine, now: f64) -> (Vec<Copy>, Option<f64>) {
+    let (out, next) = e.retransmits(now).expect("engine");
+    let out = out
+        .into_iter()
+        .map(|r| {
+            assert_eq!((r.channel, r.started), (1, 100.0));
+            (r.token, r.slot, r.bytes)
+        })
+        .collect();
+    (out, next)
+}
+
+/// An answer to the upstream query `up` (www.example.com): its id, its question as sent (the
+/// name's case, the type), then A records.
+fn answer_as_sent(up: &[u8], addrs: &[[u8; 4]]) -> Vec<u8> {
+    let id = u16::from_be_bytes([up[0], up[1]]);
+    let mut a = answer(id, "www.example.com", None, addrs, 60);
+    a[12..up.len()].copy_from_slice(&up[12..]);
+    a
+}
+
+#[test]
+fn an_unanswered_udp_query_is_sent_again_the_same_bytes_once_per_retry() {
+    let e = retransmitting(0.5, 2);
+    let (up, token, slot) = forwarded_slot(ask_on(
+        &e,
+        POD,
+        &query(0x4242, "www.example.com", 1),
+        1,
+        64,
+        100.0,
+    ));
+    assert_eq!(due(&e, 100.0), (vec![], Some(100.5)));
+    assert_eq!(due(&e, 100.49), (vec![], Some(100.5)));
+    // The same bytes: the upstream id and the name in the case it was sent in (0x20).
+    assert_eq!(
+        due(&e, 100.5),
+        (vec![(token, slot, up.clone())], Some(101.0))
+    );
+    assert_eq!(due(&e, 100.9), (vec![], Some(101.0)));
+    assert_eq!(due(&e, 101.2), (vec![(token, slot, up.clone())], None));
+    assert_eq!(due(&e, 101.9), (vec![], None), "at most `retries` copies");
+    assert_eq!(e.stats().expect("stats").retransmits, 2);
+    // The SERVFAIL still comes at the timeout from the first send.
+    assert!(e.sweep(101.99).expect("sweep").is_empty());
+    let expired = e.sweep(102.0).expect("sweep");
+    assert_eq!(expired.len(), 1);
+    assert_eq!(rcode(&expired[0].bytes), 2);
+    assert_eq!(e.stats().expect("stats").timeouts, 1);
+}
+
+#[test]
+fn retransmissions_stop_before_the_timeout_whatever_the_retries() {
+    let e = retransmitting(0.5, 10);
+    let (up, token, slot) = forwarded_slot(ask_on(
+        &e,
+        POD,
+        &query(1, "www.example.com", 1),
+        1,
+        1,
+        100.0,
+    ));
+    let mut copies = Vec::new();
+    for step in 1..=50 {
+        let now = 100.0 + f64::from(step) * 0.05;
+        copies.extend(due(&e, now).0.into_iter().map(|c| (now, c)));
+    }
+    let times: Vec<f64> = copies.iter().map(|(t, _)| *t).collect();
+    assert_eq!(
+        times.len(),
+        3,
+        "at 0.5, 1.0 and 1.5 s, never at the 2 s timeout: {times:?}"
+    );
+    for ((t, c), want) in copies.iter().zip([100.5, 101.0, 101.5]) {
+        assert!((t - want).abs() < 1e-6, "{t} vs {want}");
+        assert_eq!(c, &(token, slot, up.clone()));
+    }
+    assert_eq!(e.sweep(102.0).expect("sweep").len(), 1);
+}
+
+#[test]
+fn an_answered_query_is_never_sent_again_and_a_late_copy_of_the_answer_matches_nothing() {
+    let e = retransmitting(0.5, 2);
+    let (up, token) = forwarded(ask_on(
+        &e,
+        POD,
+        &query(7, "www.example.com", 1),
+        1,
+        1,
+        100.0,
+    ));
+    // Answered before the copy was due: no copy.
+    let a = answer_as_sent(&up, &[[192, 0, 2, 1]]);
+    assert_eq!(e.response(1, 0, &a, 100.3).expect("engine").len(), 1);
+    assert_eq!(due(&e, 101.5), (vec![], None));
+    // Sent again, then answered (either copy): one answer for the client, the other copy of
+    // the answer is dropped as unmatched.
+    let (up, token2) = forwarded(ask_on(
+        &e,
+        POD,
+        &query(8, "www.example.com", 28),
+        1,
+        1,
+        100.0,
+    ));
+    assert_ne!(token, token2);
+    assert_eq!(due(&e, 100.5).0.len(), 1);
+    let a = answer_as_sent(&up, &[]);
+    let got = e.response(1, 0, &a, 100.6).expect("engine");
+    assert_eq!(
+        got.iter().map(|g| g.token).collect::<Vec<_>>(),
+        vec![token2]
+    );
+    assert!(e.response(1, 0, &a, 100.7).expect("engine").is_empty());
+    assert_eq!(due(&e, 101.5), (vec![], None));
+    let s = e.stats().expect("stats");
+    assert_eq!((s.retransmits, s.dropped_unmatched, s.timeouts), (1, 1, 0));
+}
+
+#[test]
+fn merged_clients_share_one_copy_and_each_gets_one_answer() {
+    let e = retransmitting(0.5, 1);
+    let (up, first) = forwarded(ask_on(
+        &e,
+        POD,
+        &query(0x0101, "www.example.com", 1),
+        1,
+        1,
+        100.0,
+    ));
+    let QueryAction::Merged { token: second } =
+        ask_on(&e, FREE, &query(0x0202, "WWW.example.com", 1), 1, 1, 100.2)
+    else {
+        panic!("expected a merge");
+    };
+    let copies = due(&e, 100.5).0;
+    assert_eq!(copies.len(), 1, "one upstream query, one copy");
+    assert_eq!((copies[0].0, &copies[0].2), (first, &up));
+    let a = answer_as_sent(&up, &[[192, 0, 2, 7]]);
+    let got = e.response(1, 0, &a, 100.8).expect("engine");
+    assert_eq!(
+        got.iter()
+            .map(|g| (g.token, [g.bytes[0], g.bytes[1]]))
+            .collect::<Vec<_>>(),
+        vec![(first, [1, 1]), (second, [2, 2])]
+    );
+    assert!(e.response(1, 0, &a, 100.9).expect("engine").is_empty());
+}
+
+#[test]
+fn tcp_queries_and_a_zero_interval_are_never_sent_again() {
+    let e = retransmitting(0.5, 1);
+    let tcp = e
+        .query(
+            ip(FREE),
+            ip(RESOLVER),
+            53,
+            Proto::Tcp,
+            &query(1, "www.example.com", 1),
+            1,
+            1,
+            100.0,
+        )
+        .expect("engine")
+        .0;
+    forwarded(tcp);
+    assert_eq!(due(&e, 101.9), (vec![], None));
+    let off = retransmitting(0.0, 1);
+    forwarded(ask_on(
+        &off,
+        POD,
+        &query(2, "www.example.com", 1),
+        1,
+        1,
+        100.0,
+    ));
+    assert_eq!(due(&off, 101.9), (vec![], None));
+    assert_eq!(off.sweep(102.0).expect("sweep").len(), 1);
+}
+
+#[test]
+fn the_schedule_of_queries_no_one_retransmits_is_bounded_by_the_sweep() {
+    let e = retransmitting(0.5, 1);
+    for i in 0..100u16 {
+        forwarded(ask(&e, POD, &query(i, &format!("n{i}.example.com"), 1), 100.0).0);
+    }
+    assert_eq!(e.sweep(102.0).expect("sweep").len(), 100);
+    let st = e.state.lock().expect("lock");
+    assert!(st.retransmits.iter().all(VecDeque::is_empty));
 }

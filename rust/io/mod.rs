@@ -309,6 +309,9 @@ struct PoolSocket {
     fd: OwnedFd,
     v6: bool,
     slot: u16,
+    /// When it became its slot's socket (the engine's clock): a retransmission leaves from the
+    /// socket its query first left from ([`Pool::socket_at`]).
+    since: f64,
 }
 
 /// The upstream sockets: `source_ports` per family, unconnected, each bound by the kernel to a
@@ -418,7 +421,16 @@ impl Pool {
         socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(any)).map_err(sock_err(what))?;
         self.next += 1;
         let serial = self.next;
-        self.sockets.insert(serial, PoolSocket { fd, v6, slot });
+        let since = crate::cache::now_seconds();
+        self.sockets.insert(
+            serial,
+            PoolSocket {
+                fd,
+                v6,
+                slot,
+                since,
+            },
+        );
         Ok(serial)
     }
 
@@ -428,6 +440,23 @@ impl Pool {
         slots
             .get(usize::from(slot))
             .and_then(|serial| self.sockets.get(serial))
+    }
+
+    /// The socket a query to `to` left from, for engine slot `slot`, first sent at `started`:
+    /// the slot's socket then, re-drawn since or not (a re-drawn one is read, and kept, for an
+    /// upstream timeout more). The current one if none is older (a clock stepped back).
+    fn socket_at(&self, to: SocketAddr, slot: u16, started: f64) -> Option<&PoolSocket> {
+        let current = self.socket_for(to, slot)?;
+        if current.since <= started {
+            return Some(current);
+        }
+        let then = self
+            .retiring
+            .iter()
+            .filter_map(|(_, serial)| self.sockets.get(serial))
+            .filter(|s| s.slot == slot && s.v6 == to.is_ipv6() && s.since <= started)
+            .max_by(|a, b| a.since.total_cmp(&b.since));
+        Some(then.unwrap_or(current))
     }
 
     /// Re-draws one socket of each family at random (the old one is read until `owed_until`),
@@ -1188,6 +1217,42 @@ fn read_answers(
     true
 }
 
+/// Sends again the queries the engine says are due ([`Engine::retransmits`]): the same bytes,
+/// from the socket each first left from, to the server it went to. Returns when the next is due
+/// (the engine's clock), if any.
+fn send_retransmits(
+    sh: &Shared,
+    pool: &Pool,
+    originals: &mut Originals,
+    hdrs: &mut MultiHeaders<SockaddrStorage>,
+) -> Result<Option<f64>, IoError> {
+    let now = crate::cache::now_seconds();
+    let (due, next) = sh.engine.retransmits(now)?;
+    let clock = Instant::now();
+    for r in due {
+        let to = match sh.upstreams.get(r.channel as usize) {
+            Some(u) => Some(u.addr),
+            None => originals
+                .slots
+                .iter_mut()
+                .find(|o| o.channel == r.channel)
+                .map(|o| {
+                    o.last_sent = clock;
+                    o.addr
+                }),
+        };
+        // A server no longer known, or no socket of its family: it times out as it would have.
+        let Some(to) = to else { continue };
+        let Some(sock) = pool.socket_at(to, r.slot, r.started) else {
+            sh.counters.send_errors.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        let msg = [(r.bytes, Some(SockaddrStorage::from(to)))];
+        send_batch(sock.fd.as_raw_fd(), hdrs, &msg, &sh.counters);
+    }
+    Ok(next)
+}
+
 /// Sends the queued queries, each from its slot's socket to its server; queries for the same
 /// socket go out together.
 fn send_queries(
@@ -1267,13 +1332,23 @@ fn run(sh: &Shared, mut pool: Pool, epoll: Epoll) {
         + Duration::from_secs(1);
     let mut listening = false;
     let mut next_redraw = Instant::now() + REDRAW_EVERY;
+    // When the engine's next retransmission is due (its clock), if any.
+    let mut next_retransmit: Option<f64> = None;
     while sh.running.load(Ordering::Acquire) {
         let want = sh.listening.load(Ordering::Acquire);
         if want != listening {
             watch_listeners(sh, &epoll, want);
             listening = want;
         }
-        let n = match epoll.wait(&mut events, REDRAW_EVERY.as_millis() as u16) {
+        let wait = next_retransmit.map_or(REDRAW_EVERY, |due| {
+            let left = due - crate::cache::now_seconds();
+            Duration::try_from_secs_f64(left.max(0.0))
+                .unwrap_or(Duration::ZERO)
+                .min(REDRAW_EVERY)
+        });
+        // Rounded up: waking a moment early would only spin until it is due.
+        let wait_ms = wait.as_nanos().div_ceil(1_000_000) as u16;
+        let n = match epoll.wait(&mut events, wait_ms) {
             Ok(n) => n,
             Err(Errno::EINTR) => 0,
             Err(_) => {
@@ -1340,6 +1415,11 @@ fn run(sh: &Shared, mut pool: Pool, epoll: Epoll) {
             }
         }
         sh.publish(io.batch);
+        // After the answers: a query answered in this round is not sent again.
+        match send_retransmits(sh, &pool, &mut originals, io.send_hdrs) {
+            Ok(next) => next_retransmit = next,
+            Err(_) => return,
+        }
         let now = Instant::now();
         if now >= next_redraw {
             next_redraw = now + REDRAW_EVERY;

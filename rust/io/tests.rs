@@ -26,6 +26,8 @@ fn engine(unknown: Option<EndpointRef>, timeout: f64) -> Arc<Engine> {
         max_inflight_per_client: 100,
         case_randomization: true,
         timeout,
+        retransmit: 0.0,
+        retries: 0,
         log: LogMode::All,
         max_ttl: 0x7fff_ffff,
     };

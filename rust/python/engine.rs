@@ -92,7 +92,8 @@ impl PyEngine {
     #[new]
     #[pyo3(signature = (cache, *, reject = "refused", search_domains = Vec::new(), max_inflight = 10_000,
                         max_inflight_per_client = 1_000, case_randomization = true,
-                        timeout = 2.0, log_queries = "sampled", log_sample = 0.01, max_ttl = 86_400))]
+                        timeout = 2.0, retransmit = 0.0, retries = 1, log_queries = "sampled",
+                        log_sample = 0.01, max_ttl = 86_400))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         cache: &Bound<'_, PyDnsCache>,
@@ -102,6 +103,8 @@ impl PyEngine {
         max_inflight_per_client: usize,
         case_randomization: bool,
         timeout: f64,
+        retransmit: f64,
+        retries: u32,
         log_queries: &str,
         log_sample: f64,
         max_ttl: u32,
@@ -137,6 +140,12 @@ impl PyEngine {
                 "timeout: must be a positive number of seconds",
             ));
         }
+        if !(retransmit.is_finite() && (retransmit == 0.0 || (0.0..timeout).contains(&retransmit)))
+        {
+            return Err(PyValueError::new_err(format!(
+                "retransmit: {retransmit}: must be 0 (off) or a number of seconds below timeout ({timeout})"
+            )));
+        }
         if !(1..=0x7fff_ffff).contains(&max_ttl) {
             return Err(PyValueError::new_err(format!(
                 "max_ttl: {max_ttl}: must be from 1 to 2147483647 seconds"
@@ -156,6 +165,8 @@ impl PyEngine {
             max_inflight_per_client,
             case_randomization,
             timeout,
+            retransmit,
+            retries,
             log,
             max_ttl,
         };
@@ -278,6 +289,24 @@ impl PyEngine {
         Ok(out)
     }
 
+    /// UDP queries due to be sent upstream again (no answer after `retransmit` seconds):
+    /// `[(token, channel, slot, bytes, started)]`, the bytes first sent, to go from the socket
+    /// of `slot` that was current at `started` to the same upstream.
+    fn retransmits<'py>(&self, py: Python<'py>, now: f64) -> PyResult<Bound<'py, PyList>> {
+        let (due, _) = self.inner.retransmits(now).map_err(engine_err)?;
+        let out = PyList::empty(py);
+        for r in due {
+            out.append((
+                r.token,
+                r.channel,
+                r.slot,
+                PyBytes::new(py, &r.bytes),
+                r.started,
+            ))?;
+        }
+        Ok(out)
+    }
+
     /// Expires the shared cache: the removals for the firewall.
     fn expire<'py>(&self, py: Python<'py>, now: f64) -> PyResult<Bound<'py, PyChangeList>> {
         let changes = self.inner.expire(now).map_err(engine_err)?;
@@ -332,6 +361,7 @@ impl PyEngine {
         d.set_item("dropped_case", s.dropped_case)?;
         d.set_item("case_fallbacks", s.case_fallbacks)?;
         d.set_item("timeouts", s.timeouts)?;
+        d.set_item("retransmits", s.retransmits)?;
         d.set_item("cancelled", s.cancelled)?;
         d.set_item("dropped_unmatched", s.dropped_unmatched)?;
         d.set_item("dropped_mismatch", s.dropped_mismatch)?;
