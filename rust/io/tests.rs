@@ -453,3 +453,74 @@ fn a_socket_handed_over_is_read_as_it_is_and_a_wrong_one_is_refused() {
     let err = UdpIo::new(engine(ANYONE, 2.0), &config).expect_err("elsewhere refused");
     assert!(err.to_string().contains("is bound to"), "{err}");
 }
+
+/// A retransmission leaves from the socket its query first left from: after the slot's socket
+/// was re-drawn, `socket_at` gives the retiring one for a query sent before the re-draw, and the
+/// new one for a query sent after it.
+#[test]
+fn a_copy_leaves_from_the_socket_of_the_first_send_across_a_redraw() {
+    let config = IoConfig {
+        listen: Vec::new(),
+        upstreams: Vec::new(),
+        transparent: false,
+        forward_to_original: false,
+        mark: None,
+        buffer: 1 << 16,
+        transparent_listen: Vec::new(),
+        inherited: Vec::new(),
+        source_ports: 1,
+    };
+    let mut pool = Pool::new(&config, true, false, [false, false]).expect("pool");
+    let to: SocketAddr = "127.0.0.1:53".parse().expect("addr");
+    let port = |s: &PoolSocket| {
+        let a: SockaddrStorage = socket::getsockname(s.fd.as_raw_fd()).expect("getsockname");
+        a.as_sockaddr_in().expect("v4").port()
+    };
+    let first = pool.socket_for(to, 0).expect("slot 0");
+    let (first_port, first_since) = (port(first), first.since);
+    let before = first_since + 0.0005;
+    // The re-drawn socket's `since` must be later than `before`.
+    std::thread::sleep(Duration::from_millis(5));
+    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).expect("epoll");
+    let counters = Counters::default();
+    let now = Instant::now();
+    pool.redraw(&epoll, now, now + Duration::from_secs(60), &counters);
+    assert_eq!(
+        counters.redraws.load(Ordering::Relaxed),
+        1,
+        "one IPv4 slot re-drawn"
+    );
+    let current = pool.socket_for(to, 0).expect("slot 0");
+    assert!(current.since > before);
+    assert_ne!(port(current), first_port, "a new socket on another port");
+    let then = pool
+        .socket_at(to, 0, before)
+        .expect("the socket of the first send");
+    assert_eq!(
+        port(then),
+        first_port,
+        "a copy of a query sent before the re-draw"
+    );
+    let later = pool
+        .socket_at(to, 0, current.since)
+        .expect("the current socket");
+    assert_eq!(
+        port(later),
+        port(current),
+        "a query sent after it uses the new one"
+    );
+    // Once retired for good (its answers no longer owed), the current socket is used.
+    pool.redraw(
+        &epoll,
+        now + Duration::from_secs(61),
+        now + Duration::from_secs(120),
+        &counters,
+    );
+    let newest = pool.socket_for(to, 0).expect("slot 0");
+    let fallback = pool.socket_at(to, 0, before).expect("some socket");
+    assert_eq!(
+        (port(fallback), fallback.since),
+        (port(newest), newest.since),
+        "the first socket is closed by now: the current one"
+    );
+}
