@@ -493,3 +493,23 @@ def test_dns_straight_to_the_transparent_listeners_is_not_looped(
             await proxy.stop()
 
     run(scenario)
+
+
+def test_a_new_server_asked_skips_the_channels_live_servers_hold(knot: KnotServer) -> None:
+    """Answers and retransmitted copies go to a server asked by its channel: once the counter
+    has come round, a new server must not take the channel a live one holds (else a copy of
+    one pod's query could go to another pod's server)."""
+    proxy = _cidr_proxy(knot, "127.0.0.0/8", override=False, upstream="127.0.0.97:53")
+    a, b, c = ("127.0.0.50", 53), ("127.0.0.51", 53), ("127.0.0.52", 53)
+    first = proxy._orig_channel()
+    assert proxy._orig_upstream(a, first) is not None
+    proxy._orig_next = first - proxy_mod.ORIG_CHANNEL_BASE  # the counter is back at a's channel
+    second = proxy._orig_channel()
+    assert second != first
+    assert proxy._orig_upstream(b, second) is not None
+    third = proxy._orig_channel()
+    assert third not in (first, second)
+    held = proxy._orig_upstreams
+    assert proxy._orig_by_channel == {first: held[a], second: held[b]}
+    assert proxy._orig_upstream(c, third) is not None
+    assert proxy._orig_by_channel[third].server == c

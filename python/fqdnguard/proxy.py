@@ -870,6 +870,9 @@ class Proxy:
         #: The transparent listeners' own addresses (a connection to one was not intercepted).
         self._transparent_locals: set[tuple[str, int]] = set()
         self._orig_upstreams: OrderedDict[tuple[str, int], _OriginalUpstream] = OrderedDict()
+        #: The same servers by channel: answers and retransmitted copies go by channel, so two
+        #: live servers never share one (see ``_orig_channel``).
+        self._orig_by_channel: dict[int, _OriginalUpstream] = {}
         self._orig_next = 0
         self._intercept_installed = False
         self.engine = Engine(
@@ -1332,6 +1335,7 @@ class Proxy:
         for udp in self._transparent_udp:
             udp.close()
         self._transparent_udp, self._orig_upstreams = [], OrderedDict()
+        self._orig_by_channel = {}
         if self.intercept is not None:
             self.intercept.close()
         if self._io is not None:
@@ -1423,8 +1427,13 @@ class Proxy:
             client.send(payload)
 
     def _orig_channel(self) -> int:
-        """The channel the next server asked will get (taken only when a query goes to it)."""
-        return ORIG_CHANNEL_BASE + self._orig_next % (TCP_CHANNEL_BASE - ORIG_CHANNEL_BASE)
+        """The channel the next server asked will get (taken only when a query goes to it):
+        never one a live server holds, once the counter has wrapped."""
+        while True:
+            channel = ORIG_CHANNEL_BASE + self._orig_next % (TCP_CHANNEL_BASE - ORIG_CHANNEL_BASE)
+            if channel not in self._orig_by_channel:
+                return channel
+            self._orig_next += 1
 
     def _orig_upstream(self, orig: tuple[str, int], channel: int) -> _OriginalUpstream | None:
         """The channel of the server ``orig``, taken on ``channel`` when it has none. At most
@@ -1443,9 +1452,11 @@ class Proxy:
             if oldest.last_sent + self.config.upstream_timeout > time.monotonic():
                 self.stats.orig_upstream_refused += 1
                 return None
-            upstreams.popitem(last=False)
+            _, gone = upstreams.popitem(last=False)
+            self._orig_by_channel.pop(gone.channel, None)
         upstream = _OriginalUpstream(channel, orig)
         upstreams[orig] = upstream
+        self._orig_by_channel[channel] = upstream
         return upstream
 
     def _on_pool_answer(self, slot: int, data: bytes, addr: Any) -> None:
@@ -1738,10 +1749,10 @@ class Proxy:
             if channel < ORIG_CHANNEL_BASE:
                 server: tuple[str, int] | None = self.upstreams[channel]
             else:
-                found = [u for u in self._orig_upstreams.values() if u.channel == channel]
-                server = found[0].server if found else None
-                if found:
-                    found[0].last_sent = time.monotonic()
+                known = self._orig_by_channel.get(channel)
+                server = known.server if known is not None else None
+                if known is not None:
+                    known.last_sent = time.monotonic()
             if server is not None:  # else a server no longer known: it times out as it would
                 self._pool.sendto_at(slot, payload, server, started)
 

@@ -446,6 +446,12 @@ impl std::fmt::Display for EngineError {
 
 impl std::error::Error for EngineError {}
 
+/// At most this many copies of one upstream query ([`EngineConfig::retries`]).
+pub const MAX_RETRIES: u32 = 10;
+/// The shortest interval between copies ([`EngineConfig::retransmit`]), 0 aside: sooner, a
+/// copy mostly duplicates work still in progress upstream.
+pub const RETRANSMIT_FLOOR: f64 = 0.05;
+
 const POISONED: EngineError = EngineError("engine state poisoned by an earlier panic");
 const RANDOM_FAILED: EngineError = EngineError("the OS random source failed");
 
@@ -527,6 +533,14 @@ impl Engine {
         cache: Arc<RwLock<Cache>>,
         table: PolicyTable,
     ) -> Result<Self, EngineError> {
+        if config.retries > MAX_RETRIES {
+            return Err(EngineError("retries: at most 10 copies of a query"));
+        }
+        if config.retransmit != 0.0
+            && (config.retransmit.is_nan() || config.retransmit < RETRANSMIT_FLOOR)
+        {
+            return Err(EngineError("retransmit: 0 (off) or at least 0.05 s"));
+        }
         Ok(Engine {
             config,
             table: RwLock::new(Arc::new(table)),
@@ -983,7 +997,9 @@ impl Engine {
                 let Some(p) = st.pending.get_mut(&leader) else {
                     continue; // answered, timed out or cancelled already
                 };
-                if due >= p.started + timeout {
+                // Due before the timeout, and still before it now: a caller that comes late
+                // (the asyncio sweeper's tick) sends no copy that could not be answered.
+                if due >= p.started + timeout || now >= p.started + timeout {
                     p.sent = None;
                     continue;
                 }

@@ -1143,3 +1143,45 @@ fn the_schedule_of_queries_no_one_retransmits_is_bounded_by_the_sweep() {
     let st = e.state.lock().expect("lock");
     assert!(st.retransmits.iter().all(VecDeque::is_empty));
 }
+
+#[test]
+fn a_caller_that_comes_after_the_timeout_gets_no_copy() {
+    // Copies due at 100.65, 101.3 and 101.95, all before the timeout at 102.
+    let e = retransmitting(0.65, 3);
+    let (up, token, slot) = forwarded_slot(ask_on(
+        &e,
+        POD,
+        &query(0x4343, "www.example.com", 1),
+        1,
+        64,
+        100.0,
+    ));
+    assert_eq!(due(&e, 100.66).0, vec![(token, slot, up.clone())]);
+    assert_eq!(due(&e, 101.31).0, vec![(token, slot, up)]);
+    // The third was due before the timeout, but the caller (a sweeper's tick) comes after
+    // it: a copy sent now could not be answered in time.
+    assert_eq!(due(&e, 102.02), (vec![], None));
+    assert_eq!(e.stats().expect("stats").retransmits, 2);
+}
+
+#[test]
+fn retransmission_settings_out_of_bounds_are_refused() {
+    let make = |retransmit: f64, retries: u32| {
+        let cache = Arc::new(RwLock::new(Cache::new(
+            Config::new(0, 1000, 100_000).expect("config"),
+        )));
+        let config = EngineConfig {
+            retransmit,
+            retries,
+            ..config()
+        };
+        Engine::new(config, cache, table(None)).map(|_| ())
+    };
+    assert!(make(0.5, MAX_RETRIES).is_ok());
+    assert!(make(0.0, 0).is_ok());
+    let many = make(0.5, MAX_RETRIES + 1).expect_err("too many copies");
+    assert!(many.0.contains("retries"), "{many}");
+    let soon = make(RETRANSMIT_FLOOR / 2.0, 1).expect_err("below the floor");
+    assert!(soon.0.contains("retransmit"), "{soon}");
+    assert!(make(f64::NAN, 1).is_err());
+}

@@ -238,9 +238,18 @@ impl Originals {
     /// The channel a query to `server` goes out on: its socket's, or the one the next socket
     /// will take (the verdict comes first; the socket is made by [`Originals::open`]).
     fn channel(&self, server: SocketAddr) -> u32 {
-        match self.by_addr.get(&server) {
-            Some(&i) => self.slots[i].channel,
-            None => ORIGINAL_CHANNEL_BASE + self.next % ORIGINAL_CHANNELS,
+        if let Some(&i) = self.by_addr.get(&server) {
+            return self.slots[i].channel;
+        }
+        // Never a channel a live server holds (after the counter wraps): answers and
+        // retransmitted copies are routed by channel, so two servers must not share one.
+        let mut k = self.next;
+        loop {
+            let channel = ORIGINAL_CHANNEL_BASE + k % ORIGINAL_CHANNELS;
+            if !self.slots.iter().any(|o| o.channel == channel) {
+                return channel;
+            }
+            k = k.wrapping_add(1) % ORIGINAL_CHANNELS;
         }
     }
 
@@ -258,7 +267,8 @@ impl Originals {
             return Some(i);
         }
         // The channel is used up either way: a pending query names it.
-        self.next = self.next.wrapping_add(1) % ORIGINAL_CHANNELS;
+        self.next =
+            (channel.wrapping_sub(ORIGINAL_CHANNEL_BASE)).wrapping_add(1) % ORIGINAL_CHANNELS;
         let replace = if self.slots.len() >= MAX_ORIGINALS {
             let (i, oldest) = self
                 .slots

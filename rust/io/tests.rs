@@ -524,3 +524,25 @@ fn a_copy_leaves_from_the_socket_of_the_first_send_across_a_redraw() {
         "the first socket is closed by now: the current one"
     );
 }
+
+/// A new server asked never takes the channel a live one holds, even once the counter wraps:
+/// answers and retransmitted copies are routed by channel.
+#[test]
+fn a_new_asked_server_skips_the_channels_live_servers_hold() {
+    let mut o = Originals::default();
+    let now = Instant::now();
+    let idle = Duration::from_secs(2);
+    let a: SocketAddr = "10.0.0.1:53".parse().expect("addr");
+    let b: SocketAddr = "10.0.0.2:53".parse().expect("addr");
+    let c: SocketAddr = "10.0.0.3:53".parse().expect("addr");
+    let ca = o.channel(a);
+    o.open(a, ca, idle, now).expect("a slot");
+    // The counter comes round to a's channel again (as after ORIGINAL_CHANNELS others).
+    o.next = ca - ORIGINAL_CHANNEL_BASE;
+    let cb = o.channel(b);
+    assert_ne!(cb, ca, "a live server's channel is skipped");
+    o.open(b, cb, idle, now).expect("b slot");
+    let cc = o.channel(c);
+    assert!(cc != ca && cc != cb, "{cc} {ca} {cb}");
+    assert_eq!(o.channel(a), ca, "a known server keeps its channel");
+}

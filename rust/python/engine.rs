@@ -12,7 +12,7 @@ use super::cache::{changes_out, PyChangeList, PyDnsCache};
 use super::policy::PyCompiledPolicy;
 use crate::engine::{
     self, EndpointRef, EngineConfig, LogMode, LogRecord, PolicyTable, QueryAction, Reject,
-    LATENCY_BUCKETS,
+    LATENCY_BUCKETS, MAX_RETRIES, RETRANSMIT_FLOOR,
 };
 use crate::pattern::LabelBuf;
 use crate::policy::{PolicySet, Proto};
@@ -140,10 +140,17 @@ impl PyEngine {
                 "timeout: must be a positive number of seconds",
             ));
         }
-        if !(retransmit.is_finite() && (retransmit == 0.0 || (0.0..timeout).contains(&retransmit)))
+        if !(retransmit.is_finite()
+            && (retransmit == 0.0 || (RETRANSMIT_FLOOR..timeout).contains(&retransmit)))
         {
             return Err(PyValueError::new_err(format!(
-                "retransmit: {retransmit}: must be 0 (off) or a number of seconds below timeout ({timeout})"
+                "retransmit: {retransmit}: must be 0 (off) or from {RETRANSMIT_FLOOR} seconds to \
+                 below timeout ({timeout})"
+            )));
+        }
+        if retries > MAX_RETRIES {
+            return Err(PyValueError::new_err(format!(
+                "retries: {retries}: must be from 0 to {MAX_RETRIES}"
             )));
         }
         if !(1..=0x7fff_ffff).contains(&max_ttl) {
