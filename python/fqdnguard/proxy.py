@@ -643,7 +643,7 @@ class _UpstreamPool:
         self._loop = asyncio.get_running_loop()
         self.slots: dict[int, list[socket.socket]] = {}
         #: When each slot's socket took it (the engine's clock): a retransmitted query leaves
-        #: from the socket it first left from (``sendto_at``).
+        #: from the socket it first left from (``sendto`` with ``started``).
         self.since: dict[int, list[float]] = {}
         #: (closed at, socket, family, slot, since) of the re-drawn sockets still read.
         self._retiring: list[tuple[float, socket.socket, int, int, float]] = []
@@ -695,33 +695,26 @@ class _UpstreamPool:
             sock.close()
         raise OSError("no free upstream port outside the listening ones")
 
-    def sendto(self, slot: int, payload: bytes, server: tuple[str, int]) -> None:
+    def sendto(
+        self, slot: int, payload: bytes, server: tuple[str, int], started: float | None = None
+    ) -> None:
+        """Sends ``payload`` from the socket of ``slot``; with ``started`` (a retransmission),
+        from the one a query first sent then left from (re-drawn since or not: it is read for
+        an upstream timeout more)."""
         family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
         socks = self.slots.get(family)
         try:
             if socks is None:
                 raise OSError(f"no upstream socket of family {family}")
-            socks[slot].sendto(payload, server)
+            sock = socks[slot]
+            if started is not None and self.since[family][slot] > started:
+                then = [r for r in self._retiring if r[2:4] == (family, slot) and r[4] <= started]
+                if then:
+                    sock = max(then, key=lambda r: r[4])[1]
+            sock.sendto(payload, server)
         except (OSError, IndexError) as e:  # the query times out and its client gets SERVFAIL
             self.proxy.stats.upstream_send_errors += 1
             log.debug("upstream %s:%d: %s", server[0], server[1], e)
-
-    def sendto_at(self, slot: int, payload: bytes, server: tuple[str, int], started: float) -> None:
-        """Sends ``payload`` again from the socket of ``slot`` that a query first sent at
-        ``started`` left from (re-drawn since or not: it is read for an upstream timeout more)."""
-        family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
-        since = self.since.get(family, [])
-        if slot < len(since) and since[slot] > started:
-            then = [r for r in self._retiring if r[2:4] == (family, slot) and r[4] <= started]
-            if then:
-                sock = max(then, key=lambda r: r[4])[1]
-                try:
-                    sock.sendto(payload, server)
-                except OSError as e:
-                    self.proxy.stats.upstream_send_errors += 1
-                    log.debug("upstream %s:%d: %s", server[0], server[1], e)
-                return
-        self.sendto(slot, payload, server)
 
     def _readable(self, sock: socket.socket, slot: int) -> None:
         on_answer = self.proxy._on_pool_answer
@@ -1754,7 +1747,7 @@ class Proxy:
                 if known is not None:
                     known.last_sent = time.monotonic()
             if server is not None:  # else a server no longer known: it times out as it would
-                self._pool.sendto_at(slot, payload, server, started)
+                self._pool.sendto(slot, payload, server, started)
 
     def _check_routes(self) -> None:
         """Asks the kernel for a route to each configured upstream (a UDP ``connect`` on a
