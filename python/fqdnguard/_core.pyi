@@ -5,6 +5,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, ClassVar, Literal, SupportsIndex, TypeAlias, final, overload
 
 __all__ = [
+    "MAX_RETRIES",
+    "RETRANSMIT_FLOOR",
     "CacheError",
     "Change",
     "ChangeList",
@@ -32,6 +34,10 @@ __all__ = [
 ]
 
 __version__: str
+#: At most this many copies of one upstream UDP query (``Engine(retries=...)``).
+MAX_RETRIES: int
+#: The shortest interval between copies, 0 (off) aside (``Engine(retransmit=...)``).
+RETRANSMIT_FLOOR: float
 
 class FqdnGuardError(Exception):
     """Base class of every error fqdnguard raises."""

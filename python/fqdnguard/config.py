@@ -12,7 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
-from fqdnguard._core import FqdnGuardError
+# RETRANSMIT_FLOOR: the shortest wait before a UDP query is sent upstream again (below it a
+# copy mostly adds load, it rarely replaces a lost packet); MAX_RETRIES: copies at most. The
+# engine checks the same bounds.
+from fqdnguard._core import MAX_RETRIES, RETRANSMIT_FLOOR, FqdnGuardError
 
 __all__ = [
     "ConfigError",
@@ -89,10 +92,6 @@ def resolv_conf_nameservers(path: str = "/etc/resolv.conf") -> list[tuple[str, i
         return []
     return out
 
-
-# The shortest wait before a UDP query is sent upstream again: below it a copy mostly adds
-# load (a recursive resolver's own work often takes longer), it rarely replaces a lost packet.
-RETRANSMIT_FLOOR = 0.05
 
 # Options that are true or false.
 _FLAGS = ("intercept", "dns0x20", "allow_empty_policy", "reverse_path_check", "kubernetes")
@@ -258,8 +257,12 @@ class ProxyConfig:
                 "a copy sent at the timeout could not be answered in time"
             )
         retries = self.upstream_retries
-        if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
-            bad(f"upstream_retries: {retries!r}: must be a whole number from 0 to 10")
+        if (
+            isinstance(retries, bool)
+            or not isinstance(retries, int)
+            or not 0 <= retries <= MAX_RETRIES
+        ):
+            bad(f"upstream_retries: {retries!r}: must be a whole number from 0 to {MAX_RETRIES}")
         if isinstance(self.upstream_sockets, int) and self.upstream_sockets > 16_384:
             bad(f"upstream_sockets: {self.upstream_sockets}: at most 16384 (each is a descriptor)")
         if not isinstance(self.dns0x20, bool):

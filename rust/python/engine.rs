@@ -386,5 +386,8 @@ impl PyEngine {
 }
 
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // The bounds `Engine` checks, for the configuration's own checks (one source).
+    m.add("MAX_RETRIES", MAX_RETRIES)?;
+    m.add("RETRANSMIT_FLOOR", RETRANSMIT_FLOOR)?;
     m.add_class::<PyEngine>()
 }
