@@ -974,7 +974,9 @@ impl Engine {
         Ok(out)
     }
 
-    fn retransmits_on(&self) -> bool {
+    /// True when UDP queries are sent again at all (retries, and an interval below the
+    /// timeout).
+    pub fn retransmits_on(&self) -> bool {
         let c = &self.config;
         c.retries > 0 && c.retransmit > 0.0 && c.retransmit < c.timeout
     }

@@ -1344,6 +1344,7 @@ fn run(sh: &Shared, mut pool: Pool, epoll: Epoll) {
     let mut next_redraw = Instant::now() + REDRAW_EVERY;
     // When the engine's next retransmission is due (its clock), if any.
     let mut next_retransmit: Option<f64> = None;
+    let retransmitting = sh.engine.retransmits_on();
     while sh.running.load(Ordering::Acquire) {
         let want = sh.listening.load(Ordering::Acquire);
         if want != listening {
@@ -1425,10 +1426,20 @@ fn run(sh: &Shared, mut pool: Pool, epoll: Epoll) {
             }
         }
         sh.publish(io.batch);
-        // After the answers: a query answered in this round is not sent again.
-        match send_retransmits(sh, &pool, &mut originals, io.send_hdrs) {
-            Ok(next) => next_retransmit = next,
-            Err(_) => return,
+        // After the answers: a query answered in this round is not sent again. Only when one
+        // may be due: a copy scheduled this round is due no sooner than the earliest already
+        // scheduled (each is one interval after its send), so with one scheduled and not yet
+        // due, the engine's lock is not taken on every wake-up.
+        let ask = retransmitting
+            && match next_retransmit {
+                None => true,
+                Some(due) => due <= crate::cache::now_seconds(),
+            };
+        if ask {
+            match send_retransmits(sh, &pool, &mut originals, io.send_hdrs) {
+                Ok(next) => next_retransmit = next,
+                Err(_) => return,
+            }
         }
         let now = Instant::now();
         if now >= next_redraw {
